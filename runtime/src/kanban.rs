@@ -1,0 +1,437 @@
+//! The kanban card: every field of AION's `StatusKanban` plus identity and provenance.
+//!
+//! Metadata is free-form JSON. Because postcard (our wire format) is not self-describing,
+//! `serde_json::Value` cannot be decoded from it; [`Value`] serialises as a tagged enum in binary formats and as
+//! plain JSON in human-readable ones, so the same type works on the wire and in `--json` output.
+
+use serde::de::Error as _;
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use std::collections::BTreeMap;
+use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Free-form kanban metadata: a JSON object.
+pub type Metadata = BTreeMap<String, Value>;
+
+/// A JSON value that survives non-self-describing formats (postcard) and human-readable ones (JSON) alike.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub enum Value {
+    /// `null`.
+    #[default]
+    Null,
+    /// `true` / `false`.
+    Bool(bool),
+    /// A negative integer (or any integer that fits `i64` and came in as signed).
+    I64(i64),
+    /// A non-negative integer.
+    U64(u64),
+    /// A floating-point number.
+    F64(f64),
+    /// A UTF-8 string.
+    String(String),
+    /// An array.
+    Array(Vec<Value>),
+    /// An object with keys in sorted order.
+    Object(BTreeMap<String, Value>),
+}
+
+impl Value {
+    /// Converts from `serde_json::Value` (lossless).
+    pub fn from_json(v: serde_json::Value) -> Value {
+        match v {
+            serde_json::Value::Null => Value::Null,
+            serde_json::Value::Bool(b) => Value::Bool(b),
+            serde_json::Value::Number(n) => {
+                if let Some(u) = n.as_u64() {
+                    Value::U64(u)
+                } else if let Some(i) = n.as_i64() {
+                    Value::I64(i)
+                } else {
+                    Value::F64(n.as_f64().unwrap_or(f64::NAN))
+                }
+            }
+            serde_json::Value::String(s) => Value::String(s),
+            serde_json::Value::Array(a) => Value::Array(a.into_iter().map(Value::from_json).collect()),
+            serde_json::Value::Object(o) => {
+                Value::Object(o.into_iter().map(|(k, v)| (k, Value::from_json(v))).collect())
+            }
+        }
+    }
+
+    /// Converts to `serde_json::Value`. A non-finite float becomes `null` (JSON cannot hold it).
+    pub fn to_json(&self) -> serde_json::Value {
+        match self {
+            Value::Null => serde_json::Value::Null,
+            Value::Bool(b) => serde_json::Value::Bool(*b),
+            Value::I64(i) => (*i).into(),
+            Value::U64(u) => (*u).into(),
+            Value::F64(f) => serde_json::Number::from_f64(*f).map_or(serde_json::Value::Null, Into::into),
+            Value::String(s) => serde_json::Value::String(s.clone()),
+            Value::Array(a) => serde_json::Value::Array(a.iter().map(Value::to_json).collect()),
+            Value::Object(o) => serde_json::Value::Object(o.iter().map(|(k, v)| (k.clone(), v.to_json())).collect()),
+        }
+    }
+
+    /// The string inside, if this is a string.
+    pub fn as_str(&self) -> Option<&str> {
+        match self {
+            Value::String(s) => Some(s),
+            _ => None,
+        }
+    }
+
+    /// The number inside as `f64`, if this is a number.
+    pub fn as_f64(&self) -> Option<f64> {
+        match self {
+            Value::I64(i) => Some(*i as f64),
+            Value::U64(u) => Some(*u as f64),
+            Value::F64(f) => Some(*f),
+            _ => None,
+        }
+    }
+}
+
+impl From<&str> for Value {
+    fn from(s: &str) -> Self {
+        Value::String(s.to_owned())
+    }
+}
+impl From<String> for Value {
+    fn from(s: String) -> Self {
+        Value::String(s)
+    }
+}
+impl From<u64> for Value {
+    fn from(u: u64) -> Self {
+        Value::U64(u)
+    }
+}
+impl From<i64> for Value {
+    fn from(i: i64) -> Self {
+        if i >= 0 {
+            Value::U64(i as u64)
+        } else {
+            Value::I64(i)
+        }
+    }
+}
+impl From<f64> for Value {
+    fn from(f: f64) -> Self {
+        Value::F64(f)
+    }
+}
+impl From<bool> for Value {
+    fn from(b: bool) -> Self {
+        Value::Bool(b)
+    }
+}
+
+/// Converts a JSON object into [`Metadata`]; any other JSON value is put under the key `value`.
+pub fn metadata_from_json(v: serde_json::Value) -> Metadata {
+    match Value::from_json(v) {
+        Value::Object(o) => o,
+        Value::Null => Metadata::new(),
+        other => BTreeMap::from([("value".to_owned(), other)]),
+    }
+}
+
+/// Converts [`Metadata`] into a JSON object.
+pub fn metadata_to_json(m: &Metadata) -> serde_json::Value {
+    serde_json::Value::Object(m.iter().map(|(k, v)| (k.clone(), v.to_json())).collect())
+}
+
+#[derive(Serialize)]
+enum TaggedRef<'a> {
+    Null,
+    Bool(bool),
+    I64(i64),
+    U64(u64),
+    F64(f64),
+    String(&'a str),
+    Array(&'a [Value]),
+    Object(&'a BTreeMap<String, Value>),
+}
+
+#[derive(Deserialize)]
+enum Tagged {
+    Null,
+    Bool(bool),
+    I64(i64),
+    U64(u64),
+    F64(f64),
+    String(String),
+    Array(Vec<Value>),
+    Object(BTreeMap<String, Value>),
+}
+
+impl Serialize for Value {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        if s.is_human_readable() {
+            return self.to_json().serialize(s);
+        }
+        match self {
+            Value::Null => TaggedRef::Null,
+            Value::Bool(b) => TaggedRef::Bool(*b),
+            Value::I64(i) => TaggedRef::I64(*i),
+            Value::U64(u) => TaggedRef::U64(*u),
+            Value::F64(f) => TaggedRef::F64(*f),
+            Value::String(x) => TaggedRef::String(x),
+            Value::Array(a) => TaggedRef::Array(a),
+            Value::Object(o) => TaggedRef::Object(o),
+        }
+        .serialize(s)
+    }
+}
+
+impl<'de> Deserialize<'de> for Value {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        if d.is_human_readable() {
+            return serde_json::Value::deserialize(d).map(Value::from_json);
+        }
+        Ok(match Tagged::deserialize(d)? {
+            Tagged::Null => Value::Null,
+            Tagged::Bool(b) => Value::Bool(b),
+            Tagged::I64(i) => Value::I64(i),
+            Tagged::U64(u) => Value::U64(u),
+            Tagged::F64(f) => Value::F64(f),
+            Tagged::String(x) => Value::String(x),
+            Tagged::Array(a) => Value::Array(a),
+            Tagged::Object(o) => Value::Object(o),
+        })
+    }
+}
+
+/// A 128-bit kanban identifier: 64 random bits fixed per process, then a 64-bit counter. Shown as 32 hex digits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub struct KanbanId(pub u128);
+
+static ID_COUNTER: AtomicU64 = AtomicU64::new(1);
+
+fn process_prefix() -> u64 {
+    static PREFIX: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    *PREFIX.get_or_init(|| {
+        let mut b = [0u8; 8];
+        if getrandom::getrandom(&mut b).is_err() {
+            // No entropy source: fall back to pid and time, still unique enough per process.
+            let t = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos() as u64)
+                .unwrap_or(0);
+            return t ^ ((std::process::id() as u64) << 32);
+        }
+        u64::from_le_bytes(b)
+    })
+}
+
+impl KanbanId {
+    /// A fresh identifier, unique across processes with overwhelming probability.
+    pub fn generate() -> KanbanId {
+        let n = ID_COUNTER.fetch_add(1, Ordering::Relaxed);
+        KanbanId(((process_prefix() as u128) << 64) | n as u128)
+    }
+
+    /// A deterministic identifier derived from a parent id and an index: the `index`-th output produced while
+    /// handling `parent`. A redelivered input handled again yields the same output ids, so the runtime can
+    /// deduplicate them.
+    pub fn derive(parent: KanbanId, index: u32) -> KanbanId {
+        // SplitMix-style mixing of both halves; collisions are as unlikely as for random ids.
+        let mut x = parent.0 ^ ((index as u128 + 1) << 96) ^ (index as u128 + 1);
+        x = x.wrapping_mul(0x9E37_79B9_7F4A_7C15_F39C_C060_5CED_C835);
+        x ^= x >> 67;
+        KanbanId(x)
+    }
+
+    /// Parses 32 hex digits (as shown by [`fmt::Display`]).
+    pub fn parse(s: &str) -> Option<KanbanId> {
+        if s.is_empty() || s.len() > 32 {
+            return None;
+        }
+        u128::from_str_radix(s, 16).ok().map(KanbanId)
+    }
+}
+
+impl fmt::Display for KanbanId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:032x}", self.0)
+    }
+}
+
+impl Serialize for KanbanId {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        if s.is_human_readable() {
+            s.collect_str(self)
+        } else {
+            s.serialize_u128(self.0)
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for KanbanId {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        if d.is_human_readable() {
+            let s = String::deserialize(d)?;
+            KanbanId::parse(&s).ok_or_else(|| D::Error::custom("kanban id must be up to 32 hex digits"))
+        } else {
+            u128::deserialize(d).map(KanbanId)
+        }
+    }
+}
+
+/// Where a kanban came from: the producing service and instance.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct Origin {
+    /// Producing microservice (`aion` for kanbans injected through the CLI).
+    pub service: String,
+    /// Producing instance number (1-based).
+    pub instance: u32,
+}
+
+/// A kanban: AION's `StatusKanban` fields plus a unique id, a trace id kept along the whole chain, and its origin.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Kanban {
+    /// Unique per kanban. Outputs derived from a redelivered input get the same id again (see [`KanbanId::derive`]).
+    pub id: KanbanId,
+    /// The id of the first kanban of the chain; copied to every output.
+    pub trace_id: KanbanId,
+    /// The producer, set by the runtime on acceptance.
+    pub origin: Origin,
+    /// RFC 3339 UTC time the chain (or this kanban, for seeds) started.
+    pub start_at: String,
+    /// RFC 3339 UTC time the kanban was finished (set when it reaches a service with no next service).
+    pub finish_at: String,
+    /// Forces the target device of the outputs (AION `SetDeviceName`).
+    pub next_device_name: String,
+    /// The routing key into `nextService` (`default` when empty).
+    pub connection_key: String,
+    /// Instance number: on outputs, the producer's; on delivery, the receiving instance's.
+    pub process_number: u32,
+    /// Result flag of the producer (AION `priorSuccess`).
+    pub prior_success: bool,
+    /// A data directory (seed kanbans: `$AION_HOME/Data/<svc>_<n>`).
+    pub data_path: String,
+    /// Paths of files or directories that travel with the kanban.
+    pub file_list: Vec<String>,
+    /// Free-form JSON object.
+    pub metadata: Metadata,
+}
+
+impl Default for Kanban {
+    fn default() -> Self {
+        Kanban {
+            id: KanbanId::default(),
+            trace_id: KanbanId::default(),
+            origin: Origin::default(),
+            start_at: String::new(),
+            finish_at: String::new(),
+            next_device_name: String::new(),
+            connection_key: "default".to_owned(),
+            process_number: 1,
+            prior_success: true,
+            data_path: String::new(),
+            file_list: Vec::new(),
+            metadata: Metadata::new(),
+        }
+    }
+}
+
+/// The reserved connection key of terminate kanbans.
+pub const TERMINATE_KEY: &str = "service-broker";
+
+impl Kanban {
+    /// True for AION's terminate kanban: connection key `service-broker` and `metadata.type == "terminate"`.
+    pub fn is_terminate(&self) -> bool {
+        self.connection_key == TERMINATE_KEY
+            && self.metadata.get("type").and_then(Value::as_str) == Some("terminate")
+    }
+
+    /// The routing key, with AION's empty-means-default rule applied.
+    pub fn route_key(&self) -> &str {
+        if self.connection_key.is_empty() {
+            "default"
+        } else {
+            &self.connection_key
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn sample_json() -> serde_json::Value {
+        serde_json::json!({
+            "nested": {"a": [1, -2, 3.5, {"deep": [true, false, null]}], "empty": {}, "arr": []},
+            "big": u64::MAX, "neg": i64::MIN, "float": 1.0e-300, "pi": std::f64::consts::PI,
+            "unicode": "カンバン 🚀 \u{0}\u{ffff}", "": "empty key"
+        })
+    }
+
+    #[test]
+    fn metadata_round_trips_through_postcard() {
+        let json = sample_json();
+        let k = Kanban { metadata: metadata_from_json(json.clone()), id: KanbanId::generate(), ..Kanban::default() };
+        let bytes = postcard::to_stdvec(&k).expect("encode");
+        let back: Kanban = postcard::from_bytes(&bytes).expect("decode");
+        assert_eq!(back, k);
+        assert_eq!(metadata_to_json(&back.metadata), json);
+    }
+
+    #[test]
+    fn kanban_json_is_plain_json() {
+        let k = Kanban { metadata: metadata_from_json(sample_json()), id: KanbanId(0xab), ..Kanban::default() };
+        let s = serde_json::to_value(&k).expect("json");
+        assert_eq!(s["id"], "000000000000000000000000000000ab");
+        assert_eq!(s["metadata"], sample_json());
+        let back: Kanban = serde_json::from_value(s).expect("back");
+        assert_eq!(back, k);
+    }
+
+    #[test]
+    fn derived_ids_are_deterministic_and_distinct() {
+        let p = KanbanId::generate();
+        assert_eq!(KanbanId::derive(p, 0), KanbanId::derive(p, 0));
+        assert_ne!(KanbanId::derive(p, 0), KanbanId::derive(p, 1));
+        assert_ne!(KanbanId::derive(p, 0), p);
+    }
+
+    #[test]
+    fn terminate_detection() {
+        let mut k = Kanban { connection_key: TERMINATE_KEY.into(), ..Kanban::default() };
+        assert!(!k.is_terminate());
+        k.metadata.insert("type".into(), "terminate".into());
+        assert!(k.is_terminate());
+    }
+
+    fn arb_value() -> impl Strategy<Value = Value> {
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::Bool),
+            any::<i64>().prop_map(Value::I64),
+            any::<u64>().prop_map(Value::U64),
+            any::<f64>().prop_filter("finite", |f| f.is_finite()).prop_map(Value::F64),
+            ".*".prop_map(Value::String),
+        ];
+        leaf.prop_recursive(4, 64, 8, |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..8).prop_map(Value::Array),
+                prop::collection::btree_map(".*", inner, 0..8).prop_map(Value::Object),
+            ]
+        })
+    }
+
+    proptest! {
+        #[test]
+        fn any_value_round_trips_postcard(v in arb_value()) {
+            let bytes = postcard::to_stdvec(&v).expect("encode");
+            let back: Value = postcard::from_bytes(&bytes).expect("decode");
+            prop_assert_eq!(back, v);
+        }
+
+        #[test]
+        fn postcard_decoder_never_panics(bytes in prop::collection::vec(any::<u8>(), 0..256)) {
+            let _ = postcard::from_bytes::<Kanban>(&bytes);
+        }
+    }
+}

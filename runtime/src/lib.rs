@@ -1,0 +1,18 @@
+//! AION runtime core.
+//!
+//! - [`actor`]: our small actor facade (bounded mailboxes, panic isolation) executed on actix arbiters, and
+//!   Erlang/OTP-style [`actor::supervisor`]s.
+//! - [`config`]: the `services.yml` model and a YAML 1.1-compatible loader that reports every problem with
+//!   `file:line:column`.
+//! - [`kanban`]: the kanban card and its free-form JSON [`kanban::Value`] metadata, which round-trips through
+//!   non-self-describing formats such as postcard.
+//! - [`time`]: RFC 3339 UTC timestamps without a calendar dependency.
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod actor;
+pub mod config;
+pub mod kanban;
+pub mod time;
+
+pub use kanban::{Kanban, KanbanId, Metadata, Origin, Value};
