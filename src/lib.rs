@@ -1,1 +1,14 @@
-//! stub
+//! AION in Rust: an edge runtime for kanban-passing microservices, a drop-in for latonaio/aion-core.
+//!
+//! This facade re-exports the layers:
+//! - [`sdk`]: write a microservice ([`sdk::Service`], [`sdk::main`]);
+//! - [`runtime`]: actor facade, supervision, `services.yml` model, kanban model;
+//! - [`transport`]: the wire protocol;
+//! - [`actors`]: broker, status-kanban endpoint, backends, and the [`actors::Node`] that runs them.
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+pub use aion_actors as actors;
+pub use aion_runtime as runtime;
+pub use aion_sdk as sdk;
+pub use aion_transport as transport;

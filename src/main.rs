@@ -1,1 +1,410 @@
-fn main() {}
+//! The `aion` command.
+#![forbid(unsafe_code)]
+
+use aion::actors::control::{self, Request, StatusReport};
+use aion::actors::paths::{default_data_dir, Paths};
+use aion::actors::{Node, NodeOptions};
+use aion::runtime::config::{load_file, Severity};
+use clap::{Parser, Subcommand};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+/// AION in Rust: run kanban-passing microservices on this device.
+#[derive(Parser)]
+#[command(name = "aion", version, about)]
+struct Cli {
+    /// Data directory shared by `aion run` and the other commands
+    /// [default: $AION_HOME, else /var/lib/aion as root, else ~/.local/state/aion]
+    #[arg(long, global = true, env = "AION_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run services.yml in the foreground (Ctrl-C stops it cleanly).
+    Run {
+        /// The services.yml.
+        file: PathBuf,
+        /// Refuse the file on warnings too.
+        #[arg(long)]
+        strict: bool,
+        /// Seconds between SIGTERM and SIGKILL at shutdown.
+        #[arg(long, default_value_t = 10)]
+        grace: u64,
+        /// Per-instance queue capacity (kanbans).
+        #[arg(long, default_value_t = 1024)]
+        queue_capacity: usize,
+    },
+    /// Check services.yml files and report every problem with file:line:column.
+    Validate {
+        /// Files to check.
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+        /// Treat warnings as errors.
+        #[arg(long)]
+        strict: bool,
+        /// Print diagnostics as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show every instance of the running runtime.
+    Status {
+        /// Print the stable JSON document.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show an instance's output (`transform`, `transform-2`, or `transform --instance 2`).
+    Logs {
+        /// Service, optionally suffixed with `-N` for instance N.
+        service: String,
+        /// Instance number.
+        #[arg(long)]
+        instance: Option<u32>,
+        /// Keep printing new output.
+        #[arg(short, long)]
+        follow: bool,
+        /// Print only the last N lines first.
+        #[arg(short = 'n', long)]
+        lines: Option<usize>,
+    },
+    /// Kanban tools.
+    Kanban {
+        #[command(subcommand)]
+        cmd: KanbanCmd,
+    },
+    /// Stop the running runtime gracefully.
+    Stop,
+}
+
+#[derive(Subcommand)]
+enum KanbanCmd {
+    /// Put a kanban into a service instance's input queue.
+    Send {
+        /// Target service.
+        service: String,
+        /// Connection key stamped on the kanban.
+        #[arg(long, default_value = "default")]
+        key: String,
+        /// Target instance.
+        #[arg(long, default_value_t = 1)]
+        instance: u32,
+        /// Metadata as a JSON object.
+        #[arg(long, default_value = "{}")]
+        metadata: String,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let data_dir = cli.data_dir.clone().unwrap_or_else(default_data_dir);
+    let result = match cli.cmd {
+        Cmd::Validate {
+            files,
+            strict,
+            json,
+        } => validate(&files, strict, json),
+        Cmd::Run {
+            file,
+            strict,
+            grace,
+            queue_capacity,
+        } => run(&data_dir, &file, strict, grace, queue_capacity),
+        Cmd::Status { json } => block(status(&data_dir, json)),
+        Cmd::Logs {
+            service,
+            instance,
+            follow,
+            lines,
+        } => logs(&data_dir, &service, instance, follow, lines),
+        Cmd::Kanban {
+            cmd:
+                KanbanCmd::Send {
+                    service,
+                    key,
+                    instance,
+                    metadata,
+                },
+        } => block(send(&data_dir, service, key, instance, metadata)),
+        Cmd::Stop => block(async {
+            control::call(&Paths::new(&data_dir).control(), &Request::Stop).await?;
+            println!("stop requested");
+            Ok(())
+        }),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("aion: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn block<F: std::future::Future<Output = Result<(), String>>>(f: F) -> Result<(), String> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start tokio: {e}"))?
+        .block_on(f)
+}
+
+fn validate(files: &[PathBuf], strict: bool, json: bool) -> Result<(), String> {
+    let mut failed = 0;
+    let mut all = Vec::new();
+    for f in files {
+        let loaded = load_file(f);
+        if loaded.failed(strict) {
+            failed += 1;
+        }
+        if json {
+            all.extend(loaded.diagnostics);
+        } else {
+            for d in &loaded.diagnostics {
+                println!("{d}");
+            }
+            let errors = loaded
+                .diagnostics
+                .iter()
+                .filter(|d| d.severity == Severity::Error)
+                .count();
+            let warnings = loaded.diagnostics.len() - errors;
+            let verdict = if loaded.failed(strict) {
+                "invalid"
+            } else {
+                "ok"
+            };
+            println!(
+                "{}: {verdict} ({errors} errors, {warnings} warnings)",
+                f.display()
+            );
+        }
+    }
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&all).map_err(|e| e.to_string())?
+        );
+    }
+    if failed > 0 {
+        return Err(format!("{failed} of {} files invalid", files.len()));
+    }
+    Ok(())
+}
+
+fn run(
+    data_dir: &Path,
+    file: &Path,
+    strict: bool,
+    grace: u64,
+    queue_capacity: usize,
+) -> Result<(), String> {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .try_init();
+    let loaded = load_file(file);
+    for d in &loaded.diagnostics {
+        eprintln!("{d}");
+    }
+    let config = match loaded.config {
+        Some(c) if !loaded.failed(strict) => c,
+        _ => return Err(format!("{} is invalid; nothing started", file.display())),
+    };
+    let base_dir = file
+        .canonicalize()
+        .ok()
+        .and_then(|p| p.parent().map(Path::to_path_buf))
+        .unwrap_or_else(|| PathBuf::from("."));
+    let mut path_dirs = Vec::new();
+    if let Some(dir) = std::env::current_exe()
+        .ok()
+        .and_then(|e| e.parent().map(Path::to_path_buf))
+    {
+        path_dirs.push(dir.join("examples"));
+        path_dirs.push(dir);
+    }
+    let mut opts = NodeOptions::new(data_dir, config);
+    opts.config_path = Some(file.to_path_buf());
+    opts.base_dir = base_dir;
+    opts.grace = Duration::from_secs(grace);
+    opts.queue_capacity = queue_capacity;
+    opts.path_dirs = path_dirs;
+    // The runtime runs inside an actix System: actors execute on its arbiter.
+    actix::System::new().block_on(async move {
+        let node = Node::start(opts).await.map_err(|e| e.to_string())?;
+        eprintln!(
+            "aion: running {} (data dir {}); Ctrl-C or `aion stop` to stop",
+            file.display(),
+            data_dir.display()
+        );
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .map_err(|e| format!("cannot handle SIGTERM: {e}"))?;
+        let failure = tokio::select! {
+            _ = tokio::signal::ctrl_c() => None,
+            _ = term.recv() => None,
+            _ = node.stop_requested() => None,
+            r = node.failed() => Some(r),
+        };
+        node.shutdown().await;
+        match failure {
+            Some(r) => Err(format!("the supervision tree gave up: {r:?}")),
+            None => Ok(()),
+        }
+    })
+}
+
+async fn status(data_dir: &Path, json: bool) -> Result<(), String> {
+    let v = control::call(&Paths::new(data_dir).control(), &Request::Status).await?;
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&v).map_err(|e| e.to_string())?
+        );
+        return Ok(());
+    }
+    let r: StatusReport =
+        serde_json::from_value(v).map_err(|e| format!("unexpected status document: {e}"))?;
+    let mut rows = vec![[
+        "SERVICE",
+        "INSTANCE",
+        "STATE",
+        "PID",
+        "RESTARTS",
+        "IN",
+        "OUT",
+        "QUEUE",
+        "INFLIGHT",
+        "LAST EXIT",
+    ]
+    .map(String::from)
+    .to_vec()];
+    for i in &r.instances {
+        rows.push(vec![
+            i.service.clone(),
+            i.instance.to_string(),
+            i.state.clone(),
+            if i.pid > 0 {
+                i.pid.to_string()
+            } else {
+                "-".into()
+            },
+            i.restarts.to_string(),
+            i.kanbans_in.to_string(),
+            i.kanbans_out.to_string(),
+            i.queue_depth.to_string(),
+            i.inflight.to_string(),
+            i.last_exit.clone().unwrap_or_else(|| "-".into()),
+        ]);
+    }
+    let widths: Vec<usize> = (0..rows[0].len())
+        .map(|c| rows.iter().map(|r| r[c].len()).max().unwrap_or(0))
+        .collect();
+    for row in &rows {
+        let line: Vec<String> = row
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
+        println!("{}", line.join("  ").trim_end());
+    }
+    let dead: Vec<String> = r
+        .dead_letters
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect();
+    println!(
+        "\ndevice: {}  pid: {}  uptime: {}s  sessions: {}  rejected connections: {}  dead letters: {}",
+        if r.device_name.is_empty() { "-" } else { &r.device_name },
+        r.pid,
+        r.uptime_secs,
+        r.sessions,
+        r.rejected_connections,
+        if dead.is_empty() { "0".to_owned() } else { dead.join(" ") }
+    );
+    Ok(())
+}
+
+async fn send(
+    data_dir: &Path,
+    service: String,
+    key: String,
+    instance: u32,
+    metadata: String,
+) -> Result<(), String> {
+    let metadata: serde_json::Value = serde_json::from_str(&metadata)
+        .map_err(|e| format!("--metadata is not valid JSON: {e}"))?;
+    if !metadata.is_object() {
+        return Err("--metadata must be a JSON object".into());
+    }
+    let v = control::call(
+        &Paths::new(data_dir).control(),
+        &Request::Send {
+            service,
+            instance,
+            key,
+            metadata,
+        },
+    )
+    .await?;
+    println!("{}", v["kanban_id"].as_str().unwrap_or("sent"));
+    Ok(())
+}
+
+fn logs(
+    data_dir: &Path,
+    service: &str,
+    instance: Option<u32>,
+    follow: bool,
+    lines: Option<usize>,
+) -> Result<(), String> {
+    use std::io::{Read, Seek, SeekFrom, Write};
+    let paths = Paths::new(data_dir);
+    let (name, n) = match (instance, service.rsplit_once('-')) {
+        (Some(n), _) => (service.to_owned(), n),
+        (None, Some((base, num)))
+            if num.parse::<u32>().is_ok() && !paths.log_file(service, 1).exists() =>
+        {
+            (base.to_owned(), num.parse().unwrap_or(1))
+        }
+        _ => (service.to_owned(), 1),
+    };
+    let path = paths.log_file(&name, n);
+    let mut f = std::fs::File::open(&path)
+        .map_err(|e| format!("no log for {name} instance {n} ({}: {e})", path.display()))?;
+    let mut text = String::new();
+    f.read_to_string(&mut text).map_err(|e| e.to_string())?;
+    let out = std::io::stdout();
+    let mut out = out.lock();
+    let skip = lines.map_or(0, |l| text.lines().count().saturating_sub(l));
+    for l in text.lines().skip(skip) {
+        let _ = writeln!(out, "{l}");
+    }
+    let _ = out.flush();
+    if !follow {
+        return Ok(());
+    }
+    let mut pos = f.stream_position().map_err(|e| e.to_string())?;
+    loop {
+        // Follow by polling the file (like `tail -f`); rotation (file shrank) restarts from the top.
+        std::thread::sleep(Duration::from_millis(200));
+        let len = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+        if len < pos {
+            f = std::fs::File::open(&path).map_err(|e| e.to_string())?;
+            pos = 0;
+        }
+        if len > pos {
+            f.seek(SeekFrom::Start(pos)).map_err(|e| e.to_string())?;
+            let mut buf = Vec::new();
+            f.read_to_end(&mut buf).map_err(|e| e.to_string())?;
+            pos += buf.len() as u64;
+            let _ = out.write_all(&buf);
+            let _ = out.flush();
+        }
+    }
+}

@@ -11,7 +11,9 @@ use std::time::{SystemTime, UNIX_EPOCH};
 /// assert!(now.ends_with('Z') && now.len() == 24);
 /// ```
 pub fn rfc3339_now() -> String {
-    let d = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
+    let d = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default();
     rfc3339_from_unix_millis(d.as_millis() as i64)
 }
 
@@ -55,8 +57,14 @@ mod tests {
 
     #[test]
     fn known_dates() {
-        assert_eq!(rfc3339_from_unix_millis(951_782_400_000), "2000-02-29T00:00:00.000Z");
-        assert_eq!(rfc3339_from_unix_millis(1_795_791_043_123), "2026-11-27T14:50:43.123Z");
+        assert_eq!(
+            rfc3339_from_unix_millis(951_782_400_000),
+            "2000-02-29T00:00:00.000Z"
+        );
+        assert_eq!(
+            rfc3339_from_unix_millis(1_795_791_043_123),
+            "2026-11-27T14:50:43.123Z"
+        );
         assert_eq!(rfc3339_from_unix_millis(-1), "1969-12-31T23:59:59.999Z");
     }
 }

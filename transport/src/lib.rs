@@ -1,1 +1,16 @@
-//! stub
+//! AION wire protocol between microservices and the runtime's status-kanban endpoint.
+//!
+//! - [`proto`]: the messages and the versioned handshake.
+//! - [`codec`]: sans-IO framing (`u32` little-endian length + postcard body), tested without sockets.
+//! - [`link`]: thin I/O drivers: a Unix-socket link and an in-memory link with the same API, so a service runs
+//!   as a separate process or in-process unchanged.
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod codec;
+pub mod link;
+pub mod proto;
+
+pub use codec::{FrameDecoder, FrameError, MAX_FRAME};
+pub use link::{mem_pair, unix_split, LinkReader, LinkWriter};
+pub use proto::{ClientMsg, Hello, ServerMsg, PROTOCOL_VERSION};

@@ -33,7 +33,11 @@ pub trait Actor: Send + Sized + 'static {
     }
 
     /// Handles one message. A panic here is caught and reported to the supervisor.
-    fn handle(&mut self, msg: Self::Msg, ctx: &mut Context<Self>) -> impl Future<Output = ()> + Send;
+    fn handle(
+        &mut self,
+        msg: Self::Msg,
+        ctx: &mut Context<Self>,
+    ) -> impl Future<Output = ()> + Send;
 
     /// Called when the actor stops normally (not on kill or panic).
     fn stopped(&mut self) -> impl Future<Output = ()> + Send {
@@ -59,7 +63,10 @@ pub enum ExitReason {
 impl ExitReason {
     /// True when the exit is abnormal (restarted by a `Transient` policy).
     pub fn is_abnormal(&self) -> bool {
-        matches!(self, ExitReason::Panicked(_) | ExitReason::Failed(_) | ExitReason::Killed)
+        matches!(
+            self,
+            ExitReason::Panicked(_) | ExitReason::Failed(_) | ExitReason::Killed
+        )
     }
 }
 
@@ -100,7 +107,11 @@ pub struct Addr<A: Actor> {
 
 impl<A: Actor> Clone for Addr<A> {
     fn clone(&self) -> Self {
-        Addr { tx: self.tx.clone(), ctl: self.ctl.clone(), name: self.name.clone() }
+        Addr {
+            tx: self.tx.clone(),
+            ctl: self.ctl.clone(),
+            name: self.name.clone(),
+        }
     }
 }
 
@@ -158,6 +169,7 @@ impl<A: Actor> Addr<A> {
 pub struct Context<A: Actor> {
     addr: Addr<A>,
     stop: bool,
+    failed: Option<String>,
 }
 
 impl<A: Actor> Context<A> {
@@ -168,6 +180,13 @@ impl<A: Actor> Context<A> {
 
     /// Stop after this message (exit reason [`ExitReason::Normal`]).
     pub fn stop(&mut self) {
+        self.stop = true;
+    }
+
+    /// Stop after this message (or after `started`) with [`ExitReason::Failed`]: the supervisor treats it like
+    /// a crash.
+    pub fn fail(&mut self, reason: impl Into<String>) {
+        self.failed = Some(reason.into());
         self.stop = true;
     }
 }
@@ -184,7 +203,15 @@ impl<A: Actor> Mailbox<A> {
     pub fn new(name: &str, capacity: usize) -> Mailbox<A> {
         let (tx, rx) = mpsc::channel(capacity.max(1));
         let (ctl, ctl_rx) = watch::channel(Signal::Run);
-        Mailbox { addr: Addr { tx, ctl: Arc::new(ctl), name: name.into() }, rx, ctl_rx }
+        Mailbox {
+            addr: Addr {
+                tx,
+                ctl: Arc::new(ctl),
+                name: name.into(),
+            },
+            rx,
+            ctl_rx,
+        }
     }
 
     /// The address of this mailbox.
@@ -207,12 +234,25 @@ pub fn panic_message(p: &(dyn Any + Send)) -> String {
 /// Runs one incarnation of `actor` on `mailbox` until it exits; gives the mailbox back with the reason.
 ///
 /// Panics in `started`, `handle` and `stopped` are caught.
-pub async fn run_incarnation<A: Actor>(mut actor: A, mut mb: Mailbox<A>) -> (ExitReason, Mailbox<A>) {
+pub async fn run_incarnation<A: Actor>(
+    mut actor: A,
+    mut mb: Mailbox<A>,
+) -> (ExitReason, Mailbox<A>) {
     mb.addr.ctl.send_replace(Signal::Run);
     mb.ctl_rx.mark_unchanged();
-    let mut ctx = Context { addr: mb.addr.clone(), stop: false };
-    if let Err(p) = AssertUnwindSafe(actor.started(&mut ctx)).catch_unwind().await {
+    let mut ctx = Context {
+        addr: mb.addr.clone(),
+        stop: false,
+        failed: None,
+    };
+    if let Err(p) = AssertUnwindSafe(actor.started(&mut ctx))
+        .catch_unwind()
+        .await
+    {
         return (ExitReason::Panicked(panic_message(&*p)), mb);
+    }
+    if let Some(f) = ctx.failed.take() {
+        return (ExitReason::Failed(f), mb);
     }
     let reason = loop {
         let sig = *mb.ctl_rx.borrow_and_update();
@@ -226,7 +266,9 @@ pub async fn run_incarnation<A: Actor>(mut actor: A, mut mb: Mailbox<A>) -> (Exi
             _ = mb.ctl_rx.changed() => continue,
             m = mb.rx.recv() => m,
         };
-        let Some(msg) = msg else { break ExitReason::Normal };
+        let Some(msg) = msg else {
+            break ExitReason::Normal;
+        };
         let handled = AssertUnwindSafe(actor.handle(msg, &mut ctx)).catch_unwind();
         let killed = async {
             loop {
@@ -246,6 +288,9 @@ pub async fn run_incarnation<A: Actor>(mut actor: A, mut mb: Mailbox<A>) -> (Exi
                 }
             }
             _ = killed => break ExitReason::Killed,
+        }
+        if let Some(f) = ctx.failed.take() {
+            break ExitReason::Failed(f);
         }
         if ctx.stop {
             break ExitReason::Normal;

@@ -17,7 +17,10 @@ pub struct Pos {
 
 impl From<Marker> for Pos {
     fn from(m: Marker) -> Pos {
-        Pos { line: m.line(), col: m.col() + 1 }
+        Pos {
+            line: m.line(),
+            col: m.col() + 1,
+        }
     }
 }
 
@@ -124,7 +127,9 @@ impl MarkedEventReceiver for Builder {
                 self.push_node(node, anchor);
             }
             Event::SequenceStart(anchor, _) => self.stack.push(Frame::Seq(Vec::new(), pos, anchor)),
-            Event::MappingStart(anchor, _) => self.stack.push(Frame::Map(Vec::new(), None, pos, anchor)),
+            Event::MappingStart(anchor, _) => {
+                self.stack.push(Frame::Map(Vec::new(), None, pos, anchor))
+            }
             Event::SequenceEnd | Event::MappingEnd => {
                 let node = match self.stack.pop() {
                     Some(Frame::Seq(items, p, a)) => (Node::Seq(items, p), a),
@@ -137,7 +142,10 @@ impl MarkedEventReceiver for Builder {
                 Some(n) => self.push_node(n, 0),
                 None => {
                     if self.error.is_none() {
-                        self.error = Some(SyntaxError { pos, message: "alias to an unknown anchor".into() });
+                        self.error = Some(SyntaxError {
+                            pos,
+                            message: "alias to an unknown anchor".into(),
+                        });
                     }
                 }
             },

@@ -1,0 +1,431 @@
+//! Backends that run microservice instances: local processes (the default) and in-process services.
+
+use crate::endpoint::{EndpointMsg, ServerLink};
+use crate::paths::Paths;
+use aion_runtime::actor::Addr;
+use aion_runtime::config::Microservice;
+use aion_transport::{mem_pair, ClientMsg, LinkReader, LinkWriter, ServerMsg};
+use nix::sys::signal::{killpg, Signal};
+use nix::unistd::Pid;
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
+use tokio::sync::watch;
+
+/// How an instance ended.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ExitInfo {
+    /// Exit code, if it exited.
+    pub code: Option<i32>,
+    /// Signal number, if it was killed by one.
+    pub signal: Option<i32>,
+    /// An error text (spawn failure, in-process error or panic).
+    pub error: Option<String>,
+}
+
+impl ExitInfo {
+    /// True for exit code 0 without error.
+    pub fn success(&self) -> bool {
+        self.code == Some(0) && self.error.is_none()
+    }
+}
+
+impl std::fmt::Display for ExitInfo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match (&self.error, self.code, self.signal) {
+            (Some(e), _, _) => write!(f, "error: {e}"),
+            (None, Some(c), _) => write!(f, "exit code {c}"),
+            (None, None, Some(s)) => write!(f, "killed by signal {s}"),
+            _ => f.write_str("unknown"),
+        }
+    }
+}
+
+/// A way to stop a running instance.
+pub enum Stopper {
+    /// A process group.
+    Process(i32),
+    /// An in-process service.
+    InProcess(watch::Sender<bool>, tokio::task::AbortHandle),
+}
+
+impl Stopper {
+    /// Polite stop: SIGTERM to the group / shutdown signal.
+    pub fn terminate(&self) {
+        match self {
+            Stopper::Process(pgid) => {
+                let _ = killpg(Pid::from_raw(*pgid), Signal::SIGTERM);
+            }
+            Stopper::InProcess(tx, _) => {
+                let _ = tx.send(true);
+            }
+        }
+    }
+    /// Forced stop: SIGKILL to the group / abort.
+    pub fn kill(&self) {
+        match self {
+            Stopper::Process(pgid) => {
+                let _ = killpg(Pid::from_raw(*pgid), Signal::SIGKILL);
+            }
+            Stopper::InProcess(_, abort) => abort.abort(),
+        }
+    }
+}
+
+/// A started instance: its pid (0 in-process), how to stop it, and a future that completes when it ends.
+pub struct Started {
+    /// Process id (also the process group id); 0 for in-process services.
+    pub pid: u32,
+    /// How to stop it.
+    pub stopper: Stopper,
+    /// Completes with the exit.
+    pub exit: Pin<Box<dyn Future<Output = ExitInfo> + Send>>,
+}
+
+/// What every local process gets.
+#[derive(Debug, Clone)]
+pub struct ProcessEnv {
+    /// Data directory layout.
+    pub paths: Paths,
+    /// Directory of the services.yml (relative commands and `workingDir` resolve against it).
+    pub base_dir: PathBuf,
+    /// Directories put in front of `PATH` (the `aion` binary's directory and its `examples/`).
+    pub path_dirs: Vec<PathBuf>,
+    /// `deviceName`.
+    pub device_name: String,
+    /// `debug`.
+    pub debug: String,
+    /// Per-instance log size cap in bytes before rotation.
+    pub log_cap: u64,
+}
+
+/// Spawns one instance of `ms` as a process in its own process group, its output going to its log file.
+///
+/// # Errors
+/// Spawn errors (missing command, not executable, …).
+pub fn spawn_process(
+    ms: &Microservice,
+    instance: u32,
+    env: &ProcessEnv,
+) -> std::io::Result<Started> {
+    let Some(program) = ms.command.first() else {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "no `command` to run",
+        ));
+    };
+    let workdir = match &ms.working_dir {
+        Some(w) => env.base_dir.join(w),
+        None => env.base_dir.clone(),
+    };
+    let program = if program.contains('/') && Path::new(program).is_relative() {
+        workdir.join(program)
+    } else {
+        PathBuf::from(program)
+    };
+    let mut path_var: Vec<PathBuf> = env.path_dirs.clone();
+    if let Some(p) = std::env::var_os("PATH") {
+        path_var.extend(std::env::split_paths(&p));
+    }
+    let path_joined = std::env::join_paths(&path_var).unwrap_or_default();
+    // Resolve bare names with our PATH (Command would use the parent's PATH).
+    let program = if program.components().count() == 1 {
+        path_var
+            .iter()
+            .map(|d| d.join(&program))
+            .find(|c| c.is_file())
+            .unwrap_or(program)
+    } else {
+        program
+    };
+    let data_path = env.paths.data_path(&ms.name, instance);
+    std::fs::create_dir_all(&data_path)?;
+    let mut cmd = tokio::process::Command::new(&program);
+    cmd.args(&ms.command[1..])
+        .current_dir(&workdir)
+        .env("PATH", path_joined)
+        .envs(&ms.env)
+        .env("SERVICE_NAME", &ms.name)
+        .env("MS_NUMBER", instance.to_string())
+        .env("MSNUMBER", instance.to_string())
+        .env("AION_HOME", &env.paths.root)
+        .env("DEVICE_NAME", &env.device_name)
+        .env("DEBUG", &env.debug)
+        .env("AION_SOCKET", env.paths.socket())
+        .env("AION_DATA_PATH", &data_path)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0)
+        .kill_on_drop(false);
+    let mut child = cmd.spawn()?;
+    let pid = child.id().unwrap_or(0);
+    let log = Arc::new(Mutex::new(LogFile::open(
+        env.paths.log_file(&ms.name, instance),
+        env.log_cap,
+    )?));
+    if let Some(out) = child.stdout.take() {
+        tokio::spawn(pump(out, log.clone()));
+    }
+    if let Some(err) = child.stderr.take() {
+        tokio::spawn(pump(err, log.clone()));
+    }
+    let exit = Box::pin(async move {
+        match child.wait().await {
+            Ok(st) => {
+                use std::os::unix::process::ExitStatusExt;
+                ExitInfo {
+                    code: st.code(),
+                    signal: st.signal(),
+                    error: None,
+                }
+            }
+            Err(e) => ExitInfo {
+                code: None,
+                signal: None,
+                error: Some(format!("wait failed: {e}")),
+            },
+        }
+    });
+    Ok(Started {
+        pid,
+        stopper: Stopper::Process(pid as i32),
+        exit,
+    })
+}
+
+/// A size-capped log file rotated to `<name>.1`.
+pub struct LogFile {
+    path: PathBuf,
+    file: std::fs::File,
+    size: u64,
+    cap: u64,
+}
+
+impl LogFile {
+    /// Opens for appending.
+    ///
+    /// # Errors
+    /// I/O errors.
+    pub fn open(path: PathBuf, cap: u64) -> std::io::Result<LogFile> {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)?;
+        let size = file.metadata().map(|m| m.len()).unwrap_or(0);
+        Ok(LogFile {
+            path,
+            file,
+            size,
+            cap: cap.max(4096),
+        })
+    }
+
+    /// Appends a line, rotating first if the cap would be exceeded.
+    pub fn write_line(&mut self, line: &[u8]) {
+        use std::io::Write;
+        if self.size + line.len() as u64 > self.cap {
+            let mut rotated = self.path.clone().into_os_string();
+            rotated.push(".1");
+            let _ = std::fs::rename(&self.path, &rotated);
+            match std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&self.path)
+            {
+                Ok(f) => {
+                    self.file = f;
+                    self.size = 0;
+                }
+                Err(e) => tracing::error!(path = %self.path.display(), "log rotation failed: {e}"),
+            }
+        }
+        if self.file.write_all(line).is_ok() {
+            self.size += line.len() as u64;
+        }
+    }
+}
+
+async fn pump(stream: impl AsyncRead + Unpin, log: Arc<Mutex<LogFile>>) {
+    let mut rd = BufReader::new(stream);
+    let mut line = Vec::with_capacity(256);
+    loop {
+        line.clear();
+        match rd.read_until(b'\n', &mut line).await {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {
+                if !line.ends_with(b"\n") {
+                    line.push(b'\n');
+                }
+                if let Ok(mut l) = log.lock() {
+                    l.write_line(&line);
+                }
+            }
+        }
+    }
+}
+
+type Runner = Arc<
+    dyn Fn(
+            u32,
+            (LinkReader<ServerMsg>, LinkWriter<ClientMsg>),
+            watch::Receiver<bool>,
+        ) -> Pin<Box<dyn Future<Output = Result<(), String>> + Send>>
+        + Send
+        + Sync,
+>;
+
+/// Services that run inside the runtime process instead of as processes.
+#[derive(Clone, Default)]
+pub struct InProcessRegistry {
+    runners: HashMap<String, Runner>,
+}
+
+impl InProcessRegistry {
+    /// Registers `service` to run in-process: `factory` builds a fresh service value per instance start.
+    pub fn register<S: aion_sdk::Service, F: Fn() -> S + Send + Sync + 'static>(
+        &mut self,
+        service: &str,
+        factory: F,
+    ) {
+        let name = service.to_owned();
+        let factory = Arc::new(factory);
+        let runner: Runner = Arc::new(move |instance, link, mut stop: watch::Receiver<bool>| {
+            let name = name.clone();
+            let svc = factory();
+            Box::pin(async move {
+                let shutdown = async move {
+                    while !*stop.borrow_and_update() {
+                        if stop.changed().await.is_err() {
+                            return;
+                        }
+                    }
+                };
+                aion_sdk::run_on_link(
+                    svc,
+                    &name,
+                    instance,
+                    link,
+                    aion_sdk::Options::default(),
+                    shutdown,
+                )
+                .await
+                .map_err(|e| e.to_string())
+            })
+        });
+        self.runners.insert(service.to_owned(), runner);
+    }
+
+    /// True if `service` is registered.
+    pub fn contains(&self, service: &str) -> bool {
+        self.runners.contains_key(service)
+    }
+
+    /// Starts an in-process instance, attaching its link to the endpoint.
+    pub async fn start(
+        &self,
+        service: &str,
+        instance: u32,
+        endpoint: &Addr<crate::endpoint::Endpoint>,
+    ) -> Option<Started> {
+        let runner = self.runners.get(service)?.clone();
+        let (client, server): ((LinkReader<ServerMsg>, LinkWriter<ClientMsg>), ServerLink) =
+            mem_pair(64);
+        if endpoint.send(EndpointMsg::Attach(server)).await.is_err() {
+            return None;
+        }
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let task = tokio::spawn(runner(instance, client, stop_rx));
+        let abort = task.abort_handle();
+        let exit = Box::pin(async move {
+            match task.await {
+                Ok(Ok(())) => ExitInfo {
+                    code: Some(0),
+                    signal: None,
+                    error: None,
+                },
+                Ok(Err(e)) => ExitInfo {
+                    code: Some(1),
+                    signal: None,
+                    error: Some(e),
+                },
+                Err(e) if e.is_cancelled() => ExitInfo {
+                    code: None,
+                    signal: Some(9),
+                    error: None,
+                },
+                Err(e) => ExitInfo {
+                    code: None,
+                    signal: None,
+                    error: Some(format!("panicked: {e}")),
+                },
+            }
+        });
+        Some(Started {
+            pid: 0,
+            stopper: Stopper::InProcess(stop_tx, abort),
+            exit,
+        })
+    }
+}
+
+/// One entry of the process registry (`run/instances.json`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct RegistryEntry {
+    /// Service.
+    pub service: String,
+    /// Instance.
+    pub instance: u32,
+    /// Process id = process group id.
+    pub pid: u32,
+    /// Start time in clock ticks since boot (`/proc/<pid>/stat` field 22), to avoid killing a reused pid.
+    pub start_ticks: u64,
+}
+
+/// The start time of a process in clock ticks since boot, from `/proc/<pid>/stat`.
+pub fn proc_start_ticks(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let after = &stat[stat.rfind(')')? + 1..];
+    after.split_whitespace().nth(19)?.parse().ok()
+}
+
+/// Writes the registry atomically.
+pub fn write_registry(path: &Path, entries: &[RegistryEntry]) {
+    let tmp = path.with_extension("json.tmp");
+    let ok = serde_json::to_vec(entries)
+        .ok()
+        .and_then(|b| std::fs::write(&tmp, b).ok())
+        .and_then(|_| std::fs::rename(&tmp, path).ok());
+    if ok.is_none() {
+        tracing::error!(path = %path.display(), "cannot write the process registry");
+    }
+}
+
+/// Kills process groups left by a previous runtime on this data dir (after kill -9). Returns how many.
+pub fn cleanup_orphans(path: &Path) -> usize {
+    let Ok(bytes) = std::fs::read(path) else {
+        return 0;
+    };
+    let entries: Vec<RegistryEntry> = match serde_json::from_slice(&bytes) {
+        Ok(e) => e,
+        Err(e) => {
+            tracing::warn!(path = %path.display(), "ignoring an unreadable process registry: {e}");
+            return 0;
+        }
+    };
+    let mut n = 0;
+    for e in entries {
+        if e.pid > 1 && proc_start_ticks(e.pid) == Some(e.start_ticks) {
+            tracing::warn!(service = %e.service, instance = e.instance, pid = e.pid, "killing an orphan from a previous run");
+            let _ = killpg(Pid::from_raw(e.pid as i32), Signal::SIGKILL);
+            n += 1;
+        }
+    }
+    let _ = std::fs::remove_file(path);
+    n
+}

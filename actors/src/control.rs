@@ -1,0 +1,180 @@
+//! The control API the CLI uses: JSON lines over `run/control.sock` (0600).
+//!
+//! Requests: `{"cmd":"status"}`, `{"cmd":"send","service":S,"instance":N,"key":K,"metadata":{…}}`,
+//! `{"cmd":"stop"}`. Every response is one line: `{"ok":true,…}` or `{"ok":false,"error":"…"}`.
+
+use crate::broker::InstanceStatus;
+use crate::dead::DeadLetter;
+use aion_runtime::actor::supervisor::Event;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::path::Path;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::UnixStream;
+
+/// A control request.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "cmd", rename_all = "lowercase")]
+pub enum Request {
+    /// Status of every instance.
+    Status,
+    /// Inject a kanban into a service's input queue.
+    Send {
+        /// Target service.
+        service: String,
+        /// Target instance (default 1).
+        #[serde(default = "one")]
+        instance: u32,
+        /// Connection key stamped on the kanban.
+        #[serde(default)]
+        key: String,
+        /// Metadata (a JSON object).
+        #[serde(default)]
+        metadata: serde_json::Value,
+    },
+    /// Graceful shutdown.
+    Stop,
+}
+
+fn one() -> u32 {
+    1
+}
+
+/// The `aion status --json` document.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StatusReport {
+    /// `deviceName`.
+    pub device_name: String,
+    /// Runtime pid.
+    pub pid: u32,
+    /// Seconds since start.
+    pub uptime_secs: u64,
+    /// Data directory.
+    pub data_dir: String,
+    /// services.yml path.
+    pub services_file: String,
+    /// Every instance.
+    pub instances: Vec<InstanceRow>,
+    /// Dead letters by reason.
+    pub dead_letters: BTreeMap<String, u64>,
+    /// The most recent dead letters (up to 20).
+    pub recent_dead_letters: Vec<serde_json::Value>,
+    /// Sessions opened since start.
+    pub sessions: u64,
+    /// Connections refused or closed for protocol errors.
+    pub rejected_connections: u64,
+    /// Supervision events (actor exits and restarts).
+    pub supervisor_events: Vec<String>,
+}
+
+/// One instance in [`StatusReport`] (the same fields as [`InstanceStatus`], kept separate so the JSON is stable).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct InstanceRow {
+    /// Service.
+    pub service: String,
+    /// Instance.
+    pub instance: u32,
+    /// State (`idle`, `running`, `backoff`, `crash-loop`, `completed`, `failed`, `not-runnable`, `stopping`,
+    /// `stopped`).
+    pub state: String,
+    /// Pid (0 if none).
+    pub pid: u32,
+    /// Restarts.
+    pub restarts: u32,
+    /// Kanbans queued for it.
+    pub kanbans_in: u64,
+    /// Outputs accepted from it.
+    pub kanbans_out: u64,
+    /// Waiting kanbans.
+    pub queue_depth: usize,
+    /// Delivered, unacknowledged.
+    pub inflight: usize,
+    /// Session connected.
+    pub connected: bool,
+    /// Redeliveries.
+    pub redelivered: u64,
+    /// Duplicate outputs dropped.
+    pub duplicates: u64,
+    /// Last exit.
+    pub last_exit: Option<String>,
+    /// Sent a terminate kanban.
+    pub terminated: bool,
+}
+
+impl From<InstanceStatus> for InstanceRow {
+    fn from(s: InstanceStatus) -> Self {
+        let state = serde_json::to_value(s.state)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_owned))
+            .unwrap_or_default();
+        InstanceRow {
+            service: s.service,
+            instance: s.instance,
+            state,
+            pid: s.pid,
+            restarts: s.restarts,
+            kanbans_in: s.kanbans_in,
+            kanbans_out: s.kanbans_out,
+            queue_depth: s.queue_depth,
+            inflight: s.inflight,
+            connected: s.connected,
+            redelivered: s.redelivered,
+            duplicates: s.duplicates,
+            last_exit: s.last_exit,
+            terminated: s.terminated,
+        }
+    }
+}
+
+pub(crate) fn dead_json(d: &DeadLetter) -> serde_json::Value {
+    serde_json::json!({
+        "reason": d.reason,
+        "detail": d.detail,
+        "kanban_id": d.kanban.id.to_string(),
+        "from": format!("{}:{}", d.kanban.origin.service, d.kanban.origin.instance),
+        "connection_key": d.kanban.connection_key,
+    })
+}
+
+pub(crate) fn event_text(e: &Event) -> String {
+    format!(
+        "{} exited ({:?}){}",
+        e.child,
+        e.reason,
+        if e.restarted { ", restarted" } else { "" }
+    )
+}
+
+/// Sends one request to the runtime on `socket` and returns the response object.
+///
+/// # Errors
+/// A readable message when the runtime is not running or answered with an error.
+pub async fn call(socket: &Path, req: &Request) -> Result<serde_json::Value, String> {
+    let stream = UnixStream::connect(socket).await.map_err(|e| {
+        format!(
+            "no runtime is running on this data dir ({}: {e})",
+            socket.display()
+        )
+    })?;
+    let (r, mut w) = stream.into_split();
+    let mut line = serde_json::to_vec(req).map_err(|e| e.to_string())?;
+    line.push(b'\n');
+    w.write_all(&line)
+        .await
+        .map_err(|e| format!("control socket write failed: {e}"))?;
+    let mut resp = String::new();
+    BufReader::new(r)
+        .read_line(&mut resp)
+        .await
+        .map_err(|e| format!("control socket read failed: {e}"))?;
+    let v: serde_json::Value = serde_json::from_str(&resp)
+        .map_err(|e| format!("malformed answer from the runtime: {e}"))?;
+    if v["ok"] == serde_json::Value::Bool(true) {
+        Ok(v)
+    } else {
+        Err(v["error"]
+            .as_str()
+            .unwrap_or("the runtime reported an error")
+            .to_owned())
+    }
+}

@@ -1,0 +1,87 @@
+//! Dead letters: every kanban the runtime could not deliver, with a reason, a log line and a counter.
+
+use aion_runtime::Kanban;
+use serde::Serialize;
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::Mutex;
+
+/// Why a kanban was dead-lettered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+pub enum Reason {
+    /// No `nextService` entry for the connection key and no `default` (or no `nextService` at all).
+    NoRoute,
+    /// The target service is not defined in services.yml.
+    UnknownService,
+    /// The target instance number is above the target's `scale`.
+    NoSuchInstance,
+    /// The target is on another device, and cross-device delivery is not available.
+    NoFederation,
+    /// The target service cannot run here (for example no `command` for the local-process backend).
+    NotRunnable,
+    /// A terminate kanban named a service that is not the sender.
+    BadTerminate,
+}
+
+impl Reason {
+    /// The stable name used in logs, status and `--json`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reason::NoRoute => "no-route",
+            Reason::UnknownService => "unknown-service",
+            Reason::NoSuchInstance => "no-such-instance",
+            Reason::NoFederation => "no-federation",
+            Reason::NotRunnable => "not-runnable",
+            Reason::BadTerminate => "bad-terminate",
+        }
+    }
+}
+
+/// One dead letter, as kept for inspection.
+#[derive(Debug, Clone, Serialize)]
+pub struct DeadLetter {
+    /// Stable reason name.
+    pub reason: &'static str,
+    /// Human detail.
+    pub detail: String,
+    /// The kanban.
+    pub kanban: Kanban,
+}
+
+/// Counters by reason plus the most recent dead letters.
+#[derive(Debug, Default)]
+pub struct DeadLetters {
+    inner: Mutex<(BTreeMap<&'static str, u64>, VecDeque<DeadLetter>)>,
+}
+
+const KEEP: usize = 256;
+
+impl DeadLetters {
+    /// Records a dead letter: logs it, counts it, keeps it among the recent ones.
+    pub fn record(&self, reason: Reason, detail: String, kanban: Kanban) {
+        tracing::warn!(reason = reason.as_str(), kanban = %kanban.id, from = %kanban.origin.service, "dead letter: {detail}");
+        if let Ok(mut g) = self.inner.lock() {
+            *g.0.entry(reason.as_str()).or_default() += 1;
+            if g.1.len() >= KEEP {
+                g.1.pop_front();
+            }
+            g.1.push_back(DeadLetter {
+                reason: reason.as_str(),
+                detail,
+                kanban,
+            });
+        }
+    }
+
+    /// Counts by reason.
+    pub fn counts(&self) -> BTreeMap<&'static str, u64> {
+        self.inner.lock().map(|g| g.0.clone()).unwrap_or_default()
+    }
+
+    /// The most recent dead letters, oldest first.
+    pub fn recent(&self) -> Vec<DeadLetter> {
+        self.inner
+            .lock()
+            .map(|g| g.1.iter().cloned().collect())
+            .unwrap_or_default()
+    }
+}

@@ -1,0 +1,368 @@
+//! The status-kanban endpoint: the actor that owns the Unix socket microservices connect to, and the session
+//! logic (handshake, credit-based delivery, acks, output routing, static kanbans).
+
+use crate::router::Router;
+use crate::slot::Slot;
+use crate::statics::StaticStore;
+use aion_runtime::actor::{Actor, Context};
+use aion_runtime::kanban::{Kanban, KanbanId, Origin};
+use aion_transport::proto::MAGIC;
+use aion_transport::{unix_split, ClientMsg, LinkReader, LinkWriter, ServerMsg, PROTOCOL_VERSION};
+use std::collections::VecDeque;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::mpsc;
+use tokio::task::AbortHandle;
+
+/// The server side of a link.
+pub type ServerLink = (LinkReader<ClientMsg>, LinkWriter<ServerMsg>);
+
+/// Messages of the endpoint actor.
+pub enum EndpointMsg {
+    /// Serve an in-process service's link.
+    Attach(ServerLink),
+    /// Stop accepting new connections (shutdown step 1); replies when done.
+    StopAccepting(tokio::sync::oneshot::Sender<()>),
+}
+
+/// Shared session counters.
+#[derive(Debug, Default)]
+pub struct EndpointStats {
+    /// Sessions opened.
+    pub sessions: AtomicU64,
+    /// Connections closed for a protocol violation (garbage, bad version, unknown service…).
+    pub rejected: AtomicU64,
+}
+
+/// The status-kanban endpoint actor.
+pub struct Endpoint {
+    router: Arc<Router>,
+    statics: Arc<StaticStore>,
+    socket: PathBuf,
+    data_root: PathBuf,
+    stats: Arc<EndpointStats>,
+    accept: Option<AbortHandle>,
+}
+
+impl Endpoint {
+    /// An endpoint that will listen on `socket`.
+    pub fn new(
+        router: Arc<Router>,
+        statics: Arc<StaticStore>,
+        socket: PathBuf,
+        data_root: PathBuf,
+        stats: Arc<EndpointStats>,
+    ) -> Endpoint {
+        Endpoint {
+            router,
+            statics,
+            socket,
+            data_root,
+            stats,
+            accept: None,
+        }
+    }
+
+    fn shared(&self) -> Shared {
+        Shared {
+            router: self.router.clone(),
+            statics: self.statics.clone(),
+            data_root: self.data_root.clone(),
+            stats: self.stats.clone(),
+        }
+    }
+}
+
+impl Drop for Endpoint {
+    fn drop(&mut self) {
+        if let Some(a) = self.accept.take() {
+            a.abort();
+        }
+    }
+}
+
+#[derive(Clone)]
+struct Shared {
+    router: Arc<Router>,
+    statics: Arc<StaticStore>,
+    data_root: PathBuf,
+    stats: Arc<EndpointStats>,
+}
+
+/// Binds a Unix socket with owner-only permissions, replacing a stale socket file.
+///
+/// # Errors
+/// I/O errors.
+pub fn bind_private(path: &std::path::Path) -> std::io::Result<tokio::net::UnixListener> {
+    use std::os::unix::fs::PermissionsExt;
+    let _ = std::fs::remove_file(path);
+    let l = tokio::net::UnixListener::bind(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(l)
+}
+
+impl Actor for Endpoint {
+    type Msg = EndpointMsg;
+
+    async fn started(&mut self, ctx: &mut Context<Self>) {
+        let listener = match bind_private(&self.socket) {
+            Ok(l) => l,
+            Err(e) => return ctx.fail(format!("cannot listen on {}: {e}", self.socket.display())),
+        };
+        tracing::info!(socket = %self.socket.display(), "status-kanban endpoint listening");
+        let shared = self.shared();
+        let task = tokio::spawn(async move {
+            loop {
+                match listener.accept().await {
+                    Ok((stream, _)) => {
+                        let (r, w) = unix_split(stream);
+                        tokio::spawn(session(shared.clone(), r, w));
+                    }
+                    Err(e) => {
+                        tracing::error!("accept failed: {e}");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                }
+            }
+        });
+        self.accept = Some(task.abort_handle());
+    }
+
+    async fn handle(&mut self, msg: EndpointMsg, _ctx: &mut Context<Self>) {
+        match msg {
+            EndpointMsg::Attach((r, w)) => {
+                tokio::spawn(session(self.shared(), r, w));
+            }
+            EndpointMsg::StopAccepting(done) => {
+                if let Some(a) = self.accept.take() {
+                    a.abort();
+                }
+                let _ = std::fs::remove_file(&self.socket);
+                let _ = done.send(());
+            }
+        }
+    }
+}
+
+async fn refuse(shared: &Shared, w: &mut LinkWriter<ServerMsg>, reason: String) {
+    shared.stats.rejected.fetch_add(1, Ordering::Relaxed);
+    tracing::warn!("closing connection: {reason}");
+    let _ = w.send_one(ServerMsg::Error { reason }).await;
+    w.close().await;
+}
+
+/// One connection, from handshake to close.
+async fn session(shared: Shared, mut r: LinkReader<ClientMsg>, mut w: LinkWriter<ServerMsg>) {
+    let mut msgs = Vec::new();
+    let first = tokio::time::timeout(Duration::from_secs(5), r.recv(&mut msgs)).await;
+    let hello = match (first, msgs.is_empty()) {
+        (Ok(Ok(true)), false) => match msgs.remove(0) {
+            ClientMsg::Hello(h) => h,
+            other => {
+                return refuse(
+                    &shared,
+                    &mut w,
+                    format!("expected Hello, got {}", msg_name(&other)),
+                )
+                .await
+            }
+        },
+        (Ok(Ok(_)), _) => {
+            return refuse(&shared, &mut w, "closed before the handshake".into()).await
+        }
+        (Ok(Err(e)), _) => return refuse(&shared, &mut w, format!("bad handshake: {e}")).await,
+        (Err(_), _) => return refuse(&shared, &mut w, "no handshake within 5 s".into()).await,
+    };
+    if hello.magic != MAGIC || hello.version != PROTOCOL_VERSION {
+        let reason = format!(
+            "protocol version {} not supported (this runtime speaks {PROTOCOL_VERSION})",
+            hello.version
+        );
+        return refuse(&shared, &mut w, reason).await;
+    }
+    let Some(slot) = shared.router.slot(&hello.service, hello.instance).cloned() else {
+        let reason = match shared.router.config().microservices.get(&hello.service) {
+            Some(ms) => format!(
+                "service `{}` has instances 1..={}, not {}",
+                hello.service, ms.scale, hello.instance
+            ),
+            None => format!("unknown service `{}`", hello.service),
+        };
+        return refuse(&shared, &mut w, reason).await;
+    };
+    let window = hello.window.clamp(1, 4096) as usize;
+    let sess = slot.open_session();
+    let session_no = shared.stats.sessions.fetch_add(1, Ordering::Relaxed) + 1;
+    let data_path = shared
+        .data_root
+        .join("Data")
+        .join(format!("{}_{}", slot.service, slot.instance));
+    let _ = std::fs::create_dir_all(&data_path);
+    let data_path = data_path.display().to_string();
+    tracing::info!(service = %slot.service, instance = slot.instance, session = session_no, pid = hello.pid, "session opened");
+    let welcome = ServerMsg::Welcome {
+        session: session_no,
+        device_name: shared.router.config().device_name.clone(),
+        data_path: data_path.clone(),
+    };
+    if w.send_one(welcome).await.is_err() {
+        slot.close_session(sess, Vec::new());
+        return;
+    }
+    if hello.seed && slot.depth() == 0 {
+        let id = KanbanId::generate();
+        let seed = Kanban {
+            id,
+            trace_id: id,
+            origin: Origin {
+                service: "aion".into(),
+                instance: 0,
+            },
+            start_at: aion_runtime::time::rfc3339_now(),
+            connection_key: String::new(),
+            process_number: slot.instance,
+            data_path,
+            ..Kanban::default()
+        };
+        let _ = slot.try_push(seed);
+    }
+    // Deliveries sent and not acknowledged yet, in sequence order.
+    let inflight: Mutex<VecDeque<(u64, Kanban)>> = Mutex::new(VecDeque::new());
+    let (ctl_tx, mut ctl_rx) = mpsc::channel::<ServerMsg>(1024);
+
+    let writer = async {
+        let mut batch: Vec<ServerMsg> = Vec::new();
+        let mut ks: Vec<Kanban> = Vec::new();
+        let mut seq: u64 = 0;
+        loop {
+            tokio::select! {
+                biased;
+                n = ctl_rx.recv_many(&mut batch, 256) => if n == 0 { return },
+                _ = slot.take(sess, window, &mut ks) => {
+                    if ks.is_empty() {
+                        tracing::info!(service = %slot.service, instance = slot.instance, "session replaced by a newer one");
+                        return;
+                    }
+                    let mut g = inflight.lock().unwrap_or_else(|p| p.into_inner());
+                    for k in ks.drain(..) {
+                        seq += 1;
+                        g.push_back((seq, k.clone()));
+                        batch.push(ServerMsg::Deliver { seq, kanban: k });
+                    }
+                }
+            }
+            if let Err(e) = w.send(&mut batch).await {
+                tracing::warn!(service = %slot.service, instance = slot.instance, "write failed: {e}");
+                return;
+            }
+        }
+    };
+
+    let reader = async {
+        let mut msgs: Vec<ClientMsg> = Vec::new();
+        loop {
+            match r.recv(&mut msgs).await {
+                Ok(true) => {}
+                Ok(false) => return Ok(()),
+                Err(e) => return Err(format!("bad frame: {e}")),
+            }
+            let mut accepted = 0u32;
+            for m in msgs.drain(..) {
+                match m {
+                    ClientMsg::Output(mut k) => {
+                        k.origin = Origin {
+                            service: slot.service.clone(),
+                            instance: slot.instance,
+                        };
+                        if k.process_number == 0 {
+                            k.process_number = slot.instance;
+                        }
+                        if !slot.is_duplicate_output(k.id) {
+                            let id = k.id;
+                            shared.router.route(&slot, k).await;
+                            slot.remember_output(id);
+                            slot.stats.kanbans_out.fetch_add(1, Ordering::Relaxed);
+                        }
+                        accepted += 1;
+                    }
+                    ClientMsg::Ack { upto } => {
+                        let mut g = inflight.lock().unwrap_or_else(|p| p.into_inner());
+                        let mut n = 0;
+                        while g.front().is_some_and(|(s, _)| *s <= upto) {
+                            g.pop_front();
+                            n += 1;
+                        }
+                        drop(g);
+                        slot.acked(sess, n);
+                    }
+                    ClientMsg::StaticPut { req, topic, kanban } => {
+                        let id = shared.statics.put(&topic, kanban);
+                        let _ = ctl_tx.send(ServerMsg::StaticPutOk { req, id }).await;
+                    }
+                    ClientMsg::StaticGet { req, topic } => {
+                        let entries = shared.statics.get(&topic);
+                        let _ = ctl_tx.send(ServerMsg::StaticList { req, entries }).await;
+                    }
+                    ClientMsg::StaticDelete { req, topic, id } => {
+                        let found = shared.statics.delete(&topic, id);
+                        let _ = ctl_tx.send(ServerMsg::StaticDeleted { req, found }).await;
+                    }
+                    ClientMsg::StaticSubscribe { topic } => {
+                        shared.statics.subscribe(&topic, ctl_tx.clone())
+                    }
+                    ClientMsg::Bye => return Ok(()),
+                    ClientMsg::Hello(_) => return Err("second Hello in a session".into()),
+                }
+            }
+            if accepted > 0 {
+                let _ = ctl_tx.send(ServerMsg::Accepted { count: accepted }).await;
+            }
+        }
+    };
+
+    let outcome = tokio::select! {
+        _ = writer => Ok(()),
+        r = reader => r,
+    };
+    let unacked: Vec<Kanban> = inflight
+        .into_inner()
+        .unwrap_or_else(|p| p.into_inner())
+        .into_iter()
+        .map(|(_, k)| k)
+        .collect();
+    let n = unacked.len();
+    slot.close_session(sess, unacked);
+    match outcome {
+        Ok(()) => {
+            tracing::info!(service = %slot.service, instance = slot.instance, requeued = n, "session closed")
+        }
+        Err(reason) => {
+            shared.stats.rejected.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(service = %slot.service, instance = slot.instance, requeued = n, "session closed: {reason}");
+            let _ = w.send_one(ServerMsg::Error { reason }).await;
+        }
+    }
+    requeue_start(&shared.router, &slot).await;
+}
+
+/// After a session ends with kanbans still queued, make sure the instance is started again.
+async fn requeue_start(router: &Router, slot: &Slot) {
+    if slot.depth() > 0 {
+        router.request_start(slot).await;
+    }
+}
+
+fn msg_name(m: &ClientMsg) -> &'static str {
+    match m {
+        ClientMsg::Hello(_) => "Hello",
+        ClientMsg::Output(_) => "Output",
+        ClientMsg::Ack { .. } => "Ack",
+        ClientMsg::StaticPut { .. } => "StaticPut",
+        ClientMsg::StaticGet { .. } => "StaticGet",
+        ClientMsg::StaticDelete { .. } => "StaticDelete",
+        ClientMsg::StaticSubscribe { .. } => "StaticSubscribe",
+        ClientMsg::Bye => "Bye",
+    }
+}

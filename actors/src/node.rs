@@ -1,0 +1,412 @@
+//! A node: one runtime on one device — the supervision tree, the routing table, and the control API.
+
+pub use crate::backend::InProcessRegistry;
+use crate::backend::ProcessEnv;
+use crate::broker::{Broker, BrokerMsg, InstanceStatus};
+use crate::control::{dead_json, event_text, InstanceRow, Request, StatusReport};
+use crate::endpoint::{Endpoint, EndpointMsg, EndpointStats};
+use crate::paths::Paths;
+use crate::router::{Lifecycle, Router};
+use crate::statics::StaticStore;
+use aion_runtime::actor::supervisor::{
+    ask, ChildSpec, Intensity, Restart, Strategy, Supervisor, SupervisorHandle,
+};
+use aion_runtime::actor::{Addr, ExitReason};
+use aion_runtime::config::ServicesFile;
+use aion_runtime::kanban::{metadata_from_json, Kanban, KanbanId, Origin};
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::sync::{mpsc, Notify};
+
+/// How to start a node.
+pub struct NodeOptions {
+    /// Data directory (`AION_HOME` of the microservices).
+    pub data_dir: PathBuf,
+    /// The validated configuration.
+    pub config: ServicesFile,
+    /// Where it came from (for status).
+    pub config_path: Option<PathBuf>,
+    /// Directory relative commands and `workingDir` resolve against.
+    pub base_dir: PathBuf,
+    /// Per-instance queue capacity. Default 1024.
+    pub queue_capacity: usize,
+    /// SIGTERM → SIGKILL grace period at shutdown. Default 10 s.
+    pub grace: Duration,
+    /// Services that run in-process.
+    pub inproc: InProcessRegistry,
+    /// Directories put in front of the microservices' `PATH`.
+    pub path_dirs: Vec<PathBuf>,
+    /// Per-instance log cap in bytes. Default 10 MiB.
+    pub log_cap: u64,
+}
+
+impl NodeOptions {
+    /// Options with defaults for `config` on `data_dir`.
+    pub fn new(data_dir: impl Into<PathBuf>, config: ServicesFile) -> NodeOptions {
+        NodeOptions {
+            data_dir: data_dir.into(),
+            config,
+            config_path: None,
+            base_dir: std::env::current_dir().unwrap_or_else(|_| PathBuf::from(".")),
+            queue_capacity: 1024,
+            grace: Duration::from_secs(10),
+            inproc: InProcessRegistry::default(),
+            path_dirs: Vec::new(),
+            log_cap: 10 << 20,
+        }
+    }
+}
+
+/// Errors starting a node.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    /// Another runtime owns the data directory.
+    #[error("a runtime is already running on {0} (its control socket answers)")]
+    AlreadyRunning(PathBuf),
+    /// Filesystem or socket error.
+    #[error("{0}")]
+    Io(String),
+    /// A service cannot run with this backend.
+    #[error("{0}")]
+    NotRunnable(String),
+}
+
+/// A running node.
+pub struct Node {
+    router: Arc<Router>,
+    broker: Addr<Broker>,
+    endpoint: Addr<Endpoint>,
+    sup: SupervisorHandle,
+    stop: Arc<Notify>,
+    stats: Arc<EndpointStats>,
+    paths: Paths,
+    grace: Duration,
+    control: tokio::task::AbortHandle,
+    forwarder: tokio::task::AbortHandle,
+}
+
+struct Shared {
+    router: Arc<Router>,
+    broker: Addr<Broker>,
+    sup: SupervisorHandle,
+    stats: Arc<EndpointStats>,
+    stop: Arc<Notify>,
+    started: Instant,
+    data_dir: String,
+    services_file: String,
+}
+
+impl Node {
+    /// Starts the node: checks the data dir is free, cleans up orphans of a killed previous run, starts the
+    /// supervision tree (status-kanban endpoint, then broker, which starts the `startup` instances) and the
+    /// control API.
+    ///
+    /// # Errors
+    /// [`NodeError`] when the data dir is taken, a socket cannot be bound, or a service has no `command`.
+    pub async fn start(opts: NodeOptions) -> Result<Node, NodeError> {
+        for ms in opts.config.microservices.values() {
+            if ms.command.is_empty() && !opts.inproc.contains(&ms.name) {
+                return Err(NodeError::NotRunnable(format!(
+                    "service `{}` has no `command`: the local-process backend needs one (an image-only service needs the Kubernetes backend)",
+                    ms.name
+                )));
+            }
+        }
+        let paths = Paths::new(&opts.data_dir);
+        paths
+            .create()
+            .map_err(|e| NodeError::Io(format!("cannot create {}: {e}", paths.root.display())))?;
+        if tokio::net::UnixStream::connect(paths.control())
+            .await
+            .is_ok()
+        {
+            return Err(NodeError::AlreadyRunning(paths.root.clone()));
+        }
+        let control_listener = crate::endpoint::bind_private(&paths.control()).map_err(|e| {
+            NodeError::Io(format!("cannot bind {}: {e}", paths.control().display()))
+        })?;
+        // Fail early and clearly if the status-kanban socket cannot be bound; the actor binds it for real.
+        drop(crate::endpoint::bind_private(&paths.socket()).map_err(|e| {
+            NodeError::Io(format!("cannot bind {}: {e}", paths.socket().display()))
+        })?);
+
+        let cfg = Arc::new(opts.config);
+        let (lc_tx, mut lc_rx) = mpsc::channel::<Lifecycle>(1024);
+        let router = Arc::new(Router::new(cfg.clone(), opts.queue_capacity, lc_tx));
+        let statics = Arc::new(StaticStore::default());
+        let stats = Arc::new(EndpointStats::default());
+
+        let (r, st, sock, root, es) = (
+            router.clone(),
+            statics,
+            paths.socket(),
+            paths.root.clone(),
+            stats.clone(),
+        );
+        let (ep_spec, endpoint) =
+            ChildSpec::actor("status-kanban", Restart::Permanent, 64, move || {
+                Endpoint::new(
+                    r.clone(),
+                    st.clone(),
+                    sock.clone(),
+                    root.clone(),
+                    es.clone(),
+                )
+            });
+        let env = ProcessEnv {
+            paths: paths.clone(),
+            base_dir: opts.base_dir,
+            path_dirs: opts.path_dirs,
+            device_name: cfg.device_name.clone(),
+            debug: cfg.debug.clone(),
+            log_cap: opts.log_cap,
+        };
+        let (r, ep, inproc) = (router.clone(), endpoint.clone(), opts.inproc);
+        let (broker_spec, broker) =
+            ChildSpec::actor("service-broker", Restart::Permanent, 4096, move || {
+                Broker::new(r.clone(), env.clone(), ep.clone(), inproc.clone())
+            });
+        let sup = Supervisor::new(
+            "root",
+            Strategy::OneForOne,
+            Intensity {
+                max_restarts: 5,
+                within: Duration::from_secs(10),
+            },
+        )
+        .child(ep_spec)
+        .child(broker_spec)
+        .start();
+
+        let b = broker.clone();
+        let forwarder = tokio::spawn(async move {
+            while let Some(l) = lc_rx.recv().await {
+                if b.send(BrokerMsg::Lifecycle(l)).await.is_err() {
+                    tracing::error!("broker mailbox closed; lifecycle request lost");
+                }
+            }
+        })
+        .abort_handle();
+
+        let stop = Arc::new(Notify::new());
+        let shared = Arc::new(Shared {
+            router: router.clone(),
+            broker: broker.clone(),
+            sup: sup.clone(),
+            stats: stats.clone(),
+            stop: stop.clone(),
+            started: Instant::now(),
+            data_dir: paths.root.display().to_string(),
+            services_file: opts
+                .config_path
+                .map(|p| p.display().to_string())
+                .unwrap_or_default(),
+        });
+        let control = tokio::spawn(async move {
+            loop {
+                match control_listener.accept().await {
+                    Ok((stream, _)) => {
+                        tokio::spawn(serve_control(shared.clone(), stream));
+                    }
+                    Err(e) => {
+                        tracing::error!("control accept failed: {e}");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                }
+            }
+        })
+        .abort_handle();
+        tracing::info!(data_dir = %paths.root.display(), services = cfg.microservices.len(), "runtime started");
+        Ok(Node {
+            router,
+            broker,
+            endpoint,
+            sup,
+            stop,
+            stats,
+            paths,
+            grace: opts.grace,
+            control,
+            forwarder,
+        })
+    }
+
+    /// The routing table and slots.
+    pub fn router(&self) -> &Arc<Router> {
+        &self.router
+    }
+
+    /// The data directory layout.
+    pub fn paths(&self) -> &Paths {
+        &self.paths
+    }
+
+    /// Status of every instance.
+    pub async fn instances(&self) -> Vec<InstanceStatus> {
+        ask(&self.broker, BrokerMsg::Status)
+            .await
+            .unwrap_or_default()
+    }
+
+    /// Full status report.
+    pub async fn status(&self) -> StatusReport {
+        let shared = Shared {
+            router: self.router.clone(),
+            broker: self.broker.clone(),
+            sup: self.sup.clone(),
+            stats: self.stats.clone(),
+            stop: self.stop.clone(),
+            started: Instant::now(),
+            data_dir: self.paths.root.display().to_string(),
+            services_file: String::new(),
+        };
+        report(&shared).await
+    }
+
+    /// Injects a kanban into a service instance's input queue (what `aion kanban send` does).
+    ///
+    /// # Errors
+    /// Unknown service or instance.
+    pub async fn inject(
+        &self,
+        service: &str,
+        instance: u32,
+        key: &str,
+        metadata: serde_json::Value,
+    ) -> Result<KanbanId, String> {
+        inject(&self.router, service, instance, key, metadata).await
+    }
+
+    /// Completes when a stop was requested through the control API.
+    pub async fn stop_requested(&self) {
+        self.stop.notified().await
+    }
+
+    /// Completes if the supervision tree gave up (restart intensity exceeded at the root).
+    pub async fn failed(&self) -> ExitReason {
+        self.sup.wait().await
+    }
+
+    /// Graceful shutdown: stop accepting connections, stop every instance (SIGTERM, SIGKILL after the grace
+    /// period), then stop the actors in reverse start order. Queued kanbans that were not delivered stay
+    /// queued in memory until the process exits (durable queues are a later feature).
+    pub async fn shutdown(self) {
+        tracing::info!("shutting down");
+        let _ = ask(&self.endpoint, EndpointMsg::StopAccepting).await;
+        let grace = self.grace;
+        let _ = ask(&self.broker, |tx| BrokerMsg::Shutdown(grace, tx)).await;
+        self.sup.shutdown().await;
+        self.control.abort();
+        self.forwarder.abort();
+        let _ = std::fs::remove_file(self.paths.control());
+        let _ = std::fs::remove_file(self.paths.socket());
+        tracing::info!("runtime stopped");
+    }
+}
+
+async fn inject(
+    router: &Router,
+    service: &str,
+    instance: u32,
+    key: &str,
+    metadata: serde_json::Value,
+) -> Result<KanbanId, String> {
+    let id = KanbanId::generate();
+    let k = Kanban {
+        id,
+        trace_id: id,
+        origin: Origin {
+            service: "aion-cli".into(),
+            instance: 0,
+        },
+        start_at: aion_runtime::time::rfc3339_now(),
+        connection_key: key.to_owned(),
+        process_number: instance,
+        next_device_name: router.config().device_name.clone(),
+        metadata: metadata_from_json(metadata),
+        ..Kanban::default()
+    };
+    match router.deliver(service, instance, k).await {
+        Ok(()) => Ok(id),
+        Err((crate::dead::Reason::UnknownService, _)) => {
+            Err(format!("unknown service `{service}`"))
+        }
+        Err((_, _)) => {
+            let scale = router
+                .config()
+                .microservices
+                .get(service)
+                .map_or(0, |m| m.scale);
+            Err(format!(
+                "service `{service}` has instances 1..={scale}, not {instance}"
+            ))
+        }
+    }
+}
+
+async fn report(s: &Shared) -> StatusReport {
+    let instances: Vec<InstanceRow> = ask(&s.broker, BrokerMsg::Status)
+        .await
+        .unwrap_or_default()
+        .into_iter()
+        .map(InstanceRow::from)
+        .collect();
+    let recent = s.router.dead.recent();
+    StatusReport {
+        device_name: s.router.config().device_name.clone(),
+        pid: std::process::id(),
+        uptime_secs: s.started.elapsed().as_secs(),
+        data_dir: s.data_dir.clone(),
+        services_file: s.services_file.clone(),
+        instances,
+        dead_letters: s
+            .router
+            .dead
+            .counts()
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), v))
+            .collect(),
+        recent_dead_letters: recent.iter().rev().take(20).map(dead_json).collect(),
+        sessions: s.stats.sessions.load(Ordering::Relaxed),
+        rejected_connections: s.stats.rejected.load(Ordering::Relaxed),
+        supervisor_events: s.sup.journal().events().iter().map(event_text).collect(),
+    }
+}
+
+async fn serve_control(s: Arc<Shared>, stream: tokio::net::UnixStream) {
+    let (r, mut w) = stream.into_split();
+    let mut line = String::new();
+    let mut rd = BufReader::new(r).take(1 << 20);
+    let resp = match rd.read_line(&mut line).await {
+        Err(e) => serde_json::json!({"ok": false, "error": format!("read failed: {e}")}),
+        Ok(_) => match serde_json::from_str::<Request>(&line) {
+            Err(e) => serde_json::json!({"ok": false, "error": format!("bad request: {e}")}),
+            Ok(Request::Status) => match serde_json::to_value(report(&s).await) {
+                Ok(mut v) => {
+                    v["ok"] = true.into();
+                    v
+                }
+                Err(e) => serde_json::json!({"ok": false, "error": e.to_string()}),
+            },
+            Ok(Request::Send {
+                service,
+                instance,
+                key,
+                metadata,
+            }) => match inject(&s.router, &service, instance, &key, metadata).await {
+                Ok(id) => serde_json::json!({"ok": true, "kanban_id": id.to_string()}),
+                Err(e) => serde_json::json!({"ok": false, "error": e}),
+            },
+            Ok(Request::Stop) => {
+                s.stop.notify_one();
+                serde_json::json!({"ok": true})
+            }
+        },
+    };
+    let mut out = resp.to_string();
+    out.push('\n');
+    let _ = w.write_all(out.as_bytes()).await;
+}

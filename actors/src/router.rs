@@ -1,0 +1,197 @@
+//! Routing (reference §3.7, without the original's bugs): connection key with `default` fallback, fan-out,
+//! `pattern: n` instance affinity with the target instance stamped on the forwarded copy, remote devices
+//! dead-lettered as `no-federation`, terminate kanbans never forwarded.
+
+use crate::dead::{DeadLetters, Reason};
+use crate::slot::Slot;
+use aion_runtime::config::ServicesFile;
+use aion_runtime::Kanban;
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use tokio::sync::mpsc;
+
+/// A request from the router to the broker.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Lifecycle {
+    /// Start this instance (it has kanbans waiting).
+    Start(String, u32),
+    /// The instance sent a terminate kanban.
+    Terminated(String, u32),
+}
+
+/// The routing table and every instance's slot. Immutable once built; shared by all sessions.
+pub struct Router {
+    cfg: Arc<ServicesFile>,
+    slots: HashMap<String, Vec<Arc<Slot>>>,
+    /// Dead letters.
+    pub dead: Arc<DeadLetters>,
+    lifecycle: mpsc::Sender<Lifecycle>,
+}
+
+impl Router {
+    /// Builds slots (1..=scale per service, `capacity` each) for `cfg`; lifecycle requests go to `lifecycle`.
+    pub fn new(
+        cfg: Arc<ServicesFile>,
+        capacity: usize,
+        lifecycle: mpsc::Sender<Lifecycle>,
+    ) -> Router {
+        let slots = cfg
+            .microservices
+            .values()
+            .map(|ms| {
+                let v = (1..=ms.scale.max(1))
+                    .map(|n| Arc::new(Slot::new(&ms.name, n, capacity)))
+                    .collect();
+                (ms.name.clone(), v)
+            })
+            .collect();
+        Router {
+            cfg,
+            slots,
+            dead: Arc::default(),
+            lifecycle,
+        }
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &Arc<ServicesFile> {
+        &self.cfg
+    }
+
+    /// The slot of an instance.
+    pub fn slot(&self, service: &str, instance: u32) -> Option<&Arc<Slot>> {
+        self.slots
+            .get(service)?
+            .get((instance as usize).checked_sub(1)?)
+    }
+
+    /// Every slot, by service then instance.
+    pub fn slots(&self) -> impl Iterator<Item = &Arc<Slot>> {
+        let mut names: Vec<&String> = self.slots.keys().collect();
+        names.sort();
+        names.into_iter().flat_map(move |n| self.slots[n].iter())
+    }
+
+    /// Queues `k` for an instance (waiting for space) and asks the broker to start it if needed.
+    ///
+    /// # Errors
+    /// [`Reason::UnknownService`] / [`Reason::NoSuchInstance`]; the kanban is given back.
+    pub async fn deliver(
+        &self,
+        service: &str,
+        instance: u32,
+        k: Kanban,
+    ) -> Result<(), (Reason, Kanban)> {
+        let Some(list) = self.slots.get(service) else {
+            return Err((Reason::UnknownService, k));
+        };
+        let Some(slot) = (instance as usize).checked_sub(1).and_then(|i| list.get(i)) else {
+            return Err((Reason::NoSuchInstance, k));
+        };
+        slot.push(k).await;
+        self.request_start(slot).await;
+        Ok(())
+    }
+
+    /// Asks the broker to start the instance unless it is connected or a start is already pending.
+    pub async fn request_start(&self, slot: &Slot) {
+        if !slot.connected.load(Ordering::SeqCst)
+            && !slot.start_requested.swap(true, Ordering::SeqCst)
+        {
+            // Bounded: waits if the broker is busy. The broker resets the flag when it handles the request.
+            if self
+                .lifecycle
+                .send(Lifecycle::Start(slot.service.clone(), slot.instance))
+                .await
+                .is_err()
+            {
+                tracing::error!(service = %slot.service, instance = slot.instance, "broker is gone; instance not started");
+            }
+        }
+    }
+
+    /// Routes one output of `from`. Returns when every target has queued it (back-pressure).
+    pub async fn route(&self, from: &Slot, k: Kanban) {
+        if k.is_terminate() {
+            let name = k
+                .metadata
+                .get("name")
+                .and_then(|v| v.as_str())
+                .unwrap_or(&from.service);
+            if name != from.service {
+                let detail = format!(
+                    "terminate kanban from {} names service `{name}`",
+                    from.service
+                );
+                self.dead.record(Reason::BadTerminate, detail, k);
+                return;
+            }
+            tracing::info!(service = %from.service, instance = from.instance, "terminate kanban received");
+            let _ = self
+                .lifecycle
+                .send(Lifecycle::Terminated(from.service.clone(), from.instance))
+                .await;
+            return;
+        }
+        let Some(ms) = self.cfg.microservices.get(&from.service) else {
+            self.dead.record(
+                Reason::UnknownService,
+                format!("source `{}` is not defined", from.service),
+                k,
+            );
+            return;
+        };
+        let key = k.route_key().to_owned();
+        let targets = match ms.routes(&key) {
+            Some(t) if !t.is_empty() => t,
+            _ => {
+                let detail = if ms.next_service.is_empty() {
+                    format!(
+                        "{} has no nextService (end of chain) and emitted on `{key}`",
+                        ms.name
+                    )
+                } else {
+                    format!(
+                        "{} has no nextService entry for connection key `{key}` and no `default`",
+                        ms.name
+                    )
+                };
+                self.dead.record(Reason::NoRoute, detail, k);
+                return;
+            }
+        };
+        for t in targets {
+            let device = if k.next_device_name.is_empty() {
+                &t.device
+            } else {
+                &k.next_device_name
+            };
+            let mut copy = k.clone();
+            if !device.is_empty()
+                && *device != self.cfg.device_name
+                && self.cfg.devices.contains_key(device)
+            {
+                let detail = format!(
+                    "{} > {} targets device `{device}`; cross-device delivery is not available",
+                    ms.name, t.name
+                );
+                self.dead.record(Reason::NoFederation, detail, copy);
+                continue;
+            }
+            let n = t.target_instance(k.process_number);
+            copy.process_number = n;
+            copy.next_device_name = self.cfg.device_name.clone();
+            if let Err((reason, copy)) = self.deliver(&t.name, n, copy).await {
+                let detail = match reason {
+                    Reason::NoSuchInstance => format!(
+                        "{} > {} instance {n} does not exist (scale too small)",
+                        ms.name, t.name
+                    ),
+                    _ => format!("{} > {}: service not defined", ms.name, t.name),
+                };
+                self.dead.record(reason, detail, copy);
+            }
+        }
+    }
+}

@@ -1,0 +1,293 @@
+//! A [`Slot`] is one instance's bounded input queue plus its counters. It outlives sessions and process
+//! restarts, so nothing queued is lost when an instance crashes or reconnects.
+
+use aion_runtime::{Kanban, KanbanId};
+use std::collections::{HashSet, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Mutex;
+use tokio::sync::Notify;
+
+/// Counters of one instance.
+#[derive(Debug, Default)]
+pub struct SlotStats {
+    /// Kanbans queued for this instance.
+    pub kanbans_in: AtomicU64,
+    /// Outputs accepted from this instance.
+    pub kanbans_out: AtomicU64,
+    /// Deliveries sent (including redeliveries).
+    pub delivered: AtomicU64,
+    /// Kanbans put back because a session ended before acking them.
+    pub redelivered: AtomicU64,
+    /// Kanbans acknowledged.
+    pub acked: AtomicU64,
+    /// Outputs dropped as duplicates (same id already accepted).
+    pub duplicates: AtomicU64,
+}
+
+struct Inner {
+    ready: VecDeque<Kanban>,
+    /// Deliveries outstanding in the current session.
+    inflight: usize,
+    session: u64,
+    seen: HashSet<KanbanId>,
+    seen_order: VecDeque<KanbanId>,
+}
+
+/// One instance's queue.
+pub struct Slot {
+    /// Service name.
+    pub service: String,
+    /// Instance number.
+    pub instance: u32,
+    capacity: usize,
+    inner: Mutex<Inner>,
+    items: Notify,
+    space: Notify,
+    /// Counters.
+    pub stats: SlotStats,
+    /// A session is connected.
+    pub connected: AtomicBool,
+    /// The broker has been asked to start it (cleared when it is running or has exited).
+    pub start_requested: AtomicBool,
+}
+
+/// How many output ids per instance are remembered for deduplication.
+const DEDUP_WINDOW: usize = 16_384;
+
+impl Slot {
+    /// An empty queue of `capacity` kanbans.
+    pub fn new(service: &str, instance: u32, capacity: usize) -> Slot {
+        Slot {
+            service: service.to_owned(),
+            instance,
+            capacity: capacity.max(1),
+            inner: Mutex::new(Inner {
+                ready: VecDeque::new(),
+                inflight: 0,
+                session: 0,
+                seen: HashSet::new(),
+                seen_order: VecDeque::new(),
+            }),
+            items: Notify::new(),
+            space: Notify::new(),
+            stats: SlotStats::default(),
+            connected: AtomicBool::new(false),
+            start_requested: AtomicBool::new(false),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        // A poisoned lock means a panic while holding it; the queue itself is still consistent (every
+        // critical section is a few VecDeque operations), so keep going.
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Queues a kanban, waiting while the queue is full (back-pressure to the producer).
+    ///
+    /// # Cancel safety
+    /// Cancel safe: the kanban is either queued or not, never half-way.
+    pub async fn push(&self, k: Kanban) {
+        let mut k = Some(k);
+        loop {
+            let notified = self.space.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            {
+                let mut g = self.lock();
+                if g.ready.len() < self.capacity {
+                    if let Some(k) = k.take() {
+                        g.ready.push_back(k);
+                    }
+                    drop(g);
+                    self.stats.kanbans_in.fetch_add(1, Ordering::Relaxed);
+                    self.items.notify_waiters();
+                    return;
+                }
+            }
+            notified.await;
+        }
+    }
+
+    /// Queues without waiting; gives the kanban back when full.
+    ///
+    /// # Errors
+    /// The kanban, when the queue is full.
+    pub fn try_push(&self, k: Kanban) -> Result<(), Kanban> {
+        let mut g = self.lock();
+        if g.ready.len() >= self.capacity {
+            return Err(k);
+        }
+        g.ready.push_back(k);
+        drop(g);
+        self.stats.kanbans_in.fetch_add(1, Ordering::Relaxed);
+        self.items.notify_waiters();
+        Ok(())
+    }
+
+    /// Starts a new session; returns its number. A previous session's deliveries stop counting against credit.
+    pub fn open_session(&self) -> u64 {
+        let mut g = self.lock();
+        g.session += 1;
+        g.inflight = 0;
+        self.connected.store(true, Ordering::SeqCst);
+        self.items.notify_waiters();
+        g.session
+    }
+
+    /// Takes up to `window - inflight` kanbans for `session`, waiting until at least one is available.
+    /// Returns an empty vector when `session` is no longer current.
+    ///
+    /// # Cancel safety
+    /// Cancel safe: nothing is taken unless the future completes.
+    pub async fn take(&self, session: u64, window: usize, out: &mut Vec<Kanban>) {
+        loop {
+            let notified = self.items.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            {
+                let mut g = self.lock();
+                if g.session != session {
+                    return;
+                }
+                let room = window.saturating_sub(g.inflight);
+                if room > 0 && !g.ready.is_empty() {
+                    let n = room.min(g.ready.len());
+                    out.extend(g.ready.drain(..n));
+                    g.inflight += n;
+                    drop(g);
+                    self.stats.delivered.fetch_add(n as u64, Ordering::Relaxed);
+                    self.space.notify_waiters();
+                    return;
+                }
+            }
+            notified.await;
+        }
+    }
+
+    /// `n` deliveries of `session` were acknowledged.
+    pub fn acked(&self, session: u64, n: usize) {
+        let mut g = self.lock();
+        if g.session == session {
+            g.inflight = g.inflight.saturating_sub(n);
+        }
+        drop(g);
+        self.stats.acked.fetch_add(n as u64, Ordering::Relaxed);
+        self.items.notify_waiters();
+    }
+
+    /// Ends `session`: its unacknowledged kanbans go back to the front of the queue, in order.
+    pub fn close_session(&self, session: u64, unacked: Vec<Kanban>) {
+        let mut g = self.lock();
+        let n = unacked.len();
+        for k in unacked.into_iter().rev() {
+            g.ready.push_front(k);
+        }
+        if g.session == session {
+            g.inflight = 0;
+            self.connected.store(false, Ordering::SeqCst);
+        }
+        drop(g);
+        self.stats
+            .redelivered
+            .fetch_add(n as u64, Ordering::Relaxed);
+        self.items.notify_waiters();
+    }
+
+    /// Wakes a session waiting in [`Slot::take`] so it notices it was replaced.
+    pub fn kick(&self) {
+        self.items.notify_waiters();
+    }
+
+    /// True if `id` was already accepted as an output of this instance (counted as a duplicate).
+    pub fn is_duplicate_output(&self, id: KanbanId) -> bool {
+        let dup = self.lock().seen.contains(&id);
+        if dup {
+            self.stats.duplicates.fetch_add(1, Ordering::Relaxed);
+        }
+        dup
+    }
+
+    /// Remembers an accepted output id (after it has been routed).
+    pub fn remember_output(&self, id: KanbanId) {
+        let mut g = self.lock();
+        if g.seen.insert(id) {
+            g.seen_order.push_back(id);
+            if g.seen_order.len() > DEDUP_WINDOW {
+                if let Some(old) = g.seen_order.pop_front() {
+                    g.seen.remove(&old);
+                }
+            }
+        }
+    }
+
+    /// Kanbans waiting (not delivered).
+    pub fn depth(&self) -> usize {
+        self.lock().ready.len()
+    }
+
+    /// Deliveries outstanding in the current session.
+    pub fn inflight(&self) -> usize {
+        self.lock().inflight
+    }
+
+    /// The queue's capacity.
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    fn k(n: u64) -> Kanban {
+        Kanban {
+            id: KanbanId(n as u128),
+            ..Kanban::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn full_queue_blocks_producer_until_space() {
+        let s = Arc::new(Slot::new("a", 1, 2));
+        s.push(k(1)).await;
+        s.push(k(2)).await;
+        assert!(s.try_push(k(3)).is_err());
+        let s2 = s.clone();
+        let producer = tokio::spawn(async move { s2.push(k(3)).await });
+        let sess = s.open_session();
+        let mut out = Vec::new();
+        s.take(sess, 1, &mut out).await;
+        producer.await.expect("producer");
+        assert_eq!(s.depth(), 2);
+        assert_eq!(out[0].id, KanbanId(1));
+    }
+
+    #[tokio::test]
+    async fn unacked_go_back_in_order() {
+        let s = Slot::new("a", 1, 10);
+        for i in 1..=4 {
+            s.push(k(i)).await;
+        }
+        let sess = s.open_session();
+        let mut out = Vec::new();
+        s.take(sess, 3, &mut out).await;
+        assert_eq!(out.len(), 3);
+        s.close_session(sess, out);
+        let sess = s.open_session();
+        let mut again = Vec::new();
+        s.take(sess, 10, &mut again).await;
+        let ids: Vec<u128> = again.iter().map(|k| k.id.0).collect();
+        assert_eq!(ids, vec![1, 2, 3, 4]);
+    }
+
+    #[test]
+    fn dedup() {
+        let s = Slot::new("a", 1, 1);
+        assert!(!s.is_duplicate_output(KanbanId(9)));
+        s.remember_output(KanbanId(9));
+        assert!(s.is_duplicate_output(KanbanId(9)));
+        assert_eq!(s.stats.duplicates.load(Ordering::Relaxed), 1);
+    }
+}

@@ -1,0 +1,664 @@
+//! The SDK's session machinery: an I/O task that owns the link (batching writes, reconnecting, resending
+//! unaccepted outputs) and the service loop that feeds kanbans to the user's [`Service`].
+
+use crate::{Env, Error, Options, Output, Service};
+use aion_runtime::kanban::{Kanban, KanbanId, Metadata, Origin, Value, TERMINATE_KEY};
+use aion_transport::proto::MAGIC;
+use aion_transport::{
+    unix_split, ClientMsg, Hello, LinkReader, LinkWriter, ServerMsg, PROTOCOL_VERSION,
+};
+use std::collections::{HashMap, VecDeque};
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::{mpsc, oneshot, Semaphore};
+
+/// Who this instance is, as confirmed by the runtime's welcome.
+#[derive(Debug, Clone)]
+pub struct InstanceInfo {
+    /// Microservice name.
+    pub service: String,
+    /// Instance number (1-based): AION's `MS_NUMBER`.
+    pub instance: u32,
+    /// This device's name.
+    pub device_name: String,
+    /// `$AION_HOME/Data/<svc>_<n>`.
+    pub data_path: String,
+}
+
+struct Delivery {
+    epoch: u64,
+    seq: u64,
+    kanban: Kanban,
+}
+
+enum Cmd {
+    Out(Kanban),
+    Ack { epoch: u64, seq: u64 },
+    Req(ClientMsg, oneshot::Sender<ServerMsg>),
+    Sub(String, mpsc::Sender<(u64, Kanban)>),
+    Bye,
+}
+
+struct Current {
+    id: KanbanId,
+    trace: KanbanId,
+    start_at: String,
+    outputs: u32,
+}
+
+/// What a handler can do: emit outputs, use static kanbans, terminate, stop.
+pub struct Ctx {
+    info: InstanceInfo,
+    cmd: mpsc::Sender<Cmd>,
+    permits: Arc<Semaphore>,
+    current: Option<Current>,
+    next_req: u64,
+    stop: bool,
+}
+
+impl Ctx {
+    /// This instance.
+    pub fn info(&self) -> &InstanceInfo {
+        &self.info
+    }
+    /// This instance's number (AION `GetProcessNumber`).
+    pub fn process_number(&self) -> u32 {
+        self.info.instance
+    }
+    /// This device's name.
+    pub fn device_name(&self) -> &str {
+        &self.info.device_name
+    }
+    /// This instance's data directory.
+    pub fn data_path(&self) -> &str {
+        &self.info.data_path
+    }
+
+    /// Stop after the current kanban: outputs already emitted are delivered, then the session closes.
+    pub fn stop(&mut self) {
+        self.stop = true;
+    }
+
+    fn build(&mut self, out: Output) -> Kanban {
+        let (id, trace, start_at) = match &mut self.current {
+            Some(c) => {
+                let id = KanbanId::derive(c.id, c.outputs);
+                c.outputs += 1;
+                (id, c.trace, c.start_at.clone())
+            }
+            None => {
+                let id = KanbanId::generate();
+                (id, id, aion_runtime::time::rfc3339_now())
+            }
+        };
+        Kanban {
+            id,
+            trace_id: trace,
+            origin: Origin {
+                service: self.info.service.clone(),
+                instance: self.info.instance,
+            },
+            start_at,
+            finish_at: String::new(),
+            next_device_name: out.device,
+            connection_key: out.key.unwrap_or_else(|| "default".into()),
+            process_number: out.process_number.unwrap_or(self.info.instance),
+            prior_success: !out.failed,
+            data_path: out.data_path,
+            file_list: out.file_list,
+            metadata: out.metadata,
+        }
+    }
+
+    /// Emits an output kanban to the next services. Waits while too many outputs await acceptance
+    /// (back-pressure from the runtime).
+    ///
+    /// # Errors
+    /// [`Error::Closed`] if the session is gone.
+    pub async fn emit(&mut self, out: Output) -> Result<(), Error> {
+        let k = self.build(out);
+        self.send_output(k).await
+    }
+
+    async fn send_output(&mut self, k: Kanban) -> Result<(), Error> {
+        self.permits
+            .acquire()
+            .await
+            .map_err(|_| Error::Closed)?
+            .forget();
+        self.cmd.send(Cmd::Out(k)).await.map_err(|_| Error::Closed)
+    }
+
+    /// Sends AION's terminate kanban (this instance has finished its work) and stops after the current kanban.
+    ///
+    /// # Errors
+    /// [`Error::Closed`] if the session is gone.
+    pub async fn terminate(&mut self) -> Result<(), Error> {
+        let mut md = Metadata::new();
+        md.insert("type".into(), Value::from("terminate"));
+        md.insert("name".into(), Value::from(self.info.service.clone()));
+        md.insert("number".into(), Value::from(self.info.instance.to_string()));
+        let mut out = Output::new().key(TERMINATE_KEY);
+        out.metadata = md;
+        let k = self.build(out);
+        self.stop = true;
+        self.send_output(k).await
+    }
+
+    async fn request(&mut self, make: impl FnOnce(u64) -> ClientMsg) -> Result<ServerMsg, Error> {
+        self.next_req += 1;
+        let (tx, rx) = oneshot::channel();
+        self.cmd
+            .send(Cmd::Req(make(self.next_req), tx))
+            .await
+            .map_err(|_| Error::Closed)?;
+        rx.await.map_err(|_| Error::Closed)
+    }
+
+    /// Stores a static kanban under `topic`; returns its entry id.
+    ///
+    /// # Errors
+    /// [`Error::Closed`] if the session is gone.
+    pub async fn static_put(&mut self, topic: &str, out: Output) -> Result<u64, Error> {
+        let kanban = self.build(out);
+        let topic = topic.to_owned();
+        match self
+            .request(|req| ClientMsg::StaticPut { req, topic, kanban })
+            .await?
+        {
+            ServerMsg::StaticPutOk { id, .. } => Ok(id),
+            other => Err(Error::Service(format!("unexpected reply {other:?}"))),
+        }
+    }
+
+    /// Every static kanban of `topic`, oldest first.
+    ///
+    /// # Errors
+    /// [`Error::Closed`] if the session is gone.
+    pub async fn static_get(&mut self, topic: &str) -> Result<Vec<(u64, Kanban)>, Error> {
+        let topic = topic.to_owned();
+        match self
+            .request(|req| ClientMsg::StaticGet { req, topic })
+            .await?
+        {
+            ServerMsg::StaticList { entries, .. } => Ok(entries),
+            other => Err(Error::Service(format!("unexpected reply {other:?}"))),
+        }
+    }
+
+    /// Deletes a static kanban; returns whether it existed.
+    ///
+    /// # Errors
+    /// [`Error::Closed`] if the session is gone.
+    pub async fn static_delete(&mut self, topic: &str, id: u64) -> Result<bool, Error> {
+        let topic = topic.to_owned();
+        match self
+            .request(|req| ClientMsg::StaticDelete { req, topic, id })
+            .await?
+        {
+            ServerMsg::StaticDeleted { found, .. } => Ok(found),
+            other => Err(Error::Service(format!("unexpected reply {other:?}"))),
+        }
+    }
+
+    /// Subscribes to `topic`: current entries, then every new one.
+    ///
+    /// # Errors
+    /// [`Error::Closed`] if the session is gone.
+    pub async fn static_subscribe(
+        &mut self,
+        topic: &str,
+    ) -> Result<mpsc::Receiver<(u64, Kanban)>, Error> {
+        let (tx, rx) = mpsc::channel(256);
+        self.cmd
+            .send(Cmd::Sub(topic.to_owned(), tx))
+            .await
+            .map_err(|_| Error::Closed)?;
+        Ok(rx)
+    }
+}
+
+type Link = (LinkReader<ServerMsg>, LinkWriter<ClientMsg>);
+
+/// Performs the handshake on a fresh link.
+async fn handshake(link: &mut Link, hello: &Hello) -> Result<(u64, InstanceInfo), Error> {
+    link.1
+        .send_one(ClientMsg::Hello(hello.clone()))
+        .await
+        .map_err(|_| Error::Closed)?;
+    let mut buf = Vec::new();
+    loop {
+        if !link.0.recv(&mut buf).await.map_err(|_| Error::Closed)? {
+            return Err(Error::Closed);
+        }
+        if buf.is_empty() {
+            continue;
+        }
+        return match buf.remove(0) {
+            ServerMsg::Welcome {
+                session,
+                device_name,
+                data_path,
+            } => Ok((
+                session,
+                InstanceInfo {
+                    service: hello.service.clone(),
+                    instance: hello.instance,
+                    device_name,
+                    data_path,
+                },
+            )),
+            ServerMsg::Error { reason } => Err(Error::Refused(reason)),
+            other => Err(Error::Refused(format!(
+                "unexpected first message {other:?}"
+            ))),
+        };
+    }
+}
+
+struct Connector {
+    path: PathBuf,
+    give_up_after: Duration,
+}
+
+impl Connector {
+    async fn connect_once(&self) -> Result<Link, Error> {
+        let s = tokio::net::UnixStream::connect(&self.path)
+            .await
+            .map_err(|source| Error::Connect {
+                path: self.path.clone(),
+                source,
+            })?;
+        Ok(unix_split(s))
+    }
+
+    /// Reconnects with exponential backoff (50 ms doubling to 2 s) until `give_up_after`.
+    async fn reconnect(&self, hello: &Hello) -> Result<(Link, u64, InstanceInfo), Error> {
+        let start = Instant::now();
+        let mut delay = Duration::from_millis(50);
+        loop {
+            match self.connect_once().await {
+                Ok(mut link) => match handshake(&mut link, hello).await {
+                    Ok((s, info)) => return Ok((link, s, info)),
+                    Err(Error::Refused(r)) => return Err(Error::Refused(r)),
+                    Err(e) => tracing::warn!("handshake failed: {e}"),
+                },
+                Err(e) => tracing::warn!("{e}"),
+            }
+            if start.elapsed() > self.give_up_after {
+                return Err(Error::Closed);
+            }
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(Duration::from_secs(2));
+        }
+    }
+}
+
+struct Io {
+    connector: Option<Connector>,
+    hello: Hello,
+    epoch: Arc<AtomicU64>,
+    unaccepted: VecDeque<Kanban>,
+    pending: HashMap<u64, (ClientMsg, oneshot::Sender<ServerMsg>)>,
+    subs: Vec<(String, mpsc::Sender<(u64, Kanban)>)>,
+    deliver: mpsc::Sender<Delivery>,
+    permits: Arc<Semaphore>,
+    closing: bool,
+}
+
+enum Flow {
+    Continue,
+    Reconnect,
+    Done,
+}
+
+impl Io {
+    async fn run(mut self, mut link: Link, mut cmd_rx: mpsc::Receiver<Cmd>) {
+        let mut inbuf: Vec<ServerMsg> = Vec::new();
+        let mut cmds: Vec<Cmd> = Vec::new();
+        let mut out: Vec<ClientMsg> = Vec::new();
+        loop {
+            let flow = tokio::select! {
+                n = cmd_rx.recv_many(&mut cmds, 512) => {
+                    if n == 0 {
+                        self.closing = true; // the service loop is gone
+                    }
+                    self.on_cmds(&mut cmds, &mut out);
+                    if self.closing && self.unaccepted.is_empty() {
+                        out.push(ClientMsg::Bye);
+                    }
+                    match link.1.send(&mut out).await {
+                        Ok(()) if self.closing && self.unaccepted.is_empty() => Flow::Done,
+                        Ok(()) => Flow::Continue,
+                        Err(e) => { tracing::warn!("write to runtime failed: {e}"); Flow::Reconnect }
+                    }
+                }
+                r = link.0.recv(&mut inbuf) => match r {
+                    Ok(true) => {
+                        let f = self.on_msgs(&mut inbuf);
+                        if matches!(f, Flow::Continue) && self.closing && self.unaccepted.is_empty() {
+                            let _ = link.1.send_one(ClientMsg::Bye).await;
+                            Flow::Done
+                        } else { f }
+                    }
+                    Ok(false) => { tracing::warn!("runtime closed the session"); Flow::Reconnect }
+                    Err(e) => { tracing::warn!("read from runtime failed: {e}"); Flow::Reconnect }
+                }
+            };
+            match flow {
+                Flow::Continue => {}
+                Flow::Done => {
+                    link.1.close().await;
+                    return;
+                }
+                Flow::Reconnect => {
+                    if self.closing && self.unaccepted.is_empty() {
+                        return;
+                    }
+                    let Some(conn) = &self.connector else { return };
+                    match conn.reconnect(&self.hello).await {
+                        Ok((l, session, _)) => {
+                            link = l;
+                            self.epoch.fetch_add(1, Ordering::SeqCst);
+                            tracing::info!(
+                                session,
+                                "reconnected; resending {} outputs",
+                                self.unaccepted.len()
+                            );
+                            let mut again: Vec<ClientMsg> = self
+                                .unaccepted
+                                .iter()
+                                .cloned()
+                                .map(ClientMsg::Output)
+                                .collect();
+                            again.extend(self.pending.values().map(|(m, _)| m.clone()));
+                            again.extend(
+                                self.subs
+                                    .iter()
+                                    .map(|(t, _)| ClientMsg::StaticSubscribe { topic: t.clone() }),
+                            );
+                            if link.1.send(&mut again).await.is_err() {
+                                continue;
+                            }
+                        }
+                        Err(e) => {
+                            tracing::error!("giving up on the runtime: {e}");
+                            return;
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn on_cmds(&mut self, cmds: &mut Vec<Cmd>, out: &mut Vec<ClientMsg>) {
+        let epoch = self.epoch.load(Ordering::SeqCst);
+        let mut ack: Option<u64> = None;
+        for c in cmds.drain(..) {
+            match c {
+                Cmd::Out(k) => {
+                    if let Some(upto) = ack.take() {
+                        out.push(ClientMsg::Ack { upto });
+                    }
+                    self.unaccepted.push_back(k.clone());
+                    out.push(ClientMsg::Output(k));
+                }
+                Cmd::Ack { epoch: e, seq } => {
+                    if e == epoch {
+                        ack = Some(seq);
+                    }
+                }
+                Cmd::Req(m, tx) => {
+                    let req = match &m {
+                        ClientMsg::StaticPut { req, .. }
+                        | ClientMsg::StaticGet { req, .. }
+                        | ClientMsg::StaticDelete { req, .. } => *req,
+                        _ => 0,
+                    };
+                    self.pending.insert(req, (m.clone(), tx));
+                    out.push(m);
+                }
+                Cmd::Sub(topic, tx) => {
+                    out.push(ClientMsg::StaticSubscribe {
+                        topic: topic.clone(),
+                    });
+                    self.subs.push((topic, tx));
+                }
+                Cmd::Bye => self.closing = true,
+            }
+        }
+        if let Some(upto) = ack {
+            out.push(ClientMsg::Ack { upto });
+        }
+    }
+
+    fn on_msgs(&mut self, msgs: &mut Vec<ServerMsg>) -> Flow {
+        let epoch = self.epoch.load(Ordering::SeqCst);
+        for m in msgs.drain(..) {
+            match m {
+                ServerMsg::Deliver { seq, kanban } => {
+                    if self
+                        .deliver
+                        .try_send(Delivery { epoch, seq, kanban })
+                        .is_err()
+                    {
+                        // Only possible if the runtime ignored our window: start a fresh session, which makes
+                        // the runtime requeue everything unacknowledged.
+                        tracing::error!("delivery beyond the credit window; resetting the session");
+                        return Flow::Reconnect;
+                    }
+                }
+                ServerMsg::Accepted { count } => {
+                    let n = (count as usize).min(self.unaccepted.len());
+                    self.unaccepted.drain(..n);
+                    self.permits.add_permits(n);
+                }
+                ServerMsg::StaticPutOk { req, .. }
+                | ServerMsg::StaticList { req, .. }
+                | ServerMsg::StaticDeleted { req, .. } => {
+                    if let Some((_, tx)) = self.pending.remove(&req) {
+                        let _ = tx.send(m);
+                    }
+                }
+                ServerMsg::StaticEvent { topic, id, kanban } => {
+                    self.subs.retain(|(t, tx)| {
+                        if *t != topic {
+                            return true;
+                        }
+                        match tx.try_send((id, kanban.clone())) {
+                            Ok(()) => true,
+                            Err(mpsc::error::TrySendError::Closed(_)) => false,
+                            Err(mpsc::error::TrySendError::Full(_)) => {
+                                tracing::error!(topic = %t, id, "static subscription is full; event dropped");
+                                true
+                            }
+                        }
+                    });
+                }
+                ServerMsg::Welcome { .. } => {}
+                ServerMsg::Error { reason } => {
+                    tracing::error!("runtime ended the session: {reason}");
+                    return Flow::Reconnect;
+                }
+            }
+        }
+        Flow::Continue
+    }
+}
+
+fn hello_for(service: &str, instance: u32, opts: &Options) -> Hello {
+    Hello {
+        magic: MAGIC,
+        version: PROTOCOL_VERSION,
+        service: service.to_owned(),
+        instance,
+        window: opts.window.max(1),
+        seed: opts.seed,
+        pid: std::process::id(),
+    }
+}
+
+pub(crate) async fn run_socket<S: Service>(
+    service: S,
+    env: Env,
+    opts: Options,
+) -> Result<(), Error> {
+    let connector = Connector {
+        path: env.socket.clone(),
+        give_up_after: opts.reconnect_for,
+    };
+    let hello = hello_for(&env.service, env.instance, &opts);
+    let mut link = connector.connect_once().await?;
+    let (_, info) = handshake(&mut link, &hello).await?;
+    let shutdown = async {
+        let term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate());
+        match term {
+            Ok(mut t) => {
+                tokio::select! {
+                    _ = t.recv() => {}
+                    _ = tokio::signal::ctrl_c() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+        tracing::info!("signal received; finishing the current kanban");
+    };
+    drive(service, info, link, Some(connector), hello, opts, shutdown).await
+}
+
+/// Runs a service on an already-connected in-memory (or any) link, as the runtime does for in-process
+/// services. Returns when the session ends, the service stops, or `shutdown` completes.
+///
+/// # Errors
+/// A refused handshake, or a panic in the service (reported as [`Error::Service`]).
+pub async fn run_on_link<S: Service>(
+    service: S,
+    service_name: &str,
+    instance: u32,
+    mut link: (LinkReader<ServerMsg>, LinkWriter<ClientMsg>),
+    opts: Options,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), Error> {
+    let mut hello = hello_for(service_name, instance, &opts);
+    hello.pid = 0;
+    let (_, info) = handshake(&mut link, &hello).await?;
+    drive(service, info, link, None, hello, opts, shutdown).await
+}
+
+async fn drive<S: Service>(
+    mut service: S,
+    info: InstanceInfo,
+    link: Link,
+    connector: Option<Connector>,
+    hello: Hello,
+    opts: Options,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), Error> {
+    use futures::FutureExt as _;
+    let window = hello.window as usize;
+    let (deliver_tx, mut deliver_rx) = mpsc::channel(window * 2 + 16);
+    let (cmd_tx, cmd_rx) = mpsc::channel(1024);
+    let permits = Arc::new(Semaphore::new(opts.output_window.max(1) as usize));
+    let epoch = Arc::new(AtomicU64::new(0));
+    let io = Io {
+        connector,
+        hello,
+        epoch: epoch.clone(),
+        unaccepted: VecDeque::new(),
+        pending: HashMap::new(),
+        subs: Vec::new(),
+        deliver: deliver_tx,
+        permits: permits.clone(),
+        closing: false,
+    };
+    let io_task = tokio::spawn(io.run(link, cmd_rx));
+    let mut ctx = Ctx {
+        info,
+        cmd: cmd_tx.clone(),
+        permits,
+        current: None,
+        next_req: 0,
+        stop: false,
+    };
+    let result = async {
+        match AssertUnwindSafe(service.start(&mut ctx))
+            .catch_unwind()
+            .await
+        {
+            Err(p) => {
+                return Err(Error::Service(format!(
+                    "start panicked: {}",
+                    panic_text(&*p)
+                )))
+            }
+            Ok(Err(e)) => return Err(e),
+            Ok(Ok(())) => {}
+        }
+        tokio::pin!(shutdown);
+        while !ctx.stop {
+            let d = tokio::select! {
+                d = deliver_rx.recv() => d,
+                _ = &mut shutdown => break,
+            };
+            let Some(d) = d else { break };
+            if d.epoch != epoch.load(Ordering::SeqCst) {
+                continue; // from a session that has ended: the runtime redelivers it
+            }
+            ctx.current = Some(Current {
+                id: d.kanban.id,
+                trace: d.kanban.trace_id,
+                start_at: d.kanban.start_at.clone(),
+                outputs: 0,
+            });
+            match AssertUnwindSafe(service.handle(d.kanban, &mut ctx))
+                .catch_unwind()
+                .await
+            {
+                Err(p) => {
+                    return Err(Error::Service(format!(
+                        "handler panicked: {}",
+                        panic_text(&*p)
+                    )))
+                }
+                Ok(Err(Error::Closed)) => return Err(Error::Closed),
+                Ok(Err(e)) => tracing::error!("handler failed (kanban acknowledged): {e}"),
+                Ok(Ok(())) => {}
+            }
+            ctx.current = None;
+            if cmd_tx
+                .send(Cmd::Ack {
+                    epoch: d.epoch,
+                    seq: d.seq,
+                })
+                .await
+                .is_err()
+            {
+                return Err(Error::Closed);
+            }
+        }
+        Ok(())
+    }
+    .await;
+    let clean = result.is_ok();
+    if clean {
+        let _ = cmd_tx.send(Cmd::Bye).await;
+    }
+    drop(cmd_tx);
+    drop(ctx);
+    if clean {
+        let _ = io_task.await;
+    } else {
+        io_task.abort();
+    }
+    result
+}
+
+fn panic_text(p: &(dyn std::any::Any + Send)) -> String {
+    aion_runtime::actor::panic_message(p)
+}

@@ -1,0 +1,151 @@
+//! Messages of the microservice ↔ runtime protocol (version [`PROTOCOL_VERSION`]).
+//!
+//! A connection starts with [`ClientMsg::Hello`]; the runtime answers [`ServerMsg::Welcome`] or
+//! [`ServerMsg::Error`] and closes. Then:
+//! - the runtime sends [`ServerMsg::Deliver`] while fewer than `window` deliveries are unacknowledged (credit);
+//! - the client acknowledges with a cumulative [`ClientMsg::Ack`] after handling (and after sending the outputs
+//!   of) every kanban up to `upto`;
+//! - the client sends outputs with [`ClientMsg::Output`]; the runtime answers [`ServerMsg::Accepted`] in order
+//!   once each output is routed into its targets' queues (that is the back-pressure point). An output whose id
+//!   the runtime has already accepted from that instance is acknowledged and not routed again.
+
+use aion_runtime::{Kanban, KanbanId};
+use serde::{Deserialize, Serialize};
+
+/// The protocol version spoken by this build.
+pub const PROTOCOL_VERSION: u16 = 1;
+
+/// The magic number at the start of [`Hello`], so that a stray client is recognised at once.
+pub const MAGIC: u32 = 0x4149_4f4e; // "AION"
+
+/// The first message of a connection.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Hello {
+    /// Must be [`MAGIC`].
+    pub magic: u32,
+    /// The client's [`PROTOCOL_VERSION`].
+    pub version: u16,
+    /// Microservice name as in services.yml.
+    pub service: String,
+    /// Instance number, 1-based.
+    pub instance: u32,
+    /// How many deliveries may be unacknowledged at once (credit).
+    pub window: u32,
+    /// Ask for AION's seed kanban (START_SERVICE_WITHOUT_KANBAN) if the instance's queue is empty.
+    pub seed: bool,
+    /// The client's process id (0 in-process), for logs.
+    pub pid: u32,
+}
+
+/// Client → runtime.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum ClientMsg {
+    /// Handshake; first message only.
+    Hello(Hello),
+    /// An output kanban to route.
+    Output(Kanban),
+    /// Every delivery with `seq <= upto` is handled.
+    Ack {
+        /// Cumulative delivery sequence number.
+        upto: u64,
+    },
+    /// Store a static kanban under a topic.
+    StaticPut {
+        /// Request id echoed in the reply.
+        req: u64,
+        /// Topic.
+        topic: String,
+        /// The kanban.
+        kanban: Kanban,
+    },
+    /// Read every static kanban of a topic.
+    StaticGet {
+        /// Request id.
+        req: u64,
+        /// Topic.
+        topic: String,
+    },
+    /// Delete one static kanban.
+    StaticDelete {
+        /// Request id.
+        req: u64,
+        /// Topic.
+        topic: String,
+        /// Entry id from [`ServerMsg::StaticPutOk`] or a listing.
+        id: u64,
+    },
+    /// Receive every current and future static kanban of a topic as [`ServerMsg::StaticEvent`].
+    StaticSubscribe {
+        /// Topic.
+        topic: String,
+    },
+    /// Orderly close: the client will send nothing more.
+    Bye,
+}
+
+/// Runtime → client.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum ServerMsg {
+    /// Handshake accepted.
+    Welcome {
+        /// Session number (for logs).
+        session: u64,
+        /// This device's name.
+        device_name: String,
+        /// `$AION_HOME/Data/<svc>_<n>`.
+        data_path: String,
+    },
+    /// A kanban for the instance. Redelivered (same `kanban.id`) if the connection drops before it is acked.
+    Deliver {
+        /// Delivery sequence number in this session.
+        seq: u64,
+        /// The kanban.
+        kanban: Kanban,
+    },
+    /// The next `count` outputs (in send order) are accepted.
+    Accepted {
+        /// How many.
+        count: u32,
+    },
+    /// Reply to [`ClientMsg::StaticPut`].
+    StaticPutOk {
+        /// Request id.
+        req: u64,
+        /// Entry id.
+        id: u64,
+    },
+    /// Reply to [`ClientMsg::StaticGet`].
+    StaticList {
+        /// Request id.
+        req: u64,
+        /// Entries in insertion order.
+        entries: Vec<(u64, Kanban)>,
+    },
+    /// Reply to [`ClientMsg::StaticDelete`].
+    StaticDeleted {
+        /// Request id.
+        req: u64,
+        /// Whether the id existed.
+        found: bool,
+    },
+    /// A static kanban on a subscribed topic.
+    StaticEvent {
+        /// Topic.
+        topic: String,
+        /// Entry id.
+        id: u64,
+        /// The kanban.
+        kanban: Kanban,
+    },
+    /// The runtime refuses or ends the session; the connection closes after this.
+    Error {
+        /// Why.
+        reason: String,
+    },
+}
+
+/// A reference to an id, for logs.
+pub fn short_id(id: KanbanId) -> String {
+    let s = id.to_string();
+    s[s.len() - 8..].to_owned()
+}
