@@ -101,33 +101,13 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let data_dir = cli.data_dir.clone().unwrap_or_else(default_data_dir);
     let result = match cli.cmd {
-        Cmd::Validate {
-            files,
-            strict,
-            json,
-        } => validate(&files, strict, json),
-        Cmd::Run {
-            file,
-            strict,
-            grace,
-            queue_capacity,
-        } => run(&data_dir, &file, strict, grace, queue_capacity),
+        Cmd::Validate { files, strict, json } => validate(&files, strict, json),
+        Cmd::Run { file, strict, grace, queue_capacity } => run(&data_dir, &file, strict, grace, queue_capacity),
         Cmd::Status { json } => block(status(&data_dir, json)),
-        Cmd::Logs {
-            service,
-            instance,
-            follow,
-            lines,
-        } => logs(&data_dir, &service, instance, follow, lines),
-        Cmd::Kanban {
-            cmd:
-                KanbanCmd::Send {
-                    service,
-                    key,
-                    instance,
-                    metadata,
-                },
-        } => block(send(&data_dir, service, key, instance, metadata)),
+        Cmd::Logs { service, instance, follow, lines } => logs(&data_dir, &service, instance, follow, lines),
+        Cmd::Kanban { cmd: KanbanCmd::Send { service, key, instance, metadata } } => {
+            block(send(&data_dir, service, key, instance, metadata))
+        }
         Cmd::Stop => block(async {
             control::call(&Paths::new(&data_dir).control(), &Request::Stop).await?;
             println!("stop requested");
@@ -165,28 +145,14 @@ fn validate(files: &[PathBuf], strict: bool, json: bool) -> Result<(), String> {
             for d in &loaded.diagnostics {
                 println!("{d}");
             }
-            let errors = loaded
-                .diagnostics
-                .iter()
-                .filter(|d| d.severity == Severity::Error)
-                .count();
+            let errors = loaded.diagnostics.iter().filter(|d| d.severity == Severity::Error).count();
             let warnings = loaded.diagnostics.len() - errors;
-            let verdict = if loaded.failed(strict) {
-                "invalid"
-            } else {
-                "ok"
-            };
-            println!(
-                "{}: {verdict} ({errors} errors, {warnings} warnings)",
-                f.display()
-            );
+            let verdict = if loaded.failed(strict) { "invalid" } else { "ok" };
+            println!("{}: {verdict} ({errors} errors, {warnings} warnings)", f.display());
         }
     }
     if json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&all).map_err(|e| e.to_string())?
-        );
+        println!("{}", serde_json::to_string_pretty(&all).map_err(|e| e.to_string())?);
     }
     if failed > 0 {
         return Err(format!("{failed} of {} files invalid", files.len()));
@@ -194,13 +160,7 @@ fn validate(files: &[PathBuf], strict: bool, json: bool) -> Result<(), String> {
     Ok(())
 }
 
-fn run(
-    data_dir: &Path,
-    file: &Path,
-    strict: bool,
-    grace: u64,
-    queue_capacity: usize,
-) -> Result<(), String> {
+fn run(data_dir: &Path, file: &Path, strict: bool, grace: u64, queue_capacity: usize) -> Result<(), String> {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
@@ -216,16 +176,10 @@ fn run(
         Some(c) if !loaded.failed(strict) => c,
         _ => return Err(format!("{} is invalid; nothing started", file.display())),
     };
-    let base_dir = file
-        .canonicalize()
-        .ok()
-        .and_then(|p| p.parent().map(Path::to_path_buf))
-        .unwrap_or_else(|| PathBuf::from("."));
+    let base_dir =
+        file.canonicalize().ok().and_then(|p| p.parent().map(Path::to_path_buf)).unwrap_or_else(|| PathBuf::from("."));
     let mut path_dirs = Vec::new();
-    if let Some(dir) = std::env::current_exe()
-        .ok()
-        .and_then(|e| e.parent().map(Path::to_path_buf))
-    {
+    if let Some(dir) = std::env::current_exe().ok().and_then(|e| e.parent().map(Path::to_path_buf)) {
         path_dirs.push(dir.join("examples"));
         path_dirs.push(dir);
     }
@@ -238,11 +192,7 @@ fn run(
     // The runtime runs inside an actix System: actors execute on its arbiter.
     actix::System::new().block_on(async move {
         let node = Node::start(opts).await.map_err(|e| e.to_string())?;
-        eprintln!(
-            "aion: running {} (data dir {}); Ctrl-C or `aion stop` to stop",
-            file.display(),
-            data_dir.display()
-        );
+        eprintln!("aion: running {} (data dir {}); Ctrl-C or `aion stop` to stop", file.display(), data_dir.display());
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
             .map_err(|e| format!("cannot handle SIGTERM: {e}"))?;
         let failure = tokio::select! {
@@ -262,38 +212,20 @@ fn run(
 async fn status(data_dir: &Path, json: bool) -> Result<(), String> {
     let v = control::call(&Paths::new(data_dir).control(), &Request::Status).await?;
     if json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&v).map_err(|e| e.to_string())?
-        );
+        println!("{}", serde_json::to_string_pretty(&v).map_err(|e| e.to_string())?);
         return Ok(());
     }
-    let r: StatusReport =
-        serde_json::from_value(v).map_err(|e| format!("unexpected status document: {e}"))?;
-    let mut rows = vec![[
-        "SERVICE",
-        "INSTANCE",
-        "STATE",
-        "PID",
-        "RESTARTS",
-        "IN",
-        "OUT",
-        "QUEUE",
-        "INFLIGHT",
-        "LAST EXIT",
-    ]
-    .map(String::from)
-    .to_vec()];
+    let r: StatusReport = serde_json::from_value(v).map_err(|e| format!("unexpected status document: {e}"))?;
+    let mut rows =
+        vec![["SERVICE", "INSTANCE", "STATE", "PID", "RESTARTS", "IN", "OUT", "QUEUE", "INFLIGHT", "LAST EXIT"]
+            .map(String::from)
+            .to_vec()];
     for i in &r.instances {
         rows.push(vec![
             i.service.clone(),
             i.instance.to_string(),
             i.state.clone(),
-            if i.pid > 0 {
-                i.pid.to_string()
-            } else {
-                "-".into()
-            },
+            if i.pid > 0 { i.pid.to_string() } else { "-".into() },
             i.restarts.to_string(),
             i.kanbans_in.to_string(),
             i.kanbans_out.to_string(),
@@ -302,22 +234,12 @@ async fn status(data_dir: &Path, json: bool) -> Result<(), String> {
             i.last_exit.clone().unwrap_or_else(|| "-".into()),
         ]);
     }
-    let widths: Vec<usize> = (0..rows[0].len())
-        .map(|c| rows.iter().map(|r| r[c].len()).max().unwrap_or(0))
-        .collect();
+    let widths: Vec<usize> = (0..rows[0].len()).map(|c| rows.iter().map(|r| r[c].len()).max().unwrap_or(0)).collect();
     for row in &rows {
-        let line: Vec<String> = row
-            .iter()
-            .zip(&widths)
-            .map(|(c, w)| format!("{c:<w$}"))
-            .collect();
+        let line: Vec<String> = row.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect();
         println!("{}", line.join("  ").trim_end());
     }
-    let dead: Vec<String> = r
-        .dead_letters
-        .iter()
-        .map(|(k, v)| format!("{k}={v}"))
-        .collect();
+    let dead: Vec<String> = r.dead_letters.iter().map(|(k, v)| format!("{k}={v}")).collect();
     println!(
         "\ndevice: {}  pid: {}  uptime: {}s  sessions: {}  rejected connections: {}  dead letters: {}",
         if r.device_name.is_empty() { "-" } else { &r.device_name },
@@ -330,28 +252,13 @@ async fn status(data_dir: &Path, json: bool) -> Result<(), String> {
     Ok(())
 }
 
-async fn send(
-    data_dir: &Path,
-    service: String,
-    key: String,
-    instance: u32,
-    metadata: String,
-) -> Result<(), String> {
-    let metadata: serde_json::Value = serde_json::from_str(&metadata)
-        .map_err(|e| format!("--metadata is not valid JSON: {e}"))?;
+async fn send(data_dir: &Path, service: String, key: String, instance: u32, metadata: String) -> Result<(), String> {
+    let metadata: serde_json::Value =
+        serde_json::from_str(&metadata).map_err(|e| format!("--metadata is not valid JSON: {e}"))?;
     if !metadata.is_object() {
         return Err("--metadata must be a JSON object".into());
     }
-    let v = control::call(
-        &Paths::new(data_dir).control(),
-        &Request::Send {
-            service,
-            instance,
-            key,
-            metadata,
-        },
-    )
-    .await?;
+    let v = control::call(&Paths::new(data_dir).control(), &Request::Send { service, instance, key, metadata }).await?;
     println!("{}", v["kanban_id"].as_str().unwrap_or("sent"));
     Ok(())
 }
@@ -367,16 +274,14 @@ fn logs(
     let paths = Paths::new(data_dir);
     let (name, n) = match (instance, service.rsplit_once('-')) {
         (Some(n), _) => (service.to_owned(), n),
-        (None, Some((base, num)))
-            if num.parse::<u32>().is_ok() && !paths.log_file(service, 1).exists() =>
-        {
+        (None, Some((base, num))) if num.parse::<u32>().is_ok() && !paths.log_file(service, 1).exists() => {
             (base.to_owned(), num.parse().unwrap_or(1))
         }
         _ => (service.to_owned(), 1),
     };
     let path = paths.log_file(&name, n);
-    let mut f = std::fs::File::open(&path)
-        .map_err(|e| format!("no log for {name} instance {n} ({}: {e})", path.display()))?;
+    let mut f =
+        std::fs::File::open(&path).map_err(|e| format!("no log for {name} instance {n} ({}: {e})", path.display()))?;
     let mut text = String::new();
     f.read_to_string(&mut text).map_err(|e| e.to_string())?;
     let out = std::io::stdout();

@@ -108,16 +108,9 @@ pub struct ProcessEnv {
 ///
 /// # Errors
 /// Spawn errors (missing command, not executable, …).
-pub fn spawn_process(
-    ms: &Microservice,
-    instance: u32,
-    env: &ProcessEnv,
-) -> std::io::Result<Started> {
+pub fn spawn_process(ms: &Microservice, instance: u32, env: &ProcessEnv) -> std::io::Result<Started> {
     let Some(program) = ms.command.first() else {
-        return Err(std::io::Error::new(
-            std::io::ErrorKind::InvalidInput,
-            "no `command` to run",
-        ));
+        return Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, "no `command` to run"));
     };
     let workdir = match &ms.working_dir {
         Some(w) => env.base_dir.join(w),
@@ -135,11 +128,7 @@ pub fn spawn_process(
     let path_joined = std::env::join_paths(&path_var).unwrap_or_default();
     // Resolve bare names with our PATH (Command would use the parent's PATH).
     let program = if program.components().count() == 1 {
-        path_var
-            .iter()
-            .map(|d| d.join(&program))
-            .find(|c| c.is_file())
-            .unwrap_or(program)
+        path_var.iter().map(|d| d.join(&program)).find(|c| c.is_file()).unwrap_or(program)
     } else {
         program
     };
@@ -165,10 +154,7 @@ pub fn spawn_process(
         .kill_on_drop(false);
     let mut child = cmd.spawn()?;
     let pid = child.id().unwrap_or(0);
-    let log = Arc::new(Mutex::new(LogFile::open(
-        env.paths.log_file(&ms.name, instance),
-        env.log_cap,
-    )?));
+    let log = Arc::new(Mutex::new(LogFile::open(env.paths.log_file(&ms.name, instance), env.log_cap)?));
     if let Some(out) = child.stdout.take() {
         tokio::spawn(pump(out, log.clone()));
     }
@@ -179,24 +165,12 @@ pub fn spawn_process(
         match child.wait().await {
             Ok(st) => {
                 use std::os::unix::process::ExitStatusExt;
-                ExitInfo {
-                    code: st.code(),
-                    signal: st.signal(),
-                    error: None,
-                }
+                ExitInfo { code: st.code(), signal: st.signal(), error: None }
             }
-            Err(e) => ExitInfo {
-                code: None,
-                signal: None,
-                error: Some(format!("wait failed: {e}")),
-            },
+            Err(e) => ExitInfo { code: None, signal: None, error: Some(format!("wait failed: {e}")) },
         }
     });
-    Ok(Started {
-        pid,
-        stopper: Stopper::Process(pid as i32),
-        exit,
-    })
+    Ok(Started { pid, stopper: Stopper::Process(pid as i32), exit })
 }
 
 /// A size-capped log file rotated to `<name>.1`.
@@ -213,17 +187,9 @@ impl LogFile {
     /// # Errors
     /// I/O errors.
     pub fn open(path: PathBuf, cap: u64) -> std::io::Result<LogFile> {
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&path)?;
+        let file = std::fs::OpenOptions::new().create(true).append(true).open(&path)?;
         let size = file.metadata().map(|m| m.len()).unwrap_or(0);
-        Ok(LogFile {
-            path,
-            file,
-            size,
-            cap: cap.max(4096),
-        })
+        Ok(LogFile { path, file, size, cap: cap.max(4096) })
     }
 
     /// Appends a line, rotating first if the cap would be exceeded.
@@ -233,11 +199,7 @@ impl LogFile {
             let mut rotated = self.path.clone().into_os_string();
             rotated.push(".1");
             let _ = std::fs::rename(&self.path, &rotated);
-            match std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(&self.path)
-            {
+            match std::fs::OpenOptions::new().create(true).append(true).open(&self.path) {
                 Ok(f) => {
                     self.file = f;
                     self.size = 0;
@@ -288,11 +250,7 @@ pub struct InProcessRegistry {
 
 impl InProcessRegistry {
     /// Registers `service` to run in-process: `factory` builds a fresh service value per instance start.
-    pub fn register<S: aion_sdk::Service, F: Fn() -> S + Send + Sync + 'static>(
-        &mut self,
-        service: &str,
-        factory: F,
-    ) {
+    pub fn register<S: aion_sdk::Service, F: Fn() -> S + Send + Sync + 'static>(&mut self, service: &str, factory: F) {
         let name = service.to_owned();
         let factory = Arc::new(factory);
         let runner: Runner = Arc::new(move |instance, link, mut stop: watch::Receiver<bool>| {
@@ -306,16 +264,9 @@ impl InProcessRegistry {
                         }
                     }
                 };
-                aion_sdk::run_on_link(
-                    svc,
-                    &name,
-                    instance,
-                    link,
-                    aion_sdk::Options::default(),
-                    shutdown,
-                )
-                .await
-                .map_err(|e| e.to_string())
+                aion_sdk::run_on_link(svc, &name, instance, link, aion_sdk::Options::default(), shutdown)
+                    .await
+                    .map_err(|e| e.to_string())
             })
         });
         self.runners.insert(service.to_owned(), runner);
@@ -334,8 +285,7 @@ impl InProcessRegistry {
         endpoint: &Addr<crate::endpoint::Endpoint>,
     ) -> Option<Started> {
         let runner = self.runners.get(service)?.clone();
-        let (client, server): ((LinkReader<ServerMsg>, LinkWriter<ClientMsg>), ServerLink) =
-            mem_pair(64);
+        let (client, server): ((LinkReader<ServerMsg>, LinkWriter<ClientMsg>), ServerLink) = mem_pair(64);
         if endpoint.send(EndpointMsg::Attach(server)).await.is_err() {
             return None;
         }
@@ -344,33 +294,13 @@ impl InProcessRegistry {
         let abort = task.abort_handle();
         let exit = Box::pin(async move {
             match task.await {
-                Ok(Ok(())) => ExitInfo {
-                    code: Some(0),
-                    signal: None,
-                    error: None,
-                },
-                Ok(Err(e)) => ExitInfo {
-                    code: Some(1),
-                    signal: None,
-                    error: Some(e),
-                },
-                Err(e) if e.is_cancelled() => ExitInfo {
-                    code: None,
-                    signal: Some(9),
-                    error: None,
-                },
-                Err(e) => ExitInfo {
-                    code: None,
-                    signal: None,
-                    error: Some(format!("panicked: {e}")),
-                },
+                Ok(Ok(())) => ExitInfo { code: Some(0), signal: None, error: None },
+                Ok(Err(e)) => ExitInfo { code: Some(1), signal: None, error: Some(e) },
+                Err(e) if e.is_cancelled() => ExitInfo { code: None, signal: Some(9), error: None },
+                Err(e) => ExitInfo { code: None, signal: None, error: Some(format!("panicked: {e}")) },
             }
         });
-        Some(Started {
-            pid: 0,
-            stopper: Stopper::InProcess(stop_tx, abort),
-            exit,
-        })
+        Some(Started { pid: 0, stopper: Stopper::InProcess(stop_tx, abort), exit })
     }
 }
 

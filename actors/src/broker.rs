@@ -2,9 +2,7 @@
 //! instances with exponential backoff, re-runs `always: no` jobs when more kanbans arrive, reports crash loops,
 //! and stops everything in order at shutdown.
 
-use crate::backend::{
-    self, ExitInfo, InProcessRegistry, ProcessEnv, RegistryEntry, Started, Stopper,
-};
+use crate::backend::{self, ExitInfo, InProcessRegistry, ProcessEnv, RegistryEntry, Started, Stopper};
 use crate::endpoint::Endpoint;
 use crate::router::{Lifecycle, Router};
 use aion_runtime::actor::{Actor, Addr, Context};
@@ -140,12 +138,7 @@ pub struct Broker {
 
 impl Broker {
     /// A broker over `router`'s services.
-    pub fn new(
-        router: Arc<Router>,
-        env: ProcessEnv,
-        endpoint: Addr<Endpoint>,
-        inproc: InProcessRegistry,
-    ) -> Broker {
+    pub fn new(router: Arc<Router>, env: ProcessEnv, endpoint: Addr<Endpoint>, inproc: InProcessRegistry) -> Broker {
         let mut insts = BTreeMap::new();
         for ms in router.config().microservices.values() {
             for n in 1..=ms.scale.max(1) {
@@ -166,16 +159,7 @@ impl Broker {
                 );
             }
         }
-        Broker {
-            router,
-            env,
-            endpoint,
-            inproc,
-            insts,
-            next_gen: 0,
-            shutdown: None,
-            pending_start: VecDeque::new(),
-        }
+        Broker { router, env, endpoint, inproc, insts, next_gen: 0, shutdown: None, pending_start: VecDeque::new() }
     }
 
     fn write_registry(&self) {
@@ -201,10 +185,7 @@ impl Broker {
         let Some(inst) = self.insts.get(&key) else {
             return;
         };
-        if matches!(
-            inst.state,
-            State::Running | State::Stopping | State::Backoff | State::CrashLoop
-        ) {
+        if matches!(inst.state, State::Running | State::Stopping | State::Backoff | State::CrashLoop) {
             return; // already running, or a restart is scheduled
         }
         let Some(ms) = self.router.config().microservices.get(service).cloned() else {
@@ -213,13 +194,9 @@ impl Broker {
         self.next_gen += 1;
         let gen = self.next_gen;
         let started: Result<Started, String> = if self.inproc.contains(service) {
-            self.inproc
-                .start(service, instance, &self.endpoint)
-                .await
-                .ok_or_else(|| "endpoint unavailable".to_owned())
+            self.inproc.start(service, instance, &self.endpoint).await.ok_or_else(|| "endpoint unavailable".to_owned())
         } else {
-            backend::spawn_process(&ms, instance, &self.env)
-                .map_err(|e| format!("cannot start {:?}: {e}", ms.command))
+            backend::spawn_process(&ms, instance, &self.env).map_err(|e| format!("cannot start {:?}: {e}", ms.command))
         };
         let Some(inst) = self.insts.get_mut(&key) else {
             return;
@@ -230,25 +207,14 @@ impl Broker {
                 inst.state = State::Running;
                 inst.gen = gen;
                 inst.pid = s.pid;
-                inst.start_ticks = if s.pid > 0 {
-                    backend::proc_start_ticks(s.pid).unwrap_or(0)
-                } else {
-                    0
-                };
+                inst.start_ticks = if s.pid > 0 { backend::proc_start_ticks(s.pid).unwrap_or(0) } else { 0 };
                 inst.stopper = Some(s.stopper);
                 inst.started_at = Some(Instant::now());
                 let addr = ctx.addr();
                 let (svc, exit) = (service.to_owned(), s.exit);
                 tokio::spawn(async move {
                     let info = exit.await;
-                    let _ = addr
-                        .send(BrokerMsg::Exited {
-                            service: svc,
-                            instance,
-                            gen,
-                            info,
-                        })
-                        .await;
+                    let _ = addr.send(BrokerMsg::Exited { service: svc, instance, gen, info }).await;
                 });
                 self.write_registry();
             }
@@ -273,54 +239,23 @@ impl Broker {
         inst.quick_exits += 1;
         let exp = inst.quick_exits.saturating_sub(1).min(16);
         let delay = (BACKOFF_START * 2u32.pow(exp)).min(BACKOFF_MAX);
-        inst.state = if inst.quick_exits >= CRASH_LOOP_AFTER {
-            State::CrashLoop
-        } else {
-            State::Backoff
-        };
+        inst.state = if inst.quick_exits >= CRASH_LOOP_AFTER { State::CrashLoop } else { State::Backoff };
         if inst.state == State::CrashLoop {
-            tracing::error!(
-                service,
-                instance,
-                quick_exits = inst.quick_exits,
-                ?delay,
-                "crash loop"
-            );
+            tracing::error!(service, instance, quick_exits = inst.quick_exits, ?delay, "crash loop");
         }
         let gen = inst.gen;
         let addr = ctx.addr();
         let service = service.to_owned();
         tokio::spawn(async move {
             tokio::time::sleep(delay).await;
-            let _ = addr
-                .send(BrokerMsg::RestartDue {
-                    service,
-                    instance,
-                    gen,
-                })
-                .await;
+            let _ = addr.send(BrokerMsg::RestartDue { service, instance, gen }).await;
         });
     }
 
-    async fn exited(
-        &mut self,
-        service: String,
-        instance: u32,
-        gen: u64,
-        info: ExitInfo,
-        ctx: &Context<Self>,
-    ) {
+    async fn exited(&mut self, service: String, instance: u32, gen: u64, info: ExitInfo, ctx: &Context<Self>) {
         let key = (service.clone(), instance);
-        let always = self
-            .router
-            .config()
-            .microservices
-            .get(&service)
-            .is_some_and(|m| m.always);
-        let depth = self
-            .router
-            .slot(&service, instance)
-            .map_or(0, |s| s.depth());
+        let always = self.router.config().microservices.get(&service).is_some_and(|m| m.always);
+        let depth = self.router.slot(&service, instance).map_or(0, |s| s.depth());
         let Some(inst) = self.insts.get_mut(&key) else {
             return;
         };
@@ -344,12 +279,7 @@ impl Broker {
             self.maybe_finish_shutdown();
             return;
         }
-        tracing::info!(
-            service,
-            instance,
-            ran_ms = ran.as_millis() as u64,
-            "instance ended: {info}"
-        );
+        tracing::info!(service, instance, ran_ms = ran.as_millis() as u64, "instance ended: {info}");
         if always {
             inst.restarts += 1;
             self.schedule_restart(&service, instance, ctx);
@@ -428,12 +358,8 @@ impl Actor for Broker {
             .flat_map(|m| (1..=m.scale.max(1)).map(move |n| (m.name.clone(), n)))
             .collect();
         // Also anything already queued (kanbans that arrived before a broker restart).
-        let queued: Vec<(String, u32)> = self
-            .router
-            .slots()
-            .filter(|s| s.depth() > 0)
-            .map(|s| (s.service.clone(), s.instance))
-            .collect();
+        let queued: Vec<(String, u32)> =
+            self.router.slots().filter(|s| s.depth() > 0).map(|s| (s.service.clone(), s.instance)).collect();
         for (s, n) in startup.into_iter().chain(queued) {
             self.start(&s, n, ctx).await;
         }
@@ -442,10 +368,7 @@ impl Actor for Broker {
     async fn handle(&mut self, msg: BrokerMsg, ctx: &mut Context<Self>) {
         match msg {
             BrokerMsg::Lifecycle(Lifecycle::Start(s, n)) => {
-                let running = self
-                    .insts
-                    .get(&(s.clone(), n))
-                    .is_some_and(|i| i.state == State::Running);
+                let running = self.insts.get(&(s.clone(), n)).is_some_and(|i| i.state == State::Running);
                 self.start(&s, n, ctx).await;
                 if !running {
                     if let Some(i) = self.insts.get(&(s.clone(), n)) {
@@ -463,46 +386,17 @@ impl Actor for Broker {
                     i.terminated = true;
                 }
             }
-            BrokerMsg::Exited {
-                service,
-                instance,
-                gen,
-                info,
-            } => {
+            BrokerMsg::Exited { service, instance, gen, info } => {
                 self.exited(service, instance, gen, info, ctx).await;
             }
-            BrokerMsg::RestartDue {
-                service,
-                instance,
-                gen,
-            } => {
-                let due = self
-                    .insts
-                    .get(&(service.clone(), instance))
-                    .is_some_and(|i| {
-                        i.gen == gen
-                            && matches!(
-                                i.state,
-                                State::Backoff | State::CrashLoop | State::NotRunnable
-                            )
-                    });
+            BrokerMsg::RestartDue { service, instance, gen } => {
+                let due = self.insts.get(&(service.clone(), instance)).is_some_and(|i| {
+                    i.gen == gen && matches!(i.state, State::Backoff | State::CrashLoop | State::NotRunnable)
+                });
                 if due {
-                    let always = self
-                        .router
-                        .config()
-                        .microservices
-                        .get(&service)
-                        .is_some_and(|m| m.always);
-                    let depth = self
-                        .router
-                        .slot(&service, instance)
-                        .map_or(0, |s| s.depth());
-                    let startup = self
-                        .router
-                        .config()
-                        .microservices
-                        .get(&service)
-                        .is_some_and(|m| m.startup);
+                    let always = self.router.config().microservices.get(&service).is_some_and(|m| m.always);
+                    let depth = self.router.slot(&service, instance).map_or(0, |s| s.depth());
+                    let startup = self.router.config().microservices.get(&service).is_some_and(|m| m.startup);
                     if always || depth > 0 || startup {
                         if let Some(i) = self.insts.get_mut(&(service.clone(), instance)) {
                             i.state = State::Idle;
@@ -518,10 +412,7 @@ impl Actor for Broker {
             }
             BrokerMsg::Shutdown(grace, reply) => {
                 let first = self.shutdown.is_none();
-                self.shutdown
-                    .get_or_insert_with(|| (Vec::new(), false))
-                    .0
-                    .push(reply);
+                self.shutdown.get_or_insert_with(|| (Vec::new(), false)).0.push(reply);
                 if first {
                     for ((s, n), i) in self.insts.iter_mut() {
                         if let Some(st) = &i.stopper {

@@ -103,10 +103,7 @@ pub struct InstanceRow {
 
 impl From<InstanceStatus> for InstanceRow {
     fn from(s: InstanceStatus) -> Self {
-        let state = serde_json::to_value(s.state)
-            .ok()
-            .and_then(|v| v.as_str().map(str::to_owned))
-            .unwrap_or_default();
+        let state = serde_json::to_value(s.state).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default();
         InstanceRow {
             service: s.service,
             instance: s.instance,
@@ -137,12 +134,7 @@ pub(crate) fn dead_json(d: &DeadLetter) -> serde_json::Value {
 }
 
 pub(crate) fn event_text(e: &Event) -> String {
-    format!(
-        "{} exited ({:?}){}",
-        e.child,
-        e.reason,
-        if e.restarted { ", restarted" } else { "" }
-    )
+    format!("{} exited ({:?}){}", e.child, e.reason, if e.restarted { ", restarted" } else { "" })
 }
 
 /// Sends one request to the runtime on `socket` and returns the response object.
@@ -150,31 +142,20 @@ pub(crate) fn event_text(e: &Event) -> String {
 /// # Errors
 /// A readable message when the runtime is not running or answered with an error.
 pub async fn call(socket: &Path, req: &Request) -> Result<serde_json::Value, String> {
-    let stream = UnixStream::connect(socket).await.map_err(|e| {
-        format!(
-            "no runtime is running on this data dir ({}: {e})",
-            socket.display()
-        )
-    })?;
+    let stream = UnixStream::connect(socket)
+        .await
+        .map_err(|e| format!("no runtime is running on this data dir ({}: {e})", socket.display()))?;
     let (r, mut w) = stream.into_split();
     let mut line = serde_json::to_vec(req).map_err(|e| e.to_string())?;
     line.push(b'\n');
-    w.write_all(&line)
-        .await
-        .map_err(|e| format!("control socket write failed: {e}"))?;
+    w.write_all(&line).await.map_err(|e| format!("control socket write failed: {e}"))?;
     let mut resp = String::new();
-    BufReader::new(r)
-        .read_line(&mut resp)
-        .await
-        .map_err(|e| format!("control socket read failed: {e}"))?;
-    let v: serde_json::Value = serde_json::from_str(&resp)
-        .map_err(|e| format!("malformed answer from the runtime: {e}"))?;
+    BufReader::new(r).read_line(&mut resp).await.map_err(|e| format!("control socket read failed: {e}"))?;
+    let v: serde_json::Value =
+        serde_json::from_str(&resp).map_err(|e| format!("malformed answer from the runtime: {e}"))?;
     if v["ok"] == serde_json::Value::Bool(true) {
         Ok(v)
     } else {
-        Err(v["error"]
-            .as_str()
-            .unwrap_or("the runtime reported an error")
-            .to_owned())
+        Err(v["error"].as_str().unwrap_or("the runtime reported an error").to_owned())
     }
 }

@@ -64,11 +64,7 @@ impl DeadLetters {
             if g.1.len() >= KEEP {
                 g.1.pop_front();
             }
-            g.1.push_back(DeadLetter {
-                reason: reason.as_str(),
-                detail,
-                kanban,
-            });
+            g.1.push_back(DeadLetter { reason: reason.as_str(), detail, kanban });
         }
     }
 
@@ -79,9 +75,6 @@ impl DeadLetters {
 
     /// The most recent dead letters, oldest first.
     pub fn recent(&self) -> Vec<DeadLetter> {
-        self.inner
-            .lock()
-            .map(|g| g.1.iter().cloned().collect())
-            .unwrap_or_default()
+        self.inner.lock().map(|g| g.1.iter().cloned().collect()).unwrap_or_default()
     }
 }

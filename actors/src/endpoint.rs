@@ -55,14 +55,7 @@ impl Endpoint {
         data_root: PathBuf,
         stats: Arc<EndpointStats>,
     ) -> Endpoint {
-        Endpoint {
-            router,
-            statics,
-            socket,
-            data_root,
-            stats,
-            accept: None,
-        }
+        Endpoint { router, statics, socket, data_root, stats, accept: None }
     }
 
     fn shared(&self) -> Shared {
@@ -160,34 +153,20 @@ async fn session(shared: Shared, mut r: LinkReader<ClientMsg>, mut w: LinkWriter
     let hello = match (first, msgs.is_empty()) {
         (Ok(Ok(true)), false) => match msgs.remove(0) {
             ClientMsg::Hello(h) => h,
-            other => {
-                return refuse(
-                    &shared,
-                    &mut w,
-                    format!("expected Hello, got {}", msg_name(&other)),
-                )
-                .await
-            }
+            other => return refuse(&shared, &mut w, format!("expected Hello, got {}", msg_name(&other))).await,
         },
-        (Ok(Ok(_)), _) => {
-            return refuse(&shared, &mut w, "closed before the handshake".into()).await
-        }
+        (Ok(Ok(_)), _) => return refuse(&shared, &mut w, "closed before the handshake".into()).await,
         (Ok(Err(e)), _) => return refuse(&shared, &mut w, format!("bad handshake: {e}")).await,
         (Err(_), _) => return refuse(&shared, &mut w, "no handshake within 5 s".into()).await,
     };
     if hello.magic != MAGIC || hello.version != PROTOCOL_VERSION {
-        let reason = format!(
-            "protocol version {} not supported (this runtime speaks {PROTOCOL_VERSION})",
-            hello.version
-        );
+        let reason =
+            format!("protocol version {} not supported (this runtime speaks {PROTOCOL_VERSION})", hello.version);
         return refuse(&shared, &mut w, reason).await;
     }
     let Some(slot) = shared.router.slot(&hello.service, hello.instance).cloned() else {
         let reason = match shared.router.config().microservices.get(&hello.service) {
-            Some(ms) => format!(
-                "service `{}` has instances 1..={}, not {}",
-                hello.service, ms.scale, hello.instance
-            ),
+            Some(ms) => format!("service `{}` has instances 1..={}, not {}", hello.service, ms.scale, hello.instance),
             None => format!("unknown service `{}`", hello.service),
         };
         return refuse(&shared, &mut w, reason).await;
@@ -195,10 +174,7 @@ async fn session(shared: Shared, mut r: LinkReader<ClientMsg>, mut w: LinkWriter
     let window = hello.window.clamp(1, 4096) as usize;
     let sess = slot.open_session();
     let session_no = shared.stats.sessions.fetch_add(1, Ordering::Relaxed) + 1;
-    let data_path = shared
-        .data_root
-        .join("Data")
-        .join(format!("{}_{}", slot.service, slot.instance));
+    let data_path = shared.data_root.join("Data").join(format!("{}_{}", slot.service, slot.instance));
     let _ = std::fs::create_dir_all(&data_path);
     let data_path = data_path.display().to_string();
     tracing::info!(service = %slot.service, instance = slot.instance, session = session_no, pid = hello.pid, "session opened");
@@ -216,10 +192,7 @@ async fn session(shared: Shared, mut r: LinkReader<ClientMsg>, mut w: LinkWriter
         let seed = Kanban {
             id,
             trace_id: id,
-            origin: Origin {
-                service: "aion".into(),
-                instance: 0,
-            },
+            origin: Origin { service: "aion".into(), instance: 0 },
             start_at: aion_runtime::time::rfc3339_now(),
             connection_key: String::new(),
             process_number: slot.instance,
@@ -272,10 +245,7 @@ async fn session(shared: Shared, mut r: LinkReader<ClientMsg>, mut w: LinkWriter
             for m in msgs.drain(..) {
                 match m {
                     ClientMsg::Output(mut k) => {
-                        k.origin = Origin {
-                            service: slot.service.clone(),
-                            instance: slot.instance,
-                        };
+                        k.origin = Origin { service: slot.service.clone(), instance: slot.instance };
                         if k.process_number == 0 {
                             k.process_number = slot.instance;
                         }
@@ -309,9 +279,7 @@ async fn session(shared: Shared, mut r: LinkReader<ClientMsg>, mut w: LinkWriter
                         let found = shared.statics.delete(&topic, id);
                         let _ = ctl_tx.send(ServerMsg::StaticDeleted { req, found }).await;
                     }
-                    ClientMsg::StaticSubscribe { topic } => {
-                        shared.statics.subscribe(&topic, ctl_tx.clone())
-                    }
+                    ClientMsg::StaticSubscribe { topic } => shared.statics.subscribe(&topic, ctl_tx.clone()),
                     ClientMsg::Bye => return Ok(()),
                     ClientMsg::Hello(_) => return Err("second Hello in a session".into()),
                 }
@@ -326,12 +294,8 @@ async fn session(shared: Shared, mut r: LinkReader<ClientMsg>, mut w: LinkWriter
         _ = writer => Ok(()),
         r = reader => r,
     };
-    let unacked: Vec<Kanban> = inflight
-        .into_inner()
-        .unwrap_or_else(|p| p.into_inner())
-        .into_iter()
-        .map(|(_, k)| k)
-        .collect();
+    let unacked: Vec<Kanban> =
+        inflight.into_inner().unwrap_or_else(|p| p.into_inner()).into_iter().map(|(_, k)| k).collect();
     let n = unacked.len();
     slot.close_session(sess, unacked);
     match outcome {

@@ -8,9 +8,7 @@ use crate::endpoint::{Endpoint, EndpointMsg, EndpointStats};
 use crate::paths::Paths;
 use crate::router::{Lifecycle, Router};
 use crate::statics::StaticStore;
-use aion_runtime::actor::supervisor::{
-    ask, ChildSpec, Intensity, Restart, Strategy, Supervisor, SupervisorHandle,
-};
+use aion_runtime::actor::supervisor::{ask, ChildSpec, Intensity, Restart, Strategy, Supervisor, SupervisorHandle};
 use aion_runtime::actor::{Addr, ExitReason};
 use aion_runtime::config::ServicesFile;
 use aion_runtime::kanban::{metadata_from_json, Kanban, KanbanId, Origin};
@@ -116,22 +114,17 @@ impl Node {
             }
         }
         let paths = Paths::new(&opts.data_dir);
-        paths
-            .create()
-            .map_err(|e| NodeError::Io(format!("cannot create {}: {e}", paths.root.display())))?;
-        if tokio::net::UnixStream::connect(paths.control())
-            .await
-            .is_ok()
-        {
+        paths.create().map_err(|e| NodeError::Io(format!("cannot create {}: {e}", paths.root.display())))?;
+        if tokio::net::UnixStream::connect(paths.control()).await.is_ok() {
             return Err(NodeError::AlreadyRunning(paths.root.clone()));
         }
-        let control_listener = crate::endpoint::bind_private(&paths.control()).map_err(|e| {
-            NodeError::Io(format!("cannot bind {}: {e}", paths.control().display()))
-        })?;
+        let control_listener = crate::endpoint::bind_private(&paths.control())
+            .map_err(|e| NodeError::Io(format!("cannot bind {}: {e}", paths.control().display())))?;
         // Fail early and clearly if the status-kanban socket cannot be bound; the actor binds it for real.
-        drop(crate::endpoint::bind_private(&paths.socket()).map_err(|e| {
-            NodeError::Io(format!("cannot bind {}: {e}", paths.socket().display()))
-        })?);
+        drop(
+            crate::endpoint::bind_private(&paths.socket())
+                .map_err(|e| NodeError::Io(format!("cannot bind {}: {e}", paths.socket().display())))?,
+        );
 
         let cfg = Arc::new(opts.config);
         let (lc_tx, mut lc_rx) = mpsc::channel::<Lifecycle>(1024);
@@ -139,23 +132,10 @@ impl Node {
         let statics = Arc::new(StaticStore::default());
         let stats = Arc::new(EndpointStats::default());
 
-        let (r, st, sock, root, es) = (
-            router.clone(),
-            statics,
-            paths.socket(),
-            paths.root.clone(),
-            stats.clone(),
-        );
-        let (ep_spec, endpoint) =
-            ChildSpec::actor("status-kanban", Restart::Permanent, 64, move || {
-                Endpoint::new(
-                    r.clone(),
-                    st.clone(),
-                    sock.clone(),
-                    root.clone(),
-                    es.clone(),
-                )
-            });
+        let (r, st, sock, root, es) = (router.clone(), statics, paths.socket(), paths.root.clone(), stats.clone());
+        let (ep_spec, endpoint) = ChildSpec::actor("status-kanban", Restart::Permanent, 64, move || {
+            Endpoint::new(r.clone(), st.clone(), sock.clone(), root.clone(), es.clone())
+        });
         let env = ProcessEnv {
             paths: paths.clone(),
             base_dir: opts.base_dir,
@@ -165,17 +145,13 @@ impl Node {
             log_cap: opts.log_cap,
         };
         let (r, ep, inproc) = (router.clone(), endpoint.clone(), opts.inproc);
-        let (broker_spec, broker) =
-            ChildSpec::actor("service-broker", Restart::Permanent, 4096, move || {
-                Broker::new(r.clone(), env.clone(), ep.clone(), inproc.clone())
-            });
+        let (broker_spec, broker) = ChildSpec::actor("service-broker", Restart::Permanent, 4096, move || {
+            Broker::new(r.clone(), env.clone(), ep.clone(), inproc.clone())
+        });
         let sup = Supervisor::new(
             "root",
             Strategy::OneForOne,
-            Intensity {
-                max_restarts: 5,
-                within: Duration::from_secs(10),
-            },
+            Intensity { max_restarts: 5, within: Duration::from_secs(10) },
         )
         .child(ep_spec)
         .child(broker_spec)
@@ -200,10 +176,7 @@ impl Node {
             stop: stop.clone(),
             started: Instant::now(),
             data_dir: paths.root.display().to_string(),
-            services_file: opts
-                .config_path
-                .map(|p| p.display().to_string())
-                .unwrap_or_default(),
+            services_file: opts.config_path.map(|p| p.display().to_string()).unwrap_or_default(),
         });
         let control = tokio::spawn(async move {
             loop {
@@ -220,18 +193,7 @@ impl Node {
         })
         .abort_handle();
         tracing::info!(data_dir = %paths.root.display(), services = cfg.microservices.len(), "runtime started");
-        Ok(Node {
-            router,
-            broker,
-            endpoint,
-            sup,
-            stop,
-            stats,
-            paths,
-            grace: opts.grace,
-            control,
-            forwarder,
-        })
+        Ok(Node { router, broker, endpoint, sup, stop, stats, paths, grace: opts.grace, control, forwarder })
     }
 
     /// The routing table and slots.
@@ -246,9 +208,7 @@ impl Node {
 
     /// Status of every instance.
     pub async fn instances(&self) -> Vec<InstanceStatus> {
-        ask(&self.broker, BrokerMsg::Status)
-            .await
-            .unwrap_or_default()
+        ask(&self.broker, BrokerMsg::Status).await.unwrap_or_default()
     }
 
     /// Full status report.
@@ -318,10 +278,7 @@ async fn inject(
     let k = Kanban {
         id,
         trace_id: id,
-        origin: Origin {
-            service: "aion-cli".into(),
-            instance: 0,
-        },
+        origin: Origin { service: "aion-cli".into(), instance: 0 },
         start_at: aion_runtime::time::rfc3339_now(),
         connection_key: key.to_owned(),
         process_number: instance,
@@ -331,29 +288,17 @@ async fn inject(
     };
     match router.deliver(service, instance, k).await {
         Ok(()) => Ok(id),
-        Err((crate::dead::Reason::UnknownService, _)) => {
-            Err(format!("unknown service `{service}`"))
-        }
+        Err((crate::dead::Reason::UnknownService, _)) => Err(format!("unknown service `{service}`")),
         Err((_, _)) => {
-            let scale = router
-                .config()
-                .microservices
-                .get(service)
-                .map_or(0, |m| m.scale);
-            Err(format!(
-                "service `{service}` has instances 1..={scale}, not {instance}"
-            ))
+            let scale = router.config().microservices.get(service).map_or(0, |m| m.scale);
+            Err(format!("service `{service}` has instances 1..={scale}, not {instance}"))
         }
     }
 }
 
 async fn report(s: &Shared) -> StatusReport {
-    let instances: Vec<InstanceRow> = ask(&s.broker, BrokerMsg::Status)
-        .await
-        .unwrap_or_default()
-        .into_iter()
-        .map(InstanceRow::from)
-        .collect();
+    let instances: Vec<InstanceRow> =
+        ask(&s.broker, BrokerMsg::Status).await.unwrap_or_default().into_iter().map(InstanceRow::from).collect();
     let recent = s.router.dead.recent();
     StatusReport {
         device_name: s.router.config().device_name.clone(),
@@ -362,13 +307,7 @@ async fn report(s: &Shared) -> StatusReport {
         data_dir: s.data_dir.clone(),
         services_file: s.services_file.clone(),
         instances,
-        dead_letters: s
-            .router
-            .dead
-            .counts()
-            .into_iter()
-            .map(|(k, v)| (k.to_owned(), v))
-            .collect(),
+        dead_letters: s.router.dead.counts().into_iter().map(|(k, v)| (k.to_owned(), v)).collect(),
         recent_dead_letters: recent.iter().rev().take(20).map(dead_json).collect(),
         sessions: s.stats.sessions.load(Ordering::Relaxed),
         rejected_connections: s.stats.rejected.load(Ordering::Relaxed),
@@ -391,15 +330,12 @@ async fn serve_control(s: Arc<Shared>, stream: tokio::net::UnixStream) {
                 }
                 Err(e) => serde_json::json!({"ok": false, "error": e.to_string()}),
             },
-            Ok(Request::Send {
-                service,
-                instance,
-                key,
-                metadata,
-            }) => match inject(&s.router, &service, instance, &key, metadata).await {
-                Ok(id) => serde_json::json!({"ok": true, "kanban_id": id.to_string()}),
-                Err(e) => serde_json::json!({"ok": false, "error": e}),
-            },
+            Ok(Request::Send { service, instance, key, metadata }) => {
+                match inject(&s.router, &service, instance, &key, metadata).await {
+                    Ok(id) => serde_json::json!({"ok": true, "kanban_id": id.to_string()}),
+                    Err(e) => serde_json::json!({"ok": false, "error": e}),
+                }
+            }
             Ok(Request::Stop) => {
                 s.stop.notify_one();
                 serde_json::json!({"ok": true})

@@ -31,27 +31,16 @@ pub struct Router {
 
 impl Router {
     /// Builds slots (1..=scale per service, `capacity` each) for `cfg`; lifecycle requests go to `lifecycle`.
-    pub fn new(
-        cfg: Arc<ServicesFile>,
-        capacity: usize,
-        lifecycle: mpsc::Sender<Lifecycle>,
-    ) -> Router {
+    pub fn new(cfg: Arc<ServicesFile>, capacity: usize, lifecycle: mpsc::Sender<Lifecycle>) -> Router {
         let slots = cfg
             .microservices
             .values()
             .map(|ms| {
-                let v = (1..=ms.scale.max(1))
-                    .map(|n| Arc::new(Slot::new(&ms.name, n, capacity)))
-                    .collect();
+                let v = (1..=ms.scale.max(1)).map(|n| Arc::new(Slot::new(&ms.name, n, capacity))).collect();
                 (ms.name.clone(), v)
             })
             .collect();
-        Router {
-            cfg,
-            slots,
-            dead: Arc::default(),
-            lifecycle,
-        }
+        Router { cfg, slots, dead: Arc::default(), lifecycle }
     }
 
     /// The configuration.
@@ -61,9 +50,7 @@ impl Router {
 
     /// The slot of an instance.
     pub fn slot(&self, service: &str, instance: u32) -> Option<&Arc<Slot>> {
-        self.slots
-            .get(service)?
-            .get((instance as usize).checked_sub(1)?)
+        self.slots.get(service)?.get((instance as usize).checked_sub(1)?)
     }
 
     /// Every slot, by service then instance.
@@ -77,12 +64,7 @@ impl Router {
     ///
     /// # Errors
     /// [`Reason::UnknownService`] / [`Reason::NoSuchInstance`]; the kanban is given back.
-    pub async fn deliver(
-        &self,
-        service: &str,
-        instance: u32,
-        k: Kanban,
-    ) -> Result<(), (Reason, Kanban)> {
+    pub async fn deliver(&self, service: &str, instance: u32, k: Kanban) -> Result<(), (Reason, Kanban)> {
         let Some(list) = self.slots.get(service) else {
             return Err((Reason::UnknownService, k));
         };
@@ -96,16 +78,9 @@ impl Router {
 
     /// Asks the broker to start the instance unless it is connected or a start is already pending.
     pub async fn request_start(&self, slot: &Slot) {
-        if !slot.connected.load(Ordering::SeqCst)
-            && !slot.start_requested.swap(true, Ordering::SeqCst)
-        {
+        if !slot.connected.load(Ordering::SeqCst) && !slot.start_requested.swap(true, Ordering::SeqCst) {
             // Bounded: waits if the broker is busy. The broker resets the flag when it handles the request.
-            if self
-                .lifecycle
-                .send(Lifecycle::Start(slot.service.clone(), slot.instance))
-                .await
-                .is_err()
-            {
+            if self.lifecycle.send(Lifecycle::Start(slot.service.clone(), slot.instance)).await.is_err() {
                 tracing::error!(service = %slot.service, instance = slot.instance, "broker is gone; instance not started");
             }
         }
@@ -114,32 +89,18 @@ impl Router {
     /// Routes one output of `from`. Returns when every target has queued it (back-pressure).
     pub async fn route(&self, from: &Slot, k: Kanban) {
         if k.is_terminate() {
-            let name = k
-                .metadata
-                .get("name")
-                .and_then(|v| v.as_str())
-                .unwrap_or(&from.service);
+            let name = k.metadata.get("name").and_then(|v| v.as_str()).unwrap_or(&from.service);
             if name != from.service {
-                let detail = format!(
-                    "terminate kanban from {} names service `{name}`",
-                    from.service
-                );
+                let detail = format!("terminate kanban from {} names service `{name}`", from.service);
                 self.dead.record(Reason::BadTerminate, detail, k);
                 return;
             }
             tracing::info!(service = %from.service, instance = from.instance, "terminate kanban received");
-            let _ = self
-                .lifecycle
-                .send(Lifecycle::Terminated(from.service.clone(), from.instance))
-                .await;
+            let _ = self.lifecycle.send(Lifecycle::Terminated(from.service.clone(), from.instance)).await;
             return;
         }
         let Some(ms) = self.cfg.microservices.get(&from.service) else {
-            self.dead.record(
-                Reason::UnknownService,
-                format!("source `{}` is not defined", from.service),
-                k,
-            );
+            self.dead.record(Reason::UnknownService, format!("source `{}` is not defined", from.service), k);
             return;
         };
         let key = k.route_key().to_owned();
@@ -147,31 +108,18 @@ impl Router {
             Some(t) if !t.is_empty() => t,
             _ => {
                 let detail = if ms.next_service.is_empty() {
-                    format!(
-                        "{} has no nextService (end of chain) and emitted on `{key}`",
-                        ms.name
-                    )
+                    format!("{} has no nextService (end of chain) and emitted on `{key}`", ms.name)
                 } else {
-                    format!(
-                        "{} has no nextService entry for connection key `{key}` and no `default`",
-                        ms.name
-                    )
+                    format!("{} has no nextService entry for connection key `{key}` and no `default`", ms.name)
                 };
                 self.dead.record(Reason::NoRoute, detail, k);
                 return;
             }
         };
         for t in targets {
-            let device = if k.next_device_name.is_empty() {
-                &t.device
-            } else {
-                &k.next_device_name
-            };
+            let device = if k.next_device_name.is_empty() { &t.device } else { &k.next_device_name };
             let mut copy = k.clone();
-            if !device.is_empty()
-                && *device != self.cfg.device_name
-                && self.cfg.devices.contains_key(device)
-            {
+            if !device.is_empty() && *device != self.cfg.device_name && self.cfg.devices.contains_key(device) {
                 let detail = format!(
                     "{} > {} targets device `{device}`; cross-device delivery is not available",
                     ms.name, t.name
@@ -184,10 +132,9 @@ impl Router {
             copy.next_device_name = self.cfg.device_name.clone();
             if let Err((reason, copy)) = self.deliver(&t.name, n, copy).await {
                 let detail = match reason {
-                    Reason::NoSuchInstance => format!(
-                        "{} > {} instance {n} does not exist (scale too small)",
-                        ms.name, t.name
-                    ),
+                    Reason::NoSuchInstance => {
+                        format!("{} > {} instance {n} does not exist (scale too small)", ms.name, t.name)
+                    }
                     _ => format!("{} > {}: service not defined", ms.name, t.name),
                 };
                 self.dead.record(reason, detail, copy);

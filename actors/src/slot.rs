@@ -187,9 +187,7 @@ impl Slot {
             self.connected.store(false, Ordering::SeqCst);
         }
         drop(g);
-        self.stats
-            .redelivered
-            .fetch_add(n as u64, Ordering::Relaxed);
+        self.stats.redelivered.fetch_add(n as u64, Ordering::Relaxed);
         self.items.notify_waiters();
     }
 
@@ -242,10 +240,7 @@ mod tests {
     use std::sync::Arc;
 
     fn k(n: u64) -> Kanban {
-        Kanban {
-            id: KanbanId(n as u128),
-            ..Kanban::default()
-        }
+        Kanban { id: KanbanId(n as u128), ..Kanban::default() }
     }
 
     #[tokio::test]

@@ -37,19 +37,11 @@ impl StaticStore {
         }
         t.entries.insert(id, k.clone());
         t.subs.retain(|s| {
-            match s.try_send(ServerMsg::StaticEvent {
-                topic: topic.to_owned(),
-                id,
-                kanban: k.clone(),
-            }) {
+            match s.try_send(ServerMsg::StaticEvent { topic: topic.to_owned(), id, kanban: k.clone() }) {
                 Ok(()) => true,
                 Err(mpsc::error::TrySendError::Closed(_)) => false,
                 Err(mpsc::error::TrySendError::Full(_)) => {
-                    tracing::error!(
-                        topic,
-                        id,
-                        "static subscriber too slow; subscription dropped"
-                    );
+                    tracing::error!(topic, id, "static subscriber too slow; subscription dropped");
                     false
                 }
             }
@@ -60,16 +52,13 @@ impl StaticStore {
     /// Every entry of a topic, oldest first.
     pub fn get(&self, topic: &str) -> Vec<(u64, Kanban)> {
         let g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        g.1.get(topic)
-            .map(|t| t.entries.iter().map(|(i, k)| (*i, k.clone())).collect())
-            .unwrap_or_default()
+        g.1.get(topic).map(|t| t.entries.iter().map(|(i, k)| (*i, k.clone())).collect()).unwrap_or_default()
     }
 
     /// Deletes an entry; returns whether it existed.
     pub fn delete(&self, topic: &str, id: u64) -> bool {
         let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        g.1.get_mut(topic)
-            .is_some_and(|t| t.entries.remove(&id).is_some())
+        g.1.get_mut(topic).is_some_and(|t| t.entries.remove(&id).is_some())
     }
 
     /// Subscribes; current entries are sent at once.
@@ -77,18 +66,8 @@ impl StaticStore {
         let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         let t = g.1.entry(topic.to_owned()).or_default();
         for (id, k) in &t.entries {
-            if tx
-                .try_send(ServerMsg::StaticEvent {
-                    topic: topic.to_owned(),
-                    id: *id,
-                    kanban: k.clone(),
-                })
-                .is_err()
-            {
-                tracing::error!(
-                    topic,
-                    "static subscriber too slow for the backlog; subscription dropped"
-                );
+            if tx.try_send(ServerMsg::StaticEvent { topic: topic.to_owned(), id: *id, kanban: k.clone() }).is_err() {
+                tracing::error!(topic, "static subscriber too slow for the backlog; subscription dropped");
                 return;
             }
         }

@@ -20,19 +20,14 @@ impl Service for Sink {
         });
         println!("sink-{}: {line}", ctx.process_number());
         if let Some(f) = &mut self.file {
-            writeln!(f, "{line}").map_err(Error::msg)?;
+            f.write_all(format!("{line}\n").as_bytes()).map_err(Error::msg)?;
         }
         Ok(())
     }
 }
 
 fn main() -> std::process::ExitCode {
-    let file = std::env::var_os("SINK_FILE").and_then(|p| {
-        std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(p)
-            .ok()
-    });
+    let file =
+        std::env::var_os("SINK_FILE").and_then(|p| std::fs::OpenOptions::new().create(true).append(true).open(p).ok());
     aion_sdk::main(Sink { file })
 }

@@ -10,12 +10,7 @@ struct Source {
 impl Service for Source {
     async fn start(&mut self, ctx: &mut Ctx) -> Result<(), Error> {
         for i in 1..=self.count {
-            ctx.emit(
-                Output::new()
-                    .meta("seq", i)
-                    .meta("text", format!("hello #{i}")),
-            )
-            .await?;
+            ctx.emit(Output::new().meta("seq", i).meta("text", format!("hello #{i}"))).await?;
             println!("source: emitted #{i}");
             if !self.interval.is_zero() {
                 tokio::time::sleep(self.interval).await;
@@ -31,15 +26,9 @@ impl Service for Source {
 }
 
 fn env_u64(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
+    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
 }
 
 fn main() -> std::process::ExitCode {
-    aion_sdk::main(Source {
-        count: env_u64("COUNT", 10),
-        interval: Duration::from_millis(env_u64("INTERVAL_MS", 200)),
-    })
+    aion_sdk::main(Source { count: env_u64("COUNT", 10), interval: Duration::from_millis(env_u64("INTERVAL_MS", 200)) })
 }

@@ -51,14 +51,10 @@ impl Value {
                 }
             }
             serde_json::Value::String(s) => Value::String(s),
-            serde_json::Value::Array(a) => {
-                Value::Array(a.into_iter().map(Value::from_json).collect())
+            serde_json::Value::Array(a) => Value::Array(a.into_iter().map(Value::from_json).collect()),
+            serde_json::Value::Object(o) => {
+                Value::Object(o.into_iter().map(|(k, v)| (k, Value::from_json(v))).collect())
             }
-            serde_json::Value::Object(o) => Value::Object(
-                o.into_iter()
-                    .map(|(k, v)| (k, Value::from_json(v)))
-                    .collect(),
-            ),
         }
     }
 
@@ -69,14 +65,10 @@ impl Value {
             Value::Bool(b) => serde_json::Value::Bool(*b),
             Value::I64(i) => (*i).into(),
             Value::U64(u) => (*u).into(),
-            Value::F64(f) => {
-                serde_json::Number::from_f64(*f).map_or(serde_json::Value::Null, Into::into)
-            }
+            Value::F64(f) => serde_json::Number::from_f64(*f).map_or(serde_json::Value::Null, Into::into),
             Value::String(s) => serde_json::Value::String(s.clone()),
             Value::Array(a) => serde_json::Value::Array(a.iter().map(Value::to_json).collect()),
-            Value::Object(o) => {
-                serde_json::Value::Object(o.iter().map(|(k, v)| (k.clone(), v.to_json())).collect())
-            }
+            Value::Object(o) => serde_json::Value::Object(o.iter().map(|(k, v)| (k.clone(), v.to_json())).collect()),
         }
     }
 
@@ -278,8 +270,7 @@ impl<'de> Deserialize<'de> for KanbanId {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         if d.is_human_readable() {
             let s = String::deserialize(d)?;
-            KanbanId::parse(&s)
-                .ok_or_else(|| D::Error::custom("kanban id must be up to 32 hex digits"))
+            KanbanId::parse(&s).ok_or_else(|| D::Error::custom("kanban id must be up to 32 hex digits"))
         } else {
             u128::deserialize(d).map(KanbanId)
         }
@@ -350,8 +341,7 @@ pub const TERMINATE_KEY: &str = "service-broker";
 impl Kanban {
     /// True for AION's terminate kanban: connection key `service-broker` and `metadata.type == "terminate"`.
     pub fn is_terminate(&self) -> bool {
-        self.connection_key == TERMINATE_KEY
-            && self.metadata.get("type").and_then(Value::as_str) == Some("terminate")
+        self.connection_key == TERMINATE_KEY && self.metadata.get("type").and_then(Value::as_str) == Some("terminate")
     }
 
     /// The routing key, with AION's empty-means-default rule applied.
@@ -380,11 +370,7 @@ mod tests {
     #[test]
     fn metadata_round_trips_through_postcard() {
         let json = sample_json();
-        let k = Kanban {
-            metadata: metadata_from_json(json.clone()),
-            id: KanbanId::generate(),
-            ..Kanban::default()
-        };
+        let k = Kanban { metadata: metadata_from_json(json.clone()), id: KanbanId::generate(), ..Kanban::default() };
         let bytes = postcard::to_stdvec(&k).expect("encode");
         let back: Kanban = postcard::from_bytes(&bytes).expect("decode");
         assert_eq!(back, k);
@@ -393,11 +379,7 @@ mod tests {
 
     #[test]
     fn kanban_json_is_plain_json() {
-        let k = Kanban {
-            metadata: metadata_from_json(sample_json()),
-            id: KanbanId(0xab),
-            ..Kanban::default()
-        };
+        let k = Kanban { metadata: metadata_from_json(sample_json()), id: KanbanId(0xab), ..Kanban::default() };
         let s = serde_json::to_value(&k).expect("json");
         assert_eq!(s["id"], "000000000000000000000000000000ab");
         assert_eq!(s["metadata"], sample_json());
@@ -415,10 +397,7 @@ mod tests {
 
     #[test]
     fn terminate_detection() {
-        let mut k = Kanban {
-            connection_key: TERMINATE_KEY.into(),
-            ..Kanban::default()
-        };
+        let mut k = Kanban { connection_key: TERMINATE_KEY.into(), ..Kanban::default() };
         assert!(!k.is_terminate());
         k.metadata.insert("type".into(), "terminate".into());
         assert!(k.is_terminate());
@@ -430,9 +409,7 @@ mod tests {
             any::<bool>().prop_map(Value::Bool),
             any::<i64>().prop_map(Value::I64),
             any::<u64>().prop_map(Value::U64),
-            any::<f64>()
-                .prop_filter("finite", |f| f.is_finite())
-                .prop_map(Value::F64),
+            any::<f64>().prop_filter("finite", |f| f.is_finite()).prop_map(Value::F64),
             ".*".prop_map(Value::String),
         ];
         leaf.prop_recursive(4, 64, 8, |inner| {

@@ -11,9 +11,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 /// assert!(now.ends_with('Z') && now.len() == 24);
 /// ```
 pub fn rfc3339_now() -> String {
-    let d = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default();
+    let d = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
     rfc3339_from_unix_millis(d.as_millis() as i64)
 }
 
@@ -29,12 +27,7 @@ pub fn rfc3339_from_unix_millis(ms: i64) -> String {
     let days = secs.div_euclid(86_400);
     let sod = secs.rem_euclid(86_400);
     let (y, m, d) = civil_from_days(days);
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{millis:03}Z",
-        sod / 3600,
-        (sod % 3600) / 60,
-        sod % 60
-    )
+    format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{millis:03}Z", sod / 3600, (sod % 3600) / 60, sod % 60)
 }
 
 /// Howard Hinnant's civil_from_days: days since 1970-01-01 to (year, month, day).
@@ -57,14 +50,8 @@ mod tests {
 
     #[test]
     fn known_dates() {
-        assert_eq!(
-            rfc3339_from_unix_millis(951_782_400_000),
-            "2000-02-29T00:00:00.000Z"
-        );
-        assert_eq!(
-            rfc3339_from_unix_millis(1_795_791_043_123),
-            "2026-11-27T14:50:43.123Z"
-        );
+        assert_eq!(rfc3339_from_unix_millis(951_782_400_000), "2000-02-29T00:00:00.000Z");
+        assert_eq!(rfc3339_from_unix_millis(1_795_791_043_123), "2026-11-27T14:50:43.123Z");
         assert_eq!(rfc3339_from_unix_millis(-1), "1969-12-31T23:59:59.999Z");
     }
 }

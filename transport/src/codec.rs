@@ -94,13 +94,9 @@ impl FrameDecoder {
             return Ok(None);
         }
         let body = &avail[4..4 + len];
-        let (msg, rest) = postcard::take_from_bytes::<T>(body)
-            .map_err(|e| FrameError::Malformed(e.to_string()))?;
+        let (msg, rest) = postcard::take_from_bytes::<T>(body).map_err(|e| FrameError::Malformed(e.to_string()))?;
         if !rest.is_empty() {
-            return Err(FrameError::Malformed(format!(
-                "{} trailing bytes in frame",
-                rest.len()
-            )));
+            return Err(FrameError::Malformed(format!("{} trailing bytes in frame", rest.len())));
         }
         self.pos += 4 + len;
         Ok(Some(msg))
@@ -128,9 +124,7 @@ mod tests {
             }),
             ClientMsg::Output(Kanban {
                 id: KanbanId::generate(),
-                metadata: metadata_from_json(
-                    serde_json::json!({"a": [1, 2.5, "ü"], "b": {"c": null}}),
-                ),
+                metadata: metadata_from_json(serde_json::json!({"a": [1, 2.5, "ü"], "b": {"c": null}})),
                 ..Kanban::default()
             }),
             ClientMsg::Ack { upto: u64::MAX },
@@ -161,10 +155,7 @@ mod tests {
     fn oversized_length_is_rejected_without_allocating() {
         let mut d = FrameDecoder::default();
         d.push(&u32::MAX.to_le_bytes());
-        assert_eq!(
-            d.decode::<ClientMsg>(),
-            Err(FrameError::TooLarge(u32::MAX as usize))
-        );
+        assert_eq!(d.decode::<ClientMsg>(), Err(FrameError::TooLarge(u32::MAX as usize)));
     }
 
     #[test]
@@ -175,10 +166,7 @@ mod tests {
         wire.push(0);
         let mut d = FrameDecoder::default();
         d.push(&wire);
-        assert!(matches!(
-            d.decode::<ClientMsg>(),
-            Err(FrameError::Malformed(_))
-        ));
+        assert!(matches!(d.decode::<ClientMsg>(), Err(FrameError::Malformed(_))));
     }
 
     proptest! {

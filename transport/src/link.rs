@@ -66,10 +66,7 @@ impl<R: DeserializeOwned> LinkReader<R> {
                 let n = rd.read(buf).await?;
                 if n == 0 {
                     if dec.pending() > 0 {
-                        return Err(io::Error::new(
-                            io::ErrorKind::UnexpectedEof,
-                            "connection closed mid-frame",
-                        ));
+                        return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "connection closed mid-frame"));
                     }
                     return Ok(false);
                 }
@@ -137,31 +134,16 @@ impl<W: Serialize> LinkWriter<W> {
 pub fn unix_split<R, W>(stream: UnixStream) -> (LinkReader<R>, LinkWriter<W>) {
     let (rd, wr) = stream.into_split();
     (
-        LinkReader::Unix {
-            rd,
-            dec: FrameDecoder::default(),
-            buf: vec![0; 64 << 10],
-        },
-        LinkWriter::Unix {
-            wr,
-            buf: Vec::with_capacity(64 << 10),
-        },
+        LinkReader::Unix { rd, dec: FrameDecoder::default(), buf: vec![0; 64 << 10] },
+        LinkWriter::Unix { wr, buf: Vec::with_capacity(64 << 10) },
     )
 }
 
 /// An in-memory link: `(a_reader, a_writer)` talks to `(b_reader, b_writer)`. `capacity` bounds the batches in
 /// flight each way.
 #[allow(clippy::type_complexity)]
-pub fn mem_pair<A, B>(
-    capacity: usize,
-) -> (
-    (LinkReader<A>, LinkWriter<B>),
-    (LinkReader<B>, LinkWriter<A>),
-) {
+pub fn mem_pair<A, B>(capacity: usize) -> ((LinkReader<A>, LinkWriter<B>), (LinkReader<B>, LinkWriter<A>)) {
     let (a_tx, a_rx) = mpsc::channel(capacity.max(1));
     let (b_tx, b_rx) = mpsc::channel(capacity.max(1));
-    (
-        (LinkReader::Mem(a_rx), LinkWriter::Mem(b_tx)),
-        (LinkReader::Mem(b_rx), LinkWriter::Mem(a_tx)),
-    )
+    ((LinkReader::Mem(a_rx), LinkWriter::Mem(b_tx)), (LinkReader::Mem(b_rx), LinkWriter::Mem(a_tx)))
 }

@@ -4,9 +4,7 @@
 use crate::{Env, Error, Options, Output, Service};
 use aion_runtime::kanban::{Kanban, KanbanId, Metadata, Origin, Value, TERMINATE_KEY};
 use aion_transport::proto::MAGIC;
-use aion_transport::{
-    unix_split, ClientMsg, Hello, LinkReader, LinkWriter, ServerMsg, PROTOCOL_VERSION,
-};
+use aion_transport::{unix_split, ClientMsg, Hello, LinkReader, LinkWriter, ServerMsg, PROTOCOL_VERSION};
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
@@ -98,10 +96,7 @@ impl Ctx {
         Kanban {
             id,
             trace_id: trace,
-            origin: Origin {
-                service: self.info.service.clone(),
-                instance: self.info.instance,
-            },
+            origin: Origin { service: self.info.service.clone(), instance: self.info.instance },
             start_at,
             finish_at: String::new(),
             next_device_name: out.device,
@@ -125,11 +120,7 @@ impl Ctx {
     }
 
     async fn send_output(&mut self, k: Kanban) -> Result<(), Error> {
-        self.permits
-            .acquire()
-            .await
-            .map_err(|_| Error::Closed)?
-            .forget();
+        self.permits.acquire().await.map_err(|_| Error::Closed)?.forget();
         self.cmd.send(Cmd::Out(k)).await.map_err(|_| Error::Closed)
     }
 
@@ -152,10 +143,7 @@ impl Ctx {
     async fn request(&mut self, make: impl FnOnce(u64) -> ClientMsg) -> Result<ServerMsg, Error> {
         self.next_req += 1;
         let (tx, rx) = oneshot::channel();
-        self.cmd
-            .send(Cmd::Req(make(self.next_req), tx))
-            .await
-            .map_err(|_| Error::Closed)?;
+        self.cmd.send(Cmd::Req(make(self.next_req), tx)).await.map_err(|_| Error::Closed)?;
         rx.await.map_err(|_| Error::Closed)
     }
 
@@ -166,10 +154,7 @@ impl Ctx {
     pub async fn static_put(&mut self, topic: &str, out: Output) -> Result<u64, Error> {
         let kanban = self.build(out);
         let topic = topic.to_owned();
-        match self
-            .request(|req| ClientMsg::StaticPut { req, topic, kanban })
-            .await?
-        {
+        match self.request(|req| ClientMsg::StaticPut { req, topic, kanban }).await? {
             ServerMsg::StaticPutOk { id, .. } => Ok(id),
             other => Err(Error::Service(format!("unexpected reply {other:?}"))),
         }
@@ -181,10 +166,7 @@ impl Ctx {
     /// [`Error::Closed`] if the session is gone.
     pub async fn static_get(&mut self, topic: &str) -> Result<Vec<(u64, Kanban)>, Error> {
         let topic = topic.to_owned();
-        match self
-            .request(|req| ClientMsg::StaticGet { req, topic })
-            .await?
-        {
+        match self.request(|req| ClientMsg::StaticGet { req, topic }).await? {
             ServerMsg::StaticList { entries, .. } => Ok(entries),
             other => Err(Error::Service(format!("unexpected reply {other:?}"))),
         }
@@ -196,10 +178,7 @@ impl Ctx {
     /// [`Error::Closed`] if the session is gone.
     pub async fn static_delete(&mut self, topic: &str, id: u64) -> Result<bool, Error> {
         let topic = topic.to_owned();
-        match self
-            .request(|req| ClientMsg::StaticDelete { req, topic, id })
-            .await?
-        {
+        match self.request(|req| ClientMsg::StaticDelete { req, topic, id }).await? {
             ServerMsg::StaticDeleted { found, .. } => Ok(found),
             other => Err(Error::Service(format!("unexpected reply {other:?}"))),
         }
@@ -209,27 +188,19 @@ impl Ctx {
     ///
     /// # Errors
     /// [`Error::Closed`] if the session is gone.
-    pub async fn static_subscribe(
-        &mut self,
-        topic: &str,
-    ) -> Result<mpsc::Receiver<(u64, Kanban)>, Error> {
+    pub async fn static_subscribe(&mut self, topic: &str) -> Result<mpsc::Receiver<(u64, Kanban)>, Error> {
         let (tx, rx) = mpsc::channel(256);
-        self.cmd
-            .send(Cmd::Sub(topic.to_owned(), tx))
-            .await
-            .map_err(|_| Error::Closed)?;
+        self.cmd.send(Cmd::Sub(topic.to_owned(), tx)).await.map_err(|_| Error::Closed)?;
         Ok(rx)
     }
 }
 
 type Link = (LinkReader<ServerMsg>, LinkWriter<ClientMsg>);
 
-/// Performs the handshake on a fresh link.
-async fn handshake(link: &mut Link, hello: &Hello) -> Result<(u64, InstanceInfo), Error> {
-    link.1
-        .send_one(ClientMsg::Hello(hello.clone()))
-        .await
-        .map_err(|_| Error::Closed)?;
+/// Performs the handshake on a fresh link. Messages that arrived right behind the welcome (deliveries) are
+/// returned, not dropped.
+async fn handshake(link: &mut Link, hello: &Hello) -> Result<(u64, InstanceInfo, Vec<ServerMsg>), Error> {
+    link.1.send_one(ClientMsg::Hello(hello.clone())).await.map_err(|_| Error::Closed)?;
     let mut buf = Vec::new();
     loop {
         if !link.0.recv(&mut buf).await.map_err(|_| Error::Closed)? {
@@ -238,24 +209,15 @@ async fn handshake(link: &mut Link, hello: &Hello) -> Result<(u64, InstanceInfo)
         if buf.is_empty() {
             continue;
         }
-        return match buf.remove(0) {
-            ServerMsg::Welcome {
+        let first = buf.remove(0);
+        return match first {
+            ServerMsg::Welcome { session, device_name, data_path } => Ok((
                 session,
-                device_name,
-                data_path,
-            } => Ok((
-                session,
-                InstanceInfo {
-                    service: hello.service.clone(),
-                    instance: hello.instance,
-                    device_name,
-                    data_path,
-                },
+                InstanceInfo { service: hello.service.clone(), instance: hello.instance, device_name, data_path },
+                buf,
             )),
             ServerMsg::Error { reason } => Err(Error::Refused(reason)),
-            other => Err(Error::Refused(format!(
-                "unexpected first message {other:?}"
-            ))),
+            other => Err(Error::Refused(format!("unexpected first message {other:?}"))),
         };
     }
 }
@@ -269,21 +231,18 @@ impl Connector {
     async fn connect_once(&self) -> Result<Link, Error> {
         let s = tokio::net::UnixStream::connect(&self.path)
             .await
-            .map_err(|source| Error::Connect {
-                path: self.path.clone(),
-                source,
-            })?;
+            .map_err(|source| Error::Connect { path: self.path.clone(), source })?;
         Ok(unix_split(s))
     }
 
     /// Reconnects with exponential backoff (50 ms doubling to 2 s) until `give_up_after`.
-    async fn reconnect(&self, hello: &Hello) -> Result<(Link, u64, InstanceInfo), Error> {
+    async fn reconnect(&self, hello: &Hello) -> Result<(Link, u64, Vec<ServerMsg>), Error> {
         let start = Instant::now();
         let mut delay = Duration::from_millis(50);
         loop {
             match self.connect_once().await {
                 Ok(mut link) => match handshake(&mut link, hello).await {
-                    Ok((s, info)) => return Ok((link, s, info)),
+                    Ok((s, _, rest)) => return Ok((link, s, rest)),
                     Err(Error::Refused(r)) => return Err(Error::Refused(r)),
                     Err(e) => tracing::warn!("handshake failed: {e}"),
                 },
@@ -317,8 +276,11 @@ enum Flow {
 }
 
 impl Io {
-    async fn run(mut self, mut link: Link, mut cmd_rx: mpsc::Receiver<Cmd>) {
-        let mut inbuf: Vec<ServerMsg> = Vec::new();
+    async fn run(mut self, mut link: Link, mut cmd_rx: mpsc::Receiver<Cmd>, mut inbuf: Vec<ServerMsg>) {
+        if !inbuf.is_empty() && !matches!(self.on_msgs(&mut inbuf), Flow::Continue) {
+            tracing::error!("the runtime broke the session right after the welcome");
+            return;
+        }
         let mut cmds: Vec<Cmd> = Vec::new();
         let mut out: Vec<ClientMsg> = Vec::new();
         loop {
@@ -361,26 +323,16 @@ impl Io {
                     }
                     let Some(conn) = &self.connector else { return };
                     match conn.reconnect(&self.hello).await {
-                        Ok((l, session, _)) => {
+                        Ok((l, session, mut rest)) => {
                             link = l;
                             self.epoch.fetch_add(1, Ordering::SeqCst);
-                            tracing::info!(
-                                session,
-                                "reconnected; resending {} outputs",
-                                self.unaccepted.len()
-                            );
-                            let mut again: Vec<ClientMsg> = self
-                                .unaccepted
-                                .iter()
-                                .cloned()
-                                .map(ClientMsg::Output)
-                                .collect();
+                            let _ = self.on_msgs(&mut rest);
+                            tracing::info!(session, "reconnected; resending {} outputs", self.unaccepted.len());
+                            let mut again: Vec<ClientMsg> =
+                                self.unaccepted.iter().cloned().map(ClientMsg::Output).collect();
                             again.extend(self.pending.values().map(|(m, _)| m.clone()));
-                            again.extend(
-                                self.subs
-                                    .iter()
-                                    .map(|(t, _)| ClientMsg::StaticSubscribe { topic: t.clone() }),
-                            );
+                            again
+                                .extend(self.subs.iter().map(|(t, _)| ClientMsg::StaticSubscribe { topic: t.clone() }));
                             if link.1.send(&mut again).await.is_err() {
                                 continue;
                             }
@@ -423,9 +375,7 @@ impl Io {
                     out.push(m);
                 }
                 Cmd::Sub(topic, tx) => {
-                    out.push(ClientMsg::StaticSubscribe {
-                        topic: topic.clone(),
-                    });
+                    out.push(ClientMsg::StaticSubscribe { topic: topic.clone() });
                     self.subs.push((topic, tx));
                 }
                 Cmd::Bye => self.closing = true,
@@ -441,11 +391,7 @@ impl Io {
         for m in msgs.drain(..) {
             match m {
                 ServerMsg::Deliver { seq, kanban } => {
-                    if self
-                        .deliver
-                        .try_send(Delivery { epoch, seq, kanban })
-                        .is_err()
-                    {
+                    if self.deliver.try_send(Delivery { epoch, seq, kanban }).is_err() {
                         // Only possible if the runtime ignored our window: start a fresh session, which makes
                         // the runtime requeue everything unacknowledged.
                         tracing::error!("delivery beyond the credit window; resetting the session");
@@ -502,18 +448,11 @@ fn hello_for(service: &str, instance: u32, opts: &Options) -> Hello {
     }
 }
 
-pub(crate) async fn run_socket<S: Service>(
-    service: S,
-    env: Env,
-    opts: Options,
-) -> Result<(), Error> {
-    let connector = Connector {
-        path: env.socket.clone(),
-        give_up_after: opts.reconnect_for,
-    };
+pub(crate) async fn run_socket<S: Service>(service: S, env: Env, opts: Options) -> Result<(), Error> {
+    let connector = Connector { path: env.socket.clone(), give_up_after: opts.reconnect_for };
     let hello = hello_for(&env.service, env.instance, &opts);
     let mut link = connector.connect_once().await?;
-    let (_, info) = handshake(&mut link, &hello).await?;
+    let (_, info, rest) = handshake(&mut link, &hello).await?;
     let shutdown = async {
         let term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate());
         match term {
@@ -529,7 +468,7 @@ pub(crate) async fn run_socket<S: Service>(
         }
         tracing::info!("signal received; finishing the current kanban");
     };
-    drive(service, info, link, Some(connector), hello, opts, shutdown).await
+    drive(service, info, link, rest, Some(connector), hello, opts, shutdown).await
 }
 
 /// Runs a service on an already-connected in-memory (or any) link, as the runtime does for in-process
@@ -547,14 +486,15 @@ pub async fn run_on_link<S: Service>(
 ) -> Result<(), Error> {
     let mut hello = hello_for(service_name, instance, &opts);
     hello.pid = 0;
-    let (_, info) = handshake(&mut link, &hello).await?;
-    drive(service, info, link, None, hello, opts, shutdown).await
+    let (_, info, rest) = handshake(&mut link, &hello).await?;
+    drive(service, info, link, rest, None, hello, opts, shutdown).await
 }
 
 async fn drive<S: Service>(
     mut service: S,
     info: InstanceInfo,
     link: Link,
+    early: Vec<ServerMsg>,
     connector: Option<Connector>,
     hello: Hello,
     opts: Options,
@@ -577,26 +517,11 @@ async fn drive<S: Service>(
         permits: permits.clone(),
         closing: false,
     };
-    let io_task = tokio::spawn(io.run(link, cmd_rx));
-    let mut ctx = Ctx {
-        info,
-        cmd: cmd_tx.clone(),
-        permits,
-        current: None,
-        next_req: 0,
-        stop: false,
-    };
+    let io_task = tokio::spawn(io.run(link, cmd_rx, early));
+    let mut ctx = Ctx { info, cmd: cmd_tx.clone(), permits, current: None, next_req: 0, stop: false };
     let result = async {
-        match AssertUnwindSafe(service.start(&mut ctx))
-            .catch_unwind()
-            .await
-        {
-            Err(p) => {
-                return Err(Error::Service(format!(
-                    "start panicked: {}",
-                    panic_text(&*p)
-                )))
-            }
+        match AssertUnwindSafe(service.start(&mut ctx)).catch_unwind().await {
+            Err(p) => return Err(Error::Service(format!("start panicked: {}", panic_text(&*p)))),
             Ok(Err(e)) => return Err(e),
             Ok(Ok(())) => {}
         }
@@ -616,29 +541,14 @@ async fn drive<S: Service>(
                 start_at: d.kanban.start_at.clone(),
                 outputs: 0,
             });
-            match AssertUnwindSafe(service.handle(d.kanban, &mut ctx))
-                .catch_unwind()
-                .await
-            {
-                Err(p) => {
-                    return Err(Error::Service(format!(
-                        "handler panicked: {}",
-                        panic_text(&*p)
-                    )))
-                }
+            match AssertUnwindSafe(service.handle(d.kanban, &mut ctx)).catch_unwind().await {
+                Err(p) => return Err(Error::Service(format!("handler panicked: {}", panic_text(&*p)))),
                 Ok(Err(Error::Closed)) => return Err(Error::Closed),
                 Ok(Err(e)) => tracing::error!("handler failed (kanban acknowledged): {e}"),
                 Ok(Ok(())) => {}
             }
             ctx.current = None;
-            if cmd_tx
-                .send(Cmd::Ack {
-                    epoch: d.epoch,
-                    seq: d.seq,
-                })
-                .await
-                .is_err()
-            {
+            if cmd_tx.send(Cmd::Ack { epoch: d.epoch, seq: d.seq }).await.is_err() {
                 return Err(Error::Closed);
             }
         }

@@ -81,11 +81,7 @@ pub trait Service: Send + 'static {
 
     /// Handles one input kanban. An `Err` is logged and the kanban is acknowledged (it will not be redelivered);
     /// a panic ends the service without acknowledging it, so the runtime redelivers it after a restart.
-    fn handle(
-        &mut self,
-        kanban: Kanban,
-        ctx: &mut Ctx,
-    ) -> impl Future<Output = Result<(), Error>> + Send;
+    fn handle(&mut self, kanban: Kanban, ctx: &mut Ctx) -> impl Future<Output = Result<(), Error>> + Send;
 }
 
 /// An output kanban under construction (AION's `NewOutputData` options).
@@ -164,21 +160,11 @@ impl Env {
     /// # Errors
     /// [`Error::Env`] if `AION_SOCKET` or `SERVICE_NAME` is missing or `MS_NUMBER` is not a number.
     pub fn from_env() -> Result<Env, Error> {
-        let socket = std::env::var_os("AION_SOCKET")
-            .ok_or_else(|| Error::Env("AION_SOCKET is not set".into()))?;
-        let service = std::env::var("SERVICE_NAME")
-            .map_err(|_| Error::Env("SERVICE_NAME is not set".into()))?;
-        let n = std::env::var("MS_NUMBER")
-            .or_else(|_| std::env::var("MSNUMBER"))
-            .unwrap_or_else(|_| "1".into());
-        let instance: u32 = n
-            .parse()
-            .map_err(|_| Error::Env(format!("MS_NUMBER `{n}` is not a number")))?;
-        Ok(Env {
-            socket: socket.into(),
-            service,
-            instance: instance.max(1),
-        })
+        let socket = std::env::var_os("AION_SOCKET").ok_or_else(|| Error::Env("AION_SOCKET is not set".into()))?;
+        let service = std::env::var("SERVICE_NAME").map_err(|_| Error::Env("SERVICE_NAME is not set".into()))?;
+        let n = std::env::var("MS_NUMBER").or_else(|_| std::env::var("MSNUMBER")).unwrap_or_else(|_| "1".into());
+        let instance: u32 = n.parse().map_err(|_| Error::Env(format!("MS_NUMBER `{n}` is not a number")))?;
+        Ok(Env { socket: socket.into(), service, instance: instance.max(1) })
     }
 }
 
@@ -197,12 +183,7 @@ pub struct Options {
 
 impl Default for Options {
     fn default() -> Self {
-        Options {
-            window: 256,
-            output_window: 1024,
-            seed: false,
-            reconnect_for: Duration::from_secs(60),
-        }
+        Options { window: 256, output_window: 1024, seed: false, reconnect_for: Duration::from_secs(60) }
     }
 }
 
@@ -231,10 +212,7 @@ pub fn main_with<S: Service>(service: S, opts: Options) -> std::process::ExitCod
         )
         .with_writer(std::io::stderr)
         .try_init();
-    let rt = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
+    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("cannot start the tokio runtime: {e}");

@@ -33,11 +33,7 @@ pub trait Actor: Send + Sized + 'static {
     }
 
     /// Handles one message. A panic here is caught and reported to the supervisor.
-    fn handle(
-        &mut self,
-        msg: Self::Msg,
-        ctx: &mut Context<Self>,
-    ) -> impl Future<Output = ()> + Send;
+    fn handle(&mut self, msg: Self::Msg, ctx: &mut Context<Self>) -> impl Future<Output = ()> + Send;
 
     /// Called when the actor stops normally (not on kill or panic).
     fn stopped(&mut self) -> impl Future<Output = ()> + Send {
@@ -63,10 +59,7 @@ pub enum ExitReason {
 impl ExitReason {
     /// True when the exit is abnormal (restarted by a `Transient` policy).
     pub fn is_abnormal(&self) -> bool {
-        matches!(
-            self,
-            ExitReason::Panicked(_) | ExitReason::Failed(_) | ExitReason::Killed
-        )
+        matches!(self, ExitReason::Panicked(_) | ExitReason::Failed(_) | ExitReason::Killed)
     }
 }
 
@@ -107,11 +100,7 @@ pub struct Addr<A: Actor> {
 
 impl<A: Actor> Clone for Addr<A> {
     fn clone(&self) -> Self {
-        Addr {
-            tx: self.tx.clone(),
-            ctl: self.ctl.clone(),
-            name: self.name.clone(),
-        }
+        Addr { tx: self.tx.clone(), ctl: self.ctl.clone(), name: self.name.clone() }
     }
 }
 
@@ -203,15 +192,7 @@ impl<A: Actor> Mailbox<A> {
     pub fn new(name: &str, capacity: usize) -> Mailbox<A> {
         let (tx, rx) = mpsc::channel(capacity.max(1));
         let (ctl, ctl_rx) = watch::channel(Signal::Run);
-        Mailbox {
-            addr: Addr {
-                tx,
-                ctl: Arc::new(ctl),
-                name: name.into(),
-            },
-            rx,
-            ctl_rx,
-        }
+        Mailbox { addr: Addr { tx, ctl: Arc::new(ctl), name: name.into() }, rx, ctl_rx }
     }
 
     /// The address of this mailbox.
@@ -234,21 +215,11 @@ pub fn panic_message(p: &(dyn Any + Send)) -> String {
 /// Runs one incarnation of `actor` on `mailbox` until it exits; gives the mailbox back with the reason.
 ///
 /// Panics in `started`, `handle` and `stopped` are caught.
-pub async fn run_incarnation<A: Actor>(
-    mut actor: A,
-    mut mb: Mailbox<A>,
-) -> (ExitReason, Mailbox<A>) {
+pub async fn run_incarnation<A: Actor>(mut actor: A, mut mb: Mailbox<A>) -> (ExitReason, Mailbox<A>) {
     mb.addr.ctl.send_replace(Signal::Run);
     mb.ctl_rx.mark_unchanged();
-    let mut ctx = Context {
-        addr: mb.addr.clone(),
-        stop: false,
-        failed: None,
-    };
-    if let Err(p) = AssertUnwindSafe(actor.started(&mut ctx))
-        .catch_unwind()
-        .await
-    {
+    let mut ctx = Context { addr: mb.addr.clone(), stop: false, failed: None };
+    if let Err(p) = AssertUnwindSafe(actor.started(&mut ctx)).catch_unwind().await {
         return (ExitReason::Panicked(panic_message(&*p)), mb);
     }
     if let Some(f) = ctx.failed.take() {

@@ -46,10 +46,7 @@ pub struct Intensity {
 impl Default for Intensity {
     /// OTP's default: 3 restarts in 5 seconds.
     fn default() -> Self {
-        Intensity {
-            max_restarts: 3,
-            within: Duration::from_secs(5),
-        }
+        Intensity { max_restarts: 3, within: Duration::from_secs(5) }
     }
 }
 
@@ -137,11 +134,7 @@ impl<A: Actor, F: FnMut() -> A + Send + 'static> Starter for ActorStarter<A, F> 
             }),
             None => {
                 // Cannot happen: the supervisor waits for an exit (which returns the mailbox) before restarting.
-                let _ = exits.try_send((
-                    index,
-                    generation,
-                    ExitReason::Failed("mailbox still in use".into()),
-                ));
+                let _ = exits.try_send((index, generation, ExitReason::Failed("mailbox still in use".into())));
             }
         }
         Box::new(self.addr.clone())
@@ -159,19 +152,8 @@ impl ChildSpec {
     ) -> (ChildSpec, Addr<A>) {
         let mb = Mailbox::new(name, capacity);
         let addr = mb.addr();
-        let starter = ActorStarter {
-            factory,
-            mailbox: Arc::new(Mutex::new(Some(mb))),
-            addr: addr.clone(),
-        };
-        (
-            ChildSpec {
-                name: name.to_owned(),
-                restart,
-                starter: Box::new(starter),
-            },
-            addr,
-        )
+        let starter = ActorStarter { factory, mailbox: Arc::new(Mutex::new(Some(mb))), addr: addr.clone() };
+        (ChildSpec { name: name.to_owned(), restart, starter: Box::new(starter) }, addr)
     }
 
     /// A nested supervisor as a child.
@@ -179,9 +161,7 @@ impl ChildSpec {
         ChildSpec {
             name: name.to_owned(),
             restart,
-            starter: Box::new(SupStarter {
-                slot: Arc::new(Mutex::new(Some(sup))),
-            }),
+            starter: Box::new(SupStarter { slot: Arc::new(Mutex::new(Some(sup))) }),
         }
     }
 }
@@ -262,11 +242,7 @@ impl Starter for SupStarter {
                 Box::new(handle)
             }
             None => {
-                let _ = exits.try_send((
-                    index,
-                    generation,
-                    ExitReason::Failed("supervisor spec in use".into()),
-                ));
+                let _ = exits.try_send((index, generation, ExitReason::Failed("supervisor spec in use".into())));
                 Box::new(NoChild)
             }
         }
@@ -307,11 +283,7 @@ impl Supervisor {
     fn start_into(self, slot: Arc<Mutex<Option<Supervisor>>>) -> SupervisorHandle {
         let (ctl, ctl_rx) = mpsc::channel(4);
         let (done, _) = tokio::sync::watch::channel(None);
-        let handle = SupervisorHandle {
-            ctl,
-            journal: self.journal.clone(),
-            done: Arc::new(done),
-        };
+        let handle = SupervisorHandle { ctl, journal: self.journal.clone(), done: Arc::new(done) };
         let h = handle.clone();
         spawn_future(async move {
             let (reason, spec) = self.run(ctl_rx).await;
@@ -330,11 +302,7 @@ impl Supervisor {
         let mut generation = vec![0u64; n];
         let mut restarts: VecDeque<Instant> = VecDeque::new();
         for i in 0..n {
-            running[i] = Some(
-                self.children[i]
-                    .starter
-                    .start(i, generation[i], exit_tx.clone()),
-            );
+            running[i] = Some(self.children[i].starter.start(i, generation[i], exit_tx.clone()));
         }
         let reason = loop {
             let exit = match self.deferred.pop_front() {
@@ -362,26 +330,18 @@ impl Supervisor {
                         Restart::Temporary => false,
                     };
                     tracing::warn!(supervisor = %self.name, child = %spec.name, ?reason, restart, "child exited");
-                    self.journal.push(Event {
-                        child: spec.name.clone(),
-                        reason: reason.clone(),
-                        restarted: restart,
-                    });
+                    self.journal.push(Event { child: spec.name.clone(), reason: reason.clone(), restarted: restart });
                     if !restart {
                         continue;
                     }
                     let now = Instant::now();
                     restarts.push_back(now);
-                    while restarts
-                        .front()
-                        .is_some_and(|t| now.duration_since(*t) > self.intensity.within)
-                    {
+                    while restarts.front().is_some_and(|t| now.duration_since(*t) > self.intensity.within) {
                         restarts.pop_front();
                     }
                     if restarts.len() as u32 > self.intensity.max_restarts {
                         tracing::error!(supervisor = %self.name, "restart intensity exceeded; escalating");
-                        self.stop_range(0..n, &mut running, &mut generation, &mut exit_rx, false)
-                            .await;
+                        self.stop_range(0..n, &mut running, &mut generation, &mut exit_rx, false).await;
                         break ExitReason::Failed(format!(
                             "{}: more than {} restarts in {:?} (last: {} {:?})",
                             self.name,
@@ -396,21 +356,10 @@ impl Supervisor {
                         Strategy::OneForAll => 0..n,
                         Strategy::RestForOne => i..n,
                     };
-                    self.stop_range(
-                        range.clone(),
-                        &mut running,
-                        &mut generation,
-                        &mut exit_rx,
-                        false,
-                    )
-                    .await;
+                    self.stop_range(range.clone(), &mut running, &mut generation, &mut exit_rx, false).await;
                     for j in range {
                         generation[j] += 1;
-                        running[j] = Some(self.children[j].starter.start(
-                            j,
-                            generation[j],
-                            exit_tx.clone(),
-                        ));
+                        running[j] = Some(self.children[j].starter.start(j, generation[j], exit_tx.clone()));
                     }
                 }
             }
@@ -431,10 +380,7 @@ impl Supervisor {
             let Some(child) = running[j].take() else {
                 continue;
             };
-            let already = self
-                .deferred
-                .iter()
-                .position(|(i, g, _)| *i == j && *g == generation[j]);
+            let already = self.deferred.iter().position(|(i, g, _)| *i == j && *g == generation[j]);
             if let Some(pos) = already {
                 self.deferred.remove(pos); // it exited on its own while we were stopping another child
                 continue;
@@ -469,10 +415,7 @@ impl Supervisor {
 ///
 /// # Errors
 /// `None` when the actor is gone or dropped the reply.
-pub async fn ask<A: Actor, R>(
-    addr: &Addr<A>,
-    make: impl FnOnce(oneshot::Sender<R>) -> A::Msg,
-) -> Option<R> {
+pub async fn ask<A: Actor, R>(addr: &Addr<A>, make: impl FnOnce(oneshot::Sender<R>) -> A::Msg) -> Option<R> {
     let (tx, rx) = oneshot::channel();
     addr.send(make(tx)).await.ok()?;
     rx.await.ok()

@@ -33,18 +33,12 @@ pub fn load_file(path: &Path) -> Loaded {
 
 /// Loads and validates services.yml text; `file` names it in diagnostics.
 pub fn load_str(file: &str, src: &str) -> Loaded {
-    let mut cx = Cx {
-        file,
-        diags: Vec::new(),
-    };
+    let mut cx = Cx { file, diags: Vec::new() };
     let root = match parse(src) {
         Ok(r) => r,
         Err(e) => {
             cx.err(e.pos, format!("YAML syntax error: {}", e.message));
-            return Loaded {
-                config: None,
-                diagnostics: cx.diags,
-            };
+            return Loaded { config: None, diagnostics: cx.diags };
         }
     };
     let cfg = match &root {
@@ -54,10 +48,7 @@ pub fn load_str(file: &str, src: &str) -> Loaded {
     };
     cx.diags.sort_by_key(|d| (d.line, d.column));
     let failed = cx.diags.iter().any(|d| d.severity == Severity::Error);
-    Loaded {
-        config: if failed { None } else { cfg },
-        diagnostics: cx.diags,
-    }
+    Loaded { config: if failed { None } else { cfg }, diagnostics: cx.diags }
 }
 
 struct Cx<'a> {
@@ -67,13 +58,7 @@ struct Cx<'a> {
 
 impl Cx<'_> {
     fn push(&mut self, severity: Severity, pos: Pos, message: String) {
-        self.diags.push(Diagnostic {
-            severity,
-            file: self.file.to_owned(),
-            line: pos.line,
-            column: pos.col,
-            message,
-        });
+        self.diags.push(Diagnostic { severity, file: self.file.to_owned(), line: pos.line, column: pos.col, message });
     }
     fn err(&mut self, pos: Pos, message: String) {
         self.push(Severity::Error, pos, message)
@@ -89,10 +74,7 @@ fn entries<'n>(cx: &mut Cx, node: &'n Node, path: &str) -> Option<Vec<(String, P
         Node::Map(items, _) => items,
         n if n.is_null() => return Some(Vec::new()),
         n => {
-            cx.err(
-                n.pos(),
-                format!("{path}: expected a mapping, found {}", n.kind()),
-            );
+            cx.err(n.pos(), format!("{path}: expected a mapping, found {}", n.kind()));
             return None;
         }
     };
@@ -100,17 +82,11 @@ fn entries<'n>(cx: &mut Cx, node: &'n Node, path: &str) -> Option<Vec<(String, P
     let mut out = Vec::with_capacity(items.len());
     for (k, v) in items {
         let Node::Scalar { value, .. } = k else {
-            cx.err(
-                k.pos(),
-                format!("{path}: a key must be a scalar, found {}", k.kind()),
-            );
+            cx.err(k.pos(), format!("{path}: a key must be a scalar, found {}", k.kind()));
             continue;
         };
         if !seen.insert(value.clone()) {
-            cx.err(
-                k.pos(),
-                format!("{path}: key `{value}` is defined more than once"),
-            );
+            cx.err(k.pos(), format!("{path}: key `{value}` is defined more than once"));
             continue;
         }
         out.push((value.clone(), k.pos(), v));
@@ -123,10 +99,7 @@ fn string(cx: &mut Cx, node: &Node, path: &str) -> Option<String> {
         n if n.is_null() => Some(String::new()),
         Node::Scalar { value, .. } => Some(value.clone()),
         n => {
-            cx.err(
-                n.pos(),
-                format!("{path}: expected a string, found {}", n.kind()),
-            );
+            cx.err(n.pos(), format!("{path}: expected a string, found {}", n.kind()));
             None
         }
     }
@@ -136,19 +109,10 @@ fn boolean(cx: &mut Cx, node: &Node, path: &str) -> Option<bool> {
     if node.is_null() {
         return Some(false);
     }
-    if let Node::Scalar {
-        value,
-        plain: true,
-        tag: None,
-        ..
-    } = node
-    {
+    if let Node::Scalar { value, plain: true, tag: None, .. } = node {
         match value.as_str() {
-            "y" | "Y" | "yes" | "Yes" | "YES" | "true" | "True" | "TRUE" | "on" | "On" | "ON" => {
-                return Some(true)
-            }
-            "n" | "N" | "no" | "No" | "NO" | "false" | "False" | "FALSE" | "off" | "Off"
-            | "OFF" => return Some(false),
+            "y" | "Y" | "yes" | "Yes" | "YES" | "true" | "True" | "TRUE" | "on" | "On" | "ON" => return Some(true),
+            "n" | "N" | "no" | "No" | "NO" | "false" | "False" | "FALSE" | "off" | "Off" | "OFF" => return Some(false),
             _ => {}
         }
     }
@@ -156,10 +120,7 @@ fn boolean(cx: &mut Cx, node: &Node, path: &str) -> Option<bool> {
         Node::Scalar { value, .. } => format!("`{value}`"),
         n => n.kind().to_owned(),
     };
-    cx.err(
-        node.pos(),
-        format!("{path}: expected a boolean (yes/no, true/false, on/off), found {shown}"),
-    );
+    cx.err(node.pos(), format!("{path}: expected a boolean (yes/no, true/false, on/off), found {shown}"));
     None
 }
 
@@ -192,25 +153,16 @@ fn int(cx: &mut Cx, node: &Node, path: &str, min: i64, max: i64) -> Option<i64> 
         return Some(0);
     }
     let parsed = match node {
-        Node::Scalar {
-            value, plain: true, ..
-        } => parse_int(value).or_else(|| {
+        Node::Scalar { value, plain: true, .. } => parse_int(value).or_else(|| {
             // yaml.v2 accepts an integral float into an int field.
-            value
-                .parse::<f64>()
-                .ok()
-                .filter(|f| f.fract() == 0.0 && f.abs() < 9.0e15)
-                .map(|f| f as i64)
+            value.parse::<f64>().ok().filter(|f| f.fract() == 0.0 && f.abs() < 9.0e15).map(|f| f as i64)
         }),
         _ => None,
     };
     match parsed {
         Some(v) if v >= min && v <= max => Some(v),
         Some(v) => {
-            cx.err(
-                node.pos(),
-                format!("{path}: {v} is out of range ({min}..={max})"),
-            );
+            cx.err(node.pos(), format!("{path}: {v} is out of range ({min}..={max})"));
             None
         }
         None => {
@@ -218,10 +170,7 @@ fn int(cx: &mut Cx, node: &Node, path: &str, min: i64, max: i64) -> Option<i64> 
                 Node::Scalar { value, .. } => format!("`{value}`"),
                 n => n.kind().to_owned(),
             };
-            cx.err(
-                node.pos(),
-                format!("{path}: expected an integer, found {shown}"),
-            );
+            cx.err(node.pos(), format!("{path}: expected an integer, found {shown}"));
             None
         }
     }
@@ -238,10 +187,7 @@ fn string_list(cx: &mut Cx, node: &Node, path: &str) -> Option<Vec<(String, Pos)
             Some(out)
         }
         n => {
-            cx.err(
-                n.pos(),
-                format!("{path}: expected a list of strings, found {}", n.kind()),
-            );
+            cx.err(n.pos(), format!("{path}: expected a list of strings, found {}", n.kind()));
             None
         }
     }
@@ -294,11 +240,7 @@ fn top(cx: &mut Cx, root: &Node) -> Option<ServicesFile> {
         }
     }
     if let Some(v) = services_node {
-        let env = RouteEnv {
-            services: &service_names,
-            devices: &device_names,
-            this_device: &cfg.device_name,
-        };
+        let env = RouteEnv { services: &service_names, devices: &device_names, this_device: &cfg.device_name };
         match entries(cx, v, "microservices") {
             Some(svcs) => {
                 for (name, pos, s) in svcs {
@@ -332,9 +274,7 @@ fn device(cx: &mut Cx, name: &str, node: &Node) -> Option<Device> {
             "aionHome" => d.aion_home = string(cx, v, &p).unwrap_or_else(|| bad(&mut ok)),
             "username" => d.username = string(cx, v, &p).unwrap_or_else(|| bad(&mut ok)),
             "password" => d.password = string(cx, v, &p).unwrap_or_else(|| bad(&mut ok)),
-            "sshPort" => {
-                d.ssh_port = int(cx, v, &p, 0, 65535).unwrap_or_else(|| bad(&mut ok)) as i32
-            }
+            "sshPort" => d.ssh_port = int(cx, v, &p, 0, 65535).unwrap_or_else(|| bad(&mut ok)) as i32,
             _ => unknown(cx, pos, &path, &k),
         }
     }
@@ -360,13 +300,7 @@ struct RouteEnv<'a> {
     this_device: &'a str,
 }
 
-fn microservice(
-    cx: &mut Cx,
-    name: &str,
-    name_pos: Pos,
-    node: &Node,
-    env: &RouteEnv,
-) -> Option<Microservice> {
+fn microservice(cx: &mut Cx, name: &str, name_pos: Pos, node: &Node, env: &RouteEnv) -> Option<Microservice> {
     let path = format!("microservices.{name}");
     let mut ok = true;
     if !is_dns1035_label(name) || name.len() > 55 {
@@ -381,12 +315,7 @@ fn microservice(
         ok = false;
     }
     if node.is_null() {
-        cx.err(
-            node.pos(),
-            format!(
-                "{path}: yaml format is wrong: the service has no fields (AION refused this too)"
-            ),
-        );
+        cx.err(node.pos(), format!("{path}: yaml format is wrong: the service has no fields (AION refused this too)"));
         return None;
     }
     let mut ms = Microservice::with_defaults(name);
@@ -394,16 +323,18 @@ fn microservice(
     for (k, pos, v) in entries(cx, node, &path)? {
         let p = format!("{path}.{k}");
         match k.as_str() {
-            "command" => match v {
-                Node::Scalar { .. } if !v.is_null() => {
-                    cx.err(v.pos(), format!("{p}: expected a list (argv, no shell), e.g. [\"python3\", \"main.py\"], found a scalar"));
-                    ok = false;
+            "command" => {
+                match v {
+                    Node::Scalar { .. } if !v.is_null() => {
+                        cx.err(v.pos(), format!("{p}: expected a list (argv, no shell), e.g. [\"python3\", \"main.py\"], found a scalar"));
+                        ok = false;
+                    }
+                    _ => match string_list(cx, v, &p) {
+                        Some(l) => ms.command = l.into_iter().map(|(s, _)| s).collect(),
+                        None => ok = false,
+                    },
                 }
-                _ => match string_list(cx, v, &p) {
-                    Some(l) => ms.command = l.into_iter().map(|(s, _)| s).collect(),
-                    None => ok = false,
-                },
-            },
+            }
             "tag" => ms.tag = string(cx, v, &p).unwrap_or_else(|| bad(&mut ok)),
             "scale" => match int(cx, v, &p, i32::MIN as i64, 10_000) {
                 Some(s) => scale_seen = Some((s, v.pos())),
@@ -413,21 +344,14 @@ fn microservice(
             "always" => ms.always = boolean(cx, v, &p).unwrap_or_else(|| bad(&mut ok)),
             "multiple" => ms.multiple = boolean(cx, v, &p).unwrap_or_else(|| bad(&mut ok)),
             "privileged" => ms.privileged = boolean(cx, v, &p).unwrap_or_else(|| bad(&mut ok)),
-            "withoutKanban" => {
-                ms.without_kanban = boolean(cx, v, &p).unwrap_or_else(|| bad(&mut ok))
-            }
+            "withoutKanban" => ms.without_kanban = boolean(cx, v, &p).unwrap_or_else(|| bad(&mut ok)),
             "network" => ms.network = string(cx, v, &p).unwrap_or_else(|| bad(&mut ok)),
-            "serviceAccount" => {
-                ms.service_account = string(cx, v, &p).unwrap_or_else(|| bad(&mut ok))
-            }
+            "serviceAccount" => ms.service_account = string(cx, v, &p).unwrap_or_else(|| bad(&mut ok)),
             "targetNode" => ms.target_node = string(cx, v, &p).unwrap_or_else(|| bad(&mut ok)),
             "position" => ms.position = string(cx, v, &p).unwrap_or_else(|| bad(&mut ok)),
-            "directoryPath" => {
-                ms.directory_path = string(cx, v, &p).unwrap_or_else(|| bad(&mut ok))
-            }
+            "directoryPath" => ms.directory_path = string(cx, v, &p).unwrap_or_else(|| bad(&mut ok)),
             "interval" => {
-                ms.interval = int(cx, v, &p, i32::MIN as i64, i32::MAX as i64)
-                    .unwrap_or_else(|| bad(&mut ok)) as i32
+                ms.interval = int(cx, v, &p, i32::MIN as i64, i32::MAX as i64).unwrap_or_else(|| bad(&mut ok)) as i32
             }
             "workingDir" => ms.working_dir = string(cx, v, &p).filter(|s| !s.is_empty()),
             "env" => match entries(cx, v, &p) {
@@ -487,10 +411,7 @@ fn microservice(
     }
     if let Some((s, spos)) = scale_seen {
         if s < 1 {
-            cx.warn(
-                spos,
-                format!("{path}.scale: {s} is less than 1; using 1 (as AION did)"),
-            );
+            cx.warn(spos, format!("{path}.scale: {s} is less than 1; using 1 (as AION did)"));
             ms.scale = 1;
         } else {
             ms.scale = s as u32;
@@ -504,10 +425,7 @@ fn microservice(
     } else if ms.network != "NodePort" && ms.network != "ClusterIP" {
         cx.warn(
             node.pos(),
-            format!(
-                "{path}.network: `{}` is neither NodePort nor ClusterIP; ClusterIP is used",
-                ms.network
-            ),
+            format!("{path}.network: `{}` is neither NodePort nor ClusterIP; ClusterIP is used", ms.network),
         );
     }
     if ms.service_account.is_empty() {
@@ -519,13 +437,7 @@ fn microservice(
     ok.then_some(ms)
 }
 
-fn next_service(
-    cx: &mut Cx,
-    node: &Node,
-    path: &str,
-    env: &RouteEnv,
-    ms: &mut Microservice,
-) -> bool {
+fn next_service(cx: &mut Cx, node: &Node, path: &str, env: &RouteEnv, ms: &mut Microservice) -> bool {
     let Some(keys) = entries(cx, node, path) else {
         return false;
     };
@@ -536,13 +448,7 @@ fn next_service(
             Node::Seq(items, _) => items,
             n if n.is_null() => &[],
             n => {
-                cx.err(
-                    n.pos(),
-                    format!(
-                        "{kp}: expected a list of targets (`- name: …`), found {}",
-                        n.kind()
-                    ),
-                );
+                cx.err(n.pos(), format!("{kp}: expected a list of targets (`- name: …`), found {}", n.kind()));
                 ok = false;
                 continue;
             }
@@ -554,11 +460,7 @@ fn next_service(
                 ok = false;
                 continue;
             };
-            let mut t = NextService {
-                name: String::new(),
-                pattern: "n".into(),
-                device: String::new(),
-            };
+            let mut t = NextService { name: String::new(), pattern: "n".into(), device: String::new() };
             let mut name_pos = item.pos();
             let mut device_pos = item.pos();
             for (fk, fpos, fv) in fields {
@@ -585,12 +487,15 @@ fn next_service(
                 continue;
             }
             if !env.services.contains(&t.name) {
-                cx.warn(name_pos, format!("{ip}.name: `{}` is not defined in microservices; kanbans routed to it are dead-lettered", t.name));
+                cx.warn(
+                    name_pos,
+                    format!(
+                        "{ip}.name: `{}` is not defined in microservices; kanbans routed to it are dead-lettered",
+                        t.name
+                    ),
+                );
             }
-            if !t.device.is_empty()
-                && t.device != env.this_device
-                && !env.devices.contains(&t.device)
-            {
+            if !t.device.is_empty() && t.device != env.this_device && !env.devices.contains(&t.device) {
                 cx.warn(device_pos, format!("{ip}.device: `{}` is not listed in devices; the kanban is delivered on this device (as AION did)", t.device));
             }
             targets.push(t);
@@ -605,10 +510,7 @@ fn ports(cx: &mut Cx, node: &Node, path: &str, ms: &mut Microservice) -> bool {
         Node::Seq(items, _) => items,
         n if n.is_null() => return true,
         n => {
-            cx.err(
-                n.pos(),
-                format!("{path}: expected a list of ports, found {}", n.kind()),
-            );
+            cx.err(n.pos(), format!("{path}: expected a list of ports, found {}", n.kind()));
             return false;
         }
     };
@@ -620,12 +522,7 @@ fn ports(cx: &mut Cx, node: &Node, path: &str, ms: &mut Microservice) -> bool {
             ok = false;
             continue;
         };
-        let mut port = Port {
-            name: String::new(),
-            protocol: String::new(),
-            port: 0,
-            node_port: 0,
-        };
+        let mut port = Port { name: String::new(), protocol: String::new(), port: 0, node_port: 0 };
         let mut name_pos = item.pos();
         for (k, kpos, v) in fields {
             let p = format!("{ip}.{k}");
@@ -637,29 +534,22 @@ fn ports(cx: &mut Cx, node: &Node, path: &str, ms: &mut Microservice) -> bool {
                 "protocol" => {
                     port.protocol = string(cx, v, &p).unwrap_or_else(|| bad(&mut ok));
                     if !matches!(port.protocol.as_str(), "" | "TCP" | "UDP" | "SCTP") {
-                        cx.err(
-                            v.pos(),
-                            format!("{p}: `{}` is not TCP, UDP or SCTP", port.protocol),
-                        );
+                        cx.err(v.pos(), format!("{p}: `{}` is not TCP, UDP or SCTP", port.protocol));
                         ok = false;
                     }
                 }
-                "port" => {
-                    port.port = int(cx, v, &p, 1, 65535).unwrap_or_else(|| bad(&mut ok)) as i32
-                }
-                "nodePort" => {
-                    port.node_port = int(cx, v, &p, 0, 65535).unwrap_or_else(|| bad(&mut ok)) as i32
-                }
+                "port" => port.port = int(cx, v, &p, 1, 65535).unwrap_or_else(|| bad(&mut ok)) as i32,
+                "nodePort" => port.node_port = int(cx, v, &p, 0, 65535).unwrap_or_else(|| bad(&mut ok)) as i32,
                 _ => unknown(cx, kpos, &ip, &k),
             }
         }
         if port.name.is_empty() {
-            cx.warn(item.pos(), format!("{ip}: a port without `name` (Kubernetes needs one when a Service has several ports)"));
-        } else if !names.insert(port.name.clone()) {
-            cx.err(
-                name_pos,
-                format!("{ip}.name: duplicate port name `{}`", port.name),
+            cx.warn(
+                item.pos(),
+                format!("{ip}: a port without `name` (Kubernetes needs one when a Service has several ports)"),
             );
+        } else if !names.insert(port.name.clone()) {
+            cx.err(name_pos, format!("{ip}.name: duplicate port name `{}`", port.name));
             ok = false;
         }
         ms.ports.push(port);

@@ -44,11 +44,7 @@ impl fmt::Display for Diagnostic {
             Severity::Warning => "warning",
         };
         if self.line > 0 {
-            write!(
-                f,
-                "{}:{}:{}: {sev}: {}",
-                self.file, self.line, self.column, self.message
-            )
+            write!(f, "{}:{}:{}: {sev}: {}", self.file, self.line, self.column, self.message)
         } else {
             write!(f, "{}: {sev}: {}", self.file, self.message)
         }
@@ -67,9 +63,7 @@ pub struct Loaded {
 impl Loaded {
     /// True if any diagnostic is an error (or, with `strict`, a warning).
     pub fn failed(&self, strict: bool) -> bool {
-        self.diagnostics
-            .iter()
-            .any(|d| d.severity == Severity::Error || strict)
+        self.diagnostics.iter().any(|d| d.severity == Severity::Error || strict)
     }
 }
 
@@ -259,10 +253,7 @@ impl Microservice {
 
     /// Targets for a connection key: an exact match, else `default`.
     pub fn routes(&self, key: &str) -> Option<&[NextService]> {
-        self.next_service
-            .get(key)
-            .or_else(|| self.next_service.get("default"))
-            .map(Vec::as_slice)
+        self.next_service.get(key).or_else(|| self.next_service.get("default")).map(Vec::as_slice)
     }
 }
 
@@ -274,24 +265,20 @@ pub fn is_dns1035_label(name: &str) -> bool {
         && b.len() <= 63
         && b[0].is_ascii_lowercase()
         && b[b.len() - 1].is_ascii_alphanumeric()
-        && b.iter()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
+        && b.iter().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
 }
 
 /// True if `q` is a Kubernetes resource quantity (`500m`, `1.5`, `512Mi`, `1e3`, `2G`).
 pub fn is_quantity(q: &str) -> bool {
     let s = q.strip_prefix(['+', '-']).unwrap_or(q);
-    let digits_end = s
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(s.len());
+    let digits_end = s.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(s.len());
     let (num, suffix) = s.split_at(digits_end);
     let dots = num.matches('.').count();
     if num.is_empty() || num == "." || dots > 1 {
         return false;
     }
     match suffix {
-        "" | "m" | "k" | "M" | "G" | "T" | "P" | "E" | "Ki" | "Mi" | "Gi" | "Ti" | "Pi" | "Ei"
-        | "n" | "u" => true,
+        "" | "m" | "k" | "M" | "G" | "T" | "P" | "E" | "Ki" | "Mi" | "Gi" | "Ti" | "Pi" | "Ei" | "n" | "u" => true,
         e => {
             let Some(exp) = e.strip_prefix(['e', 'E']) else {
                 return false;

@@ -17,10 +17,7 @@ pub struct Pos {
 
 impl From<Marker> for Pos {
     fn from(m: Marker) -> Pos {
-        Pos {
-            line: m.line(),
-            col: m.col() + 1,
-        }
+        Pos { line: m.line(), col: m.col() + 1 }
     }
 }
 
@@ -118,18 +115,11 @@ impl MarkedEventReceiver for Builder {
         match ev {
             Event::DocumentStart => self.docs += 1,
             Event::Scalar(value, style, anchor, tag) => {
-                let node = Node::Scalar {
-                    value,
-                    plain: style == TScalarStyle::Plain,
-                    tag: tag.map(|t| t.suffix),
-                    pos,
-                };
+                let node = Node::Scalar { value, plain: style == TScalarStyle::Plain, tag: tag.map(|t| t.suffix), pos };
                 self.push_node(node, anchor);
             }
             Event::SequenceStart(anchor, _) => self.stack.push(Frame::Seq(Vec::new(), pos, anchor)),
-            Event::MappingStart(anchor, _) => {
-                self.stack.push(Frame::Map(Vec::new(), None, pos, anchor))
-            }
+            Event::MappingStart(anchor, _) => self.stack.push(Frame::Map(Vec::new(), None, pos, anchor)),
             Event::SequenceEnd | Event::MappingEnd => {
                 let node = match self.stack.pop() {
                     Some(Frame::Seq(items, p, a)) => (Node::Seq(items, p), a),
@@ -142,10 +132,7 @@ impl MarkedEventReceiver for Builder {
                 Some(n) => self.push_node(n, 0),
                 None => {
                     if self.error.is_none() {
-                        self.error = Some(SyntaxError {
-                            pos,
-                            message: "alias to an unknown anchor".into(),
-                        });
+                        self.error = Some(SyntaxError { pos, message: "alias to an unknown anchor".into() });
                     }
                 }
             },
@@ -161,10 +148,9 @@ impl MarkedEventReceiver for Builder {
 pub fn parse(src: &str) -> Result<Option<Node>, SyntaxError> {
     let mut b = Builder::default();
     let mut parser = Parser::new_from_str(src);
-    parser.load(&mut b, false).map_err(|e| SyntaxError {
-        pos: Pos::from(*e.marker()),
-        message: e.info().to_owned(),
-    })?;
+    parser
+        .load(&mut b, false)
+        .map_err(|e| SyntaxError { pos: Pos::from(*e.marker()), message: e.info().to_owned() })?;
     if let Some(e) = b.error {
         return Err(e);
     }

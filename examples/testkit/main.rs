@@ -1,0 +1,128 @@
+//! A configurable microservice for tests and experiments. Behaviour comes from the environment:
+//!
+//! - `EMIT_COUNT=N`: at start, emit N kanbans with `metadata.seq` 1..=N (and `metadata.key` routing, see
+//!   `KEY`), then, if `TERMINATE=1`, send the terminate kanban and exit.
+//! - `KEY=k`: the connection key of outputs (default: `metadata.route` of the input, else `default`).
+//! - `FORWARD=1`: forward every input (metadata kept, `hops` extended with this instance).
+//! - `RECORD=path`: append one JSON line per received kanban to `path` (the test's sink).
+//! - `SLOW_MS=n`: sleep n ms per kanban.
+//! - `EXIT_CODE=c`: exit with code c right after connecting (crash loop material).
+//! - `DIE_AT=s`: abort the process (no ack) when receiving `seq == s` the first time (a marker file in the
+//!   data dir remembers it happened).
+//! - `ONESHOT=1`: stop after handling one kanban (a run-to-completion job).
+//! - `STATICS=1`: put two static kanbans on topic `t`, delete the first, subscribe, and record what it sees.
+use aion_sdk::{metadata_to_json, Ctx, Error, Kanban, Output, Service, Value};
+use std::io::Write;
+
+struct Kit {
+    emit: u64,
+    terminate: bool,
+    key: Option<String>,
+    forward: bool,
+    record: Option<std::fs::File>,
+    slow: u64,
+    die_at: Option<u64>,
+    statics: bool,
+    oneshot: bool,
+}
+
+impl Kit {
+    fn record(&mut self, line: serde_json::Value) -> Result<(), Error> {
+        if let Some(f) = &mut self.record {
+            // One write per line: with O_APPEND, lines of several instances never interleave.
+            f.write_all(format!("{line}\n").as_bytes()).map_err(Error::msg)?;
+        }
+        Ok(())
+    }
+}
+
+impl Service for Kit {
+    async fn start(&mut self, ctx: &mut Ctx) -> Result<(), Error> {
+        if self.statics {
+            let a = ctx.static_put("t", Output::new().meta("v", "first")).await?;
+            let _b = ctx.static_put("t", Output::new().meta("v", "second")).await?;
+            let deleted = ctx.static_delete("t", a).await?;
+            let listed = ctx.static_get("t").await?;
+            let mut sub = ctx.static_subscribe("t").await?;
+            let seen = sub.recv().await.map(|(_, k)| metadata_to_json(&k.metadata));
+            self.record(serde_json::json!({
+                "statics": {"deleted": deleted, "listed": listed.len(), "subscribed_first": seen}
+            }))?;
+        }
+        for i in 1..=self.emit {
+            let mut out = Output::new().meta("seq", i).meta("origin_instance", u64::from(ctx.process_number()));
+            if let Some(k) = &self.key {
+                out = out.key(k.clone());
+            }
+            ctx.emit(out).await?;
+        }
+        if self.terminate {
+            ctx.terminate().await?;
+        }
+        Ok(())
+    }
+
+    async fn handle(&mut self, k: Kanban, ctx: &mut Ctx) -> Result<(), Error> {
+        let seq = k.metadata.get("seq").and_then(Value::as_f64).unwrap_or(-1.0) as i64;
+        if let Some(d) = self.die_at {
+            let marker = std::path::Path::new(ctx.data_path()).join("died");
+            if seq as u64 == d && !marker.exists() {
+                let _ = std::fs::write(&marker, b"1");
+                std::process::abort();
+            }
+        }
+        if self.slow > 0 {
+            tokio::time::sleep(std::time::Duration::from_millis(self.slow)).await;
+        }
+        let line = serde_json::json!({
+            "svc": ctx.info().service, "instance": ctx.process_number(), "id": k.id.to_string(),
+            "trace": k.trace_id.to_string(), "from": k.origin.service, "from_instance": k.origin.instance,
+            "process_number": k.process_number, "key": k.connection_key, "metadata": metadata_to_json(&k.metadata),
+        });
+        self.record(line)?;
+        if self.forward {
+            let key = self
+                .key
+                .clone()
+                .or_else(|| k.metadata.get("route").and_then(Value::as_str).map(str::to_owned))
+                .unwrap_or_else(|| "default".into());
+            let mut md = k.metadata.clone();
+            let hop = Value::from(format!("{}-{}", ctx.info().service, ctx.process_number()));
+            match md.get_mut("hops") {
+                Some(Value::Array(a)) => a.push(hop),
+                _ => {
+                    md.insert("hops".into(), Value::Array(vec![hop]));
+                }
+            }
+            let mut out = Output::new().key(key);
+            for (k, v) in md {
+                out = out.meta(k, v);
+            }
+            ctx.emit(out).await?;
+        }
+        if self.oneshot {
+            ctx.stop();
+        }
+        Ok(())
+    }
+}
+
+fn main() -> std::process::ExitCode {
+    let var = |n: &str| std::env::var(n).ok().filter(|v| !v.is_empty());
+    if let Some(code) = var("EXIT_CODE").and_then(|c| c.parse::<u8>().ok()) {
+        eprintln!("testkit: exiting with {code} as configured");
+        return std::process::ExitCode::from(code);
+    }
+    let record = var("RECORD").and_then(|p| std::fs::OpenOptions::new().create(true).append(true).open(p).ok());
+    aion_sdk::main(Kit {
+        emit: var("EMIT_COUNT").and_then(|v| v.parse().ok()).unwrap_or(0),
+        terminate: var("TERMINATE").as_deref() == Some("1"),
+        key: var("KEY"),
+        forward: var("FORWARD").as_deref() == Some("1"),
+        record,
+        slow: var("SLOW_MS").and_then(|v| v.parse().ok()).unwrap_or(0),
+        die_at: var("DIE_AT").and_then(|v| v.parse().ok()),
+        statics: var("STATICS").as_deref() == Some("1"),
+        oneshot: var("ONESHOT").as_deref() == Some("1"),
+    })
+}

@@ -1,0 +1,248 @@
+//! Test harness: runs the real `aion` binary on a temporary data dir with real microservice processes
+//! built from `examples/`.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+pub const AION: &str = env!("CARGO_BIN_EXE_aion");
+
+/// Where cargo put the example binaries (target/<profile>/examples).
+pub fn examples_dir() -> PathBuf {
+    Path::new(AION).parent().expect("bin dir").join("examples")
+}
+
+pub fn example(name: &str) -> String {
+    let p = examples_dir().join(name);
+    assert!(p.is_file(), "{} is missing: `cargo test` builds the examples, `cargo test --test X` does not (run `cargo build --examples` first)", p.display());
+    p.display().to_string()
+}
+
+pub struct Runtime {
+    pub child: Option<Child>,
+    pub data: tempfile::TempDir,
+    pub work: tempfile::TempDir,
+    pub stderr_log: PathBuf,
+}
+
+impl Runtime {
+    /// Writes `yaml` (with `{testkit}`, `{source}`, `{transform}`, `{sink}` and `{work}` substituted) and runs it;
+    /// returns once the runtime printed its readiness line.
+    pub fn start(yaml: &str) -> Runtime {
+        let data = tempfile::tempdir().expect("tempdir");
+        let work = tempfile::tempdir().expect("tempdir");
+        Self::start_in(yaml, data, work)
+    }
+
+    pub fn start_in(yaml: &str, data: tempfile::TempDir, work: tempfile::TempDir) -> Runtime {
+        let yaml = yaml
+            .replace("{testkit}", &example("testkit"))
+            .replace("{source}", &example("pipeline-source"))
+            .replace("{transform}", &example("pipeline-transform"))
+            .replace("{sink}", &example("pipeline-sink"))
+            .replace("{work}", &work.path().display().to_string());
+        let file = work.path().join("services.yml");
+        std::fs::write(&file, yaml).expect("write yaml");
+        let stderr_log = work.path().join("aion.stderr");
+        let mut child = Command::new(AION)
+            .arg("--data-dir")
+            .arg(data.path())
+            .arg("run")
+            .arg(&file)
+            .arg("--grace")
+            .arg("5")
+            .env("RUST_LOG", "info")
+            .env_remove("AION_HOME")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn aion");
+        let stderr = child.stderr.take().expect("stderr");
+        let (tx, rx) = mpsc::channel();
+        let log_path = stderr_log.clone();
+        std::thread::spawn(move || {
+            let mut log = std::fs::File::create(&log_path).expect("log");
+            let mut ready = Some(tx);
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                use std::io::Write;
+                let _ = writeln!(log, "{line}");
+                if line.starts_with("aion: running") {
+                    if let Some(tx) = ready.take() {
+                        let _ = tx.send(());
+                    }
+                }
+            }
+        });
+        let rt = Runtime { child: Some(child), data, work, stderr_log };
+        if rx.recv_timeout(Duration::from_secs(30)).is_err() {
+            panic!("runtime did not become ready:\n{}", rt.stderr());
+        }
+        rt
+    }
+
+    pub fn stderr(&self) -> String {
+        std::fs::read_to_string(&self.stderr_log).unwrap_or_default()
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.work.path().join(name)
+    }
+
+    /// Runs an `aion` CLI command against this runtime; returns (exit ok, stdout, stderr).
+    pub fn cli(&self, args: &[&str]) -> (bool, String, String) {
+        let out = Command::new(AION)
+            .arg("--data-dir")
+            .arg(self.data.path())
+            .args(args)
+            .env_remove("AION_HOME")
+            .output()
+            .expect("run aion cli");
+        (out.status.success(), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
+    }
+
+    pub fn status(&self) -> serde_json::Value {
+        let (ok, out, err) = self.cli(&["status", "--json"]);
+        assert!(ok, "status failed: {err}");
+        serde_json::from_str(&out).expect("status json")
+    }
+
+    pub fn instance(&self, service: &str, n: u64) -> serde_json::Value {
+        let s = self.status();
+        s["instances"]
+            .as_array()
+            .expect("instances")
+            .iter()
+            .find(|i| i["service"] == service && i["instance"] == n)
+            .cloned()
+            .unwrap_or_else(|| panic!("no instance {service}-{n} in {s}"))
+    }
+
+    pub fn send(&self, service: &str, args: &[&str]) {
+        let mut a = vec!["kanban", "send", service];
+        a.extend_from_slice(args);
+        let (ok, _, err) = self.cli(&a);
+        assert!(ok, "kanban send failed: {err}");
+    }
+
+    /// Waits (bounded) until `cond` holds on the status document.
+    pub fn wait_status(&self, what: &str, cond: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
+        wait_until(what, Duration::from_secs(60), || {
+            let s = self.status();
+            cond(&s).then_some(s)
+        })
+    }
+
+    /// Waits until the JSON-lines file `name` in the work dir has at least `n` lines; returns them.
+    pub fn wait_lines(&self, name: &str, n: usize) -> Vec<serde_json::Value> {
+        let path = self.path(name);
+        let start = Instant::now();
+        loop {
+            let lines = read_lines(&path);
+            if lines.len() >= n {
+                return lines;
+            }
+            if start.elapsed() > Duration::from_secs(60) {
+                panic!("timed out waiting for {n} lines in {name} (have {})\n{}", lines.len(), self.diagnose());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Runtime stderr, status and instance logs, for failure messages.
+    pub fn diagnose(&self) -> String {
+        let mut out = format!("--- runtime stderr ---\n{}\n", self.stderr());
+        out += &format!("--- status ---\n{}\n", self.cli(&["status"]).1);
+        if let Ok(rd) = std::fs::read_dir(self.data.path().join("logs")) {
+            for e in rd.flatten() {
+                out += &format!(
+                    "--- {} ---\n{}\n",
+                    e.path().display(),
+                    std::fs::read_to_string(e.path()).unwrap_or_default()
+                );
+            }
+        }
+        out
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("child").id()
+    }
+
+    /// SIGTERM and wait; returns the exit code.
+    pub fn stop(&mut self) -> i32 {
+        let mut child = self.child.take().expect("running");
+        let _ =
+            nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGTERM);
+        let st = child.wait().expect("wait");
+        st.code().unwrap_or(-1)
+    }
+
+    /// SIGKILL the runtime (not its children).
+    pub fn kill9(&mut self) {
+        let mut child = self.child.take().expect("running");
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+
+    pub fn socket(&self) -> PathBuf {
+        self.data.path().join("run/aion.sock")
+    }
+
+    /// Pids of live processes started for this data dir (found by their AION_SOCKET).
+    pub fn live_children(&self) -> Vec<u32> {
+        processes_with_env(&format!("AION_SOCKET={}", self.socket().display()))
+    }
+}
+
+impl Drop for Runtime {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        for pid in self.live_children() {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGKILL);
+        }
+    }
+}
+
+pub fn read_lines(path: &Path) -> Vec<serde_json::Value> {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    // Only complete lines: the writer may be in the middle of one.
+    let complete = text.rfind('\n').map_or("", |i| &text[..=i]);
+    complete.lines().filter(|l| !l.trim().is_empty()).map(|l| serde_json::from_str(l).expect("json line")).collect()
+}
+
+/// Polls `f` every 20 ms until it returns Some, or panics after `limit` naming `what`.
+pub fn wait_until<T>(what: &str, limit: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        if start.elapsed() > limit {
+            panic!("timed out waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Live (not zombie) processes whose environment contains `needle` exactly.
+pub fn processes_with_env(needle: &str) -> Vec<u32> {
+    let mut out = Vec::new();
+    let Ok(rd) = std::fs::read_dir("/proc") else { return out };
+    for e in rd.flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else { continue };
+        let Ok(env) = std::fs::read(format!("/proc/{pid}/environ")) else { continue };
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        let zombie = stat.rsplit_once(')').is_some_and(|(_, rest)| rest.trim_start().starts_with('Z'));
+        if !zombie && env.split(|b| *b == 0).any(|kv| kv == needle.as_bytes()) {
+            out.push(pid);
+        }
+    }
+    out
+}
