@@ -204,6 +204,9 @@ impl Broker {
         match started {
             Ok(s) => {
                 tracing::info!(service, instance, pid = s.pid, "instance started");
+                if inst.started_at.is_some() {
+                    inst.restarts += 1; // every start after the first: restarts, and job re-runs
+                }
                 inst.state = State::Running;
                 inst.gen = gen;
                 inst.pid = s.pid;
@@ -281,17 +284,14 @@ impl Broker {
         }
         tracing::info!(service, instance, ran_ms = ran.as_millis() as u64, "instance ended: {info}");
         if always {
-            inst.restarts += 1;
             self.schedule_restart(&service, instance, ctx);
         } else if info.success() {
             inst.state = State::Completed;
             inst.quick_exits = 0;
             if depth > 0 {
-                inst.restarts += 1;
                 self.pending_start.push_back(key);
             }
         } else if depth > 0 {
-            inst.restarts += 1;
             self.schedule_restart(&service, instance, ctx);
         } else {
             inst.state = State::Failed;

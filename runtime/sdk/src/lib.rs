@@ -197,6 +197,20 @@ pub async fn run<S: Service>(service: S, opts: Options) -> Result<(), Error> {
     client::run_socket(service, env, opts).await
 }
 
+/// Stderr that ignores write errors: when the runtime that reads our output dies (kill -9), the pipe breaks,
+/// and the service must keep running (and reconnect) instead of panicking in the logger.
+struct QuietStderr;
+
+impl std::io::Write for QuietStderr {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let _ = std::io::stderr().write_all(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 /// `fn main` for a service process: sets up logging (`RUST_LOG`, default info) and a single-threaded tokio
 /// runtime, runs the service with default [`Options`], and maps the outcome to an exit code.
 pub fn main<S: Service>(service: S) -> std::process::ExitCode {
@@ -210,7 +224,7 @@ pub fn main_with<S: Service>(service: S, opts: Options) -> std::process::ExitCod
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
-        .with_writer(std::io::stderr)
+        .with_writer(|| QuietStderr)
         .try_init();
     let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(rt) => rt,
