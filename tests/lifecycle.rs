@@ -55,7 +55,13 @@ microservices:
     );
     let s = rt.wait_status("relay restarted and drained", |s| {
         s["instances"].as_array().is_some_and(|a| {
-            a.iter().any(|i| i["service"] == "relay" && i["restarts"].as_u64() >= Some(1) && i["queue_depth"] == 0 && i["inflight"] == 0 && i["connected"] == true)
+            a.iter().any(|i| {
+                i["service"] == "relay"
+                    && i["restarts"].as_u64() >= Some(1)
+                    && i["queue_depth"] == 0
+                    && i["inflight"] == 0
+                    && i["connected"] == true
+            })
         })
     });
     let lines = rt.wait_lines("sink.jsonl", 300);
@@ -87,7 +93,8 @@ microservices:
     for i in 1..=200 {
         rt.send("relay", &["--metadata", &format!(r#"{{"seq":{i}}}"#)]);
         if i == 50 {
-            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(first_pid as i32), nix::sys::signal::Signal::SIGKILL);
+            let _ =
+                nix::sys::signal::kill(nix::unistd::Pid::from_raw(first_pid as i32), nix::sys::signal::Signal::SIGKILL);
         }
     }
     let lines = rt.wait_lines("sink.jsonl", 200);
@@ -142,7 +149,9 @@ microservices:
     rt.send("job", &["--metadata", r#"{"seq":2}"#]);
     let l = rt.wait_lines("job.jsonl", 2);
     assert_eq!(seq_set(&l), [1, 2].into());
-    let s = rt.wait_status("job completed again", |s| s["instances"][0]["state"] == "completed" && s["instances"][0]["restarts"] == 1);
+    let s = rt.wait_status("job completed again", |s| {
+        s["instances"][0]["state"] == "completed" && s["instances"][0]["restarts"] == 1
+    });
     assert_eq!(s["instances"][0]["last_exit"], "exit code 0");
     assert_eq!(rt.stop(), 0);
 }
@@ -163,7 +172,9 @@ microservices:
     always: yes
 "#,
     );
-    rt.wait_status("all connected", |s| s["instances"].as_array().is_some_and(|a| a.iter().all(|i| i["connected"] == true)));
+    rt.wait_status("all connected", |s| {
+        s["instances"].as_array().is_some_and(|a| a.iter().all(|i| i["connected"] == true))
+    });
     assert_eq!(rt.live_children().len(), 4);
     assert_eq!(rt.stop(), 0);
     assert!(rt.live_children().is_empty(), "orphans: {:?}", rt.live_children());
@@ -202,7 +213,9 @@ microservices:
     scale: 2
 "#;
     let mut rt = Runtime::start(yaml);
-    rt.wait_status("connected", |s| s["instances"].as_array().is_some_and(|a| a.iter().all(|i| i["connected"] == true)));
+    rt.wait_status("connected", |s| {
+        s["instances"].as_array().is_some_and(|a| a.iter().all(|i| i["connected"] == true))
+    });
     let old = rt.live_children();
     assert_eq!(old.len(), 2);
     rt.kill9();
@@ -214,7 +227,9 @@ microservices:
         let live = rt2.live_children();
         old.iter().all(|p| !live.contains(p)).then_some(())
     });
-    rt2.wait_status("new instances connected", |s| s["instances"].as_array().is_some_and(|a| a.iter().all(|i| i["connected"] == true)));
+    rt2.wait_status("new instances connected", |s| {
+        s["instances"].as_array().is_some_and(|a| a.iter().all(|i| i["connected"] == true))
+    });
     assert!(rt2.stderr().contains("orphan"));
     assert_eq!(rt2.stop(), 0);
     assert!(rt2.live_children().is_empty());

@@ -44,18 +44,21 @@ pub struct Endpoint {
     data_root: PathBuf,
     stats: Arc<EndpointStats>,
     accept: Option<AbortHandle>,
+    prebound: Option<tokio::net::UnixListener>,
 }
 
 impl Endpoint {
-    /// An endpoint that will listen on `socket`.
+    /// An endpoint that will listen on `socket`; `prebound` is used instead of binding when given (the node
+    /// binds before announcing readiness, so clients never race the first incarnation).
     pub fn new(
         router: Arc<Router>,
         statics: Arc<StaticStore>,
         socket: PathBuf,
         data_root: PathBuf,
         stats: Arc<EndpointStats>,
+        prebound: Option<tokio::net::UnixListener>,
     ) -> Endpoint {
-        Endpoint { router, statics, socket, data_root, stats, accept: None }
+        Endpoint { router, statics, socket, data_root, stats, accept: None, prebound }
     }
 
     fn shared(&self) -> Shared {
@@ -100,7 +103,7 @@ impl Actor for Endpoint {
     type Msg = EndpointMsg;
 
     async fn started(&mut self, ctx: &mut Context<Self>) {
-        let listener = match bind_private(&self.socket) {
+        let listener = match self.prebound.take().map_or_else(|| bind_private(&self.socket), Ok) {
             Ok(l) => l,
             Err(e) => return ctx.fail(format!("cannot listen on {}: {e}", self.socket.display())),
         };
@@ -150,6 +153,7 @@ async fn refuse(shared: &Shared, w: &mut LinkWriter<ServerMsg>, reason: String) 
 async fn session(shared: Shared, mut r: LinkReader<ClientMsg>, mut w: LinkWriter<ServerMsg>) {
     let mut msgs = Vec::new();
     let first = tokio::time::timeout(Duration::from_secs(5), r.recv(&mut msgs)).await;
+    // `msgs` keeps whatever followed the Hello in the same read; the read loop handles it first.
     let hello = match (first, msgs.is_empty()) {
         (Ok(Ok(true)), false) => match msgs.remove(0) {
             ClientMsg::Hello(h) => h,
@@ -172,7 +176,10 @@ async fn session(shared: Shared, mut r: LinkReader<ClientMsg>, mut w: LinkWriter
         return refuse(&shared, &mut w, reason).await;
     };
     let window = hello.window.clamp(1, 4096) as usize;
-    let sess = slot.open_session();
+    let Some(sess) = slot.open_session() else {
+        let reason = format!("instance {}-{} already has a session", slot.service, slot.instance);
+        return refuse(&shared, &mut w, reason).await;
+    };
     let session_no = shared.stats.sessions.fetch_add(1, Ordering::Relaxed) + 1;
     let data_path = shared.data_root.join("Data").join(format!("{}_{}", slot.service, slot.instance));
     let _ = std::fs::create_dir_all(&data_path);
@@ -203,16 +210,29 @@ async fn session(shared: Shared, mut r: LinkReader<ClientMsg>, mut w: LinkWriter
     }
     // Deliveries sent and not acknowledged yet, in sequence order.
     let inflight: Mutex<VecDeque<(u64, Kanban)>> = Mutex::new(VecDeque::new());
-    let (ctl_tx, mut ctl_rx) = mpsc::channel::<ServerMsg>(1024);
+    let (ctl_tx, mut ctl_rx) = mpsc::channel::<Outgoing>(1024);
+    let outcome: Mutex<Result<(), String>> = Mutex::new(Ok(()));
 
+    // The writer owns the socket's sending half and is never cancelled mid-write: the session ends when it
+    // returns (Close from the reader, a write error, or the session being replaced by a newer one).
     let writer = async {
+        let mut ctl: Vec<Outgoing> = Vec::new();
         let mut batch: Vec<ServerMsg> = Vec::new();
         let mut ks: Vec<Kanban> = Vec::new();
         let mut seq: u64 = 0;
         loop {
+            let mut close = false;
             tokio::select! {
                 biased;
-                n = ctl_rx.recv_many(&mut batch, 256) => if n == 0 { return },
+                n = ctl_rx.recv_many(&mut ctl, 256) => {
+                    close = n == 0;
+                    for o in ctl.drain(..) {
+                        match o {
+                            Outgoing::Msg(m) => batch.push(m),
+                            Outgoing::Close => close = true,
+                        }
+                    }
+                }
                 _ = slot.take(sess, window, &mut ks) => {
                     if ks.is_empty() {
                         tracing::info!(service = %slot.service, instance = slot.instance, "session replaced by a newer one");
@@ -230,85 +250,124 @@ async fn session(shared: Shared, mut r: LinkReader<ClientMsg>, mut w: LinkWriter
                 tracing::warn!(service = %slot.service, instance = slot.instance, "write failed: {e}");
                 return;
             }
+            if close {
+                w.close().await;
+                return;
+            }
         }
     };
 
+    let early = std::mem::take(&mut msgs);
     let reader = async {
-        let mut msgs: Vec<ClientMsg> = Vec::new();
-        loop {
+        let r = read_loop(&shared, &slot, sess, &mut r, early, &inflight, &ctl_tx).await;
+        if let Err(reason) = &r {
+            let _ = ctl_tx.send(Outgoing::Msg(ServerMsg::Error { reason: reason.clone() })).await;
+        }
+        *outcome.lock().unwrap_or_else(|p| p.into_inner()) = r;
+        let _ = ctl_tx.send(Outgoing::Close).await;
+        std::future::pending::<()>().await
+    };
+
+    tokio::select! {
+        _ = writer => {}
+        _ = reader => {}
+    }
+    let unacked: Vec<Kanban> =
+        inflight.into_inner().unwrap_or_else(|p| p.into_inner()).into_iter().map(|(_, k)| k).collect();
+    let n = unacked.len();
+    slot.close_session(sess, unacked);
+    match outcome.into_inner().unwrap_or_else(|p| p.into_inner()) {
+        Ok(()) => tracing::info!(service = %slot.service, instance = slot.instance, requeued = n, "session closed"),
+        Err(reason) => {
+            shared.stats.rejected.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(service = %slot.service, instance = slot.instance, requeued = n, "session closed: {reason}");
+        }
+    }
+    requeue_start(&shared.router, &slot).await;
+}
+
+/// What the reader hands the writer.
+pub enum Outgoing {
+    /// A message to send.
+    Msg(ServerMsg),
+    /// Flush and end the session.
+    Close,
+}
+
+/// Reads client messages until Bye, end of stream, or a protocol error.
+async fn read_loop(
+    shared: &Shared,
+    slot: &Slot,
+    sess: u64,
+    r: &mut LinkReader<ClientMsg>,
+    early: Vec<ClientMsg>,
+    inflight: &Mutex<VecDeque<(u64, Kanban)>>,
+    ctl_tx: &mpsc::Sender<Outgoing>,
+) -> Result<(), String> {
+    // Messages that arrived together with the Hello come first.
+    let mut msgs: Vec<ClientMsg> = early;
+    loop {
+        if msgs.is_empty() {
             match r.recv(&mut msgs).await {
                 Ok(true) => {}
                 Ok(false) => return Ok(()),
                 Err(e) => return Err(format!("bad frame: {e}")),
             }
-            let mut accepted = 0u32;
-            for m in msgs.drain(..) {
-                match m {
-                    ClientMsg::Output(mut k) => {
-                        k.origin = Origin { service: slot.service.clone(), instance: slot.instance };
-                        if k.process_number == 0 {
-                            k.process_number = slot.instance;
-                        }
-                        if !slot.is_duplicate_output(k.id) {
-                            let id = k.id;
-                            shared.router.route(&slot, k).await;
-                            slot.remember_output(id);
-                            slot.stats.kanbans_out.fetch_add(1, Ordering::Relaxed);
-                        }
-                        accepted += 1;
+        }
+        let mut accepted = 0u32;
+        let mut bye = false;
+        for m in msgs.drain(..) {
+            if bye {
+                break; // nothing may follow Bye
+            }
+            match m {
+                ClientMsg::Output(mut k) => {
+                    k.origin = Origin { service: slot.service.clone(), instance: slot.instance };
+                    if k.process_number == 0 {
+                        k.process_number = slot.instance;
                     }
-                    ClientMsg::Ack { upto } => {
-                        let mut g = inflight.lock().unwrap_or_else(|p| p.into_inner());
-                        let mut n = 0;
-                        while g.front().is_some_and(|(s, _)| *s <= upto) {
-                            g.pop_front();
-                            n += 1;
-                        }
-                        drop(g);
-                        slot.acked(sess, n);
+                    if !slot.is_duplicate_output(k.id) {
+                        let id = k.id;
+                        shared.router.route(slot, k).await;
+                        slot.remember_output(id);
+                        slot.stats.kanbans_out.fetch_add(1, Ordering::Relaxed);
                     }
-                    ClientMsg::StaticPut { req, topic, kanban } => {
-                        let id = shared.statics.put(&topic, kanban);
-                        let _ = ctl_tx.send(ServerMsg::StaticPutOk { req, id }).await;
-                    }
-                    ClientMsg::StaticGet { req, topic } => {
-                        let entries = shared.statics.get(&topic);
-                        let _ = ctl_tx.send(ServerMsg::StaticList { req, entries }).await;
-                    }
-                    ClientMsg::StaticDelete { req, topic, id } => {
-                        let found = shared.statics.delete(&topic, id);
-                        let _ = ctl_tx.send(ServerMsg::StaticDeleted { req, found }).await;
-                    }
-                    ClientMsg::StaticSubscribe { topic } => shared.statics.subscribe(&topic, ctl_tx.clone()),
-                    ClientMsg::Bye => return Ok(()),
-                    ClientMsg::Hello(_) => return Err("second Hello in a session".into()),
+                    accepted += 1;
                 }
-            }
-            if accepted > 0 {
-                let _ = ctl_tx.send(ServerMsg::Accepted { count: accepted }).await;
+                ClientMsg::Ack { upto } => {
+                    let mut g = inflight.lock().unwrap_or_else(|p| p.into_inner());
+                    let mut n = 0;
+                    while g.front().is_some_and(|(s, _)| *s <= upto) {
+                        g.pop_front();
+                        n += 1;
+                    }
+                    drop(g);
+                    slot.acked(sess, n);
+                }
+                ClientMsg::StaticPut { req, topic, kanban } => {
+                    let id = shared.statics.put(&topic, kanban);
+                    let _ = ctl_tx.send(Outgoing::Msg(ServerMsg::StaticPutOk { req, id })).await;
+                }
+                ClientMsg::StaticGet { req, topic } => {
+                    let entries = shared.statics.get(&topic);
+                    let _ = ctl_tx.send(Outgoing::Msg(ServerMsg::StaticList { req, entries })).await;
+                }
+                ClientMsg::StaticDelete { req, topic, id } => {
+                    let found = shared.statics.delete(&topic, id);
+                    let _ = ctl_tx.send(Outgoing::Msg(ServerMsg::StaticDeleted { req, found })).await;
+                }
+                ClientMsg::StaticSubscribe { topic } => shared.statics.subscribe(&topic, ctl_tx.clone()),
+                ClientMsg::Bye => bye = true,
+                ClientMsg::Hello(_) => return Err("second Hello in a session".into()),
             }
         }
-    };
-
-    let outcome = tokio::select! {
-        _ = writer => Ok(()),
-        r = reader => r,
-    };
-    let unacked: Vec<Kanban> =
-        inflight.into_inner().unwrap_or_else(|p| p.into_inner()).into_iter().map(|(_, k)| k).collect();
-    let n = unacked.len();
-    slot.close_session(sess, unacked);
-    match outcome {
-        Ok(()) => {
-            tracing::info!(service = %slot.service, instance = slot.instance, requeued = n, "session closed")
+        if accepted > 0 {
+            let _ = ctl_tx.send(Outgoing::Msg(ServerMsg::Accepted { count: accepted })).await;
         }
-        Err(reason) => {
-            shared.stats.rejected.fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(service = %slot.service, instance = slot.instance, requeued = n, "session closed: {reason}");
-            let _ = w.send_one(ServerMsg::Error { reason }).await;
+        if bye {
+            return Ok(());
         }
     }
-    requeue_start(&shared.router, &slot).await;
 }
 
 /// After a session ends with kanbans still queued, make sure the instance is started again.

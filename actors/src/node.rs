@@ -120,11 +120,10 @@ impl Node {
         }
         let control_listener = crate::endpoint::bind_private(&paths.control())
             .map_err(|e| NodeError::Io(format!("cannot bind {}: {e}", paths.control().display())))?;
-        // Fail early and clearly if the status-kanban socket cannot be bound; the actor binds it for real.
-        drop(
-            crate::endpoint::bind_private(&paths.socket())
-                .map_err(|e| NodeError::Io(format!("cannot bind {}: {e}", paths.socket().display())))?,
-        );
+        // Bind before anything starts, so errors are reported here and clients never race the endpoint actor.
+        let prebound = crate::endpoint::bind_private(&paths.socket())
+            .map_err(|e| NodeError::Io(format!("cannot bind {}: {e}", paths.socket().display())))?;
+        let prebound = std::sync::Mutex::new(Some(prebound));
 
         let cfg = Arc::new(opts.config);
         let (lc_tx, mut lc_rx) = mpsc::channel::<Lifecycle>(1024);
@@ -134,7 +133,8 @@ impl Node {
 
         let (r, st, sock, root, es) = (router.clone(), statics, paths.socket(), paths.root.clone(), stats.clone());
         let (ep_spec, endpoint) = ChildSpec::actor("status-kanban", Restart::Permanent, 64, move || {
-            Endpoint::new(r.clone(), st.clone(), sock.clone(), root.clone(), es.clone())
+            let pre = prebound.lock().ok().and_then(|mut p| p.take());
+            Endpoint::new(r.clone(), st.clone(), sock.clone(), root.clone(), es.clone(), pre)
         });
         let env = ProcessEnv {
             paths: paths.clone(),

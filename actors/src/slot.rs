@@ -124,14 +124,18 @@ impl Slot {
         Ok(())
     }
 
-    /// Starts a new session; returns its number. A previous session's deliveries stop counting against credit.
-    pub fn open_session(&self) -> u64 {
+    /// Starts a new session and returns its number, unless a session is already connected (an instance has
+    /// at most one session; a second client for a live instance is refused).
+    pub fn open_session(&self) -> Option<u64> {
         let mut g = self.lock();
+        if self.connected.load(Ordering::SeqCst) {
+            return None;
+        }
         g.session += 1;
         g.inflight = 0;
         self.connected.store(true, Ordering::SeqCst);
         self.items.notify_waiters();
-        g.session
+        Some(g.session)
     }
 
     /// Takes up to `window - inflight` kanbans for `session`, waiting until at least one is available.
@@ -251,7 +255,7 @@ mod tests {
         assert!(s.try_push(k(3)).is_err());
         let s2 = s.clone();
         let producer = tokio::spawn(async move { s2.push(k(3)).await });
-        let sess = s.open_session();
+        let sess = s.open_session().expect("free");
         let mut out = Vec::new();
         s.take(sess, 1, &mut out).await;
         producer.await.expect("producer");
@@ -265,12 +269,12 @@ mod tests {
         for i in 1..=4 {
             s.push(k(i)).await;
         }
-        let sess = s.open_session();
+        let sess = s.open_session().expect("free");
         let mut out = Vec::new();
         s.take(sess, 3, &mut out).await;
         assert_eq!(out.len(), 3);
         s.close_session(sess, out);
-        let sess = s.open_session();
+        let sess = s.open_session().expect("free");
         let mut again = Vec::new();
         s.take(sess, 10, &mut again).await;
         let ids: Vec<u128> = again.iter().map(|k| k.id.0).collect();

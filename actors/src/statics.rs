@@ -1,5 +1,6 @@
 //! Static kanbans (reference §3.8): a per-topic store with ids, get, delete, and subscriptions.
 
+use crate::endpoint::Outgoing;
 use aion_runtime::Kanban;
 use aion_transport::ServerMsg;
 use std::collections::{BTreeMap, HashMap};
@@ -7,7 +8,7 @@ use std::sync::Mutex;
 use tokio::sync::mpsc;
 
 /// Subscribers receive [`ServerMsg::StaticEvent`] through their session's outgoing queue.
-type Subscriber = mpsc::Sender<ServerMsg>;
+type Subscriber = mpsc::Sender<Outgoing>;
 
 #[derive(Default)]
 struct Topic {
@@ -37,7 +38,7 @@ impl StaticStore {
         }
         t.entries.insert(id, k.clone());
         t.subs.retain(|s| {
-            match s.try_send(ServerMsg::StaticEvent { topic: topic.to_owned(), id, kanban: k.clone() }) {
+            match s.try_send(Outgoing::Msg(ServerMsg::StaticEvent { topic: topic.to_owned(), id, kanban: k.clone() })) {
                 Ok(()) => true,
                 Err(mpsc::error::TrySendError::Closed(_)) => false,
                 Err(mpsc::error::TrySendError::Full(_)) => {
@@ -66,7 +67,10 @@ impl StaticStore {
         let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         let t = g.1.entry(topic.to_owned()).or_default();
         for (id, k) in &t.entries {
-            if tx.try_send(ServerMsg::StaticEvent { topic: topic.to_owned(), id: *id, kanban: k.clone() }).is_err() {
+            if tx
+                .try_send(Outgoing::Msg(ServerMsg::StaticEvent { topic: topic.to_owned(), id: *id, kanban: k.clone() }))
+                .is_err()
+            {
                 tracing::error!(topic, "static subscriber too slow for the backlog; subscription dropped");
                 return;
             }

@@ -1,0 +1,147 @@
+//! Hostile and broken clients on the status-kanban socket: each gets a clear refusal, the runtime keeps going.
+mod common;
+use aion::runtime::Kanban;
+use aion::transport::codec::{encode_into, FrameDecoder};
+use aion::transport::proto::MAGIC;
+use aion::transport::{ClientMsg, Hello, ServerMsg, PROTOCOL_VERSION};
+use common::Runtime;
+use std::io::{Read, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::UnixStream;
+use std::time::Duration;
+
+const YAML: &str = r#"
+microservices:
+  svc:
+    command: ["{testkit}"]
+    scale: 2
+    env: { RECORD: "{work}/svc.jsonl" }
+"#;
+
+fn hello(service: &str, instance: u32, version: u16) -> ClientMsg {
+    ClientMsg::Hello(Hello { magic: MAGIC, version, service: service.into(), instance, window: 8, seed: false, pid: 0 })
+}
+
+/// Sends `msgs`, then reads until the runtime closes; returns every decoded message.
+fn converse(rt: &Runtime, raw: &[u8]) -> Vec<ServerMsg> {
+    let mut s = UnixStream::connect(rt.socket()).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(20))).expect("timeout");
+    s.write_all(raw).expect("write");
+    let mut dec = FrameDecoder::default();
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => dec.push(&buf[..n]),
+        }
+        while let Ok(Some(m)) = dec.decode::<ServerMsg>() {
+            out.push(m);
+        }
+    }
+    out
+}
+
+fn frames(msgs: &[ClientMsg]) -> Vec<u8> {
+    let mut v = Vec::new();
+    for m in msgs {
+        encode_into(m, &mut v).expect("encode");
+    }
+    v
+}
+
+fn error_reason(msgs: &[ServerMsg]) -> String {
+    match msgs.last() {
+        Some(ServerMsg::Error { reason }) => reason.clone(),
+        other => panic!("expected an Error message, got {other:?}"),
+    }
+}
+
+#[test]
+fn sockets_are_owner_only() {
+    let rt = Runtime::start(YAML);
+    for p in [rt.socket(), rt.data.path().join("run/control.sock")] {
+        let mode = std::fs::metadata(&p).expect("socket").permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "{}", p.display());
+    }
+}
+
+#[test]
+fn garbage_unknown_service_wrong_version_and_bad_instance_are_refused() {
+    let mut rt = Runtime::start(YAML);
+    let r = error_reason(&converse(&rt, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"));
+    assert!(r.contains("bad handshake") || r.contains("Hello"), "{r}");
+    let r = error_reason(&converse(&rt, &frames(&[hello("nope", 1, PROTOCOL_VERSION)])));
+    assert!(r.contains("unknown service `nope`"), "{r}");
+    let r = error_reason(&converse(&rt, &frames(&[hello("svc", 1, PROTOCOL_VERSION + 1)])));
+    assert!(r.contains("protocol version"), "{r}");
+    let r = error_reason(&converse(&rt, &frames(&[hello("svc", 3, PROTOCOL_VERSION)])));
+    assert!(r.contains("instances 1..=2, not 3"), "{r}");
+    let r = error_reason(&converse(&rt, &frames(&[ClientMsg::Ack { upto: 1 }])));
+    assert!(r.contains("expected Hello"), "{r}");
+    let mut huge = u32::MAX.to_le_bytes().to_vec();
+    huge.extend_from_slice(&[0; 16]);
+    let r = error_reason(&converse(&rt, &huge));
+    assert!(r.contains("exceeds"), "{r}");
+    // Garbage after a good handshake closes that session only.
+    let mut s = UnixStream::connect(rt.socket()).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(20))).expect("timeout");
+    s.write_all(&frames(&[hello("svc", 1, PROTOCOL_VERSION)])).expect("hello");
+    let mut dec = FrameDecoder::default();
+    let mut buf = [0u8; 4096];
+    let mut msgs = Vec::new();
+    while msgs.is_empty() {
+        let n = s.read(&mut buf).expect("welcome");
+        assert!(n > 0, "closed before welcome");
+        dec.push(&buf[..n]);
+        while let Ok(Some(m)) = dec.decode::<ServerMsg>() {
+            msgs.push(m);
+        }
+    }
+    assert!(matches!(msgs[0], ServerMsg::Welcome { .. }), "{msgs:?}");
+    s.write_all(&[3, 0, 0, 0, 0xff, 0xff, 0xff]).expect("garbage");
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => dec.push(&buf[..n]),
+        }
+        while let Ok(Some(m)) = dec.decode::<ServerMsg>() {
+            msgs.push(m);
+        }
+    }
+    assert!(error_reason(&msgs).contains("bad frame"), "{msgs:?}");
+    // Still serving: status works, a real kanban flows, and the refusals were counted.
+    rt.send("svc", &["--metadata", r#"{"seq":1}"#]);
+    assert_eq!(rt.wait_lines("svc.jsonl", 1)[0]["metadata"]["seq"], 1);
+    let s = rt.status();
+    assert!(s["rejected_connections"].as_u64() >= Some(7), "{s}");
+    assert!(rt.stderr().contains("closing connection"));
+    assert_eq!(rt.stop(), 0);
+}
+
+#[test]
+fn a_raw_client_can_speak_the_protocol() {
+    let mut rt = Runtime::start(YAML);
+    // svc-2 has no kanban, so it is not running: this client plays its part.
+    let out = Kanban { id: aion::runtime::KanbanId::generate(), ..Kanban::default() };
+    let raw = frames(&[
+        hello("svc", 2, PROTOCOL_VERSION),
+        ClientMsg::Output(out.clone()),
+        ClientMsg::Output(out),
+        ClientMsg::Bye,
+    ]);
+    let msgs = converse(&rt, &raw);
+    assert!(matches!(msgs.first(), Some(ServerMsg::Welcome { .. })), "{msgs:?}");
+    let accepted: u32 = msgs.iter().map(|m| if let ServerMsg::Accepted { count } = m { *count } else { 0 }).sum();
+    assert_eq!(accepted, 2, "both outputs acknowledged");
+    // svc has no nextService: the first output is dead-lettered (end of chain), the duplicate is dropped.
+    let s = rt.wait_status("dead letter", |s| s["dead_letters"]["no-route"] == 1);
+    let svc2 = s["instances"].as_array().and_then(|a| a.iter().find(|i| i["instance"] == 2)).cloned().expect("svc-2");
+    assert_eq!(svc2["duplicates"], 1);
+    // A live instance keeps its session: a second client is refused.
+    rt.send("svc", &["--metadata", r#"{"seq":1}"#]);
+    rt.wait_status("svc-1 connected", |s| s["instances"][0]["connected"] == true);
+    let r = error_reason(&converse(&rt, &frames(&[hello("svc", 1, PROTOCOL_VERSION)])));
+    assert!(r.contains("already has a session"), "{r}");
+    assert_eq!(rt.stop(), 0);
+}
