@@ -315,7 +315,7 @@ fn microservice(cx: &mut Cx, name: &str, name_pos: Pos, node: &Node, env: &Route
         ok = false;
     }
     if node.is_null() {
-        cx.err(node.pos(), format!("{path}: yaml format is wrong: the service has no fields (AION refused this too)"));
+        cx.err(name_pos, format!("{path}: yaml format is wrong: the service has no fields (AION refused this too)"));
         return None;
     }
     let mut ms = Microservice::with_defaults(name);

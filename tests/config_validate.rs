@@ -1,0 +1,227 @@
+//! services.yml compatibility and validation: real AION files load; broken files give every problem with
+//! file:line:column; the loader never panics.
+mod common;
+use aion::runtime::config::{load_file, load_str, Severity};
+use proptest::prelude::*;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn fixtures() -> Vec<PathBuf> {
+    let mut dirs = vec![Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/aion")];
+    // The shared fixtures next to the repository, when present (CI lays them beside the clone).
+    let shared = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures");
+    if shared.is_dir() {
+        dirs.push(shared);
+    }
+    let mut files = Vec::new();
+    for d in dirs {
+        for e in std::fs::read_dir(&d).expect("fixtures dir").flatten() {
+            if e.path().extension().is_some_and(|x| x == "yml" || x == "yaml") {
+                files.push(e.path());
+            }
+        }
+    }
+    assert!(files.len() >= 4, "fixtures missing: {files:?}");
+    files
+}
+
+#[test]
+fn every_aion_fixture_validates() {
+    for f in fixtures() {
+        let l = load_file(&f);
+        let errors: Vec<String> =
+            l.diagnostics.iter().filter(|d| d.severity == Severity::Error).map(|d| d.to_string()).collect();
+        assert!(errors.is_empty(), "{}: {errors:?}", f.display());
+        assert!(l.config.is_some());
+    }
+}
+
+#[test]
+fn fixture_semantics_match_aion() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/aion");
+    let cfg = load_file(&dir.join("aion-core-normal-config.yml")).config.expect("config");
+    let t = &cfg.microservices["test"];
+    assert_eq!(t.command, vec!["python3", "main.py"]);
+    assert!(t.always && t.multiple && t.startup);
+    assert_eq!(t.scale, 2);
+    assert_eq!(t.interval, 1000);
+    assert_eq!(t.volume_mount_path_list[0].container_path, "/dev");
+    assert_eq!(t.volume_mount_path_list[0].host_path, "/device");
+    assert!(t.volume_mount_path_list[0].bidirectional);
+    let next = &t.next_service["default"];
+    assert_eq!((next[0].name.as_str(), next[0].pattern.as_str(), next[0].device.as_str()), ("test2", "0", "other"));
+    assert_eq!(next[1].pattern, "n", "pattern defaults to n");
+    assert_eq!(cfg.devices["other"].ssh_port, 22);
+    assert_eq!(cfg.devices["other2"].aion_home, "/var/lib/aion", "device defaults");
+    assert_eq!(cfg.devices["other2"].username, "aion");
+    let t2 = &cfg.microservices["test2"];
+    assert_eq!((t2.scale, t2.tag.as_str(), t2.network.as_str(), t2.service_account.as_str()), (1, "latest", "ClusterIP", "default"));
+
+    let defs = load_file(&dir.join("aion-service-definitions.yml")).config.expect("config");
+    let ui = &defs.microservices["ui-backend-for-xxxxxxx"];
+    assert_eq!(ui.env["MYSQL_PORT"], "3306", "an int scalar into a string field keeps its text");
+    assert_eq!(ui.network, "NodePort");
+    assert_eq!(ui.ports[0].node_port, 30088);
+
+    let sample = load_file(&dir.join("aion-core-sample.yml")).config.expect("config");
+    assert!(sample.microservices["sample-microservice-job"].privileged);
+    assert_eq!(sample.microservices["sample-microservice-deployment"].service_account, "controller-serviceaccount");
+}
+
+#[test]
+fn unknown_keys_are_warnings_naming_the_key() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/aion");
+    let l = load_file(&dir.join("aion-core-normal-config.yml"));
+    let w: Vec<String> = l.diagnostics.iter().map(|d| d.to_string()).collect();
+    assert!(w.iter().any(|d| d.contains(":9:5: warning: microservices.test: unknown key `docker` (ignored)")), "{w:?}");
+}
+
+/// (file text, expected diagnostics as (line, column, severity, substring)).
+fn broken_cases() -> Vec<(&'static str, Vec<(usize, usize, Severity, &'static str)>)> {
+    use Severity::{Error as E, Warning as W};
+    vec![
+        ("microservices:\n  a:\n    ports:\n      - name: p\n        port: xxxx\n", vec![(5, 15, E, "microservices.a.ports[0].port: expected an integer, found `xxxx`")]),
+        ("microservices:\n  a:\n    command: python3 main.py\n", vec![(3, 14, E, "expected a list (argv, no shell)")]),
+        ("microservices:\n  a:\n    tag: [1, 2]\n", vec![(3, 10, E, "microservices.a.tag: expected a string, found a list")]),
+        (
+            "microservices:\n  a:\n    nextService:\n      - default:\n          - name: b\n",
+            vec![(4, 7, E, "microservices.a.nextService: expected a mapping of connection key to a list of targets")],
+        ),
+        ("microservices:\n  My_Service:\n    startup: yes\n", vec![(2, 3, E, "`My_Service` is not a valid service name")]),
+        ("microservices:\n  a:\n    volumeMountPathList:\n      - /only-one-part\n", vec![(4, 9, E, "`/only-one-part` must have two or three")]),
+        ("microservices:\n  a:\n    volumeMountPathList:\n      - rel:/host\n", vec![(4, 9, E, "must use absolute paths")]),
+        (
+            "microservices:\n  a:\n    resources:\n      limits:\n        memory: 5 Mi\n        cpu: 500m\n",
+            vec![(5, 17, E, "microservices.a.resources.limits.memory: `5 Mi` is not a resource quantity")],
+        ),
+        (
+            "microservices:\n  a:\n    ports:\n      - name: web\n        port: 80\n      - name: web\n        port: 81\n",
+            vec![(6, 15, E, "duplicate port name `web`")],
+        ),
+        ("microservices:\n  a:\n    startup: maybe\n", vec![(3, 14, E, "expected a boolean (yes/no, true/false, on/off), found `maybe`")]),
+        ("microservices:\n  a:\n    startup: \"yes\"\n", vec![(3, 14, E, "expected a boolean")]),
+        ("microservices:\n  a:\n", vec![(2, 3, E, "yaml format is wrong")]),
+        ("microservices:\n  a:\n    scale: 1\n    scale: 2\n", vec![(4, 5, E, "key `scale` is defined more than once")]),
+        ("microservices:\n  a: [\n", vec![(3, 1, E, "YAML syntax error")]),
+        (
+            "microservices:\n  a:\n    scale: 0\n    nextService:\n      default:\n        - name: ghost\n          device: far\n",
+            vec![
+                (3, 12, W, "microservices.a.scale: 0 is less than 1; using 1"),
+                (6, 17, W, "`ghost` is not defined in microservices"),
+                (7, 19, W, "`far` is not listed in devices"),
+            ],
+        ),
+        (
+            "deviceName: x\nbogus: 1\nmicroservices:\n  a:\n    command: [\"x\"]\n    nextService:\n      default:\n        - name: a\n          colour: red\n",
+            vec![(2, 1, W, "document: unknown key `bogus`"), (9, 11, W, "unknown key `colour`")],
+        ),
+        // Several problems at once, all reported.
+        (
+            "microservices:\n  a:\n    scale: lots\n    always: perhaps\n    ports:\n      - name: p\n        port: 70000\n",
+            vec![
+                (3, 12, E, "microservices.a.scale: expected an integer, found `lots`"),
+                (4, 13, E, "microservices.a.always: expected a boolean"),
+                (7, 15, E, "70000 is out of range (1..=65535)"),
+            ],
+        ),
+    ]
+}
+
+#[test]
+fn broken_files_give_every_problem_with_its_position() {
+    for (text, expected) in broken_cases() {
+        let l = load_str("bad.yml", text);
+        let got: Vec<String> = l.diagnostics.iter().map(|d| d.to_string()).collect();
+        assert_eq!(l.diagnostics.len(), expected.len(), "for:\n{text}\ngot {got:#?}");
+        for (d, (line, col, sev, msg)) in l.diagnostics.iter().zip(&expected) {
+            assert_eq!((d.line, d.column, d.severity), (*line, *col, *sev), "for:\n{text}\ngot {got:#?}");
+            assert!(d.message.contains(msg), "{d} does not contain {msg:?}");
+            assert_eq!(d.file, "bad.yml");
+        }
+        let has_error = expected.iter().any(|e| e.2 == Severity::Error);
+        assert_eq!(l.config.is_none(), has_error, "config refused exactly when there is an error");
+    }
+}
+
+fn aion(args: &[&str]) -> (i32, String) {
+    let out = Command::new(common::AION).args(args).output().expect("run aion");
+    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr))
+}
+
+#[test]
+fn cli_validate_exit_codes_and_format() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let bad = dir.path().join("bad.yml");
+    std::fs::write(&bad, "microservices:\n  a:\n    ports:\n      - name: p\n        port: xxxx\n    scale: y\n").expect("write");
+    let (code, out) = aion(&["validate", bad.to_str().expect("path")]);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains(&format!("{}:5:15: error: microservices.a.ports[0].port", bad.display())), "{out}");
+    assert!(out.contains(&format!("{}:6:12: error: microservices.a.scale", bad.display())), "{out}");
+    assert!(out.contains("2 errors"), "{out}");
+
+    let warn = dir.path().join("warn.yml");
+    std::fs::write(&warn, "microservices:\n  a:\n    nextService:\n      default:\n        - name: nobody\n").expect("write");
+    let (code, out) = aion(&["validate", warn.to_str().expect("path")]);
+    assert_eq!(code, 0, "{out}");
+    let (code, _) = aion(&["validate", "--strict", warn.to_str().expect("path")]);
+    assert_eq!(code, 1, "--strict turns warnings into errors");
+    let (code, out) = aion(&["validate", "--json", bad.to_str().expect("path")]);
+    assert_eq!(code, 1);
+    let json_part = &out[..out.rfind(']').expect("json array") + 1];
+    let v: serde_json::Value = serde_json::from_str(json_part).expect("json");
+    assert_eq!(v[0]["line"], 5);
+    assert_eq!(v[0]["severity"], "error");
+
+    let fixtures: Vec<String> = fixtures().iter().map(|p| p.display().to_string()).collect();
+    let mut args = vec!["validate"];
+    args.extend(fixtures.iter().map(String::as_str));
+    let (code, out) = aion(&args);
+    assert_eq!(code, 0, "{out}");
+
+    let (code, out) = aion(&["validate", "/nonexistent/services.yml"]);
+    assert_eq!(code, 1);
+    assert!(out.contains("cannot read file"), "{out}");
+}
+
+#[test]
+fn run_refuses_an_invalid_file_with_the_same_messages() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let bad = dir.path().join("bad.yml");
+    std::fs::write(&bad, "microservices:\n  a:\n    scale: many\n").expect("write");
+    let data = dir.path().join("data");
+    let (code, out) = aion(&["--data-dir", data.to_str().expect("p"), "run", bad.to_str().expect("p")]);
+    assert_eq!(code, 1);
+    assert!(out.contains(":3:12: error: microservices.a.scale: expected an integer"), "{out}");
+    assert!(out.contains("nothing started"), "{out}");
+    // A service without a command cannot run as a local process: refused with the reason.
+    let img = dir.path().join("img.yml");
+    std::fs::write(&img, "microservices:\n  a:\n    startup: yes\n").expect("write");
+    let (code, out) = aion(&["--data-dir", data.to_str().expect("p"), "run", img.to_str().expect("p")]);
+    assert_eq!(code, 1);
+    assert!(out.contains("has no `command`"), "{out}");
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(512))]
+
+    #[test]
+    fn loader_never_panics_on_arbitrary_text(s in "\\PC{0,400}") {
+        let _ = load_str("fuzz.yml", &s);
+    }
+
+    #[test]
+    fn loader_never_panics_on_mutated_fixtures(idx in any::<prop::sample::Index>(), pick in 0usize..4, ins in "[\\[\\]{}:,\\-#&*!|>'\" \\n\\ta-z0-9]{0,8}") {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/aion");
+        let mut files: Vec<PathBuf> = std::fs::read_dir(&dir).expect("dir").flatten().map(|e| e.path()).collect();
+        files.sort();
+        let text = std::fs::read_to_string(&files[pick % files.len()]).expect("read");
+        let mut at = idx.index(text.len() + 1);
+        while !text.is_char_boundary(at) { at -= 1; }
+        let mutated = format!("{}{}{}", &text[..at], ins, &text[at..]);
+        let l = load_str("m.yml", &mutated);
+        // Any error has a position inside the file.
+        for d in &l.diagnostics {
+            prop_assert!(d.line <= mutated.lines().count() + 1, "{}", d);
+        }
+    }
+}
