@@ -76,8 +76,11 @@ fn unknown_keys_are_warnings_naming_the_key() {
     assert!(w.iter().any(|d| d.contains(":9:5: warning: microservices.test: unknown key `docker` (ignored)")), "{w:?}");
 }
 
-/// (file text, expected diagnostics as (line, column, severity, substring)).
-fn broken_cases() -> Vec<(&'static str, Vec<(usize, usize, Severity, &'static str)>)> {
+/// An expected diagnostic: (line, column, severity, substring of the message).
+type Expect = (usize, usize, Severity, &'static str);
+
+/// (file text, expected diagnostics).
+fn broken_cases() -> Vec<(&'static str, Vec<Expect>)> {
     use Severity::{Error as E, Warning as W};
     vec![
         ("microservices:\n  a:\n    ports:\n      - name: p\n        port: xxxx\n", vec![(5, 15, E, "microservices.a.ports[0].port: expected an integer, found `xxxx`")]),

@@ -287,6 +287,8 @@ async fn session(shared: Shared, mut r: LinkReader<ClientMsg>, mut w: LinkWriter
 }
 
 /// What the reader hands the writer.
+// Boxing the message would cost an allocation per message on the hot path; Close is rare.
+#[allow(clippy::large_enum_variant)]
 pub enum Outgoing {
     /// A message to send.
     Msg(ServerMsg),

@@ -64,6 +64,7 @@ impl Router {
     ///
     /// # Errors
     /// [`Reason::UnknownService`] / [`Reason::NoSuchInstance`]; the kanban is given back.
+    #[allow(clippy::result_large_err)] // the kanban is given back, never dropped
     pub async fn deliver(&self, service: &str, instance: u32, k: Kanban) -> Result<(), (Reason, Kanban)> {
         let Some(list) = self.slots.get(service) else {
             return Err((Reason::UnknownService, k));

@@ -468,7 +468,7 @@ pub(crate) async fn run_socket<S: Service>(service: S, env: Env, opts: Options) 
         }
         tracing::info!("signal received; finishing the current kanban");
     };
-    drive(service, info, link, rest, Some(connector), hello, opts, shutdown).await
+    drive(service, Connected { info, link, early: rest }, Some(connector), hello, opts, shutdown).await
 }
 
 /// Runs a service on an already-connected in-memory (or any) link, as the runtime does for in-process
@@ -487,14 +487,20 @@ pub async fn run_on_link<S: Service>(
     let mut hello = hello_for(service_name, instance, &opts);
     hello.pid = 0;
     let (_, info, rest) = handshake(&mut link, &hello).await?;
-    drive(service, info, link, rest, None, hello, opts, shutdown).await
+    drive(service, Connected { info, link, early: rest }, None, hello, opts, shutdown).await
+}
+
+/// A session after a successful handshake.
+struct Connected {
+    info: InstanceInfo,
+    link: Link,
+    /// Messages that arrived with the welcome.
+    early: Vec<ServerMsg>,
 }
 
 async fn drive<S: Service>(
     mut service: S,
-    info: InstanceInfo,
-    link: Link,
-    early: Vec<ServerMsg>,
+    conn: Connected,
     connector: Option<Connector>,
     hello: Hello,
     opts: Options,
@@ -517,6 +523,7 @@ async fn drive<S: Service>(
         permits: permits.clone(),
         closing: false,
     };
+    let Connected { info, link, early } = conn;
     let io_task = tokio::spawn(io.run(link, cmd_rx, early));
     let mut ctx = Ctx { info, cmd: cmd_tx.clone(), permits, current: None, next_req: 0, stop: false };
     let result = async {
