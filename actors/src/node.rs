@@ -259,6 +259,11 @@ impl Node {
         let grace = self.grace;
         let _ = ask(&self.broker, |tx| BrokerMsg::Shutdown(grace, tx)).await;
         self.sup.shutdown().await;
+        let left: usize = self.router.slots().map(|s| s.depth() + s.inflight()).sum();
+        if left > 0 {
+            // Queues are in memory in this version: say so, with the count, rather than losing them silently.
+            tracing::warn!(kanbans = left, "queued kanbans are discarded at exit (in-memory queues)");
+        }
         self.control.abort();
         self.forwarder.abort();
         let _ = std::fs::remove_file(self.paths.control());
