@@ -55,7 +55,10 @@ fn fixture_semantics_match_aion() {
     assert_eq!(cfg.devices["other2"].aion_home, "/var/lib/aion", "device defaults");
     assert_eq!(cfg.devices["other2"].username, "aion");
     let t2 = &cfg.microservices["test2"];
-    assert_eq!((t2.scale, t2.tag.as_str(), t2.network.as_str(), t2.service_account.as_str()), (1, "latest", "ClusterIP", "default"));
+    assert_eq!(
+        (t2.scale, t2.tag.as_str(), t2.network.as_str(), t2.service_account.as_str()),
+        (1, "latest", "ClusterIP", "default")
+    );
 
     let defs = load_file(&dir.join("aion-service-definitions.yml")).config.expect("config");
     let ui = &defs.microservices["ui-backend-for-xxxxxxx"];
@@ -148,14 +151,18 @@ fn broken_files_give_every_problem_with_its_position() {
 
 fn aion(args: &[&str]) -> (i32, String) {
     let out = Command::new(common::AION).args(args).output().expect("run aion");
-    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr))
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
+    )
 }
 
 #[test]
 fn cli_validate_exit_codes_and_format() {
     let dir = tempfile::tempdir().expect("tmp");
     let bad = dir.path().join("bad.yml");
-    std::fs::write(&bad, "microservices:\n  a:\n    ports:\n      - name: p\n        port: xxxx\n    scale: y\n").expect("write");
+    std::fs::write(&bad, "microservices:\n  a:\n    ports:\n      - name: p\n        port: xxxx\n    scale: y\n")
+        .expect("write");
     let (code, out) = aion(&["validate", bad.to_str().expect("path")]);
     assert_eq!(code, 1, "{out}");
     assert!(out.contains(&format!("{}:5:15: error: microservices.a.ports[0].port", bad.display())), "{out}");
@@ -163,7 +170,8 @@ fn cli_validate_exit_codes_and_format() {
     assert!(out.contains("2 errors"), "{out}");
 
     let warn = dir.path().join("warn.yml");
-    std::fs::write(&warn, "microservices:\n  a:\n    nextService:\n      default:\n        - name: nobody\n").expect("write");
+    std::fs::write(&warn, "microservices:\n  a:\n    nextService:\n      default:\n        - name: nobody\n")
+        .expect("write");
     let (code, out) = aion(&["validate", warn.to_str().expect("path")]);
     assert_eq!(code, 0, "{out}");
     let (code, _) = aion(&["validate", "--strict", warn.to_str().expect("path")]);

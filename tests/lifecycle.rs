@@ -33,6 +33,32 @@ microservices:
 }
 
 #[test]
+fn seed_kanban_starts_a_service_without_input() {
+    let mut rt = Runtime::start(
+        r#"
+microservices:
+  seeded:
+    command: ["{testkit}"]
+    startup: yes
+    scale: 2
+    env: { SEED: 1, RECORD: "{work}/seed.jsonl" }
+"#,
+    );
+    let mut l = rt.wait_lines("seed.jsonl", 2);
+    l.sort_by_key(|x| x["instance"].as_i64());
+    for (i, line) in l.iter().enumerate() {
+        let n = i + 1;
+        assert_eq!(line["instance"], n);
+        assert_eq!(line["key"], "", "AION's seed kanban has an empty connection key");
+        assert_eq!(line["process_number"], n);
+        let dp = line["data_path"].as_str().expect("data path");
+        assert!(dp.ends_with(&format!("Data/seeded_{n}")), "{dp}");
+        assert!(std::path::Path::new(dp).is_dir());
+    }
+    assert_eq!(rt.stop(), 0);
+}
+
+#[test]
 fn crash_in_handler_redelivers_and_loses_nothing() {
     let mut rt = Runtime::start(
         r#"

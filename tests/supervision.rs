@@ -40,7 +40,11 @@ impl Actor for Probe {
     }
 }
 
-fn probe(name: &'static str, tx: &mpsc::UnboundedSender<(String, String)>, restart: Restart) -> (ChildSpec, Addr<Probe>) {
+fn probe(
+    name: &'static str,
+    tx: &mpsc::UnboundedSender<(String, String)>,
+    restart: Restart,
+) -> (ChildSpec, Addr<Probe>) {
     let tx = tx.clone();
     ChildSpec::actor(name, restart, 16, move || Probe { name, tx: tx.clone() })
 }
@@ -105,14 +109,16 @@ fn one_for_all_restarts_every_child_and_rest_for_one_the_later_ones() {
         let sup = Supervisor::new("all", Strategy::OneForAll, Intensity::default()).child(a).child(b).child(c).start();
         expect(&mut rx, &[("a", "started"), ("b", "started"), ("c", "started")]).await;
         b_addr.send(Msg::Boom).await.expect("send");
-        expect(&mut rx, &[("c", "stopped"), ("a", "stopped"), ("a", "started"), ("b", "started"), ("c", "started")]).await;
+        expect(&mut rx, &[("c", "stopped"), ("a", "stopped"), ("a", "started"), ("b", "started"), ("c", "started")])
+            .await;
         sup.shutdown().await;
         expect(&mut rx, &[("a", "stopped"), ("b", "stopped"), ("c", "stopped")]).await;
 
         let (a, _) = probe("a", &tx, Restart::Permanent);
         let (b, b_addr) = probe("b", &tx, Restart::Permanent);
         let (c, _) = probe("c", &tx, Restart::Permanent);
-        let sup = Supervisor::new("rest", Strategy::RestForOne, Intensity::default()).child(a).child(b).child(c).start();
+        let sup =
+            Supervisor::new("rest", Strategy::RestForOne, Intensity::default()).child(a).child(b).child(c).start();
         expect(&mut rx, &[("a", "started"), ("b", "started"), ("c", "started")]).await;
         b_addr.send(Msg::Boom).await.expect("send");
         expect(&mut rx, &[("c", "stopped"), ("b", "started"), ("c", "started")]).await;
@@ -144,7 +150,9 @@ fn transient_and_temporary_policies() {
         .await
         .expect("three events");
         let ev = done.events();
-        assert!(ev.iter().any(|e| e.child == "temporary" && !e.restarted && matches!(e.reason, ExitReason::Panicked(_))));
+        assert!(ev
+            .iter()
+            .any(|e| e.child == "temporary" && !e.restarted && matches!(e.reason, ExitReason::Panicked(_))));
         assert!(ev.iter().any(|e| e.child == "transient" && !e.restarted && e.reason == ExitReason::Stopped));
         assert!(rx.try_recv().is_err(), "no restart happened");
         sup.shutdown().await;
@@ -156,12 +164,21 @@ fn restart_intensity_exceeded_escalates_to_the_parent() {
     in_actix(async {
         let (tx, mut rx) = mpsc::unbounded_channel();
         let (w, w_addr) = probe("worker", &tx, Restart::Permanent);
-        let inner = Supervisor::new("inner", Strategy::OneForOne, Intensity { max_restarts: 2, within: Duration::from_secs(60) }).child(w);
+        let inner = Supervisor::new(
+            "inner",
+            Strategy::OneForOne,
+            Intensity { max_restarts: 2, within: Duration::from_secs(60) },
+        )
+        .child(w);
         let (other, _) = probe("other", &tx, Restart::Permanent);
-        let outer = Supervisor::new("outer", Strategy::OneForOne, Intensity { max_restarts: 0, within: Duration::from_secs(60) })
-            .child(ChildSpec::supervisor("inner", Restart::Permanent, inner))
-            .child(other)
-            .start();
+        let outer = Supervisor::new(
+            "outer",
+            Strategy::OneForOne,
+            Intensity { max_restarts: 0, within: Duration::from_secs(60) },
+        )
+        .child(ChildSpec::supervisor("inner", Restart::Permanent, inner))
+        .child(other)
+        .start();
         expect(&mut rx, &[("worker", "started"), ("other", "started")]).await;
         for _ in 0..2 {
             w_addr.send(Msg::Boom).await.expect("send");
@@ -208,7 +225,10 @@ fn stop_finishes_the_current_message_kill_abandons_it() {
         .expect("both exits");
         assert!(ev.iter().any(|e| e.child == "killme" && e.reason == ExitReason::Killed));
         assert!(ev.iter().any(|e| e.child == "stopme" && e.reason == ExitReason::Stopped));
-        assert!(rx.try_recv().is_err(), "kill abandoned the slow message and ran no stopped hook; Work(9) stayed queued");
+        assert!(
+            rx.try_recv().is_err(),
+            "kill abandoned the slow message and ran no stopped hook; Work(9) stayed queued"
+        );
         assert_eq!(s_addr.queue_len(), 1, "stop leaves queued messages in the mailbox");
         sup.shutdown().await;
     });

@@ -10,6 +10,7 @@
 //! - `DIE_AT=s`: abort the process (no ack) when receiving `seq == s` the first time (a marker file in the
 //!   data dir remembers it happened).
 //! - `ONESHOT=1`: stop after handling one kanban (a run-to-completion job).
+//! - `SEED=1`: ask for AION's seed kanban at start (START_SERVICE_WITHOUT_KANBAN).
 //! - `STATICS=1`: put two static kanbans on topic `t`, delete the first, subscribe, and record what it sees.
 use aion_sdk::{metadata_to_json, Ctx, Error, Kanban, Output, Service, Value};
 use std::io::Write;
@@ -78,6 +79,7 @@ impl Service for Kit {
             "svc": ctx.info().service, "instance": ctx.process_number(), "id": k.id.to_string(),
             "trace": k.trace_id.to_string(), "from": k.origin.service, "from_instance": k.origin.instance,
             "process_number": k.process_number, "key": k.connection_key, "metadata": metadata_to_json(&k.metadata),
+            "data_path": k.data_path,
         });
         self.record(line)?;
         if self.forward {
@@ -114,15 +116,19 @@ fn main() -> std::process::ExitCode {
         return std::process::ExitCode::from(code);
     }
     let record = var("RECORD").and_then(|p| std::fs::OpenOptions::new().create(true).append(true).open(p).ok());
-    aion_sdk::main(Kit {
-        emit: var("EMIT_COUNT").and_then(|v| v.parse().ok()).unwrap_or(0),
-        terminate: var("TERMINATE").as_deref() == Some("1"),
-        key: var("KEY"),
-        forward: var("FORWARD").as_deref() == Some("1"),
-        record,
-        slow: var("SLOW_MS").and_then(|v| v.parse().ok()).unwrap_or(0),
-        die_at: var("DIE_AT").and_then(|v| v.parse().ok()),
-        statics: var("STATICS").as_deref() == Some("1"),
-        oneshot: var("ONESHOT").as_deref() == Some("1"),
-    })
+    let opts = aion_sdk::Options { seed: var("SEED").as_deref() == Some("1"), ..Default::default() };
+    aion_sdk::main_with(
+        Kit {
+            emit: var("EMIT_COUNT").and_then(|v| v.parse().ok()).unwrap_or(0),
+            terminate: var("TERMINATE").as_deref() == Some("1"),
+            key: var("KEY"),
+            forward: var("FORWARD").as_deref() == Some("1"),
+            record,
+            slow: var("SLOW_MS").and_then(|v| v.parse().ok()).unwrap_or(0),
+            die_at: var("DIE_AT").and_then(|v| v.parse().ok()),
+            statics: var("STATICS").as_deref() == Some("1"),
+            oneshot: var("ONESHOT").as_deref() == Some("1"),
+        },
+        opts,
+    )
 }

@@ -298,7 +298,7 @@ pub struct Kanban {
     pub origin: Origin,
     /// RFC 3339 UTC time the chain (or this kanban, for seeds) started.
     pub start_at: String,
-    /// RFC 3339 UTC time the kanban was finished (set when it reaches a service with no next service).
+    /// RFC 3339 UTC finish time. AION never set it; kept for compatibility (the archive records finish times).
     pub finish_at: String,
     /// Forces the target device of the outputs (AION `SetDeviceName`).
     pub next_device_name: String,
