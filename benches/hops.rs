@@ -348,25 +348,29 @@ fn main() {
     let me = std::env::current_exe().expect("exe").display().to_string();
     let cmd = format!("[\"{me}\"]");
     let mut rows = Vec::new();
+    // AION_BENCH_ONLY=actor,inproc-hop,process-hop,inproc-pipeline,process-pipeline,rss selects scenarios.
+    let only = std::env::var("AION_BENCH_ONLY").ok();
+    let on = |name: &str| only.as_deref().is_none_or(|o| o.split(',').any(|x| x == name));
     actix::System::new().block_on(async {
-        rows.push(actor_hop(1_000_000 / scale).await);
-        rows.push(inproc_pingpong(100_000 / scale).await);
-        rows.push(
-            process_run(
-                yaml_pingpong(&cmd),
-                100_000 / scale,
-                "process-to-process hop via runtime (ping-pong RTT/2)",
-                2.0,
-            )
-            .await,
-        );
-        rows.push(inproc_pipeline(500_000 / scale).await);
-        rows.push(
-            process_run(yaml_pipeline(&cmd), 500_000 / scale, "3-stage pipeline, cross-process (end-to-end)", 1.0)
-                .await,
-        );
+        if on("actor") {
+            rows.push(actor_hop(1_000_000 / scale).await);
+        }
+        if on("inproc-hop") {
+            rows.push(inproc_pingpong(100_000 / scale).await);
+        }
+        if on("process-hop") {
+            let name = "process-to-process hop via runtime (ping-pong RTT/2)";
+            rows.push(process_run(yaml_pingpong(&cmd), 100_000 / scale, name, 2.0).await);
+        }
+        if on("inproc-pipeline") {
+            rows.push(inproc_pipeline(500_000 / scale).await);
+        }
+        if on("process-pipeline") {
+            let name = "3-stage pipeline, cross-process (end-to-end)";
+            rows.push(process_run(yaml_pipeline(&cmd), 500_000 / scale, name, 1.0).await);
+        }
     });
-    let rss = idle_rss_kib();
+    let rss = if on("rss") { idle_rss_kib() } else { None };
     println!(
         "\n{:<56} {:>10} {:>10} {:>10} {:>14} {:>9}",
         "scenario", "p50 µs", "p99 µs", "p999 µs", "per second", "samples"

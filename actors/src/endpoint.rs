@@ -6,7 +6,7 @@ use crate::slot::Slot;
 use crate::statics::StaticStore;
 use aion_runtime::actor::{Actor, Context};
 use aion_runtime::kanban::{Kanban, KanbanId, Origin};
-use aion_transport::proto::MAGIC;
+use aion_transport::proto::{DeliverRef, MAGIC};
 use aion_transport::{unix_split, ClientMsg, LinkReader, LinkWriter, ServerMsg, PROTOCOL_VERSION};
 use std::collections::VecDeque;
 use std::path::PathBuf;
@@ -217,36 +217,47 @@ async fn session(shared: Shared, mut r: LinkReader<ClientMsg>, mut w: LinkWriter
     // returns (Close from the reader, a write error, or the session being replaced by a newer one).
     let writer = async {
         let mut ctl: Vec<Outgoing> = Vec::new();
-        let mut batch: Vec<ServerMsg> = Vec::new();
         let mut ks: Vec<Kanban> = Vec::new();
         let mut seq: u64 = 0;
         loop {
             let mut close = false;
-            tokio::select! {
+            let queued: std::io::Result<()> = tokio::select! {
                 biased;
                 n = ctl_rx.recv_many(&mut ctl, 256) => {
                     close = n == 0;
+                    let mut r = Ok(());
                     for o in ctl.drain(..) {
                         match o {
-                            Outgoing::Msg(m) => batch.push(m),
+                            Outgoing::Msg(m) => r = r.and_then(|_| w.push(m)),
                             Outgoing::Close => close = true,
                         }
                     }
+                    r
                 }
                 _ = slot.take(sess, window, &mut ks) => {
                     if ks.is_empty() {
                         tracing::info!(service = %slot.service, instance = slot.instance, "session replaced by a newer one");
                         return;
                     }
+                    // Keep each kanban once (for redelivery) and encode the delivery from that copy.
                     let mut g = inflight.lock().unwrap_or_else(|p| p.into_inner());
+                    let mut r = Ok(());
                     for k in ks.drain(..) {
                         seq += 1;
-                        g.push_back((seq, k.clone()));
-                        batch.push(ServerMsg::Deliver { seq, kanban: k });
+                        g.push_back((seq, k));
+                        if let Some((s, k)) = g.back() {
+                            let wire = DeliverRef::Deliver { seq: *s, kanban: k };
+                            r = r.and_then(|_| w.push_as(&wire, || ServerMsg::Deliver { seq: *s, kanban: k.clone() }));
+                        }
                     }
+                    r
                 }
+            };
+            if let Err(e) = queued {
+                tracing::error!(service = %slot.service, instance = slot.instance, "cannot encode a message: {e}");
+                return;
             }
-            if let Err(e) = w.send(&mut batch).await {
+            if let Err(e) = w.flush().await {
                 tracing::warn!(service = %slot.service, instance = slot.instance, "write failed: {e}");
                 return;
             }

@@ -117,20 +117,24 @@ impl Router {
                 return;
             }
         };
-        for t in targets {
-            let device = if k.next_device_name.is_empty() { &t.device } else { &k.next_device_name };
-            let mut copy = k.clone();
-            if !device.is_empty() && *device != self.cfg.device_name && self.cfg.devices.contains_key(device) {
-                let detail = format!(
-                    "{} > {} targets device `{device}`; cross-device delivery is not available",
-                    ms.name, t.name
-                );
+        let last = targets.len() - 1;
+        let mut k = Some(k);
+        for (i, t) in targets.iter().enumerate() {
+            // Every target gets its own copy (fan-out); the last one takes the original, so the common
+            // single-target route never clones.
+            let Some(mut copy) = (if i == last { k.take() } else { k.clone() }) else { break };
+            let device = if copy.next_device_name.is_empty() { t.device.clone() } else { copy.next_device_name.clone() };
+            if !device.is_empty() && device != self.cfg.device_name && self.cfg.devices.contains_key(&device) {
+                let detail =
+                    format!("{} > {} targets device `{device}`; cross-device delivery is not available", ms.name, t.name);
                 self.dead.record(Reason::NoFederation, detail, copy);
                 continue;
             }
-            let n = t.target_instance(k.process_number);
+            let n = t.target_instance(copy.process_number);
             copy.process_number = n;
-            copy.next_device_name = self.cfg.device_name.clone();
+            if copy.next_device_name != self.cfg.device_name {
+                copy.next_device_name.clone_from(&self.cfg.device_name);
+            }
             if let Err((reason, copy)) = self.deliver(&t.name, n, copy).await {
                 let detail = match reason {
                     Reason::NoSuchInstance => {

@@ -3,6 +3,7 @@
 
 use aion_runtime::{Kanban, KanbanId};
 use std::collections::{HashSet, VecDeque};
+use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 use tokio::sync::Notify;
@@ -24,12 +25,33 @@ pub struct SlotStats {
     pub duplicates: AtomicU64,
 }
 
+/// Kanban ids are already uniformly mixed (random or derived), so hashing folds the two halves instead of
+/// running SipHash on the hot path. HashDoS is not a concern: ids come from local, authenticated sessions.
+#[derive(Default)]
+struct IdHasher(u64);
+
+impl Hasher for IdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(*b);
+        }
+    }
+    fn write_u128(&mut self, v: u128) {
+        self.0 = ((v as u64) ^ ((v >> 64) as u64)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    }
+}
+
+type IdSet = HashSet<KanbanId, BuildHasherDefault<IdHasher>>;
+
 struct Inner {
     ready: VecDeque<Kanban>,
     /// Deliveries outstanding in the current session.
     inflight: usize,
     session: u64,
-    seen: HashSet<KanbanId>,
+    seen: IdSet,
     seen_order: VecDeque<KanbanId>,
 }
 
@@ -65,7 +87,7 @@ impl Slot {
                 ready: VecDeque::new(),
                 inflight: 0,
                 session: 0,
-                seen: HashSet::new(),
+                seen: IdSet::default(),
                 seen_order: VecDeque::new(),
             }),
             items: Notify::new(),

@@ -65,6 +65,14 @@ impl FrameDecoder {
         self.buf.extend_from_slice(data);
     }
 
+    /// The buffer to append received bytes to (e.g. with `AsyncReadExt::read_buf`), with at least `reserve`
+    /// bytes of spare capacity. Avoids copying reads through a second buffer.
+    pub fn read_buffer(&mut self, reserve: usize) -> &mut Vec<u8> {
+        self.compact();
+        self.buf.reserve(reserve);
+        &mut self.buf
+    }
+
     fn compact(&mut self) {
         if self.pos > 0 {
             self.buf.drain(..self.pos);

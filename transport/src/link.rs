@@ -18,10 +18,8 @@ pub enum LinkReader<R> {
     Unix {
         /// The socket.
         rd: OwnedReadHalf,
-        /// Frames received but not decoded yet.
+        /// Frames received but not decoded yet (reads go straight into its buffer).
         dec: FrameDecoder,
-        /// Read buffer.
-        buf: Vec<u8>,
     },
     /// An in-memory channel of batches.
     Mem(mpsc::Receiver<Vec<R>>),
@@ -37,7 +35,12 @@ pub enum LinkWriter<W> {
         buf: Vec<u8>,
     },
     /// An in-memory channel of batches.
-    Mem(mpsc::Sender<Vec<W>>),
+    Mem {
+        /// The channel.
+        tx: mpsc::Sender<Vec<W>>,
+        /// Messages queued by [`LinkWriter::push`] and not flushed yet.
+        pending: Vec<W>,
+    },
 }
 
 fn invalid(e: FrameError) -> io::Error {
@@ -55,7 +58,7 @@ impl<R: DeserializeOwned> LinkReader<R> {
     /// Cancel safe: bytes read stay buffered in the decoder.
     pub async fn recv(&mut self, out: &mut Vec<R>) -> io::Result<bool> {
         match self {
-            LinkReader::Unix { rd, dec, buf } => loop {
+            LinkReader::Unix { rd, dec } => loop {
                 let before = out.len();
                 while let Some(m) = dec.decode::<R>().map_err(invalid)? {
                     out.push(m);
@@ -63,14 +66,13 @@ impl<R: DeserializeOwned> LinkReader<R> {
                 if out.len() > before {
                     return Ok(true);
                 }
-                let n = rd.read(buf).await?;
+                let n = rd.read_buf(dec.read_buffer(64 << 10)).await?;
                 if n == 0 {
                     if dec.pending() > 0 {
                         return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "connection closed mid-frame"));
                     }
                     return Ok(false);
                 }
-                dec.push(&buf[..n]);
             },
             LinkReader::Mem(rx) => match rx.recv().await {
                 Some(mut batch) => {
@@ -87,31 +89,72 @@ impl<R: DeserializeOwned> LinkReader<R> {
 }
 
 impl<W: Serialize> LinkWriter<W> {
-    /// Sends every message of `batch` (which is left empty).
+    /// Queues a message; nothing is sent before [`LinkWriter::flush`].
+    ///
+    /// # Errors
+    /// `InvalidData` if it cannot be encoded (larger than the frame limit).
+    pub fn push(&mut self, msg: W) -> io::Result<()> {
+        match self {
+            LinkWriter::Unix { buf, .. } => encode_into(&msg, buf).map_err(invalid),
+            LinkWriter::Mem { pending, .. } => {
+                pending.push(msg);
+                Ok(())
+            }
+        }
+    }
+
+    /// Queues a message given as a borrowed value `wire` that encodes exactly like `W` (used to send a kanban
+    /// without cloning it); in-memory links, which carry owned values, call `owned` instead.
+    ///
+    /// # Errors
+    /// As [`LinkWriter::push`].
+    pub fn push_as<T: Serialize>(&mut self, wire: &T, owned: impl FnOnce() -> W) -> io::Result<()> {
+        match self {
+            LinkWriter::Unix { buf, .. } => encode_into(wire, buf).map_err(invalid),
+            LinkWriter::Mem { pending, .. } => {
+                pending.push(owned());
+                Ok(())
+            }
+        }
+    }
+
+    /// Sends everything queued with one write (socket) or one channel send (memory).
+    ///
+    /// # Errors
+    /// I/O errors; `BrokenPipe` when the peer of an in-memory link is gone.
+    pub async fn flush(&mut self) -> io::Result<()> {
+        match self {
+            LinkWriter::Unix { wr, buf } => {
+                if buf.is_empty() {
+                    return Ok(());
+                }
+                let r = wr.write_all(buf).await;
+                buf.clear();
+                if buf.capacity() > 1 << 20 {
+                    *buf = Vec::with_capacity(64 << 10);
+                }
+                r
+            }
+            LinkWriter::Mem { tx, pending } => {
+                if pending.is_empty() {
+                    return Ok(());
+                }
+                tx.send(std::mem::take(pending))
+                    .await
+                    .map_err(|_| io::Error::new(io::ErrorKind::BrokenPipe, "in-memory peer closed"))
+            }
+        }
+    }
+
+    /// Sends every message of `batch` (which is left empty), together with anything queued.
     ///
     /// # Errors
     /// I/O errors; `BrokenPipe` when the peer of an in-memory link is gone.
     pub async fn send(&mut self, batch: &mut Vec<W>) -> io::Result<()> {
-        if batch.is_empty() {
-            return Ok(());
+        for m in batch.drain(..) {
+            self.push(m)?;
         }
-        match self {
-            LinkWriter::Unix { wr, buf } => {
-                buf.clear();
-                for m in batch.drain(..) {
-                    encode_into(&m, buf).map_err(invalid)?;
-                }
-                wr.write_all(buf).await?;
-                if buf.capacity() > 1 << 20 {
-                    *buf = Vec::with_capacity(64 << 10);
-                }
-                Ok(())
-            }
-            LinkWriter::Mem(tx) => tx
-                .send(std::mem::take(batch))
-                .await
-                .map_err(|_| io::Error::new(io::ErrorKind::BrokenPipe, "in-memory peer closed")),
-        }
+        self.flush().await
     }
 
     /// Sends one message.
@@ -134,7 +177,7 @@ impl<W: Serialize> LinkWriter<W> {
 pub fn unix_split<R, W>(stream: UnixStream) -> (LinkReader<R>, LinkWriter<W>) {
     let (rd, wr) = stream.into_split();
     (
-        LinkReader::Unix { rd, dec: FrameDecoder::default(), buf: vec![0; 64 << 10] },
+        LinkReader::Unix { rd, dec: FrameDecoder::default() },
         LinkWriter::Unix { wr, buf: Vec::with_capacity(64 << 10) },
     )
 }
@@ -145,5 +188,8 @@ pub fn unix_split<R, W>(stream: UnixStream) -> (LinkReader<R>, LinkWriter<W>) {
 pub fn mem_pair<A, B>(capacity: usize) -> ((LinkReader<A>, LinkWriter<B>), (LinkReader<B>, LinkWriter<A>)) {
     let (a_tx, a_rx) = mpsc::channel(capacity.max(1));
     let (b_tx, b_rx) = mpsc::channel(capacity.max(1));
-    ((LinkReader::Mem(a_rx), LinkWriter::Mem(b_tx)), (LinkReader::Mem(b_rx), LinkWriter::Mem(a_tx)))
+    (
+        (LinkReader::Mem(a_rx), LinkWriter::Mem { tx: b_tx, pending: Vec::new() }),
+        (LinkReader::Mem(b_rx), LinkWriter::Mem { tx: a_tx, pending: Vec::new() }),
+    )
 }

@@ -144,8 +144,38 @@ pub enum ServerMsg {
     },
 }
 
+/// Encodes exactly like [`ServerMsg::Deliver`] but borrows the kanban, so the runtime can send a kanban it
+/// keeps for redelivery without cloning it. The unit variant keeps `Deliver` at index 1, as in [`ServerMsg`].
+#[derive(Serialize)]
+#[serde(rename = "ServerMsg")]
+pub enum DeliverRef<'a> {
+    /// Placeholder for `ServerMsg::Welcome` (index 0); never sent.
+    #[doc(hidden)]
+    Welcome,
+    /// `ServerMsg::Deliver`.
+    Deliver {
+        /// Delivery sequence number.
+        seq: u64,
+        /// The kanban.
+        kanban: &'a Kanban,
+    },
+}
+
 /// A reference to an id, for logs.
 pub fn short_id(id: KanbanId) -> String {
     let s = id.to_string();
     s[s.len() - 8..].to_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn deliver_ref_encodes_like_deliver() {
+        let k = Kanban { id: KanbanId::generate(), connection_key: "x".into(), ..Kanban::default() };
+        let owned = postcard::to_stdvec(&ServerMsg::Deliver { seq: 7, kanban: k.clone() }).expect("owned");
+        let borrowed = postcard::to_stdvec(&DeliverRef::Deliver { seq: 7, kanban: &k }).expect("borrowed");
+        assert_eq!(owned, borrowed);
+    }
 }
