@@ -1,6 +1,6 @@
 //! Dead letters: every kanban the runtime could not deliver, with a reason, a log line and a counter.
 
-use aion_runtime::Kanban;
+use aion_runtime::WireKanban;
 use serde::Serialize;
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::Mutex;
@@ -44,7 +44,7 @@ pub struct DeadLetter {
     /// Human detail.
     pub detail: String,
     /// The kanban.
-    pub kanban: Kanban,
+    pub kanban: WireKanban,
 }
 
 /// Counters by reason plus the most recent dead letters.
@@ -57,7 +57,7 @@ const KEEP: usize = 256;
 
 impl DeadLetters {
     /// Records a dead letter: logs it, counts it, keeps it among the recent ones.
-    pub fn record(&self, reason: Reason, detail: String, kanban: Kanban) {
+    pub fn record(&self, reason: Reason, detail: String, kanban: WireKanban) {
         tracing::warn!(reason = reason.as_str(), kanban = %kanban.id, from = %kanban.origin.service, "dead letter: {detail}");
         if let Ok(mut g) = self.inner.lock() {
             *g.0.entry(reason.as_str()).or_default() += 1;

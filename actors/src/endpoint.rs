@@ -5,7 +5,7 @@ use crate::router::Router;
 use crate::slot::Slot;
 use crate::statics::StaticStore;
 use aion_runtime::actor::{Actor, Context};
-use aion_runtime::kanban::{Kanban, KanbanId, Origin};
+use aion_runtime::kanban::{Kanban, KanbanId, Origin, WireKanban};
 use aion_transport::proto::{DeliverRef, MAGIC};
 use aion_transport::{unix_split, ClientMsg, LinkReader, LinkWriter, ServerMsg, PROTOCOL_VERSION};
 use std::collections::VecDeque;
@@ -206,10 +206,10 @@ async fn session(shared: Shared, mut r: LinkReader<ClientMsg>, mut w: LinkWriter
             data_path,
             ..Kanban::default()
         };
-        let _ = slot.try_push(seed);
+        let _ = slot.try_push(seed.into_wire());
     }
     // Deliveries sent and not acknowledged yet, in sequence order.
-    let inflight: Mutex<VecDeque<(u64, Kanban)>> = Mutex::new(VecDeque::new());
+    let inflight: Mutex<VecDeque<(u64, WireKanban)>> = Mutex::new(VecDeque::new());
     let (ctl_tx, mut ctl_rx) = mpsc::channel::<Outgoing>(1024);
     let outcome: Mutex<Result<(), String>> = Mutex::new(Ok(()));
 
@@ -217,7 +217,7 @@ async fn session(shared: Shared, mut r: LinkReader<ClientMsg>, mut w: LinkWriter
     // returns (Close from the reader, a write error, or the session being replaced by a newer one).
     let writer = async {
         let mut ctl: Vec<Outgoing> = Vec::new();
-        let mut ks: Vec<Kanban> = Vec::new();
+        let mut ks: Vec<WireKanban> = Vec::new();
         let mut seq: u64 = 0;
         loop {
             let mut close = false;
@@ -283,7 +283,7 @@ async fn session(shared: Shared, mut r: LinkReader<ClientMsg>, mut w: LinkWriter
         _ = writer => {}
         _ = reader => {}
     }
-    let unacked: Vec<Kanban> =
+    let unacked: Vec<WireKanban> =
         inflight.into_inner().unwrap_or_else(|p| p.into_inner()).into_iter().map(|(_, k)| k).collect();
     let n = unacked.len();
     slot.close_session(sess, unacked);
@@ -314,7 +314,7 @@ async fn read_loop(
     sess: u64,
     r: &mut LinkReader<ClientMsg>,
     early: Vec<ClientMsg>,
-    inflight: &Mutex<VecDeque<(u64, Kanban)>>,
+    inflight: &Mutex<VecDeque<(u64, WireKanban)>>,
     ctl_tx: &mpsc::Sender<Outgoing>,
 ) -> Result<(), String> {
     // Messages that arrived together with the Hello come first.
@@ -335,7 +335,11 @@ async fn read_loop(
             }
             match m {
                 ClientMsg::Output(mut k) => {
-                    k.origin = Origin { service: slot.service.clone(), instance: slot.instance };
+                    // Never trust the client's idea of who it is; reuse its string when it is right.
+                    if k.origin.service != slot.service {
+                        k.origin.service.clone_from(&slot.service);
+                    }
+                    k.origin.instance = slot.instance;
                     if k.process_number == 0 {
                         k.process_number = slot.instance;
                     }

@@ -5,7 +5,7 @@
 use crate::dead::{DeadLetters, Reason};
 use crate::slot::Slot;
 use aion_runtime::config::ServicesFile;
-use aion_runtime::Kanban;
+use aion_runtime::WireKanban;
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -65,7 +65,7 @@ impl Router {
     /// # Errors
     /// [`Reason::UnknownService`] / [`Reason::NoSuchInstance`]; the kanban is given back.
     #[allow(clippy::result_large_err)] // the kanban is given back, never dropped
-    pub async fn deliver(&self, service: &str, instance: u32, k: Kanban) -> Result<(), (Reason, Kanban)> {
+    pub async fn deliver(&self, service: &str, instance: u32, k: WireKanban) -> Result<(), (Reason, WireKanban)> {
         let Some(list) = self.slots.get(service) else {
             return Err((Reason::UnknownService, k));
         };
@@ -88,9 +88,9 @@ impl Router {
     }
 
     /// Routes one output of `from`. Returns when every target has queued it (back-pressure).
-    pub async fn route(&self, from: &Slot, k: Kanban) {
+    pub async fn route(&self, from: &Slot, k: WireKanban) {
         if k.is_terminate() {
-            let name = k.metadata.get("name").and_then(|v| v.as_str()).unwrap_or(&from.service);
+            let name = k.metadata_str("name").unwrap_or_else(|| from.service.clone());
             if name != from.service {
                 let detail = format!("terminate kanban from {} names service `{name}`", from.service);
                 self.dead.record(Reason::BadTerminate, detail, k);

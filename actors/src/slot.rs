@@ -1,7 +1,7 @@
 //! A [`Slot`] is one instance's bounded input queue plus its counters. It outlives sessions and process
 //! restarts, so nothing queued is lost when an instance crashes or reconnects.
 
-use aion_runtime::{Kanban, KanbanId};
+use aion_runtime::{KanbanId, WireKanban};
 use std::collections::{HashSet, VecDeque};
 use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -25,7 +25,7 @@ pub struct SlotStats {
     pub duplicates: AtomicU64,
 }
 
-/// Kanban ids are already uniformly mixed (random or derived), so hashing folds the two halves instead of
+/// WireKanban ids are already uniformly mixed (random or derived), so hashing folds the two halves instead of
 /// running SipHash on the hot path. HashDoS is not a concern: ids come from local, authenticated sessions.
 #[derive(Default)]
 struct IdHasher(u64);
@@ -47,7 +47,7 @@ impl Hasher for IdHasher {
 type IdSet = HashSet<KanbanId, BuildHasherDefault<IdHasher>>;
 
 struct Inner {
-    ready: VecDeque<Kanban>,
+    ready: VecDeque<WireKanban>,
     /// Deliveries outstanding in the current session.
     inflight: usize,
     session: u64,
@@ -74,7 +74,7 @@ pub struct Slot {
 }
 
 /// How many output ids per instance are remembered for deduplication.
-const DEDUP_WINDOW: usize = 16_384;
+const DEDUP_WINDOW: usize = 4096;
 
 impl Slot {
     /// An empty queue of `capacity` kanbans.
@@ -108,7 +108,7 @@ impl Slot {
     ///
     /// # Cancel safety
     /// Cancel safe: the kanban is either queued or not, never half-way.
-    pub async fn push(&self, k: Kanban) {
+    pub async fn push(&self, k: WireKanban) {
         let mut k = Some(k);
         loop {
             let notified = self.space.notified();
@@ -136,7 +136,7 @@ impl Slot {
     /// The kanban, when the queue is full.
     // Giving the kanban back is the point (nothing is dropped); it is moved, not copied deeply.
     #[allow(clippy::result_large_err)]
-    pub fn try_push(&self, k: Kanban) -> Result<(), Kanban> {
+    pub fn try_push(&self, k: WireKanban) -> Result<(), WireKanban> {
         let mut g = self.lock();
         if g.ready.len() >= self.capacity {
             return Err(k);
@@ -167,7 +167,7 @@ impl Slot {
     ///
     /// # Cancel safety
     /// Cancel safe: nothing is taken unless the future completes.
-    pub async fn take(&self, session: u64, window: usize, out: &mut Vec<Kanban>) {
+    pub async fn take(&self, session: u64, window: usize, out: &mut Vec<WireKanban>) {
         loop {
             let notified = self.items.notified();
             tokio::pin!(notified);
@@ -204,7 +204,7 @@ impl Slot {
     }
 
     /// Ends `session`: its unacknowledged kanbans go back to the front of the queue, in order.
-    pub fn close_session(&self, session: u64, unacked: Vec<Kanban>) {
+    pub fn close_session(&self, session: u64, unacked: Vec<WireKanban>) {
         let mut g = self.lock();
         let n = unacked.len();
         for k in unacked.into_iter().rev() {
@@ -267,8 +267,8 @@ mod tests {
     use super::*;
     use std::sync::Arc;
 
-    fn k(n: u64) -> Kanban {
-        Kanban { id: KanbanId(n as u128), ..Kanban::default() }
+    fn k(n: u64) -> WireKanban {
+        aion_runtime::Kanban { id: KanbanId(n as u128), ..Default::default() }.into_wire()
     }
 
     #[tokio::test]

@@ -1,7 +1,7 @@
 //! Static kanbans (reference §3.8): a per-topic store with ids, get, delete, and subscriptions.
 
 use crate::endpoint::Outgoing;
-use aion_runtime::Kanban;
+use aion_runtime::WireKanban;
 use aion_transport::ServerMsg;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
@@ -12,7 +12,7 @@ type Subscriber = mpsc::Sender<Outgoing>;
 
 #[derive(Default)]
 struct Topic {
-    entries: BTreeMap<u64, Kanban>,
+    entries: BTreeMap<u64, WireKanban>,
     subs: Vec<Subscriber>,
 }
 
@@ -26,7 +26,7 @@ const MAX_PER_TOPIC: usize = 10_000;
 
 impl StaticStore {
     /// Stores a kanban; returns its id and notifies subscribers.
-    pub fn put(&self, topic: &str, k: Kanban) -> u64 {
+    pub fn put(&self, topic: &str, k: WireKanban) -> u64 {
         let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         g.0 += 1;
         let id = g.0;
@@ -51,7 +51,7 @@ impl StaticStore {
     }
 
     /// Every entry of a topic, oldest first.
-    pub fn get(&self, topic: &str) -> Vec<(u64, Kanban)> {
+    pub fn get(&self, topic: &str) -> Vec<(u64, WireKanban)> {
         let g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         g.1.get(topic).map(|t| t.entries.iter().map(|(i, k)| (*i, k.clone())).collect()).unwrap_or_default()
     }

@@ -287,9 +287,12 @@ pub struct Origin {
 }
 
 /// A kanban: AION's `StatusKanban` fields plus a unique id, a trace id kept along the whole chain, and its origin.
+///
+/// `M` is the metadata representation: [`Metadata`] (the default, what services see) or [`MetadataBytes`]
+/// (encoded, what the runtime carries as [`WireKanban`] without ever decoding the payload).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
-pub struct Kanban {
+pub struct Kanban<M = Metadata> {
     /// Unique per kanban. Outputs derived from a redelivered input get the same id again (see [`KanbanId::derive`]).
     pub id: KanbanId,
     /// The id of the first kanban of the chain; copied to every output.
@@ -313,7 +316,128 @@ pub struct Kanban {
     /// Paths of files or directories that travel with the kanban.
     pub file_list: Vec<String>,
     /// Free-form JSON object.
-    pub metadata: Metadata,
+    pub metadata: M,
+}
+
+/// The kanban as the runtime carries it: routing fields decoded, metadata left encoded.
+pub type WireKanban = Kanban<MetadataBytes>;
+
+/// Metadata encoded with postcard, carried opaquely. Serialises as a byte string in binary formats (one copy,
+/// no tree of allocations) and as the decoded JSON object in human-readable ones.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct MetadataBytes(pub Vec<u8>);
+
+impl MetadataBytes {
+    /// Encodes metadata.
+    pub fn encode(m: &Metadata) -> MetadataBytes {
+        // Encoding a BTreeMap of our Value into a Vec cannot fail.
+        MetadataBytes(postcard::to_stdvec(m).unwrap_or_default())
+    }
+
+    /// Decodes the metadata.
+    ///
+    /// # Errors
+    /// When the bytes are not encoded metadata (a hostile or broken client sent them).
+    pub fn decode(&self) -> Result<Metadata, postcard::Error> {
+        if self.0.is_empty() {
+            return Ok(Metadata::new());
+        }
+        postcard::from_bytes(&self.0)
+    }
+}
+
+impl Serialize for MetadataBytes {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        if s.is_human_readable() {
+            return match self.decode() {
+                Ok(m) => metadata_to_json(&m).serialize(s),
+                Err(_) => s.collect_str(&format_args!("<{} undecodable bytes>", self.0.len())),
+            };
+        }
+        s.serialize_bytes(&self.0)
+    }
+}
+
+impl<'de> Deserialize<'de> for MetadataBytes {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        if d.is_human_readable() {
+            let v = serde_json::Value::deserialize(d)?;
+            return Ok(MetadataBytes::encode(&metadata_from_json(v)));
+        }
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = MetadataBytes;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("encoded metadata bytes")
+            }
+            fn visit_bytes<E: serde::de::Error>(self, v: &[u8]) -> Result<MetadataBytes, E> {
+                Ok(MetadataBytes(v.to_vec()))
+            }
+            fn visit_byte_buf<E: serde::de::Error>(self, v: Vec<u8>) -> Result<MetadataBytes, E> {
+                Ok(MetadataBytes(v))
+            }
+        }
+        d.deserialize_byte_buf(V)
+    }
+}
+
+impl<M> Kanban<M> {
+    /// The same kanban with its metadata converted by `f`.
+    pub fn map_metadata<N>(self, f: impl FnOnce(M) -> N) -> Kanban<N> {
+        Kanban {
+            id: self.id,
+            trace_id: self.trace_id,
+            origin: self.origin,
+            start_at: self.start_at,
+            finish_at: self.finish_at,
+            next_device_name: self.next_device_name,
+            connection_key: self.connection_key,
+            process_number: self.process_number,
+            prior_success: self.prior_success,
+            data_path: self.data_path,
+            file_list: self.file_list,
+            metadata: f(self.metadata),
+        }
+    }
+
+    /// The routing key, with AION's empty-means-default rule applied.
+    pub fn route_key(&self) -> &str {
+        if self.connection_key.is_empty() {
+            "default"
+        } else {
+            &self.connection_key
+        }
+    }
+}
+
+impl Kanban {
+    /// Encodes the metadata for the wire.
+    pub fn into_wire(self) -> WireKanban {
+        let bytes = MetadataBytes::encode(&self.metadata);
+        self.map_metadata(|_| bytes)
+    }
+}
+
+impl WireKanban {
+    /// Decodes the metadata.
+    ///
+    /// # Errors
+    /// When the metadata bytes are corrupt.
+    pub fn into_kanban(self) -> Result<Kanban, postcard::Error> {
+        let m = self.metadata.decode()?;
+        Ok(self.map_metadata(|_| m))
+    }
+
+    /// True for AION's terminate kanban; decodes the metadata only when the connection key says it may be one.
+    pub fn is_terminate(&self) -> bool {
+        self.connection_key == TERMINATE_KEY
+            && self.metadata.decode().is_ok_and(|m| m.get("type").and_then(Value::as_str) == Some("terminate"))
+    }
+
+    /// A string field of the metadata (decodes it).
+    pub fn metadata_str(&self, key: &str) -> Option<String> {
+        self.metadata.decode().ok()?.get(key).and_then(Value::as_str).map(str::to_owned)
+    }
 }
 
 impl Default for Kanban {
@@ -344,14 +468,6 @@ impl Kanban {
         self.connection_key == TERMINATE_KEY && self.metadata.get("type").and_then(Value::as_str) == Some("terminate")
     }
 
-    /// The routing key, with AION's empty-means-default rule applied.
-    pub fn route_key(&self) -> &str {
-        if self.connection_key.is_empty() {
-            "default"
-        } else {
-            &self.connection_key
-        }
-    }
 }
 
 #[cfg(test)]
@@ -385,6 +501,22 @@ mod tests {
         assert_eq!(s["metadata"], sample_json());
         let back: Kanban = serde_json::from_value(s).expect("back");
         assert_eq!(back, k);
+    }
+
+    #[test]
+    fn wire_kanban_carries_metadata_opaquely() {
+        let k = Kanban { metadata: metadata_from_json(sample_json()), id: KanbanId::generate(), ..Kanban::default() };
+        let wire = k.clone().into_wire();
+        let bytes = postcard::to_stdvec(&wire).expect("encode");
+        let back: WireKanban = postcard::from_bytes(&bytes).expect("decode");
+        assert_eq!(back.clone().into_kanban().expect("metadata"), k);
+        assert_eq!(serde_json::to_value(&back).expect("json")["metadata"], sample_json());
+        let mut t = Kanban { connection_key: TERMINATE_KEY.into(), ..Kanban::default() };
+        t.metadata.insert("type".into(), "terminate".into());
+        assert!(t.into_wire().is_terminate());
+        let bad = Kanban::default().into_wire().map_metadata(|_| MetadataBytes(vec![0xff, 0xff]));
+        assert!(bad.clone().into_kanban().is_err());
+        assert!(!bad.is_terminate());
     }
 
     #[test]

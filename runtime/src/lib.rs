@@ -15,4 +15,4 @@ pub mod config;
 pub mod kanban;
 pub mod time;
 
-pub use kanban::{Kanban, KanbanId, Metadata, Origin, Value};
+pub use kanban::{Kanban, KanbanId, Metadata, MetadataBytes, Origin, Value, WireKanban};

@@ -9,7 +9,7 @@
 //!   once each output is routed into its targets' queues (that is the back-pressure point). An output whose id
 //!   the runtime has already accepted from that instance is acknowledged and not routed again.
 
-use aion_runtime::{Kanban, KanbanId};
+use aion_runtime::{KanbanId, WireKanban};
 use serde::{Deserialize, Serialize};
 
 /// The protocol version spoken by this build.
@@ -43,7 +43,7 @@ pub enum ClientMsg {
     /// Handshake; first message only.
     Hello(Hello),
     /// An output kanban to route.
-    Output(Kanban),
+    Output(WireKanban),
     /// Every delivery with `seq <= upto` is handled.
     Ack {
         /// Cumulative delivery sequence number.
@@ -56,7 +56,7 @@ pub enum ClientMsg {
         /// Topic.
         topic: String,
         /// The kanban.
-        kanban: Kanban,
+        kanban: WireKanban,
     },
     /// Read every static kanban of a topic.
     StaticGet {
@@ -100,7 +100,7 @@ pub enum ServerMsg {
         /// Delivery sequence number in this session.
         seq: u64,
         /// The kanban.
-        kanban: Kanban,
+        kanban: WireKanban,
     },
     /// The next `count` outputs (in send order) are accepted.
     Accepted {
@@ -119,7 +119,7 @@ pub enum ServerMsg {
         /// Request id.
         req: u64,
         /// Entries in insertion order.
-        entries: Vec<(u64, Kanban)>,
+        entries: Vec<(u64, WireKanban)>,
     },
     /// Reply to [`ClientMsg::StaticDelete`].
     StaticDeleted {
@@ -135,7 +135,7 @@ pub enum ServerMsg {
         /// Entry id.
         id: u64,
         /// The kanban.
-        kanban: Kanban,
+        kanban: WireKanban,
     },
     /// The runtime refuses or ends the session; the connection closes after this.
     Error {
@@ -157,8 +157,20 @@ pub enum DeliverRef<'a> {
         /// Delivery sequence number.
         seq: u64,
         /// The kanban.
-        kanban: &'a Kanban,
+        kanban: &'a WireKanban,
     },
+}
+
+/// Encodes exactly like [`ClientMsg::Output`] but borrows the kanban, so the SDK can send an output it keeps
+/// for resending without cloning it.
+#[derive(Serialize)]
+#[serde(rename = "ClientMsg")]
+pub enum OutputRef<'a> {
+    /// Placeholder for `ClientMsg::Hello` (index 0); never sent.
+    #[doc(hidden)]
+    Hello,
+    /// `ClientMsg::Output`.
+    Output(&'a WireKanban),
 }
 
 /// A reference to an id, for logs.
@@ -173,9 +185,13 @@ mod tests {
 
     #[test]
     fn deliver_ref_encodes_like_deliver() {
-        let k = Kanban { id: KanbanId::generate(), connection_key: "x".into(), ..Kanban::default() };
+        let k = aion_runtime::Kanban { id: KanbanId::generate(), connection_key: "x".into(), ..Default::default() }
+            .into_wire();
         let owned = postcard::to_stdvec(&ServerMsg::Deliver { seq: 7, kanban: k.clone() }).expect("owned");
         let borrowed = postcard::to_stdvec(&DeliverRef::Deliver { seq: 7, kanban: &k }).expect("borrowed");
+        assert_eq!(owned, borrowed);
+        let owned = postcard::to_stdvec(&ClientMsg::Output(k.clone())).expect("owned");
+        let borrowed = postcard::to_stdvec(&OutputRef::Output(&k)).expect("borrowed");
         assert_eq!(owned, borrowed);
     }
 }

@@ -2,8 +2,8 @@
 //! unaccepted outputs) and the service loop that feeds kanbans to the user's [`Service`].
 
 use crate::{Env, Error, Options, Output, Service};
-use aion_runtime::kanban::{Kanban, KanbanId, Metadata, Origin, Value, TERMINATE_KEY};
-use aion_transport::proto::MAGIC;
+use aion_runtime::kanban::{Kanban, KanbanId, Metadata, Origin, Value, WireKanban, TERMINATE_KEY};
+use aion_transport::proto::{OutputRef, MAGIC};
 use aion_transport::{unix_split, ClientMsg, Hello, LinkReader, LinkWriter, ServerMsg, PROTOCOL_VERSION};
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
@@ -30,11 +30,11 @@ pub struct InstanceInfo {
 struct Delivery {
     epoch: u64,
     seq: u64,
-    kanban: Kanban,
+    kanban: WireKanban,
 }
 
 enum Cmd {
-    Out(Kanban),
+    Out(WireKanban),
     Ack { epoch: u64, seq: u64 },
     Req(ClientMsg, oneshot::Sender<ServerMsg>),
     Sub(String, mpsc::Sender<(u64, Kanban)>),
@@ -121,7 +121,7 @@ impl Ctx {
 
     async fn send_output(&mut self, k: Kanban) -> Result<(), Error> {
         self.permits.acquire().await.map_err(|_| Error::Closed)?.forget();
-        self.cmd.send(Cmd::Out(k)).await.map_err(|_| Error::Closed)
+        self.cmd.send(Cmd::Out(k.into_wire())).await.map_err(|_| Error::Closed)
     }
 
     /// Sends AION's terminate kanban (this instance has finished its work) and stops after the current kanban.
@@ -152,7 +152,7 @@ impl Ctx {
     /// # Errors
     /// [`Error::Closed`] if the session is gone.
     pub async fn static_put(&mut self, topic: &str, out: Output) -> Result<u64, Error> {
-        let kanban = self.build(out);
+        let kanban = self.build(out).into_wire();
         let topic = topic.to_owned();
         match self.request(|req| ClientMsg::StaticPut { req, topic, kanban }).await? {
             ServerMsg::StaticPutOk { id, .. } => Ok(id),
@@ -165,9 +165,18 @@ impl Ctx {
     /// # Errors
     /// [`Error::Closed`] if the session is gone.
     pub async fn static_get(&mut self, topic: &str) -> Result<Vec<(u64, Kanban)>, Error> {
-        let topic = topic.to_owned();
-        match self.request(|req| ClientMsg::StaticGet { req, topic }).await? {
-            ServerMsg::StaticList { entries, .. } => Ok(entries),
+        let name = topic.to_owned();
+        match self.request(|req| ClientMsg::StaticGet { req, topic: name }).await? {
+            ServerMsg::StaticList { entries, .. } => Ok(entries
+                .into_iter()
+                .filter_map(|(id, k)| match k.into_kanban() {
+                    Ok(k) => Some((id, k)),
+                    Err(e) => {
+                        tracing::error!(topic, id, "static kanban with undecodable metadata skipped: {e}");
+                        None
+                    }
+                })
+                .collect()),
             other => Err(Error::Service(format!("unexpected reply {other:?}"))),
         }
     }
@@ -261,7 +270,7 @@ struct Io {
     connector: Option<Connector>,
     hello: Hello,
     epoch: Arc<AtomicU64>,
-    unaccepted: VecDeque<Kanban>,
+    unaccepted: VecDeque<WireKanban>,
     pending: HashMap<u64, (ClientMsg, oneshot::Sender<ServerMsg>)>,
     subs: Vec<(String, mpsc::Sender<(u64, Kanban)>)>,
     deliver: mpsc::Sender<Delivery>,
@@ -282,18 +291,21 @@ impl Io {
             return;
         }
         let mut cmds: Vec<Cmd> = Vec::new();
-        let mut out: Vec<ClientMsg> = Vec::new();
         loop {
             let flow = tokio::select! {
                 n = cmd_rx.recv_many(&mut cmds, 512) => {
                     if n == 0 {
                         self.closing = true; // the service loop is gone
                     }
-                    self.on_cmds(&mut cmds, &mut out);
+                    let mut queued = self.on_cmds(&mut cmds, &mut link.1);
                     if self.closing && self.unaccepted.is_empty() {
-                        out.push(ClientMsg::Bye);
+                        queued = queued.and_then(|_| link.1.push(ClientMsg::Bye));
                     }
-                    match link.1.send(&mut out).await {
+                    let sent = match queued {
+                        Ok(()) => link.1.flush().await,
+                        Err(e) => Err(e),
+                    };
+                    match sent {
                         Ok(()) if self.closing && self.unaccepted.is_empty() => Flow::Done,
                         Ok(()) => Flow::Continue,
                         Err(e) => { tracing::warn!("write to runtime failed: {e}"); Flow::Reconnect }
@@ -347,17 +359,22 @@ impl Io {
         }
     }
 
-    fn on_cmds(&mut self, cmds: &mut Vec<Cmd>, out: &mut Vec<ClientMsg>) {
+    /// Queues the commands' messages on the link (flushed by the caller). Outputs are kept once, for resending,
+    /// and encoded from that copy.
+    fn on_cmds(&mut self, cmds: &mut Vec<Cmd>, w: &mut LinkWriter<ClientMsg>) -> std::io::Result<()> {
         let epoch = self.epoch.load(Ordering::SeqCst);
         let mut ack: Option<u64> = None;
+        let mut r = Ok(());
         for c in cmds.drain(..) {
             match c {
                 Cmd::Out(k) => {
                     if let Some(upto) = ack.take() {
-                        out.push(ClientMsg::Ack { upto });
+                        r = r.and_then(|_| w.push(ClientMsg::Ack { upto }));
                     }
-                    self.unaccepted.push_back(k.clone());
-                    out.push(ClientMsg::Output(k));
+                    self.unaccepted.push_back(k);
+                    if let Some(k) = self.unaccepted.back() {
+                        r = r.and_then(|_| w.push_as(&OutputRef::Output(k), || ClientMsg::Output(k.clone())));
+                    }
                 }
                 Cmd::Ack { epoch: e, seq } => {
                     if e == epoch {
@@ -372,18 +389,19 @@ impl Io {
                         _ => 0,
                     };
                     self.pending.insert(req, (m.clone(), tx));
-                    out.push(m);
+                    r = r.and_then(|_| w.push(m));
                 }
                 Cmd::Sub(topic, tx) => {
-                    out.push(ClientMsg::StaticSubscribe { topic: topic.clone() });
+                    r = r.and_then(|_| w.push(ClientMsg::StaticSubscribe { topic: topic.clone() }));
                     self.subs.push((topic, tx));
                 }
                 Cmd::Bye => self.closing = true,
             }
         }
         if let Some(upto) = ack {
-            out.push(ClientMsg::Ack { upto });
+            r = r.and_then(|_| w.push(ClientMsg::Ack { upto }));
         }
+        r
     }
 
     fn on_msgs(&mut self, msgs: &mut Vec<ServerMsg>) -> Flow {
@@ -411,6 +429,13 @@ impl Io {
                     }
                 }
                 ServerMsg::StaticEvent { topic, id, kanban } => {
+                    let kanban = match kanban.into_kanban() {
+                        Ok(k) => k,
+                        Err(e) => {
+                            tracing::error!(topic, id, "static kanban with undecodable metadata skipped: {e}");
+                            continue;
+                        }
+                    };
                     self.subs.retain(|(t, tx)| {
                         if *t != topic {
                             return true;
@@ -542,19 +567,29 @@ async fn drive<S: Service>(
             if d.epoch != epoch.load(Ordering::SeqCst) {
                 continue; // from a session that has ended: the runtime redelivers it
             }
-            ctx.current = Some(Current {
-                id: d.kanban.id,
-                trace: d.kanban.trace_id,
-                start_at: d.kanban.start_at.clone(),
-                outputs: 0,
-            });
-            match AssertUnwindSafe(service.handle(d.kanban, &mut ctx)).catch_unwind().await {
+            let kanban = match d.kanban.into_kanban() {
+                Ok(k) => Some(k),
+                Err(e) => {
+                    // Only a broken or hostile client can produce this; do not let it wedge the queue.
+                    tracing::error!("kanban with undecodable metadata acknowledged without handling: {e}");
+                    None
+                }
+            };
+            if let Some(kanban) = kanban {
+                ctx.current = Some(Current {
+                    id: kanban.id,
+                    trace: kanban.trace_id,
+                    start_at: kanban.start_at.clone(),
+                    outputs: 0,
+                });
+                match AssertUnwindSafe(service.handle(kanban, &mut ctx)).catch_unwind().await {
                 Err(p) => return Err(Error::Service(format!("handler panicked: {}", panic_text(&*p)))),
                 Ok(Err(Error::Closed)) => return Err(Error::Closed),
-                Ok(Err(e)) => tracing::error!("handler failed (kanban acknowledged): {e}"),
-                Ok(Ok(())) => {}
+                    Ok(Err(e)) => tracing::error!("handler failed (kanban acknowledged): {e}"),
+                    Ok(Ok(())) => {}
+                }
+                ctx.current = None;
             }
-            ctx.current = None;
             if cmd_tx.send(Cmd::Ack { epoch: d.epoch, seq: d.seq }).await.is_err() {
                 return Err(Error::Closed);
             }
