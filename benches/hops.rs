@@ -130,13 +130,16 @@ impl Service for Source {
     }
 }
 
+/// Where an in-process sink leaves its histogram and throughput.
+type SinkResult = Arc<Mutex<Option<(Histogram<u64>, f64)>>>;
+
 /// Sink: counts, records end-to-end latency, and computes throughput from the first emit to the last receive.
 struct Sink {
     n: u64,
     seen: u64,
     first_t: u64,
     h: Histogram<u64>,
-    done: Option<Arc<Mutex<Option<(Histogram<u64>, f64)>>>>,
+    done: Option<SinkResult>,
 }
 impl Service for Sink {
     async fn handle(&mut self, k: Kanban, ctx: &mut Ctx) -> Result<(), Error> {

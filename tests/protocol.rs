@@ -123,7 +123,7 @@ fn garbage_unknown_service_wrong_version_and_bad_instance_are_refused() {
 fn a_raw_client_can_speak_the_protocol() {
     let mut rt = Runtime::start(YAML);
     // svc-2 has no kanban, so it is not running: this client plays its part.
-    let out = Kanban { id: aion::runtime::KanbanId::generate(), ..Kanban::default() }.into_wire();
+    let out = Box::new(Kanban { id: aion::runtime::KanbanId::generate(), ..Kanban::default() }.into_wire());
     let raw = frames(&[
         hello("svc", 2, PROTOCOL_VERSION),
         ClientMsg::Output(out.clone()),

@@ -44,7 +44,7 @@ pub struct DeadLetter {
     /// Human detail.
     pub detail: String,
     /// The kanban.
-    pub kanban: WireKanban,
+    pub kanban: Box<WireKanban>,
 }
 
 /// Counters by reason plus the most recent dead letters.
@@ -57,7 +57,7 @@ const KEEP: usize = 256;
 
 impl DeadLetters {
     /// Records a dead letter: logs it, counts it, keeps it among the recent ones.
-    pub fn record(&self, reason: Reason, detail: String, kanban: WireKanban) {
+    pub fn record(&self, reason: Reason, detail: String, kanban: Box<WireKanban>) {
         tracing::warn!(reason = reason.as_str(), kanban = %kanban.id, from = %kanban.origin.service, "dead letter: {detail}");
         if let Ok(mut g) = self.inner.lock() {
             *g.0.entry(reason.as_str()).or_default() += 1;

@@ -206,10 +206,10 @@ async fn session(shared: Shared, mut r: LinkReader<ClientMsg>, mut w: LinkWriter
             data_path,
             ..Kanban::default()
         };
-        let _ = slot.try_push(seed.into_wire());
+        let _ = slot.try_push(Box::new(seed.into_wire()));
     }
     // Deliveries sent and not acknowledged yet, in sequence order.
-    let inflight: Mutex<VecDeque<(u64, WireKanban)>> = Mutex::new(VecDeque::new());
+    let inflight: Mutex<VecDeque<(u64, Box<WireKanban>)>> = Mutex::new(VecDeque::new());
     let (ctl_tx, mut ctl_rx) = mpsc::channel::<Outgoing>(1024);
     let outcome: Mutex<Result<(), String>> = Mutex::new(Ok(()));
 
@@ -217,7 +217,7 @@ async fn session(shared: Shared, mut r: LinkReader<ClientMsg>, mut w: LinkWriter
     // returns (Close from the reader, a write error, or the session being replaced by a newer one).
     let writer = async {
         let mut ctl: Vec<Outgoing> = Vec::new();
-        let mut ks: Vec<WireKanban> = Vec::new();
+        let mut ks: Vec<Box<WireKanban>> = Vec::new();
         let mut seq: u64 = 0;
         loop {
             let mut close = false;
@@ -283,7 +283,7 @@ async fn session(shared: Shared, mut r: LinkReader<ClientMsg>, mut w: LinkWriter
         _ = writer => {}
         _ = reader => {}
     }
-    let unacked: Vec<WireKanban> =
+    let unacked: Vec<Box<WireKanban>> =
         inflight.into_inner().unwrap_or_else(|p| p.into_inner()).into_iter().map(|(_, k)| k).collect();
     let n = unacked.len();
     slot.close_session(sess, unacked);
@@ -314,7 +314,7 @@ async fn read_loop(
     sess: u64,
     r: &mut LinkReader<ClientMsg>,
     early: Vec<ClientMsg>,
-    inflight: &Mutex<VecDeque<(u64, WireKanban)>>,
+    inflight: &Mutex<VecDeque<(u64, Box<WireKanban>)>>,
     ctl_tx: &mpsc::Sender<Outgoing>,
 ) -> Result<(), String> {
     // Messages that arrived together with the Hello come first.
@@ -362,7 +362,7 @@ async fn read_loop(
                     slot.acked(sess, n);
                 }
                 ClientMsg::StaticPut { req, topic, kanban } => {
-                    let id = shared.statics.put(&topic, kanban);
+                    let id = shared.statics.put(&topic, *kanban);
                     let _ = ctl_tx.send(Outgoing::Msg(ServerMsg::StaticPutOk { req, id })).await;
                 }
                 ClientMsg::StaticGet { req, topic } => {

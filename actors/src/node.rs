@@ -291,7 +291,7 @@ async fn inject(
         metadata: metadata_from_json(metadata),
         ..Kanban::default()
     };
-    match router.deliver(service, instance, k.into_wire()).await {
+    match router.deliver(service, instance, Box::new(k.into_wire())).await {
         Ok(()) => Ok(id),
         Err((crate::dead::Reason::UnknownService, _)) => Err(format!("unknown service `{service}`")),
         Err((_, _)) => {

@@ -64,8 +64,12 @@ impl Router {
     ///
     /// # Errors
     /// [`Reason::UnknownService`] / [`Reason::NoSuchInstance`]; the kanban is given back.
-    #[allow(clippy::result_large_err)] // the kanban is given back, never dropped
-    pub async fn deliver(&self, service: &str, instance: u32, k: WireKanban) -> Result<(), (Reason, WireKanban)> {
+    pub async fn deliver(
+        &self,
+        service: &str,
+        instance: u32,
+        k: Box<WireKanban>,
+    ) -> Result<(), (Reason, Box<WireKanban>)> {
         let Some(list) = self.slots.get(service) else {
             return Err((Reason::UnknownService, k));
         };
@@ -88,7 +92,7 @@ impl Router {
     }
 
     /// Routes one output of `from`. Returns when every target has queued it (back-pressure).
-    pub async fn route(&self, from: &Slot, k: WireKanban) {
+    pub async fn route(&self, from: &Slot, k: Box<WireKanban>) {
         if k.is_terminate() {
             let name = k.metadata_str("name").unwrap_or_else(|| from.service.clone());
             if name != from.service {
@@ -123,10 +127,13 @@ impl Router {
             // Every target gets its own copy (fan-out); the last one takes the original, so the common
             // single-target route never clones.
             let Some(mut copy) = (if i == last { k.take() } else { k.clone() }) else { break };
-            let device = if copy.next_device_name.is_empty() { t.device.clone() } else { copy.next_device_name.clone() };
+            let device =
+                if copy.next_device_name.is_empty() { t.device.clone() } else { copy.next_device_name.clone() };
             if !device.is_empty() && device != self.cfg.device_name && self.cfg.devices.contains_key(&device) {
-                let detail =
-                    format!("{} > {} targets device `{device}`; cross-device delivery is not available", ms.name, t.name);
+                let detail = format!(
+                    "{} > {} targets device `{device}`; cross-device delivery is not available",
+                    ms.name, t.name
+                );
                 self.dead.record(Reason::NoFederation, detail, copy);
                 continue;
             }

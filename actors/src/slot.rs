@@ -47,7 +47,7 @@ impl Hasher for IdHasher {
 type IdSet = HashSet<KanbanId, BuildHasherDefault<IdHasher>>;
 
 struct Inner {
-    ready: VecDeque<WireKanban>,
+    ready: VecDeque<Box<WireKanban>>,
     /// Deliveries outstanding in the current session.
     inflight: usize,
     session: u64,
@@ -108,7 +108,7 @@ impl Slot {
     ///
     /// # Cancel safety
     /// Cancel safe: the kanban is either queued or not, never half-way.
-    pub async fn push(&self, k: WireKanban) {
+    pub async fn push(&self, k: Box<WireKanban>) {
         let mut k = Some(k);
         loop {
             let notified = self.space.notified();
@@ -134,9 +134,7 @@ impl Slot {
     ///
     /// # Errors
     /// The kanban, when the queue is full.
-    // Giving the kanban back is the point (nothing is dropped); it is moved, not copied deeply.
-    #[allow(clippy::result_large_err)]
-    pub fn try_push(&self, k: WireKanban) -> Result<(), WireKanban> {
+    pub fn try_push(&self, k: Box<WireKanban>) -> Result<(), Box<WireKanban>> {
         let mut g = self.lock();
         if g.ready.len() >= self.capacity {
             return Err(k);
@@ -167,7 +165,7 @@ impl Slot {
     ///
     /// # Cancel safety
     /// Cancel safe: nothing is taken unless the future completes.
-    pub async fn take(&self, session: u64, window: usize, out: &mut Vec<WireKanban>) {
+    pub async fn take(&self, session: u64, window: usize, out: &mut Vec<Box<WireKanban>>) {
         loop {
             let notified = self.items.notified();
             tokio::pin!(notified);
@@ -204,7 +202,7 @@ impl Slot {
     }
 
     /// Ends `session`: its unacknowledged kanbans go back to the front of the queue, in order.
-    pub fn close_session(&self, session: u64, unacked: Vec<WireKanban>) {
+    pub fn close_session(&self, session: u64, unacked: Vec<Box<WireKanban>>) {
         let mut g = self.lock();
         let n = unacked.len();
         for k in unacked.into_iter().rev() {
@@ -267,8 +265,8 @@ mod tests {
     use super::*;
     use std::sync::Arc;
 
-    fn k(n: u64) -> WireKanban {
-        aion_runtime::Kanban { id: KanbanId(n as u128), ..Default::default() }.into_wire()
+    fn k(n: u64) -> Box<WireKanban> {
+        Box::new(aion_runtime::Kanban { id: KanbanId(n as u128), ..Default::default() }.into_wire())
     }
 
     #[tokio::test]

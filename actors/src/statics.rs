@@ -38,7 +38,11 @@ impl StaticStore {
         }
         t.entries.insert(id, k.clone());
         t.subs.retain(|s| {
-            match s.try_send(Outgoing::Msg(ServerMsg::StaticEvent { topic: topic.to_owned(), id, kanban: k.clone() })) {
+            match s.try_send(Outgoing::Msg(ServerMsg::StaticEvent {
+                topic: topic.to_owned(),
+                id,
+                kanban: Box::new(k.clone()),
+            })) {
                 Ok(()) => true,
                 Err(mpsc::error::TrySendError::Closed(_)) => false,
                 Err(mpsc::error::TrySendError::Full(_)) => {
@@ -68,7 +72,11 @@ impl StaticStore {
         let t = g.1.entry(topic.to_owned()).or_default();
         for (id, k) in &t.entries {
             if tx
-                .try_send(Outgoing::Msg(ServerMsg::StaticEvent { topic: topic.to_owned(), id: *id, kanban: k.clone() }))
+                .try_send(Outgoing::Msg(ServerMsg::StaticEvent {
+                    topic: topic.to_owned(),
+                    id: *id,
+                    kanban: Box::new(k.clone()),
+                }))
                 .is_err()
             {
                 tracing::error!(topic, "static subscriber too slow for the backlog; subscription dropped");

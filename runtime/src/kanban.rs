@@ -467,7 +467,6 @@ impl Kanban {
     pub fn is_terminate(&self) -> bool {
         self.connection_key == TERMINATE_KEY && self.metadata.get("type").and_then(Value::as_str) == Some("terminate")
     }
-
 }
 
 #[cfg(test)]

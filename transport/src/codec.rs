@@ -130,14 +130,14 @@ mod tests {
                 seed: true,
                 pid: 42,
             }),
-            ClientMsg::Output(
+            ClientMsg::Output(Box::new(
                 Kanban {
                     id: KanbanId::generate(),
                     metadata: metadata_from_json(serde_json::json!({"a": [1, 2.5, "ü"], "b": {"c": null}})),
                     ..Kanban::default()
                 }
                 .into_wire(),
-            ),
+            )),
             ClientMsg::Ack { upto: u64::MAX },
             ClientMsg::Bye,
         ]

@@ -176,10 +176,7 @@ impl<W: Serialize> LinkWriter<W> {
 /// Splits a Unix stream into a typed reader and writer.
 pub fn unix_split<R, W>(stream: UnixStream) -> (LinkReader<R>, LinkWriter<W>) {
     let (rd, wr) = stream.into_split();
-    (
-        LinkReader::Unix { rd, dec: FrameDecoder::default() },
-        LinkWriter::Unix { wr, buf: Vec::with_capacity(64 << 10) },
-    )
+    (LinkReader::Unix { rd, dec: FrameDecoder::default() }, LinkWriter::Unix { wr, buf: Vec::with_capacity(64 << 10) })
 }
 
 /// An in-memory link: `(a_reader, a_writer)` talks to `(b_reader, b_writer)`. `capacity` bounds the batches in

@@ -43,7 +43,7 @@ pub enum ClientMsg {
     /// Handshake; first message only.
     Hello(Hello),
     /// An output kanban to route.
-    Output(WireKanban),
+    Output(Box<WireKanban>),
     /// Every delivery with `seq <= upto` is handled.
     Ack {
         /// Cumulative delivery sequence number.
@@ -56,7 +56,7 @@ pub enum ClientMsg {
         /// Topic.
         topic: String,
         /// The kanban.
-        kanban: WireKanban,
+        kanban: Box<WireKanban>,
     },
     /// Read every static kanban of a topic.
     StaticGet {
@@ -99,8 +99,8 @@ pub enum ServerMsg {
     Deliver {
         /// Delivery sequence number in this session.
         seq: u64,
-        /// The kanban.
-        kanban: WireKanban,
+        /// The kanban (boxed: kanbans move through several queues; serde's `Box` is wire-transparent).
+        kanban: Box<WireKanban>,
     },
     /// The next `count` outputs (in send order) are accepted.
     Accepted {
@@ -135,7 +135,7 @@ pub enum ServerMsg {
         /// Entry id.
         id: u64,
         /// The kanban.
-        kanban: WireKanban,
+        kanban: Box<WireKanban>,
     },
     /// The runtime refuses or ends the session; the connection closes after this.
     Error {
@@ -149,9 +149,8 @@ pub enum ServerMsg {
 #[derive(Serialize)]
 #[serde(rename = "ServerMsg")]
 pub enum DeliverRef<'a> {
-    /// Placeholder for `ServerMsg::Welcome` (index 0); never sent.
-    #[doc(hidden)]
-    Welcome,
+    /// Placeholder for `ServerMsg::Welcome` (keeps `Deliver` at index 1); never sent.
+    WelcomeSlot,
     /// `ServerMsg::Deliver`.
     Deliver {
         /// Delivery sequence number.
@@ -166,9 +165,8 @@ pub enum DeliverRef<'a> {
 #[derive(Serialize)]
 #[serde(rename = "ClientMsg")]
 pub enum OutputRef<'a> {
-    /// Placeholder for `ClientMsg::Hello` (index 0); never sent.
-    #[doc(hidden)]
-    Hello,
+    /// Placeholder for `ClientMsg::Hello` (keeps `Output` at index 1); never sent.
+    HelloSlot,
     /// `ClientMsg::Output`.
     Output(&'a WireKanban),
 }
@@ -187,10 +185,10 @@ mod tests {
     fn deliver_ref_encodes_like_deliver() {
         let k = aion_runtime::Kanban { id: KanbanId::generate(), connection_key: "x".into(), ..Default::default() }
             .into_wire();
-        let owned = postcard::to_stdvec(&ServerMsg::Deliver { seq: 7, kanban: k.clone() }).expect("owned");
+        let owned = postcard::to_stdvec(&ServerMsg::Deliver { seq: 7, kanban: Box::new(k.clone()) }).expect("owned");
         let borrowed = postcard::to_stdvec(&DeliverRef::Deliver { seq: 7, kanban: &k }).expect("borrowed");
         assert_eq!(owned, borrowed);
-        let owned = postcard::to_stdvec(&ClientMsg::Output(k.clone())).expect("owned");
+        let owned = postcard::to_stdvec(&ClientMsg::Output(Box::new(k.clone()))).expect("owned");
         let borrowed = postcard::to_stdvec(&OutputRef::Output(&k)).expect("borrowed");
         assert_eq!(owned, borrowed);
     }

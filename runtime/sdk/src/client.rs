@@ -30,11 +30,11 @@ pub struct InstanceInfo {
 struct Delivery {
     epoch: u64,
     seq: u64,
-    kanban: WireKanban,
+    kanban: Box<WireKanban>,
 }
 
 enum Cmd {
-    Out(WireKanban),
+    Out(Box<WireKanban>),
     Ack { epoch: u64, seq: u64 },
     Req(ClientMsg, oneshot::Sender<ServerMsg>),
     Sub(String, mpsc::Sender<(u64, Kanban)>),
@@ -121,7 +121,7 @@ impl Ctx {
 
     async fn send_output(&mut self, k: Kanban) -> Result<(), Error> {
         self.permits.acquire().await.map_err(|_| Error::Closed)?.forget();
-        self.cmd.send(Cmd::Out(k.into_wire())).await.map_err(|_| Error::Closed)
+        self.cmd.send(Cmd::Out(Box::new(k.into_wire()))).await.map_err(|_| Error::Closed)
     }
 
     /// Sends AION's terminate kanban (this instance has finished its work) and stops after the current kanban.
@@ -152,7 +152,7 @@ impl Ctx {
     /// # Errors
     /// [`Error::Closed`] if the session is gone.
     pub async fn static_put(&mut self, topic: &str, out: Output) -> Result<u64, Error> {
-        let kanban = self.build(out).into_wire();
+        let kanban = Box::new(self.build(out).into_wire());
         let topic = topic.to_owned();
         match self.request(|req| ClientMsg::StaticPut { req, topic, kanban }).await? {
             ServerMsg::StaticPutOk { id, .. } => Ok(id),
@@ -270,7 +270,7 @@ struct Io {
     connector: Option<Connector>,
     hello: Hello,
     epoch: Arc<AtomicU64>,
-    unaccepted: VecDeque<WireKanban>,
+    unaccepted: VecDeque<Box<WireKanban>>,
     pending: HashMap<u64, (ClientMsg, oneshot::Sender<ServerMsg>)>,
     subs: Vec<(String, mpsc::Sender<(u64, Kanban)>)>,
     deliver: mpsc::Sender<Delivery>,
@@ -429,7 +429,7 @@ impl Io {
                     }
                 }
                 ServerMsg::StaticEvent { topic, id, kanban } => {
-                    let kanban = match kanban.into_kanban() {
+                    let kanban = match (*kanban).into_kanban() {
                         Ok(k) => k,
                         Err(e) => {
                             tracing::error!(topic, id, "static kanban with undecodable metadata skipped: {e}");
@@ -567,7 +567,7 @@ async fn drive<S: Service>(
             if d.epoch != epoch.load(Ordering::SeqCst) {
                 continue; // from a session that has ended: the runtime redelivers it
             }
-            let kanban = match d.kanban.into_kanban() {
+            let kanban = match (*d.kanban).into_kanban() {
                 Ok(k) => Some(k),
                 Err(e) => {
                     // Only a broken or hostile client can produce this; do not let it wedge the queue.
@@ -583,8 +583,8 @@ async fn drive<S: Service>(
                     outputs: 0,
                 });
                 match AssertUnwindSafe(service.handle(kanban, &mut ctx)).catch_unwind().await {
-                Err(p) => return Err(Error::Service(format!("handler panicked: {}", panic_text(&*p)))),
-                Ok(Err(Error::Closed)) => return Err(Error::Closed),
+                    Err(p) => return Err(Error::Service(format!("handler panicked: {}", panic_text(&*p)))),
+                    Ok(Err(Error::Closed)) => return Err(Error::Closed),
                     Ok(Err(e)) => tracing::error!("handler failed (kanban acknowledged): {e}"),
                     Ok(Ok(())) => {}
                 }
