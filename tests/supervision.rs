@@ -9,7 +9,8 @@ use tokio::sync::mpsc;
 enum Msg {
     Work(u32),
     Boom,
-    Slow(u32),
+    /// Reports "gate start", waits until the test opens the gate, reports "gate done".
+    Gate(std::sync::Arc<tokio::sync::Notify>),
 }
 
 /// Reports `(name, event)` to the test.
@@ -29,9 +30,10 @@ impl Actor for Probe {
                 let _ = self.tx.send((self.name.into(), format!("work {n}")));
             }
             Msg::Boom => panic!("injected panic in {}", self.name),
-            Msg::Slow(ms) => {
-                tokio::time::sleep(Duration::from_millis(ms.into())).await;
-                let _ = self.tx.send((self.name.into(), "slow done".into()));
+            Msg::Gate(gate) => {
+                let _ = self.tx.send((self.name.into(), "gate start".into()));
+                gate.notified().await;
+                let _ = self.tx.send((self.name.into(), "gate done".into()));
             }
         }
     }
@@ -205,13 +207,16 @@ fn stop_finishes_the_current_message_kill_abandons_it() {
         let (k, k_addr) = probe("killme", &tx, Restart::Temporary);
         let sup = Supervisor::new("p", Strategy::OneForOne, Intensity::default()).child(s).child(k).start();
         expect(&mut rx, &[("stopme", "started"), ("killme", "started")]).await;
-        s_addr.send(Msg::Slow(200)).await.expect("send");
-        k_addr.send(Msg::Slow(200)).await.expect("send");
+        let (s_gate, k_gate) =
+            (std::sync::Arc::new(tokio::sync::Notify::new()), std::sync::Arc::new(tokio::sync::Notify::new()));
+        s_addr.send(Msg::Gate(s_gate.clone())).await.expect("send");
+        k_addr.send(Msg::Gate(k_gate.clone())).await.expect("send");
         s_addr.send(Msg::Work(9)).await.expect("send");
-        tokio::task::yield_now().await;
+        expect(&mut rx, &[("stopme", "gate start"), ("killme", "gate start")]).await;
         s_addr.stop();
         k_addr.kill();
-        expect(&mut rx, &[("stopme", "slow done"), ("stopme", "stopped")]).await;
+        s_gate.notify_one();
+        expect(&mut rx, &[("stopme", "gate done"), ("stopme", "stopped")]).await;
         let ev = tokio::time::timeout(Duration::from_secs(10), async {
             loop {
                 let ev = sup.journal().events();
@@ -244,14 +249,17 @@ fn bounded_mailbox_applies_back_pressure() {
         });
         let sup = Supervisor::new("p", Strategy::OneForOne, Intensity::default()).child(s).start();
         expect(&mut rx, &[("slow", "started")]).await;
-        addr.send(Msg::Slow(100)).await.expect("send");
+        let gate = std::sync::Arc::new(tokio::sync::Notify::new());
+        addr.send(Msg::Gate(gate.clone())).await.expect("send");
+        expect(&mut rx, &[("slow", "gate start")]).await;
         addr.send(Msg::Work(1)).await.expect("send");
         addr.send(Msg::Work(2)).await.expect("send");
         match addr.try_send(Msg::Work(3)) {
             Err(aion::runtime::actor::TrySendError::Full(Msg::Work(3))) => {}
             other => panic!("expected Full with the message back, got {other:?}"),
         }
-        expect(&mut rx, &[("slow", "slow done"), ("slow", "work 1"), ("slow", "work 2")]).await;
+        gate.notify_one();
+        expect(&mut rx, &[("slow", "gate done"), ("slow", "work 1"), ("slow", "work 2")]).await;
         sup.shutdown().await;
     });
 }
