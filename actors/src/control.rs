@@ -65,6 +65,26 @@ pub struct StatusReport {
     pub rejected_connections: u64,
     /// Supervision events (actor exits and restarts).
     pub supervisor_events: Vec<String>,
+    /// The embedded store.
+    #[serde(default)]
+    pub store: Option<StoreReport>,
+}
+
+/// Store counters in [`StatusReport`].
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StoreReport {
+    /// Database file.
+    pub path: String,
+    /// Group commits.
+    pub commits: u64,
+    /// Kanbans persisted.
+    pub enqueued: u64,
+    /// Kanbans deleted after acknowledgement.
+    pub acked: u64,
+    /// Failed commits (retried; producers wait meanwhile).
+    pub errors: u64,
+    /// The last store error.
+    pub last_error: Option<String>,
 }
 
 /// One instance in [`StatusReport`] (the same fields as [`InstanceStatus`], kept separate so the JSON is stable).

@@ -352,14 +352,27 @@ async fn read_loop(
                     accepted += 1;
                 }
                 ClientMsg::Ack { upto } => {
-                    let mut g = inflight.lock().unwrap_or_else(|p| p.into_inner());
-                    let mut n = 0;
-                    while g.front().is_some_and(|(s, _)| *s <= upto) {
-                        g.pop_front();
-                        n += 1;
-                    }
-                    drop(g);
+                    let store = shared.router.durable_store(&slot.service);
+                    let mut ids = Vec::new();
+                    let n = {
+                        let mut g = inflight.lock().unwrap_or_else(|p| p.into_inner());
+                        let mut n = 0;
+                        while g.front().is_some_and(|(s, _)| *s <= upto) {
+                            if let Some((_, k)) = g.pop_front() {
+                                if store.is_some() {
+                                    ids.push(k.id);
+                                }
+                            }
+                            n += 1;
+                        }
+                        n
+                    };
                     slot.acked(sess, n);
+                    if let Some(store) = store {
+                        if let Err(e) = store.ack(&slot.service, slot.instance, ids).await {
+                            tracing::error!(service = %slot.service, "ack not persisted: {e}");
+                        }
+                    }
                 }
                 ClientMsg::StaticPut { req, topic, kanban } => {
                     let id = shared.statics.put(&topic, *kanban);
@@ -379,6 +392,12 @@ async fn read_loop(
             }
         }
         if accepted > 0 {
+            // Durable before acknowledged: one group commit covers the whole batch.
+            if let Some(store) = shared.router.store() {
+                if let Err(e) = store.barrier().await {
+                    return Err(format!("store unavailable: {e}"));
+                }
+            }
             let _ = ctl_tx.send(Outgoing::Msg(ServerMsg::Accepted { count: accepted })).await;
         }
         if bye {

@@ -21,5 +21,6 @@ pub mod paths;
 pub mod router;
 pub mod slot;
 pub mod statics;
+pub mod store;
 
 pub use node::{InProcessRegistry, Node, NodeOptions};

@@ -3,7 +3,7 @@
 pub use crate::backend::InProcessRegistry;
 use crate::backend::ProcessEnv;
 use crate::broker::{Broker, BrokerMsg, InstanceStatus};
-use crate::control::{dead_json, event_text, InstanceRow, Request, StatusReport};
+use crate::control::{dead_json, event_text, InstanceRow, Request, StatusReport, StoreReport};
 use crate::endpoint::{Endpoint, EndpointMsg, EndpointStats};
 use crate::paths::Paths;
 use crate::router::{Lifecycle, Router};
@@ -127,7 +127,28 @@ impl Node {
 
         let cfg = Arc::new(opts.config);
         let (lc_tx, mut lc_rx) = mpsc::channel::<Lifecycle>(1024);
-        let router = Arc::new(Router::new(cfg.clone(), opts.queue_capacity, lc_tx));
+        let (store, recovered) = crate::store::Store::open(&paths.store()).map_err(|e| NodeError::Io(e.to_string()))?;
+        let router = Router::new(cfg.clone(), opts.queue_capacity, lc_tx).with_store(store);
+        let (mut restored, mut kept) = (0usize, 0usize);
+        for r in recovered {
+            match router.slot(&r.service, r.instance) {
+                Some(slot) => {
+                    slot.restore(r.kanban);
+                    restored += 1;
+                }
+                None => kept += 1,
+            }
+        }
+        if restored > 0 {
+            tracing::info!(kanbans = restored, "recovered queued kanbans from the store");
+        }
+        if kept > 0 {
+            tracing::warn!(
+                kanbans = kept,
+                "queued kanbans for services or instances not in this services.yml are kept in the store"
+            );
+        }
+        let router = Arc::new(router);
         let statics = Arc::new(StaticStore::default());
         let stats = Arc::new(EndpointStats::default());
 
@@ -259,10 +280,18 @@ impl Node {
         let grace = self.grace;
         let _ = ask(&self.broker, |tx| BrokerMsg::Shutdown(grace, tx)).await;
         self.sup.shutdown().await;
-        let left: usize = self.router.slots().map(|s| s.depth() + s.inflight()).sum();
+        let left: usize = self
+            .router
+            .slots()
+            .filter(|s| self.router.durable_store(&s.service).is_none())
+            .map(|s| s.depth() + s.inflight())
+            .sum();
         if left > 0 {
-            // Queues are in memory in this version: say so, with the count, rather than losing them silently.
-            tracing::warn!(kanbans = left, "queued kanbans are discarded at exit (in-memory queues)");
+            // `delivery: memory` queues: say so, with the count, rather than losing them silently.
+            tracing::warn!(kanbans = left, "kanbans queued for `delivery: memory` services are discarded at exit");
+        }
+        if let Some(store) = self.router.store() {
+            let _ = store.barrier().await;
         }
         self.control.abort();
         self.forwarder.abort();
@@ -292,7 +321,12 @@ async fn inject(
         ..Kanban::default()
     };
     match router.deliver(service, instance, Box::new(k.into_wire())).await {
-        Ok(()) => Ok(id),
+        Ok(()) => {
+            if let Some(store) = router.store() {
+                store.barrier().await.map_err(|e| e.to_string())?;
+            }
+            Ok(id)
+        }
         Err((crate::dead::Reason::UnknownService, _)) => Err(format!("unknown service `{service}`")),
         Err((_, _)) => {
             let scale = router.config().microservices.get(service).map_or(0, |m| m.scale);
@@ -317,6 +351,14 @@ async fn report(s: &Shared) -> StatusReport {
         sessions: s.stats.sessions.load(Ordering::Relaxed),
         rejected_connections: s.stats.rejected.load(Ordering::Relaxed),
         supervisor_events: s.sup.journal().events().iter().map(event_text).collect(),
+        store: s.router.store().map(|st| StoreReport {
+            path: st.path().display().to_string(),
+            commits: st.stats.commits.load(Ordering::Relaxed),
+            enqueued: st.stats.enqueued.load(Ordering::Relaxed),
+            acked: st.stats.acked.load(Ordering::Relaxed),
+            errors: st.stats.errors.load(Ordering::Relaxed),
+            last_error: st.stats.last_error.lock().ok().and_then(|l| l.clone()),
+        }),
     }
 }
 

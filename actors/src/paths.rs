@@ -1,6 +1,7 @@
 //! The data directory layout.
 //!
 //! ```text
+//! <data>/aion.db              embedded store: durable queues (SQLite, WAL)
 //! <data>/run/aion.sock        status-kanban endpoint (0600)
 //! <data>/run/control.sock     CLI control API (0600)
 //! <data>/run/instances.json   process groups started by the runtime (for cleanup after kill -9)
@@ -37,6 +38,10 @@ impl Paths {
     /// The process registry.
     pub fn registry(&self) -> PathBuf {
         self.run_dir().join("instances.json")
+    }
+    /// The embedded store (`aion.db`, SQLite WAL).
+    pub fn store(&self) -> PathBuf {
+        self.root.join("aion.db")
     }
     /// `logs/`.
     pub fn log_dir(&self) -> PathBuf {

@@ -4,6 +4,8 @@
 
 use crate::dead::{DeadLetters, Reason};
 use crate::slot::Slot;
+use crate::store::Store;
+use aion_runtime::config::Delivery;
 use aion_runtime::config::ServicesFile;
 use aion_runtime::WireKanban;
 use std::collections::HashMap;
@@ -27,6 +29,7 @@ pub struct Router {
     /// Dead letters.
     pub dead: Arc<DeadLetters>,
     lifecycle: mpsc::Sender<Lifecycle>,
+    store: Option<Store>,
 }
 
 impl Router {
@@ -40,7 +43,24 @@ impl Router {
                 (ms.name.clone(), v)
             })
             .collect();
-        Router { cfg, slots, dead: Arc::default(), lifecycle }
+        Router { cfg, slots, dead: Arc::default(), lifecycle, store: None }
+    }
+
+    /// Persists kanbans queued for `durable` services in `store`.
+    pub fn with_store(mut self, store: Store) -> Router {
+        self.store = Some(store);
+        self
+    }
+
+    /// The store, if kanbans for `service` are durable.
+    pub fn durable_store(&self, service: &str) -> Option<&Store> {
+        let durable = self.cfg.microservices.get(service).is_some_and(|m| m.delivery == Delivery::Durable);
+        self.store.as_ref().filter(|_| durable)
+    }
+
+    /// The store, if there is one.
+    pub fn store(&self) -> Option<&Store> {
+        self.store.as_ref()
     }
 
     /// The configuration.
@@ -76,6 +96,12 @@ impl Router {
         let Some(slot) = (instance as usize).checked_sub(1).and_then(|i| list.get(i)) else {
             return Err((Reason::NoSuchInstance, k));
         };
+        if let Some(store) = self.durable_store(service) {
+            // Committed by the next group commit; the session waits for it before acknowledging the producer.
+            if let Err(e) = store.enqueue(service, instance, &k).await {
+                tracing::error!(service, instance, kanban = %k.id, "not persisted: {e}");
+            }
+        }
         slot.push(k).await;
         self.request_start(slot).await;
         Ok(())

@@ -146,6 +146,12 @@ impl Slot {
         Ok(())
     }
 
+    /// Puts back a kanban recovered from the store at start-up, ignoring the capacity (it was accepted before).
+    pub fn restore(&self, k: Box<WireKanban>) {
+        self.lock().ready.push_back(k);
+        self.stats.kanbans_in.fetch_add(1, Ordering::Relaxed);
+    }
+
     /// Starts a new session and returns its number, unless a session is already connected (an instance has
     /// at most one session; a second client for a live instance is refused).
     pub fn open_session(&self) -> Option<u64> {

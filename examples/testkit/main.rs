@@ -2,6 +2,8 @@
 //!
 //! - `EMIT_COUNT=N`: at start, emit N kanbans with `metadata.seq` 1..=N (and `metadata.key` routing, see
 //!   `KEY`), then, if `TERMINATE=1`, send the terminate kanban and exit.
+//! - `CHUNK=c`: with `EMIT_COUNT`, flush every c outputs and checkpoint the last accepted seq in the instance's
+//!   data dir (`progress`); a restarted source resumes after it.
 //! - `KEY=k`: the connection key of outputs (default: `metadata.route` of the input, else `default`).
 //! - `FORWARD=1`: forward every input (metadata kept, `hops` extended with this instance).
 //! - `RECORD=path`: append one JSON line per received kanban to `path` (the test's sink).
@@ -25,6 +27,7 @@ struct Kit {
     die_at: Option<u64>,
     statics: bool,
     oneshot: bool,
+    chunk: u64,
 }
 
 impl Kit {
@@ -50,12 +53,22 @@ impl Service for Kit {
                 "statics": {"deleted": deleted, "listed": listed.len(), "subscribed_first": seen}
             }))?;
         }
-        for i in 1..=self.emit {
+        let progress = std::path::Path::new(ctx.data_path()).join("progress");
+        let first = if self.chunk > 0 {
+            std::fs::read_to_string(&progress).ok().and_then(|s| s.trim().parse::<u64>().ok()).unwrap_or(0) + 1
+        } else {
+            1
+        };
+        for i in first..=self.emit {
             let mut out = Output::new().meta("seq", i).meta("origin_instance", u64::from(ctx.process_number()));
             if let Some(k) = &self.key {
                 out = out.key(k.clone());
             }
             ctx.emit(out).await?;
+            if self.chunk > 0 && (i % self.chunk == 0 || i == self.emit) {
+                ctx.flush().await?;
+                std::fs::write(&progress, i.to_string()).map_err(Error::msg)?;
+            }
         }
         if self.terminate {
             ctx.terminate().await?;
@@ -128,6 +141,7 @@ fn main() -> std::process::ExitCode {
             die_at: var("DIE_AT").and_then(|v| v.parse().ok()),
             statics: var("STATICS").as_deref() == Some("1"),
             oneshot: var("ONESHOT").as_deref() == Some("1"),
+            chunk: var("CHUNK").and_then(|v| v.parse().ok()).unwrap_or(0),
         },
         opts,
     )

@@ -246,3 +246,18 @@ pub fn processes_with_env(needle: &str) -> Vec<u32> {
     }
     out
 }
+
+/// Number of complete lines in a file (cheap, for large sinks).
+pub fn line_count(path: &Path) -> usize {
+    std::fs::read(path).map(|b| b.iter().filter(|c| **c == b'\n').count()).unwrap_or(0)
+}
+
+impl Runtime {
+    /// Kills the runtime with SIGKILL and starts a new one on the same data and work directories with `yaml`.
+    pub fn crash_and_restart(&mut self, yaml: &str) -> Runtime {
+        self.kill9();
+        let data = std::mem::replace(&mut self.data, tempfile::tempdir().expect("tmp"));
+        let work = std::mem::replace(&mut self.work, tempfile::tempdir().expect("tmp"));
+        Runtime::start_in(yaml, data, work)
+    }
+}

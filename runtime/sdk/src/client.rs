@@ -38,6 +38,7 @@ enum Cmd {
     Ack { epoch: u64, seq: u64 },
     Req(ClientMsg, oneshot::Sender<ServerMsg>),
     Sub(String, mpsc::Sender<(u64, Kanban)>),
+    Flush(oneshot::Sender<()>),
     Bye,
 }
 
@@ -122,6 +123,17 @@ impl Ctx {
     async fn send_output(&mut self, k: Kanban) -> Result<(), Error> {
         self.permits.acquire().await.map_err(|_| Error::Closed)?.forget();
         self.cmd.send(Cmd::Out(Box::new(k.into_wire()))).await.map_err(|_| Error::Closed)
+    }
+
+    /// Waits until every output emitted so far has been accepted by the runtime — with `delivery: durable`
+    /// targets, until it is committed to the runtime's store. A source can checkpoint its progress after this.
+    ///
+    /// # Errors
+    /// [`Error::Closed`] if the session is gone for good.
+    pub async fn flush(&mut self) -> Result<(), Error> {
+        let (tx, rx) = oneshot::channel();
+        self.cmd.send(Cmd::Flush(tx)).await.map_err(|_| Error::Closed)?;
+        rx.await.map_err(|_| Error::Closed)
     }
 
     /// Sends AION's terminate kanban (this instance has finished its work) and stops after the current kanban.
@@ -276,6 +288,10 @@ struct Io {
     deliver: mpsc::Sender<Delivery>,
     permits: Arc<Semaphore>,
     closing: bool,
+    /// Outputs ever queued, and ever accepted: a flush waits until `accepted >= sent at the time of the flush`.
+    sent: u64,
+    accepted: u64,
+    flushes: VecDeque<(u64, oneshot::Sender<()>)>,
 }
 
 enum Flow {
@@ -371,6 +387,7 @@ impl Io {
                     if let Some(upto) = ack.take() {
                         r = r.and_then(|_| w.push(ClientMsg::Ack { upto }));
                     }
+                    self.sent += 1;
                     self.unaccepted.push_back(k);
                     if let Some(k) = self.unaccepted.back() {
                         r = r.and_then(|_| w.push_as(&OutputRef::Output(k), || ClientMsg::Output(k.clone())));
@@ -394,6 +411,13 @@ impl Io {
                 Cmd::Sub(topic, tx) => {
                     r = r.and_then(|_| w.push(ClientMsg::StaticSubscribe { topic: topic.clone() }));
                     self.subs.push((topic, tx));
+                }
+                Cmd::Flush(done) => {
+                    if self.accepted >= self.sent {
+                        let _ = done.send(());
+                    } else {
+                        self.flushes.push_back((self.sent, done));
+                    }
                 }
                 Cmd::Bye => self.closing = true,
             }
@@ -420,6 +444,12 @@ impl Io {
                     let n = (count as usize).min(self.unaccepted.len());
                     self.unaccepted.drain(..n);
                     self.permits.add_permits(n);
+                    self.accepted += n as u64;
+                    while self.flushes.front().is_some_and(|(t, _)| *t <= self.accepted) {
+                        if let Some((_, done)) = self.flushes.pop_front() {
+                            let _ = done.send(());
+                        }
+                    }
                 }
                 ServerMsg::StaticPutOk { req, .. }
                 | ServerMsg::StaticList { req, .. }
@@ -547,6 +577,9 @@ async fn drive<S: Service>(
         deliver: deliver_tx,
         permits: permits.clone(),
         closing: false,
+        sent: 0,
+        accepted: 0,
+        flushes: VecDeque::new(),
     };
     let Connected { info, link, early } = conn;
     let io_task = tokio::spawn(io.run(link, cmd_rx, early));

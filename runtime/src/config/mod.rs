@@ -221,6 +221,19 @@ pub struct Microservice {
     pub interval: i32,
     /// Our extension: the working directory of local processes (relative to the services.yml directory).
     pub working_dir: Option<String>,
+    /// Our extension: how kanbans queued for this service are kept (`durable`, the default, or `memory`).
+    pub delivery: Delivery,
+}
+
+/// How kanbans queued for a service are kept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Delivery {
+    /// In the embedded store until the service acknowledges them: they survive a crash of the runtime.
+    #[default]
+    Durable,
+    /// In memory only: the fastest path; queued kanbans are lost if the runtime crashes.
+    Memory,
 }
 
 impl Microservice {
@@ -248,6 +261,7 @@ impl Microservice {
             directory_path: String::new(),
             interval: 0,
             working_dir: None,
+            delivery: Delivery::Durable,
         }
     }
 
