@@ -169,7 +169,7 @@ fn role_main(role: &str) -> std::process::ExitCode {
     let n: u64 = std::env::var("N").ok().and_then(|v| v.parse().ok()).unwrap_or(10_000);
     let opts = aion::sdk::Options { window: 1024, output_window: 4096, ..Default::default() };
     match role {
-        "ping" => aion::sdk::main_with(Ping { n, warmup: 1000, seen: 0, h: hist(), done: None }, opts),
+        "ping" => aion::sdk::main_with(Ping { n, warmup: (n / 10).min(1000), seen: 0, h: hist(), done: None }, opts),
         "forward" => aion::sdk::main_with(Forward, opts),
         "source" => aion::sdk::main_with(Source { n }, opts),
         "sink" => aion::sdk::main_with(Sink { n, seen: 0, first_t: 0, h: hist(), done: None }, opts),
@@ -210,15 +210,15 @@ async fn actor_hop(n: u64) -> Row {
 
 // ---------- 2–4. through the runtime ----------
 
-fn yaml_pingpong(cmd: &str) -> String {
+fn yaml_pingpong(cmd: &str, delivery: &str) -> String {
     format!(
-        "microservices:\n  ping:\n    command: {cmd}\n    startup: yes\n    env: {{ AION_BENCH_ROLE: ping }}\n    nextService: {{ default: [ {{ name: pong }} ] }}\n  pong:\n    command: {cmd}\n    always: yes\n    env: {{ AION_BENCH_ROLE: forward }}\n    nextService: {{ default: [ {{ name: ping }} ] }}\n"
+        "microservices:\n  ping:\n    command: {cmd}\n    startup: yes\n    delivery: {delivery}\n    env: {{ AION_BENCH_ROLE: ping }}\n    nextService: {{ default: [ {{ name: pong }} ] }}\n  pong:\n    command: {cmd}\n    always: yes\n    delivery: {delivery}\n    env: {{ AION_BENCH_ROLE: forward }}\n    nextService: {{ default: [ {{ name: ping }} ] }}\n"
     )
 }
 
-fn yaml_pipeline(cmd: &str) -> String {
+fn yaml_pipeline(cmd: &str, delivery: &str) -> String {
     format!(
-        "microservices:\n  source:\n    command: {cmd}\n    startup: yes\n    env: {{ AION_BENCH_ROLE: source }}\n    nextService: {{ default: [ {{ name: relay }} ] }}\n  relay:\n    command: {cmd}\n    always: yes\n    env: {{ AION_BENCH_ROLE: forward }}\n    nextService: {{ default: [ {{ name: sink }} ] }}\n  sink:\n    command: {cmd}\n    startup: yes\n    env: {{ AION_BENCH_ROLE: sink }}\n"
+        "microservices:\n  source:\n    command: {cmd}\n    startup: yes\n    delivery: {delivery}\n    env: {{ AION_BENCH_ROLE: source }}\n    nextService: {{ default: [ {{ name: relay }} ] }}\n  relay:\n    command: {cmd}\n    always: yes\n    delivery: {delivery}\n    env: {{ AION_BENCH_ROLE: forward }}\n    nextService: {{ default: [ {{ name: sink }} ] }}\n  sink:\n    command: {cmd}\n    startup: yes\n    delivery: {delivery}\n    env: {{ AION_BENCH_ROLE: sink }}\n"
     )
 }
 
@@ -268,7 +268,7 @@ async fn inproc_pingpong(n: u64) -> Row {
     reg.register("ping", move || Ping { n, warmup: 1000, seen: 0, h: hist(), done: Some(d.clone()) });
     reg.register("pong", || Forward);
     let rf = std::env::temp_dir().join(format!("aion-bench-{}-ipp.json", std::process::id()));
-    let node = run_node(&yaml_pingpong("[]"), reg, n, &rf).await;
+    let node = run_node(&yaml_pingpong("[]", "memory"), reg, n, &rf).await;
     let h = loop {
         if let Some(h) = done.lock().ok().and_then(|mut g| g.take()) {
             break h;
@@ -277,7 +277,7 @@ async fn inproc_pingpong(n: u64) -> Row {
     };
     node.shutdown().await;
     let rtt_p50 = h.value_at_quantile(0.5) as f64;
-    row("in-process hop via runtime (ping-pong RTT/2)", &h, 2, 2.0 * 1e9 / rtt_p50.max(1.0))
+    row("in-process hop via runtime, memory (RTT/2)", &h, 2, 2.0 * 1e9 / rtt_p50.max(1.0))
 }
 
 async fn inproc_pipeline(n: u64) -> Row {
@@ -288,7 +288,7 @@ async fn inproc_pipeline(n: u64) -> Row {
     reg.register("relay", || Forward);
     reg.register("sink", move || Sink { n, seen: 0, first_t: 0, h: hist(), done: Some(d.clone()) });
     let rf = std::env::temp_dir().join(format!("aion-bench-{}-ipl.json", std::process::id()));
-    let node = run_node(&yaml_pipeline("[]"), reg, n, &rf).await;
+    let node = run_node(&yaml_pipeline("[]", "memory"), reg, n, &rf).await;
     let (h, tput) = loop {
         if let Some(r) = done.lock().ok().and_then(|mut g| g.take()) {
             break r;
@@ -296,11 +296,15 @@ async fn inproc_pipeline(n: u64) -> Row {
         tokio::time::sleep(Duration::from_millis(10)).await;
     };
     node.shutdown().await;
-    row("3-stage pipeline, in-process (end-to-end)", &h, 1, tput)
+    row("3-stage pipeline, in-process, memory", &h, 1, tput)
 }
 
 async fn process_run(yaml: String, n: u64, name: &str, divide: f64) -> Row {
-    let rf = std::env::temp_dir().join(format!("aion-bench-{}-{}.json", std::process::id(), name.len()));
+    let rf = std::env::temp_dir().join(format!(
+        "aion-bench-{}-{}.json",
+        std::process::id(),
+        name.chars().filter(char::is_ascii_alphanumeric).collect::<String>()
+    ));
     let _ = std::fs::remove_file(&rf);
     let node = run_node(&yaml, InProcessRegistry::default(), n, &rf).await;
     let v = wait_file(&rf).await;
@@ -364,16 +368,22 @@ fn main() {
         if on("inproc-hop") {
             rows.push(inproc_pingpong(100_000 / scale).await);
         }
-        if on("process-hop") {
-            let name = "process-to-process hop via runtime (ping-pong RTT/2)";
-            rows.push(process_run(yaml_pingpong(&cmd), 100_000 / scale, name, 2.0).await);
+        for delivery in ["memory", "durable"] {
+            if on("process-hop") {
+                let name = format!("process-to-process hop via runtime, {delivery} (RTT/2)");
+                // Durable: one kanban in flight means one fsync per hop; fewer round trips suffice.
+                let n = if delivery == "durable" { 5_000 } else { 100_000 } / scale;
+                rows.push(process_run(yaml_pingpong(&cmd, delivery), n, &name, 2.0).await);
+            }
         }
         if on("inproc-pipeline") {
             rows.push(inproc_pipeline(500_000 / scale).await);
         }
-        if on("process-pipeline") {
-            let name = "3-stage pipeline, cross-process (end-to-end)";
-            rows.push(process_run(yaml_pipeline(&cmd), 500_000 / scale, name, 1.0).await);
+        for delivery in ["memory", "durable"] {
+            if on("process-pipeline") {
+                let name = format!("3-stage pipeline, cross-process, {delivery}");
+                rows.push(process_run(yaml_pipeline(&cmd, delivery), 500_000 / scale, &name, 1.0).await);
+            }
         }
     });
     let rss = if on("rss") { idle_rss_kib() } else { None };
