@@ -100,6 +100,29 @@ enum KanbanCmd {
         #[arg(long, default_value = "{}")]
         metadata: String,
     },
+    /// Show archived hops, most recent last (works while the runtime runs or after it stopped).
+    Log {
+        /// Only hops produced by or queued for this service.
+        #[arg(long)]
+        service: Option<String>,
+        /// Only hops since this time: RFC 3339 UTC (`2026-11-27T10:00:00Z`) or an age (`90s`, `10m`, `2h`, `1d`).
+        #[arg(long)]
+        since: Option<String>,
+        /// At most this many hops.
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+        /// JSON lines instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show the whole chain a kanban belongs to (by kanban id or trace id), with per-hop latency.
+    Trace {
+        /// Kanban id or trace id (hex, as `aion kanban send` and `log` print them).
+        id: String,
+        /// JSON lines instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -113,6 +136,10 @@ fn main() -> ExitCode {
         Cmd::Kanban { cmd: KanbanCmd::Send { service, key, instance, metadata } } => {
             block(send(&data_dir, service, key, instance, metadata))
         }
+        Cmd::Kanban { cmd: KanbanCmd::Log { service, since, limit, json } } => {
+            kanban_log(&data_dir, service, since.as_deref(), limit, json)
+        }
+        Cmd::Kanban { cmd: KanbanCmd::Trace { id, json } } => kanban_trace(&data_dir, &id, json),
         Cmd::Stop => block(async {
             control::call(&Paths::new(&data_dir).control(), &Request::Stop).await?;
             println!("stop requested");
@@ -316,5 +343,123 @@ fn logs(
             let _ = out.write_all(&buf);
             let _ = out.flush();
         }
+    }
+}
+
+fn store_path(data_dir: &Path) -> Result<PathBuf, String> {
+    let p = Paths::new(data_dir).store();
+    if !p.is_file() {
+        return Err(format!("no kanban archive at {} (has a runtime ever run on this data dir?)", p.display()));
+    }
+    Ok(p)
+}
+
+/// Parses `--since`: an age (`90s`, `10m`, `2h`, `1d`) or RFC 3339 UTC; returns Unix milliseconds.
+fn parse_since(s: &str) -> Result<i64, String> {
+    let now = aion::actors::store::now_ms();
+    if let Some((num, unit)) = s.char_indices().last().and_then(|(i, c)| Some((s[..i].parse::<i64>().ok()?, c))) {
+        let ms = match unit {
+            's' => 1000,
+            'm' => 60_000,
+            'h' => 3_600_000,
+            'd' => 86_400_000,
+            _ => 0,
+        };
+        if ms > 0 {
+            return Ok(now - num * ms);
+        }
+    }
+    parse_rfc3339(s).ok_or_else(|| format!("--since `{s}` is neither an age (10m, 2h, 1d) nor RFC 3339 UTC"))
+}
+
+fn parse_rfc3339(s: &str) -> Option<i64> {
+    let s = s.strip_suffix('Z').or_else(|| s.strip_suffix("+00:00"))?;
+    let (date, time) = s.split_once('T')?;
+    let mut d = date.splitn(3, '-').map(|x| x.parse::<i64>().ok());
+    let (y, m, dd) = (d.next()??, d.next()??, d.next()??);
+    let (hms, frac) = time.split_once('.').unwrap_or((time, "0"));
+    let mut t = hms.splitn(3, ':').map(|x| x.parse::<i64>().ok());
+    let (hh, mm, ss) = (t.next()??, t.next()??, t.next()??);
+    let millis: i64 = format!("{frac:0<3}")[..3].parse().ok()?;
+    if !(1..=12).contains(&m) || !(1..=31).contains(&dd) || hh > 23 || mm > 59 || ss > 60 {
+        return None;
+    }
+    // days_from_civil (Howard Hinnant).
+    let y2 = if m <= 2 { y - 1 } else { y };
+    let era = y2.div_euclid(400);
+    let yoe = y2 - era * 400;
+    let mp = (m + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + dd - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    Some(((days * 86_400 + hh * 3600 + mm * 60 + ss) * 1000) + millis)
+}
+
+fn print_hops(rows: &[aion::actors::store::HopRow], json: bool) -> Result<(), String> {
+    if json {
+        for r in rows {
+            println!("{}", serde_json::to_string(r).map_err(|e| e.to_string())?);
+        }
+        return Ok(());
+    }
+    let mut table = vec![["ACCEPTED", "FROM", "TO", "KEY", "OUTCOME", "LATENCY", "KANBAN"].map(String::from).to_vec()];
+    for r in rows {
+        table.push(vec![
+            r.accepted_at.clone(),
+            r.from.clone(),
+            r.to.clone().unwrap_or_else(|| "-".into()),
+            if r.connection_key.is_empty() { "-".into() } else { r.connection_key.clone() },
+            r.outcome.clone(),
+            r.latency_ms.map_or_else(|| "-".into(), |l| format!("{l} ms")),
+            r.kanban_id.clone(),
+        ]);
+    }
+    let widths: Vec<usize> = (0..table[0].len()).map(|c| table.iter().map(|r| r[c].len()).max().unwrap_or(0)).collect();
+    for row in &table {
+        let line: Vec<String> = row.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect();
+        println!("{}", line.join("  ").trim_end());
+    }
+    Ok(())
+}
+
+fn kanban_log(
+    data_dir: &Path,
+    service: Option<String>,
+    since: Option<&str>,
+    limit: usize,
+    json: bool,
+) -> Result<(), String> {
+    let since_ms = since.map(parse_since).transpose()?;
+    let filter = aion::actors::store::LogFilter { service, since_ms, limit };
+    let rows = aion::actors::store::query_log(&store_path(data_dir)?, &filter).map_err(|e| e.to_string())?;
+    print_hops(&rows, json)
+}
+
+fn kanban_trace(data_dir: &Path, id: &str, json: bool) -> Result<(), String> {
+    let kid = aion::runtime::KanbanId::parse(id).ok_or_else(|| format!("`{id}` is not a kanban id (32 hex digits)"))?;
+    let rows = aion::actors::store::query_trace(&store_path(data_dir)?, kid).map_err(|e| e.to_string())?;
+    if rows.is_empty() {
+        return Err(format!("no archived hop for {id}"));
+    }
+    print_hops(&rows, json)?;
+    if !json {
+        let total: i64 = rows.iter().filter_map(|r| r.latency_ms).sum();
+        println!("\n{} hops, {} ms accepted-to-acked in total", rows.len(), total);
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_rfc3339;
+
+    #[test]
+    fn rfc3339_round_trips_with_our_formatter() {
+        for ms in [0i64, 951_782_400_000, 1_795_791_043_123] {
+            let s = aion::runtime::time::rfc3339_from_unix_millis(ms);
+            assert_eq!(parse_rfc3339(&s), Some(ms), "{s}");
+        }
+        assert_eq!(parse_rfc3339("2026-13-01T00:00:00Z"), None);
+        assert_eq!(parse_rfc3339("yesterday"), None);
     }
 }

@@ -85,6 +85,12 @@ pub struct StoreReport {
     pub errors: u64,
     /// The last store error.
     pub last_error: Option<String>,
+    /// Archive rows written by the replicator.
+    #[serde(default)]
+    pub archived: u64,
+    /// Archive records dropped because the replicator was behind (kanbans are never affected).
+    #[serde(default)]
+    pub archive_dropped: u64,
 }
 
 /// One instance in [`StatusReport`] (the same fields as [`InstanceStatus`], kept separate so the JSON is stable).

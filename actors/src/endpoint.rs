@@ -353,13 +353,15 @@ async fn read_loop(
                 }
                 ClientMsg::Ack { upto } => {
                     let store = shared.router.durable_store(&slot.service);
+                    let archive = shared.router.archive();
+                    let want_ids = store.is_some() || archive.is_some();
                     let mut ids = Vec::new();
                     let n = {
                         let mut g = inflight.lock().unwrap_or_else(|p| p.into_inner());
                         let mut n = 0;
                         while g.front().is_some_and(|(s, _)| *s <= upto) {
                             if let Some((_, k)) = g.pop_front() {
-                                if store.is_some() {
+                                if want_ids {
                                     ids.push(k.id);
                                 }
                             }
@@ -368,6 +370,15 @@ async fn read_loop(
                         n
                     };
                     slot.acked(sess, n);
+                    if let Some(a) = archive {
+                        let op = crate::store::ArchiveOp::Acked {
+                            service: slot.service.clone(),
+                            instance: slot.instance,
+                            ids: ids.clone(),
+                            at: crate::store::now_ms(),
+                        };
+                        a.record(op);
+                    }
                     if let Some(store) = store {
                         if let Err(e) = store.ack(&slot.service, slot.instance, ids).await {
                             tracing::error!(service = %slot.service, "ack not persisted: {e}");

@@ -18,6 +18,7 @@ pub mod dead;
 pub mod endpoint;
 pub mod node;
 pub mod paths;
+pub mod replicator;
 pub mod router;
 pub mod slot;
 pub mod statics;

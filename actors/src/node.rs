@@ -39,6 +39,10 @@ pub struct NodeOptions {
     pub path_dirs: Vec<PathBuf>,
     /// Per-instance log cap in bytes. Default 10 MiB.
     pub log_cap: u64,
+    /// Archive retention.
+    pub retention: crate::store::Retention,
+    /// Record every hop in the archive (the kanban replicator). Default true.
+    pub archive: bool,
 }
 
 impl NodeOptions {
@@ -54,6 +58,8 @@ impl NodeOptions {
             inproc: InProcessRegistry::default(),
             path_dirs: Vec::new(),
             log_cap: 10 << 20,
+            retention: crate::store::Retention::default(),
+            archive: true,
         }
     }
 }
@@ -127,8 +133,17 @@ impl Node {
 
         let cfg = Arc::new(opts.config);
         let (lc_tx, mut lc_rx) = mpsc::channel::<Lifecycle>(1024);
-        let (store, recovered) = crate::store::Store::open(&paths.store()).map_err(|e| NodeError::Io(e.to_string()))?;
-        let router = Router::new(cfg.clone(), opts.queue_capacity, lc_tx).with_store(store);
+        let (store, recovered) =
+            crate::store::Store::open(&paths.store(), opts.retention).map_err(|e| NodeError::Io(e.to_string()))?;
+        let st2 = store.clone();
+        let (replicator_spec, replicator) =
+            ChildSpec::actor("kanban-replicator", Restart::Permanent, 16 * 1024, move || {
+                crate::replicator::Replicator::new(st2.clone())
+            });
+        let mut router = Router::new(cfg.clone(), opts.queue_capacity, lc_tx).with_store(store);
+        if opts.archive {
+            router = router.with_archive(crate::replicator::ArchiveSink::new(replicator));
+        }
         let (mut restored, mut kept) = (0usize, 0usize);
         for r in recovered {
             match router.slot(&r.service, r.instance) {
@@ -174,6 +189,7 @@ impl Node {
             Strategy::OneForOne,
             Intensity { max_restarts: 5, within: Duration::from_secs(10) },
         )
+        .child(replicator_spec)
         .child(ep_spec)
         .child(broker_spec)
         .start();
@@ -320,7 +336,8 @@ async fn inject(
         metadata: metadata_from_json(metadata),
         ..Kanban::default()
     };
-    match router.deliver(service, instance, Box::new(k.into_wire())).await {
+    let k = Box::new(k.into_wire());
+    match router.deliver(service, instance, k).await {
         Ok(()) => {
             if let Some(store) = router.store() {
                 store.barrier().await.map_err(|e| e.to_string())?;
@@ -358,6 +375,8 @@ async fn report(s: &Shared) -> StatusReport {
             acked: st.stats.acked.load(Ordering::Relaxed),
             errors: st.stats.errors.load(Ordering::Relaxed),
             last_error: st.stats.last_error.lock().ok().and_then(|l| l.clone()),
+            archived: st.stats.archived.load(Ordering::Relaxed),
+            archive_dropped: s.router.archive().map_or(0, |a| a.dropped.load(Ordering::Relaxed)),
         }),
     }
 }

@@ -3,8 +3,9 @@
 //! dead-lettered as `no-federation`, terminate kanbans never forwarded.
 
 use crate::dead::{DeadLetters, Reason};
+use crate::replicator::ArchiveSink;
 use crate::slot::Slot;
-use crate::store::Store;
+use crate::store::{now_ms, ArchiveOp, Store};
 use aion_runtime::config::Delivery;
 use aion_runtime::config::ServicesFile;
 use aion_runtime::WireKanban;
@@ -30,6 +31,7 @@ pub struct Router {
     pub dead: Arc<DeadLetters>,
     lifecycle: mpsc::Sender<Lifecycle>,
     store: Option<Store>,
+    archive: Option<ArchiveSink>,
 }
 
 impl Router {
@@ -43,7 +45,39 @@ impl Router {
                 (ms.name.clone(), v)
             })
             .collect();
-        Router { cfg, slots, dead: Arc::default(), lifecycle, store: None }
+        Router { cfg, slots, dead: Arc::default(), lifecycle, store: None, archive: None }
+    }
+
+    /// Records every hop through `sink` (the kanban replicator).
+    pub fn with_archive(mut self, sink: ArchiveSink) -> Router {
+        self.archive = Some(sink);
+        self
+    }
+
+    /// The archive sink, if hops are archived.
+    pub fn archive(&self) -> Option<&ArchiveSink> {
+        self.archive.as_ref()
+    }
+
+    /// Records a hop in the archive unless a service involved has `withoutKanban: yes`.
+    pub fn archive_hop(&self, k: &WireKanban, to: Option<(&str, u32)>, outcome: &'static str) {
+        let Some(sink) = &self.archive else { return };
+        let skip = |s: &str| self.cfg.microservices.get(s).is_some_and(|m| m.without_kanban);
+        if skip(&k.origin.service) || to.is_some_and(|(s, _)| skip(s)) {
+            return;
+        }
+        sink.record(ArchiveOp::Hop {
+            kanban: Box::new(k.clone()),
+            to: to.map(|(s, i)| (s.to_owned(), i)),
+            outcome,
+            at: now_ms(),
+        });
+    }
+
+    /// Records a dead letter: log, counter, and archive.
+    fn dead_letter(&self, reason: Reason, detail: String, k: Box<WireKanban>) {
+        self.archive_hop(&k, None, reason.as_str());
+        self.dead.record(reason, detail, k);
     }
 
     /// Persists kanbans queued for `durable` services in `store`.
@@ -96,6 +130,7 @@ impl Router {
         let Some(slot) = (instance as usize).checked_sub(1).and_then(|i| list.get(i)) else {
             return Err((Reason::NoSuchInstance, k));
         };
+        self.archive_hop(&k, Some((service, instance)), "queued");
         if let Some(store) = self.durable_store(service) {
             // Committed by the next group commit; the session waits for it before acknowledging the producer.
             if let Err(e) = store.enqueue(service, instance, &k).await {
@@ -123,7 +158,7 @@ impl Router {
             let name = k.metadata_str("name").unwrap_or_else(|| from.service.clone());
             if name != from.service {
                 let detail = format!("terminate kanban from {} names service `{name}`", from.service);
-                self.dead.record(Reason::BadTerminate, detail, k);
+                self.dead_letter(Reason::BadTerminate, detail, k);
                 return;
             }
             tracing::info!(service = %from.service, instance = from.instance, "terminate kanban received");
@@ -131,7 +166,7 @@ impl Router {
             return;
         }
         let Some(ms) = self.cfg.microservices.get(&from.service) else {
-            self.dead.record(Reason::UnknownService, format!("source `{}` is not defined", from.service), k);
+            self.dead_letter(Reason::UnknownService, format!("source `{}` is not defined", from.service), k);
             return;
         };
         let key = k.route_key().to_owned();
@@ -143,7 +178,7 @@ impl Router {
                 } else {
                     format!("{} has no nextService entry for connection key `{key}` and no `default`", ms.name)
                 };
-                self.dead.record(Reason::NoRoute, detail, k);
+                self.dead_letter(Reason::NoRoute, detail, k);
                 return;
             }
         };
@@ -160,7 +195,7 @@ impl Router {
                     "{} > {} targets device `{device}`; cross-device delivery is not available",
                     ms.name, t.name
                 );
-                self.dead.record(Reason::NoFederation, detail, copy);
+                self.dead_letter(Reason::NoFederation, detail, copy);
                 continue;
             }
             let n = t.target_instance(copy.process_number);
@@ -175,7 +210,7 @@ impl Router {
                     }
                     _ => format!("{} > {}: service not defined", ms.name, t.name),
                 };
-                self.dead.record(reason, detail, copy);
+                self.dead_letter(reason, detail, copy);
             }
         }
     }

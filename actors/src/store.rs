@@ -16,7 +16,7 @@ use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 
 /// The schema version this build writes. Older stores are migrated on open.
-pub const SCHEMA_VERSION: i64 = 1;
+pub const SCHEMA_VERSION: i64 = 2;
 
 /// Store errors.
 #[derive(Debug, thiserror::Error)]
@@ -45,7 +45,162 @@ pub enum StoreError {
 enum Op {
     Enqueue { service: String, instance: u32, id: KanbanId, bytes: Vec<u8> },
     Ack { service: String, instance: u32, ids: Vec<KanbanId> },
+    Archive(Vec<ArchiveOp>),
     Barrier(oneshot::Sender<()>),
+}
+
+/// One archive write.
+#[derive(Debug, Clone)]
+pub enum ArchiveOp {
+    /// A hop decided by the router: queued for `to`, or dead-lettered with a reason.
+    Hop {
+        /// The kanban.
+        kanban: Box<WireKanban>,
+        /// Target service and instance (`None` for a dead letter without a target).
+        to: Option<(String, u32)>,
+        /// `queued` or the dead-letter reason.
+        outcome: &'static str,
+        /// Unix milliseconds.
+        at: i64,
+    },
+    /// The target acknowledged these kanbans.
+    Acked {
+        /// Service.
+        service: String,
+        /// Instance.
+        instance: u32,
+        /// Kanban ids.
+        ids: Vec<KanbanId>,
+        /// Unix milliseconds.
+        at: i64,
+    },
+}
+
+/// How long archive rows are kept.
+#[derive(Debug, Clone, Copy)]
+pub struct Retention {
+    /// Rows older than this many milliseconds are deleted.
+    pub max_age_ms: i64,
+    /// At most this many rows are kept (the oldest go first).
+    pub max_rows: i64,
+}
+
+impl Default for Retention {
+    /// 7 days, 1 000 000 rows.
+    fn default() -> Self {
+        Retention { max_age_ms: 7 * 24 * 3600 * 1000, max_rows: 1_000_000 }
+    }
+}
+
+/// One archive row, as `aion kanban log` and `aion kanban trace` show it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct HopRow {
+    /// Kanban id.
+    pub kanban_id: String,
+    /// Trace id.
+    pub trace_id: String,
+    /// Producer `service-instance`.
+    pub from: String,
+    /// Target `service-instance`, if routed.
+    pub to: Option<String>,
+    /// Connection key.
+    pub connection_key: String,
+    /// `queued` or the dead-letter reason.
+    pub outcome: String,
+    /// RFC 3339 time the runtime accepted it.
+    pub accepted_at: String,
+    /// RFC 3339 time the target acknowledged it.
+    pub acked_at: Option<String>,
+    /// Milliseconds from accepted to acknowledged.
+    pub latency_ms: Option<i64>,
+    /// The kanban's metadata.
+    pub metadata: serde_json::Value,
+}
+
+/// Filters of [`query_log`].
+#[derive(Debug, Clone, Default)]
+pub struct LogFilter {
+    /// Rows where this service is the producer or the target.
+    pub service: Option<String>,
+    /// Rows accepted at or after this Unix millisecond.
+    pub since_ms: Option<i64>,
+    /// At most this many rows (the most recent).
+    pub limit: usize,
+}
+
+fn row_to_hop(r: &rusqlite::Row<'_>) -> rusqlite::Result<HopRow> {
+    let hex = |b: Vec<u8>| {
+        let mut a = [0u8; 16];
+        let n = b.len().min(16);
+        a[16 - n..].copy_from_slice(&b[b.len() - n..]);
+        KanbanId(u128::from_be_bytes(a)).to_string()
+    };
+    let to_service: Option<String> = r.get(4)?;
+    let to_instance: Option<u32> = r.get(5)?;
+    let accepted: i64 = r.get(8)?;
+    let acked: Option<i64> = r.get(9)?;
+    let bytes: Vec<u8> = r.get(10)?;
+    let metadata = postcard::from_bytes::<WireKanban>(&bytes)
+        .ok()
+        .and_then(|k| k.metadata.decode().ok())
+        .map(|m| aion_runtime::kanban::metadata_to_json(&m))
+        .unwrap_or(serde_json::Value::Null);
+    Ok(HopRow {
+        kanban_id: hex(r.get(0)?),
+        trace_id: hex(r.get(1)?),
+        from: format!("{}-{}", r.get::<_, String>(2)?, r.get::<_, u32>(3)?),
+        to: to_service.map(|s| format!("{s}-{}", to_instance.unwrap_or(0))),
+        connection_key: r.get(6)?,
+        outcome: r.get(7)?,
+        accepted_at: aion_runtime::time::rfc3339_from_unix_millis(accepted),
+        acked_at: acked.map(aion_runtime::time::rfc3339_from_unix_millis),
+        latency_ms: acked.map(|a| a - accepted),
+        metadata,
+    })
+}
+
+const HOP_COLUMNS: &str = "kanban_id, trace_id, from_service, from_instance, to_service, to_instance, connection_key, \
+     outcome, accepted_at, acked_at, kanban";
+
+fn open_read(path: &Path) -> Result<Connection, StoreError> {
+    let conn = Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY).map_err(sq(path))?;
+    conn.busy_timeout(Duration::from_secs(5)).map_err(sq(path))?;
+    Ok(conn)
+}
+
+/// The most recent archive rows matching `f`, oldest first.
+///
+/// # Errors
+/// [`StoreError`] if the store cannot be read.
+pub fn query_log(path: &Path, f: &LogFilter) -> Result<Vec<HopRow>, StoreError> {
+    let conn = open_read(path)?;
+    let sql = format!(
+        "SELECT {HOP_COLUMNS} FROM archive WHERE (?1 IS NULL OR from_service = ?1 OR to_service = ?1) \
+         AND (?2 IS NULL OR accepted_at >= ?2) ORDER BY row DESC LIMIT ?3"
+    );
+    let mut stmt = conn.prepare(&sql).map_err(sq(path))?;
+    let rows = stmt.query_map(params![f.service, f.since_ms, f.limit.max(1) as i64], row_to_hop).map_err(sq(path))?;
+    let mut out: Vec<HopRow> = rows.collect::<Result<_, _>>().map_err(sq(path))?;
+    out.reverse();
+    Ok(out)
+}
+
+/// Every hop of the chain that `id` (a kanban id or a trace id) belongs to, in order.
+///
+/// # Errors
+/// [`StoreError`] if the store cannot be read.
+pub fn query_trace(path: &Path, id: KanbanId) -> Result<Vec<HopRow>, StoreError> {
+    let conn = open_read(path)?;
+    let key = id_bytes(id).to_vec();
+    let trace: Vec<u8> = conn
+        .query_row("SELECT trace_id FROM archive WHERE kanban_id = ?1 LIMIT 1", params![key], |r| r.get(0))
+        .optional()
+        .map_err(sq(path))?
+        .unwrap_or(key);
+    let sql = format!("SELECT {HOP_COLUMNS} FROM archive WHERE trace_id = ?1 ORDER BY row");
+    let mut stmt = conn.prepare(&sql).map_err(sq(path))?;
+    let rows = stmt.query_map(params![trace], row_to_hop).map_err(sq(path))?;
+    rows.collect::<Result<_, _>>().map_err(sq(path))
 }
 
 /// Counters of the store, for status.
@@ -57,6 +212,8 @@ pub struct StoreStats {
     pub enqueued: AtomicU64,
     /// Kanbans deleted after acknowledgement.
     pub acked: AtomicU64,
+    /// Archive rows written.
+    pub archived: AtomicU64,
     /// Failed commit attempts (each retried).
     pub errors: AtomicU64,
     /// The last error, if any.
@@ -117,6 +274,25 @@ fn open_conn(path: &Path) -> Result<Connection, StoreError> {
             kanban BLOB NOT NULL,
             UNIQUE (service, instance, id)
         );",
+        // 1 -> 2: the kanban archive (one row per hop), written by the replicator.
+        "CREATE TABLE archive (
+            row INTEGER PRIMARY KEY AUTOINCREMENT,
+            kanban_id BLOB NOT NULL,
+            trace_id BLOB NOT NULL,
+            from_service TEXT NOT NULL,
+            from_instance INTEGER NOT NULL,
+            to_service TEXT,
+            to_instance INTEGER,
+            connection_key TEXT NOT NULL,
+            outcome TEXT NOT NULL,
+            accepted_at INTEGER NOT NULL,
+            acked_at INTEGER,
+            kanban BLOB NOT NULL
+        );
+        CREATE INDEX archive_trace ON archive (trace_id);
+        CREATE INDEX archive_kanban ON archive (kanban_id);
+        CREATE INDEX archive_target ON archive (to_service, to_instance, kanban_id);
+        CREATE INDEX archive_time ON archive (accepted_at);",
     ];
     for (v, sql) in MIGRATIONS.iter().enumerate().skip(version as usize) {
         let next = v as i64 + 1;
@@ -135,7 +311,7 @@ impl Store {
     ///
     /// # Errors
     /// [`StoreError`] if the database cannot be opened, migrated or read.
-    pub fn open(path: &Path) -> Result<(Store, Vec<Recovered>), StoreError> {
+    pub fn open(path: &Path, retention: Retention) -> Result<(Store, Vec<Recovered>), StoreError> {
         let conn = open_conn(path)?;
         let mut recovered = Vec::new();
         {
@@ -156,9 +332,13 @@ impl Store {
         let stats = Arc::new(StoreStats::default());
         let st = stats.clone();
         let p = path.to_owned();
-        std::thread::Builder::new().name("aion-store".into()).spawn(move || writer(conn, rx, st, p)).map_err(|e| {
-            StoreError::Sqlite { path: path.to_owned(), source: rusqlite::Error::InvalidPath(e.to_string().into()) }
-        })?;
+        std::thread::Builder::new()
+            .name("aion-store".into())
+            .spawn(move || writer(conn, rx, st, p, retention))
+            .map_err(|e| StoreError::Sqlite {
+                path: path.to_owned(),
+                source: rusqlite::Error::InvalidPath(e.to_string().into()),
+            })?;
         Ok((Store { tx, stats, path: path.to_owned() }, recovered))
     }
 
@@ -190,6 +370,17 @@ impl Store {
         self.tx.send(Op::Ack { service: service.to_owned(), instance, ids }).await.map_err(|_| StoreError::Closed)
     }
 
+    /// Writes archive records (the replicator's batches).
+    ///
+    /// # Errors
+    /// [`StoreError::Closed`] if the writer stopped.
+    pub async fn archive(&self, ops: Vec<ArchiveOp>) -> Result<(), StoreError> {
+        if ops.is_empty() {
+            return Ok(());
+        }
+        self.tx.send(Op::Archive(ops)).await.map_err(|_| StoreError::Closed)
+    }
+
     /// Completes when everything submitted before it is committed.
     ///
     /// # Errors
@@ -204,10 +395,18 @@ impl Store {
     }
 }
 
-fn apply(conn: &Connection, batch: &[Op]) -> rusqlite::Result<(u64, u64)> {
+fn apply(conn: &Connection, batch: &[Op]) -> rusqlite::Result<(u64, u64, u64)> {
     let tx = conn.unchecked_transaction()?;
-    let (mut enq, mut acked) = (0, 0);
+    let (mut enq, mut acked, mut archived) = (0, 0, 0);
     {
+        let mut hop = tx.prepare_cached(
+            "INSERT INTO archive (kanban_id, trace_id, from_service, from_instance, to_service, to_instance, \
+             connection_key, outcome, accepted_at, kanban) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+        )?;
+        let mut hop_ack = tx.prepare_cached(
+            "UPDATE archive SET acked_at = ?4 WHERE to_service = ?1 AND to_instance = ?2 AND kanban_id = ?3 \
+             AND acked_at IS NULL",
+        )?;
         let mut ins =
             tx.prepare_cached("INSERT OR IGNORE INTO queue (service, instance, id, kanban) VALUES (?1, ?2, ?3, ?4)")?;
         let mut del = tx.prepare_cached("DELETE FROM queue WHERE service = ?1 AND instance = ?2 AND id = ?3")?;
@@ -221,16 +420,64 @@ fn apply(conn: &Connection, batch: &[Op]) -> rusqlite::Result<(u64, u64)> {
                         acked += del.execute(params![service, instance, &id_bytes(*id)[..]])? as u64;
                     }
                 }
+                Op::Archive(ops) => {
+                    for a in ops {
+                        match a {
+                            ArchiveOp::Hop { kanban, to, outcome, at } => {
+                                let bytes = postcard::to_stdvec(&**kanban).unwrap_or_default();
+                                let (ts, ti) = match to {
+                                    Some((s, i)) => (Some(s.as_str()), Some(*i)),
+                                    None => (None, None),
+                                };
+                                hop.execute(params![
+                                    &id_bytes(kanban.id)[..],
+                                    &id_bytes(kanban.trace_id)[..],
+                                    kanban.origin.service,
+                                    kanban.origin.instance,
+                                    ts,
+                                    ti,
+                                    kanban.connection_key,
+                                    outcome,
+                                    at,
+                                    bytes
+                                ])?;
+                                archived += 1;
+                            }
+                            ArchiveOp::Acked { service, instance, ids, at } => {
+                                for id in ids {
+                                    hop_ack.execute(params![service, instance, &id_bytes(*id)[..], at])?;
+                                }
+                            }
+                        }
+                    }
+                }
                 Op::Barrier(_) => {}
             }
         }
     }
     tx.commit()?;
-    Ok((enq, acked))
+    Ok((enq, acked, archived))
 }
 
-fn writer(conn: Connection, mut rx: mpsc::Receiver<Op>, stats: Arc<StoreStats>, path: PathBuf) {
+/// Deletes archive rows beyond the retention limits.
+fn retain(conn: &Connection, r: Retention) -> rusqlite::Result<usize> {
+    let cutoff = now_ms() - r.max_age_ms;
+    let mut n = conn.execute("DELETE FROM archive WHERE accepted_at < ?1", params![cutoff])?;
+    n += conn.execute("DELETE FROM archive WHERE row <= (SELECT MAX(row) FROM archive) - ?1", params![r.max_rows])?;
+    Ok(n)
+}
+
+/// Unix milliseconds now.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
+}
+
+fn writer(conn: Connection, mut rx: mpsc::Receiver<Op>, stats: Arc<StoreStats>, path: PathBuf, retention: Retention) {
     let mut batch: Vec<Op> = Vec::new();
+    let mut since_retention: u64 = 0;
+    if let Err(e) = retain(&conn, retention) {
+        tracing::error!("archive retention failed: {e}");
+    }
     while let Some(first) = rx.blocking_recv() {
         batch.push(first);
         while batch.len() < 8192 {
@@ -242,10 +489,20 @@ fn writer(conn: Connection, mut rx: mpsc::Receiver<Op>, stats: Arc<StoreStats>, 
         let mut delay = Duration::from_millis(10);
         loop {
             match apply(&conn, &batch) {
-                Ok((enq, acked)) => {
+                Ok((enq, acked, archived)) => {
                     stats.commits.fetch_add(1, Ordering::Relaxed);
                     stats.enqueued.fetch_add(enq, Ordering::Relaxed);
                     stats.acked.fetch_add(acked, Ordering::Relaxed);
+                    stats.archived.fetch_add(archived, Ordering::Relaxed);
+                    since_retention += archived;
+                    if since_retention >= 10_000 {
+                        since_retention = 0;
+                        match retain(&conn, retention) {
+                            Ok(n) if n > 0 => tracing::info!(rows = n, "archive retention removed old rows"),
+                            Ok(_) => {}
+                            Err(e) => tracing::error!("archive retention failed: {e}"),
+                        }
+                    }
                     break;
                 }
                 Err(e) => {
@@ -282,7 +539,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tmp");
         let path = dir.path().join("aion.db");
         {
-            let (s, rec) = Store::open(&path).expect("open");
+            let (s, rec) = Store::open(&path, Retention::default()).expect("open");
             assert!(rec.is_empty());
             for i in 1..=5 {
                 s.enqueue("svc", 1, &k(i)).await.expect("enqueue");
@@ -293,10 +550,43 @@ mod tests {
             assert_eq!(s.stats.enqueued.load(Ordering::Relaxed), 5);
             assert_eq!(s.stats.acked.load(Ordering::Relaxed), 2);
         }
-        let (_s, rec) = Store::open(&path).expect("reopen");
+        let (_s, rec) = Store::open(&path, Retention::default()).expect("reopen");
         let ids: Vec<u128> = rec.iter().map(|r| r.kanban.id.0).collect();
         assert_eq!(ids, vec![1, 3, 5], "oldest first, acked ones gone");
         assert_eq!(rec[0].service, "svc");
+    }
+
+    #[tokio::test]
+    async fn archive_records_hops_acks_traces_and_retention() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let path = dir.path().join("aion.db");
+        let (s, _) = Store::open(&path, Retention { max_age_ms: i64::MAX / 2, max_rows: 3 }).expect("open");
+        let mut a = Kanban { id: KanbanId(1), trace_id: KanbanId(1), ..Kanban::default() };
+        a.origin = aion_runtime::Origin { service: "src".into(), instance: 1 };
+        let mut b = Kanban { id: KanbanId(2), trace_id: KanbanId(1), ..Kanban::default() };
+        b.origin = aion_runtime::Origin { service: "mid".into(), instance: 1 };
+        let hop = |k: &Kanban, to: &str| ArchiveOp::Hop {
+            kanban: Box::new(k.clone().into_wire()),
+            to: Some((to.into(), 1)),
+            outcome: "queued",
+            at: now_ms() - 10,
+        };
+        s.archive(vec![hop(&a, "mid"), hop(&b, "sink")]).await.expect("archive");
+        s.archive(vec![ArchiveOp::Acked { service: "mid".into(), instance: 1, ids: vec![KanbanId(1)], at: now_ms() }])
+            .await
+            .expect("ack");
+        s.barrier().await.expect("barrier");
+        let t = query_trace(&path, KanbanId(2)).expect("trace");
+        assert_eq!(t.len(), 2);
+        assert_eq!((t[0].from.as_str(), t[0].to.as_deref()), ("src-1", Some("mid-1")));
+        assert!(t[0].latency_ms.is_some_and(|l| l >= 0));
+        assert!(t[1].acked_at.is_none());
+        let log =
+            query_log(&path, &LogFilter { service: Some("sink".into()), since_ms: None, limit: 10 }).expect("log");
+        assert_eq!(log.len(), 1);
+        let conn = Connection::open(&path).expect("raw");
+        retain(&conn, Retention { max_age_ms: i64::MAX / 2, max_rows: 1 }).expect("retain");
+        assert_eq!(query_log(&path, &LogFilter { limit: 10, ..LogFilter::default() }).expect("log").len(), 1);
     }
 
     #[test]

@@ -1,0 +1,76 @@
+//! The kanban replicator: an actor that records every hop (accepted, routed target or dead-letter reason,
+//! acknowledged) into the archive in the embedded store, in batches.
+//!
+//! It never blocks kanban flow: the router and sessions hand records over with `try_send`; when the
+//! replicator's mailbox is full the record is dropped, logged and counted (`archive_dropped` in status) —
+//! the kanban itself is unaffected.
+
+use crate::store::{ArchiveOp, Store};
+use aion_runtime::actor::{Actor, Addr, Context, TrySendError};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+/// The replicator actor.
+pub struct Replicator {
+    store: Store,
+    buf: Vec<ArchiveOp>,
+}
+
+impl Replicator {
+    /// A replicator writing to `store`.
+    pub fn new(store: Store) -> Replicator {
+        Replicator { store, buf: Vec::with_capacity(1024) }
+    }
+
+    async fn flush(&mut self) {
+        let batch = std::mem::take(&mut self.buf);
+        if let Err(e) = self.store.archive(batch).await {
+            tracing::error!("archive batch lost: {e}");
+        }
+    }
+}
+
+impl Actor for Replicator {
+    type Msg = ArchiveOp;
+
+    async fn handle(&mut self, op: ArchiveOp, ctx: &mut Context<Self>) {
+        self.buf.push(op);
+        // Batch while records keep coming; write as soon as the mailbox is drained.
+        if self.buf.len() >= 1024 || ctx.addr().queue_len() == 0 {
+            self.flush().await;
+        }
+    }
+
+    async fn stopped(&mut self) {
+        self.flush().await;
+    }
+}
+
+/// How the router and sessions reach the replicator.
+#[derive(Clone)]
+pub struct ArchiveSink {
+    addr: Addr<Replicator>,
+    /// Records dropped because the replicator was behind.
+    pub dropped: Arc<AtomicU64>,
+}
+
+impl ArchiveSink {
+    /// A sink sending to `addr`.
+    pub fn new(addr: Addr<Replicator>) -> ArchiveSink {
+        ArchiveSink { addr, dropped: Arc::default() }
+    }
+
+    /// Hands a record over without waiting.
+    pub fn record(&self, op: ArchiveOp) {
+        if let Err(e) = self.addr.try_send(op) {
+            let why = match e {
+                TrySendError::Full(_) => "replicator is behind",
+                TrySendError::Closed(_) => "replicator is stopped",
+            };
+            let n = self.dropped.fetch_add(1, Ordering::Relaxed) + 1;
+            if n.is_power_of_two() {
+                tracing::warn!(dropped = n, "archive record dropped: {why} (kanban flow is not affected)");
+            }
+        }
+    }
+}
