@@ -42,6 +42,15 @@ enum Cmd {
         /// Per-instance queue capacity (kanbans).
         #[arg(long, default_value_t = 1024)]
         queue_capacity: usize,
+        /// Do not record hops in the kanban archive (the replicator).
+        #[arg(long)]
+        no_archive: bool,
+        /// Keep archived hops this many days.
+        #[arg(long, default_value_t = 7)]
+        archive_days: u32,
+        /// Keep at most this many archived hops.
+        #[arg(long, default_value_t = 1_000_000)]
+        archive_max_rows: u64,
     },
     /// Check services.yml files and report every problem with file:line:column.
     Validate {
@@ -130,7 +139,13 @@ fn main() -> ExitCode {
     let data_dir = cli.data_dir.clone().unwrap_or_else(default_data_dir);
     let result = match cli.cmd {
         Cmd::Validate { files, strict, json } => validate(&files, strict, json),
-        Cmd::Run { file, strict, grace, queue_capacity } => run(&data_dir, &file, strict, grace, queue_capacity),
+        Cmd::Run { file, strict, grace, queue_capacity, no_archive, archive_days, archive_max_rows } => {
+            let retention = aion::actors::store::Retention {
+                max_age_ms: i64::from(archive_days) * 86_400_000,
+                max_rows: archive_max_rows.min(i64::MAX as u64) as i64,
+            };
+            run(&data_dir, &file, RunFlags { strict, grace, queue_capacity, archive: !no_archive, retention })
+        }
         Cmd::Status { json } => block(status(&data_dir, json)),
         Cmd::Logs { service, instance, follow, lines } => logs(&data_dir, &service, instance, follow, lines),
         Cmd::Kanban { cmd: KanbanCmd::Send { service, key, instance, metadata } } => {
@@ -192,7 +207,16 @@ fn validate(files: &[PathBuf], strict: bool, json: bool) -> Result<(), String> {
     Ok(())
 }
 
-fn run(data_dir: &Path, file: &Path, strict: bool, grace: u64, queue_capacity: usize) -> Result<(), String> {
+struct RunFlags {
+    strict: bool,
+    grace: u64,
+    queue_capacity: usize,
+    archive: bool,
+    retention: aion::actors::store::Retention,
+}
+
+fn run(data_dir: &Path, file: &Path, flags: RunFlags) -> Result<(), String> {
+    let RunFlags { strict, grace, queue_capacity, archive, retention } = flags;
     let _ = tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
@@ -221,6 +245,8 @@ fn run(data_dir: &Path, file: &Path, strict: bool, grace: u64, queue_capacity: u
     opts.grace = Duration::from_secs(grace);
     opts.queue_capacity = queue_capacity;
     opts.path_dirs = path_dirs;
+    opts.archive = archive;
+    opts.retention = retention;
     // The runtime runs inside an actix System: actors execute on its arbiter.
     actix::System::new().block_on(async move {
         let node = Node::start(opts).await.map_err(|e| e.to_string())?;

@@ -45,6 +45,30 @@ fn queued_kanbans_survive_a_runtime_kill_9_and_memory_mode_does_not() {
     }
 }
 
+#[test]
+fn static_kanbans_survive_a_runtime_kill_9() {
+    let put = r#"
+microservices:
+  st:
+    command: ["{testkit}"]
+    startup: yes
+    env: { STATICS: 1, RECORD: "{work}/st.jsonl" }
+"#;
+    let mut rt = Runtime::start(put);
+    rt.wait_lines("st.jsonl", 1);
+    let read = r#"
+microservices:
+  reader:
+    command: ["{testkit}"]
+    startup: yes
+    env: { STATICS_READ: 1, RECORD: "{work}/read.jsonl" }
+"#;
+    let mut rt2 = rt.crash_and_restart(read);
+    let l = rt2.wait_lines("read.jsonl", 1);
+    assert_eq!(l[0]["static_read"], serde_json::json!([{"v": "second"}]), "the put survived, the delete too");
+    assert_eq!(rt2.stop(), 0);
+}
+
 /// A tiny deterministic PRNG (xorshift), seeded per run and printed, so a failure can be replayed.
 struct Rng(u64);
 impl Rng {

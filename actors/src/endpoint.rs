@@ -386,7 +386,7 @@ async fn read_loop(
                     }
                 }
                 ClientMsg::StaticPut { req, topic, kanban } => {
-                    let id = shared.statics.put(&topic, *kanban);
+                    let id = shared.statics.put_durable(&topic, *kanban).await;
                     let _ = ctl_tx.send(Outgoing::Msg(ServerMsg::StaticPutOk { req, id })).await;
                 }
                 ClientMsg::StaticGet { req, topic } => {
@@ -394,7 +394,7 @@ async fn read_loop(
                     let _ = ctl_tx.send(Outgoing::Msg(ServerMsg::StaticList { req, entries })).await;
                 }
                 ClientMsg::StaticDelete { req, topic, id } => {
-                    let found = shared.statics.delete(&topic, id);
+                    let found = shared.statics.delete_durable(&topic, id).await;
                     let _ = ctl_tx.send(Outgoing::Msg(ServerMsg::StaticDeleted { req, found })).await;
                 }
                 ClientMsg::StaticSubscribe { topic } => shared.statics.subscribe(&topic, ctl_tx.clone()),

@@ -133,8 +133,9 @@ impl Node {
 
         let cfg = Arc::new(opts.config);
         let (lc_tx, mut lc_rx) = mpsc::channel::<Lifecycle>(1024);
-        let (store, recovered) =
-            crate::store::Store::open(&paths.store(), opts.retention).map_err(|e| NodeError::Io(e.to_string()))?;
+        let (store, recovered, recovered_statics) =
+            crate::store::Store::open_all(&paths.store(), opts.retention).map_err(|e| NodeError::Io(e.to_string()))?;
+        let statics = Arc::new(StaticStore::durable(store.clone(), recovered_statics));
         let st2 = store.clone();
         let (replicator_spec, replicator) =
             ChildSpec::actor("kanban-replicator", Restart::Permanent, 16 * 1024, move || {
@@ -164,7 +165,6 @@ impl Node {
             );
         }
         let router = Arc::new(router);
-        let statics = Arc::new(StaticStore::default());
         let stats = Arc::new(EndpointStats::default());
 
         let (r, st, sock, root, es) = (router.clone(), statics, paths.socket(), paths.root.clone(), stats.clone());

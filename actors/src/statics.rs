@@ -17,15 +17,55 @@ struct Topic {
 }
 
 /// The static-kanban store. Bounded per topic (oldest entries are evicted past 10 000, with a log line).
+/// With a durable [`Store`](crate::store::Store), entries survive restarts.
 #[derive(Default)]
 pub struct StaticStore {
     inner: Mutex<(u64, HashMap<String, Topic>)>,
+    durable: Option<crate::store::Store>,
 }
 
 const MAX_PER_TOPIC: usize = 10_000;
 
 impl StaticStore {
-    /// Stores a kanban; returns its id and notifies subscribers.
+    /// A store persisting to `durable`, starting with the entries recovered from it.
+    pub fn durable(store: crate::store::Store, recovered: Vec<crate::store::RecoveredStatic>) -> StaticStore {
+        let mut next = 0;
+        let mut topics: HashMap<String, Topic> = HashMap::new();
+        for r in recovered {
+            next = next.max(r.id);
+            topics.entry(r.topic).or_default().entries.insert(r.id, r.kanban);
+        }
+        StaticStore { inner: Mutex::new((next, topics)), durable: Some(store) }
+    }
+
+    /// Stores a kanban durably (when the store is durable) and returns its id once committed.
+    pub async fn put_durable(&self, topic: &str, k: WireKanban) -> u64 {
+        let Some(store) = self.durable.clone() else { return self.put(topic, k) };
+        let bytes_k = k.clone();
+        let id = self.put(topic, k);
+        if let Err(e) = async {
+            store.static_put(topic, id, &bytes_k).await?;
+            store.barrier().await
+        }
+        .await
+        {
+            tracing::error!(topic, id, "static kanban not persisted: {e}");
+        }
+        id
+    }
+
+    /// Deletes durably (when the store is durable); returns whether it existed.
+    pub async fn delete_durable(&self, topic: &str, id: u64) -> bool {
+        let found = self.delete(topic, id);
+        if let (true, Some(store)) = (found, &self.durable) {
+            if let Err(e) = store.static_delete(topic, id).await {
+                tracing::error!(topic, id, "static kanban deletion not persisted: {e}");
+            }
+        }
+        found
+    }
+
+    /// Stores a kanban in memory; returns its id and notifies subscribers.
     pub fn put(&self, topic: &str, k: WireKanban) -> u64 {
         let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         g.0 += 1;
@@ -34,6 +74,10 @@ impl StaticStore {
         if t.entries.len() >= MAX_PER_TOPIC {
             if let Some((old, _)) = t.entries.pop_first() {
                 tracing::warn!(topic, id = old, "static topic full; oldest entry evicted");
+                if let Some(store) = &self.durable {
+                    let (store, topic) = (store.clone(), topic.to_owned());
+                    tokio::spawn(async move { store.static_delete(&topic, old).await });
+                }
             }
         }
         t.entries.insert(id, k.clone());

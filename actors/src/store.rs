@@ -16,7 +16,7 @@ use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 
 /// The schema version this build writes. Older stores are migrated on open.
-pub const SCHEMA_VERSION: i64 = 2;
+pub const SCHEMA_VERSION: i64 = 3;
 
 /// Store errors.
 #[derive(Debug, thiserror::Error)]
@@ -46,7 +46,19 @@ enum Op {
     Enqueue { service: String, instance: u32, id: KanbanId, bytes: Vec<u8> },
     Ack { service: String, instance: u32, ids: Vec<KanbanId> },
     Archive(Vec<ArchiveOp>),
+    StaticPut { topic: String, id: u64, bytes: Vec<u8> },
+    StaticDelete { topic: String, id: u64 },
     Barrier(oneshot::Sender<()>),
+}
+
+/// A static kanban recovered at start-up.
+pub struct RecoveredStatic {
+    /// Topic.
+    pub topic: String,
+    /// Entry id.
+    pub id: u64,
+    /// The kanban.
+    pub kanban: WireKanban,
 }
 
 /// One archive write.
@@ -293,6 +305,13 @@ fn open_conn(path: &Path) -> Result<Connection, StoreError> {
         CREATE INDEX archive_kanban ON archive (kanban_id);
         CREATE INDEX archive_target ON archive (to_service, to_instance, kanban_id);
         CREATE INDEX archive_time ON archive (accepted_at);",
+        // 2 -> 3: static kanbans (topic store).
+        "CREATE TABLE static_kanban (
+            topic TEXT NOT NULL,
+            id INTEGER NOT NULL,
+            kanban BLOB NOT NULL,
+            PRIMARY KEY (topic, id)
+        );",
     ];
     for (v, sql) in MIGRATIONS.iter().enumerate().skip(version as usize) {
         let next = v as i64 + 1;
@@ -312,7 +331,33 @@ impl Store {
     /// # Errors
     /// [`StoreError`] if the database cannot be opened, migrated or read.
     pub fn open(path: &Path, retention: Retention) -> Result<(Store, Vec<Recovered>), StoreError> {
+        Store::open_all(path, retention).map(|(s, q, _)| (s, q))
+    }
+
+    /// [`Store::open`], also returning the static kanbans.
+    ///
+    /// # Errors
+    /// [`StoreError`] if the database cannot be opened, migrated or read.
+    #[allow(clippy::type_complexity)]
+    pub fn open_all(
+        path: &Path,
+        retention: Retention,
+    ) -> Result<(Store, Vec<Recovered>, Vec<RecoveredStatic>), StoreError> {
         let conn = open_conn(path)?;
+        let mut statics = Vec::new();
+        {
+            let mut stmt = conn.prepare("SELECT topic, id, kanban FROM static_kanban ORDER BY id").map_err(sq(path))?;
+            let rows = stmt
+                .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?, r.get::<_, Vec<u8>>(2)?)))
+                .map_err(sq(path))?;
+            for row in rows {
+                let (topic, id, bytes) = row.map_err(sq(path))?;
+                match postcard::from_bytes::<WireKanban>(&bytes) {
+                    Ok(kanban) => statics.push(RecoveredStatic { topic, id: id as u64, kanban }),
+                    Err(e) => tracing::error!(topic, id, "unreadable static kanban kept in the store: {e}"),
+                }
+            }
+        }
         let mut recovered = Vec::new();
         {
             let mut stmt =
@@ -339,7 +384,24 @@ impl Store {
                 path: path.to_owned(),
                 source: rusqlite::Error::InvalidPath(e.to_string().into()),
             })?;
-        Ok((Store { tx, stats, path: path.to_owned() }, recovered))
+        Ok((Store { tx, stats, path: path.to_owned() }, recovered, statics))
+    }
+
+    /// Stores a static kanban.
+    ///
+    /// # Errors
+    /// [`StoreError::Closed`] if the writer stopped.
+    pub async fn static_put(&self, topic: &str, id: u64, k: &WireKanban) -> Result<(), StoreError> {
+        let bytes = postcard::to_stdvec(k).map_err(|_| StoreError::Closed)?;
+        self.tx.send(Op::StaticPut { topic: topic.to_owned(), id, bytes }).await.map_err(|_| StoreError::Closed)
+    }
+
+    /// Deletes a static kanban.
+    ///
+    /// # Errors
+    /// [`StoreError::Closed`] if the writer stopped.
+    pub async fn static_delete(&self, topic: &str, id: u64) -> Result<(), StoreError> {
+        self.tx.send(Op::StaticDelete { topic: topic.to_owned(), id }).await.map_err(|_| StoreError::Closed)
     }
 
     /// The database file.
@@ -450,6 +512,14 @@ fn apply(conn: &Connection, batch: &[Op]) -> rusqlite::Result<(u64, u64, u64)> {
                             }
                         }
                     }
+                }
+                Op::StaticPut { topic, id, bytes } => {
+                    tx.prepare_cached("INSERT OR REPLACE INTO static_kanban (topic, id, kanban) VALUES (?1, ?2, ?3)")?
+                        .execute(params![topic, *id as i64, bytes])?;
+                }
+                Op::StaticDelete { topic, id } => {
+                    tx.prepare_cached("DELETE FROM static_kanban WHERE topic = ?1 AND id = ?2")?
+                        .execute(params![topic, *id as i64])?;
                 }
                 Op::Barrier(_) => {}
             }

@@ -13,6 +13,7 @@
 //!   data dir remembers it happened).
 //! - `ONESHOT=1`: stop after handling one kanban (a run-to-completion job).
 //! - `SEED=1`: ask for AION's seed kanban at start (START_SERVICE_WITHOUT_KANBAN).
+//! - `STATICS_READ=1`: at start, record the metadata of every static kanban on topic `t`.
 //! - `STATICS=1`: put two static kanbans on topic `t`, delete the first, subscribe, and record what it sees.
 use aion_sdk::{metadata_to_json, Ctx, Error, Kanban, Output, Service, Value};
 use std::io::Write;
@@ -42,6 +43,11 @@ impl Kit {
 
 impl Service for Kit {
     async fn start(&mut self, ctx: &mut Ctx) -> Result<(), Error> {
+        if std::env::var("STATICS_READ").as_deref() == Ok("1") {
+            let all: Vec<serde_json::Value> =
+                ctx.static_get("t").await?.iter().map(|(_, k)| metadata_to_json(&k.metadata)).collect();
+            self.record(serde_json::json!({ "static_read": all }))?;
+        }
         if self.statics {
             let a = ctx.static_put("t", Output::new().meta("v", "first")).await?;
             let _b = ctx.static_put("t", Output::new().meta("v", "second")).await?;
