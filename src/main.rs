@@ -51,6 +51,15 @@ enum Cmd {
         /// Keep at most this many archived hops.
         #[arg(long, default_value_t = 1_000_000)]
         archive_max_rows: u64,
+        /// Also export archived hops to MongoDB (e.g. mongodb://127.0.0.1:27017), like AION's replicator.
+        #[arg(long, env = "AION_MONGO_URI")]
+        mongo: Option<String>,
+        /// MongoDB database.
+        #[arg(long, env = "KANBAN_DB", default_value = "AionCore")]
+        mongo_db: String,
+        /// MongoDB collection.
+        #[arg(long, env = "KANBAN_COLLECTION", default_value = "kanban")]
+        mongo_collection: String,
     },
     /// Check services.yml files and report every problem with file:line:column.
     Validate {
@@ -139,12 +148,28 @@ fn main() -> ExitCode {
     let data_dir = cli.data_dir.clone().unwrap_or_else(default_data_dir);
     let result = match cli.cmd {
         Cmd::Validate { files, strict, json } => validate(&files, strict, json),
-        Cmd::Run { file, strict, grace, queue_capacity, no_archive, archive_days, archive_max_rows } => {
+        Cmd::Run {
+            file,
+            strict,
+            grace,
+            queue_capacity,
+            no_archive,
+            archive_days,
+            archive_max_rows,
+            mongo,
+            mongo_db,
+            mongo_collection,
+        } => {
+            let mongo = mongo.map(|uri| aion::actors::mongo::MongoConfig {
+                uri,
+                database: mongo_db,
+                collection: mongo_collection,
+            });
             let retention = aion::actors::store::Retention {
                 max_age_ms: i64::from(archive_days) * 86_400_000,
                 max_rows: archive_max_rows.min(i64::MAX as u64) as i64,
             };
-            run(&data_dir, &file, RunFlags { strict, grace, queue_capacity, archive: !no_archive, retention })
+            run(&data_dir, &file, RunFlags { strict, grace, queue_capacity, archive: !no_archive, retention, mongo })
         }
         Cmd::Status { json } => block(status(&data_dir, json)),
         Cmd::Logs { service, instance, follow, lines } => logs(&data_dir, &service, instance, follow, lines),
@@ -213,10 +238,11 @@ struct RunFlags {
     queue_capacity: usize,
     archive: bool,
     retention: aion::actors::store::Retention,
+    mongo: Option<aion::actors::mongo::MongoConfig>,
 }
 
 fn run(data_dir: &Path, file: &Path, flags: RunFlags) -> Result<(), String> {
-    let RunFlags { strict, grace, queue_capacity, archive, retention } = flags;
+    let RunFlags { strict, grace, queue_capacity, archive, retention, mongo } = flags;
     let _ = tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
@@ -247,6 +273,7 @@ fn run(data_dir: &Path, file: &Path, flags: RunFlags) -> Result<(), String> {
     opts.path_dirs = path_dirs;
     opts.archive = archive;
     opts.retention = retention;
+    opts.mongo = mongo;
     // The runtime runs inside an actix System: actors execute on its arbiter.
     actix::System::new().block_on(async move {
         let node = Node::start(opts).await.map_err(|e| e.to_string())?;

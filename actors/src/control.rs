@@ -68,6 +68,22 @@ pub struct StatusReport {
     /// The embedded store.
     #[serde(default)]
     pub store: Option<StoreReport>,
+    /// The MongoDB archive sink, when configured.
+    #[serde(default)]
+    pub mongo: Option<MongoReport>,
+}
+
+/// MongoDB sink counters in [`StatusReport`].
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MongoReport {
+    /// Connection string.
+    pub uri: String,
+    /// Documents exported.
+    pub exported: u64,
+    /// Failed attempts (retried; rows wait in the embedded archive).
+    pub errors: u64,
+    /// The last error.
+    pub last_error: Option<String>,
 }
 
 /// Store counters in [`StatusReport`].

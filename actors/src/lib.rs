@@ -16,6 +16,7 @@ pub mod broker;
 pub mod control;
 pub mod dead;
 pub mod endpoint;
+pub mod mongo;
 pub mod node;
 pub mod paths;
 pub mod replicator;

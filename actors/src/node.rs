@@ -43,6 +43,8 @@ pub struct NodeOptions {
     pub retention: crate::store::Retention,
     /// Record every hop in the archive (the kanban replicator). Default true.
     pub archive: bool,
+    /// Also export the archive to MongoDB.
+    pub mongo: Option<crate::mongo::MongoConfig>,
 }
 
 impl NodeOptions {
@@ -60,6 +62,7 @@ impl NodeOptions {
             log_cap: 10 << 20,
             retention: crate::store::Retention::default(),
             archive: true,
+            mongo: None,
         }
     }
 }
@@ -80,6 +83,7 @@ pub enum NodeError {
 
 /// A running node.
 pub struct Node {
+    mongo: Option<(String, Arc<crate::mongo::MongoStats>)>,
     router: Arc<Router>,
     broker: Addr<Broker>,
     endpoint: Addr<Endpoint>,
@@ -93,6 +97,7 @@ pub struct Node {
 }
 
 struct Shared {
+    mongo: Option<(String, Arc<crate::mongo::MongoStats>)>,
     router: Arc<Router>,
     broker: Addr<Broker>,
     sup: SupervisorHandle,
@@ -136,10 +141,21 @@ impl Node {
         let (store, recovered, recovered_statics) =
             crate::store::Store::open_all(&paths.store(), opts.retention).map_err(|e| NodeError::Io(e.to_string()))?;
         let statics = Arc::new(StaticStore::durable(store.clone(), recovered_statics));
+        let mongo_stats = Arc::new(crate::mongo::MongoStats::default());
+        let mut mongo_spec = None;
+        let mut kickers = Vec::new();
+        if let Some(mc) = opts.mongo.clone() {
+            let (st, db, dev, ms) = (store.clone(), paths.store(), cfg.device_name.clone(), mongo_stats.clone());
+            let (spec, addr) = ChildSpec::actor("mongo-sink", Restart::Permanent, 1, move || {
+                crate::mongo::MongoSink::new(mc.clone(), st.clone(), db.clone(), dev.clone(), ms.clone())
+            });
+            mongo_spec = Some(spec);
+            kickers.push(crate::mongo::Kicker(addr));
+        }
         let st2 = store.clone();
         let (replicator_spec, replicator) =
             ChildSpec::actor("kanban-replicator", Restart::Permanent, 16 * 1024, move || {
-                crate::replicator::Replicator::new(st2.clone())
+                crate::replicator::Replicator::new(st2.clone(), kickers.clone())
             });
         let mut router = Router::new(cfg.clone(), opts.queue_capacity, lc_tx).with_store(store);
         if opts.archive {
@@ -191,7 +207,11 @@ impl Node {
         )
         .child(replicator_spec)
         .child(ep_spec)
-        .child(broker_spec)
+        .child(broker_spec);
+        let sup = match mongo_spec {
+            Some(spec) => sup.child(spec),
+            None => sup,
+        }
         .start();
 
         let b = broker.clone();
@@ -206,6 +226,7 @@ impl Node {
 
         let stop = Arc::new(Notify::new());
         let shared = Arc::new(Shared {
+            mongo: opts.mongo.as_ref().map(|m| (m.uri.clone(), mongo_stats.clone())),
             router: router.clone(),
             broker: broker.clone(),
             sup: sup.clone(),
@@ -230,7 +251,19 @@ impl Node {
         })
         .abort_handle();
         tracing::info!(data_dir = %paths.root.display(), services = cfg.microservices.len(), "runtime started");
-        Ok(Node { router, broker, endpoint, sup, stop, stats, paths, grace: opts.grace, control, forwarder })
+        Ok(Node {
+            mongo: opts.mongo.as_ref().map(|m| (m.uri.clone(), mongo_stats.clone())),
+            router,
+            broker,
+            endpoint,
+            sup,
+            stop,
+            stats,
+            paths,
+            grace: opts.grace,
+            control,
+            forwarder,
+        })
     }
 
     /// The routing table and slots.
@@ -251,6 +284,7 @@ impl Node {
     /// Full status report.
     pub async fn status(&self) -> StatusReport {
         let shared = Shared {
+            mongo: self.mongo.clone(),
             router: self.router.clone(),
             broker: self.broker.clone(),
             sup: self.sup.clone(),
@@ -368,6 +402,12 @@ async fn report(s: &Shared) -> StatusReport {
         sessions: s.stats.sessions.load(Ordering::Relaxed),
         rejected_connections: s.stats.rejected.load(Ordering::Relaxed),
         supervisor_events: s.sup.journal().events().iter().map(event_text).collect(),
+        mongo: s.mongo.as_ref().map(|(uri, m)| crate::control::MongoReport {
+            uri: uri.clone(),
+            exported: m.exported.load(Ordering::Relaxed),
+            errors: m.errors.load(Ordering::Relaxed),
+            last_error: m.last_error.lock().ok().and_then(|l| l.clone()),
+        }),
         store: s.router.store().map(|st| StoreReport {
             path: st.path().display().to_string(),
             commits: st.stats.commits.load(Ordering::Relaxed),

@@ -14,18 +14,30 @@ use std::sync::Arc;
 pub struct Replicator {
     store: Store,
     buf: Vec<ArchiveOp>,
+    sinks: Vec<crate::mongo::Kicker>,
 }
 
 impl Replicator {
-    /// A replicator writing to `store`.
-    pub fn new(store: Store) -> Replicator {
-        Replicator { store, buf: Vec::with_capacity(1024) }
+    /// A replicator writing to `store` and waking `sinks` (external archive sinks) after each batch.
+    pub fn new(store: Store, sinks: Vec<crate::mongo::Kicker>) -> Replicator {
+        Replicator { store, buf: Vec::with_capacity(1024), sinks }
     }
 
     async fn flush(&mut self) {
         let batch = std::mem::take(&mut self.buf);
+        if batch.is_empty() {
+            return;
+        }
         if let Err(e) = self.store.archive(batch).await {
             tracing::error!("archive batch lost: {e}");
+            return;
+        }
+        if !self.sinks.is_empty() {
+            // The sinks read committed rows: wait for the commit, then wake them.
+            let _ = self.store.barrier().await;
+            for s in &self.sinks {
+                s.kick();
+            }
         }
     }
 }

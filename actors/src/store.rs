@@ -16,7 +16,7 @@ use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 
 /// The schema version this build writes. Older stores are migrated on open.
-pub const SCHEMA_VERSION: i64 = 3;
+pub const SCHEMA_VERSION: i64 = 4;
 
 /// Store errors.
 #[derive(Debug, thiserror::Error)]
@@ -46,6 +46,7 @@ enum Op {
     Enqueue { service: String, instance: u32, id: KanbanId, bytes: Vec<u8> },
     Ack { service: String, instance: u32, ids: Vec<KanbanId> },
     Archive(Vec<ArchiveOp>),
+    Exported(Vec<i64>),
     StaticPut { topic: String, id: u64, bytes: Vec<u8> },
     StaticDelete { topic: String, id: u64 },
     Barrier(oneshot::Sender<()>),
@@ -180,6 +181,67 @@ fn open_read(path: &Path) -> Result<Connection, StoreError> {
     Ok(conn)
 }
 
+/// An archive row waiting for an external sink.
+pub struct PendingExport {
+    /// Archive row number.
+    pub row: i64,
+    /// The kanban.
+    pub kanban: WireKanban,
+    /// Target service and instance.
+    pub to: Option<(String, u32)>,
+    /// `queued` or the dead-letter reason.
+    pub outcome: String,
+    /// Unix ms accepted.
+    pub accepted_at: i64,
+    /// Unix ms acknowledged.
+    pub acked_at: Option<i64>,
+}
+
+/// Archive rows not yet exported that are final (acknowledged, dead-lettered, or older than a minute),
+/// oldest first.
+///
+/// # Errors
+/// [`StoreError`] if the store cannot be read.
+pub fn pending_exports(path: &Path, limit: usize) -> Result<Vec<PendingExport>, StoreError> {
+    let conn = open_read(path)?;
+    let mut stmt = conn
+        .prepare(
+            "SELECT row, kanban, to_service, to_instance, outcome, accepted_at, acked_at FROM archive \
+             WHERE exported = 0 AND (acked_at IS NOT NULL OR outcome != 'queued' OR accepted_at < ?1) \
+             ORDER BY row LIMIT ?2",
+        )
+        .map_err(sq(path))?;
+    let rows = stmt
+        .query_map(params![now_ms() - 60_000, limit as i64], |r| {
+            Ok((
+                r.get::<_, i64>(0)?,
+                r.get::<_, Vec<u8>>(1)?,
+                r.get::<_, Option<String>>(2)?,
+                r.get::<_, Option<u32>>(3)?,
+                r.get::<_, String>(4)?,
+                r.get::<_, i64>(5)?,
+                r.get::<_, Option<i64>>(6)?,
+            ))
+        })
+        .map_err(sq(path))?;
+    let mut out = Vec::new();
+    for row in rows {
+        let (row, bytes, ts, ti, outcome, accepted_at, acked_at) = row.map_err(sq(path))?;
+        match postcard::from_bytes::<WireKanban>(&bytes) {
+            Ok(kanban) => out.push(PendingExport {
+                row,
+                kanban,
+                to: ts.map(|s| (s, ti.unwrap_or(0))),
+                outcome,
+                accepted_at,
+                acked_at,
+            }),
+            Err(e) => tracing::error!(row, "unreadable archive row skipped by the export: {e}"),
+        }
+    }
+    Ok(out)
+}
+
 /// The most recent archive rows matching `f`, oldest first.
 ///
 /// # Errors
@@ -312,6 +374,9 @@ fn open_conn(path: &Path) -> Result<Connection, StoreError> {
             kanban BLOB NOT NULL,
             PRIMARY KEY (topic, id)
         );",
+        // 3 -> 4: export bookkeeping for external archive sinks (MongoDB).
+        "ALTER TABLE archive ADD COLUMN exported INTEGER NOT NULL DEFAULT 0;
+        CREATE INDEX archive_export ON archive (exported, row);",
     ];
     for (v, sql) in MIGRATIONS.iter().enumerate().skip(version as usize) {
         let next = v as i64 + 1;
@@ -385,6 +450,15 @@ impl Store {
                 source: rusqlite::Error::InvalidPath(e.to_string().into()),
             })?;
         Ok((Store { tx, stats, path: path.to_owned() }, recovered, statics))
+    }
+
+    /// Marks archive rows as exported to an external sink.
+    ///
+    /// # Errors
+    /// [`StoreError::Closed`] if the writer stopped.
+    pub async fn mark_exported(&self, rows: Vec<i64>) -> Result<(), StoreError> {
+        self.tx.send(Op::Exported(rows)).await.map_err(|_| StoreError::Closed)?;
+        self.barrier().await
     }
 
     /// Stores a static kanban.
@@ -511,6 +585,12 @@ fn apply(conn: &Connection, batch: &[Op]) -> rusqlite::Result<(u64, u64, u64)> {
                                 }
                             }
                         }
+                    }
+                }
+                Op::Exported(rows) => {
+                    let mut up = tx.prepare_cached("UPDATE archive SET exported = 1 WHERE row = ?1")?;
+                    for r in rows {
+                        up.execute(params![r])?;
                     }
                 }
                 Op::StaticPut { topic, id, bytes } => {

@@ -38,6 +38,15 @@ impl Runtime {
     }
 
     pub fn start_in(yaml: &str, data: tempfile::TempDir, work: tempfile::TempDir) -> Runtime {
+        Self::start_full(yaml, data, work, &[])
+    }
+
+    /// [`Runtime::start`] with extra `aion run` arguments.
+    pub fn start_with_args(yaml: &str, args: &[&str]) -> Runtime {
+        Self::start_full(yaml, tempfile::tempdir().expect("tempdir"), tempfile::tempdir().expect("tempdir"), args)
+    }
+
+    pub fn start_full(yaml: &str, data: tempfile::TempDir, work: tempfile::TempDir, args: &[&str]) -> Runtime {
         let yaml = yaml
             .replace("{testkit}", &example("testkit"))
             .replace("{source}", &example("pipeline-source"))
@@ -54,6 +63,7 @@ impl Runtime {
             .arg(&file)
             .arg("--grace")
             .arg("5")
+            .args(args)
             .env("RUST_LOG", "info")
             .env_remove("AION_HOME")
             .stdin(Stdio::null())
