@@ -223,6 +223,16 @@ fn yaml_pipeline(cmd: &str, delivery: &str) -> String {
 }
 
 async fn run_node(yaml: &str, reg: InProcessRegistry, n: u64, result_file: &std::path::Path) -> Node {
+    run_node_with(yaml, reg, n, result_file, std::env::var("AION_BENCH_ARCHIVE").as_deref() != Ok("0")).await
+}
+
+async fn run_node_with(
+    yaml: &str,
+    reg: InProcessRegistry,
+    n: u64,
+    result_file: &std::path::Path,
+    archive: bool,
+) -> Node {
     let mut cfg = load_str("bench.yml", yaml).config.expect("bench config");
     for ms in cfg.microservices.values_mut() {
         ms.env.insert("N".into(), n.to_string());
@@ -233,6 +243,7 @@ async fn run_node(yaml: &str, reg: InProcessRegistry, n: u64, result_file: &std:
     let mut opts = NodeOptions::new(dir, cfg);
     opts.inproc = reg;
     opts.queue_capacity = 4096;
+    opts.archive = archive;
     Node::start(opts).await.expect("node")
 }
 

@@ -400,7 +400,7 @@ fn logs(
 }
 
 fn store_path(data_dir: &Path) -> Result<PathBuf, String> {
-    let p = Paths::new(data_dir).store();
+    let p = Paths::new(data_dir).archive();
     if !p.is_file() {
         return Err(format!("no kanban archive at {} (has a runtime ever run on this data dir?)", p.display()));
     }

@@ -328,6 +328,7 @@ async fn read_loop(
             }
         }
         let mut accepted = 0u32;
+        let mut persisted = false;
         let mut bye = false;
         for m in msgs.drain(..) {
             if bye {
@@ -345,7 +346,7 @@ async fn read_loop(
                     }
                     if !slot.is_duplicate_output(k.id) {
                         let id = k.id;
-                        shared.router.route(slot, k).await;
+                        persisted |= shared.router.route(slot, k).await;
                         slot.remember_output(id);
                         slot.stats.kanbans_out.fetch_add(1, Ordering::Relaxed);
                     }
@@ -404,7 +405,7 @@ async fn read_loop(
         }
         if accepted > 0 {
             // Durable before acknowledged: one group commit covers the whole batch.
-            if let Some(store) = shared.router.store() {
+            if let Some(store) = shared.router.store().filter(|_| persisted) {
                 if let Err(e) = store.barrier().await {
                     return Err(format!("store unavailable: {e}"));
                 }

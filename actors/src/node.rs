@@ -139,13 +139,14 @@ impl Node {
         let cfg = Arc::new(opts.config);
         let (lc_tx, mut lc_rx) = mpsc::channel::<Lifecycle>(1024);
         let (store, recovered, recovered_statics) =
-            crate::store::Store::open_all(&paths.store(), opts.retention).map_err(|e| NodeError::Io(e.to_string()))?;
+            crate::store::Store::open_all(&paths.store(), &paths.archive(), opts.retention)
+                .map_err(|e| NodeError::Io(e.to_string()))?;
         let statics = Arc::new(StaticStore::durable(store.clone(), recovered_statics));
         let mongo_stats = Arc::new(crate::mongo::MongoStats::default());
         let mut mongo_spec = None;
         let mut kickers = Vec::new();
         if let Some(mc) = opts.mongo.clone() {
-            let (st, db, dev, ms) = (store.clone(), paths.store(), cfg.device_name.clone(), mongo_stats.clone());
+            let (st, db, dev, ms) = (store.clone(), paths.archive(), cfg.device_name.clone(), mongo_stats.clone());
             let (spec, addr) = ChildSpec::actor("mongo-sink", Restart::Permanent, 1, move || {
                 crate::mongo::MongoSink::new(mc.clone(), st.clone(), db.clone(), dev.clone(), ms.clone())
             });
@@ -372,8 +373,8 @@ async fn inject(
     };
     let k = Box::new(k.into_wire());
     match router.deliver(service, instance, k).await {
-        Ok(()) => {
-            if let Some(store) = router.store() {
+        Ok(persisted) => {
+            if let Some(store) = router.store().filter(|_| persisted) {
                 store.barrier().await.map_err(|e| e.to_string())?;
             }
             Ok(id)

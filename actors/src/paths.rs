@@ -1,7 +1,8 @@
 //! The data directory layout.
 //!
 //! ```text
-//! <data>/aion.db              embedded store: durable queues (SQLite, WAL)
+//! <data>/aion.db              embedded store: durable queues, static kanbans (SQLite, WAL)
+//! <data>/archive.db           the kanban archive written by the replicator (SQLite, WAL)
 //! <data>/run/aion.sock        status-kanban endpoint (0600)
 //! <data>/run/control.sock     CLI control API (0600)
 //! <data>/run/instances.json   process groups started by the runtime (for cleanup after kill -9)
@@ -42,6 +43,10 @@ impl Paths {
     /// The embedded store (`aion.db`, SQLite WAL).
     pub fn store(&self) -> PathBuf {
         self.root.join("aion.db")
+    }
+    /// The kanban archive (`archive.db`, SQLite WAL).
+    pub fn archive(&self) -> PathBuf {
+        self.root.join("archive.db")
     }
     /// `logs/`.
     pub fn log_dir(&self) -> PathBuf {

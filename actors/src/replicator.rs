@@ -34,7 +34,7 @@ impl Replicator {
         }
         if !self.sinks.is_empty() {
             // The sinks read committed rows: wait for the commit, then wake them.
-            let _ = self.store.barrier().await;
+            let _ = self.store.archive_barrier().await;
             for s in &self.sinks {
                 s.kick();
             }

@@ -114,7 +114,8 @@ impl Router {
         names.into_iter().flat_map(move |n| self.slots[n].iter())
     }
 
-    /// Queues `k` for an instance (waiting for space) and asks the broker to start it if needed.
+    /// Queues `k` for an instance (waiting for space) and asks the broker to start it if needed. Returns true
+    /// when the kanban was handed to the durable store (the caller then waits for a commit barrier).
     ///
     /// # Errors
     /// [`Reason::UnknownService`] / [`Reason::NoSuchInstance`]; the kanban is given back.
@@ -123,7 +124,7 @@ impl Router {
         service: &str,
         instance: u32,
         k: Box<WireKanban>,
-    ) -> Result<(), (Reason, Box<WireKanban>)> {
+    ) -> Result<bool, (Reason, Box<WireKanban>)> {
         let Some(list) = self.slots.get(service) else {
             return Err((Reason::UnknownService, k));
         };
@@ -131,6 +132,7 @@ impl Router {
             return Err((Reason::NoSuchInstance, k));
         };
         self.archive_hop(&k, Some((service, instance)), "queued");
+        let persisted = self.durable_store(service).is_some();
         if let Some(store) = self.durable_store(service) {
             // Committed by the next group commit; the session waits for it before acknowledging the producer.
             if let Err(e) = store.enqueue(service, instance, &k).await {
@@ -139,7 +141,7 @@ impl Router {
         }
         slot.push(k).await;
         self.request_start(slot).await;
-        Ok(())
+        Ok(persisted)
     }
 
     /// Asks the broker to start the instance unless it is connected or a start is already pending.
@@ -152,22 +154,24 @@ impl Router {
         }
     }
 
-    /// Routes one output of `from`. Returns when every target has queued it (back-pressure).
-    pub async fn route(&self, from: &Slot, k: Box<WireKanban>) {
+    /// Routes one output of `from`. Returns when every target has queued it (back-pressure); true if any copy
+    /// went to the durable store.
+    pub async fn route(&self, from: &Slot, k: Box<WireKanban>) -> bool {
+        let mut persisted = false;
         if k.is_terminate() {
             let name = k.metadata_str("name").unwrap_or_else(|| from.service.clone());
             if name != from.service {
                 let detail = format!("terminate kanban from {} names service `{name}`", from.service);
                 self.dead_letter(Reason::BadTerminate, detail, k);
-                return;
+                return persisted;
             }
             tracing::info!(service = %from.service, instance = from.instance, "terminate kanban received");
             let _ = self.lifecycle.send(Lifecycle::Terminated(from.service.clone(), from.instance)).await;
-            return;
+            return persisted;
         }
         let Some(ms) = self.cfg.microservices.get(&from.service) else {
             self.dead_letter(Reason::UnknownService, format!("source `{}` is not defined", from.service), k);
-            return;
+            return persisted;
         };
         let key = k.route_key().to_owned();
         let targets = match ms.routes(&key) {
@@ -179,7 +183,7 @@ impl Router {
                     format!("{} has no nextService entry for connection key `{key}` and no `default`", ms.name)
                 };
                 self.dead_letter(Reason::NoRoute, detail, k);
-                return;
+                return persisted;
             }
         };
         let last = targets.len() - 1;
@@ -203,7 +207,11 @@ impl Router {
             if copy.next_device_name != self.cfg.device_name {
                 copy.next_device_name.clone_from(&self.cfg.device_name);
             }
-            if let Err((reason, copy)) = self.deliver(&t.name, n, copy).await {
+            let result = self.deliver(&t.name, n, copy).await;
+            if let Ok(p) = &result {
+                persisted |= *p;
+            }
+            if let Err((reason, copy)) = result {
                 let detail = match reason {
                     Reason::NoSuchInstance => {
                         format!("{} > {} instance {n} does not exist (scale too small)", ms.name, t.name)
@@ -213,5 +221,6 @@ impl Router {
                 self.dead_letter(reason, detail, copy);
             }
         }
+        persisted
     }
 }

@@ -15,8 +15,56 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 
-/// The schema version this build writes. Older stores are migrated on open.
-pub const SCHEMA_VERSION: i64 = 4;
+/// Schema version of `aion.db` (queues, static kanbans). Older stores are migrated on open.
+pub const SCHEMA_VERSION: i64 = 2;
+/// Schema version of `archive.db` (the kanban archive).
+pub const ARCHIVE_SCHEMA_VERSION: i64 = 1;
+
+/// Migrations of `aion.db`, one per version step.
+const QUEUE_MIGRATIONS: &[&str] = &[
+    // 0 -> 1: durable instance queues.
+    "CREATE TABLE queue (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        service TEXT NOT NULL,
+        instance INTEGER NOT NULL,
+        id BLOB NOT NULL,
+        kanban BLOB NOT NULL,
+        UNIQUE (service, instance, id)
+    );",
+    // 1 -> 2: static kanbans (topic store).
+    "CREATE TABLE static_kanban (
+        topic TEXT NOT NULL,
+        id INTEGER NOT NULL,
+        kanban BLOB NOT NULL,
+        PRIMARY KEY (topic, id)
+    );",
+];
+
+/// Migrations of `archive.db`. A separate file with its own writer: archive load never delays the commits
+/// that durable delivery waits for.
+const ARCHIVE_MIGRATIONS: &[&str] = &[
+    // 0 -> 1: one row per hop, written by the replicator; `exported` for external sinks (MongoDB).
+    "CREATE TABLE archive (
+        row INTEGER PRIMARY KEY AUTOINCREMENT,
+        kanban_id BLOB NOT NULL,
+        trace_id BLOB NOT NULL,
+        from_service TEXT NOT NULL,
+        from_instance INTEGER NOT NULL,
+        to_service TEXT,
+        to_instance INTEGER,
+        connection_key TEXT NOT NULL,
+        outcome TEXT NOT NULL,
+        accepted_at INTEGER NOT NULL,
+        acked_at INTEGER,
+        kanban BLOB NOT NULL,
+        exported INTEGER NOT NULL DEFAULT 0
+    );
+    CREATE INDEX archive_trace ON archive (trace_id);
+    CREATE INDEX archive_kanban ON archive (kanban_id);
+    CREATE INDEX archive_target ON archive (to_service, to_instance, kanban_id);
+    CREATE INDEX archive_time ON archive (accepted_at);
+    CREATE INDEX archive_export ON archive (exported, row);",
+];
 
 /// Store errors.
 #[derive(Debug, thiserror::Error)]
@@ -30,7 +78,7 @@ pub enum StoreError {
         source: rusqlite::Error,
     },
     /// The store was written by a newer version.
-    #[error("store {path} has schema version {found}; this build knows up to {SCHEMA_VERSION}")]
+    #[error("store {path} has schema version {found}, newer than this build knows")]
     TooNew {
         /// The database file.
         path: PathBuf,
@@ -308,9 +356,26 @@ pub struct Recovered {
 #[derive(Clone)]
 pub struct Store {
     tx: mpsc::Sender<Op>,
+    atx: mpsc::Sender<Op>,
     /// Counters.
     pub stats: Arc<StoreStats>,
     path: PathBuf,
+    archive_path: PathBuf,
+}
+
+fn spawn_writer(
+    name: &str,
+    conn: Connection,
+    stats: Arc<StoreStats>,
+    path: &Path,
+    retention: Option<Retention>,
+) -> Result<mpsc::Sender<Op>, StoreError> {
+    let (tx, rx) = mpsc::channel(64 * 1024);
+    let p = path.to_owned();
+    std::thread::Builder::new().name(name.into()).spawn(move || writer(conn, rx, stats, p, retention)).map_err(
+        |e| StoreError::Sqlite { path: path.to_owned(), source: rusqlite::Error::InvalidPath(e.to_string().into()) },
+    )?;
+    Ok(tx)
 }
 
 fn sq(path: &Path) -> impl Fn(rusqlite::Error) -> StoreError + '_ {
@@ -321,8 +386,8 @@ fn id_bytes(id: KanbanId) -> [u8; 16] {
     id.0.to_be_bytes()
 }
 
-/// Opens (creating or migrating) the database and applies the pragmas.
-fn open_conn(path: &Path) -> Result<Connection, StoreError> {
+/// Opens (creating or migrating) a database and applies the pragmas.
+fn open_conn(path: &Path, migrations: &[&str]) -> Result<Connection, StoreError> {
     let conn = Connection::open(path).map_err(sq(path))?;
     conn.pragma_update(None, "journal_mode", "WAL").map_err(sq(path))?;
     conn.pragma_update(None, "synchronous", "FULL").map_err(sq(path))?;
@@ -334,51 +399,10 @@ fn open_conn(path: &Path) -> Result<Connection, StoreError> {
         .optional()
         .map_err(sq(path))?
         .unwrap_or(0);
-    if version > SCHEMA_VERSION {
+    if version > migrations.len() as i64 {
         return Err(StoreError::TooNew { path: path.to_owned(), found: version });
     }
-    // Migrations, one per version step, each in its own transaction.
-    const MIGRATIONS: &[&str] = &[
-        // 0 -> 1: durable instance queues.
-        "CREATE TABLE queue (
-            seq INTEGER PRIMARY KEY AUTOINCREMENT,
-            service TEXT NOT NULL,
-            instance INTEGER NOT NULL,
-            id BLOB NOT NULL,
-            kanban BLOB NOT NULL,
-            UNIQUE (service, instance, id)
-        );",
-        // 1 -> 2: the kanban archive (one row per hop), written by the replicator.
-        "CREATE TABLE archive (
-            row INTEGER PRIMARY KEY AUTOINCREMENT,
-            kanban_id BLOB NOT NULL,
-            trace_id BLOB NOT NULL,
-            from_service TEXT NOT NULL,
-            from_instance INTEGER NOT NULL,
-            to_service TEXT,
-            to_instance INTEGER,
-            connection_key TEXT NOT NULL,
-            outcome TEXT NOT NULL,
-            accepted_at INTEGER NOT NULL,
-            acked_at INTEGER,
-            kanban BLOB NOT NULL
-        );
-        CREATE INDEX archive_trace ON archive (trace_id);
-        CREATE INDEX archive_kanban ON archive (kanban_id);
-        CREATE INDEX archive_target ON archive (to_service, to_instance, kanban_id);
-        CREATE INDEX archive_time ON archive (accepted_at);",
-        // 2 -> 3: static kanbans (topic store).
-        "CREATE TABLE static_kanban (
-            topic TEXT NOT NULL,
-            id INTEGER NOT NULL,
-            kanban BLOB NOT NULL,
-            PRIMARY KEY (topic, id)
-        );",
-        // 3 -> 4: export bookkeeping for external archive sinks (MongoDB).
-        "ALTER TABLE archive ADD COLUMN exported INTEGER NOT NULL DEFAULT 0;
-        CREATE INDEX archive_export ON archive (exported, row);",
-    ];
-    for (v, sql) in MIGRATIONS.iter().enumerate().skip(version as usize) {
+    for (v, sql) in migrations.iter().enumerate().skip(version as usize) {
         let next = v as i64 + 1;
         let tx = conn.unchecked_transaction().map_err(sq(path))?;
         tx.execute_batch(sql).map_err(sq(path))?;
@@ -395,8 +419,8 @@ impl Store {
     ///
     /// # Errors
     /// [`StoreError`] if the database cannot be opened, migrated or read.
-    pub fn open(path: &Path, retention: Retention) -> Result<(Store, Vec<Recovered>), StoreError> {
-        Store::open_all(path, retention).map(|(s, q, _)| (s, q))
+    pub fn open(path: &Path, archive: &Path, retention: Retention) -> Result<(Store, Vec<Recovered>), StoreError> {
+        Store::open_all(path, archive, retention).map(|(s, q, _)| (s, q))
     }
 
     /// [`Store::open`], also returning the static kanbans.
@@ -406,9 +430,11 @@ impl Store {
     #[allow(clippy::type_complexity)]
     pub fn open_all(
         path: &Path,
+        archive: &Path,
         retention: Retention,
     ) -> Result<(Store, Vec<Recovered>, Vec<RecoveredStatic>), StoreError> {
-        let conn = open_conn(path)?;
+        let conn = open_conn(path, QUEUE_MIGRATIONS)?;
+        let aconn = open_conn(archive, ARCHIVE_MIGRATIONS)?;
         let mut statics = Vec::new();
         {
             let mut stmt = conn.prepare("SELECT topic, id, kanban FROM static_kanban ORDER BY id").map_err(sq(path))?;
@@ -438,18 +464,11 @@ impl Store {
                 }
             }
         }
-        let (tx, rx) = mpsc::channel(64 * 1024);
         let stats = Arc::new(StoreStats::default());
-        let st = stats.clone();
-        let p = path.to_owned();
-        std::thread::Builder::new()
-            .name("aion-store".into())
-            .spawn(move || writer(conn, rx, st, p, retention))
-            .map_err(|e| StoreError::Sqlite {
-                path: path.to_owned(),
-                source: rusqlite::Error::InvalidPath(e.to_string().into()),
-            })?;
-        Ok((Store { tx, stats, path: path.to_owned() }, recovered, statics))
+        let tx = spawn_writer("aion-store", conn, stats.clone(), path, None)?;
+        let atx = spawn_writer("aion-archive", aconn, stats.clone(), archive, Some(retention))?;
+        let store = Store { tx, atx, stats, path: path.to_owned(), archive_path: archive.to_owned() };
+        Ok((store, recovered, statics))
     }
 
     /// Marks archive rows as exported to an external sink.
@@ -457,8 +476,23 @@ impl Store {
     /// # Errors
     /// [`StoreError::Closed`] if the writer stopped.
     pub async fn mark_exported(&self, rows: Vec<i64>) -> Result<(), StoreError> {
-        self.tx.send(Op::Exported(rows)).await.map_err(|_| StoreError::Closed)?;
-        self.barrier().await
+        self.atx.send(Op::Exported(rows)).await.map_err(|_| StoreError::Closed)?;
+        self.archive_barrier().await
+    }
+
+    /// Completes when every archive write submitted before it is committed.
+    ///
+    /// # Errors
+    /// [`StoreError::Closed`] if the archive writer stopped.
+    pub async fn archive_barrier(&self) -> Result<(), StoreError> {
+        let (tx, rx) = oneshot::channel();
+        self.atx.send(Op::Barrier(tx)).await.map_err(|_| StoreError::Closed)?;
+        rx.await.map_err(|_| StoreError::Closed)
+    }
+
+    /// The archive database file.
+    pub fn archive_path(&self) -> &Path {
+        &self.archive_path
     }
 
     /// Stores a static kanban.
@@ -514,7 +548,7 @@ impl Store {
         if ops.is_empty() {
             return Ok(());
         }
-        self.tx.send(Op::Archive(ops)).await.map_err(|_| StoreError::Closed)
+        self.atx.send(Op::Archive(ops)).await.map_err(|_| StoreError::Closed)
     }
 
     /// Completes when everything submitted before it is committed.
@@ -535,25 +569,23 @@ fn apply(conn: &Connection, batch: &[Op]) -> rusqlite::Result<(u64, u64, u64)> {
     let tx = conn.unchecked_transaction()?;
     let (mut enq, mut acked, mut archived) = (0, 0, 0);
     {
-        let mut hop = tx.prepare_cached(
-            "INSERT INTO archive (kanban_id, trace_id, from_service, from_instance, to_service, to_instance, \
-             connection_key, outcome, accepted_at, kanban) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
-        )?;
-        let mut hop_ack = tx.prepare_cached(
-            "UPDATE archive SET acked_at = ?4 WHERE to_service = ?1 AND to_instance = ?2 AND kanban_id = ?3 \
-             AND acked_at IS NULL",
-        )?;
-        let mut ins =
-            tx.prepare_cached("INSERT OR IGNORE INTO queue (service, instance, id, kanban) VALUES (?1, ?2, ?3, ?4)")?;
-        let mut del = tx.prepare_cached("DELETE FROM queue WHERE service = ?1 AND instance = ?2 AND id = ?3")?;
+        // Statements are prepared (and cached) per operation: each file has only its own tables.
+        const HOP: &str = "INSERT INTO archive (kanban_id, trace_id, from_service, from_instance, to_service, \
+             to_instance, connection_key, outcome, accepted_at, kanban) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)";
+        const HOP_ACK: &str = "UPDATE archive SET acked_at = ?4 WHERE to_service = ?1 AND to_instance = ?2 \
+             AND kanban_id = ?3 AND acked_at IS NULL";
+        const INS: &str = "INSERT OR IGNORE INTO queue (service, instance, id, kanban) VALUES (?1, ?2, ?3, ?4)";
+        const DEL: &str = "DELETE FROM queue WHERE service = ?1 AND instance = ?2 AND id = ?3";
         for op in batch {
             match op {
                 Op::Enqueue { service, instance, id, bytes } => {
-                    enq += ins.execute(params![service, instance, &id_bytes(*id)[..], bytes])? as u64;
+                    enq +=
+                        tx.prepare_cached(INS)?.execute(params![service, instance, &id_bytes(*id)[..], bytes])? as u64;
                 }
                 Op::Ack { service, instance, ids } => {
                     for id in ids {
-                        acked += del.execute(params![service, instance, &id_bytes(*id)[..]])? as u64;
+                        acked +=
+                            tx.prepare_cached(DEL)?.execute(params![service, instance, &id_bytes(*id)[..]])? as u64;
                     }
                 }
                 Op::Archive(ops) => {
@@ -565,7 +597,7 @@ fn apply(conn: &Connection, batch: &[Op]) -> rusqlite::Result<(u64, u64, u64)> {
                                     Some((s, i)) => (Some(s.as_str()), Some(*i)),
                                     None => (None, None),
                                 };
-                                hop.execute(params![
+                                tx.prepare_cached(HOP)?.execute(params![
                                     &id_bytes(kanban.id)[..],
                                     &id_bytes(kanban.trace_id)[..],
                                     kanban.origin.service,
@@ -581,7 +613,12 @@ fn apply(conn: &Connection, batch: &[Op]) -> rusqlite::Result<(u64, u64, u64)> {
                             }
                             ArchiveOp::Acked { service, instance, ids, at } => {
                                 for id in ids {
-                                    hop_ack.execute(params![service, instance, &id_bytes(*id)[..], at])?;
+                                    tx.prepare_cached(HOP_ACK)?.execute(params![
+                                        service,
+                                        instance,
+                                        &id_bytes(*id)[..],
+                                        at
+                                    ])?;
                                 }
                             }
                         }
@@ -622,11 +659,19 @@ pub fn now_ms() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
 }
 
-fn writer(conn: Connection, mut rx: mpsc::Receiver<Op>, stats: Arc<StoreStats>, path: PathBuf, retention: Retention) {
+fn writer(
+    conn: Connection,
+    mut rx: mpsc::Receiver<Op>,
+    stats: Arc<StoreStats>,
+    path: PathBuf,
+    retention: Option<Retention>,
+) {
     let mut batch: Vec<Op> = Vec::new();
     let mut since_retention: u64 = 0;
-    if let Err(e) = retain(&conn, retention) {
-        tracing::error!("archive retention failed: {e}");
+    if let Some(r) = retention {
+        if let Err(e) = retain(&conn, r) {
+            tracing::error!("archive retention failed: {e}");
+        }
     }
     while let Some(first) = rx.blocking_recv() {
         batch.push(first);
@@ -645,7 +690,7 @@ fn writer(conn: Connection, mut rx: mpsc::Receiver<Op>, stats: Arc<StoreStats>, 
                     stats.acked.fetch_add(acked, Ordering::Relaxed);
                     stats.archived.fetch_add(archived, Ordering::Relaxed);
                     since_retention += archived;
-                    if since_retention >= 10_000 {
+                    if let Some(retention) = retention.filter(|_| since_retention >= 10_000) {
                         since_retention = 0;
                         match retain(&conn, retention) {
                             Ok(n) if n > 0 => tracing::info!(rows = n, "archive retention removed old rows"),
@@ -689,7 +734,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tmp");
         let path = dir.path().join("aion.db");
         {
-            let (s, rec) = Store::open(&path, Retention::default()).expect("open");
+            let (s, rec) = Store::open(&path, &dir.path().join("archive.db"), Retention::default()).expect("open");
             assert!(rec.is_empty());
             for i in 1..=5 {
                 s.enqueue("svc", 1, &k(i)).await.expect("enqueue");
@@ -700,7 +745,7 @@ mod tests {
             assert_eq!(s.stats.enqueued.load(Ordering::Relaxed), 5);
             assert_eq!(s.stats.acked.load(Ordering::Relaxed), 2);
         }
-        let (_s, rec) = Store::open(&path, Retention::default()).expect("reopen");
+        let (_s, rec) = Store::open(&path, &dir.path().join("archive.db"), Retention::default()).expect("reopen");
         let ids: Vec<u128> = rec.iter().map(|r| r.kanban.id.0).collect();
         assert_eq!(ids, vec![1, 3, 5], "oldest first, acked ones gone");
         assert_eq!(rec[0].service, "svc");
@@ -709,8 +754,13 @@ mod tests {
     #[tokio::test]
     async fn archive_records_hops_acks_traces_and_retention() {
         let dir = tempfile::tempdir().expect("tmp");
-        let path = dir.path().join("aion.db");
-        let (s, _) = Store::open(&path, Retention { max_age_ms: i64::MAX / 2, max_rows: 3 }).expect("open");
+        let (s, _) = Store::open(
+            &dir.path().join("aion.db"),
+            &dir.path().join("archive.db"),
+            Retention { max_age_ms: i64::MAX / 2, max_rows: 3 },
+        )
+        .expect("open");
+        let path = dir.path().join("archive.db");
         let mut a = Kanban { id: KanbanId(1), trace_id: KanbanId(1), ..Kanban::default() };
         a.origin = aion_runtime::Origin { service: "src".into(), instance: 1 };
         let mut b = Kanban { id: KanbanId(2), trace_id: KanbanId(1), ..Kanban::default() };
@@ -725,7 +775,7 @@ mod tests {
         s.archive(vec![ArchiveOp::Acked { service: "mid".into(), instance: 1, ids: vec![KanbanId(1)], at: now_ms() }])
             .await
             .expect("ack");
-        s.barrier().await.expect("barrier");
+        s.archive_barrier().await.expect("barrier");
         let t = query_trace(&path, KanbanId(2)).expect("trace");
         assert_eq!(t.len(), 2);
         assert_eq!((t[0].from.as_str(), t[0].to.as_deref()), ("src-1", Some("mid-1")));
@@ -743,12 +793,12 @@ mod tests {
     fn schema_version_is_recorded_and_newer_stores_are_refused() {
         let dir = tempfile::tempdir().expect("tmp");
         let path = dir.path().join("aion.db");
-        drop(open_conn(&path).expect("open"));
+        drop(open_conn(&path, QUEUE_MIGRATIONS).expect("open"));
         let conn = Connection::open(&path).expect("raw");
         let v: i64 = conn.query_row("SELECT value FROM meta WHERE key='schema_version'", [], |r| r.get(0)).expect("v");
         assert_eq!(v, SCHEMA_VERSION);
         conn.execute("UPDATE meta SET value = 99 WHERE key='schema_version'", []).expect("bump");
         drop(conn);
-        assert!(matches!(open_conn(&path), Err(StoreError::TooNew { found: 99, .. })));
+        assert!(matches!(open_conn(&path, QUEUE_MIGRATIONS), Err(StoreError::TooNew { found: 99, .. })));
     }
 }
