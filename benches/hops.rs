@@ -223,7 +223,7 @@ fn yaml_pipeline(cmd: &str, delivery: &str) -> String {
 }
 
 async fn run_node(yaml: &str, reg: InProcessRegistry, n: u64, result_file: &std::path::Path) -> Node {
-    run_node_with(yaml, reg, n, result_file, std::env::var("AION_BENCH_ARCHIVE").as_deref() != Ok("0")).await
+    run_node_with(yaml, reg, n, result_file, std::env::var("AION_BENCH_ARCHIVE").as_deref() == Ok("1")).await
 }
 
 async fn run_node_with(

@@ -42,9 +42,10 @@ enum Cmd {
         /// Per-instance queue capacity (kanbans).
         #[arg(long, default_value_t = 1024)]
         queue_capacity: usize,
-        /// Do not record hops in the kanban archive (the replicator).
+        /// Record every hop in the kanban archive (the replicator; `aion kanban log/trace`). Costs throughput
+        /// (docs/performance.md); implied by --mongo.
         #[arg(long)]
-        no_archive: bool,
+        archive: bool,
         /// Keep archived hops this many days.
         #[arg(long, default_value_t = 7)]
         archive_days: u32,
@@ -153,7 +154,7 @@ fn main() -> ExitCode {
             strict,
             grace,
             queue_capacity,
-            no_archive,
+            archive,
             archive_days,
             archive_max_rows,
             mongo,
@@ -169,7 +170,8 @@ fn main() -> ExitCode {
                 max_age_ms: i64::from(archive_days) * 86_400_000,
                 max_rows: archive_max_rows.min(i64::MAX as u64) as i64,
             };
-            run(&data_dir, &file, RunFlags { strict, grace, queue_capacity, archive: !no_archive, retention, mongo })
+            let archive = archive || mongo.is_some();
+            run(&data_dir, &file, RunFlags { strict, grace, queue_capacity, archive, retention, mongo })
         }
         Cmd::Status { json } => block(status(&data_dir, json)),
         Cmd::Logs { service, instance, follow, lines } => logs(&data_dir, &service, instance, follow, lines),

@@ -1,4 +1,4 @@
-//! The kanban replicator: every hop archived (queued or dead-lettered, then acknowledged), readable with
+//! The kanban replicator (`aion run --archive`): every hop archived (queued or dead-lettered, then acknowledged), readable with
 //! `aion kanban log` and `aion kanban trace`, also after the runtime stopped.
 mod common;
 use common::Runtime;
@@ -10,7 +10,7 @@ fn json_lines(s: &str) -> Vec<Value> {
 
 #[test]
 fn every_hop_is_archived_and_traceable() {
-    let mut rt = Runtime::start(
+    let mut rt = Runtime::start_with_args(
         r#"
 microservices:
   source:
@@ -32,6 +32,7 @@ microservices:
     withoutKanban: yes
     env: { RECORD: "{work}/quiet.jsonl" }
 "#,
+        &["--archive"],
     );
     let sink = rt.wait_lines("sink.jsonl", 20);
     // sink forwards but has no nextService: 20 dead letters `no-route`, archived too.

@@ -41,7 +41,7 @@ pub struct NodeOptions {
     pub log_cap: u64,
     /// Archive retention.
     pub retention: crate::store::Retention,
-    /// Record every hop in the archive (the kanban replicator). Default true.
+    /// Record every hop in the archive (the kanban replicator). Default false: it costs throughput.
     pub archive: bool,
     /// Also export the archive to MongoDB.
     pub mongo: Option<crate::mongo::MongoConfig>,
@@ -61,7 +61,7 @@ impl NodeOptions {
             path_dirs: Vec::new(),
             log_cap: 10 << 20,
             retention: crate::store::Retention::default(),
-            archive: true,
+            archive: false,
             mongo: None,
         }
     }
