@@ -186,12 +186,7 @@ mod tests {
             let mut d = FrameDecoder::default();
             for c in chunks {
                 d.push(&c);
-                loop {
-                    match d.decode::<ClientMsg>() {
-                        Ok(Some(_)) => continue,
-                        Ok(None) | Err(_) => break,
-                    }
-                }
+                while let Ok(Some(_)) = d.decode::<ClientMsg>() {}
             }
         }
 
