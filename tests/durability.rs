@@ -145,9 +145,10 @@ microservices:
     }
     assert_eq!(count.keys().copied().collect::<Vec<_>>(), (1..=N as i64).collect::<Vec<_>>(), "nothing lost");
     let dups: u64 = count.values().map(|c| c - 1).sum();
-    // The window (docs/runtime-semantics.md): per crash, at most the source's unflushed chunk re-emitted, plus
-    // the kanbans in flight at the relay and the sink (their credit windows) handled again.
-    let bound = crashes * (CHUNK + 2 * 256) + 256 * 2;
+    // The window (docs/runtime-semantics.md): per crash, at most the source's unflushed chunk re-emitted, the
+    // kanbans in flight at the relay and the sink (credit windows, 256) handled again, and outputs of the source
+    // and the relay committed but not yet acknowledged to them (output windows, 1024) resent.
+    let bound = crashes * (CHUNK + 2 * 256 + 2 * 1024) + 256 * 2;
     eprintln!("{} deliveries for {N} kanbans: {dups} duplicates (bound {bound}) after {crashes} crashes", lines.len());
     assert!(dups <= bound, "{dups} duplicates exceed the documented window {bound}");
     assert_eq!(rt.stop(), 0);
