@@ -311,7 +311,7 @@ async fn status(data_dir: &Path, json: bool) -> Result<(), String> {
         rows.push(vec![
             i.service.clone(),
             i.instance.to_string(),
-            i.state.clone(),
+            serde_json::to_value(i.state).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default(),
             if i.pid > 0 { i.pid.to_string() } else { "-".into() },
             i.restarts.to_string(),
             i.kanbans_in.to_string(),

@@ -6,7 +6,7 @@ use crate::backend::{self, ExitInfo, InProcessRegistry, ProcessEnv, RegistryEntr
 use crate::endpoint::Endpoint;
 use crate::router::{Lifecycle, Router};
 use aion_runtime::actor::{Actor, Addr, Context};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -55,7 +55,7 @@ pub enum BrokerMsg {
 }
 
 /// Lifecycle state of an instance.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum State {
     /// Not started yet (started on its first kanban).
@@ -78,8 +78,8 @@ pub enum State {
     Stopped,
 }
 
-/// One row of `aion status`.
-#[derive(Debug, Clone, Serialize)]
+/// One row of `aion status` (and of `instances` in `aion status --json`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct InstanceStatus {
     /// Service.
     pub service: String,

@@ -54,7 +54,7 @@ pub struct StatusReport {
     /// services.yml path.
     pub services_file: String,
     /// Every instance.
-    pub instances: Vec<InstanceRow>,
+    pub instances: Vec<InstanceStatus>,
     /// Dead letters by reason.
     pub dead_letters: BTreeMap<String, u64>,
     /// The most recent dead letters (up to 20).
@@ -107,62 +107,6 @@ pub struct StoreReport {
     /// Archive records dropped because the replicator was behind (kanbans are never affected).
     #[serde(default)]
     pub archive_dropped: u64,
-}
-
-/// One instance in [`StatusReport`] (the same fields as [`InstanceStatus`], kept separate so the JSON is stable).
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct InstanceRow {
-    /// Service.
-    pub service: String,
-    /// Instance.
-    pub instance: u32,
-    /// State (`idle`, `running`, `backoff`, `crash-loop`, `completed`, `failed`, `not-runnable`, `stopping`,
-    /// `stopped`).
-    pub state: String,
-    /// Pid (0 if none).
-    pub pid: u32,
-    /// Restarts.
-    pub restarts: u32,
-    /// Kanbans queued for it.
-    pub kanbans_in: u64,
-    /// Outputs accepted from it.
-    pub kanbans_out: u64,
-    /// Waiting kanbans.
-    pub queue_depth: usize,
-    /// Delivered, unacknowledged.
-    pub inflight: usize,
-    /// Session connected.
-    pub connected: bool,
-    /// Redeliveries.
-    pub redelivered: u64,
-    /// Duplicate outputs dropped.
-    pub duplicates: u64,
-    /// Last exit.
-    pub last_exit: Option<String>,
-    /// Sent a terminate kanban.
-    pub terminated: bool,
-}
-
-impl From<InstanceStatus> for InstanceRow {
-    fn from(s: InstanceStatus) -> Self {
-        let state = serde_json::to_value(s.state).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default();
-        InstanceRow {
-            service: s.service,
-            instance: s.instance,
-            state,
-            pid: s.pid,
-            restarts: s.restarts,
-            kanbans_in: s.kanbans_in,
-            kanbans_out: s.kanbans_out,
-            queue_depth: s.queue_depth,
-            inflight: s.inflight,
-            connected: s.connected,
-            redelivered: s.redelivered,
-            duplicates: s.duplicates,
-            last_exit: s.last_exit,
-            terminated: s.terminated,
-        }
-    }
 }
 
 pub(crate) fn dead_json(d: &DeadLetter) -> serde_json::Value {

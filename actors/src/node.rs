@@ -3,7 +3,7 @@
 pub use crate::backend::InProcessRegistry;
 use crate::backend::ProcessEnv;
 use crate::broker::{Broker, BrokerMsg, InstanceStatus};
-use crate::control::{dead_json, event_text, InstanceRow, Request, StatusReport, StoreReport};
+use crate::control::{dead_json, event_text, Request, StatusReport, StoreReport};
 use crate::endpoint::{Endpoint, EndpointMsg, EndpointStats};
 use crate::paths::Paths;
 use crate::router::{Lifecycle, Router};
@@ -388,8 +388,7 @@ async fn inject(
 }
 
 async fn report(s: &Shared) -> StatusReport {
-    let instances: Vec<InstanceRow> =
-        ask(&s.broker, BrokerMsg::Status).await.unwrap_or_default().into_iter().map(InstanceRow::from).collect();
+    let instances = ask(&s.broker, BrokerMsg::Status).await.unwrap_or_default();
     let recent = s.router.dead.recent();
     StatusReport {
         device_name: s.router.config().device_name.clone(),
