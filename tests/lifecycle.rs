@@ -198,9 +198,7 @@ microservices:
     always: yes
 "#,
     );
-    rt.wait_status("all connected", |s| {
-        s["instances"].as_array().is_some_and(|a| a.iter().all(|i| i["connected"] == true))
-    });
+    rt.wait_status("all connected", common::all_connected);
     assert_eq!(rt.live_children().len(), 4);
     assert_eq!(rt.stop(), 0);
     assert!(rt.live_children().is_empty(), "orphans: {:?}", rt.live_children());
@@ -239,9 +237,7 @@ microservices:
     scale: 2
 "#;
     let mut rt = Runtime::start(yaml);
-    rt.wait_status("connected", |s| {
-        s["instances"].as_array().is_some_and(|a| a.iter().all(|i| i["connected"] == true))
-    });
+    rt.wait_status("connected", common::all_connected);
     let old = rt.live_children();
     assert_eq!(old.len(), 2);
     rt.kill9();
@@ -253,9 +249,7 @@ microservices:
         let live = rt2.live_children();
         old.iter().all(|p| !live.contains(p)).then_some(())
     });
-    rt2.wait_status("new instances connected", |s| {
-        s["instances"].as_array().is_some_and(|a| a.iter().all(|i| i["connected"] == true))
-    });
+    rt2.wait_status("new instances connected", common::all_connected);
     assert!(rt2.stderr().contains("orphan"));
     assert_eq!(rt2.stop(), 0);
     assert!(rt2.live_children().is_empty());

@@ -1,12 +1,8 @@
 //! The kanban replicator (`aion run --archive`): every hop archived (queued or dead-lettered, then acknowledged), readable with
 //! `aion kanban log` and `aion kanban trace`, also after the runtime stopped.
 mod common;
-use common::Runtime;
+use common::{json_lines, Runtime};
 use serde_json::Value;
-
-fn json_lines(s: &str) -> Vec<Value> {
-    s.lines().filter(|l| !l.trim().is_empty()).map(|l| serde_json::from_str(l).expect("json line")).collect()
-}
 
 #[test]
 fn every_hop_is_archived_and_traceable() {

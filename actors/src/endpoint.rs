@@ -206,7 +206,8 @@ async fn session(shared: Shared, mut r: LinkReader<ClientMsg>, mut w: LinkWriter
             data_path,
             ..Kanban::default()
         };
-        let _ = slot.try_push(Box::new(seed.into_wire()));
+        // Beyond the capacity if need be: one per session, and never dropped.
+        slot.restore(Box::new(seed.into_wire()));
     }
     // Deliveries sent and not acknowledged yet, in sequence order.
     let inflight: Mutex<VecDeque<(u64, Box<WireKanban>)>> = Mutex::new(VecDeque::new());
@@ -353,7 +354,7 @@ async fn read_loop(
                     accepted += 1;
                 }
                 ClientMsg::Ack { upto } => {
-                    let store = shared.router.durable_store(&slot.service);
+                    let store = shared.router.durable_store(slot);
                     let archive = shared.router.archive();
                     let want_ids = store.is_some() || archive.is_some();
                     let mut ids = Vec::new();

@@ -83,13 +83,8 @@ pub enum NodeError {
 
 /// A running node.
 pub struct Node {
-    mongo: Option<(String, Arc<crate::mongo::MongoStats>)>,
-    router: Arc<Router>,
-    broker: Addr<Broker>,
+    shared: Arc<Shared>,
     endpoint: Addr<Endpoint>,
-    sup: SupervisorHandle,
-    stop: Arc<Notify>,
-    stats: Arc<EndpointStats>,
     paths: Paths,
     grace: Duration,
     control: tokio::task::AbortHandle,
@@ -230,13 +225,14 @@ impl Node {
             mongo: opts.mongo.as_ref().map(|m| (m.uri.clone(), mongo_stats.clone())),
             router: router.clone(),
             broker: broker.clone(),
-            sup: sup.clone(),
-            stats: stats.clone(),
-            stop: stop.clone(),
+            sup,
+            stats,
+            stop,
             started: Instant::now(),
             data_dir: paths.root.display().to_string(),
             services_file: opts.config_path.map(|p| p.display().to_string()).unwrap_or_default(),
         });
+        let node_shared = shared.clone();
         let control = tokio::spawn(async move {
             loop {
                 match control_listener.accept().await {
@@ -252,24 +248,12 @@ impl Node {
         })
         .abort_handle();
         tracing::info!(data_dir = %paths.root.display(), services = cfg.microservices.len(), "runtime started");
-        Ok(Node {
-            mongo: opts.mongo.as_ref().map(|m| (m.uri.clone(), mongo_stats.clone())),
-            router,
-            broker,
-            endpoint,
-            sup,
-            stop,
-            stats,
-            paths,
-            grace: opts.grace,
-            control,
-            forwarder,
-        })
+        Ok(Node { shared: node_shared, endpoint, paths, grace: opts.grace, control, forwarder })
     }
 
     /// The routing table and slots.
     pub fn router(&self) -> &Arc<Router> {
-        &self.router
+        &self.shared.router
     }
 
     /// The data directory layout.
@@ -279,23 +263,12 @@ impl Node {
 
     /// Status of every instance.
     pub async fn instances(&self) -> Vec<InstanceStatus> {
-        ask(&self.broker, BrokerMsg::Status).await.unwrap_or_default()
+        ask(&self.shared.broker, BrokerMsg::Status).await.unwrap_or_default()
     }
 
     /// Full status report.
     pub async fn status(&self) -> StatusReport {
-        let shared = Shared {
-            mongo: self.mongo.clone(),
-            router: self.router.clone(),
-            broker: self.broker.clone(),
-            sup: self.sup.clone(),
-            stats: self.stats.clone(),
-            stop: self.stop.clone(),
-            started: Instant::now(),
-            data_dir: self.paths.root.display().to_string(),
-            services_file: String::new(),
-        };
-        report(&shared).await
+        report(&self.shared).await
     }
 
     /// Injects a kanban into a service instance's input queue (what `aion kanban send` does).
@@ -309,17 +282,17 @@ impl Node {
         key: &str,
         metadata: serde_json::Value,
     ) -> Result<KanbanId, String> {
-        inject(&self.router, service, instance, key, metadata).await
+        inject(&self.shared.router, service, instance, key, metadata).await
     }
 
     /// Completes when a stop was requested through the control API.
     pub async fn stop_requested(&self) {
-        self.stop.notified().await
+        self.shared.stop.notified().await
     }
 
     /// Completes if the supervision tree gave up (restart intensity exceeded at the root).
     pub async fn failed(&self) -> ExitReason {
-        self.sup.wait().await
+        self.shared.sup.wait().await
     }
 
     /// Graceful shutdown: stop accepting connections, stop every instance (SIGTERM, SIGKILL after the grace
@@ -329,19 +302,14 @@ impl Node {
         tracing::info!("shutting down");
         let _ = ask(&self.endpoint, EndpointMsg::StopAccepting).await;
         let grace = self.grace;
-        let _ = ask(&self.broker, |tx| BrokerMsg::Shutdown(grace, tx)).await;
-        self.sup.shutdown().await;
-        let left: usize = self
-            .router
-            .slots()
-            .filter(|s| self.router.durable_store(&s.service).is_none())
-            .map(|s| s.depth() + s.inflight())
-            .sum();
+        let _ = ask(&self.shared.broker, |tx| BrokerMsg::Shutdown(grace, tx)).await;
+        self.shared.sup.shutdown().await;
+        let left: usize = self.shared.router.slots().filter(|s| !s.durable).map(|s| s.depth() + s.inflight()).sum();
         if left > 0 {
             // `delivery: memory` queues: say so, with the count, rather than losing them silently.
             tracing::warn!(kanbans = left, "kanbans queued for `delivery: memory` services are discarded at exit");
         }
-        if let Some(store) = self.router.store() {
+        if let Some(store) = self.shared.router.store() {
             let _ = store.barrier().await;
         }
         self.control.abort();

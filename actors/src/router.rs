@@ -41,7 +41,10 @@ impl Router {
             .microservices
             .values()
             .map(|ms| {
-                let v = (1..=ms.scale.max(1)).map(|n| Arc::new(Slot::new(&ms.name, n, capacity))).collect();
+                let durable = ms.delivery == Delivery::Durable;
+                let v = (1..=ms.scale.max(1))
+                    .map(|n| Arc::new(Slot::with_delivery(&ms.name, n, capacity, durable)))
+                    .collect();
                 (ms.name.clone(), v)
             })
             .collect();
@@ -86,10 +89,9 @@ impl Router {
         self
     }
 
-    /// The store, if kanbans for `service` are durable.
-    pub fn durable_store(&self, service: &str) -> Option<&Store> {
-        let durable = self.cfg.microservices.get(service).is_some_and(|m| m.delivery == Delivery::Durable);
-        self.store.as_ref().filter(|_| durable)
+    /// The store, if kanbans queued in `slot` are durable.
+    pub fn durable_store(&self, slot: &Slot) -> Option<&Store> {
+        self.store.as_ref().filter(|_| slot.durable)
     }
 
     /// The store, if there is one.
@@ -132,8 +134,9 @@ impl Router {
             return Err((Reason::NoSuchInstance, k));
         };
         self.archive_hop(&k, Some((service, instance)), "queued");
-        let persisted = self.durable_store(service).is_some();
-        if let Some(store) = self.durable_store(service) {
+        let store = self.durable_store(slot);
+        let persisted = store.is_some();
+        if let Some(store) = store {
             // Committed by the next group commit; the session waits for it before acknowledging the producer.
             if let Err(e) = store.enqueue(service, instance, &k).await {
                 tracing::error!(service, instance, kanban = %k.id, "not persisted: {e}");

@@ -71,6 +71,8 @@ pub struct Slot {
     pub connected: AtomicBool,
     /// The broker has been asked to start it (cleared when it is running or has exited).
     pub start_requested: AtomicBool,
+    /// Its service has `delivery: durable` (decided once from the configuration, read on every hop).
+    pub durable: bool,
 }
 
 /// How many output ids per instance are remembered for deduplication.
@@ -79,6 +81,11 @@ const DEDUP_WINDOW: usize = 4096;
 impl Slot {
     /// An empty queue of `capacity` kanbans.
     pub fn new(service: &str, instance: u32, capacity: usize) -> Slot {
+        Slot::with_delivery(service, instance, capacity, false)
+    }
+
+    /// An empty queue whose kanbans are persisted when `durable`.
+    pub fn with_delivery(service: &str, instance: u32, capacity: usize, durable: bool) -> Slot {
         Slot {
             service: service.to_owned(),
             instance,
@@ -95,6 +102,7 @@ impl Slot {
             stats: SlotStats::default(),
             connected: AtomicBool::new(false),
             start_requested: AtomicBool::new(false),
+            durable,
         }
     }
 

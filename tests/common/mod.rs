@@ -271,3 +271,13 @@ impl Runtime {
         Runtime::start_in(yaml, data, work)
     }
 }
+
+/// Parses JSON lines (CLI `--json` output).
+pub fn json_lines(s: &str) -> Vec<serde_json::Value> {
+    s.lines().filter(|l| !l.trim().is_empty()).map(|l| serde_json::from_str(l).expect("json line")).collect()
+}
+
+/// True when every instance in a status document has a connected session.
+pub fn all_connected(s: &serde_json::Value) -> bool {
+    s["instances"].as_array().is_some_and(|a| a.iter().all(|i| i["connected"] == true))
+}

@@ -9,7 +9,7 @@
 //!   once each output is routed into its targets' queues (that is the back-pressure point). An output whose id
 //!   the runtime has already accepted from that instance is acknowledged and not routed again.
 
-use aion_runtime::{KanbanId, WireKanban};
+use aion_runtime::WireKanban;
 use serde::{Deserialize, Serialize};
 
 /// The protocol version spoken by this build.
@@ -171,15 +171,10 @@ pub enum OutputRef<'a> {
     Output(&'a WireKanban),
 }
 
-/// A reference to an id, for logs.
-pub fn short_id(id: KanbanId) -> String {
-    let s = id.to_string();
-    s[s.len() - 8..].to_owned()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use aion_runtime::KanbanId;
 
     #[test]
     fn deliver_ref_encodes_like_deliver() {
