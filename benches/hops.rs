@@ -223,7 +223,7 @@ fn yaml_pipeline(cmd: &str, delivery: &str) -> String {
 }
 
 async fn run_node(yaml: &str, reg: InProcessRegistry, n: u64, result_file: &std::path::Path) -> Node {
-    run_node_with(yaml, reg, n, result_file, std::env::var("AION_BENCH_ARCHIVE").as_deref() == Ok("1")).await
+    run_node_with(yaml, reg, n, result_file, std::env::var("AION_BENCH_ARCHIVE").as_deref() == Ok("1"), None).await
 }
 
 async fn run_node_with(
@@ -232,6 +232,7 @@ async fn run_node_with(
     n: u64,
     result_file: &std::path::Path,
     archive: bool,
+    redis: Option<String>,
 ) -> Node {
     let mut cfg = load_str("bench.yml", yaml).config.expect("bench config");
     for ms in cfg.microservices.values_mut() {
@@ -244,6 +245,11 @@ async fn run_node_with(
     opts.inproc = reg;
     opts.queue_capacity = 4096;
     opts.archive = archive;
+    opts.redis = redis.map(|url| aion::actors::redis_store::RedisConfig {
+        url,
+        retain: 0,
+        connect_wait: Duration::from_secs(10),
+    });
     Node::start(opts).await.expect("node")
 }
 
@@ -311,13 +317,18 @@ async fn inproc_pipeline(n: u64) -> Row {
 }
 
 async fn process_run(yaml: String, n: u64, name: &str, divide: f64) -> Row {
+    process_run_on(yaml, n, name, divide, None).await
+}
+
+async fn process_run_on(yaml: String, n: u64, name: &str, divide: f64, redis: Option<String>) -> Row {
     let rf = std::env::temp_dir().join(format!(
         "aion-bench-{}-{}.json",
         std::process::id(),
         name.chars().filter(char::is_ascii_alphanumeric).collect::<String>()
     ));
     let _ = std::fs::remove_file(&rf);
-    let node = run_node(&yaml, InProcessRegistry::default(), n, &rf).await;
+    let archive = std::env::var("AION_BENCH_ARCHIVE").as_deref() == Ok("1");
+    let node = run_node_with(&yaml, InProcessRegistry::default(), n, &rf, archive, redis).await;
     let v = wait_file(&rf).await;
     node.shutdown().await;
     let _ = std::fs::remove_file(&rf);
@@ -326,6 +337,43 @@ async fn process_run(yaml: String, n: u64, name: &str, divide: f64) -> Row {
         r.throughput_per_s = 2.0 * 1e9 / v["p50"].as_f64().unwrap_or(1.0).max(1.0);
     }
     r
+}
+
+/// A `redis-server` for the Redis-store rows: append-only, fsync on every write (the embedded store's
+/// guarantee), on a free port, killed on drop.
+struct BenchRedis {
+    child: std::process::Child,
+    port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl BenchRedis {
+    fn start() -> Option<BenchRedis> {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").ok()?.local_addr().ok()?.port();
+        let dir = tempfile::tempdir().ok()?;
+        let fsync = std::env::var("AION_BENCH_REDIS_FSYNC").unwrap_or_else(|_| "always".into());
+        let child = std::process::Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "yes"])
+            .args(["--appendfsync", &fsync, "--dir"])
+            .arg(dir.path())
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .ok()?;
+        for _ in 0..100 {
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                return Some(BenchRedis { child, port, _dir: dir });
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
+    }
+}
+
+impl Drop for BenchRedis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 fn idle_rss_kib() -> Option<u64> {
@@ -369,7 +417,7 @@ fn main() {
     let me = std::env::current_exe().expect("exe").display().to_string();
     let cmd = format!("[\"{me}\"]");
     let mut rows = Vec::new();
-    // AION_BENCH_ONLY=actor,inproc-hop,process-hop,inproc-pipeline,process-pipeline,rss selects scenarios.
+    // AION_BENCH_ONLY=actor,inproc-hop,process-hop,inproc-pipeline,process-pipeline,redis,rss selects scenarios.
     let only = std::env::var("AION_BENCH_ONLY").ok();
     let on = |name: &str| only.as_deref().is_none_or(|o| o.split(',').any(|x| x == name));
     actix::System::new().block_on(async {
@@ -394,6 +442,24 @@ fn main() {
             if on("process-pipeline") {
                 let name = format!("3-stage pipeline, cross-process, {delivery}");
                 rows.push(process_run(yaml_pipeline(&cmd, delivery), 500_000 / scale, &name, 1.0).await);
+            }
+        }
+        // The Redis Streams store (a local redis-server, appendfsync always unless AION_BENCH_REDIS_FSYNC says).
+        if on("redis") {
+            match BenchRedis::start() {
+                Some(r) => {
+                    let url = format!("redis://127.0.0.1:{}", r.port);
+                    let name = "process-to-process hop via runtime, durable on Redis (RTT/2)";
+                    rows.push(
+                        process_run_on(yaml_pingpong(&cmd, "durable"), 5_000 / scale, name, 2.0, Some(url.clone()))
+                            .await,
+                    );
+                    let name = "3-stage pipeline, cross-process, durable on Redis";
+                    rows.push(
+                        process_run_on(yaml_pipeline(&cmd, "durable"), 200_000 / scale, name, 1.0, Some(url)).await,
+                    );
+                }
+                None => eprintln!("redis-server not found or not starting: Redis rows skipped"),
             }
         }
     });

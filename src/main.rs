@@ -61,6 +61,16 @@ enum Cmd {
         /// MongoDB collection.
         #[arg(long, env = "KANBAN_COLLECTION", default_value = "kanban")]
         mongo_collection: String,
+        /// Where durable queues live: `embedded` (SQLite in the data dir) or a Redis URL
+        /// (`redis://host:6379/0`): AION's `kanban:before:*` streams with consumer groups and acks.
+        #[arg(long, env = "AION_STORE", default_value = "embedded")]
+        store: String,
+        /// Redis store: acknowledged entries kept per stream (0: deleted on acknowledgement).
+        #[arg(long, default_value_t = 0)]
+        redis_retain: usize,
+        /// Redis store: seconds to wait for Redis at start.
+        #[arg(long, default_value_t = 10)]
+        redis_wait: u64,
     },
     /// Check services.yml files and report every problem with file:line:column.
     Validate {
@@ -160,7 +170,24 @@ fn main() -> ExitCode {
             mongo,
             mongo_db,
             mongo_collection,
+            store,
+            redis_retain,
+            redis_wait,
         } => {
+            let redis = match store.as_str() {
+                "embedded" | "sqlite" => None,
+                url if url.starts_with("redis://") || url.starts_with("rediss://") || url.starts_with("unix://") => {
+                    Some(aion::actors::redis_store::RedisConfig {
+                        url: url.to_owned(),
+                        retain: redis_retain,
+                        connect_wait: std::time::Duration::from_secs(redis_wait),
+                    })
+                }
+                other => {
+                    eprintln!("aion: --store {other:?}: expected `embedded` or a redis:// URL");
+                    return ExitCode::FAILURE;
+                }
+            };
             let mongo = mongo.map(|uri| aion::actors::mongo::MongoConfig {
                 uri,
                 database: mongo_db,
@@ -171,7 +198,7 @@ fn main() -> ExitCode {
                 max_rows: archive_max_rows.min(i64::MAX as u64) as i64,
             };
             let archive = archive || mongo.is_some();
-            run(&data_dir, &file, RunFlags { strict, grace, queue_capacity, archive, retention, mongo })
+            run(&data_dir, &file, RunFlags { strict, grace, queue_capacity, archive, retention, mongo, redis })
         }
         Cmd::Status { json } => block(status(&data_dir, json)),
         Cmd::Logs { service, instance, follow, lines } => logs(&data_dir, &service, instance, follow, lines),
@@ -241,10 +268,11 @@ struct RunFlags {
     archive: bool,
     retention: aion::actors::store::Retention,
     mongo: Option<aion::actors::mongo::MongoConfig>,
+    redis: Option<aion::actors::redis_store::RedisConfig>,
 }
 
 fn run(data_dir: &Path, file: &Path, flags: RunFlags) -> Result<(), String> {
-    let RunFlags { strict, grace, queue_capacity, archive, retention, mongo } = flags;
+    let RunFlags { strict, grace, queue_capacity, archive, retention, mongo, redis } = flags;
     let _ = tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
@@ -276,6 +304,7 @@ fn run(data_dir: &Path, file: &Path, flags: RunFlags) -> Result<(), String> {
     opts.archive = archive;
     opts.retention = retention;
     opts.mongo = mongo;
+    opts.redis = redis;
     // The runtime runs inside an actix System: actors execute on its arbiter.
     actix::System::new().block_on(async move {
         let node = Node::start(opts).await.map_err(|e| e.to_string())?;

@@ -2,7 +2,7 @@
 //! package; no mongod can be installed here). The code path is the official `mongodb` driver, as with a real
 //! mongod. Covers export, document shape, an outage with catch-up, and no duplicates.
 mod common;
-use common::{wait_until, Runtime};
+use common::{free_port, wait_until, Runtime};
 use mongodb::bson::{doc, Document};
 use std::net::TcpStream;
 use std::process::{Child, Command, Stdio};
@@ -43,10 +43,6 @@ impl Drop for Mongo {
     fn drop(&mut self) {
         self.kill();
     }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("port")
 }
 
 fn docs(rt: &tokio::runtime::Runtime, port: u16) -> Option<Vec<Document>> {

@@ -89,7 +89,10 @@ pub struct MongoReport {
 /// Store counters in [`StatusReport`].
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct StoreReport {
-    /// Database file.
+    /// `sqlite` (embedded) or `redis`.
+    #[serde(default)]
+    pub backend: String,
+    /// Database file, or Redis URL without password.
     pub path: String,
     /// Group commits.
     pub commits: u64,

@@ -19,6 +19,7 @@ pub mod endpoint;
 pub mod mongo;
 pub mod node;
 pub mod paths;
+pub mod redis_store;
 pub mod replicator;
 pub mod router;
 pub mod slot;

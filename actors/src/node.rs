@@ -45,6 +45,8 @@ pub struct NodeOptions {
     pub archive: bool,
     /// Also export the archive to MongoDB.
     pub mongo: Option<crate::mongo::MongoConfig>,
+    /// Keep the durable queues and static kanbans on Redis Streams instead of the embedded store.
+    pub redis: Option<crate::redis_store::RedisConfig>,
 }
 
 impl NodeOptions {
@@ -63,6 +65,7 @@ impl NodeOptions {
             retention: crate::store::Retention::default(),
             archive: false,
             mongo: None,
+            redis: None,
         }
     }
 }
@@ -133,9 +136,11 @@ impl Node {
 
         let cfg = Arc::new(opts.config);
         let (lc_tx, mut lc_rx) = mpsc::channel::<Lifecycle>(1024);
-        let (store, recovered, recovered_statics) =
-            crate::store::Store::open_all(&paths.store(), &paths.archive(), opts.retention)
-                .map_err(|e| NodeError::Io(e.to_string()))?;
+        let (store, recovered, recovered_statics) = match &opts.redis {
+            Some(rc) => crate::store::Store::open_redis(rc, &paths.archive(), opts.retention),
+            None => crate::store::Store::open_all(&paths.store(), &paths.archive(), opts.retention),
+        }
+        .map_err(|e| NodeError::Io(e.to_string()))?;
         let statics = Arc::new(StaticStore::durable(store.clone(), recovered_statics));
         let mongo_stats = Arc::new(crate::mongo::MongoStats::default());
         let mut mongo_spec = None;
@@ -377,7 +382,8 @@ async fn report(s: &Shared) -> StatusReport {
             last_error: m.last_error.lock().ok().and_then(|l| l.clone()),
         }),
         store: s.router.store().map(|st| StoreReport {
-            path: st.path().display().to_string(),
+            backend: st.backend().to_owned(),
+            path: st.location().to_owned(),
             commits: st.stats.commits.load(Ordering::Relaxed),
             enqueued: st.stats.enqueued.load(Ordering::Relaxed),
             acked: st.stats.acked.load(Ordering::Relaxed),

@@ -88,9 +88,18 @@ pub enum StoreError {
     /// The writer thread is gone.
     #[error("the store writer has stopped")]
     Closed,
+    /// Redis failed or cannot be reached.
+    #[error("Redis store {url}: {message}")]
+    Redis {
+        /// The Redis URL (without password).
+        url: String,
+        /// Cause.
+        message: String,
+    },
 }
 
-enum Op {
+/// One write for a store writer (the SQLite threads or the Redis writer).
+pub(crate) enum Op {
     Enqueue { service: String, instance: u32, id: KanbanId, bytes: Vec<u8> },
     Ack { service: String, instance: u32, ids: Vec<KanbanId> },
     Archive(Vec<ArchiveOp>),
@@ -359,7 +368,8 @@ pub struct Store {
     atx: mpsc::Sender<Op>,
     /// Counters.
     pub stats: Arc<StoreStats>,
-    path: PathBuf,
+    location: String,
+    backend: &'static str,
     archive_path: PathBuf,
 }
 
@@ -470,7 +480,35 @@ impl Store {
         let stats = Arc::new(StoreStats::default());
         let tx = spawn_writer("aion-store", conn, stats.clone(), path, None)?;
         let atx = spawn_writer("aion-archive", aconn, stats.clone(), archive, Some(retention))?;
-        let store = Store { tx, atx, stats, path: path.to_owned(), archive_path: archive.to_owned() };
+        let store = Store {
+            tx,
+            atx,
+            stats,
+            location: path.display().to_string(),
+            backend: "sqlite",
+            archive_path: archive.to_owned(),
+        };
+        Ok((store, recovered, statics))
+    }
+
+    /// Opens a store whose queues and static kanbans live on Redis Streams (see [`crate::redis_store`]); the
+    /// archive stays in the embedded `archive` file. Returns the queued and static kanbans found in Redis.
+    ///
+    /// # Errors
+    /// [`StoreError`] if Redis cannot be reached within `cfg.connect_wait`, or the archive cannot be opened.
+    #[allow(clippy::type_complexity)]
+    pub fn open_redis(
+        cfg: &crate::redis_store::RedisConfig,
+        archive: &Path,
+        retention: Retention,
+    ) -> Result<(Store, Vec<Recovered>, Vec<RecoveredStatic>), StoreError> {
+        let aconn = open_conn(archive, ARCHIVE_MIGRATIONS)?;
+        let stats = Arc::new(StoreStats::default());
+        let (tx, rx) = mpsc::channel(64 * 1024);
+        let (recovered, statics) = crate::redis_store::spawn(cfg, rx, stats.clone())?;
+        let atx = spawn_writer("aion-archive", aconn, stats.clone(), archive, Some(retention))?;
+        let store =
+            Store { tx, atx, stats, location: cfg.display_url(), backend: "redis", archive_path: archive.to_owned() };
         Ok((store, recovered, statics))
     }
 
@@ -515,9 +553,14 @@ impl Store {
         self.tx.send(Op::StaticDelete { topic: topic.to_owned(), id }).await.map_err(|_| StoreError::Closed)
     }
 
-    /// The database file.
-    pub fn path(&self) -> &Path {
-        &self.path
+    /// Where the queues are: the database file, or the Redis URL (without password).
+    pub fn location(&self) -> &str {
+        &self.location
+    }
+
+    /// `sqlite` (the embedded store) or `redis`.
+    pub fn backend(&self) -> &'static str {
+        self.backend
     }
 
     /// Queues a kanban for durable storage (committed by the next group commit).

@@ -459,6 +459,80 @@ impl Default for Kanban {
     }
 }
 
+/// AION's `StatusKanban` in protojson form (lowerCamel names, default values omitted): what AION wrote into its
+/// Redis stream entries (field `kanban`) and what its tools read.
+#[derive(Serialize, Deserialize, Default)]
+#[serde(rename_all = "camelCase", default)]
+struct AionJson {
+    #[serde(skip_serializing_if = "String::is_empty")]
+    start_at: String,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    finish_at: String,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    next_device_name: String,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    connection_key: String,
+    #[serde(skip_serializing_if = "is_zero")]
+    process_number: i64,
+    #[serde(skip_serializing_if = "is_false")]
+    prior_success: bool,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    data_path: String,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    file_list: Vec<String>,
+    metadata: serde_json::Value,
+}
+
+fn is_zero(n: &i64) -> bool {
+    *n == 0
+}
+fn is_false(b: &bool) -> bool {
+    !*b
+}
+
+impl WireKanban {
+    /// The kanban as AION's protojson `StatusKanban` (only AION's fields; undecodable metadata becomes `{}`).
+    pub fn to_aion_json(&self) -> String {
+        let metadata = self.metadata.decode().map_or(serde_json::json!({}), |m| metadata_to_json(&m));
+        let j = AionJson {
+            start_at: self.start_at.clone(),
+            finish_at: self.finish_at.clone(),
+            next_device_name: self.next_device_name.clone(),
+            connection_key: self.connection_key.clone(),
+            process_number: i64::from(self.process_number),
+            prior_success: self.prior_success,
+            data_path: self.data_path.clone(),
+            file_list: self.file_list.clone(),
+            metadata,
+        };
+        // Serialising plain strings, numbers and JSON values into a String cannot fail.
+        serde_json::to_string(&j).unwrap_or_default()
+    }
+}
+
+impl Kanban {
+    /// Reads a kanban written by AION (protojson `StatusKanban`). Missing fields take protobuf defaults (empty,
+    /// 0, false), as AION's readers did; the id, trace id and origin are left for the caller to set.
+    ///
+    /// # Errors
+    /// When `json` is not a JSON object of that shape.
+    pub fn from_aion_json(json: &str) -> Result<Kanban, serde_json::Error> {
+        let j: AionJson = serde_json::from_str(json)?;
+        Ok(Kanban {
+            start_at: j.start_at,
+            finish_at: j.finish_at,
+            next_device_name: j.next_device_name,
+            connection_key: j.connection_key,
+            process_number: u32::try_from(j.process_number.max(0)).unwrap_or(u32::MAX),
+            prior_success: j.prior_success,
+            data_path: j.data_path,
+            file_list: j.file_list,
+            metadata: metadata_from_json(j.metadata),
+            ..Kanban::default()
+        })
+    }
+}
+
 /// The reserved connection key of terminate kanbans.
 pub const TERMINATE_KEY: &str = "service-broker";
 
@@ -473,6 +547,22 @@ impl Kanban {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn aion_protojson_round_trips_aion_fields() {
+        let mut k = Kanban { connection_key: "key".into(), process_number: 2, ..Kanban::default() };
+        k.metadata = metadata_from_json(serde_json::json!({"a": 1, "b": ["x"]}));
+        k.file_list = vec!["/f".into()];
+        let w = k.clone().into_wire();
+        let j = w.to_aion_json();
+        assert!(j.contains("\"connectionKey\":\"key\"") && j.contains("\"priorSuccess\":true"), "{j}");
+        assert!(!j.contains("startAt"), "defaults omitted: {j}");
+        let back = Kanban::from_aion_json(&j).expect("parse");
+        assert_eq!(back, k);
+        let sparse = Kanban::from_aion_json("{\"metadata\":{}}").expect("sparse");
+        assert_eq!((sparse.process_number, sparse.prior_success, sparse.connection_key.as_str()), (0, false, ""));
+        assert!(Kanban::from_aion_json("[1]").is_err());
+    }
 
     fn sample_json() -> serde_json::Value {
         serde_json::json!({

@@ -2,6 +2,8 @@
 //! built from `examples/`.
 #![allow(dead_code)]
 
+pub mod scenarios;
+
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -26,6 +28,8 @@ pub struct Runtime {
     pub data: tempfile::TempDir,
     pub work: tempfile::TempDir,
     pub stderr_log: PathBuf,
+    /// Extra `aion run` arguments, reused by [`Runtime::crash_and_restart`].
+    pub args: Vec<String>,
 }
 
 impl Runtime {
@@ -87,7 +91,8 @@ impl Runtime {
                 }
             }
         });
-        let rt = Runtime { child: Some(child), data, work, stderr_log };
+        let rt =
+            Runtime { child: Some(child), data, work, stderr_log, args: args.iter().map(|a| a.to_string()).collect() };
         if rx.recv_timeout(Duration::from_secs(30)).is_err() {
             panic!("runtime did not become ready:\n{}", rt.stderr());
         }
@@ -268,7 +273,8 @@ impl Runtime {
         self.kill9();
         let data = std::mem::replace(&mut self.data, tempfile::tempdir().expect("tmp"));
         let work = std::mem::replace(&mut self.work, tempfile::tempdir().expect("tmp"));
-        Runtime::start_in(yaml, data, work)
+        let args: Vec<&str> = self.args.iter().map(String::as_str).collect();
+        Runtime::start_full(yaml, data, work, &args)
     }
 }
 
@@ -280,4 +286,77 @@ pub fn json_lines(s: &str) -> Vec<serde_json::Value> {
 /// True when every instance in a status document has a connected session.
 pub fn all_connected(s: &serde_json::Value) -> bool {
     s["instances"].as_array().is_some_and(|a| a.iter().all(|i| i["connected"] == true))
+}
+
+/// A free TCP port on loopback.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("port")
+}
+
+/// A real `redis-server` (Debian package `redis-server`) on a free loopback port, with append-only persistence
+/// fsynced on every write, in its own directory.
+pub struct Redis {
+    pub child: Option<Child>,
+    pub port: u16,
+    pub dir: tempfile::TempDir,
+}
+
+impl Redis {
+    pub fn start() -> Redis {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut r = Redis { child: None, port: free_port(), dir };
+        r.spawn();
+        r
+    }
+
+    fn spawn(&mut self) {
+        let child = Command::new("redis-server")
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--dir"])
+            .arg(self.dir.path())
+            .args(["--appendonly", "yes", "--appendfsync", "always", "--save", "", "--daemonize", "no"])
+            .args(["--loglevel", "warning"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server not found: `apt-get install redis-server` (the README's set-up does it)");
+        self.child = Some(child);
+        wait_until("redis-server answering PING", Duration::from_secs(30), || {
+            (self.cli(&["PING"]).trim() == "PONG").then_some(())
+        });
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// Runs `redis-cli` against this server; returns stdout.
+    pub fn cli(&self, args: &[&str]) -> String {
+        let out =
+            Command::new("redis-cli").args(["-p", &self.port.to_string()]).args(args).output().expect("redis-cli");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// An integer reply.
+    pub fn int(&self, args: &[&str]) -> i64 {
+        let out = self.cli(args);
+        out.trim().parse().unwrap_or_else(|_| panic!("redis-cli {args:?}: not an integer: {out:?}"))
+    }
+
+    /// SIGKILL, then start again on the same port and directory (the append-only file brings the data back).
+    pub fn kill9_and_restart(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        self.spawn();
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
 }
