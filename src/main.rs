@@ -65,6 +65,10 @@ enum Cmd {
         /// (`redis://host:6379/0`): AION's `kanban:before:*` streams with consumer groups and acks.
         #[arg(long, env = "AION_STORE", default_value = "embedded")]
         store: String,
+        /// Embedded store: cap the queue database at this many MiB; past it producers wait (as on a full disk)
+        /// until acknowledgements free space.
+        #[arg(long)]
+        store_max_mb: Option<u64>,
         /// Redis store: acknowledged entries kept per stream (0: deleted on acknowledgement).
         #[arg(long, default_value_t = 0)]
         redis_retain: usize,
@@ -171,6 +175,7 @@ fn main() -> ExitCode {
             mongo_db,
             mongo_collection,
             store,
+            store_max_mb,
             redis_retain,
             redis_wait,
         } => {
@@ -198,7 +203,12 @@ fn main() -> ExitCode {
                 max_rows: archive_max_rows.min(i64::MAX as u64) as i64,
             };
             let archive = archive || mongo.is_some();
-            run(&data_dir, &file, RunFlags { strict, grace, queue_capacity, archive, retention, mongo, redis })
+            let store_max_bytes = store_max_mb.map(|m| m.saturating_mul(1 << 20));
+            run(
+                &data_dir,
+                &file,
+                RunFlags { strict, grace, queue_capacity, archive, retention, mongo, redis, store_max_bytes },
+            )
         }
         Cmd::Status { json } => block(status(&data_dir, json)),
         Cmd::Logs { service, instance, follow, lines } => logs(&data_dir, &service, instance, follow, lines),
@@ -269,10 +279,11 @@ struct RunFlags {
     retention: aion::actors::store::Retention,
     mongo: Option<aion::actors::mongo::MongoConfig>,
     redis: Option<aion::actors::redis_store::RedisConfig>,
+    store_max_bytes: Option<u64>,
 }
 
 fn run(data_dir: &Path, file: &Path, flags: RunFlags) -> Result<(), String> {
-    let RunFlags { strict, grace, queue_capacity, archive, retention, mongo, redis } = flags;
+    let RunFlags { strict, grace, queue_capacity, archive, retention, mongo, redis, store_max_bytes } = flags;
     let _ = tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
@@ -305,6 +316,7 @@ fn run(data_dir: &Path, file: &Path, flags: RunFlags) -> Result<(), String> {
     opts.retention = retention;
     opts.mongo = mongo;
     opts.redis = redis;
+    opts.store_max_bytes = store_max_bytes;
     // The runtime runs inside an actix System: actors execute on its arbiter.
     actix::System::new().block_on(async move {
         let node = Node::start(opts).await.map_err(|e| e.to_string())?;

@@ -121,6 +121,7 @@ microservices:
     assert_eq!(dups, 0, "no duplicates when only Redis restarts");
     let s = rt.wait_status("queues drained in Redis", |s| s["store"]["acked"].as_u64() >= Some(2 * N as u64));
     assert!(s["store"]["errors"].as_u64() > Some(0), "the outage was seen and retried: {s}");
+    eprintln!("store: {}", s["store"]);
     assert!(rt.stderr().contains("Redis writes resumed"), "{}", rt.stderr());
     for key in ["kanban:before:relay:001", "kanban:before:sink:001"] {
         wait_until(key, Duration::from_secs(10), || (redis.int(&["XLEN", key]) == 0).then_some(()));

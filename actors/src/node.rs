@@ -47,6 +47,8 @@ pub struct NodeOptions {
     pub mongo: Option<crate::mongo::MongoConfig>,
     /// Keep the durable queues and static kanbans on Redis Streams instead of the embedded store.
     pub redis: Option<crate::redis_store::RedisConfig>,
+    /// Cap of the embedded queue database in bytes (past it: back-pressure, as on a full disk).
+    pub store_max_bytes: Option<u64>,
 }
 
 impl NodeOptions {
@@ -66,6 +68,7 @@ impl NodeOptions {
             archive: false,
             mongo: None,
             redis: None,
+            store_max_bytes: None,
         }
     }
 }
@@ -138,7 +141,9 @@ impl Node {
         let (lc_tx, mut lc_rx) = mpsc::channel::<Lifecycle>(1024);
         let (store, recovered, recovered_statics) = match &opts.redis {
             Some(rc) => crate::store::Store::open_redis(rc, &paths.archive(), opts.retention),
-            None => crate::store::Store::open_all(&paths.store(), &paths.archive(), opts.retention),
+            None => {
+                crate::store::Store::open_all(&paths.store(), &paths.archive(), opts.retention, opts.store_max_bytes)
+            }
         }
         .map_err(|e| NodeError::Io(e.to_string()))?;
         let statics = Arc::new(StaticStore::durable(store.clone(), recovered_statics));

@@ -768,6 +768,14 @@ async fn writer(mut w: Writer, mut rx: mpsc::Receiver<Op>) {
             w.conn = None;
             w.groups.clear();
             retry = true;
+            // Take in what arrived meanwhile (after the batch, so order is kept): acknowledgements free memory
+            // on a Redis at its `maxmemory`, where only writes that grow it are refused.
+            while batch.len() < 65_536 {
+                match rx.try_recv() {
+                    Ok(op) => batch.push(op),
+                    Err(_) => break,
+                }
+            }
             tokio::time::sleep(delay).await;
             delay = (delay * 2).min(Duration::from_secs(2));
         }

@@ -433,10 +433,12 @@ impl Store {
     /// # Errors
     /// [`StoreError`] if the database cannot be opened, migrated or read.
     pub fn open(path: &Path, archive: &Path, retention: Retention) -> Result<(Store, Vec<Recovered>), StoreError> {
-        Store::open_all(path, archive, retention).map(|(s, q, _)| (s, q))
+        Store::open_all(path, archive, retention, None).map(|(s, q, _)| (s, q))
     }
 
-    /// [`Store::open`], also returning the static kanbans.
+    /// [`Store::open`], also returning the static kanbans. `max_bytes` caps the queue database (`aion run
+    /// --store-max-mb`): past it, commits fail as on a full disk, producers wait, and acknowledgements still
+    /// free space.
     ///
     /// # Errors
     /// [`StoreError`] if the database cannot be opened, migrated or read.
@@ -445,8 +447,15 @@ impl Store {
         path: &Path,
         archive: &Path,
         retention: Retention,
+        max_bytes: Option<u64>,
     ) -> Result<(Store, Vec<Recovered>, Vec<RecoveredStatic>), StoreError> {
         let conn = open_conn(path, QUEUE_MIGRATIONS)?;
+        if let Some(max) = max_bytes {
+            let page: i64 = conn.query_row("PRAGMA page_size", [], |r| r.get(0)).map_err(sq(path))?;
+            let pages = (max / page.max(512) as u64).max(16);
+            let _: i64 =
+                conn.query_row(&format!("PRAGMA max_page_count = {pages}"), [], |r| r.get(0)).map_err(sq(path))?;
+        }
         let aconn = open_conn(archive, ARCHIVE_MIGRATIONS)?;
         let mut statics = Vec::new();
         {
@@ -692,6 +701,47 @@ fn apply(conn: &Connection, batch: &[Op]) -> rusqlite::Result<(u64, u64, u64)> {
     Ok((enq, acked, archived))
 }
 
+fn is_full(e: &rusqlite::Error) -> bool {
+    matches!(e, rusqlite::Error::SqliteFailure(f, _) if f.code == rusqlite::ErrorCode::DiskFull)
+}
+
+/// On a full store: commits the batch's acknowledgements (and static deletions) on their own and removes them from
+/// the batch, together with enqueues of kanbans acknowledged in the same batch (delivered and done; nothing to
+/// keep). Returns the number of queue rows deleted.
+fn apply_deletes_only(conn: &Connection, batch: &mut Vec<Op>) -> rusqlite::Result<u64> {
+    let mut acked: std::collections::HashSet<(String, u32, KanbanId)> = std::collections::HashSet::new();
+    for op in batch.iter() {
+        if let Op::Ack { service, instance, ids } = op {
+            acked.extend(ids.iter().map(|id| (service.clone(), *instance, *id)));
+        }
+    }
+    let tx = conn.unchecked_transaction()?;
+    let mut freed = 0u64;
+    for op in batch.iter() {
+        match op {
+            Op::Ack { service, instance, ids } => {
+                for id in ids {
+                    freed += tx
+                        .prepare_cached("DELETE FROM queue WHERE service = ?1 AND instance = ?2 AND id = ?3")?
+                        .execute(params![service, instance, &id_bytes(*id)[..]])? as u64;
+                }
+            }
+            Op::StaticDelete { topic, id } => {
+                tx.prepare_cached("DELETE FROM static_kanban WHERE topic = ?1 AND id = ?2")?
+                    .execute(params![topic, *id as i64])?;
+            }
+            _ => {}
+        }
+    }
+    tx.commit()?;
+    batch.retain(|op| match op {
+        Op::Ack { .. } | Op::StaticDelete { .. } => false,
+        Op::Enqueue { service, instance, id, .. } => !acked.contains(&(service.clone(), *instance, *id)),
+        _ => true,
+    });
+    Ok(freed)
+}
+
 /// Deletes archive rows beyond the retention limits.
 fn retain(conn: &Connection, r: Retention) -> rusqlite::Result<usize> {
     let cutoff = now_ms() - r.max_age_ms;
@@ -747,7 +797,28 @@ fn writer(
                     break;
                 }
                 Err(e) => {
-                    // Keep the batch: nothing is acknowledged to producers until it is committed.
+                    // Keep the batch: nothing is acknowledged to producers until it is committed. A full disk
+                    // (or --store-max-mb) must not block the acknowledgements that free space: commit those alone.
+                    if is_full(&e) {
+                        // Acknowledgements that arrived meanwhile are what frees space: take them in (after the
+                        // batch, so order is kept).
+                        while batch.len() < 65_536 {
+                            match rx.try_recv() {
+                                Ok(op) => batch.push(op),
+                                Err(_) => break,
+                            }
+                        }
+                        match apply_deletes_only(&conn, &mut batch) {
+                            Ok(freed) if freed > 0 => {
+                                stats.acked.fetch_add(freed, Ordering::Relaxed);
+                                tracing::warn!(path = %path.display(), freed, "store full: committed acknowledgements first to free space");
+                            }
+                            Ok(_) => {}
+                            Err(e2) => {
+                                tracing::error!(path = %path.display(), "store full, and deleting acknowledged kanbans failed too: {e2}")
+                            }
+                        }
+                    }
                     stats.errors.fetch_add(1, Ordering::Relaxed);
                     tracing::error!(path = %path.display(), "store commit failed, retrying in {delay:?}: {e}");
                     if let Ok(mut l) = stats.last_error.lock() {
