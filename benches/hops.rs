@@ -376,6 +376,106 @@ impl Drop for BenchRedis {
     }
 }
 
+/// A kanban as the archive sees it: ~100 bytes of metadata.
+fn archive_kanban(i: u64) -> aion::runtime::WireKanban {
+    let mut k = Kanban { id: aion::runtime::KanbanId(u128::from(i) + 1), ..Kanban::default() };
+    k.trace_id = k.id;
+    k.origin = aion::runtime::Origin { service: "source".into(), instance: 1 };
+    k.metadata = aion::runtime::kanban::metadata_from_json(serde_json::json!({
+        "seq": i, "sensor": "line-3/camera-2", "status": "ok", "score": 0.93, "tags": ["a", "b", "c"]
+    }));
+    k.into_wire()
+}
+
+/// Archive insert rate into the embedded archive (`archive.db`): hop records written in replicator-sized
+/// batches, then their acknowledgements; and, when `secantusd-py` is on PATH, the MongoDB sink's export rate.
+async fn archive_rates(n: u64) -> Vec<Row> {
+    use aion::actors::store::{ArchiveOp, Retention, Store};
+    let dir = tempfile::tempdir().expect("tmp");
+    let (store, _) =
+        Store::open(&dir.path().join("aion.db"), &dir.path().join("archive.db"), Retention::default()).expect("store");
+    let t = Instant::now();
+    let mut next = 0;
+    while next < n {
+        let end = (next + 512).min(n);
+        let ops = (next..end)
+            .map(|i| ArchiveOp::Hop {
+                kanban: Box::new(archive_kanban(i)),
+                to: Some(("sink".into(), 1)),
+                outcome: "queued",
+                at: aion::actors::store::now_ms(),
+            })
+            .collect();
+        store.archive(ops).await.expect("archive");
+        let ids = (next..end).map(|i| aion::runtime::KanbanId(u128::from(i) + 1)).collect();
+        let acked = ArchiveOp::Acked { service: "sink".into(), instance: 1, ids, at: aion::actors::store::now_ms() };
+        store.archive(vec![acked]).await.expect("archive");
+        next = end;
+    }
+    store.archive_barrier().await.expect("barrier");
+    let secs = t.elapsed().as_secs_f64();
+    let mut rows = vec![Row {
+        name: "archive insert (hop + ack), SQLite archive.db".into(),
+        p50_us: 0.0,
+        p99_us: 0.0,
+        p999_us: 0.0,
+        throughput_per_s: n as f64 / secs,
+        samples: n,
+    }];
+    let port = match std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()) {
+        Ok(a) => a.port(),
+        Err(_) => return rows,
+    };
+    let mdir = tempfile::tempdir().expect("tmp");
+    let Ok(mut mongo) = std::process::Command::new("secantusd-py")
+        .args(["--host", "127.0.0.1", "--port", &port.to_string(), "--storage-path"])
+        .arg(mdir.path())
+        .args(["--log-level", "WARNING"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+    else {
+        eprintln!("secantusd-py not found: MongoDB export row skipped");
+        return rows;
+    };
+    for _ in 0..600 {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let stats = Arc::new(aion::actors::mongo::MongoStats::default());
+    let cfg = aion::actors::mongo::MongoConfig {
+        uri: format!("mongodb://127.0.0.1:{port}"),
+        database: "AionCore".into(),
+        collection: "kanban".into(),
+    };
+    let sink = aion::actors::mongo::MongoSink::new(
+        cfg,
+        store.clone(),
+        dir.path().join("archive.db"),
+        "bench".into(),
+        stats.clone(),
+    );
+    let t = Instant::now();
+    let _addr = aion::runtime::actor::spawn("mongo-sink", sink, 16, |_| {});
+    while stats.exported.load(std::sync::atomic::Ordering::Relaxed) < n && t.elapsed() < Duration::from_secs(600) {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let exported = stats.exported.load(std::sync::atomic::Ordering::Relaxed);
+    rows.push(Row {
+        name: "MongoDB sink export (secantusd-py, batches of 500)".into(),
+        p50_us: 0.0,
+        p99_us: 0.0,
+        p999_us: 0.0,
+        throughput_per_s: exported as f64 / t.elapsed().as_secs_f64(),
+        samples: exported,
+    });
+    let _ = mongo.kill();
+    let _ = mongo.wait();
+    rows
+}
+
 fn idle_rss_kib() -> Option<u64> {
     let aion = env!("CARGO_BIN_EXE_aion");
     let dir = tempfile::tempdir().ok()?;
@@ -417,7 +517,7 @@ fn main() {
     let me = std::env::current_exe().expect("exe").display().to_string();
     let cmd = format!("[\"{me}\"]");
     let mut rows = Vec::new();
-    // AION_BENCH_ONLY=actor,inproc-hop,process-hop,inproc-pipeline,process-pipeline,redis,rss selects scenarios.
+    // AION_BENCH_ONLY=actor,inproc-hop,process-hop,inproc-pipeline,process-pipeline,archive,redis,rss selects scenarios.
     let only = std::env::var("AION_BENCH_ONLY").ok();
     let on = |name: &str| only.as_deref().is_none_or(|o| o.split(',').any(|x| x == name));
     actix::System::new().block_on(async {
@@ -443,6 +543,9 @@ fn main() {
                 let name = format!("3-stage pipeline, cross-process, {delivery}");
                 rows.push(process_run(yaml_pipeline(&cmd, delivery), 500_000 / scale, &name, 1.0).await);
             }
+        }
+        if on("archive") {
+            rows.extend(archive_rates(200_000 / scale).await);
         }
         // The Redis Streams store (a local redis-server, appendfsync always unless AION_BENCH_REDIS_FSYNC says).
         if on("redis") {
