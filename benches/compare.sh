@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# The comparison suite in one command: builds in release mode, checks the peer servers (Debian packages
+# redis-server, rabbitmq-server, nats-server; Zenoh is a crate), runs every scenario (each system starts and
+# stops its own server on free loopback ports), prints one table and writes
+# target/bench-results/compare.{json,csv,svg}. Extra arguments go to the suite:
+#   --quick            10x fewer messages, 10 s idle-CPU window (a smoke run, ~3 minutes)
+#   --only a,b         systems: aion-inprocess aion-memory aion-durable redis-aion rabbitmq nats-core
+#                      nats-jetstream zenoh footprint
+#   --idle-secs N      idle-CPU window of the footprint (default 60)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+missing=()
+for s in redis-server nats-server; do command -v "$s" >/dev/null || missing+=("$s"); done
+[ -x /usr/lib/rabbitmq/bin/rabbitmq-server ] || missing+=("rabbitmq-server")
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "missing peer servers: ${missing[*]} (sudo apt-get install -y redis-server rabbitmq-server nats-server);" \
+       "their systems are skipped" >&2
+fi
+cargo build --release --bin aion -p aion -p aion-peers
+AION_BIN="$PWD/target/release/aion" exec target/release/aion-peers "$@"
