@@ -145,3 +145,33 @@ fn a_raw_client_can_speak_the_protocol() {
     assert!(r.contains("already has a session"), "{r}");
     assert_eq!(rt.stop(), 0);
 }
+
+/// 64 KiB kanbans flowing into and out of a relay at once fill both socket buffers of its session. The SDK reads
+/// in its own task while it writes, so neither side can end up blocked writing to the other (this deadlocked
+/// once: the relay was mid-write and not reading, the runtime was mid-write to it and not reading either).
+#[test]
+fn large_kanbans_both_ways_never_deadlock_a_session() {
+    const N: usize = 5000;
+    let yaml = format!(
+        r#"
+microservices:
+  source:
+    command: ["{{testkit}}"]
+    startup: yes
+    env: {{ EMIT_COUNT: {N}, PAD: 65536, WINDOW: 1024, OUTPUT_WINDOW: 4096 }}
+    nextService: {{ default: [ {{ name: relay }} ] }}
+  relay:
+    command: ["{{testkit}}"]
+    always: yes
+    env: {{ FORWARD: 1, WINDOW: 1024, OUTPUT_WINDOW: 4096 }}
+    nextService: {{ default: [ {{ name: sink }} ] }}
+  sink:
+    command: ["{{testkit}}"]
+    always: yes
+    env: {{ RECORD: "{{work}}/sink.jsonl", WINDOW: 1024 }}
+"#
+    );
+    let rt = Runtime::start_with_args(&yaml, &["--queue-capacity", "4096"]);
+    let lines = rt.wait_lines("sink.jsonl", N);
+    assert!(lines.iter().all(|l| l["metadata"]["pad"] == 65536), "every kanban arrived whole");
+}

@@ -4,6 +4,8 @@
 //!   `KEY`), then, if `TERMINATE=1`, send the terminate kanban and exit.
 //! - `CHUNK=c`: with `EMIT_COUNT`, flush every c outputs and checkpoint the last accepted seq in the instance's
 //!   data dir (`progress`); a restarted source resumes after it.
+//! - `PAD=n`: with `EMIT_COUNT`, add a string of n bytes (`metadata.pad`) to every output (large kanbans).
+//! - `WINDOW=n`, `OUTPUT_WINDOW=n`: the SDK's credit and output windows.
 //! - `KEY=k`: the connection key of outputs (default: `metadata.route` of the input, else `default`).
 //! - `FORWARD=1`: forward every input (metadata kept, `hops` extended with this instance).
 //! - `RECORD=path`: append one JSON line per received kanban to `path` (the test's sink).
@@ -20,6 +22,7 @@ use std::io::Write;
 
 struct Kit {
     emit: u64,
+    pad: usize,
     terminate: bool,
     key: Option<String>,
     forward: bool,
@@ -67,6 +70,9 @@ impl Service for Kit {
         };
         for i in first..=self.emit {
             let mut out = Output::new().meta("seq", i).meta("origin_instance", u64::from(ctx.process_number()));
+            if self.pad > 0 {
+                out = out.meta("pad", "p".repeat(self.pad));
+            }
             if let Some(k) = &self.key {
                 out = out.key(k.clone());
             }
@@ -94,10 +100,16 @@ impl Service for Kit {
         if self.slow > 0 {
             tokio::time::sleep(std::time::Duration::from_millis(self.slow)).await;
         }
+        // Large padding is recorded as its length, so sinks of big kanbans stay small.
+        let mut shown = k.metadata.clone();
+        if let Some(Value::String(p)) = shown.get("pad") {
+            let n = p.len() as u64;
+            shown.insert("pad".into(), Value::from(n));
+        }
         let line = serde_json::json!({
             "svc": ctx.info().service, "instance": ctx.process_number(), "id": k.id.to_string(),
             "trace": k.trace_id.to_string(), "from": k.origin.service, "from_instance": k.origin.instance,
-            "process_number": k.process_number, "key": k.connection_key, "metadata": metadata_to_json(&k.metadata),
+            "process_number": k.process_number, "key": k.connection_key, "metadata": metadata_to_json(&shown),
             "data_path": k.data_path,
         });
         self.record(line)?;
@@ -135,10 +147,17 @@ fn main() -> std::process::ExitCode {
         return std::process::ExitCode::from(code);
     }
     let record = var("RECORD").and_then(|p| std::fs::OpenOptions::new().create(true).append(true).open(p).ok());
-    let opts = aion_sdk::Options { seed: var("SEED").as_deref() == Some("1"), ..Default::default() };
+    let mut opts = aion_sdk::Options { seed: var("SEED").as_deref() == Some("1"), ..Default::default() };
+    if let Some(w) = var("WINDOW").and_then(|v| v.parse().ok()) {
+        opts.window = w;
+    }
+    if let Some(w) = var("OUTPUT_WINDOW").and_then(|v| v.parse().ok()) {
+        opts.output_window = w;
+    }
     aion_sdk::main_with(
         Kit {
             emit: var("EMIT_COUNT").and_then(|v| v.parse().ok()).unwrap_or(0),
+            pad: var("PAD").and_then(|v| v.parse().ok()).unwrap_or(0),
             terminate: var("TERMINATE").as_deref() == Some("1"),
             key: var("KEY"),
             forward: var("FORWARD").as_deref() == Some("1"),

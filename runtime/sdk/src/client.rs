@@ -300,9 +300,53 @@ enum Flow {
     Done,
 }
 
+/// What the reader task saw.
+enum ReadEvent {
+    Msgs(Vec<ServerMsg>),
+    Closed,
+    Failed(std::io::Error),
+}
+
+/// Reads the session in its own task, so the runtime's messages are drained even while a large write is pending
+/// (otherwise both sides can block writing to each other with full socket buffers). What it buffers is bounded by
+/// the protocol: deliveries by the credit window, and one small `Accepted` per batch of outputs.
+fn spawn_reader(mut rd: LinkReader<ServerMsg>) -> (mpsc::UnboundedReceiver<ReadEvent>, tokio::task::JoinHandle<()>) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let task = tokio::spawn(async move {
+        loop {
+            let mut buf = Vec::new();
+            let ev = match rd.recv(&mut buf).await {
+                Ok(true) => ReadEvent::Msgs(buf),
+                Ok(false) => ReadEvent::Closed,
+                Err(e) => ReadEvent::Failed(e),
+            };
+            let last = !matches!(ev, ReadEvent::Msgs(_));
+            if tx.send(ev).is_err() || last {
+                return;
+            }
+        }
+    });
+    (rx, task)
+}
+
 impl Io {
-    async fn run(mut self, mut link: Link, mut cmd_rx: mpsc::Receiver<Cmd>, mut inbuf: Vec<ServerMsg>) {
-        if !inbuf.is_empty() && !matches!(self.on_msgs(&mut inbuf), Flow::Continue) {
+    async fn run(mut self, link: Link, mut cmd_rx: mpsc::Receiver<Cmd>, mut inbuf: Vec<ServerMsg>) {
+        let (rd, mut wr) = link;
+        let (mut read_rx, mut reader) = spawn_reader(rd);
+        let r = self.run_loop(&mut wr, &mut read_rx, &mut reader, &mut cmd_rx, &mut inbuf).await;
+        reader.abort();
+        r
+    }
+
+    async fn run_loop(
+        &mut self,
+        wr: &mut LinkWriter<ClientMsg>,
+        read_rx: &mut mpsc::UnboundedReceiver<ReadEvent>,
+        reader: &mut tokio::task::JoinHandle<()>,
+        cmd_rx: &mut mpsc::Receiver<Cmd>,
+        inbuf: &mut Vec<ServerMsg>,
+    ) {
+        if !inbuf.is_empty() && !matches!(self.on_msgs(inbuf), Flow::Continue) {
             tracing::error!("the runtime broke the session right after the welcome");
             return;
         }
@@ -313,12 +357,12 @@ impl Io {
                     if n == 0 {
                         self.closing = true; // the service loop is gone
                     }
-                    let mut queued = self.on_cmds(&mut cmds, &mut link.1);
+                    let mut queued = self.on_cmds(&mut cmds, wr);
                     if self.closing && self.unaccepted.is_empty() {
-                        queued = queued.and_then(|_| link.1.push(ClientMsg::Bye));
+                        queued = queued.and_then(|_| wr.push(ClientMsg::Bye));
                     }
                     let sent = match queued {
-                        Ok(()) => link.1.flush().await,
+                        Ok(()) => wr.flush().await,
                         Err(e) => Err(e),
                     };
                     match sent {
@@ -327,22 +371,23 @@ impl Io {
                         Err(e) => { tracing::warn!("write to runtime failed: {e}"); Flow::Reconnect }
                     }
                 }
-                r = link.0.recv(&mut inbuf) => match r {
-                    Ok(true) => {
-                        let f = self.on_msgs(&mut inbuf);
+                ev = read_rx.recv() => match ev {
+                    Some(ReadEvent::Msgs(mut msgs)) => {
+                        inbuf.append(&mut msgs);
+                        let f = self.on_msgs(inbuf);
                         if matches!(f, Flow::Continue) && self.closing && self.unaccepted.is_empty() {
-                            let _ = link.1.send_one(ClientMsg::Bye).await;
+                            let _ = wr.send_one(ClientMsg::Bye).await;
                             Flow::Done
                         } else { f }
                     }
-                    Ok(false) => { tracing::warn!("runtime closed the session"); Flow::Reconnect }
-                    Err(e) => { tracing::warn!("read from runtime failed: {e}"); Flow::Reconnect }
+                    Some(ReadEvent::Closed) | None => { tracing::warn!("runtime closed the session"); Flow::Reconnect }
+                    Some(ReadEvent::Failed(e)) => { tracing::warn!("read from runtime failed: {e}"); Flow::Reconnect }
                 }
             };
             match flow {
                 Flow::Continue => {}
                 Flow::Done => {
-                    link.1.close().await;
+                    wr.close().await;
                     return;
                 }
                 Flow::Reconnect => {
@@ -351,8 +396,10 @@ impl Io {
                     }
                     let Some(conn) = &self.connector else { return };
                     match conn.reconnect(&self.hello).await {
-                        Ok((l, session, mut rest)) => {
-                            link = l;
+                        Ok(((rd, w), session, mut rest)) => {
+                            reader.abort();
+                            (*read_rx, *reader) = spawn_reader(rd);
+                            *wr = w;
                             self.epoch.fetch_add(1, Ordering::SeqCst);
                             let _ = self.on_msgs(&mut rest);
                             tracing::info!(session, "reconnected; resending {} outputs", self.unaccepted.len());
@@ -361,7 +408,7 @@ impl Io {
                             again.extend(self.pending.values().map(|(m, _)| m.clone()));
                             again
                                 .extend(self.subs.iter().map(|(t, _)| ClientMsg::StaticSubscribe { topic: t.clone() }));
-                            if link.1.send(&mut again).await.is_err() {
+                            if wr.send(&mut again).await.is_err() {
                                 continue;
                             }
                         }
