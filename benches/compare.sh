@@ -16,5 +16,7 @@ if [ ${#missing[@]} -gt 0 ]; then
   echo "missing peer servers: ${missing[*]} (sudo apt-get install -y redis-server rabbitmq-server nats-server);" \
        "their systems are skipped" >&2
 fi
-cargo build --release --bin aion -p aion -p aion-peers
+cargo build --release -p aion-peers
+# Built on its own, so the peers' dependencies do not add features to it (the footprint is the shipped binary).
+cargo build --release --bin aion
 AION_BIN="$PWD/target/release/aion" exec target/release/aion-peers "$@"
