@@ -22,17 +22,18 @@ fn kill_9_at_random_points_loses_nothing_in_a_100k_pipeline() {
 /// counted error instead of losing anything; acknowledgements still free space, and every kanban arrives once.
 #[test]
 fn a_full_store_applies_back_pressure_and_loses_nothing() {
-    const N: usize = 120;
+    const N: usize = 60;
     let yaml = r#"
 microservices:
   slow:
     command: ["{testkit}"]
     always: yes
-    env: { SLOW_MS: 20, RECORD: "{work}/slow.jsonl" }
+    env: { SLOW_MS: 250, RECORD: "{work}/slow.jsonl" }
 "#;
     let rt = common::Runtime::start_with_args(yaml, &["--store-max-mb", "1"]);
-    let pad = "x".repeat(24 * 1024);
-    // ~3 MB of kanbans into a 1 MB queue database, sent by 4 producers at once.
+    let pad = "x".repeat(64 * 1024);
+    // ~4 MB of kanbans into a 1 MB queue database (room for ~15), sent by 4 producers at once, while the consumer
+    // takes 250 ms per kanban: the store fills whatever the machine's speed.
     std::thread::scope(|s| {
         for p in 0..4 {
             let (rt, pad) = (&rt, &pad);

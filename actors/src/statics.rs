@@ -58,7 +58,13 @@ impl StaticStore {
     pub async fn delete_durable(&self, topic: &str, id: u64) -> bool {
         let found = self.delete(topic, id);
         if let (true, Some(store)) = (found, &self.durable) {
-            if let Err(e) = store.static_delete(topic, id).await {
+            // Committed before the caller is answered, like a put: a crash right after cannot bring it back.
+            if let Err(e) = async {
+                store.static_delete(topic, id).await?;
+                store.barrier().await
+            }
+            .await
+            {
                 tracing::error!(topic, id, "static kanban deletion not persisted: {e}");
             }
         }
