@@ -67,27 +67,8 @@ fn archive_reaches_mongodb_and_catches_up_after_an_outage() {
     let port = free_port();
     let mut mongo = Mongo::start(port, &storage.path().join("db"));
     let uri = format!("mongodb://127.0.0.1:{}", mongo.port);
-    let mut rt = Runtime::start_with_args(
-        r#"
-deviceName: edge-1
-microservices:
-  source:
-    command: ["{testkit}"]
-    startup: yes
-    env: { EMIT_COUNT: 20 }
-    nextService: { default: [ { name: relay } ] }
-  relay:
-    command: ["{testkit}"]
-    always: yes
-    env: { FORWARD: 1 }
-    nextService: { default: [ { name: sink } ] }
-  sink:
-    command: ["{testkit}"]
-    always: yes
-    env: { RECORD: "{work}/sink.jsonl" }
-"#,
-        &["--mongo", &uri],
-    );
+    let yaml = format!("deviceName: edge-1\n{}", common::pipeline("EMIT_COUNT: 20", "", ""));
+    let mut rt = Runtime::start_with_args(&yaml, &["--mongo", &uri]);
     let exported = wait_until("40 documents in AionCore.kanban", Duration::from_secs(60), || {
         docs(&tokio_rt, port).filter(|d| d.len() == 40)
     });

@@ -152,24 +152,10 @@ fn a_raw_client_can_speak_the_protocol() {
 #[test]
 fn large_kanbans_both_ways_never_deadlock_a_session() {
     const N: usize = 5000;
-    let yaml = format!(
-        r#"
-microservices:
-  source:
-    command: ["{{testkit}}"]
-    startup: yes
-    env: {{ EMIT_COUNT: {N}, PAD: 65536, WINDOW: 1024, OUTPUT_WINDOW: 4096 }}
-    nextService: {{ default: [ {{ name: relay }} ] }}
-  relay:
-    command: ["{{testkit}}"]
-    always: yes
-    env: {{ FORWARD: 1, WINDOW: 1024, OUTPUT_WINDOW: 4096 }}
-    nextService: {{ default: [ {{ name: sink }} ] }}
-  sink:
-    command: ["{{testkit}}"]
-    always: yes
-    env: {{ RECORD: "{{work}}/sink.jsonl", WINDOW: 1024 }}
-"#
+    let yaml = common::pipeline(
+        &format!("EMIT_COUNT: {N}, PAD: 65536, WINDOW: 1024, OUTPUT_WINDOW: 4096"),
+        "WINDOW: 1024, OUTPUT_WINDOW: 4096",
+        "WINDOW: 1024",
     );
     let rt = Runtime::start_with_args(&yaml, &["--queue-capacity", "4096"]);
     let lines = rt.wait_lines("sink.jsonl", N);

@@ -2,8 +2,7 @@
 //! the harness starts on a free port: AION's key names, consumer groups and acks, the durability scenarios of the
 //! embedded store, Redis itself killed mid-flow, kanbans AION left in Redis, retention, and an unreachable Redis.
 mod common;
-use common::{line_count, read_lines, scenarios, wait_until, Redis, Runtime, AION};
-use std::collections::BTreeMap;
+use common::{line_count, scenarios, wait_until, Redis, Runtime, AION};
 use std::time::Duration;
 
 fn slow(slow_ms: u32) -> String {
@@ -82,40 +81,12 @@ fn kill_9_at_random_points_loses_nothing_on_redis() {
 fn redis_killed_mid_flow_loses_nothing() {
     const N: i64 = 20_000;
     let mut redis = Redis::start();
-    let yaml = format!(
-        r#"
-microservices:
-  source:
-    command: ["{{testkit}}"]
-    startup: yes
-    env: {{ EMIT_COUNT: {N}, CHUNK: 500 }}
-    nextService: {{ default: [ {{ name: relay }} ] }}
-  relay:
-    command: ["{{testkit}}"]
-    always: yes
-    env: {{ FORWARD: 1 }}
-    nextService: {{ default: [ {{ name: sink }} ] }}
-  sink:
-    command: ["{{testkit}}"]
-    always: yes
-    env: {{ RECORD: "{{work}}/sink.jsonl", SLOW_MS: 0 }}
-"#
-    );
+    let yaml = common::pipeline(&format!("EMIT_COUNT: {N}, CHUNK: 500"), "", "");
     let mut rt = Runtime::start_with_args(&yaml, &["--store", &redis.url()]);
     let sink = rt.path("sink.jsonl");
     wait_until("flow under way", Duration::from_secs(120), || (line_count(&sink) >= 2_000).then_some(()));
     redis.kill9_and_restart();
-    let lines = wait_until("every kanban at the sink", Duration::from_secs(300), || {
-        let lines = read_lines(&sink);
-        let distinct: std::collections::BTreeSet<i64> =
-            lines.iter().filter_map(|l| l["metadata"]["seq"].as_i64()).collect();
-        (distinct.len() as i64 == N).then_some(lines)
-    });
-    let mut count: BTreeMap<i64, u64> = BTreeMap::new();
-    for l in &lines {
-        *count.entry(l["metadata"]["seq"].as_i64().expect("seq")).or_default() += 1;
-    }
-    assert_eq!(count.keys().copied().collect::<Vec<_>>(), (1..=N).collect::<Vec<_>>(), "nothing lost");
+    let count = common::every_seq_at_sink(&sink, N as u64, Duration::from_secs(300));
     // The runtime did not restart, and Redis kept what it acknowledged: no kanban was delivered twice.
     let dups: u64 = count.values().map(|c| c - 1).sum();
     assert_eq!(dups, 0, "no duplicates when only Redis restarts");

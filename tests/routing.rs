@@ -10,25 +10,7 @@ fn seqs(lines: &[Value]) -> Vec<i64> {
 
 #[test]
 fn three_stage_flow_delivers_every_kanban_in_order() {
-    let mut rt = Runtime::start(
-        r#"
-microservices:
-  source:
-    command: ["{testkit}"]
-    startup: yes
-    env: { EMIT_COUNT: 500 }
-    nextService: { default: [ { name: relay } ] }
-  relay:
-    command: ["{testkit}"]
-    always: yes
-    env: { FORWARD: 1 }
-    nextService: { default: [ { name: sink } ] }
-  sink:
-    command: ["{testkit}"]
-    always: yes
-    env: { RECORD: "{work}/sink.jsonl" }
-"#,
-    );
+    let mut rt = Runtime::start(&common::pipeline("EMIT_COUNT: 500", "", ""));
     let lines = rt.wait_lines("sink.jsonl", 500);
     assert_eq!(seqs(&lines), (1..=500).collect::<Vec<_>>(), "order kept along source > relay > sink");
     for l in &lines {

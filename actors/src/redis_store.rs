@@ -29,7 +29,7 @@
 //! Durability across a Redis crash is Redis's own: use `appendonly yes` (and `appendfsync always` for the
 //! same guarantee as the embedded store). The runtime warns at start when append-only is off.
 
-use crate::store::{Op, Recovered, RecoveredStatic, StoreError, StoreStats};
+use crate::store::{complete_barriers, take_queued, Op, Recovered, RecoveredStatic, StoreError, StoreStats};
 use aion_runtime::{Kanban, KanbanId, Origin, WireKanban};
 use redis::aio::MultiplexedConnection;
 use redis::Value;
@@ -108,6 +108,27 @@ fn array(v: &Value) -> &[Value] {
         Value::Array(a) | Value::Set(a) => a,
         _ => &[],
     }
+}
+
+/// Field/value pairs of a reply that is a map (RESP3) or a flat array (RESP2), e.g. `XINFO`, `CONFIG GET`.
+fn pairs(v: &Value) -> Vec<(String, Value)> {
+    match v {
+        Value::Map(m) => m.iter().filter_map(|(a, b)| Some((string(a)?, b.clone()))).collect(),
+        other => array(other).chunks(2).filter_map(|p| Some((string(p.first()?)?, p.get(1)?.clone()))).collect(),
+    }
+}
+
+/// The string value of `field` in [`pairs`].
+fn field(pairs: &[(String, Value)], name: &str) -> Option<String> {
+    pairs.iter().find(|(k, _)| k == name).and_then(|(_, v)| string(v))
+}
+
+/// `XADD key * kanban <AION protojson> <id_field> <id> wire <postcard>`: the format of every entry written.
+fn xadd(key: &str, id_field: &str, id: &str, wire: &[u8]) -> redis::Cmd {
+    let json = postcard::from_bytes::<WireKanban>(wire).map(|k| k.to_aion_json()).unwrap_or_default();
+    let mut c = redis::cmd("XADD");
+    c.arg(key).arg("*").arg("kanban").arg(json).arg(id_field).arg(id).arg("wire").arg(wire);
+    c
 }
 
 /// Parses `[[id, [field, value, …]], …]` (entries deleted meanwhile come back as nil and are skipped).
@@ -360,29 +381,13 @@ impl Writer {
         k: &WireKanban,
     ) -> redis::RedisResult<String> {
         let wire = postcard::to_stdvec(k).unwrap_or_default();
-        redis::cmd("XADD")
-            .arg(static_key(topic))
-            .arg("*")
-            .arg("kanban")
-            .arg(k.to_aion_json())
-            .arg("sid")
-            .arg(sid)
-            .arg("wire")
-            .arg(wire)
-            .query_async(conn)
-            .await
+        xadd(&static_key(topic), "sid", &sid.to_string(), &wire).query_async(conn).await
     }
 
     async fn warn_if_not_persistent(&self, conn: &mut MultiplexedConnection) {
         let r: redis::RedisResult<Value> = redis::cmd("CONFIG").arg("GET").arg("appendonly").query_async(conn).await;
         let on = match &r {
-            Ok(v) => {
-                let flat: Vec<String> = match v {
-                    Value::Map(m) => m.iter().flat_map(|(a, b)| [string(a), string(b)]).flatten().collect(),
-                    other => array(other).iter().filter_map(string).collect(),
-                };
-                flat.get(1).map(|s| s == "yes")
-            }
+            Ok(v) => field(&pairs(v), "appendonly").map(|s| s == "yes"),
             Err(_) => None,
         };
         match on {
@@ -402,14 +407,8 @@ impl Writer {
             return;
         };
         for c in array(&v) {
-            let pairs: Vec<(String, Value)> = match c {
-                Value::Map(m) => m.iter().filter_map(|(a, b)| Some((string(a)?, b.clone()))).collect(),
-                other => {
-                    array(other).chunks(2).filter_map(|p| Some((string(p.first()?)?, p.get(1)?.clone()))).collect()
-                }
-            };
-            let name = pairs.iter().find(|(k, _)| k == "name").and_then(|(_, v)| string(v));
-            let pending = pairs.iter().find(|(k, _)| k == "pending").and_then(|(_, v)| string(v));
+            let p = pairs(c);
+            let (name, pending) = (field(&p, "name"), field(&p, "pending"));
             if let (Some(name), Some("0")) = (name, pending.as_deref()) {
                 if name != self.consumer {
                     let _: redis::RedisResult<Value> =
@@ -452,18 +451,7 @@ impl Writer {
                     if let Some(found) = already.remove(&slot) {
                         self.pending.insert(slot, found);
                     } else {
-                        let json =
-                            postcard::from_bytes::<WireKanban>(bytes).map(|k| k.to_aion_json()).unwrap_or_default();
-                        b.pipe
-                            .cmd("XADD")
-                            .arg(&key)
-                            .arg("*")
-                            .arg("kanban")
-                            .arg(json)
-                            .arg("id")
-                            .arg(id.to_string())
-                            .arg("wire")
-                            .arg(&bytes[..]);
+                        b.pipe.add_command(xadd(&key, "id", &id.to_string(), bytes));
                         b.replies.push(Reply::Added(slot.clone(), key.clone()));
                         b.in_flight.insert(slot);
                     }
@@ -491,17 +479,7 @@ impl Writer {
                     }
                 }
                 Op::StaticPut { topic, id, bytes } => {
-                    let json = postcard::from_bytes::<WireKanban>(bytes).map(|k| k.to_aion_json()).unwrap_or_default();
-                    b.pipe
-                        .cmd("XADD")
-                        .arg(static_key(topic))
-                        .arg("*")
-                        .arg("kanban")
-                        .arg(json)
-                        .arg("sid")
-                        .arg(*id)
-                        .arg("wire")
-                        .arg(&bytes[..]);
+                    b.pipe.add_command(xadd(&static_key(topic), "sid", &id.to_string(), bytes));
                     b.replies.push(Reply::Static((topic.clone(), *id)));
                     b.statics_in_flight.insert((topic.clone(), *id));
                 }
@@ -642,15 +620,9 @@ impl Writer {
             }
             // Entries after the group's last-delivered id are unread: keep them too.
             for g in array(&info) {
-                let pairs: Vec<(String, Value)> = match g {
-                    Value::Map(m) => m.iter().filter_map(|(a, b)| Some((string(a)?, b.clone()))).collect(),
-                    other => {
-                        array(other).chunks(2).filter_map(|x| Some((string(x.first()?)?, x.get(1)?.clone()))).collect()
-                    }
-                };
-                let is_ours = pairs.iter().any(|(k, v)| k == "name" && string(v).as_deref() == Some(GROUP));
-                if is_ours {
-                    lower(pairs.iter().find(|(k, _)| k == "last-delivered-id").and_then(|(_, v)| string(v)));
+                let p = pairs(g);
+                if field(&p, "name").as_deref() == Some(GROUP) {
+                    lower(field(&p, "last-delivered-id"));
                 }
             }
             if let Some(b) = bound {
@@ -750,12 +722,7 @@ async fn writer(mut w: Writer, mut rx: mpsc::Receiver<Op>) {
     let mut batch: Vec<Op> = Vec::new();
     while let Some(first) = rx.recv().await {
         batch.push(first);
-        while batch.len() < 8192 {
-            match rx.try_recv() {
-                Ok(op) => batch.push(op),
-                Err(_) => break,
-            }
-        }
+        take_queued(&mut rx, &mut batch, 8192);
         let mut delay = Duration::from_millis(20);
         let mut retry = false;
         while let Err(e) = w.apply(&batch, retry).await {
@@ -770,23 +737,14 @@ async fn writer(mut w: Writer, mut rx: mpsc::Receiver<Op>) {
             retry = true;
             // Take in what arrived meanwhile (after the batch, so order is kept): acknowledgements free memory
             // on a Redis at its `maxmemory`, where only writes that grow it are refused.
-            while batch.len() < 65_536 {
-                match rx.try_recv() {
-                    Ok(op) => batch.push(op),
-                    Err(_) => break,
-                }
-            }
+            take_queued(&mut rx, &mut batch, 65_536);
             tokio::time::sleep(delay).await;
             delay = (delay * 2).min(Duration::from_secs(2));
         }
         if retry {
             tracing::info!(url = %w.url, "Redis writes resumed");
         }
-        for op in batch.drain(..) {
-            if let Op::Barrier(done) = op {
-                let _ = done.send(());
-            }
-        }
+        complete_barriers(&mut batch);
     }
 }
 

@@ -701,6 +701,25 @@ fn apply(conn: &Connection, batch: &[Op]) -> rusqlite::Result<(u64, u64, u64)> {
     Ok((enq, acked, archived))
 }
 
+/// Moves operations already queued on `rx` into `batch`, up to `limit` in all; never waits.
+pub(crate) fn take_queued(rx: &mut mpsc::Receiver<Op>, batch: &mut Vec<Op>, limit: usize) {
+    while batch.len() < limit {
+        match rx.try_recv() {
+            Ok(op) => batch.push(op),
+            Err(_) => break,
+        }
+    }
+}
+
+/// Empties an applied batch, completing its barriers.
+pub(crate) fn complete_barriers(batch: &mut Vec<Op>) {
+    for op in batch.drain(..) {
+        if let Op::Barrier(done) = op {
+            let _ = done.send(());
+        }
+    }
+}
+
 fn is_full(e: &rusqlite::Error) -> bool {
     matches!(e, rusqlite::Error::SqliteFailure(f, _) if f.code == rusqlite::ErrorCode::DiskFull)
 }
@@ -771,12 +790,7 @@ fn writer(
     }
     while let Some(first) = rx.blocking_recv() {
         batch.push(first);
-        while batch.len() < 8192 {
-            match rx.try_recv() {
-                Ok(op) => batch.push(op),
-                Err(_) => break,
-            }
-        }
+        take_queued(&mut rx, &mut batch, 8192);
         let mut delay = Duration::from_millis(10);
         loop {
             match apply(&conn, &batch) {
@@ -802,12 +816,7 @@ fn writer(
                     if is_full(&e) {
                         // Acknowledgements that arrived meanwhile are what frees space: take them in (after the
                         // batch, so order is kept).
-                        while batch.len() < 65_536 {
-                            match rx.try_recv() {
-                                Ok(op) => batch.push(op),
-                                Err(_) => break,
-                            }
-                        }
+                        take_queued(&mut rx, &mut batch, 65_536);
                         match apply_deletes_only(&conn, &mut batch) {
                             Ok(freed) if freed > 0 => {
                                 stats.acked.fetch_add(freed, Ordering::Relaxed);
@@ -829,11 +838,7 @@ fn writer(
                 }
             }
         }
-        for op in batch.drain(..) {
-            if let Op::Barrier(done) = op {
-                let _ = done.send(());
-            }
-        }
+        complete_barriers(&mut batch);
     }
 }
 

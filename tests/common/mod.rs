@@ -288,6 +288,48 @@ pub fn all_connected(s: &serde_json::Value) -> bool {
     s["instances"].as_array().is_some_and(|a| a.iter().all(|i| i["connected"] == true))
 }
 
+/// services.yml of the testkit pipeline `source > relay > sink` (the relay forwards). Each argument is the
+/// inside of that stage's `env` map; the source starts at boot, the others when kanbans arrive.
+pub fn pipeline(source_env: &str, relay_env: &str, sink_env: &str) -> String {
+    let with = |fixed: &str, extra: &str| if extra.is_empty() { fixed.to_owned() } else { format!("{fixed}, {extra}") };
+    let (relay_env, sink_env) = (with("FORWARD: 1", relay_env), with(r#"RECORD: "{work}/sink.jsonl""#, sink_env));
+    format!(
+        r#"
+microservices:
+  source:
+    command: ["{{testkit}}"]
+    startup: yes
+    env: {{ {source_env} }}
+    nextService: {{ default: [ {{ name: relay }} ] }}
+  relay:
+    command: ["{{testkit}}"]
+    always: yes
+    env: {{ {relay_env} }}
+    nextService: {{ default: [ {{ name: sink }} ] }}
+  sink:
+    command: ["{{testkit}}"]
+    always: yes
+    env: {{ {sink_env} }}
+"#
+    )
+}
+
+/// Waits until every `metadata.seq` in 1..=n is in the sink file; returns how often each arrived.
+pub fn every_seq_at_sink(sink: &Path, n: u64, limit: Duration) -> std::collections::BTreeMap<i64, u64> {
+    let lines = wait_until("every kanban at the sink", limit, || {
+        let lines = read_lines(sink);
+        let distinct: std::collections::BTreeSet<i64> =
+            lines.iter().filter_map(|l| l["metadata"]["seq"].as_i64()).collect();
+        (distinct.len() as u64 == n).then_some(lines)
+    });
+    let mut count = std::collections::BTreeMap::new();
+    for l in &lines {
+        *count.entry(l["metadata"]["seq"].as_i64().expect("seq")).or_default() += 1;
+    }
+    assert_eq!(count.keys().copied().collect::<Vec<_>>(), (1..=n as i64).collect::<Vec<_>>(), "nothing lost");
+    count
+}
+
 /// A free TCP port on loopback.
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("port")

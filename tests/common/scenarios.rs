@@ -1,7 +1,6 @@
 //! Durability scenarios shared by the embedded-store and Redis-store suites: each takes the extra `aion run`
 //! arguments that select the store.
 use super::{line_count, read_lines, wait_until, Runtime};
-use std::collections::BTreeMap;
 use std::time::Duration;
 
 fn yaml_slow(delivery: &str, slow_ms: u32) -> String {
@@ -85,25 +84,7 @@ impl Rng {
 pub fn kill_9_at_random_points_loses_nothing(args: &[&str]) {
     const N: u64 = 100_000;
     const CHUNK: u64 = 1000;
-    let yaml = format!(
-        r#"
-microservices:
-  source:
-    command: ["{{testkit}}"]
-    startup: yes
-    env: {{ EMIT_COUNT: {N}, CHUNK: {CHUNK} }}
-    nextService: {{ default: [ {{ name: relay }} ] }}
-  relay:
-    command: ["{{testkit}}"]
-    always: yes
-    env: {{ FORWARD: 1 }}
-    nextService: {{ default: [ {{ name: sink }} ] }}
-  sink:
-    command: ["{{testkit}}"]
-    always: yes
-    env: {{ RECORD: "{{work}}/sink.jsonl" }}
-"#
-    );
+    let yaml = super::pipeline(&format!("EMIT_COUNT: {N}, CHUNK: {CHUNK}"), "", "");
     let seed = std::env::var("AION_CRASH_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| {
         std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(7, |d| d.as_nanos() as u64) | 1
     });
@@ -134,23 +115,14 @@ microservices:
         crashes += 1;
     }
     assert_eq!(rt.path("sink.jsonl"), sink, "same work dir across restarts");
-    let lines = wait_until("every kanban at the sink", Duration::from_secs(600), || {
-        let lines = read_lines(&sink);
-        let distinct: std::collections::BTreeSet<i64> =
-            lines.iter().filter_map(|l| l["metadata"]["seq"].as_i64()).collect();
-        (distinct.len() as u64 == N).then_some(lines)
-    });
-    let mut count: BTreeMap<i64, u64> = BTreeMap::new();
-    for l in &lines {
-        *count.entry(l["metadata"]["seq"].as_i64().expect("seq")).or_default() += 1;
-    }
-    assert_eq!(count.keys().copied().collect::<Vec<_>>(), (1..=N as i64).collect::<Vec<_>>(), "nothing lost");
+    let count = super::every_seq_at_sink(&sink, N, Duration::from_secs(600));
+    let deliveries: u64 = count.values().sum();
     let dups: u64 = count.values().map(|c| c - 1).sum();
     // The window (docs/runtime-semantics.md): per crash, at most the source's unflushed chunk re-emitted, the
     // kanbans in flight at the relay and the sink (credit windows, 256) handled again, and outputs of the source
     // and the relay committed but not yet acknowledged to them (output windows, 1024) resent.
     let bound = crashes * (CHUNK + 2 * 256 + 2 * 1024) + 256 * 2;
-    eprintln!("{} deliveries for {N} kanbans: {dups} duplicates (bound {bound}) after {crashes} crashes", lines.len());
+    eprintln!("{deliveries} deliveries for {N} kanbans: {dups} duplicates (bound {bound}) after {crashes} crashes");
     assert!(dups <= bound, "{dups} duplicates exceed the documented window {bound}");
     assert_eq!(rt.stop(), 0);
 }

@@ -154,7 +154,6 @@ struct Recorder {
     seen: u64,
     first_t: u64,
     last_recv: u64,
-    max_seq: u64,
     done: bool,
 }
 
@@ -171,23 +170,23 @@ struct SinkResult {
 
 impl Recorder {
     fn new(job: Job) -> Recorder {
-        Recorder { job, h: hist(), seen: 0, first_t: 0, last_recv: 0, max_seq: 0, done: false }
+        Recorder { job, h: hist(), seen: 0, first_t: 0, last_recv: 0, done: false }
     }
 
     /// Records one message; true when all arrived.
     fn record(&mut self, b: &[u8]) -> bool {
-        let Some((seq, t)) = decode(b) else { return false };
-        self.record_parts(seq, t)
+        let Some((_seq, t)) = decode(b) else { return false };
+        self.record_sent_at(t)
     }
 
-    fn record_parts(&mut self, seq: u64, t: u64) -> bool {
+    /// Records a message stamped with send time `t` (ns); true when all arrived.
+    fn record_sent_at(&mut self, t: u64) -> bool {
         let now = now_ns();
         if self.seen == 0 {
             self.first_t = t;
         }
         self.seen += 1;
         self.last_recv = now;
-        self.max_seq = self.max_seq.max(seq);
         let _ = self.h.record(now.saturating_sub(t).max(1));
         if self.seen >= self.job.n {
             self.finish();
@@ -262,7 +261,7 @@ impl Service for AionForward {
 struct AionSink(Recorder);
 impl Service for AionSink {
     async fn handle(&mut self, k: Kanban, ctx: &mut Ctx) -> Result<(), Error> {
-        if self.0.record_parts(md_u64(&k, "seq"), md_u64(&k, "t")) {
+        if self.0.record_sent_at(md_u64(&k, "t")) {
             ctx.stop();
         }
         Ok(())
@@ -466,6 +465,40 @@ async fn amqp_channel(url: &str) -> Res<(lapin::Connection, lapin::Channel)> {
 /// Publisher-confirm window: at most this many publishes awaiting their confirm.
 const CONFIRM_WINDOW: usize = 1000;
 
+/// The publisher side of RabbitMQ confirms and JetStream publish acks: at most [`CONFIRM_WINDOW`] outstanding.
+struct Window<C>(std::collections::VecDeque<C>);
+
+impl<C> Default for Window<C> {
+    fn default() -> Self {
+        Window(std::collections::VecDeque::new())
+    }
+}
+
+impl<C, T, E> Window<C>
+where
+    C: std::future::IntoFuture<Output = Result<T, E>>,
+    E: Into<BoxError>,
+{
+    /// Adds a pending confirmation; waits for the oldest when the window is full.
+    async fn push(&mut self, confirm: C) -> Res<()> {
+        self.0.push_back(confirm);
+        if self.0.len() >= CONFIRM_WINDOW {
+            if let Some(c) = self.0.pop_front() {
+                c.await.map_err(Into::into)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Waits for every outstanding confirmation.
+    async fn drain(self) -> Res<()> {
+        for c in self.0 {
+            c.await.map_err(Into::into)?;
+        }
+        Ok(())
+    }
+}
+
 async fn amqp_publish(ch: &lapin::Channel, q: &str, body: &[u8]) -> Res<lapin::publisher_confirm::PublisherConfirm> {
     Ok(ch
         .basic_publish(
@@ -483,19 +516,12 @@ async fn rabbit_role(role: &str, job: &Job) -> Res<()> {
     match role {
         "source" => {
             let pacer = Pacer::new(job.rate);
-            let mut pending = std::collections::VecDeque::new();
+            let mut window = Window::default();
             for i in 0..job.n {
                 let t = pacer.next(i).await;
-                pending.push_back(amqp_publish(&ch, "stage1", &encode(i, t, job.size)).await?);
-                if pending.len() >= CONFIRM_WINDOW {
-                    if let Some(c) = pending.pop_front() {
-                        c.await?;
-                    }
-                }
+                window.push(amqp_publish(&ch, "stage1", &encode(i, t, job.size)).await?).await?;
             }
-            for c in pending {
-                c.await?;
-            }
+            window.drain().await?;
         }
         "transform" | "sink" => {
             let q = if role == "transform" { "stage1" } else { "stage2" };
@@ -624,19 +650,12 @@ async fn nats_role(role: &str, job: &Job, jetstream: bool) -> Res<()> {
     match role {
         "source" => {
             let pacer = Pacer::new(job.rate);
-            let mut pending = std::collections::VecDeque::new();
+            let mut window = Window::default();
             for i in 0..job.n {
                 let t = pacer.next(i).await;
-                pending.push_back(js.publish(s1.clone(), encode(i, t, job.size).into()).await?);
-                if pending.len() >= CONFIRM_WINDOW {
-                    if let Some(a) = pending.pop_front() {
-                        a.await?;
-                    }
-                }
+                window.push(js.publish(s1.clone(), encode(i, t, job.size).into()).await?).await?;
             }
-            for a in pending {
-                a.await?;
-            }
+            window.drain().await?;
         }
         "transform" => {
             let c = consumer("S1", "transform").await?;
