@@ -1,10 +1,9 @@
 //! Backends that run microservice instances: local processes (the default) and in-process services.
 
-use crate::endpoint::{EndpointMsg, ServerLink};
+use crate::endpoint::EndpointMsg;
 use crate::paths::Paths;
 use aion_runtime::actor::Addr;
 use aion_runtime::config::Microservice;
-use aion_transport::{mem_pair, ClientMsg, LinkReader, LinkWriter, ServerMsg};
 use nix::sys::signal::{killpg, Signal};
 use nix::unistd::Pid;
 use serde::{Deserialize, Serialize};
@@ -234,8 +233,7 @@ async fn pump(stream: impl AsyncRead + Unpin, log: Arc<Mutex<LogFile>>) {
 
 type Runner = Arc<
     dyn Fn(
-            u32,
-            (LinkReader<ServerMsg>, LinkWriter<ClientMsg>),
+            crate::direct::DirectSession,
             watch::Receiver<bool>,
         ) -> Pin<Box<dyn Future<Output = Result<(), String>> + Send>>
         + Send
@@ -251,10 +249,8 @@ pub struct InProcessRegistry {
 impl InProcessRegistry {
     /// Registers `service` to run in-process: `factory` builds a fresh service value per instance start.
     pub fn register<S: aion_sdk::Service, F: Fn() -> S + Send + Sync + 'static>(&mut self, service: &str, factory: F) {
-        let name = service.to_owned();
         let factory = Arc::new(factory);
-        let runner: Runner = Arc::new(move |instance, link, mut stop: watch::Receiver<bool>| {
-            let name = name.clone();
+        let runner: Runner = Arc::new(move |port, mut stop: watch::Receiver<bool>| {
             let svc = factory();
             Box::pin(async move {
                 let shutdown = async move {
@@ -264,9 +260,8 @@ impl InProcessRegistry {
                         }
                     }
                 };
-                aion_sdk::run_on_link(svc, &name, instance, link, aion_sdk::Options::default(), shutdown)
-                    .await
-                    .map_err(|e| e.to_string())
+                let info = port.info().clone();
+                aion_sdk::run_direct(svc, info, Box::new(port), shutdown).await.map_err(|e| e.to_string())
             })
         });
         self.runners.insert(service.to_owned(), runner);
@@ -277,7 +272,7 @@ impl InProcessRegistry {
         self.runners.contains_key(service)
     }
 
-    /// Starts an in-process instance, attaching its link to the endpoint.
+    /// Starts an in-process instance on a direct session opened by the endpoint.
     pub async fn start(
         &self,
         service: &str,
@@ -285,12 +280,17 @@ impl InProcessRegistry {
         endpoint: &Addr<crate::endpoint::Endpoint>,
     ) -> Option<Started> {
         let runner = self.runners.get(service)?.clone();
-        let (client, server): ((LinkReader<ServerMsg>, LinkWriter<ClientMsg>), ServerLink) = mem_pair(64);
-        if endpoint.send(EndpointMsg::Attach(server)).await.is_err() {
+        let (reply, opened) = tokio::sync::oneshot::channel();
+        let msg = EndpointMsg::AttachDirect { service: service.to_owned(), instance, reply };
+        if endpoint.send(msg).await.is_err() {
             return None;
         }
+        let port = match opened.await {
+            Ok(Ok(port)) => port,
+            Ok(Err(_)) | Err(_) => return None, // refused (logged by the endpoint)
+        };
         let (stop_tx, stop_rx) = watch::channel(false);
-        let task = tokio::spawn(runner(instance, client, stop_rx));
+        let task = tokio::spawn(runner(port, stop_rx));
         let abort = task.abort_handle();
         let exit = Box::pin(async move {
             match task.await {

@@ -23,6 +23,15 @@ pub type ServerLink = (LinkReader<ClientMsg>, LinkWriter<ServerMsg>);
 pub enum EndpointMsg {
     /// Serve an in-process service's link.
     Attach(ServerLink),
+    /// Open a direct session for an in-process service instance (see [`crate::direct`]).
+    AttachDirect {
+        /// Service.
+        service: String,
+        /// Instance.
+        instance: u32,
+        /// The session, or why it was refused.
+        reply: tokio::sync::oneshot::Sender<Result<crate::direct::DirectSession, String>>,
+    },
     /// Stop accepting new connections (shutdown step 1); replies when done.
     StopAccepting(tokio::sync::oneshot::Sender<()>),
 }
@@ -79,12 +88,116 @@ impl Drop for Endpoint {
     }
 }
 
+/// What every session uses.
 #[derive(Clone)]
-struct Shared {
-    router: Arc<Router>,
-    statics: Arc<StaticStore>,
+pub(crate) struct Shared {
+    pub(crate) router: Arc<Router>,
+    pub(crate) statics: Arc<StaticStore>,
     data_root: PathBuf,
     stats: Arc<EndpointStats>,
+}
+
+/// A session that passed the handshake checks.
+pub(crate) struct Opened {
+    pub(crate) slot: Arc<Slot>,
+    pub(crate) sess: u64,
+    pub(crate) session_no: u64,
+    pub(crate) data_path: String,
+}
+
+/// The handshake checks common to link and direct sessions: the instance exists and has no session yet. Opens
+/// the session, creates the data directory, and queues the seed kanban if asked for and the queue is empty.
+///
+/// # Errors
+/// Why the session is refused.
+pub(crate) fn open_session(
+    shared: &Shared,
+    service: &str,
+    instance: u32,
+    pid: u32,
+    seed: bool,
+) -> Result<Opened, String> {
+    let Some(slot) = shared.router.slot(service, instance).cloned() else {
+        return Err(match shared.router.config().microservices.get(service) {
+            Some(ms) => format!("service `{service}` has instances 1..={}, not {instance}", ms.scale),
+            None => format!("unknown service `{service}`"),
+        });
+    };
+    let Some(sess) = slot.open_session() else {
+        return Err(format!("instance {}-{} already has a session", slot.service, slot.instance));
+    };
+    let session_no = shared.stats.sessions.fetch_add(1, Ordering::Relaxed) + 1;
+    let data_path = shared.data_root.join("Data").join(format!("{}_{}", slot.service, slot.instance));
+    let _ = std::fs::create_dir_all(&data_path);
+    let data_path = data_path.display().to_string();
+    tracing::info!(service = %slot.service, instance = slot.instance, session = session_no, pid, "session opened");
+    if seed && slot.depth() == 0 {
+        let id = KanbanId::generate();
+        let seed = Kanban {
+            id,
+            trace_id: id,
+            origin: Origin { service: "aion".into(), instance: 0 },
+            start_at: aion_runtime::time::rfc3339_now(),
+            connection_key: String::new(),
+            process_number: slot.instance,
+            data_path: data_path.clone(),
+            ..Kanban::default()
+        };
+        // Beyond the capacity if need be: one per session, and never dropped.
+        slot.restore(Box::new(seed.into_wire()));
+    }
+    Ok(Opened { slot, sess, session_no, data_path })
+}
+
+/// Accepts one output of `slot`'s instance: fixes its origin, drops it if it is a duplicate (counted), routes
+/// it. Returns true when a copy went to the durable store (the caller waits for a commit barrier before
+/// acknowledging it).
+pub(crate) async fn accept_output(shared: &Shared, slot: &Slot, mut k: Box<WireKanban>) -> bool {
+    if !admit_output(slot, &mut k) {
+        return false;
+    }
+    let id = k.id;
+    let persisted = shared.router.route(slot, k).await;
+    slot.remember_output(id);
+    slot.stats.kanbans_out.fetch_add(1, Ordering::Relaxed);
+    persisted
+}
+
+/// Fixes an output's origin and tells whether it is new (false: a duplicate, counted, to be dropped).
+pub(crate) fn admit_output(slot: &Slot, k: &mut WireKanban) -> bool {
+    // Never trust the client's idea of who it is; reuse its string when it is right.
+    if k.origin.service != slot.service {
+        k.origin.service.clone_from(&slot.service);
+    }
+    k.origin.instance = slot.instance;
+    if k.process_number == 0 {
+        k.process_number = slot.instance;
+    }
+    !slot.is_duplicate_output(k.id)
+}
+
+/// Acknowledges `n` deliveries of `sess` (whose ids are `ids` when the store or the archive needs them).
+pub(crate) async fn acknowledge(shared: &Shared, slot: &Slot, sess: u64, n: usize, ids: Vec<KanbanId>) {
+    slot.acked(sess, n);
+    if let Some(a) = shared.router.archive() {
+        let op = crate::store::ArchiveOp::Acked {
+            service: slot.service.clone(),
+            instance: slot.instance,
+            ids: ids.clone(),
+            at: crate::store::now_ms(),
+        };
+        a.record(op);
+    }
+    if let Some(store) = shared.router.durable_store(slot) {
+        if let Err(e) = store.ack(&slot.service, slot.instance, ids).await {
+            tracing::error!(service = %slot.service, "ack not persisted: {e}");
+        }
+    }
+}
+
+/// True when acknowledgements need the kanban ids (durable queue or archive).
+pub(crate) fn ack_wants_ids(shared: &Shared, slot: &Slot) -> bool {
+    shared.router.durable_store(slot).is_some() || shared.router.archive().is_some()
 }
 
 /// Binds a Unix socket with owner-only permissions, replacing a stale socket file.
@@ -131,6 +244,16 @@ impl Actor for Endpoint {
             EndpointMsg::Attach((r, w)) => {
                 tokio::spawn(session(self.shared(), r, w));
             }
+            EndpointMsg::AttachDirect { service, instance, reply } => {
+                let shared = self.shared();
+                let opened = open_session(&shared, &service, instance, 0, false)
+                    .map(|o| crate::direct::DirectSession::new(shared, o));
+                if let Err(reason) = &opened {
+                    self.stats.rejected.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!("in-process session refused: {reason}");
+                }
+                let _ = reply.send(opened);
+            }
             EndpointMsg::StopAccepting(done) => {
                 if let Some(a) = self.accept.take() {
                     a.abort();
@@ -168,46 +291,17 @@ async fn session(shared: Shared, mut r: LinkReader<ClientMsg>, mut w: LinkWriter
             format!("protocol version {} not supported (this runtime speaks {PROTOCOL_VERSION})", hello.version);
         return refuse(&shared, &mut w, reason).await;
     }
-    let Some(slot) = shared.router.slot(&hello.service, hello.instance).cloned() else {
-        let reason = match shared.router.config().microservices.get(&hello.service) {
-            Some(ms) => format!("service `{}` has instances 1..={}, not {}", hello.service, ms.scale, hello.instance),
-            None => format!("unknown service `{}`", hello.service),
-        };
-        return refuse(&shared, &mut w, reason).await;
-    };
     let window = hello.window.clamp(1, 4096) as usize;
-    let Some(sess) = slot.open_session() else {
-        let reason = format!("instance {}-{} already has a session", slot.service, slot.instance);
-        return refuse(&shared, &mut w, reason).await;
-    };
-    let session_no = shared.stats.sessions.fetch_add(1, Ordering::Relaxed) + 1;
-    let data_path = shared.data_root.join("Data").join(format!("{}_{}", slot.service, slot.instance));
-    let _ = std::fs::create_dir_all(&data_path);
-    let data_path = data_path.display().to_string();
-    tracing::info!(service = %slot.service, instance = slot.instance, session = session_no, pid = hello.pid, "session opened");
-    let welcome = ServerMsg::Welcome {
-        session: session_no,
-        device_name: shared.router.config().device_name.clone(),
-        data_path: data_path.clone(),
-    };
+    let Opened { slot, sess, session_no, data_path } =
+        match open_session(&shared, &hello.service, hello.instance, hello.pid, hello.seed) {
+            Ok(o) => o,
+            Err(reason) => return refuse(&shared, &mut w, reason).await,
+        };
+    let welcome =
+        ServerMsg::Welcome { session: session_no, device_name: shared.router.config().device_name.clone(), data_path };
     if w.send_one(welcome).await.is_err() {
         slot.close_session(sess, Vec::new());
         return;
-    }
-    if hello.seed && slot.depth() == 0 {
-        let id = KanbanId::generate();
-        let seed = Kanban {
-            id,
-            trace_id: id,
-            origin: Origin { service: "aion".into(), instance: 0 },
-            start_at: aion_runtime::time::rfc3339_now(),
-            connection_key: String::new(),
-            process_number: slot.instance,
-            data_path,
-            ..Kanban::default()
-        };
-        // Beyond the capacity if need be: one per session, and never dropped.
-        slot.restore(Box::new(seed.into_wire()));
     }
     // Deliveries sent and not acknowledged yet, in sequence order.
     let inflight: Mutex<VecDeque<(u64, Box<WireKanban>)>> = Mutex::new(VecDeque::new());
@@ -336,27 +430,12 @@ async fn read_loop(
                 break; // nothing may follow Bye
             }
             match m {
-                ClientMsg::Output(mut k) => {
-                    // Never trust the client's idea of who it is; reuse its string when it is right.
-                    if k.origin.service != slot.service {
-                        k.origin.service.clone_from(&slot.service);
-                    }
-                    k.origin.instance = slot.instance;
-                    if k.process_number == 0 {
-                        k.process_number = slot.instance;
-                    }
-                    if !slot.is_duplicate_output(k.id) {
-                        let id = k.id;
-                        persisted |= shared.router.route(slot, k).await;
-                        slot.remember_output(id);
-                        slot.stats.kanbans_out.fetch_add(1, Ordering::Relaxed);
-                    }
+                ClientMsg::Output(k) => {
+                    persisted |= accept_output(shared, slot, k).await;
                     accepted += 1;
                 }
                 ClientMsg::Ack { upto } => {
-                    let store = shared.router.durable_store(slot);
-                    let archive = shared.router.archive();
-                    let want_ids = store.is_some() || archive.is_some();
+                    let want_ids = ack_wants_ids(shared, slot);
                     let mut ids = Vec::new();
                     let n = {
                         let mut g = inflight.lock().unwrap_or_else(|p| p.into_inner());
@@ -371,21 +450,7 @@ async fn read_loop(
                         }
                         n
                     };
-                    slot.acked(sess, n);
-                    if let Some(a) = archive {
-                        let op = crate::store::ArchiveOp::Acked {
-                            service: slot.service.clone(),
-                            instance: slot.instance,
-                            ids: ids.clone(),
-                            at: crate::store::now_ms(),
-                        };
-                        a.record(op);
-                    }
-                    if let Some(store) = store {
-                        if let Err(e) = store.ack(&slot.service, slot.instance, ids).await {
-                            tracing::error!(service = %slot.service, "ack not persisted: {e}");
-                        }
-                    }
+                    acknowledge(shared, slot, sess, n, ids).await;
                 }
                 ClientMsg::StaticPut { req, topic, kanban } => {
                     let id = shared.statics.put_durable(&topic, *kanban).await;
@@ -420,7 +485,7 @@ async fn read_loop(
 }
 
 /// After a session ends with kanbans still queued, make sure the instance is started again.
-async fn requeue_start(router: &Router, slot: &Slot) {
+pub(crate) async fn requeue_start(router: &Router, slot: &Slot) {
     if slot.depth() > 0 {
         router.request_start(slot).await;
     }

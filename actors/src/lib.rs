@@ -15,6 +15,7 @@ pub mod backend;
 pub mod broker;
 pub mod control;
 pub mod dead;
+pub mod direct;
 pub mod endpoint;
 pub mod mongo;
 pub mod node;

@@ -157,6 +157,61 @@ impl Router {
         }
     }
 
+    /// Routes one output of `from` without waiting, in the common case only: one target on this device, in
+    /// memory (not durable), running or already asked to start, with room in its queue. Anything else (fan-out,
+    /// terminate, dead letters, durable targets, a full queue) gives the kanban back for [`Router::route`]; the
+    /// result is then the same as if `route` had been called directly.
+    ///
+    /// # Errors
+    /// The kanban, when it needs [`Router::route`].
+    pub fn try_route(&self, from: &Slot, mut k: Box<WireKanban>) -> Result<(), Box<WireKanban>> {
+        if k.connection_key == aion_runtime::kanban::TERMINATE_KEY {
+            return Err(k);
+        }
+        let Some(ms) = self.cfg.microservices.get(&from.service) else { return Err(k) };
+        let t = match ms.routes(k.route_key()) {
+            Some([t]) => t,
+            _ => return Err(k),
+        };
+        if !t.device.is_empty() || !k.next_device_name.is_empty() && k.next_device_name != self.cfg.device_name {
+            return Err(k);
+        }
+        let n = t.target_instance(k.process_number);
+        let Some(slot) = self.slot(&t.name, n) else { return Err(k) };
+        if self.durable_store(slot).is_some() || self.archive.is_some() {
+            return Err(k);
+        }
+        k.process_number = n;
+        if k.next_device_name != self.cfg.device_name {
+            k.next_device_name.clone_from(&self.cfg.device_name);
+        }
+        slot.try_push(k)?;
+        self.request_start_now(slot);
+        Ok(())
+    }
+
+    /// [`Router::request_start`] without waiting: when the broker's mailbox is full, a task delivers it.
+    fn request_start_now(&self, slot: &Arc<Slot>) {
+        if slot.connected.load(Ordering::SeqCst) || slot.start_requested.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        let msg = Lifecycle::Start(slot.service.clone(), slot.instance);
+        match self.lifecycle.try_send(msg) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(msg)) => {
+                let tx = self.lifecycle.clone();
+                tokio::spawn(async move {
+                    if tx.send(msg).await.is_err() {
+                        tracing::error!("broker is gone; instance not started");
+                    }
+                });
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                tracing::error!(service = %slot.service, instance = slot.instance, "broker is gone; instance not started");
+            }
+        }
+    }
+
     /// Routes one output of `from`. Returns when every target has queued it (back-pressure); true if any copy
     /// went to the durable store.
     pub async fn route(&self, from: &Slot, k: Box<WireKanban>) -> bool {

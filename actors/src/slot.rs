@@ -73,6 +73,8 @@ pub struct Slot {
     pub start_requested: AtomicBool,
     /// Its service has `delivery: durable` (decided once from the configuration, read on every hop).
     pub durable: bool,
+    /// An output id was ever remembered (until then the duplicate check needs no lock).
+    remembered: AtomicBool,
 }
 
 /// How many output ids per instance are remembered for deduplication.
@@ -103,6 +105,7 @@ impl Slot {
             connected: AtomicBool::new(false),
             start_requested: AtomicBool::new(false),
             durable,
+            remembered: AtomicBool::new(false),
         }
     }
 
@@ -238,6 +241,9 @@ impl Slot {
 
     /// True if `id` was already accepted as an output of this instance (counted as a duplicate).
     pub fn is_duplicate_output(&self, id: KanbanId) -> bool {
+        if !self.remembered.load(Ordering::Acquire) {
+            return false;
+        }
         let dup = self.lock().seen.contains(&id);
         if dup {
             self.stats.duplicates.fetch_add(1, Ordering::Relaxed);
@@ -248,6 +254,7 @@ impl Slot {
     /// Remembers an accepted output id (after it has been routed).
     pub fn remember_output(&self, id: KanbanId) {
         let mut g = self.lock();
+        self.remembered.store(true, Ordering::Release);
         if g.seen.insert(id) {
             g.seen_order.push_back(id);
             if g.seen_order.len() > DEDUP_WINDOW {

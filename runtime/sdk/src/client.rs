@@ -1,6 +1,7 @@
 //! The SDK's session machinery: an I/O task that owns the link (batching writes, reconnecting, resending
 //! unaccepted outputs) and the service loop that feeds kanbans to the user's [`Service`].
 
+use crate::direct::{decode_statics, Port};
 use crate::{Env, Error, Options, Output, Service};
 use aion_runtime::kanban::{Kanban, KanbanId, Metadata, Origin, Value, WireKanban, TERMINATE_KEY};
 use aion_transport::proto::{OutputRef, MAGIC};
@@ -33,7 +34,7 @@ struct Delivery {
     kanban: Box<WireKanban>,
 }
 
-enum Cmd {
+pub(crate) enum Cmd {
     Out(Box<WireKanban>),
     Ack { epoch: u64, seq: u64 },
     Req(ClientMsg, oneshot::Sender<ServerMsg>),
@@ -49,17 +50,45 @@ struct Current {
     outputs: u32,
 }
 
+/// How a [`Ctx`] reaches the runtime.
+pub(crate) enum Conn {
+    /// Through a link, via the I/O task (process services, and in-process services on a link).
+    Link {
+        /// Commands for the I/O task.
+        cmd: mpsc::Sender<Cmd>,
+        /// Output window: outputs that may await acceptance.
+        permits: Arc<Semaphore>,
+    },
+    /// Straight into the runtime (in-process services; see [`crate::direct`]).
+    Direct(Box<dyn Port>),
+}
+
 /// What a handler can do: emit outputs, use static kanbans, terminate, stop.
 pub struct Ctx {
     info: InstanceInfo,
-    cmd: mpsc::Sender<Cmd>,
-    permits: Arc<Semaphore>,
+    conn: Conn,
     current: Option<Current>,
     next_req: u64,
     stop: bool,
 }
 
 impl Ctx {
+    pub(crate) fn new(info: InstanceInfo, conn: Conn) -> Ctx {
+        Ctx { info, conn, current: None, next_req: 0, stop: false }
+    }
+
+    pub(crate) fn stop_requested(&self) -> bool {
+        self.stop
+    }
+
+    /// The port of a direct session (`None` on a link).
+    pub(crate) fn port(&mut self) -> Option<&mut (dyn Port + 'static)> {
+        match &mut self.conn {
+            Conn::Direct(p) => Some(p.as_mut()),
+            Conn::Link { .. } => None,
+        }
+    }
+
     /// This instance.
     pub fn info(&self) -> &InstanceInfo {
         &self.info
@@ -121,8 +150,17 @@ impl Ctx {
     }
 
     async fn send_output(&mut self, k: Kanban) -> Result<(), Error> {
-        self.permits.acquire().await.map_err(|_| Error::Closed)?.forget();
-        self.cmd.send(Cmd::Out(Box::new(k.into_wire()))).await.map_err(|_| Error::Closed)
+        let k = Box::new(k.into_wire());
+        match &mut self.conn {
+            Conn::Link { cmd, permits } => {
+                permits.acquire().await.map_err(|_| Error::Closed)?.forget();
+                cmd.send(Cmd::Out(k)).await.map_err(|_| Error::Closed)
+            }
+            Conn::Direct(port) => match port.try_output(k) {
+                Ok(()) => Ok(()),
+                Err(k) => port.output(k).await,
+            },
+        }
     }
 
     /// Waits until every output emitted so far has been accepted by the runtime — with `delivery: durable`
@@ -131,9 +169,14 @@ impl Ctx {
     /// # Errors
     /// [`Error::Closed`] if the session is gone for good.
     pub async fn flush(&mut self) -> Result<(), Error> {
-        let (tx, rx) = oneshot::channel();
-        self.cmd.send(Cmd::Flush(tx)).await.map_err(|_| Error::Closed)?;
-        rx.await.map_err(|_| Error::Closed)
+        match &mut self.conn {
+            Conn::Link { cmd, .. } => {
+                let (tx, rx) = oneshot::channel();
+                cmd.send(Cmd::Flush(tx)).await.map_err(|_| Error::Closed)?;
+                rx.await.map_err(|_| Error::Closed)
+            }
+            Conn::Direct(port) => port.flush().await,
+        }
     }
 
     /// Sends AION's terminate kanban (this instance has finished its work) and stops after the current kanban.
@@ -152,10 +195,10 @@ impl Ctx {
         self.send_output(k).await
     }
 
-    async fn request(&mut self, make: impl FnOnce(u64) -> ClientMsg) -> Result<ServerMsg, Error> {
-        self.next_req += 1;
+    /// A request/reply exchange with the runtime over the link (direct sessions answer in place).
+    async fn request(cmd: &mpsc::Sender<Cmd>, msg: ClientMsg) -> Result<ServerMsg, Error> {
         let (tx, rx) = oneshot::channel();
-        self.cmd.send(Cmd::Req(make(self.next_req), tx)).await.map_err(|_| Error::Closed)?;
+        cmd.send(Cmd::Req(msg, tx)).await.map_err(|_| Error::Closed)?;
         rx.await.map_err(|_| Error::Closed)
     }
 
@@ -166,9 +209,14 @@ impl Ctx {
     pub async fn static_put(&mut self, topic: &str, out: Output) -> Result<u64, Error> {
         let kanban = Box::new(self.build(out).into_wire());
         let topic = topic.to_owned();
-        match self.request(|req| ClientMsg::StaticPut { req, topic, kanban }).await? {
-            ServerMsg::StaticPutOk { id, .. } => Ok(id),
-            other => Err(Error::Service(format!("unexpected reply {other:?}"))),
+        self.next_req += 1;
+        let req = self.next_req;
+        match &mut self.conn {
+            Conn::Direct(port) => Ok(port.static_put(topic, kanban).await),
+            Conn::Link { cmd, .. } => match Ctx::request(cmd, ClientMsg::StaticPut { req, topic, kanban }).await? {
+                ServerMsg::StaticPutOk { id, .. } => Ok(id),
+                other => Err(Error::Service(format!("unexpected reply {other:?}"))),
+            },
         }
     }
 
@@ -177,19 +225,16 @@ impl Ctx {
     /// # Errors
     /// [`Error::Closed`] if the session is gone.
     pub async fn static_get(&mut self, topic: &str) -> Result<Vec<(u64, Kanban)>, Error> {
-        let name = topic.to_owned();
-        match self.request(|req| ClientMsg::StaticGet { req, topic: name }).await? {
-            ServerMsg::StaticList { entries, .. } => Ok(entries
-                .into_iter()
-                .filter_map(|(id, k)| match k.into_kanban() {
-                    Ok(k) => Some((id, k)),
-                    Err(e) => {
-                        tracing::error!(topic, id, "static kanban with undecodable metadata skipped: {e}");
-                        None
-                    }
-                })
-                .collect()),
-            other => Err(Error::Service(format!("unexpected reply {other:?}"))),
+        self.next_req += 1;
+        let req = self.next_req;
+        match &mut self.conn {
+            Conn::Direct(port) => Ok(decode_statics(topic, port.static_get(topic))),
+            Conn::Link { cmd, .. } => {
+                match Ctx::request(cmd, ClientMsg::StaticGet { req, topic: topic.to_owned() }).await? {
+                    ServerMsg::StaticList { entries, .. } => Ok(decode_statics(topic, entries)),
+                    other => Err(Error::Service(format!("unexpected reply {other:?}"))),
+                }
+            }
         }
     }
 
@@ -199,9 +244,14 @@ impl Ctx {
     /// [`Error::Closed`] if the session is gone.
     pub async fn static_delete(&mut self, topic: &str, id: u64) -> Result<bool, Error> {
         let topic = topic.to_owned();
-        match self.request(|req| ClientMsg::StaticDelete { req, topic, id }).await? {
-            ServerMsg::StaticDeleted { found, .. } => Ok(found),
-            other => Err(Error::Service(format!("unexpected reply {other:?}"))),
+        self.next_req += 1;
+        let req = self.next_req;
+        match &mut self.conn {
+            Conn::Direct(port) => Ok(port.static_delete(topic, id).await),
+            Conn::Link { cmd, .. } => match Ctx::request(cmd, ClientMsg::StaticDelete { req, topic, id }).await? {
+                ServerMsg::StaticDeleted { found, .. } => Ok(found),
+                other => Err(Error::Service(format!("unexpected reply {other:?}"))),
+            },
         }
     }
 
@@ -211,7 +261,10 @@ impl Ctx {
     /// [`Error::Closed`] if the session is gone.
     pub async fn static_subscribe(&mut self, topic: &str) -> Result<mpsc::Receiver<(u64, Kanban)>, Error> {
         let (tx, rx) = mpsc::channel(256);
-        self.cmd.send(Cmd::Sub(topic.to_owned(), tx)).await.map_err(|_| Error::Closed)?;
+        match &mut self.conn {
+            Conn::Direct(port) => port.static_subscribe(topic.to_owned(), tx),
+            Conn::Link { cmd, .. } => cmd.send(Cmd::Sub(topic.to_owned(), tx)).await.map_err(|_| Error::Closed)?,
+        }
         Ok(rx)
     }
 }
@@ -630,7 +683,7 @@ async fn drive<S: Service>(
     };
     let Connected { info, link, early } = conn;
     let io_task = tokio::spawn(io.run(link, cmd_rx, early));
-    let mut ctx = Ctx { info, cmd: cmd_tx.clone(), permits, current: None, next_req: 0, stop: false };
+    let mut ctx = Ctx::new(info, Conn::Link { cmd: cmd_tx.clone(), permits });
     let result = async {
         match AssertUnwindSafe(service.start(&mut ctx)).catch_unwind().await {
             Err(p) => return Err(Error::Service(format!("start panicked: {}", panic_text(&*p)))),
@@ -656,19 +709,7 @@ async fn drive<S: Service>(
                 }
             };
             if let Some(kanban) = kanban {
-                ctx.current = Some(Current {
-                    id: kanban.id,
-                    trace: kanban.trace_id,
-                    start_at: kanban.start_at.clone(),
-                    outputs: 0,
-                });
-                match AssertUnwindSafe(service.handle(kanban, &mut ctx)).catch_unwind().await {
-                    Err(p) => return Err(Error::Service(format!("handler panicked: {}", panic_text(&*p)))),
-                    Ok(Err(Error::Closed)) => return Err(Error::Closed),
-                    Ok(Err(e)) => tracing::error!("handler failed (kanban acknowledged): {e}"),
-                    Ok(Ok(())) => {}
-                }
-                ctx.current = None;
+                handle_one(&mut service, &mut ctx, kanban).await?;
             }
             if cmd_tx.send(Cmd::Ack { epoch: d.epoch, seq: d.seq }).await.is_err() {
                 return Err(Error::Closed);
@@ -691,6 +732,25 @@ async fn drive<S: Service>(
     result
 }
 
-fn panic_text(p: &(dyn std::any::Any + Send)) -> String {
+/// Runs the handler on one kanban. A handler error is logged (the kanban counts as handled); a panic or a
+/// closed session is returned.
+pub(crate) async fn handle_one<S: Service>(service: &mut S, ctx: &mut Ctx, kanban: Kanban) -> Result<(), Error> {
+    use futures::FutureExt as _;
+    ctx.current =
+        Some(Current { id: kanban.id, trace: kanban.trace_id, start_at: kanban.start_at.clone(), outputs: 0 });
+    let r = match AssertUnwindSafe(service.handle(kanban, ctx)).catch_unwind().await {
+        Err(p) => Err(Error::Service(format!("handler panicked: {}", panic_text(&*p)))),
+        Ok(Err(Error::Closed)) => Err(Error::Closed),
+        Ok(Err(e)) => {
+            tracing::error!("handler failed (kanban acknowledged): {e}");
+            Ok(())
+        }
+        Ok(Ok(())) => Ok(()),
+    };
+    ctx.current = None;
+    r
+}
+
+pub(crate) fn panic_text(p: &(dyn std::any::Any + Send)) -> String {
     aion_runtime::actor::panic_message(p)
 }

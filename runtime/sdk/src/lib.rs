@@ -24,16 +24,19 @@
 //! so a crash means redelivery (at-least-once). Outputs produced while handling a kanban get ids derived from
 //! the input's id, so the runtime drops the duplicates a redelivery would otherwise create.
 //!
-//! The same service runs in-process with [`run_on_link`] (the runtime does this for services registered
-//! with it), which skips sockets and encoding.
+//! The same service runs in-process: the runtime runs services registered with it through [`run_direct`],
+//! which routes outputs from the service's own task straight into the next queues (no sockets, no encoding, no
+//! session tasks); [`run_on_link`] runs it on an in-memory link instead.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
 mod client;
+pub mod direct;
 
 pub use aion_runtime::kanban::{metadata_from_json, metadata_to_json, Metadata, Value};
 pub use aion_runtime::{Kanban, KanbanId};
 pub use client::{run_on_link, Ctx, InstanceInfo};
+pub use direct::{run_direct, Port};
 
 use std::future::Future;
 use std::path::PathBuf;
