@@ -106,11 +106,8 @@ impl Service for Ping {
 struct Forward;
 impl Service for Forward {
     async fn handle(&mut self, k: Kanban, ctx: &mut Ctx) -> Result<(), Error> {
-        let mut out = Output::new();
-        for (key, v) in k.metadata {
-            out = out.meta(key, v);
-        }
-        ctx.emit(out).await
+        // Forwarded as received: the metadata is never decoded here.
+        ctx.emit(Output::new().with_metadata(k.metadata)).await
     }
 }
 
@@ -378,7 +375,7 @@ impl Drop for BenchRedis {
 
 /// A kanban as the archive sees it: ~100 bytes of metadata.
 fn archive_kanban(i: u64) -> aion::runtime::WireKanban {
-    let mut k = Kanban { id: aion::runtime::KanbanId(u128::from(i) + 1), ..Kanban::default() };
+    let mut k = aion::runtime::Kanban { id: aion::runtime::KanbanId(u128::from(i) + 1), ..Default::default() };
     k.trace_id = k.id;
     k.origin = aion::runtime::Origin { service: "source".into(), instance: 1 };
     k.metadata = aion::runtime::kanban::metadata_from_json(serde_json::json!({

@@ -104,6 +104,9 @@ pub struct StoreReport {
     pub errors: u64,
     /// The last store error.
     pub last_error: Option<String>,
+    /// Acknowledgements for kanbans the store did not hold (logged).
+    #[serde(default)]
+    pub unknown_acks: u64,
     /// Archive rows written by the replicator.
     #[serde(default)]
     pub archived: u64,

@@ -8,7 +8,8 @@
 
 use crate::endpoint::{ack_wants_ids, acknowledge, admit_output, requeue_start, Opened, Outgoing, Shared};
 use crate::slot::Slot;
-use aion_runtime::kanban::{Kanban, KanbanId, WireKanban};
+use aion_runtime::kanban::{KanbanId, WireKanban};
+use aion_sdk::Kanban;
 use aion_sdk::{Error, InstanceInfo, Port};
 use aion_transport::ServerMsg;
 use futures::future::BoxFuture;
@@ -80,7 +81,7 @@ impl DirectSession {
 }
 
 impl Port for DirectSession {
-    fn take<'a>(&'a mut self, out: &'a mut Vec<Option<Kanban>>) -> BoxFuture<'a, bool> {
+    fn take<'a>(&'a mut self, out: &'a mut Vec<Kanban>) -> BoxFuture<'a, bool> {
         Box::pin(async move {
             self.slot.take(self.sess, WINDOW, &mut self.taken).await;
             if self.taken.is_empty() {
@@ -88,14 +89,7 @@ impl Port for DirectSession {
                 return false;
             }
             for k in self.taken.drain(..) {
-                out.push(match k.to_kanban() {
-                    Ok(d) => Some(d),
-                    Err(e) => {
-                        tracing::error!(service = %self.slot.service, kanban = %k.id,
-                            "kanban with undecodable metadata acknowledged without handling: {e}");
-                        None
-                    }
-                });
+                out.push(k.to_lazy());
                 self.inflight.push_back(k);
             }
             true
@@ -165,14 +159,9 @@ impl Port for DirectSession {
         self.shared.statics.subscribe(&topic, otx);
         tokio::spawn(async move {
             while let Some(o) = orx.recv().await {
-                let Outgoing::Msg(ServerMsg::StaticEvent { topic, id, kanban }) = o else { continue };
-                match kanban.into_kanban() {
-                    Ok(k) => {
-                        if tx.send((id, k)).await.is_err() {
-                            return;
-                        }
-                    }
-                    Err(e) => tracing::error!(topic, id, "static kanban with undecodable metadata skipped: {e}"),
+                let Outgoing::Msg(ServerMsg::StaticEvent { id, kanban, .. }) = o else { continue };
+                if tx.send((id, kanban.into_lazy())).await.is_err() {
+                    return;
                 }
             }
         });

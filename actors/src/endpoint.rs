@@ -157,7 +157,11 @@ pub(crate) async fn accept_output(shared: &Shared, slot: &Slot, mut k: Box<WireK
         return false;
     }
     let id = k.id;
-    let persisted = shared.router.route(slot, k).await;
+    // The common case routes without a future: one local in-memory target with room in its queue.
+    let persisted = match shared.router.try_route(slot, k) {
+        Ok(()) => false,
+        Err(k) => shared.router.route(slot, k).await,
+    };
     slot.remember_output(id);
     slot.stats.kanbans_out.fetch_add(1, Ordering::Relaxed);
     persisted

@@ -393,6 +393,7 @@ async fn report(s: &Shared) -> StatusReport {
             enqueued: st.stats.enqueued.load(Ordering::Relaxed),
             acked: st.stats.acked.load(Ordering::Relaxed),
             errors: st.stats.errors.load(Ordering::Relaxed),
+            unknown_acks: st.stats.unknown_acks.load(Ordering::Relaxed),
             last_error: st.stats.last_error.lock().ok().and_then(|l| l.clone()),
             archived: st.stats.archived.load(Ordering::Relaxed),
             archive_dropped: s.router.archive().map_or(0, |a| a.dropped.load(Ordering::Relaxed)),

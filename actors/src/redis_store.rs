@@ -467,7 +467,12 @@ impl Writer {
                             self.run(&mut conn, &mut b).await?;
                         }
                         // Forgotten only once the XACK succeeded: a failed batch is retried whole.
-                        let Some((key, eid)) = self.pending.get(&slot).cloned() else { continue };
+                        let Some((key, eid)) = self.pending.get(&slot).cloned() else {
+                            tracing::warn!(service = %slot.0, instance = slot.1, kanban = %slot.2,
+                                "acknowledgement for an entry this store does not hold (already acknowledged?)");
+                            self.stats.unknown_acks.fetch_add(1, Ordering::Relaxed);
+                            continue;
+                        };
                         b.pipe.cmd("XACK").arg(&key).arg(GROUP).arg(&eid);
                         b.replies.push(Reply::Acked(slot));
                         if self.retain == 0 {

@@ -282,3 +282,76 @@ impl Router {
         persisted
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use aion_runtime::config::load_str;
+    use aion_runtime::kanban::{Kanban, Metadata, Origin, Value, TERMINATE_KEY};
+
+    const YAML: &str = "deviceName: here\ndevices:\n  there: {addr: 10.0.0.2}\nmicroservices:\n  src:\n    nextService:\n      default: [{name: a}]\n      both: [{name: a}, {name: b}]\n      far: [{name: b, device: there}]\n      tosave: [{name: saved}]\n  a:\n    delivery: memory\n  b:\n    delivery: memory\n  saved: {}\n";
+
+    fn router(capacity: usize) -> (Router, mpsc::Receiver<Lifecycle>) {
+        let cfg = load_str("t.yml", YAML).config.expect("valid");
+        let (tx, rx) = mpsc::channel(16);
+        (Router::new(Arc::new(cfg), capacity, tx), rx)
+    }
+
+    fn out(key: &str) -> Box<WireKanban> {
+        let k = Kanban {
+            origin: Origin { service: "src".into(), instance: 1 },
+            connection_key: key.into(),
+            process_number: 1,
+            ..Kanban::default()
+        };
+        Box::new(k.into_wire())
+    }
+
+    #[tokio::test]
+    async fn try_route_takes_the_common_case_and_asks_for_a_start() {
+        let (r, mut lc) = router(8);
+        let from = r.slot("src", 1).expect("slot").clone();
+        assert!(r.try_route(&from, out("")).is_ok());
+        let a = r.slot("a", 1).expect("slot");
+        assert_eq!(a.depth(), 1);
+        assert_eq!(lc.try_recv().ok(), Some(Lifecycle::Start("a".into(), 1)), "a is not running: start it");
+        assert!(r.try_route(&from, out("default")).is_ok());
+        assert!(lc.try_recv().is_err(), "one start request while it is pending");
+        let sess = a.open_session().expect("session");
+        let mut got = Vec::new();
+        a.take(sess, 8, &mut got).await;
+        assert_eq!(got.len(), 2);
+        assert_eq!((got[0].process_number, got[0].next_device_name.as_str()), (1, "here"));
+    }
+
+    #[tokio::test]
+    async fn try_route_declines_what_needs_the_full_router() {
+        let (r, _lc) = router(1);
+        let from = r.slot("src", 1).expect("slot").clone();
+        // Fan-out, a remote device, and a full queue are left to `route`.
+        assert!(r.try_route(&from, out("both")).is_err());
+        assert!(r.try_route(&from, out("far")).is_err());
+        assert!(r.try_route(&from, out("")).is_ok());
+        assert!(r.try_route(&from, out("")).is_err(), "a's queue (capacity 1) is full");
+        // Terminate kanbans and unknown keys (dead letters) too.
+        let mut md = Metadata::new();
+        md.insert("type".into(), Value::from("terminate"));
+        let t = Kanban { connection_key: TERMINATE_KEY.into(), metadata: md, ..Kanban::default() };
+        assert!(r.try_route(&from, Box::new(t.into_wire())).is_err());
+        let (r2, _lc2) = router(8);
+        let lonely = r2.slot("a", 1).expect("slot").clone();
+        assert!(r2.try_route(&lonely, out("")).is_err(), "a has no nextService: a dead letter");
+    }
+
+    #[tokio::test]
+    async fn try_route_leaves_durable_targets_to_the_store_path() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let (store, _) = Store::open(&dir.path().join("aion.db"), &dir.path().join("archive.db"), Default::default())
+            .expect("store");
+        let (r, _lc) = router(8);
+        let r = r.with_store(store);
+        let from = r.slot("src", 1).expect("slot").clone();
+        assert!(r.try_route(&from, out("tosave")).is_err(), "saved is durable (the default)");
+        assert!(r.try_route(&from, out("")).is_ok(), "a is memory");
+    }
+}

@@ -347,6 +347,8 @@ pub struct StoreStats {
     pub archived: AtomicU64,
     /// Failed commit attempts (each retried).
     pub errors: AtomicU64,
+    /// Acknowledgements for kanbans the store did not hold (logged; nothing to delete).
+    pub unknown_acks: AtomicU64,
     /// The last error, if any.
     pub last_error: Mutex<Option<String>>,
 }

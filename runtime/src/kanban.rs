@@ -322,6 +322,164 @@ pub struct Kanban<M = Metadata> {
 /// The kanban as the runtime carries it: routing fields decoded, metadata left encoded.
 pub type WireKanban = Kanban<MetadataBytes>;
 
+/// Metadata that stays encoded until it is read: what a service receives. Reading (`Deref` to [`Metadata`]:
+/// `k.metadata.get("x")`, `k.metadata["x"]`, iteration) decodes it once; changing it (`DerefMut`) drops the
+/// encoded form. Forwarding it untouched into an output re-uses the received bytes: no decode, no encode.
+///
+/// Metadata that cannot be decoded (only a broken or hostile client can send it) reads as an empty object, and
+/// the failure is logged.
+///
+/// # Examples
+/// ```
+/// use aion_runtime::kanban::{LazyMetadata, Metadata, MetadataBytes, Value};
+/// let mut m = Metadata::new();
+/// m.insert("seq".into(), Value::U64(7));
+/// let lazy = LazyMetadata::from_bytes(MetadataBytes::encode(&m));
+/// assert_eq!(lazy["seq"], Value::U64(7));
+/// assert_eq!(lazy.into_bytes(), MetadataBytes::encode(&m)); // the received bytes, not re-encoded
+/// ```
+#[derive(Default)]
+pub struct LazyMetadata {
+    /// The encoded form, while it matches the map (dropped on the first mutable access).
+    raw: Option<MetadataBytes>,
+    map: std::sync::OnceLock<Metadata>,
+}
+
+impl LazyMetadata {
+    /// Metadata as received, decoded on first read.
+    pub fn from_bytes(bytes: MetadataBytes) -> LazyMetadata {
+        LazyMetadata { raw: Some(bytes), map: std::sync::OnceLock::new() }
+    }
+
+    /// Already decoded metadata.
+    pub fn from_map(map: Metadata) -> LazyMetadata {
+        LazyMetadata { raw: None, map: std::sync::OnceLock::from(map) }
+    }
+
+    fn decoded(&self) -> &Metadata {
+        self.map.get_or_init(|| decode_or_empty(self.raw.as_ref()))
+    }
+
+    /// True until the metadata is decoded (it has not been read).
+    pub fn is_encoded(&self) -> bool {
+        self.map.get().is_none()
+    }
+
+    /// The encoded form: the received bytes when the metadata was not changed, else a fresh encoding.
+    pub fn into_bytes(self) -> MetadataBytes {
+        match (self.raw, self.map.into_inner()) {
+            (Some(b), _) => b,
+            (None, Some(m)) => MetadataBytes::encode(&m),
+            (None, None) => MetadataBytes::default(),
+        }
+    }
+
+    /// The decoded map.
+    pub fn into_map(self) -> Metadata {
+        self.decoded();
+        self.map.into_inner().unwrap_or_default()
+    }
+}
+
+impl std::ops::Deref for LazyMetadata {
+    type Target = Metadata;
+    fn deref(&self) -> &Metadata {
+        self.decoded()
+    }
+}
+
+impl std::ops::DerefMut for LazyMetadata {
+    fn deref_mut(&mut self) -> &mut Metadata {
+        let map = match self.map.take() {
+            Some(m) => m,
+            None => decode_or_empty(self.raw.as_ref()),
+        };
+        self.raw = None;
+        self.map = std::sync::OnceLock::from(map);
+        #[allow(clippy::expect_used)]
+        self.map.get_mut().expect("the cell was set on the line above")
+    }
+}
+
+static UNDECODABLE: AtomicU64 = AtomicU64::new(0);
+
+/// How many received metadata objects could not be decoded in this process (each read as empty, and logged).
+pub fn undecodable_metadata() -> u64 {
+    UNDECODABLE.load(Ordering::Relaxed)
+}
+
+fn decode_or_empty(raw: Option<&MetadataBytes>) -> Metadata {
+    match raw {
+        Some(b) => b.decode().unwrap_or_else(|e| {
+            UNDECODABLE.fetch_add(1, Ordering::Relaxed);
+            tracing::error!("kanban metadata cannot be decoded ({} bytes), read as empty: {e}", b.0.len());
+            Metadata::new()
+        }),
+        None => Metadata::new(),
+    }
+}
+
+impl Clone for LazyMetadata {
+    fn clone(&self) -> Self {
+        LazyMetadata { raw: self.raw.clone(), map: self.map.clone() }
+    }
+}
+
+impl fmt::Debug for LazyMetadata {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(self.decoded(), f)
+    }
+}
+
+impl PartialEq for LazyMetadata {
+    fn eq(&self, other: &Self) -> bool {
+        match (&self.raw, &other.raw) {
+            (Some(a), Some(b)) if a == b => true,
+            _ => self.decoded() == other.decoded(),
+        }
+    }
+}
+
+impl From<Metadata> for LazyMetadata {
+    fn from(m: Metadata) -> Self {
+        LazyMetadata::from_map(m)
+    }
+}
+
+impl IntoIterator for LazyMetadata {
+    type Item = (String, Value);
+    type IntoIter = std::collections::btree_map::IntoIter<String, Value>;
+    fn into_iter(self) -> Self::IntoIter {
+        self.into_map().into_iter()
+    }
+}
+
+impl<'a> IntoIterator for &'a LazyMetadata {
+    type Item = (&'a String, &'a Value);
+    type IntoIter = std::collections::btree_map::Iter<'a, String, Value>;
+    fn into_iter(self) -> Self::IntoIter {
+        self.decoded().iter()
+    }
+}
+
+impl Serialize for LazyMetadata {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        if s.is_human_readable() {
+            return self.decoded().serialize(s);
+        }
+        match &self.raw {
+            Some(b) => b.serialize(s),
+            None => MetadataBytes::encode(self.decoded()).serialize(s),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for LazyMetadata {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        Ok(LazyMetadata::from_bytes(MetadataBytes::deserialize(d)?))
+    }
+}
+
 /// Metadata encoded with postcard, carried opaquely. Serialises as a byte string in binary formats (one copy,
 /// no tree of allocations) and as the decoded JSON object in human-readable ones.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -418,6 +576,20 @@ impl Kanban {
     }
 }
 
+impl From<Kanban> for Kanban<LazyMetadata> {
+    /// A decoded kanban as a service receives one (e.g. to call a handler in a unit test).
+    fn from(k: Kanban) -> Self {
+        k.map_metadata(LazyMetadata::from_map)
+    }
+}
+
+impl Kanban<LazyMetadata> {
+    /// The wire form: the received metadata bytes when the metadata was not changed, else a fresh encoding.
+    pub fn into_wire(self) -> WireKanban {
+        self.map_metadata(LazyMetadata::into_bytes)
+    }
+}
+
 impl WireKanban {
     /// Decodes the metadata.
     ///
@@ -447,6 +619,30 @@ impl WireKanban {
             file_list: self.file_list.clone(),
             metadata: self.metadata.decode()?,
         })
+    }
+
+    /// The kanban as a service receives it: metadata left encoded until read. No decoding, no copy.
+    pub fn into_lazy(self) -> Kanban<LazyMetadata> {
+        self.map_metadata(LazyMetadata::from_bytes)
+    }
+
+    /// A copy as a service receives it (the metadata bytes are copied, not decoded), leaving this kanban as it
+    /// is: an in-process session keeps the original for redelivery.
+    pub fn to_lazy(&self) -> Kanban<LazyMetadata> {
+        Kanban {
+            id: self.id,
+            trace_id: self.trace_id,
+            origin: self.origin.clone(),
+            start_at: self.start_at.clone(),
+            finish_at: self.finish_at.clone(),
+            next_device_name: self.next_device_name.clone(),
+            connection_key: self.connection_key.clone(),
+            process_number: self.process_number,
+            prior_success: self.prior_success,
+            data_path: self.data_path.clone(),
+            file_list: self.file_list.clone(),
+            metadata: LazyMetadata::from_bytes(self.metadata.clone()),
+        }
     }
 
     /// True for AION's terminate kanban; decodes the metadata only when the connection key says it may be one.
@@ -567,6 +763,57 @@ impl Kanban {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn sample() -> Metadata {
+        let mut m = Metadata::new();
+        m.insert("seq".into(), Value::U64(7));
+        m.insert("text".into(), Value::from("hi"));
+        m
+    }
+
+    #[test]
+    fn lazy_metadata_forwards_the_received_bytes_undecoded() {
+        let bytes = MetadataBytes::encode(&sample());
+        let lazy = LazyMetadata::from_bytes(bytes.clone());
+        assert!(lazy.is_encoded());
+        let copy = lazy.clone();
+        assert_eq!(copy.into_bytes(), bytes, "untouched: the same bytes");
+        assert_eq!(lazy["seq"], Value::U64(7), "reads decode");
+        assert!(!lazy.is_encoded());
+        assert_eq!(lazy.into_bytes(), bytes, "read but unchanged: still the received bytes");
+    }
+
+    #[test]
+    fn lazy_metadata_changes_are_encoded() {
+        let mut lazy = LazyMetadata::from_bytes(MetadataBytes::encode(&sample()));
+        lazy.insert("more".into(), Value::Bool(true));
+        let mut want = sample();
+        want.insert("more".into(), Value::Bool(true));
+        assert_eq!(lazy.clone().into_bytes().decode().ok(), Some(want.clone()));
+        assert_eq!(lazy.into_iter().collect::<Metadata>(), want);
+        let k: Kanban<LazyMetadata> = Kanban { metadata: sample(), ..Kanban::default() }.into();
+        assert_eq!(k.into_wire().metadata.decode().ok(), Some(sample()));
+    }
+
+    #[test]
+    fn undecodable_metadata_reads_as_empty_and_is_counted() {
+        let before = undecodable_metadata();
+        let lazy = LazyMetadata::from_bytes(MetadataBytes(vec![0xff, 0xff, 0xff]));
+        assert!(lazy.is_empty());
+        assert!(undecodable_metadata() > before);
+        assert_eq!(lazy.into_bytes(), MetadataBytes(vec![0xff, 0xff, 0xff]), "passed on as received");
+    }
+
+    #[test]
+    fn lazy_kanbans_cross_the_wire_as_wire_kanbans() {
+        let k = Kanban { metadata: sample(), ..Kanban::default() }.into_wire();
+        let bytes = postcard::to_stdvec(&k).unwrap_or_default();
+        let lazy: Kanban<LazyMetadata> = postcard::from_bytes(&bytes).expect("decodes");
+        assert_eq!(lazy.metadata["text"], Value::from("hi"));
+        assert_eq!(postcard::to_stdvec(&lazy).unwrap_or_default(), bytes, "same encoding both ways");
+        let json = serde_json::to_value(&lazy).expect("json");
+        assert_eq!(json["metadata"]["seq"], serde_json::json!(7));
+    }
     use proptest::prelude::*;
 
     #[test]

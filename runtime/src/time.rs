@@ -12,7 +12,20 @@ use std::time::{SystemTime, UNIX_EPOCH};
 /// ```
 pub fn rfc3339_now() -> String {
     let d = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
-    rfc3339_from_unix_millis(d.as_millis() as i64)
+    let ms = d.as_millis() as i64;
+    // A source stamps every kanban it emits: format once per millisecond and thread, clone after that.
+    thread_local! {
+        static LAST: std::cell::RefCell<(i64, String)> = const { std::cell::RefCell::new((i64::MIN, String::new())) };
+    }
+    LAST.with(|last| match last.try_borrow_mut() {
+        Ok(mut l) => {
+            if l.0 != ms {
+                *l = (ms, rfc3339_from_unix_millis(ms));
+            }
+            l.1.clone()
+        }
+        Err(_) => rfc3339_from_unix_millis(ms),
+    })
 }
 
 /// Milliseconds since the Unix epoch, as RFC 3339 UTC.

@@ -250,11 +250,8 @@ impl Service for AionSource {
 struct AionForward;
 impl Service for AionForward {
     async fn handle(&mut self, k: Kanban, ctx: &mut Ctx) -> Result<(), Error> {
-        let mut out = Output::new();
-        for (key, v) in k.metadata {
-            out = out.meta(key, v);
-        }
-        ctx.emit(out).await
+        // Forwarded as received: the metadata is never decoded here.
+        ctx.emit(Output::new().with_metadata(k.metadata)).await
     }
 }
 
@@ -875,6 +872,8 @@ fn start_server(sys: &str) -> Res<Server> {
             let dist = free_port()?;
             let c = Command::new("/usr/lib/rabbitmq/bin/rabbitmq-server")
                 .process_group(0)
+                // Erlang writes its crash dumps (MnesiaCore.*) to the working directory when the node is killed.
+                .current_dir(dir.path())
                 .env("HOME", dir.path())
                 .env("RABBITMQ_NODENAME", format!("bench{port}@localhost"))
                 .env("RABBITMQ_NODE_PORT", port.to_string())

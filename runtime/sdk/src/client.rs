@@ -2,8 +2,9 @@
 //! unaccepted outputs) and the service loop that feeds kanbans to the user's [`Service`].
 
 use crate::direct::{decode_statics, Port};
+use crate::Kanban;
 use crate::{Env, Error, Options, Output, Service};
-use aion_runtime::kanban::{Kanban, KanbanId, Metadata, Origin, Value, WireKanban, TERMINATE_KEY};
+use aion_runtime::kanban::{KanbanId, Metadata, Origin, Value, WireKanban, TERMINATE_KEY};
 use aion_transport::proto::{OutputRef, MAGIC};
 use aion_transport::{unix_split, ClientMsg, Hello, LinkReader, LinkWriter, ServerMsg, PROTOCOL_VERSION};
 use std::collections::{HashMap, VecDeque};
@@ -189,7 +190,7 @@ impl Ctx {
         md.insert("name".into(), Value::from(self.info.service.clone()));
         md.insert("number".into(), Value::from(self.info.instance.to_string()));
         let mut out = Output::new().key(TERMINATE_KEY);
-        out.metadata = md;
+        out.metadata = md.into();
         let k = self.build(out);
         self.stop = true;
         self.send_output(k).await
@@ -228,10 +229,10 @@ impl Ctx {
         self.next_req += 1;
         let req = self.next_req;
         match &mut self.conn {
-            Conn::Direct(port) => Ok(decode_statics(topic, port.static_get(topic))),
+            Conn::Direct(port) => Ok(decode_statics(port.static_get(topic))),
             Conn::Link { cmd, .. } => {
                 match Ctx::request(cmd, ClientMsg::StaticGet { req, topic: topic.to_owned() }).await? {
-                    ServerMsg::StaticList { entries, .. } => Ok(decode_statics(topic, entries)),
+                    ServerMsg::StaticList { entries, .. } => Ok(decode_statics(entries)),
                     other => Err(Error::Service(format!("unexpected reply {other:?}"))),
                 }
             }
@@ -559,13 +560,7 @@ impl Io {
                     }
                 }
                 ServerMsg::StaticEvent { topic, id, kanban } => {
-                    let kanban = match (*kanban).into_kanban() {
-                        Ok(k) => k,
-                        Err(e) => {
-                            tracing::error!(topic, id, "static kanban with undecodable metadata skipped: {e}");
-                            continue;
-                        }
-                    };
+                    let kanban = (*kanban).into_lazy();
                     self.subs.retain(|(t, tx)| {
                         if *t != topic {
                             return true;
@@ -684,6 +679,8 @@ async fn drive<S: Service>(
     let Connected { info, link, early } = conn;
     let io_task = tokio::spawn(io.run(link, cmd_rx, early));
     let mut ctx = Ctx::new(info, Conn::Link { cmd: cmd_tx.clone(), permits });
+    let mut deferred_ack: Option<Cmd> = None;
+    let deferred = &mut deferred_ack;
     let result = async {
         match AssertUnwindSafe(service.start(&mut ctx)).catch_unwind().await {
             Err(p) => return Err(Error::Service(format!("start panicked: {}", panic_text(&*p)))),
@@ -700,19 +697,15 @@ async fn drive<S: Service>(
             if d.epoch != epoch.load(Ordering::SeqCst) {
                 continue; // from a session that has ended: the runtime redelivers it
             }
-            let kanban = match (*d.kanban).into_kanban() {
-                Ok(k) => Some(k),
-                Err(e) => {
-                    // Only a broken or hostile client can produce this; do not let it wedge the queue.
-                    tracing::error!("kanban with undecodable metadata acknowledged without handling: {e}");
-                    None
+            // Metadata stays encoded until the service reads it (undecodable metadata reads as empty, logged).
+            handle_one(&mut service, &mut ctx, (*d.kanban).into_lazy()).await?;
+            // Acks are cumulative: while more deliveries are already waiting, the next one's ack covers this
+            // one (one channel message per burst instead of one per kanban). Never deferred across a wait.
+            *deferred = Some(Cmd::Ack { epoch: d.epoch, seq: d.seq });
+            if deliver_rx.is_empty() || ctx.stop {
+                if let Some(ack) = deferred.take() {
+                    cmd_tx.send(ack).await.map_err(|_| Error::Closed)?;
                 }
-            };
-            if let Some(kanban) = kanban {
-                handle_one(&mut service, &mut ctx, kanban).await?;
-            }
-            if cmd_tx.send(Cmd::Ack { epoch: d.epoch, seq: d.seq }).await.is_err() {
-                return Err(Error::Closed);
             }
         }
         Ok(())
@@ -720,6 +713,9 @@ async fn drive<S: Service>(
     .await;
     let clean = result.is_ok();
     if clean {
+        if let Some(ack) = deferred_ack.take() {
+            let _ = cmd_tx.send(ack).await;
+        }
         let _ = cmd_tx.send(Cmd::Bye).await;
     }
     drop(cmd_tx);

@@ -8,8 +8,9 @@
 //! Services never implement [`Port`]; the runtime does (`aion_actors`), and runs the service with [`run_direct`].
 
 use crate::client::{handle_one, Conn, Ctx};
+use crate::Kanban;
 use crate::{Error, InstanceInfo, Service};
-use aion_runtime::kanban::{Kanban, WireKanban};
+use aion_runtime::kanban::WireKanban;
 use futures::future::BoxFuture;
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
@@ -17,13 +18,12 @@ use tokio::sync::mpsc;
 
 /// The runtime side of an in-process session. Calls come from one task, in order.
 pub trait Port: Send {
-    /// Waits until kanbans are available for this instance, appends them decoded to `out` (`None` for one whose
-    /// metadata cannot be decoded: it is logged by the port and acknowledged without handling), and returns true;
-    /// false when the session has ended (replaced by a newer one).
+    /// Waits until kanbans are available for this instance, appends them to `out` (metadata left encoded), and
+    /// returns true; false when the session has ended (replaced by a newer one).
     ///
     /// # Cancel safety
     /// Must be cancel safe: nothing is taken unless the future completes.
-    fn take<'a>(&'a mut self, out: &'a mut Vec<Option<Kanban>>) -> BoxFuture<'a, bool>;
+    fn take<'a>(&'a mut self, out: &'a mut Vec<Kanban>) -> BoxFuture<'a, bool>;
 
     /// Routes one output of this instance now if that needs no waiting (the common case); otherwise gives it
     /// back for [`Port::output`].
@@ -83,7 +83,7 @@ pub async fn run_direct<S: Service>(
         Ok(Ok(())) => {}
     }
     tokio::pin!(shutdown);
-    let mut batch: Vec<Option<Kanban>> = Vec::new();
+    let mut batch: Vec<Kanban> = Vec::new();
     while !ctx.stop_requested() {
         let more = {
             let port = ctx.port().ok_or(Error::Closed)?;
@@ -100,11 +100,9 @@ pub async fn run_direct<S: Service>(
         let mut handled = 0;
         let mut failed = None;
         for k in batch.drain(..) {
-            if let Some(k) = k {
-                if let Err(e) = handle_one(&mut service, &mut ctx, k).await {
-                    failed = Some(e);
-                    break;
-                }
+            if let Err(e) = handle_one(&mut service, &mut ctx, k).await {
+                failed = Some(e);
+                break;
             }
             handled += 1;
             if ctx.stop_requested() {
@@ -122,16 +120,7 @@ pub async fn run_direct<S: Service>(
     ctx.port().ok_or(Error::Closed)?.flush().await
 }
 
-/// Decodes static entries for the service, skipping (and logging) undecodable ones.
-pub(crate) fn decode_statics(topic: &str, entries: Vec<(u64, WireKanban)>) -> Vec<(u64, Kanban)> {
-    entries
-        .into_iter()
-        .filter_map(|(id, k)| match k.into_kanban() {
-            Ok(k) => Some((id, k)),
-            Err(e) => {
-                tracing::error!(topic, id, "static kanban with undecodable metadata skipped: {e}");
-                None
-            }
-        })
-        .collect()
+/// Static entries as the service receives them (metadata decoded on first read).
+pub(crate) fn decode_statics(entries: Vec<(u64, WireKanban)>) -> Vec<(u64, Kanban)> {
+    entries.into_iter().map(|(id, k)| (id, k.into_lazy())).collect()
 }

@@ -33,8 +33,13 @@
 mod client;
 pub mod direct;
 
-pub use aion_runtime::kanban::{metadata_from_json, metadata_to_json, Metadata, Value};
-pub use aion_runtime::{Kanban, KanbanId};
+pub use aion_runtime::kanban::{metadata_from_json, metadata_to_json, LazyMetadata, Metadata, Value};
+pub use aion_runtime::KanbanId;
+
+/// A kanban as a service receives it. Its metadata is decoded on first read (`k.metadata.get("x")`,
+/// `k.metadata["x"]`), so a service that forwards it untouched ([`Output::with_metadata`]) never decodes or
+/// re-encodes it.
+pub type Kanban = aion_runtime::Kanban<LazyMetadata>;
 pub use client::{run_on_link, Ctx, InstanceInfo};
 pub use direct::{run_direct, Port};
 
@@ -91,7 +96,7 @@ pub trait Service: Send + 'static {
 #[derive(Debug, Clone, Default)]
 pub struct Output {
     pub(crate) key: Option<String>,
-    pub(crate) metadata: Metadata,
+    pub(crate) metadata: LazyMetadata,
     pub(crate) file_list: Vec<String>,
     pub(crate) data_path: String,
     pub(crate) process_number: Option<u32>,
@@ -111,7 +116,13 @@ impl Output {
     }
     /// Replaces the metadata with a JSON object (`SetMetadata`).
     pub fn metadata(mut self, json: serde_json::Value) -> Output {
-        self.metadata = metadata_from_json(json);
+        self.metadata = metadata_from_json(json).into();
+        self
+    }
+    /// Replaces the metadata, e.g. with an input's to forward it: `Output::new().with_metadata(k.metadata)`.
+    /// Metadata that was received and not changed is passed on as the bytes that arrived (never decoded).
+    pub fn with_metadata(mut self, metadata: impl Into<LazyMetadata>) -> Output {
+        self.metadata = metadata.into();
         self
     }
     /// Sets one metadata field.
