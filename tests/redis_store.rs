@@ -124,6 +124,36 @@ fn kanbans_aion_left_in_redis_are_delivered() {
     assert_eq!(rt.stop(), 0);
 }
 
+/// An entry that appears in one of our streams while the runtime runs (in practice: the last pipeline of a run
+/// killed mid-write, executed by Redis after this run's recovery scan) is adopted and delivered, not left
+/// pending in Redis with nobody to acknowledge it.
+#[test]
+fn entries_written_behind_a_running_store_are_adopted_and_delivered() {
+    let redis = Redis::start();
+    let mut rt = Runtime::start_with_args(&slow(0), &["--store", &redis.url()]);
+    rt.send("slow", &["--metadata", r#"{"seq":1}"#]);
+    rt.wait_lines("slow.jsonl", 1);
+    redis.cli(&[
+        "XADD",
+        "kanban:before:slow:001",
+        "*",
+        "kanban",
+        r#"{"connectionKey":"default","processNumber":1,"priorSuccess":true,"metadata":{"seq":99}}"#,
+    ]);
+    // The next write to the stream reads the stray entry into our pending list with its own.
+    rt.send("slow", &["--metadata", r#"{"seq":2}"#]);
+    let lines = rt.wait_lines("slow.jsonl", 3);
+    let mut seqs: Vec<i64> = lines.iter().filter_map(|l| l["metadata"]["seq"].as_i64()).collect();
+    seqs.sort_unstable();
+    assert_eq!(seqs, vec![1, 2, 99]);
+    let s = rt.wait_status("stray entry counted", |s| s["store"]["stray_entries"] == 1);
+    assert!(rt.stderr().contains("entry written behind this run adopted"), "{s}");
+    wait_until("every entry acknowledged", Duration::from_secs(10), || {
+        (redis.int(&["XLEN", "kanban:before:slow:001"]) == 0).then_some(())
+    });
+    assert_eq!(rt.stop(), 0);
+}
+
 #[test]
 fn retention_keeps_acknowledged_entries_up_to_the_limit() {
     let redis = Redis::start();

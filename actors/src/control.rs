@@ -107,6 +107,9 @@ pub struct StoreReport {
     /// Acknowledgements for kanbans the store did not hold (logged).
     #[serde(default)]
     pub unknown_acks: u64,
+    /// Redis: entries another writer added to our streams meanwhile, adopted or deleted as duplicates.
+    #[serde(default)]
+    pub stray_entries: u64,
     /// Archive rows written by the replicator.
     #[serde(default)]
     pub archived: u64,

@@ -187,6 +187,22 @@ impl Node {
             );
         }
         let router = Arc::new(router);
+        if let Some(mut adopted) = router.store().and_then(|s| s.take_adopted()) {
+            // Kanbans the store found in its queues while running (see `redis_store`): deliver them.
+            let r = router.clone();
+            tokio::spawn(async move {
+                while let Some(a) = adopted.recv().await {
+                    match r.slot(&a.service, a.instance) {
+                        Some(slot) => {
+                            slot.restore(a.kanban);
+                            r.request_start(slot).await;
+                        }
+                        None => tracing::warn!(service = %a.service, instance = a.instance,
+                            "adopted kanban for a service or instance not in this services.yml is kept in the store"),
+                    }
+                }
+            });
+        }
         let stats = Arc::new(EndpointStats::default());
 
         let (r, st, sock, root, es) = (router.clone(), statics, paths.socket(), paths.root.clone(), stats.clone());
@@ -394,6 +410,7 @@ async fn report(s: &Shared) -> StatusReport {
             acked: st.stats.acked.load(Ordering::Relaxed),
             errors: st.stats.errors.load(Ordering::Relaxed),
             unknown_acks: st.stats.unknown_acks.load(Ordering::Relaxed),
+            stray_entries: st.stats.stray_entries.load(Ordering::Relaxed),
             last_error: st.stats.last_error.lock().ok().and_then(|l| l.clone()),
             archived: st.stats.archived.load(Ordering::Relaxed),
             archive_dropped: s.router.archive().map_or(0, |a| a.dropped.load(Ordering::Relaxed)),

@@ -240,6 +240,8 @@ struct Writer {
     /// Acks since the last trim, per stream (retention mode).
     acks_since_trim: HashMap<String, usize>,
     stats: Arc<StoreStats>,
+    /// Where adopted entries go (queued for delivery by the node).
+    adopted: mpsc::UnboundedSender<Recovered>,
 }
 
 impl Writer {
@@ -449,7 +451,10 @@ impl Writer {
                     }
                     let key = before_key(service, *instance);
                     if let Some(found) = already.remove(&slot) {
-                        self.pending.insert(slot, found);
+                        // Written by the failed attempt, perhaps not read into our pending list yet: an ack for it
+                        // must wait until this batch's XREADGROUP has run.
+                        self.pending.insert(slot.clone(), found);
+                        b.unread.insert(slot);
                     } else {
                         b.pipe.add_command(xadd(&key, "id", &id.to_string(), bytes));
                         b.replies.push(Reply::Added(slot.clone(), key.clone()));
@@ -462,8 +467,9 @@ impl Writer {
                 Op::Ack { service, instance, ids } => {
                     for id in ids {
                         let slot = (service.clone(), *instance, *id);
-                        if b.in_flight.contains(&slot) {
-                            // Acknowledged in the batch that writes it: run what is queued to learn its entry id.
+                        if b.in_flight.contains(&slot) || b.unread.contains(&slot) {
+                            // Acknowledged in the batch that writes (or reads) it: run what is queued first, to
+                            // learn its entry id and to have it in our pending list before the XACK.
                             self.run(&mut conn, &mut b).await?;
                         }
                         // Forgotten only once the XACK succeeded: a failed batch is retried whole.
@@ -522,19 +528,23 @@ impl Writer {
             for _ in &b.read_keys {
                 c.arg(">");
             }
-            b.replies.push(Reply::Ignore);
+            b.replies.push(Reply::Read);
         }
         let values: Vec<Value> = b.pipe.query_async(conn).await.map_err(rerr(&self.url))?;
         self.stats.commits.fetch_add(1, Ordering::Relaxed);
         let (mut enq, mut acked) = (0u64, 0u64);
+        let mut added: HashSet<String> = HashSet::new();
+        let mut strays: Vec<(String, String)> = Vec::new();
         for (reply, v) in b.replies.drain(..).zip(values.iter()) {
             match reply {
                 Reply::Added(slot, key) => {
                     if let Some(eid) = string(v) {
+                        added.insert(eid.clone());
                         self.pending.insert(slot, (key, eid));
                         enq += 1;
                     }
                 }
+                Reply::Read => self.read_strays(v, &added, &mut strays),
                 Reply::Static(sk) => {
                     if let Some(eid) = string(v) {
                         self.statics.insert(sk, eid);
@@ -555,7 +565,64 @@ impl Writer {
         self.stats.enqueued.fetch_add(enq, Ordering::Relaxed);
         self.stats.acked.fetch_add(acked, Ordering::Relaxed);
         *b = Pipeline::default();
+        if !strays.is_empty() {
+            let mut p = redis::pipe();
+            for (key, eid) in &strays {
+                p.cmd("XACK").arg(key).arg(GROUP).arg(eid).ignore();
+                p.cmd("XDEL").arg(key).arg(eid).ignore();
+            }
+            let _: () = p.query_async(conn).await.map_err(rerr(&self.url))?;
+        }
         Ok(())
+    }
+
+    /// Looks at what this batch's `XREADGROUP` moved into our pending list besides the entries it just wrote: an
+    /// entry that another writer added meanwhile — in practice the last pipeline of a runtime killed mid-write,
+    /// which Redis can still execute after this run's recovery scan. A second entry for a kanban already held is
+    /// a duplicate (deleted after the round trip); any other is adopted, so its kanban's acknowledgement deletes
+    /// it (and a restart recovers it). Logged and counted either way.
+    fn read_strays(&mut self, v: &Value, added: &HashSet<String>, strays: &mut Vec<(String, String)>) {
+        let streams: Vec<(String, Vec<Entry>)> = match v {
+            Value::Map(m) => m.iter().filter_map(|(k, e)| Some((string(k)?, entries(e)))).collect(),
+            other => array(other)
+                .iter()
+                .filter_map(|s| {
+                    let kv = array(s);
+                    Some((string(kv.first()?)?, entries(kv.get(1)?)))
+                })
+                .collect(),
+        };
+        for (key, es) in streams {
+            let Some((service, instance)) = parse_before_key(&key) else { continue };
+            for e in es.into_iter().filter(|e| !added.contains(&e.id)) {
+                let k = match decode(&key, &e, "aion-import") {
+                    Ok(k) => k,
+                    Err(err) => {
+                        self.stats.stray_entries.fetch_add(1, Ordering::Relaxed);
+                        tracing::error!(key, entry = e.id, "unreadable entry left pending in Redis: {err}");
+                        continue;
+                    }
+                };
+                let slot = (service.clone(), instance, k.id);
+                let held = self.pending.get(&slot).map(|(_, eid)| eid.as_str());
+                if held == Some(e.id.as_str()) {
+                    continue; // ours: written by an attempt whose reply was lost, read now
+                }
+                self.stats.stray_entries.fetch_add(1, Ordering::Relaxed);
+                if held.is_some() {
+                    tracing::warn!(key, entry = e.id, kanban = %k.id, "duplicate entry written behind this run; deleted");
+                    strays.push((key.clone(), e.id));
+                } else {
+                    tracing::warn!(key, entry = e.id, kanban = %k.id,
+                        "entry written behind this run adopted and queued for delivery");
+                    self.pending.insert(slot, (key.clone(), e.id));
+                    let r = Recovered { service: service.clone(), instance, kanban: Box::new(k) };
+                    if self.adopted.send(r).is_err() {
+                        tracing::error!(key, "the node is gone; the adopted entry stays pending in Redis");
+                    }
+                }
+            }
+        }
     }
 
     /// The entries of `batch`'s enqueues that are already in their streams (after a failure whose outcome is
@@ -644,6 +711,8 @@ enum Reply {
     Static((String, u64)),
     Acked((String, u32, KanbanId)),
     StaticDeleted((String, u64)),
+    /// The `XREADGROUP` that moves the batch's new entries into our pending list.
+    Read,
     Ignore,
 }
 
@@ -654,6 +723,8 @@ struct Pipeline {
     replies: Vec<Reply>,
     read_keys: Vec<String>,
     in_flight: HashSet<(String, u32, KanbanId)>,
+    /// Entries found written after a failed attempt, read into our pending list by this pipeline's XREADGROUP.
+    unread: HashSet<(String, u32, KanbanId)>,
     statics_in_flight: HashSet<(String, u64)>,
 }
 
@@ -666,11 +737,13 @@ pub(crate) fn spawn(
     cfg: &RedisConfig,
     rx: mpsc::Receiver<Op>,
     stats: Arc<StoreStats>,
+    adopted: mpsc::UnboundedSender<Recovered>,
 ) -> Result<(Vec<Recovered>, Vec<RecoveredStatic>), StoreError> {
     let url = cfg.display_url();
     let client = redis::Client::open(cfg.url.as_str()).map_err(rerr(&url))?;
     let consumer = format!("aion-{}-{}", std::process::id(), crate::store::now_ms());
     let mut w = Writer {
+        adopted,
         client,
         url: url.clone(),
         conn: None,

@@ -161,6 +161,7 @@ impl Slot {
     pub fn restore(&self, k: Box<WireKanban>) {
         self.lock().ready.push_back(k);
         self.stats.kanbans_in.fetch_add(1, Ordering::Relaxed);
+        self.items.notify_waiters();
     }
 
     /// Starts a new session and returns its number, unless a session is already connected (an instance has

@@ -349,6 +349,9 @@ pub struct StoreStats {
     pub errors: AtomicU64,
     /// Acknowledgements for kanbans the store did not hold (logged; nothing to delete).
     pub unknown_acks: AtomicU64,
+    /// Redis: entries another writer added to our streams meanwhile (a killed run's last pipeline), adopted or
+    /// deleted as duplicates (logged).
+    pub stray_entries: AtomicU64,
     /// The last error, if any.
     pub last_error: Mutex<Option<String>>,
 }
@@ -373,6 +376,8 @@ pub struct Store {
     location: String,
     backend: &'static str,
     archive_path: PathBuf,
+    /// Kanbans the Redis writer found written behind this run and adopted (taken once, by the node).
+    adopted: Arc<Mutex<Option<mpsc::UnboundedReceiver<Recovered>>>>,
 }
 
 fn spawn_writer(
@@ -498,6 +503,7 @@ impl Store {
             location: path.display().to_string(),
             backend: "sqlite",
             archive_path: archive.to_owned(),
+            adopted: Arc::default(),
         };
         Ok((store, recovered, statics))
     }
@@ -516,11 +522,25 @@ impl Store {
         let aconn = open_conn(archive, ARCHIVE_MIGRATIONS)?;
         let stats = Arc::new(StoreStats::default());
         let (tx, rx) = mpsc::channel(64 * 1024);
-        let (recovered, statics) = crate::redis_store::spawn(cfg, rx, stats.clone())?;
+        let (adopted_tx, adopted_rx) = mpsc::unbounded_channel();
+        let (recovered, statics) = crate::redis_store::spawn(cfg, rx, stats.clone(), adopted_tx)?;
         let atx = spawn_writer("aion-archive", aconn, stats.clone(), archive, Some(retention))?;
-        let store =
-            Store { tx, atx, stats, location: cfg.display_url(), backend: "redis", archive_path: archive.to_owned() };
+        let store = Store {
+            tx,
+            atx,
+            stats,
+            location: cfg.display_url(),
+            backend: "redis",
+            archive_path: archive.to_owned(),
+            adopted: Arc::new(Mutex::new(Some(adopted_rx))),
+        };
         Ok((store, recovered, statics))
+    }
+
+    /// Kanbans found in the store while running (Redis: entries another writer added to our streams), to be
+    /// queued for delivery. `None` after the first call, and for the embedded store.
+    pub fn take_adopted(&self) -> Option<mpsc::UnboundedReceiver<Recovered>> {
+        self.adopted.lock().ok().and_then(|mut g| g.take())
     }
 
     /// Marks archive rows as exported to an external sink.
