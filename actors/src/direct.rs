@@ -29,6 +29,8 @@ pub struct DirectSession {
     info: InstanceInfo,
     /// Taken and not yet acknowledged, oldest first.
     inflight: VecDeque<Box<WireKanban>>,
+    /// Scratch for [`Slot::take`], which hands out the boxes its queue holds (moved on, never copied).
+    #[allow(clippy::vec_box)]
     taken: Vec<Box<WireKanban>>,
     /// An output went to the durable store since the last commit barrier.
     unflushed: bool,
