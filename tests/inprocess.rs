@@ -207,3 +207,54 @@ fn durable_in_process_queue_survives_a_restart() {
         node.shutdown().await;
     });
 }
+
+/// `aion_sdk::run_on_link`: a service on an in-memory link gets the full session protocol (handshake, credit,
+/// acks, Accepted) without a socket, routed like any other instance.
+#[test]
+fn a_service_on_an_in_memory_link_speaks_the_session_protocol() {
+    actix::System::new().block_on(async {
+        // `linked` is served by the link below; its command would only run if it were started on its own.
+        let yaml = "microservices:\n  linked:\n    command: [\"/bin/false\"]\n    delivery: memory\n    nextService: {default: [{name: collect}]}\n  collect:\n    always: yes\n";
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let tx = Arc::new(Mutex::new(tx));
+        let mut reg = InProcessRegistry::default();
+        reg.register("collect", move || Collect(tx.lock().expect("lock").clone()));
+        let dir = tempfile::tempdir().expect("tmp");
+        let node = start_node(dir.path(), yaml, reg).await;
+        let (client, server) = aion::transport::mem_pair(16);
+        assert!(node.attach(server).await);
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let svc = tokio::spawn(aion::sdk::run_on_link(
+            Double,
+            "linked",
+            1,
+            client,
+            aion::sdk::Options::default(),
+            async move {
+                let _ = stop_rx.await;
+            },
+        ));
+        // The session is open once the handshake is done (an event the status shows).
+        let mut connected = false;
+        for _ in 0..500 {
+            if node.instances().await.iter().any(|i| i.service == "linked" && i.connected) {
+                connected = true;
+                break;
+            }
+            tokio::task::yield_now().await;
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(connected, "the link session opened");
+        for i in 1..=3u64 {
+            node.inject("linked", 1, "default", serde_json::json!({ "seq": i })).await.expect("inject");
+        }
+        for i in 1..=3u64 {
+            let k = tokio::time::timeout(Duration::from_secs(30), rx.recv()).await.expect("in time").expect("open");
+            assert_eq!(k.metadata["double"], Value::U64(2 * i));
+            assert_eq!(k.origin.service, "linked");
+        }
+        let _ = stop_tx.send(());
+        tokio::time::timeout(Duration::from_secs(10), svc).await.expect("stops").expect("joins").expect("clean");
+        node.shutdown().await;
+    });
+}

@@ -311,6 +311,13 @@ impl Node {
         inject(&self.shared.router, service, instance, key, metadata).await
     }
 
+    /// Serves a session over an in-memory link: the full session protocol without a socket, for embedders that
+    /// run a service with `aion_sdk::run_on_link` (registered in-process services use direct sessions instead).
+    /// Returns false if the endpoint is gone.
+    pub async fn attach(&self, link: crate::endpoint::ServerLink) -> bool {
+        self.endpoint.send(crate::endpoint::EndpointMsg::Attach(link)).await.is_ok()
+    }
+
     /// Completes when a stop was requested through the control API.
     pub async fn stop_requested(&self) {
         self.shared.stop.notified().await
