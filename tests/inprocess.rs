@@ -258,3 +258,41 @@ fn a_service_on_an_in_memory_link_speaks_the_session_protocol() {
         node.shutdown().await;
     });
 }
+
+/// Static kanbans from an in-process service (direct session): put, get, subscribe, delete.
+#[test]
+fn static_kanbans_from_an_in_process_service() {
+    struct Statics(mpsc::UnboundedSender<String>);
+    impl Service for Statics {
+        async fn start(&mut self, ctx: &mut Ctx) -> Result<(), Error> {
+            let mut events = ctx.static_subscribe("t").await?;
+            let id = ctx.static_put("t", Output::new().meta("v", "a")).await?;
+            for (_, k) in ctx.static_get("t").await? {
+                let _ = self.0.send(format!("get:{}", k.metadata["v"].as_str().unwrap_or("?")));
+            }
+            if let Some((eid, k)) = events.recv().await {
+                let _ = self.0.send(format!("event:{}:{}", eid == id, k.metadata["v"].as_str().unwrap_or("?")));
+            }
+            let _ = self.0.send(format!("deleted:{}", ctx.static_delete("t", id).await?));
+            let _ = self.0.send(format!("left:{}", ctx.static_get("t").await?.len()));
+            Ok(())
+        }
+        async fn handle(&mut self, _k: Kanban, _ctx: &mut Ctx) -> Result<(), Error> {
+            Ok(())
+        }
+    }
+    actix::System::new().block_on(async {
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let tx = Arc::new(Mutex::new(tx));
+        let mut reg = InProcessRegistry::default();
+        reg.register("statics", move || Statics(tx.lock().expect("lock").clone()));
+        let dir = tempfile::tempdir().expect("tmp");
+        let node = start_node(dir.path(), "microservices:\n  statics:\n    startup: yes\n", reg).await;
+        let mut got = Vec::new();
+        while got.len() < 4 {
+            got.push(tokio::time::timeout(Duration::from_secs(30), rx.recv()).await.expect("in time").expect("open"));
+        }
+        assert_eq!(got, ["get:a", "event:true:a", "deleted:true", "left:0"]);
+        node.shutdown().await;
+    });
+}

@@ -600,27 +600,6 @@ impl WireKanban {
         Ok(self.map_metadata(|_| m))
     }
 
-    /// A decoded copy, leaving this kanban as it is (the runtime keeps the original for redelivery).
-    ///
-    /// # Errors
-    /// When the metadata bytes are corrupt.
-    pub fn to_kanban(&self) -> Result<Kanban, postcard::Error> {
-        Ok(Kanban {
-            id: self.id,
-            trace_id: self.trace_id,
-            origin: self.origin.clone(),
-            start_at: self.start_at.clone(),
-            finish_at: self.finish_at.clone(),
-            next_device_name: self.next_device_name.clone(),
-            connection_key: self.connection_key.clone(),
-            process_number: self.process_number,
-            prior_success: self.prior_success,
-            data_path: self.data_path.clone(),
-            file_list: self.file_list.clone(),
-            metadata: self.metadata.decode()?,
-        })
-    }
-
     /// The kanban as a service receives it: metadata left encoded until read. No decoding, no copy.
     pub fn into_lazy(self) -> Kanban<LazyMetadata> {
         self.map_metadata(LazyMetadata::from_bytes)

@@ -196,6 +196,12 @@ impl Ctx {
         self.send_output(k).await
     }
 
+    /// The id of the next request (matches the runtime's reply to it).
+    fn next_request(&mut self) -> u64 {
+        self.next_req += 1;
+        self.next_req
+    }
+
     /// A request/reply exchange with the runtime over the link (direct sessions answer in place).
     async fn request(cmd: &mpsc::Sender<Cmd>, msg: ClientMsg) -> Result<ServerMsg, Error> {
         let (tx, rx) = oneshot::channel();
@@ -210,8 +216,7 @@ impl Ctx {
     pub async fn static_put(&mut self, topic: &str, out: Output) -> Result<u64, Error> {
         let kanban = Box::new(self.build(out).into_wire());
         let topic = topic.to_owned();
-        self.next_req += 1;
-        let req = self.next_req;
+        let req = self.next_request();
         match &mut self.conn {
             Conn::Direct(port) => Ok(port.static_put(topic, kanban).await),
             Conn::Link { cmd, .. } => match Ctx::request(cmd, ClientMsg::StaticPut { req, topic, kanban }).await? {
@@ -226,8 +231,7 @@ impl Ctx {
     /// # Errors
     /// [`Error::Closed`] if the session is gone.
     pub async fn static_get(&mut self, topic: &str) -> Result<Vec<(u64, Kanban)>, Error> {
-        self.next_req += 1;
-        let req = self.next_req;
+        let req = self.next_request();
         match &mut self.conn {
             Conn::Direct(port) => Ok(decode_statics(port.static_get(topic))),
             Conn::Link { cmd, .. } => {
@@ -245,8 +249,7 @@ impl Ctx {
     /// [`Error::Closed`] if the session is gone.
     pub async fn static_delete(&mut self, topic: &str, id: u64) -> Result<bool, Error> {
         let topic = topic.to_owned();
-        self.next_req += 1;
-        let req = self.next_req;
+        let req = self.next_request();
         match &mut self.conn {
             Conn::Direct(port) => Ok(port.static_delete(topic, id).await),
             Conn::Link { cmd, .. } => match Ctx::request(cmd, ClientMsg::StaticDelete { req, topic, id }).await? {
