@@ -7,7 +7,7 @@ use crate::replicator::ArchiveSink;
 use crate::slot::Slot;
 use crate::store::{now_ms, ArchiveOp, Store};
 use aion_runtime::config::Delivery;
-use aion_runtime::config::ServicesFile;
+use aion_runtime::config::{Microservice, NextService, ServicesFile};
 use aion_runtime::WireKanban;
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
@@ -127,12 +127,22 @@ impl Router {
         instance: u32,
         k: Box<WireKanban>,
     ) -> Result<bool, (Reason, Box<WireKanban>)> {
-        let Some(list) = self.slots.get(service) else {
-            return Err((Reason::UnknownService, k));
-        };
-        let Some(slot) = (instance as usize).checked_sub(1).and_then(|i| list.get(i)) else {
-            return Err((Reason::NoSuchInstance, k));
-        };
+        match self.instance_slot(service, instance) {
+            Ok(slot) => Ok(self.enqueue(slot, k).await),
+            Err(reason) => Err((reason, k)),
+        }
+    }
+
+    /// The slot of `service`-`instance`, or why there is none.
+    fn instance_slot(&self, service: &str, instance: u32) -> Result<&Arc<Slot>, Reason> {
+        let list = self.slots.get(service).ok_or(Reason::UnknownService)?;
+        (instance as usize).checked_sub(1).and_then(|i| list.get(i)).ok_or(Reason::NoSuchInstance)
+    }
+
+    /// Queues `k` in `slot` (waiting for space), persisting it first when the slot is durable, and asks the
+    /// broker to start the instance if needed. Returns true when the kanban went to the durable store.
+    async fn enqueue(&self, slot: &Slot, k: Box<WireKanban>) -> bool {
+        let (service, instance) = (slot.service.as_str(), slot.instance);
         self.archive_hop(&k, Some((service, instance)), "queued");
         let store = self.durable_store(slot);
         let persisted = store.is_some();
@@ -144,58 +154,29 @@ impl Router {
         }
         slot.push(k).await;
         self.request_start(slot).await;
-        Ok(persisted)
+        persisted
+    }
+
+    /// The start request for `slot`, unless it is connected or a start is already pending (claims the pending
+    /// flag; the broker resets it when it handles the request).
+    fn claim_start(&self, slot: &Slot) -> Option<Lifecycle> {
+        (!slot.connected.load(Ordering::SeqCst) && !slot.start_requested.swap(true, Ordering::SeqCst))
+            .then(|| Lifecycle::Start(slot.service.clone(), slot.instance))
     }
 
     /// Asks the broker to start the instance unless it is connected or a start is already pending.
     pub async fn request_start(&self, slot: &Slot) {
-        if !slot.connected.load(Ordering::SeqCst) && !slot.start_requested.swap(true, Ordering::SeqCst) {
-            // Bounded: waits if the broker is busy. The broker resets the flag when it handles the request.
-            if self.lifecycle.send(Lifecycle::Start(slot.service.clone(), slot.instance)).await.is_err() {
+        if let Some(msg) = self.claim_start(slot) {
+            // Bounded: waits if the broker is busy.
+            if self.lifecycle.send(msg).await.is_err() {
                 tracing::error!(service = %slot.service, instance = slot.instance, "broker is gone; instance not started");
             }
         }
     }
 
-    /// Routes one output of `from` without waiting, in the common case only: one target on this device, in
-    /// memory (not durable), running or already asked to start, with room in its queue. Anything else (fan-out,
-    /// terminate, dead letters, durable targets, a full queue) gives the kanban back for [`Router::route`]; the
-    /// result is then the same as if `route` had been called directly.
-    ///
-    /// # Errors
-    /// The kanban, when it needs [`Router::route`].
-    pub fn try_route(&self, from: &Slot, mut k: Box<WireKanban>) -> Result<(), Box<WireKanban>> {
-        if k.connection_key == aion_runtime::kanban::TERMINATE_KEY {
-            return Err(k);
-        }
-        let Some(ms) = self.cfg.microservices.get(&from.service) else { return Err(k) };
-        let t = match ms.routes(k.route_key()) {
-            Some([t]) => t,
-            _ => return Err(k),
-        };
-        if !t.device.is_empty() || !k.next_device_name.is_empty() && k.next_device_name != self.cfg.device_name {
-            return Err(k);
-        }
-        let n = t.target_instance(k.process_number);
-        let Some(slot) = self.slot(&t.name, n) else { return Err(k) };
-        if self.durable_store(slot).is_some() || self.archive.is_some() {
-            return Err(k);
-        }
-        k.process_number = n;
-        if k.next_device_name != self.cfg.device_name {
-            k.next_device_name.clone_from(&self.cfg.device_name);
-        }
-        slot.try_push(k)?;
-        self.request_start_now(slot);
-        Ok(())
-    }
-
     /// [`Router::request_start`] without waiting: when the broker's mailbox is full, a task delivers it.
-    fn request_start_now(&self, slot: &Arc<Slot>) {
-        if slot.connected.load(Ordering::SeqCst) || slot.start_requested.swap(true, Ordering::SeqCst) {
-            return;
-        }
-        let msg = Lifecycle::Start(slot.service.clone(), slot.instance);
+    fn request_start_now(&self, slot: &Slot) {
+        let Some(msg) = self.claim_start(slot) else { return };
         match self.lifecycle.try_send(msg) {
             Ok(()) => {}
             Err(mpsc::error::TrySendError::Full(msg)) => {
@@ -210,6 +191,58 @@ impl Router {
                 tracing::error!(service = %slot.service, instance = slot.instance, "broker is gone; instance not started");
             }
         }
+    }
+
+    /// Where one copy of an output of `ms` goes for the `nextService` entry `t`: the target instance's slot, with
+    /// the target instance and this device stamped on the copy — or why it cannot be delivered (a dead letter).
+    fn target(
+        &self,
+        ms: &Microservice,
+        t: &NextService,
+        copy: &mut WireKanban,
+    ) -> Result<&Arc<Slot>, (Reason, String)> {
+        let device = if copy.next_device_name.is_empty() { &t.device } else { &copy.next_device_name };
+        if !device.is_empty() && *device != self.cfg.device_name && self.cfg.devices.contains_key(device) {
+            let detail =
+                format!("{} > {} targets device `{device}`; cross-device delivery is not available", ms.name, t.name);
+            return Err((Reason::NoFederation, detail));
+        }
+        let n = t.target_instance(copy.process_number);
+        copy.process_number = n;
+        if copy.next_device_name != self.cfg.device_name {
+            copy.next_device_name.clone_from(&self.cfg.device_name);
+        }
+        self.instance_slot(&t.name, n).map_err(|reason| {
+            let detail = match reason {
+                Reason::NoSuchInstance => {
+                    format!("{} > {} instance {n} does not exist (scale too small)", ms.name, t.name)
+                }
+                _ => format!("{} > {}: service not defined", ms.name, t.name),
+            };
+            (reason, detail)
+        })
+    }
+
+    /// Routes one output of `from` without waiting, in the common case only: one local target, in memory (not
+    /// durable, no archive), with room in its queue. Anything else (fan-out, terminate, dead letters, durable
+    /// targets, a full queue) gives the kanban back for [`Router::route`]; the result is then the same as if
+    /// `route` had been called directly (the stamps [`Router::route`] puts on the copy are the same).
+    ///
+    /// # Errors
+    /// The kanban, when it needs [`Router::route`].
+    pub fn try_route(&self, from: &Slot, mut k: Box<WireKanban>) -> Result<(), Box<WireKanban>> {
+        if k.connection_key == aion_runtime::kanban::TERMINATE_KEY || self.archive.is_some() {
+            return Err(k);
+        }
+        let Some(ms) = self.cfg.microservices.get(&from.service) else { return Err(k) };
+        let Some([t]) = ms.routes(k.route_key()) else { return Err(k) };
+        let Ok(slot) = self.target(ms, t, &mut k) else { return Err(k) };
+        if self.durable_store(slot).is_some() {
+            return Err(k);
+        }
+        slot.try_push(k)?;
+        self.request_start_now(slot);
+        Ok(())
     }
 
     /// Routes one output of `from`. Returns when every target has queued it (back-pressure); true if any copy
@@ -250,33 +283,9 @@ impl Router {
             // Every target gets its own copy (fan-out); the last one takes the original, so the common
             // single-target route never clones.
             let Some(mut copy) = (if i == last { k.take() } else { k.clone() }) else { break };
-            let device =
-                if copy.next_device_name.is_empty() { t.device.clone() } else { copy.next_device_name.clone() };
-            if !device.is_empty() && device != self.cfg.device_name && self.cfg.devices.contains_key(&device) {
-                let detail = format!(
-                    "{} > {} targets device `{device}`; cross-device delivery is not available",
-                    ms.name, t.name
-                );
-                self.dead_letter(Reason::NoFederation, detail, copy);
-                continue;
-            }
-            let n = t.target_instance(copy.process_number);
-            copy.process_number = n;
-            if copy.next_device_name != self.cfg.device_name {
-                copy.next_device_name.clone_from(&self.cfg.device_name);
-            }
-            let result = self.deliver(&t.name, n, copy).await;
-            if let Ok(p) = &result {
-                persisted |= *p;
-            }
-            if let Err((reason, copy)) = result {
-                let detail = match reason {
-                    Reason::NoSuchInstance => {
-                        format!("{} > {} instance {n} does not exist (scale too small)", ms.name, t.name)
-                    }
-                    _ => format!("{} > {}: service not defined", ms.name, t.name),
-                };
-                self.dead_letter(reason, detail, copy);
+            match self.target(ms, t, &mut copy) {
+                Ok(slot) => persisted |= self.enqueue(slot, copy).await,
+                Err((reason, detail)) => self.dead_letter(reason, detail, copy),
             }
         }
         persisted
