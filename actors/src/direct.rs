@@ -1,8 +1,8 @@
 //! Direct sessions: the runtime side of [`aion_sdk::Port`] for in-process services.
 //!
 //! A link session moves every kanban through four tasks (the service's, the SDK's I/O task, the runtime's session
-//! reader and writer). A direct session has none: the service's task routes its outputs itself (the same
-//! [`accept_output`] a link session runs: origin fix-up, deduplication, routing, back-pressure) and takes its
+//! reader and writer). A direct session has none: the service's task routes its outputs itself (what a link
+//! session's `accept_output` does: origin fix-up, deduplication, routing, back-pressure) and takes its
 //! deliveries straight from its [`Slot`]. It keeps what it delivered until the service has handled it, so a
 //! panicking or stopped service gets its unhandled kanbans redelivered exactly as a process would.
 
@@ -98,25 +98,22 @@ impl Port for DirectSession {
         })
     }
 
-    fn try_output(&mut self, mut kanban: Box<WireKanban>) -> Result<(), Box<WireKanban>> {
+    fn output(&mut self, mut kanban: Box<WireKanban>) -> Option<BoxFuture<'_, Result<(), Error>>> {
         if !admit_output(&self.slot, &mut kanban) {
-            return Ok(());
+            return None;
         }
         let id = kanban.id;
-        self.shared.router.try_route(&self.slot, kanban)?;
-        self.accepted(id);
-        Ok(())
-    }
-
-    fn output(&mut self, mut kanban: Box<WireKanban>) -> BoxFuture<'_, Result<(), Error>> {
-        Box::pin(async move {
-            if admit_output(&self.slot, &mut kanban) {
-                let id = kanban.id;
+        match self.shared.router.try_route(&self.slot, kanban) {
+            Ok(()) => {
+                self.accepted(id);
+                None
+            }
+            Err(kanban) => Some(Box::pin(async move {
                 self.unflushed |= self.shared.router.route(&self.slot, kanban).await;
                 self.accepted(id);
-            }
-            Ok(())
-        })
+                Ok(())
+            })),
+        }
     }
 
     fn done(&mut self, n: usize) -> BoxFuture<'_, Result<(), Error>> {

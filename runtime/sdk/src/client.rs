@@ -1,7 +1,7 @@
 //! The SDK's session machinery: an I/O task that owns the link (batching writes, reconnecting, resending
 //! unaccepted outputs) and the service loop that feeds kanbans to the user's [`Service`].
 
-use crate::direct::{decode_statics, Port};
+use crate::direct::Port;
 use crate::Kanban;
 use crate::{Env, Error, Options, Output, Service};
 use aion_runtime::kanban::{KanbanId, Metadata, Origin, Value, WireKanban, TERMINATE_KEY};
@@ -157,9 +157,9 @@ impl Ctx {
                 permits.acquire().await.map_err(|_| Error::Closed)?.forget();
                 cmd.send(Cmd::Out(k)).await.map_err(|_| Error::Closed)
             }
-            Conn::Direct(port) => match port.try_output(k) {
-                Ok(()) => Ok(()),
-                Err(k) => port.output(k).await,
+            Conn::Direct(port) => match port.output(k) {
+                None => Ok(()),
+                Some(routing) => routing.await,
             },
         }
     }
@@ -202,11 +202,17 @@ impl Ctx {
         self.next_req
     }
 
-    /// A request/reply exchange with the runtime over the link (direct sessions answer in place).
-    async fn request(cmd: &mpsc::Sender<Cmd>, msg: ClientMsg) -> Result<ServerMsg, Error> {
+    /// A request/reply exchange with the runtime over the link (direct sessions answer in place); `pick` takes
+    /// the value out of the expected reply and gives back any other.
+    async fn ask<T>(
+        cmd: &mpsc::Sender<Cmd>,
+        msg: ClientMsg,
+        pick: impl FnOnce(ServerMsg) -> Result<T, ServerMsg>,
+    ) -> Result<T, Error> {
         let (tx, rx) = oneshot::channel();
         cmd.send(Cmd::Req(msg, tx)).await.map_err(|_| Error::Closed)?;
-        rx.await.map_err(|_| Error::Closed)
+        pick(rx.await.map_err(|_| Error::Closed)?)
+            .map_err(|other| Error::Service(format!("unexpected reply {other:?}")))
     }
 
     /// Stores a static kanban under `topic`; returns its entry id.
@@ -215,14 +221,16 @@ impl Ctx {
     /// [`Error::Closed`] if the session is gone.
     pub async fn static_put(&mut self, topic: &str, out: Output) -> Result<u64, Error> {
         let kanban = Box::new(self.build(out).into_wire());
-        let topic = topic.to_owned();
-        let req = self.next_request();
+        let (topic, req) = (topic.to_owned(), self.next_request());
         match &mut self.conn {
             Conn::Direct(port) => Ok(port.static_put(topic, kanban).await),
-            Conn::Link { cmd, .. } => match Ctx::request(cmd, ClientMsg::StaticPut { req, topic, kanban }).await? {
-                ServerMsg::StaticPutOk { id, .. } => Ok(id),
-                other => Err(Error::Service(format!("unexpected reply {other:?}"))),
-            },
+            Conn::Link { cmd, .. } => {
+                Ctx::ask(cmd, ClientMsg::StaticPut { req, topic, kanban }, |m| match m {
+                    ServerMsg::StaticPutOk { id, .. } => Ok(id),
+                    other => Err(other),
+                })
+                .await
+            }
         }
     }
 
@@ -232,15 +240,17 @@ impl Ctx {
     /// [`Error::Closed`] if the session is gone.
     pub async fn static_get(&mut self, topic: &str) -> Result<Vec<(u64, Kanban)>, Error> {
         let req = self.next_request();
-        match &mut self.conn {
-            Conn::Direct(port) => Ok(decode_statics(port.static_get(topic))),
+        let entries = match &mut self.conn {
+            Conn::Direct(port) => port.static_get(topic),
             Conn::Link { cmd, .. } => {
-                match Ctx::request(cmd, ClientMsg::StaticGet { req, topic: topic.to_owned() }).await? {
-                    ServerMsg::StaticList { entries, .. } => Ok(decode_statics(entries)),
-                    other => Err(Error::Service(format!("unexpected reply {other:?}"))),
-                }
+                Ctx::ask(cmd, ClientMsg::StaticGet { req, topic: topic.to_owned() }, |m| match m {
+                    ServerMsg::StaticList { entries, .. } => Ok(entries),
+                    other => Err(other),
+                })
+                .await?
             }
-        }
+        };
+        Ok(entries.into_iter().map(|(id, k)| (id, k.into_lazy())).collect())
     }
 
     /// Deletes a static kanban; returns whether it existed.
@@ -248,14 +258,16 @@ impl Ctx {
     /// # Errors
     /// [`Error::Closed`] if the session is gone.
     pub async fn static_delete(&mut self, topic: &str, id: u64) -> Result<bool, Error> {
-        let topic = topic.to_owned();
-        let req = self.next_request();
+        let (topic, req) = (topic.to_owned(), self.next_request());
         match &mut self.conn {
             Conn::Direct(port) => Ok(port.static_delete(topic, id).await),
-            Conn::Link { cmd, .. } => match Ctx::request(cmd, ClientMsg::StaticDelete { req, topic, id }).await? {
-                ServerMsg::StaticDeleted { found, .. } => Ok(found),
-                other => Err(Error::Service(format!("unexpected reply {other:?}"))),
-            },
+            Conn::Link { cmd, .. } => {
+                Ctx::ask(cmd, ClientMsg::StaticDelete { req, topic, id }, |m| match m {
+                    ServerMsg::StaticDeleted { found, .. } => Ok(found),
+                    other => Err(other),
+                })
+                .await
+            }
         }
     }
 
@@ -659,7 +671,6 @@ async fn drive<S: Service>(
     opts: Options,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), Error> {
-    use futures::FutureExt as _;
     let window = hello.window as usize;
     let (deliver_tx, mut deliver_rx) = mpsc::channel(window * 2 + 16);
     let (cmd_tx, cmd_rx) = mpsc::channel(1024);
@@ -683,11 +694,7 @@ async fn drive<S: Service>(
     let io_task = tokio::spawn(io.run(link, cmd_rx, early));
     let mut ctx = Ctx::new(info, Conn::Link { cmd: cmd_tx.clone(), permits });
     let result = async {
-        match AssertUnwindSafe(service.start(&mut ctx)).catch_unwind().await {
-            Err(p) => return Err(Error::Service(format!("start panicked: {}", panic_text(&*p)))),
-            Ok(Err(e)) => return Err(e),
-            Ok(Ok(())) => {}
-        }
+        start_service(&mut service, &mut ctx).await?;
         tokio::pin!(shutdown);
         while !ctx.stop {
             let d = tokio::select! {
@@ -721,6 +728,15 @@ async fn drive<S: Service>(
     result
 }
 
+/// Runs the service's `start`; a panic is returned as [`Error::Service`].
+pub(crate) async fn start_service<S: Service>(service: &mut S, ctx: &mut Ctx) -> Result<(), Error> {
+    use futures::FutureExt as _;
+    match AssertUnwindSafe(service.start(ctx)).catch_unwind().await {
+        Err(p) => Err(Error::Service(format!("start panicked: {}", panic_text(&*p)))),
+        Ok(r) => r,
+    }
+}
+
 /// Runs the handler on one kanban. A handler error is logged (the kanban counts as handled); a panic or a
 /// closed session is returned.
 pub(crate) async fn handle_one<S: Service>(service: &mut S, ctx: &mut Ctx, kanban: Kanban) -> Result<(), Error> {
@@ -740,6 +756,6 @@ pub(crate) async fn handle_one<S: Service>(service: &mut S, ctx: &mut Ctx, kanba
     r
 }
 
-pub(crate) fn panic_text(p: &(dyn std::any::Any + Send)) -> String {
+fn panic_text(p: &(dyn std::any::Any + Send)) -> String {
     aion_runtime::actor::panic_message(p)
 }

@@ -7,13 +7,12 @@
 //!
 //! Services never implement [`Port`]; the runtime does (`aion_actors`), and runs the service with [`run_direct`].
 
-use crate::client::{handle_one, Conn, Ctx};
+use crate::client::{handle_one, start_service, Conn, Ctx};
 use crate::Kanban;
 use crate::{Error, InstanceInfo, Service};
 use aion_runtime::kanban::WireKanban;
 use futures::future::BoxFuture;
 use std::future::Future;
-use std::panic::AssertUnwindSafe;
 use tokio::sync::mpsc;
 
 /// The runtime side of an in-process session. Calls come from one task, in order.
@@ -25,18 +24,10 @@ pub trait Port: Send {
     /// Must be cancel safe: nothing is taken unless the future completes.
     fn take<'a>(&'a mut self, out: &'a mut Vec<Kanban>) -> BoxFuture<'a, bool>;
 
-    /// Routes one output of this instance now if that needs no waiting (the common case); otherwise gives it
-    /// back for [`Port::output`].
-    ///
-    /// # Errors
-    /// The kanban, when it must go through [`Port::output`].
-    fn try_output(&mut self, kanban: Box<WireKanban>) -> Result<(), Box<WireKanban>>;
-
-    /// Routes one output of this instance; resolves once every target has queued it (back-pressure).
-    ///
-    /// # Errors
-    /// [`Error::Closed`] when the runtime is shutting down.
-    fn output(&mut self, kanban: Box<WireKanban>) -> BoxFuture<'_, Result<(), Error>>;
+    /// Routes one output of this instance. `None` when it is done already (the common case: nothing to wait
+    /// for); otherwise a future that finishes the routing and resolves once every target has queued it
+    /// (back-pressure), with [`Error::Closed`] when the runtime is shutting down.
+    fn output(&mut self, kanban: Box<WireKanban>) -> Option<BoxFuture<'_, Result<(), Error>>>;
 
     /// The oldest `n` kanbans taken were handled: makes the outputs emitted so far durable (when they went to
     /// the store), then acknowledges the `n` inputs.
@@ -75,13 +66,8 @@ pub async fn run_direct<S: Service>(
     port: Box<dyn Port>,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), Error> {
-    use futures::FutureExt as _;
     let mut ctx = Ctx::new(info, Conn::Direct(port));
-    match AssertUnwindSafe(service.start(&mut ctx)).catch_unwind().await {
-        Err(p) => return Err(Error::Service(format!("start panicked: {}", crate::client::panic_text(&*p)))),
-        Ok(Err(e)) => return Err(e),
-        Ok(Ok(())) => {}
-    }
+    start_service(&mut service, &mut ctx).await?;
     tokio::pin!(shutdown);
     let mut batch: Vec<Kanban> = Vec::new();
     while !ctx.stop_requested() {
@@ -109,7 +95,6 @@ pub async fn run_direct<S: Service>(
                 break;
             }
         }
-        batch.clear();
         let acked = ctx.port().ok_or(Error::Closed)?.done(handled).await;
         if let Some(e) = failed {
             return Err(e);
@@ -118,9 +103,4 @@ pub async fn run_direct<S: Service>(
     }
     // Outputs of the last kanbans are routed; make them durable before the port closes.
     ctx.port().ok_or(Error::Closed)?.flush().await
-}
-
-/// Static entries as the service receives them (metadata decoded on first read).
-pub(crate) fn decode_statics(entries: Vec<(u64, WireKanban)>) -> Vec<(u64, Kanban)> {
-    entries.into_iter().map(|(id, k)| (id, k.into_lazy())).collect()
 }
