@@ -169,11 +169,8 @@ impl Node {
         }
         let (mut restored, mut kept) = (0usize, 0usize);
         for r in recovered {
-            match router.slot(&r.service, r.instance) {
-                Some(slot) => {
-                    slot.restore(r.kanban);
-                    restored += 1;
-                }
+            match router.restore(r) {
+                Some(_) => restored += 1,
                 None => kept += 1,
             }
         }
@@ -192,13 +189,13 @@ impl Node {
             let r = router.clone();
             tokio::spawn(async move {
                 while let Some(a) = adopted.recv().await {
-                    match r.slot(&a.service, a.instance) {
-                        Some(slot) => {
-                            slot.restore(a.kanban);
-                            r.request_start(slot).await;
+                    let (service, instance) = (a.service.clone(), a.instance);
+                    match r.restore(a) {
+                        Some(slot) => r.request_start(slot).await,
+                        None => {
+                            tracing::warn!(service, instance,
+                            "adopted kanban for a service or instance not in this services.yml is kept in the store")
                         }
-                        None => tracing::warn!(service = %a.service, instance = a.instance,
-                            "adopted kanban for a service or instance not in this services.yml is kept in the store"),
                     }
                 }
             });

@@ -151,6 +151,21 @@ fn entries(v: &Value) -> Vec<Entry> {
         .collect()
 }
 
+/// Parses an `XREAD`/`XREADGROUP` reply: each stream's key and entries, from `[[key, entries], …]` (RESP2) or
+/// a map (RESP3).
+fn streams(v: &Value) -> Vec<(String, Vec<Entry>)> {
+    match v {
+        Value::Map(m) => m.iter().filter_map(|(k, e)| Some((string(k)?, entries(e)))).collect(),
+        other => array(other)
+            .iter()
+            .filter_map(|s| {
+                let kv = array(s);
+                Some((string(kv.first()?)?, entries(kv.get(1)?)))
+            })
+            .collect(),
+    }
+}
+
 /// `(ms, seq)` of a stream id, for ordering.
 fn stream_id(s: &str) -> (u64, u64) {
     let (a, b) = s.split_once('-').unwrap_or((s, "0"));
@@ -303,8 +318,7 @@ impl Writer {
                     .query_async(&mut conn)
                     .await
                     .map_err(rerr(&url))?;
-                let got: Vec<Entry> =
-                    array(&v).iter().flat_map(|s| entries(array(s).get(1).unwrap_or(&Value::Nil))).collect();
+                let got: Vec<Entry> = streams(&v).into_iter().flat_map(|(_, es)| es).collect();
                 if got.is_empty() {
                     break;
                 }
@@ -583,17 +597,7 @@ impl Writer {
     /// a duplicate (deleted after the round trip); any other is adopted, so its kanban's acknowledgement deletes
     /// it (and a restart recovers it). Logged and counted either way.
     fn read_strays(&mut self, v: &Value, added: &HashSet<String>, strays: &mut Vec<(String, String)>) {
-        let streams: Vec<(String, Vec<Entry>)> = match v {
-            Value::Map(m) => m.iter().filter_map(|(k, e)| Some((string(k)?, entries(e)))).collect(),
-            other => array(other)
-                .iter()
-                .filter_map(|s| {
-                    let kv = array(s);
-                    Some((string(kv.first()?)?, entries(kv.get(1)?)))
-                })
-                .collect(),
-        };
-        for (key, es) in streams {
+        for (key, es) in streams(v) {
             let Some((service, instance)) = parse_before_key(&key) else { continue };
             for e in es.into_iter().filter(|e| !added.contains(&e.id)) {
                 let k = match decode(&key, &e, "aion-import") {

@@ -133,6 +133,15 @@ impl Router {
         }
     }
 
+    /// Puts a kanban found in the store back in its instance's queue (beyond the capacity: it was accepted
+    /// before). Returns the slot, or `None` when the instance is not in this configuration (the kanban then
+    /// stays in the store).
+    pub fn restore(&self, r: crate::store::Recovered) -> Option<&Arc<Slot>> {
+        let slot = self.slot(&r.service, r.instance)?;
+        slot.restore(r.kanban);
+        Some(slot)
+    }
+
     /// The slot of `service`-`instance`, or why there is none.
     fn instance_slot(&self, service: &str, instance: u32) -> Result<&Arc<Slot>, Reason> {
         let list = self.slots.get(service).ok_or(Reason::UnknownService)?;
