@@ -40,19 +40,15 @@ impl Service for Collect {
 fn in_process_pipeline_through_a_node() {
     actix::System::new().block_on(async {
         let yaml = "microservices:\n  source:\n    startup: yes\n    nextService: {default: [{name: double}]}\n  double:\n    always: yes\n    nextService: {default: [{name: collect}]}\n  collect:\n    always: yes\n";
-        let cfg = load_str("inproc.yml", yaml).config.expect("valid");
         let (tx, mut rx) = mpsc::unbounded_channel();
-        let tx = Arc::new(Mutex::new(tx));
         let mut reg = InProcessRegistry::default();
         reg.register("source", || Source(1000));
         reg.register("double", || Double);
-        reg.register("collect", move || Collect(tx.lock().expect("lock").clone()));
+        reg.register("collect", move || Collect(tx.clone()));
         let dir = tempfile::tempdir().expect("tmp");
-        let mut opts = NodeOptions::new(dir.path(), cfg);
-        opts.inproc = reg;
-        let node = Node::start(opts).await.expect("node");
+        let node = start_node(dir.path(), yaml, reg).await;
         for i in 1..=1000u64 {
-            let k = tokio::time::timeout(Duration::from_secs(30), rx.recv()).await.expect("in time").expect("open");
+            let k = next(&mut rx).await;
             assert_eq!(k.metadata["seq"], Value::U64(i), "order kept");
             assert_eq!(k.metadata["double"], Value::U64(2 * i));
             assert_eq!(k.origin.service, "double");
@@ -82,6 +78,11 @@ impl Service for PanicOnce {
     }
 }
 
+/// The next message, within 30 s.
+async fn next<T>(rx: &mut mpsc::UnboundedReceiver<T>) -> T {
+    tokio::time::timeout(Duration::from_secs(30), rx.recv()).await.expect("in time").expect("open")
+}
+
 fn start_node(dir: &std::path::Path, yaml: &str, reg: InProcessRegistry) -> impl std::future::Future<Output = Node> {
     let cfg = load_str("inproc.yml", yaml).config.expect("valid");
     let mut opts = NodeOptions::new(dir, cfg);
@@ -96,18 +97,17 @@ fn panic_mid_batch_redelivers_only_the_unhandled() {
     actix::System::new().block_on(async {
         let yaml = "microservices:\n  source:\n    startup: yes\n    nextService: {default: [{name: flaky}]}\n  flaky:\n    always: yes\n    nextService: {default: [{name: collect}]}\n  collect:\n    always: yes\n";
         let (tx, mut rx) = mpsc::unbounded_channel();
-        let tx = Arc::new(Mutex::new(tx));
         let armed = Arc::new(std::sync::atomic::AtomicBool::new(true));
         let mut reg = InProcessRegistry::default();
         reg.register("source", || Source(2000));
         let a = armed.clone();
         reg.register("flaky", move || PanicOnce { at: 700, armed: a.clone() });
-        reg.register("collect", move || Collect(tx.lock().expect("lock").clone()));
+        reg.register("collect", move || Collect(tx.clone()));
         let dir = tempfile::tempdir().expect("tmp");
         let node = start_node(dir.path(), yaml, reg).await;
         let mut seen = vec![0u32; 2001];
         for _ in 0..2000 {
-            let k = tokio::time::timeout(Duration::from_secs(30), rx.recv()).await.expect("in time").expect("open");
+            let k = next(&mut rx).await;
             let n = k.metadata["seq"].as_f64().unwrap_or(0.0) as usize;
             seen[n] += 1;
         }
@@ -164,13 +164,12 @@ fn durable_in_process_queue_survives_a_restart() {
     let mut seen = std::collections::BTreeSet::new();
     actix::System::new().block_on(async {
         let (tx, mut rx) = mpsc::unbounded_channel();
-        let tx = Arc::new(Mutex::new(tx));
         let (done_tx, done_rx) = tokio::sync::oneshot::channel();
         let done_tx = Arc::new(Mutex::new(Some(done_tx)));
         let mut reg = InProcessRegistry::default();
         reg.register("source", move || FlushSource(N, done_tx.lock().expect("lock").take()));
         reg.register("double", || Double);
-        reg.register("collect", move || Stuck(tx.lock().expect("lock").clone(), 0));
+        reg.register("collect", move || Stuck(tx.clone(), 0));
         let cfg = load_str("inproc.yml", yaml).config.expect("valid");
         let mut opts = NodeOptions::new(dir.path(), cfg);
         opts.inproc = reg;
@@ -179,7 +178,7 @@ fn durable_in_process_queue_survives_a_restart() {
         let node = Node::start(opts).await.expect("node");
         tokio::time::timeout(Duration::from_secs(30), done_rx).await.expect("in time").expect("source flushed");
         while seen.len() < 100 {
-            let k = tokio::time::timeout(Duration::from_secs(30), rx.recv()).await.expect("in time").expect("open");
+            let k = next(&mut rx).await;
             seen.insert(k.metadata["seq"].as_f64().unwrap_or(0.0) as u64);
         }
         node.shutdown().await;
@@ -191,11 +190,10 @@ fn durable_in_process_queue_survives_a_restart() {
     // Second run, the source emits nothing: what was queued (durable by default) must all arrive.
     actix::System::new().block_on(async {
         let (tx, mut rx) = mpsc::unbounded_channel();
-        let tx = Arc::new(Mutex::new(tx));
         let mut reg = InProcessRegistry::default();
         reg.register("source", || Source(0));
         reg.register("double", || Double);
-        reg.register("collect", move || Collect(tx.lock().expect("lock").clone()));
+        reg.register("collect", move || Collect(tx.clone()));
         let node = start_node(dir.path(), yaml, reg).await;
         while seen.len() < N as usize {
             let k = tokio::time::timeout(Duration::from_secs(30), rx.recv())
@@ -216,16 +214,29 @@ fn a_service_on_an_in_memory_link_speaks_the_session_protocol() {
         // `linked` is served by the link below; its command would only run if it were started on its own.
         let yaml = "microservices:\n  linked:\n    command: [\"/bin/false\"]\n    delivery: memory\n    nextService: {default: [{name: collect}]}\n  collect:\n    always: yes\n";
         let (tx, mut rx) = mpsc::unbounded_channel();
-        let tx = Arc::new(Mutex::new(tx));
         let mut reg = InProcessRegistry::default();
-        reg.register("collect", move || Collect(tx.lock().expect("lock").clone()));
+        reg.register("collect", move || Collect(tx.clone()));
         let dir = tempfile::tempdir().expect("tmp");
         let node = start_node(dir.path(), yaml, reg).await;
         let (client, server) = aion::transport::mem_pair(16);
         assert!(node.attach(server).await);
+        /// `Double`, saying when its session is up (`start` runs right after the handshake).
+        struct Up(Option<tokio::sync::oneshot::Sender<()>>);
+        impl Service for Up {
+            async fn start(&mut self, _ctx: &mut Ctx) -> Result<(), Error> {
+                if let Some(up) = self.0.take() {
+                    let _ = up.send(());
+                }
+                Ok(())
+            }
+            async fn handle(&mut self, k: Kanban, ctx: &mut Ctx) -> Result<(), Error> {
+                Double.handle(k, ctx).await
+            }
+        }
+        let (up_tx, up_rx) = tokio::sync::oneshot::channel();
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let svc = tokio::spawn(aion::sdk::run_on_link(
-            Double,
+            Up(Some(up_tx)),
             "linked",
             1,
             client,
@@ -234,22 +245,12 @@ fn a_service_on_an_in_memory_link_speaks_the_session_protocol() {
                 let _ = stop_rx.await;
             },
         ));
-        // The session is open once the handshake is done (an event the status shows).
-        let mut connected = false;
-        for _ in 0..500 {
-            if node.instances().await.iter().any(|i| i.service == "linked" && i.connected) {
-                connected = true;
-                break;
-            }
-            tokio::task::yield_now().await;
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        assert!(connected, "the link session opened");
+        tokio::time::timeout(Duration::from_secs(30), up_rx).await.expect("in time").expect("the link session opened");
         for i in 1..=3u64 {
             node.inject("linked", 1, "default", serde_json::json!({ "seq": i })).await.expect("inject");
         }
         for i in 1..=3u64 {
-            let k = tokio::time::timeout(Duration::from_secs(30), rx.recv()).await.expect("in time").expect("open");
+            let k = next(&mut rx).await;
             assert_eq!(k.metadata["double"], Value::U64(2 * i));
             assert_eq!(k.origin.service, "linked");
         }
@@ -283,14 +284,13 @@ fn static_kanbans_from_an_in_process_service() {
     }
     actix::System::new().block_on(async {
         let (tx, mut rx) = mpsc::unbounded_channel();
-        let tx = Arc::new(Mutex::new(tx));
         let mut reg = InProcessRegistry::default();
-        reg.register("statics", move || Statics(tx.lock().expect("lock").clone()));
+        reg.register("statics", move || Statics(tx.clone()));
         let dir = tempfile::tempdir().expect("tmp");
         let node = start_node(dir.path(), "microservices:\n  statics:\n    startup: yes\n", reg).await;
         let mut got = Vec::new();
         while got.len() < 4 {
-            got.push(tokio::time::timeout(Duration::from_secs(30), rx.recv()).await.expect("in time").expect("open"));
+            got.push(next(&mut rx).await);
         }
         assert_eq!(got, ["get:a", "event:true:a", "deleted:true", "left:0"]);
         node.shutdown().await;
