@@ -167,8 +167,13 @@ pub(crate) async fn accept_output(shared: &Shared, slot: &Slot, mut k: Box<WireK
     persisted
 }
 
-/// Fixes an output's origin and tells whether it is new (false: a duplicate, counted, to be dropped).
+/// Fixes an output's origin and id and tells whether it is new (false: a duplicate, counted, to be dropped).
+///
+/// The id the client proposed is made unique to this producing instance ([`KanbanId::of_producer`]): clients
+/// derive output ids from the input's id, which every branch of a fan-out shares, so without this the branches'
+/// outputs would meet downstream as different kanbans with one id.
 pub(crate) fn admit_output(slot: &Slot, k: &mut WireKanban) -> bool {
+    k.id = k.id.of_producer(slot.producer);
     // Never trust the client's idea of who it is; reuse its string when it is right.
     if k.origin.service != slot.service {
         k.origin.service.clone_from(&slot.service);

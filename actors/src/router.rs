@@ -288,12 +288,22 @@ impl Router {
         };
         let last = targets.len() - 1;
         let mut k = Some(k);
+        // Targets already served by this fan-out: a second copy for the same instance gets its own id.
+        let mut served: Vec<usize> = Vec::new();
         for (i, t) in targets.iter().enumerate() {
             // Every target gets its own copy (fan-out); the last one takes the original, so the common
             // single-target route never clones.
             let Some(mut copy) = (if i == last { k.take() } else { k.clone() }) else { break };
             match self.target(ms, t, &mut copy) {
-                Ok(slot) => persisted |= self.enqueue(slot, copy).await,
+                Ok(slot) => {
+                    let at = Arc::as_ptr(slot) as usize;
+                    let again = served.iter().filter(|p| **p == at).count() as u32;
+                    served.push(at);
+                    if again > 0 {
+                        copy.id = copy.id.copy(again);
+                    }
+                    persisted |= self.enqueue(slot, copy).await
+                }
                 Err((reason, detail)) => self.dead_letter(reason, detail, copy),
             }
         }
@@ -305,9 +315,9 @@ impl Router {
 mod tests {
     use super::*;
     use aion_runtime::config::load_str;
-    use aion_runtime::kanban::{Kanban, Metadata, Origin, Value, TERMINATE_KEY};
+    use aion_runtime::kanban::{Kanban, KanbanId, Metadata, Origin, Value, TERMINATE_KEY};
 
-    const YAML: &str = "deviceName: here\ndevices:\n  there: {addr: 10.0.0.2}\nmicroservices:\n  src:\n    nextService:\n      default: [{name: a}]\n      both: [{name: a}, {name: b}]\n      far: [{name: b, device: there}]\n      tosave: [{name: saved}]\n  a:\n    delivery: memory\n  b:\n    delivery: memory\n  saved: {}\n";
+    const YAML: &str = "deviceName: here\ndevices:\n  there: {addr: 10.0.0.2}\nmicroservices:\n  src:\n    nextService:\n      default: [{name: a}]\n      both: [{name: a}, {name: b}]\n      far: [{name: b, device: there}]\n      tosave: [{name: saved}]\n      twice: [{name: a}, {name: a}]\n  a:\n    delivery: memory\n  b:\n    delivery: memory\n  saved: {}\n";
 
     fn router(capacity: usize) -> (Router, mpsc::Receiver<Lifecycle>) {
         let cfg = load_str("t.yml", YAML).config.expect("valid");
@@ -359,6 +369,21 @@ mod tests {
         let (r2, _lc2) = router(8);
         let lonely = r2.slot("a", 1).expect("slot").clone();
         assert!(r2.try_route(&lonely, out("")).is_err(), "a has no nextService: a dead letter");
+    }
+
+    #[tokio::test]
+    async fn two_copies_for_one_instance_get_two_ids() {
+        let (r, _lc) = router(8);
+        let from = r.slot("src", 1).expect("slot").clone();
+        let k = out("twice");
+        let id = k.id;
+        r.route(&from, k).await;
+        let a = r.slot("a", 1).expect("slot");
+        let sess = a.open_session().expect("session");
+        let mut got = Vec::new();
+        a.take(sess, 8, &mut got).await;
+        let ids: Vec<KanbanId> = got.iter().map(|k| k.id).collect();
+        assert_eq!(ids, vec![id, id.copy(1)], "the first copy keeps the id, the second gets its own");
     }
 
     #[tokio::test]

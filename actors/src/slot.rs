@@ -75,6 +75,8 @@ pub struct Slot {
     pub durable: bool,
     /// An output id was ever remembered (until then the duplicate check needs no lock).
     remembered: AtomicBool,
+    /// This instance as a producer ([`KanbanId::producer_key`]): mixed into the id of every output it emits.
+    pub producer: u128,
 }
 
 /// How many output ids per instance are remembered for deduplication.
@@ -106,6 +108,7 @@ impl Slot {
             start_requested: AtomicBool::new(false),
             durable,
             remembered: AtomicBool::new(false),
+            producer: KanbanId::producer_key(service, instance),
         }
     }
 

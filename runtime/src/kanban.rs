@@ -241,6 +241,32 @@ impl KanbanId {
         KanbanId(x)
     }
 
+    /// A key identifying one producing instance, for [`KanbanId::of_producer`].
+    pub fn producer_key(service: &str, instance: u32) -> u128 {
+        // FNV-1a over the name, a separator and the instance number; then mixed like the ids.
+        let mut h: u128 = 0x6c62_272e_07bb_0142_62b8_2175_6295_c58d;
+        for b in service.bytes().chain([0xff]).chain(instance.to_le_bytes()) {
+            h ^= u128::from(b);
+            h = h.wrapping_mul(0x0000_0000_0100_0000_0000_0000_0000_013B);
+        }
+        mix(h)
+    }
+
+    /// The id an output proposed as `self` gets once accepted from the producer whose key is `producer`
+    /// ([`KanbanId::producer_key`]). For one producer this is a bijection (different proposals stay different,
+    /// the same proposal always maps to the same id, so redelivery deduplication still works); for different
+    /// producers the same proposal maps to different ids. So the outputs of two branches of a fan-out, derived
+    /// from the same input id, are two kanbans with two ids when they meet again downstream.
+    pub fn of_producer(self, producer: u128) -> KanbanId {
+        KanbanId(mix(self.0 ^ producer))
+    }
+
+    /// The id of the `n`-th extra copy (n ≥ 1) of a kanban routed more than once to the same instance by one
+    /// fan-out (`nextService: default: [{name: d}, {name: d}]`): each copy is its own kanban in that queue.
+    pub fn copy(self, n: u32) -> KanbanId {
+        KanbanId(mix(self.0 ^ (u128::from(n) << 64) ^ 0x5bd1_e995))
+    }
+
     /// Parses 32 hex digits (as shown by [`fmt::Display`]).
     pub fn parse(s: &str) -> Option<KanbanId> {
         if s.is_empty() || s.len() > 32 {
@@ -248,6 +274,16 @@ impl KanbanId {
         }
         u128::from_str_radix(s, 16).ok().map(KanbanId)
     }
+}
+
+/// A bijection of `u128` that spreads every input bit over the output (odd multiplications and xor-shifts).
+fn mix(mut x: u128) -> u128 {
+    x ^= x >> 67;
+    x = x.wrapping_mul(0x9E37_79B9_7F4A_7C15_F39C_C060_5CED_C835);
+    x ^= x >> 61;
+    x = x.wrapping_mul(0xD6E8_FEB8_6659_FD93_A5B3_C4E5_F6A7_1F2B);
+    x ^= x >> 64;
+    x
 }
 
 impl fmt::Display for KanbanId {
@@ -858,6 +894,19 @@ mod tests {
     }
 
     #[test]
+    fn producer_ids_differ_between_producers_and_are_stable_for_one() {
+        let parent = KanbanId::generate();
+        let proposal = KanbanId::derive(parent, 0);
+        let (b, c) = (KanbanId::producer_key("b", 1), KanbanId::producer_key("c", 1));
+        assert_ne!(b, c);
+        assert_ne!(KanbanId::producer_key("b", 1), KanbanId::producer_key("b", 2));
+        assert_ne!(proposal.of_producer(b), proposal.of_producer(c), "two branches, two ids");
+        assert_eq!(proposal.of_producer(b), proposal.of_producer(b), "a resend keeps its id");
+        assert_ne!(proposal.copy(1), proposal);
+        assert_ne!(proposal.copy(1), proposal.copy(2));
+    }
+
+    #[test]
     fn terminate_detection() {
         let mut k = Kanban { connection_key: TERMINATE_KEY.into(), ..Kanban::default() };
         assert!(!k.is_terminate());
@@ -888,6 +937,12 @@ mod tests {
             let bytes = postcard::to_stdvec(&v).expect("encode");
             let back: Value = postcard::from_bytes(&bytes).expect("decode");
             prop_assert_eq!(back, v);
+        }
+
+        #[test]
+        fn of_producer_is_a_bijection_for_one_producer(a in any::<u128>(), b in any::<u128>(), k in any::<u128>()) {
+            prop_assume!(a != b);
+            prop_assert_ne!(KanbanId(a).of_producer(k), KanbanId(b).of_producer(k));
         }
 
         #[test]
