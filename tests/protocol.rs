@@ -1,9 +1,9 @@
 //! Hostile and broken clients on the status-kanban socket: each gets a clear refusal, the runtime keeps going.
 mod common;
 use aion::runtime::Kanban;
-use aion::transport::codec::{encode_into, FrameDecoder};
-use aion::transport::proto::MAGIC;
-use aion::transport::{ClientMsg, Hello, ServerMsg, PROTOCOL_VERSION};
+use aion::transport::codec::FrameDecoder;
+use aion::transport::{ClientMsg, ServerMsg, PROTOCOL_VERSION};
+use common::raw::{converse, error_reason, frames, hello};
 use common::Runtime;
 use std::io::{Read, Write};
 use std::os::unix::fs::PermissionsExt;
@@ -17,45 +17,6 @@ microservices:
     scale: 2
     env: { RECORD: "{work}/svc.jsonl" }
 "#;
-
-fn hello(service: &str, instance: u32, version: u16) -> ClientMsg {
-    ClientMsg::Hello(Hello { magic: MAGIC, version, service: service.into(), instance, window: 8, seed: false, pid: 0 })
-}
-
-/// Sends `msgs`, then reads until the runtime closes; returns every decoded message.
-fn converse(rt: &Runtime, raw: &[u8]) -> Vec<ServerMsg> {
-    let mut s = UnixStream::connect(rt.socket()).expect("connect");
-    s.set_read_timeout(Some(Duration::from_secs(20))).expect("timeout");
-    s.write_all(raw).expect("write");
-    let mut dec = FrameDecoder::default();
-    let mut out = Vec::new();
-    let mut buf = [0u8; 4096];
-    loop {
-        match s.read(&mut buf) {
-            Ok(0) | Err(_) => break,
-            Ok(n) => dec.push(&buf[..n]),
-        }
-        while let Ok(Some(m)) = dec.decode::<ServerMsg>() {
-            out.push(m);
-        }
-    }
-    out
-}
-
-fn frames(msgs: &[ClientMsg]) -> Vec<u8> {
-    let mut v = Vec::new();
-    for m in msgs {
-        encode_into(m, &mut v).expect("encode");
-    }
-    v
-}
-
-fn error_reason(msgs: &[ServerMsg]) -> String {
-    match msgs.last() {
-        Some(ServerMsg::Error { reason }) => reason.clone(),
-        other => panic!("expected an Error message, got {other:?}"),
-    }
-}
 
 #[test]
 fn sockets_are_owner_only() {

@@ -83,3 +83,119 @@ fn fan_out_then_fan_in_delivers_every_branch_with_distinct_ids() {
         assert!(dups <= 1, "only the kanban d held in flight may come twice: {dups}");
     }
 }
+
+/// D2 (SDK side): an output too large to be delivered is refused by `ctx.emit` with a clear error, and nothing
+/// else is held up: the outputs before and after it arrive.
+#[test]
+fn an_output_too_large_to_deliver_is_refused_to_the_producer() {
+    let yaml = r#"
+deviceName: demo-device
+microservices:
+  src:
+    command: ["{testkit}"]
+    startup: yes
+    env: { EMIT_COUNT: 3, PAD: 16777090, PAD_SEQ: 2, RECORD: "{work}/src.jsonl" }
+    nextService: { default: [ { name: sink } ] }
+  sink:
+    command: ["{testkit}"]
+    always: yes
+    env: { RECORD: "{work}/sink.jsonl" }
+"#;
+    let mut rt = Runtime::start(yaml);
+    let sink = rt.wait_lines("sink.jsonl", 2);
+    let seqs: BTreeSet<i64> = sink.iter().filter_map(|l| l["metadata"]["seq"].as_i64()).collect();
+    assert_eq!(seqs, BTreeSet::from([1, 3]));
+    let src = rt.wait_lines("src.jsonl", 1);
+    let err = src[0]["emit_error"].as_str().unwrap_or_default();
+    assert!(err.contains("too large") && err.contains("limit"), "{err}");
+    assert_eq!(src[0]["seq"], 2);
+    let s = rt.status();
+    assert_eq!(
+        s["instances"].as_array().map(|a| a.iter().map(|i| i["redelivered"].as_u64().unwrap_or(0)).sum::<u64>()),
+        Some(0)
+    );
+    assert_eq!(rt.stop(), 0);
+}
+
+const POISON_YAML: &str = r#"
+deviceName: demo-device
+microservices:
+  relay:
+    command: ["{testkit}"]
+    nextService: { default: [ { name: sink } ] }
+  sink:
+    command: ["{testkit}"]
+    always: yes
+    env: { RECORD: "{work}/sink.jsonl" }
+"#;
+
+/// D2 (runtime side): a client that is not the SDK sends an output that fits a frame but not a delivery: it is
+/// dead-lettered `too-large` (counted as handled, so the client moves on) and the next output flows.
+#[test]
+fn an_oversized_output_from_a_raw_client_is_dead_lettered_and_the_flow_goes_on() {
+    use aion::runtime::{Kanban, KanbanId};
+    use aion::transport::{ClientMsg, ServerMsg, PROTOCOL_VERSION};
+    use common::raw::{converse, frames, hello};
+    let mut rt = Runtime::start(POISON_YAML);
+    let big = Kanban {
+        id: KanbanId::generate(),
+        metadata: aion::runtime::kanban::metadata_from_json(serde_json::json!({"pad": "p".repeat(16_777_000)})),
+        ..Kanban::default()
+    };
+    let small = Kanban {
+        id: KanbanId::generate(),
+        metadata: aion::runtime::kanban::metadata_from_json(serde_json::json!({"seq": 7})),
+        ..Kanban::default()
+    };
+    let raw = frames(&[
+        hello("relay", 1, PROTOCOL_VERSION),
+        ClientMsg::Output(Box::new(big.into_wire())),
+        ClientMsg::Output(Box::new(small.into_wire())),
+        ClientMsg::Bye,
+    ]);
+    let msgs = converse(&rt, &raw);
+    let accepted: u32 = msgs.iter().map(|m| if let ServerMsg::Accepted { count } = m { *count } else { 0 }).sum();
+    assert_eq!(accepted, 2, "both outputs answered: {msgs:?}");
+    assert_eq!(rt.wait_lines("sink.jsonl", 1)[0]["metadata"]["seq"], 7);
+    let s = rt.wait_status("dead letter", |s| s["dead_letters"]["too-large"] == 1);
+    assert!(s["recent_dead_letters"][0]["detail"].as_str().is_some_and(|d| d.contains("limit")), "{s}");
+    assert_eq!(rt.stop(), 0);
+}
+
+/// D2 (already stored): a kanban in the durable queue that cannot be delivered (written by an earlier build
+/// before the size check) is dead-lettered `too-large` and removed, instead of being redelivered forever; the
+/// kanbans behind it are delivered.
+#[test]
+fn an_undeliverable_stored_kanban_is_dead_lettered_and_the_queue_moves_on() {
+    use aion::runtime::{Kanban, KanbanId};
+    let mut rt = Runtime::start(POISON_YAML);
+    assert_eq!(rt.stop(), 0);
+    let db = rusqlite::Connection::open(rt.data.path().join("aion.db")).expect("open aion.db");
+    let put = |k: Kanban| {
+        let w = k.into_wire();
+        let bytes = postcard::to_stdvec(&w).expect("encode");
+        db.execute(
+            "INSERT INTO queue (service, instance, id, kanban) VALUES ('sink', 1, ?1, ?2)",
+            rusqlite::params![&w.id.0.to_be_bytes()[..], bytes],
+        )
+        .expect("insert");
+    };
+    let md = |j: serde_json::Value| aion::runtime::kanban::metadata_from_json(j);
+    // Fits the 16 MiB frame limit by itself, but not once stamped and wrapped in a delivery.
+    put(Kanban {
+        id: KanbanId::generate(),
+        metadata: md(serde_json::json!({"pad": "p".repeat(16_777_190)})),
+        ..Kanban::default()
+    });
+    put(Kanban { id: KanbanId::generate(), metadata: md(serde_json::json!({"seq": 2})), ..Kanban::default() });
+    drop(db);
+    let mut rt = rt.crash_and_restart(POISON_YAML);
+    assert_eq!(rt.wait_lines("sink.jsonl", 1)[0]["metadata"]["seq"], 2);
+    let s = rt.wait_status("dead letter", |s| s["dead_letters"]["too-large"] == 1);
+    assert_eq!(s["instances"][1]["redelivered"], 0, "never redelivered: {s}");
+    // It was removed from the store: the next run has nothing left to deliver.
+    let rt2 = rt.crash_and_restart(POISON_YAML);
+    let s = rt2.status();
+    assert_eq!(s["instances"][1]["queue_depth"], 0, "{s}");
+    assert!(!rt2.stderr().contains("recovered queued kanbans"), "{}", rt2.stderr());
+}

@@ -20,6 +20,8 @@ pub enum Reason {
     NotRunnable,
     /// A terminate kanban named a service that is not the sender.
     BadTerminate,
+    /// The kanban is over [`MAX_KANBAN_BYTES`](aion_runtime::kanban::MAX_KANBAN_BYTES): it cannot be delivered.
+    TooLarge,
 }
 
 impl Reason {
@@ -32,6 +34,7 @@ impl Reason {
             Reason::NoFederation => "no-federation",
             Reason::NotRunnable => "not-runnable",
             Reason::BadTerminate => "bad-terminate",
+            Reason::TooLarge => "too-large",
         }
     }
 }
@@ -54,11 +57,23 @@ pub struct DeadLetters {
 }
 
 const KEEP: usize = 256;
+/// Dead letters are kept whole only up to this size; larger ones are kept without metadata and file list, so
+/// the recent dead letters never hold more than `KEEP` × this in memory.
+const KEEP_WHOLE_BYTES: usize = 64 << 10;
 
 impl DeadLetters {
     /// Records a dead letter: logs it, counts it, keeps it among the recent ones.
-    pub fn record(&self, reason: Reason, detail: String, kanban: Box<WireKanban>) {
+    pub fn record(&self, reason: Reason, mut detail: String, mut kanban: Box<WireKanban>) {
         tracing::warn!(reason = reason.as_str(), kanban = %kanban.id, from = %kanban.origin.service, "dead letter: {detail}");
+        if kanban.metadata.0.len() + kanban.file_list.iter().map(String::len).sum::<usize>() > KEEP_WHOLE_BYTES {
+            detail.push_str(&format!(
+                " (metadata of {} bytes and {} file paths not kept)",
+                kanban.metadata.0.len(),
+                kanban.file_list.len()
+            ));
+            kanban.metadata = aion_runtime::MetadataBytes::default();
+            kanban.file_list = Vec::new();
+        }
         if let Ok(mut g) = self.inner.lock() {
             *g.0.entry(reason.as_str()).or_default() += 1;
             if g.1.len() >= KEEP {

@@ -6,7 +6,9 @@
 //! deliveries straight from its [`Slot`]. It keeps what it delivered until the service has handled it, so a
 //! panicking or stopped service gets its unhandled kanbans redelivered exactly as a process would.
 
-use crate::endpoint::{ack_wants_ids, acknowledge, admit_output, requeue_start, Opened, Outgoing, Shared};
+use crate::endpoint::{
+    ack_wants_ids, acknowledge, admit_output, refuse_output, requeue_start, Opened, Outgoing, Shared,
+};
 use crate::slot::Slot;
 use aion_runtime::kanban::{KanbanId, WireKanban};
 use aion_sdk::Kanban;
@@ -99,7 +101,8 @@ impl Port for DirectSession {
     }
 
     fn output(&mut self, mut kanban: Box<WireKanban>) -> Option<BoxFuture<'_, Result<(), Error>>> {
-        if !admit_output(&self.slot, &mut kanban) {
+        if let Some(refused) = admit_output(&self.slot, &mut kanban) {
+            refuse_output(&self.shared, &self.slot, refused, kanban);
             return None;
         }
         let id = kanban.id;

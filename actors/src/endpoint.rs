@@ -153,7 +153,8 @@ pub(crate) fn open_session(
 /// it. Returns true when a copy went to the durable store (the caller waits for a commit barrier before
 /// acknowledging it).
 pub(crate) async fn accept_output(shared: &Shared, slot: &Slot, mut k: Box<WireKanban>) -> bool {
-    if !admit_output(slot, &mut k) {
+    if let Some(refused) = admit_output(slot, &mut k) {
+        refuse_output(shared, slot, refused, k);
         return false;
     }
     let id = k.id;
@@ -167,12 +168,33 @@ pub(crate) async fn accept_output(shared: &Shared, slot: &Slot, mut k: Box<WireK
     persisted
 }
 
-/// Fixes an output's origin and id and tells whether it is new (false: a duplicate, counted, to be dropped).
+/// Why an output is not routed.
+#[derive(Debug)]
+pub(crate) enum Refused {
+    /// Already accepted from this instance (a resend after a reconnect, or a redelivered input handled again).
+    Duplicate,
+    /// Over the kanban size limit: it could never be delivered.
+    TooLarge(aion_runtime::kanban::TooLarge),
+}
+
+/// Drops a refused output: a duplicate silently (it was counted and the original routed), anything else as a
+/// dead letter (logged, counted, archived) so the producer's session moves on.
+pub(crate) fn refuse_output(shared: &Shared, slot: &Slot, why: Refused, k: Box<WireKanban>) {
+    if let Refused::TooLarge(e) = why {
+        // A resend of it is then a duplicate, not a second dead letter.
+        slot.remember_output(k.id);
+        slot.stats.kanbans_out.fetch_add(1, Ordering::Relaxed);
+        let detail = format!("output of {}-{}: {e}", slot.service, slot.instance);
+        shared.router.dead_letter(crate::dead::Reason::TooLarge, detail, k);
+    }
+}
+
+/// Fixes an output's origin and id and tells whether it is to be routed (`None`) or not, and why.
 ///
 /// The id the client proposed is made unique to this producing instance ([`KanbanId::of_producer`]): clients
 /// derive output ids from the input's id, which every branch of a fan-out shares, so without this the branches'
 /// outputs would meet downstream as different kanbans with one id.
-pub(crate) fn admit_output(slot: &Slot, k: &mut WireKanban) -> bool {
+pub(crate) fn admit_output(slot: &Slot, k: &mut WireKanban) -> Option<Refused> {
     k.id = k.id.of_producer(slot.producer);
     // Never trust the client's idea of who it is; reuse its string when it is right.
     if k.origin.service != slot.service {
@@ -182,7 +204,10 @@ pub(crate) fn admit_output(slot: &Slot, k: &mut WireKanban) -> bool {
     if k.process_number == 0 {
         k.process_number = slot.instance;
     }
-    !slot.is_duplicate_output(k.id)
+    if slot.is_duplicate_output(k.id) {
+        return Some(Refused::Duplicate);
+    }
+    k.check_size().err().map(Refused::TooLarge)
 }
 
 /// Acknowledges `n` deliveries of `sess` (whose ids are `ids` when the store or the archive needs them).
@@ -344,15 +369,32 @@ async fn session(shared: Shared, mut r: LinkReader<ClientMsg>, mut w: LinkWriter
                         return;
                     }
                     // Keep each kanban once (for redelivery) and encode the delivery from that copy.
-                    let mut g = inflight.lock().unwrap_or_else(|p| p.into_inner());
-                    let mut r = Ok(());
-                    for k in ks.drain(..) {
-                        seq += 1;
-                        g.push_back((seq, k));
-                        if let Some((s, k)) = g.back() {
-                            let wire = DeliverRef::Deliver { seq: *s, kanban: k };
-                            r = r.and_then(|_| w.push_as(&wire, || ServerMsg::Deliver { seq: *s, kanban: k.clone() }));
+                    let mut undeliverable = Vec::new();
+                    let r = {
+                        let mut g = inflight.lock().unwrap_or_else(|p| p.into_inner());
+                        let mut r = Ok(());
+                        for k in ks.drain(..) {
+                            let s = seq + 1;
+                            let wire = DeliverRef::Deliver { seq: s, kanban: &k };
+                            match w.push_as(&wire, || ServerMsg::Deliver { seq: s, kanban: k.clone() }) {
+                                Ok(()) => {
+                                    seq = s;
+                                    g.push_back((s, k));
+                                }
+                                // Too large for a frame (stored by a build without the size check): it can never
+                                // be delivered, so it must not go back to the queue.
+                                Err(e) if e.kind() == std::io::ErrorKind::InvalidData => undeliverable.push(k),
+                                Err(e) => {
+                                    seq = s;
+                                    g.push_back((s, k));
+                                    r = Err(e);
+                                }
+                            }
                         }
+                        r
+                    };
+                    if !undeliverable.is_empty() {
+                        dead_letter_undeliverable(&shared, &slot, sess, undeliverable).await;
                     }
                     r
                 }
@@ -399,6 +441,25 @@ async fn session(shared: Shared, mut r: LinkReader<ClientMsg>, mut w: LinkWriter
         }
     }
     requeue_start(&shared.router, &slot).await;
+}
+
+/// Kanbans taken from the queue that no frame can carry: dead-lettered `too-large` and acknowledged (removed from
+/// the durable queue), so the queue behind them moves on. (Boxes, as the queue holds them: moved, never copied.)
+#[allow(clippy::vec_box)]
+async fn dead_letter_undeliverable(shared: &Shared, slot: &Slot, sess: u64, ks: Vec<Box<WireKanban>>) {
+    let ids: Vec<KanbanId> = ks.iter().map(|k| k.id).collect();
+    let n = ks.len();
+    for k in ks {
+        let size = k.encoded_len();
+        let detail = format!(
+            "queued for {}-{}: {}",
+            slot.service,
+            slot.instance,
+            aion_runtime::kanban::TooLarge { size, limit: aion_runtime::kanban::MAX_KANBAN_BYTES }
+        );
+        shared.router.dead_letter(crate::dead::Reason::TooLarge, detail, k);
+    }
+    acknowledge(shared, slot, sess, n, ids).await;
 }
 
 /// What the reader hands the writer.
@@ -462,11 +523,22 @@ async fn read_loop(
                     acknowledge(shared, slot, sess, n, ids).await;
                 }
                 ClientMsg::StaticPut { req, topic, kanban } => {
+                    if topic.len() > aion_transport::proto::MAX_TOPIC_BYTES {
+                        return Err(format!(
+                            "static topic name of {} bytes is too long (limit {})",
+                            topic.len(),
+                            aion_transport::proto::MAX_TOPIC_BYTES
+                        ));
+                    }
+                    if let Err(e) = kanban.check_size() {
+                        return Err(format!("static kanban refused: {e}"));
+                    }
                     let id = shared.statics.put_durable(&topic, *kanban).await;
                     let _ = ctl_tx.send(Outgoing::Msg(ServerMsg::StaticPutOk { req, id })).await;
                 }
                 ClientMsg::StaticGet { req, topic } => {
-                    let entries = shared.statics.get(&topic);
+                    // One reply frame: as many entries (oldest first) as fit; the rest are left out, logged.
+                    let entries = shared.statics.get_within(&topic, aion_transport::codec::MAX_FRAME - (64 << 10));
                     let _ = ctl_tx.send(Outgoing::Msg(ServerMsg::StaticList { req, entries })).await;
                 }
                 ClientMsg::StaticDelete { req, topic, id } => {

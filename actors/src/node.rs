@@ -370,6 +370,7 @@ async fn inject(
         ..Kanban::default()
     };
     let k = Box::new(k.into_wire());
+    k.check_size().map_err(|e| format!("not sent: {e}"))?;
     match router.deliver(service, instance, k).await {
         Ok(persisted) => {
             if let Some(store) = router.store().filter(|_| persisted) {

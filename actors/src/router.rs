@@ -78,7 +78,7 @@ impl Router {
     }
 
     /// Records a dead letter: log, counter, and archive.
-    fn dead_letter(&self, reason: Reason, detail: String, k: Box<WireKanban>) {
+    pub(crate) fn dead_letter(&self, reason: Reason, detail: String, k: Box<WireKanban>) {
         self.archive_hop(&k, None, reason.as_str());
         self.dead.record(reason, detail, k);
     }

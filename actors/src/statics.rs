@@ -22,6 +22,7 @@ struct Topic {
 pub struct StaticStore {
     inner: Mutex<(u64, HashMap<String, Topic>)>,
     durable: Option<crate::store::Store>,
+    truncated: std::sync::atomic::AtomicU64,
 }
 
 const MAX_PER_TOPIC: usize = 10_000;
@@ -35,7 +36,7 @@ impl StaticStore {
             next = next.max(r.id);
             topics.entry(r.topic).or_default().entries.insert(r.id, r.kanban);
         }
-        StaticStore { inner: Mutex::new((next, topics)), durable: Some(store) }
+        StaticStore { inner: Mutex::new((next, topics)), durable: Some(store), truncated: Default::default() }
     }
 
     /// Stores a kanban durably (when the store is durable) and returns its id once committed.
@@ -108,6 +109,32 @@ impl StaticStore {
     pub fn get(&self, topic: &str) -> Vec<(u64, WireKanban)> {
         let g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         g.1.get(topic).map(|t| t.entries.iter().map(|(i, k)| (*i, k.clone())).collect()).unwrap_or_default()
+    }
+
+    /// The oldest entries of a topic whose encodings add up to at most `max_bytes` (what one reply frame can carry);
+    /// entries left out are logged and counted ([`StaticStore::truncated_lists`]).
+    pub fn get_within(&self, topic: &str, max_bytes: usize) -> Vec<(u64, WireKanban)> {
+        let g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(t) = g.1.get(topic) else { return Vec::new() };
+        let mut out = Vec::new();
+        let mut used = 0usize;
+        for (i, k) in &t.entries {
+            let size = k.encoded_len() + 10;
+            if used + size > max_bytes {
+                let left = t.entries.len() - out.len();
+                self.truncated.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                tracing::warn!(topic, listed = out.len(), left_out = left, "static list larger than one reply frame; the newest entries are left out (read them with a subscription)");
+                break;
+            }
+            used += size;
+            out.push((*i, k.clone()));
+        }
+        out
+    }
+
+    /// How many static lists were cut to fit one reply frame.
+    pub fn truncated_lists(&self) -> u64 {
+        self.truncated.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Deletes an entry; returns whether it existed.

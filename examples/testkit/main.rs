@@ -4,7 +4,9 @@
 //!   `KEY`), then, if `TERMINATE=1`, send the terminate kanban and exit.
 //! - `CHUNK=c`: with `EMIT_COUNT`, flush every c outputs and checkpoint the last accepted seq in the instance's
 //!   data dir (`progress`); a restarted source resumes after it.
-//! - `PAD=n`: with `EMIT_COUNT`, add a string of n bytes (`metadata.pad`) to every output (large kanbans).
+//! - `PAD=n`: with `EMIT_COUNT`, add a string of n bytes (`metadata.pad`) to every output (large kanbans);
+//!   `PAD_SEQ=s`: only to the output with `seq == s`. An output the SDK refuses as too large is recorded as
+//!   `{"emit_error": …, "seq": s}` and the source goes on.
 //! - `WINDOW=n`, `OUTPUT_WINDOW=n`: the SDK's credit and output windows.
 //! - `KEY=k`: the connection key of outputs (default: `metadata.route` of the input, else `default`).
 //! - `FORWARD=1`: forward every input (metadata kept, `hops` extended with this instance).
@@ -23,6 +25,7 @@ use std::io::Write;
 struct Kit {
     emit: u64,
     pad: usize,
+    pad_seq: Option<u64>,
     terminate: bool,
     key: Option<String>,
     forward: bool,
@@ -70,13 +73,18 @@ impl Service for Kit {
         };
         for i in first..=self.emit {
             let mut out = Output::new().meta("seq", i).meta("origin_instance", u64::from(ctx.process_number()));
-            if self.pad > 0 {
+            if self.pad > 0 && self.pad_seq.is_none_or(|s| s == i) {
                 out = out.meta("pad", "p".repeat(self.pad));
             }
             if let Some(k) = &self.key {
                 out = out.key(k.clone());
             }
-            ctx.emit(out).await?;
+            match ctx.emit(out).await {
+                Err(e @ Error::TooLarge { .. }) => {
+                    self.record(serde_json::json!({"emit_error": e.to_string(), "seq": i}))?
+                }
+                other => other?,
+            }
             if self.chunk > 0 && (i % self.chunk == 0 || i == self.emit) {
                 ctx.flush().await?;
                 std::fs::write(&progress, i.to_string()).map_err(Error::msg)?;
@@ -158,6 +166,7 @@ fn main() -> std::process::ExitCode {
         Kit {
             emit: var("EMIT_COUNT").and_then(|v| v.parse().ok()).unwrap_or(0),
             pad: var("PAD").and_then(|v| v.parse().ok()).unwrap_or(0),
+            pad_seq: var("PAD_SEQ").and_then(|v| v.parse().ok()),
             terminate: var("TERMINATE").as_deref() == Some("1"),
             key: var("KEY"),
             forward: var("FORWARD").as_deref() == Some("1"),

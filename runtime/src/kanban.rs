@@ -358,6 +358,21 @@ pub struct Kanban<M = Metadata> {
 /// The kanban as the runtime carries it: routing fields decoded, metadata left encoded.
 pub type WireKanban = Kanban<MetadataBytes>;
 
+/// The largest kanban (its postcard encoding, metadata included) that the runtime accepts: 64 KiB under the
+/// 16 MiB frame limit, so that what the runtime adds on the way (the device name stamped on a forwarded copy,
+/// the delivery's sequence number, a static topic name) always fits in the frame that delivers it.
+pub const MAX_KANBAN_BYTES: usize = (16 << 20) - (64 << 10);
+
+/// A kanban over [`MAX_KANBAN_BYTES`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("kanban of {size} bytes is too large: the limit is {limit} bytes (metadata, file list and paths included)")]
+pub struct TooLarge {
+    /// Its encoded size.
+    pub size: usize,
+    /// [`MAX_KANBAN_BYTES`].
+    pub limit: usize,
+}
+
 /// Metadata that stays encoded until it is read: what a service receives. Reading (`Deref` to [`Metadata`]:
 /// `k.metadata.get("x")`, `k.metadata["x"]`, iteration) decodes it once; changing it (`DerefMut`) drops the
 /// encoded form. Forwarding it untouched into an output re-uses the received bytes: no decode, no encode.
@@ -621,6 +636,35 @@ impl Kanban<LazyMetadata> {
 }
 
 impl WireKanban {
+    /// The size of its encoding (what it costs in a frame, in the store and in memory).
+    pub fn encoded_len(&self) -> usize {
+        postcard::serialize_with_flavor::<_, _, usize>(self, postcard::ser_flavors::Size::default())
+            .unwrap_or(usize::MAX)
+    }
+
+    /// Checks it against [`MAX_KANBAN_BYTES`].
+    ///
+    /// # Errors
+    /// [`TooLarge`] with its size.
+    pub fn check_size(&self) -> Result<(), TooLarge> {
+        // Most kanbans are far below the limit: a cheap upper bound avoids walking the encoding.
+        let bound = self.metadata.0.len()
+            + self.file_list.iter().map(|f| f.len() + 10).sum::<usize>()
+            + [&self.origin.service, &self.start_at, &self.finish_at, &self.next_device_name, &self.connection_key]
+                .iter()
+                .map(|s| s.len() + 10)
+                .sum::<usize>()
+            + self.data_path.len()
+            + 128;
+        if bound <= MAX_KANBAN_BYTES {
+            return Ok(());
+        }
+        match self.encoded_len() {
+            size if size > MAX_KANBAN_BYTES => Err(TooLarge { size, limit: MAX_KANBAN_BYTES }),
+            _ => Ok(()),
+        }
+    }
+
     /// Decodes the metadata.
     ///
     /// # Errors
@@ -904,6 +948,24 @@ mod tests {
         assert_eq!(proposal.of_producer(b), proposal.of_producer(b), "a resend keeps its id");
         assert_ne!(proposal.copy(1), proposal);
         assert_ne!(proposal.copy(1), proposal.copy(2));
+    }
+
+    #[test]
+    fn size_check_is_exact_at_the_limit() {
+        let mut k = Kanban::default().into_wire();
+        let base = k.encoded_len();
+        // Metadata bytes are length-prefixed: find the payload that lands exactly on the limit.
+        let mut n = MAX_KANBAN_BYTES - base - 3;
+        k.metadata = MetadataBytes(vec![0; n]);
+        while k.encoded_len() < MAX_KANBAN_BYTES {
+            n += 1;
+            k.metadata = MetadataBytes(vec![0; n]);
+        }
+        assert_eq!(k.encoded_len(), MAX_KANBAN_BYTES);
+        assert_eq!(k.check_size(), Ok(()));
+        k.metadata.0.push(0);
+        assert_eq!(k.check_size(), Err(TooLarge { size: MAX_KANBAN_BYTES + 1, limit: MAX_KANBAN_BYTES }));
+        assert_eq!(postcard::to_stdvec(&k).map(|v| v.len()).ok(), Some(MAX_KANBAN_BYTES + 1));
     }
 
     #[test]

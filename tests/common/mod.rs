@@ -2,6 +2,7 @@
 //! built from `examples/`.
 #![allow(dead_code)]
 
+pub mod raw;
 pub mod scenarios;
 
 use std::io::{BufRead, BufReader};
@@ -196,11 +197,12 @@ impl Runtime {
         st.code().unwrap_or(-1)
     }
 
-    /// SIGKILL the runtime (not its children).
+    /// SIGKILL the runtime (not its children); nothing to do when it has already stopped.
     pub fn kill9(&mut self) {
-        let mut child = self.child.take().expect("running");
-        let _ = child.kill();
-        let _ = child.wait();
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
     }
 
     pub fn socket(&self) -> PathBuf {
@@ -268,7 +270,8 @@ pub fn line_count(path: &Path) -> usize {
 }
 
 impl Runtime {
-    /// Kills the runtime with SIGKILL and starts a new one on the same data and work directories with `yaml`.
+    /// Kills the runtime with SIGKILL (if it still runs) and starts a new one on the same data and work
+    /// directories with `yaml`.
     pub fn crash_and_restart(&mut self, yaml: &str) -> Runtime {
         self.kill9();
         let data = std::mem::replace(&mut self.data, tempfile::tempdir().expect("tmp"));

@@ -9,6 +9,9 @@ use serde::Serialize;
 /// Largest accepted frame body (16 MiB). A larger length prefix is an error, not an allocation.
 pub const MAX_FRAME: usize = 16 << 20;
 
+// A kanban the runtime accepted always fits the frame that delivers it, with room for what is added on the way.
+const _: () = assert!(aion_runtime::kanban::MAX_KANBAN_BYTES + (32 << 10) <= MAX_FRAME);
+
 /// Why a byte stream is not a valid frame sequence.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum FrameError {

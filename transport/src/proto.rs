@@ -15,6 +15,9 @@ use serde::{Deserialize, Serialize};
 /// The protocol version spoken by this build.
 pub const PROTOCOL_VERSION: u16 = 1;
 
+/// The longest static topic name the runtime accepts (bytes).
+pub const MAX_TOPIC_BYTES: usize = 1024;
+
 /// The magic number at the start of [`Hello`], so that a stray client is recognised at once.
 pub const MAGIC: u32 = 0x4149_4f4e; // "AION"
 

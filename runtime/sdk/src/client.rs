@@ -152,6 +152,8 @@ impl Ctx {
 
     async fn send_output(&mut self, k: Kanban) -> Result<(), Error> {
         let k = Box::new(k.into_wire());
+        // Refused here, with the reason, rather than by the runtime after a round trip.
+        k.check_size()?;
         match &mut self.conn {
             Conn::Link { cmd, permits } => {
                 permits.acquire().await.map_err(|_| Error::Closed)?.forget();
@@ -221,6 +223,14 @@ impl Ctx {
     /// [`Error::Closed`] if the session is gone.
     pub async fn static_put(&mut self, topic: &str, out: Output) -> Result<u64, Error> {
         let kanban = Box::new(self.build(out).into_wire());
+        kanban.check_size()?;
+        if topic.len() > aion_transport::proto::MAX_TOPIC_BYTES {
+            return Err(Error::Service(format!(
+                "static topic name of {} bytes is too long (limit {})",
+                topic.len(),
+                aion_transport::proto::MAX_TOPIC_BYTES
+            )));
+        }
         let (topic, req) = (topic.to_owned(), self.next_request());
         match &mut self.conn {
             Conn::Direct(port) => Ok(port.static_put(topic, kanban).await),

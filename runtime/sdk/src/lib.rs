@@ -70,6 +70,10 @@ pub enum Error {
     /// A service-defined failure.
     #[error("{0}")]
     Service(String),
+    /// An output (or static kanban) over [`MAX_KANBAN_BYTES`](aion_runtime::kanban::MAX_KANBAN_BYTES): it was
+    /// not sent, and the session goes on.
+    #[error("output not sent: {0}")]
+    TooLarge(#[from] aion_runtime::kanban::TooLarge),
 }
 
 impl Error {
