@@ -10,6 +10,22 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
+/// Prints a line on stdout; a closed stdout (`aion status | head -1`) ends the output, it is not worth a panic.
+macro_rules! out {
+    ($($t:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout().lock(), $($t)*);
+    }};
+}
+
+/// Prints a line on stderr, ignoring a stderr that cannot be written.
+macro_rules! err {
+    ($($t:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr().lock(), $($t)*);
+    }};
+}
+
 // mimalloc: the runtime allocates and frees small objects per kanban; measured faster than glibc malloc
 // (docs/performance.md), and the same allocator as in the benchmarks.
 #[global_allocator]
@@ -189,7 +205,7 @@ fn main() -> ExitCode {
                     })
                 }
                 other => {
-                    eprintln!("aion: --store {other:?}: expected `embedded` or a redis:// URL");
+                    err!("aion: --store {other:?}: expected `embedded` or a redis:// URL");
                     return ExitCode::FAILURE;
                 }
             };
@@ -221,14 +237,16 @@ fn main() -> ExitCode {
         Cmd::Kanban { cmd: KanbanCmd::Trace { id, json } } => kanban_trace(&data_dir, &id, json),
         Cmd::Stop => block(async {
             control::call(&Paths::new(&data_dir).control(), &Request::Stop).await?;
-            println!("stop requested");
+            out!("stop requested");
             Ok(())
         }),
     };
+    // Whatever the runtime logged goes out before the verdict (bounded: a stuck stderr does not hold the exit).
+    aion::runtime::log::LogSink::flush(Duration::from_secs(1));
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("aion: {e}");
+            err!("aion: {e}");
             ExitCode::FAILURE
         }
     }
@@ -254,16 +272,16 @@ fn validate(files: &[PathBuf], strict: bool, json: bool) -> Result<(), String> {
             all.extend(loaded.diagnostics);
         } else {
             for d in &loaded.diagnostics {
-                println!("{d}");
+                out!("{d}");
             }
             let errors = loaded.diagnostics.iter().filter(|d| d.severity == Severity::Error).count();
             let warnings = loaded.diagnostics.len() - errors;
             let verdict = if loaded.failed(strict) { "invalid" } else { "ok" };
-            println!("{}: {verdict} ({errors} errors, {warnings} warnings)", f.display());
+            out!("{}: {verdict} ({errors} errors, {warnings} warnings)", f.display());
         }
     }
     if json {
-        println!("{}", serde_json::to_string_pretty(&all).map_err(|e| e.to_string())?);
+        out!("{}", serde_json::to_string_pretty(&all).map_err(|e| e.to_string())?);
     }
     if failed > 0 {
         return Err(format!("{failed} of {} files invalid", files.len()));
@@ -284,16 +302,11 @@ struct RunFlags {
 
 fn run(data_dir: &Path, file: &Path, flags: RunFlags) -> Result<(), String> {
     let RunFlags { strict, grace, queue_capacity, archive, retention, mongo, redis, store_max_bytes } = flags;
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .try_init();
+    // Logging never panics nor blocks the runtime, whatever happens to stderr (see aion_runtime::log).
+    aion::runtime::log::init();
     let loaded = load_file(file);
     for d in &loaded.diagnostics {
-        eprintln!("{d}");
+        aion::runtime::log::say(d);
     }
     let config = match loaded.config {
         Some(c) if !loaded.failed(strict) => c,
@@ -320,7 +333,11 @@ fn run(data_dir: &Path, file: &Path, flags: RunFlags) -> Result<(), String> {
     // The runtime runs inside an actix System: actors execute on its arbiter.
     actix::System::new().block_on(async move {
         let node = Node::start(opts).await.map_err(|e| e.to_string())?;
-        eprintln!("aion: running {} (data dir {}); Ctrl-C or `aion stop` to stop", file.display(), data_dir.display());
+        aion::runtime::log::say(format_args!(
+            "aion: running {} (data dir {}); Ctrl-C or `aion stop` to stop",
+            file.display(),
+            data_dir.display()
+        ));
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
             .map_err(|e| format!("cannot handle SIGTERM: {e}"))?;
         let failure = tokio::select! {
@@ -340,7 +357,7 @@ fn run(data_dir: &Path, file: &Path, flags: RunFlags) -> Result<(), String> {
 async fn status(data_dir: &Path, json: bool) -> Result<(), String> {
     let v = control::call(&Paths::new(data_dir).control(), &Request::Status).await?;
     if json {
-        println!("{}", serde_json::to_string_pretty(&v).map_err(|e| e.to_string())?);
+        out!("{}", serde_json::to_string_pretty(&v).map_err(|e| e.to_string())?);
         return Ok(());
     }
     let r: StatusReport = serde_json::from_value(v).map_err(|e| format!("unexpected status document: {e}"))?;
@@ -365,10 +382,10 @@ async fn status(data_dir: &Path, json: bool) -> Result<(), String> {
     let widths: Vec<usize> = (0..rows[0].len()).map(|c| rows.iter().map(|r| r[c].len()).max().unwrap_or(0)).collect();
     for row in &rows {
         let line: Vec<String> = row.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect();
-        println!("{}", line.join("  ").trim_end());
+        out!("{}", line.join("  ").trim_end());
     }
     let dead: Vec<String> = r.dead_letters.iter().map(|(k, v)| format!("{k}={v}")).collect();
-    println!(
+    out!(
         "\ndevice: {}  pid: {}  uptime: {}s  sessions: {}  rejected connections: {}  dead letters: {}",
         if r.device_name.is_empty() { "-" } else { &r.device_name },
         r.pid,
@@ -387,7 +404,7 @@ async fn send(data_dir: &Path, service: String, key: String, instance: u32, meta
         return Err("--metadata must be a JSON object".into());
     }
     let v = control::call(&Paths::new(data_dir).control(), &Request::Send { service, instance, key, metadata }).await?;
-    println!("{}", v["kanban_id"].as_str().unwrap_or("sent"));
+    out!("{}", v["kanban_id"].as_str().unwrap_or("sent"));
     Ok(())
 }
 
@@ -494,7 +511,7 @@ fn parse_rfc3339(s: &str) -> Option<i64> {
 fn print_hops(rows: &[aion::actors::store::HopRow], json: bool) -> Result<(), String> {
     if json {
         for r in rows {
-            println!("{}", serde_json::to_string(r).map_err(|e| e.to_string())?);
+            out!("{}", serde_json::to_string(r).map_err(|e| e.to_string())?);
         }
         return Ok(());
     }
@@ -513,7 +530,7 @@ fn print_hops(rows: &[aion::actors::store::HopRow], json: bool) -> Result<(), St
     let widths: Vec<usize> = (0..table[0].len()).map(|c| table.iter().map(|r| r[c].len()).max().unwrap_or(0)).collect();
     for row in &table {
         let line: Vec<String> = row.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect();
-        println!("{}", line.join("  ").trim_end());
+        out!("{}", line.join("  ").trim_end());
     }
     Ok(())
 }
@@ -540,7 +557,7 @@ fn kanban_trace(data_dir: &Path, id: &str, json: bool) -> Result<(), String> {
     print_hops(&rows, json)?;
     if !json {
         let total: i64 = rows.iter().filter_map(|r| r.latency_ms).sum();
-        println!("\n{} hops, {} ms accepted-to-acked in total", rows.len(), total);
+        out!("\n{} hops, {} ms accepted-to-acked in total", rows.len(), total);
     }
     Ok(())
 }

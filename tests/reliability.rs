@@ -199,3 +199,133 @@ fn an_undeliverable_stored_kanban_is_dead_lettered_and_the_queue_moves_on() {
     assert_eq!(s["instances"][1]["queue_depth"], 0, "{s}");
     assert!(!rt2.stderr().contains("recovered queued kanbans"), "{}", rt2.stderr());
 }
+
+/// Starts `aion run` on `yaml` (placeholders as [`Runtime::start`]) with stderr going to `stderr`; returns once the
+/// control socket answers. The caller owns the child.
+fn spawn_with_stderr(
+    yaml: &str,
+    stderr: std::process::Stdio,
+) -> (std::process::Child, tempfile::TempDir, tempfile::TempDir) {
+    let (data, work) = (tempfile::tempdir().expect("tmp"), tempfile::tempdir().expect("tmp"));
+    let yaml =
+        yaml.replace("{testkit}", &common::example("testkit")).replace("{work}", &work.path().display().to_string());
+    let file = work.path().join("services.yml");
+    std::fs::write(&file, yaml).expect("write");
+    let child = std::process::Command::new(common::AION)
+        .arg("--data-dir")
+        .arg(data.path())
+        .arg("run")
+        .arg(&file)
+        .env("RUST_LOG", "info")
+        .env_remove("AION_HOME")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(stderr)
+        .spawn()
+        .expect("spawn aion");
+    wait_until("control socket", Duration::from_secs(30), || cli(data.path(), &["status", "--json"]).ok());
+    (child, data, work)
+}
+
+/// Runs the CLI against `data`; the parsed JSON of stdout, or the error text.
+fn cli(data: &std::path::Path, args: &[&str]) -> Result<serde_json::Value, String> {
+    let out = std::process::Command::new(common::AION)
+        .arg("--data-dir")
+        .arg(data)
+        .args(args)
+        .env_remove("AION_HOME")
+        .output()
+        .map_err(|e| e.to_string())?;
+    if !out.status.success() {
+        return Err(String::from_utf8_lossy(&out.stderr).into_owned());
+    }
+    serde_json::from_slice(&out.stdout)
+        .or_else(|_| Ok(serde_json::Value::String(String::from_utf8_lossy(&out.stdout).into())))
+}
+
+fn instance_of<'a>(s: &'a serde_json::Value, service: &str) -> &'a serde_json::Value {
+    s["instances"].as_array().and_then(|a| a.iter().find(|i| i["service"] == service)).expect("instance")
+}
+
+/// Kills `service`'s process `times` times, each time waiting until the broker restarted it: a dead broker would
+/// never do so.
+fn kill_and_see_restarts(data: &std::path::Path, service: &str, times: u64) {
+    for _ in 0..times {
+        let s = cli(data, &["status", "--json"]).expect("status");
+        let (pid, restarts) = (
+            instance_of(&s, service)["pid"].as_u64().unwrap_or(0),
+            instance_of(&s, service)["restarts"].as_u64().unwrap_or(0),
+        );
+        assert!(pid > 0, "{service} runs: {s}");
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGKILL);
+        wait_until(&format!("{service} restarted"), Duration::from_secs(30), || {
+            let s = cli(data, &["status", "--json"]).ok()?;
+            let i = instance_of(&s, service);
+            (i["restarts"].as_u64() > Some(restarts) && i["connected"] == true).then_some(())
+        });
+    }
+}
+
+const LOGGING_YAML: &str = r#"
+microservices:
+  src:
+    command: ["{testkit}"]
+    always: yes
+    nextService: { default: [ { name: sink } ] }
+  sink:
+    command: ["{testkit}"]
+    always: yes
+    startup: yes
+    env: { RECORD: "{work}/sink.jsonl" }
+"#;
+
+/// Checks a runtime whose log cannot be written: the broker restarts killed services, durable kanbans are
+/// committed and delivered, the failed log writes are counted, and a stop is clean.
+fn survives_an_unwritable_log(mut child: std::process::Child, data: &std::path::Path, work: &std::path::Path) {
+    kill_and_see_restarts(data, "sink", 3);
+    cli(data, &["kanban", "send", "src", "--metadata", r#"{"seq":1}"#]).expect("send (durable: waits for the commit)");
+    cli(data, &["kanban", "send", "sink", "--metadata", r#"{"seq":2}"#]).expect("send");
+    wait_until("the kanban at the sink", Duration::from_secs(30), || {
+        (read_lines(&work.join("sink.jsonl")).len() >= 1).then_some(())
+    });
+    let s = cli(data, &["status", "--json"]).expect("status");
+    assert!(
+        s["log"]["write_errors"].as_u64() > Some(0) || s["log"]["dropped"].as_u64() > Some(0),
+        "counted: {}",
+        s["log"]
+    );
+    assert!(s["store"]["errors"] == 0, "the store writer works: {}", s["store"]);
+    cli(data, &["stop"]).expect("stop");
+    let st = child.wait().expect("wait");
+    assert_eq!(st.code(), Some(0), "clean stop: {st:?}");
+    let sock = format!("AION_SOCKET={}", data.join("run/aion.sock").display());
+    assert!(common::processes_with_env(&sock).is_empty(), "no process left behind");
+}
+
+/// D3 (a): the runtime's stderr is a pipe whose reader goes away: logging fails, the runtime does not.
+#[test]
+fn a_closed_log_pipe_does_not_take_the_runtime_down() {
+    let (mut child, data, work) = spawn_with_stderr(LOGGING_YAML, std::process::Stdio::piped());
+    drop(child.stderr.take()); // the reader exits
+    survives_an_unwritable_log(child, data.path(), work.path());
+}
+
+/// D3 (b): the runtime's stderr is on a full disk (`/dev/full`: every write fails with ENOSPC).
+#[test]
+fn a_full_disk_under_the_log_does_not_take_the_runtime_down() {
+    let full = std::fs::OpenOptions::new().write(true).open("/dev/full").expect("/dev/full");
+    let (child, data, work) = spawn_with_stderr(LOGGING_YAML, full.into());
+    survives_an_unwritable_log(child, data.path(), work.path());
+}
+
+/// D3: no ANSI colour codes in a log that is not a terminal.
+#[test]
+fn the_log_has_no_colour_codes_when_not_a_terminal() {
+    let mut rt = Runtime::start(LOGGING_YAML);
+    rt.send("sink", &["--metadata", r#"{"seq":1}"#]);
+    rt.wait_lines("sink.jsonl", 1);
+    assert_eq!(rt.stop(), 0);
+    let log = rt.stderr();
+    assert!(log.contains("runtime started") && log.contains("INFO"), "{log}");
+    assert!(!log.contains('\u{1b}'), "colour codes in a piped log: {log:?}");
+}

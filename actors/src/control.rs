@@ -71,6 +71,34 @@ pub struct StatusReport {
     /// The MongoDB archive sink, when configured.
     #[serde(default)]
     pub mongo: Option<MongoReport>,
+    /// The runtime's own log output.
+    #[serde(default)]
+    pub log: LogReport,
+}
+
+/// Counters of the runtime's log output in [`StatusReport`]: lines that could not be written are counted here
+/// (there is nowhere else to say so).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct LogReport {
+    /// Lines written.
+    pub written: u64,
+    /// Lines lost because stderr could not be written (closed pipe, full disk).
+    pub write_errors: u64,
+    /// Lines lost because stderr was too slow and the queue was full.
+    pub dropped: u64,
+}
+
+impl LogReport {
+    /// The current counters.
+    pub fn now() -> LogReport {
+        use std::sync::atomic::Ordering::Relaxed;
+        let s = aion_runtime::log::stats();
+        LogReport {
+            written: s.written.load(Relaxed),
+            write_errors: s.write_errors.load(Relaxed),
+            dropped: s.dropped.load(Relaxed),
+        }
+    }
 }
 
 /// MongoDB sink counters in [`StatusReport`].

@@ -420,6 +420,7 @@ async fn report(s: &Shared) -> StatusReport {
             archived: st.stats.archived.load(Ordering::Relaxed),
             archive_dropped: s.router.archive().map_or(0, |a| a.dropped.load(Ordering::Relaxed)),
         }),
+        log: crate::control::LogReport::now(),
     }
 }
 

@@ -6,6 +6,7 @@
 //!   `file:line:column`.
 //! - [`kanban`]: the kanban card and its free-form JSON [`kanban::Value`] metadata, which round-trips through
 //!   non-self-describing formats such as postcard.
+//! - [`log`]: the runtime's log output, which never panics nor blocks (lines it cannot write are counted).
 //! - [`time`]: RFC 3339 UTC timestamps without a calendar dependency.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
@@ -13,6 +14,7 @@
 pub mod actor;
 pub mod config;
 pub mod kanban;
+pub mod log;
 pub mod time;
 
 pub use kanban::{Kanban, KanbanId, Metadata, MetadataBytes, Origin, Value, WireKanban};
