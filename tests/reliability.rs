@@ -285,8 +285,8 @@ fn survives_an_unwritable_log(mut child: std::process::Child, data: &std::path::
     kill_and_see_restarts(data, "sink", 3);
     cli(data, &["kanban", "send", "src", "--metadata", r#"{"seq":1}"#]).expect("send (durable: waits for the commit)");
     cli(data, &["kanban", "send", "sink", "--metadata", r#"{"seq":2}"#]).expect("send");
-    wait_until("the kanban at the sink", Duration::from_secs(30), || {
-        (read_lines(&work.join("sink.jsonl")).len() >= 1).then_some(())
+    wait_until("both kanbans at the sink", Duration::from_secs(30), || {
+        (read_lines(&work.join("sink.jsonl")).len() >= 2).then_some(())
     });
     let s = cli(data, &["status", "--json"]).expect("status");
     assert!(
