@@ -260,11 +260,47 @@ fn block<F: std::future::Future<Output = Result<(), String>>>(f: F) -> Result<()
         .block_on(f)
 }
 
+/// Directories put in front of the microservices' `PATH`: the `aion` binary's directory and its `examples/`.
+fn path_dirs() -> Vec<PathBuf> {
+    let mut dirs = Vec::new();
+    if let Some(dir) = std::env::current_exe().ok().and_then(|e| e.parent().map(Path::to_path_buf)) {
+        dirs.push(dir.join("examples"));
+        dirs.push(dir);
+    }
+    dirs
+}
+
+/// The directory a services.yml's relative paths resolve against.
+fn base_dir_of(file: &Path) -> PathBuf {
+    file.canonicalize().ok().and_then(|p| p.parent().map(Path::to_path_buf)).unwrap_or_else(|| PathBuf::from("."))
+}
+
+/// Loads a services.yml and checks what the file alone cannot tell: that each command can be found (a warning,
+/// since the PATH at run time may differ).
+fn load_checked(file: &Path) -> aion::runtime::config::Loaded {
+    let mut loaded = load_file(file);
+    let Some(cfg) = loaded.config.clone() else { return loaded };
+    let (base, dirs) = (base_dir_of(file), path_dirs());
+    for ms in cfg.microservices.values() {
+        if let Some(r) = aion::actors::backend::resolve_program(ms, &base, &dirs) {
+            if !r.found {
+                let path = format!("microservices.{}.command", ms.name);
+                let msg = format!(
+                    "{path}: `{}` is not found (as a file, or in PATH with the aion directory first); the instance would fail to start",
+                    r.program.display()
+                );
+                loaded.warn_at(&path, msg);
+            }
+        }
+    }
+    loaded
+}
+
 fn validate(files: &[PathBuf], strict: bool, json: bool) -> Result<(), String> {
     let mut failed = 0;
     let mut all = Vec::new();
     for f in files {
-        let loaded = load_file(f);
+        let loaded = load_checked(f);
         if loaded.failed(strict) {
             failed += 1;
         }
@@ -304,7 +340,7 @@ fn run(data_dir: &Path, file: &Path, flags: RunFlags) -> Result<(), String> {
     let RunFlags { strict, grace, queue_capacity, archive, retention, mongo, redis, store_max_bytes } = flags;
     // Logging never panics nor blocks the runtime, whatever happens to stderr (see aion_runtime::log).
     aion::runtime::log::init();
-    let loaded = load_file(file);
+    let loaded = load_checked(file);
     for d in &loaded.diagnostics {
         aion::runtime::log::say(d);
     }
@@ -312,13 +348,8 @@ fn run(data_dir: &Path, file: &Path, flags: RunFlags) -> Result<(), String> {
         Some(c) if !loaded.failed(strict) => c,
         _ => return Err(format!("{} is invalid; nothing started", file.display())),
     };
-    let base_dir =
-        file.canonicalize().ok().and_then(|p| p.parent().map(Path::to_path_buf)).unwrap_or_else(|| PathBuf::from("."));
-    let mut path_dirs = Vec::new();
-    if let Some(dir) = std::env::current_exe().ok().and_then(|e| e.parent().map(Path::to_path_buf)) {
-        path_dirs.push(dir.join("examples"));
-        path_dirs.push(dir);
-    }
+    let base_dir = base_dir_of(file);
+    let path_dirs = path_dirs();
     let mut opts = NodeOptions::new(data_dir, config);
     opts.config_path = Some(file.to_path_buf());
     opts.base_dir = base_dir;

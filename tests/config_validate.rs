@@ -121,6 +121,22 @@ fn broken_cases() -> Vec<(&'static str, Vec<Expect>)> {
             "deviceName: x\nbogus: 1\nmicroservices:\n  a:\n    command: [\"x\"]\n    nextService:\n      default:\n        - name: a\n          colour: red\n",
             vec![(2, 1, W, "document: unknown key `bogus`"), (9, 11, W, "unknown key `colour`")],
         ),
+        // D19: what `run` would refuse or misread, `validate` reports.
+        ("microservices:\n  a:\n    command: []\n", vec![(3, 14, E, "microservices.a.command: the command is empty")]),
+        ("microservices:\n  a:\n    command: [\"\"]\n", vec![(3, 15, E, "microservices.a.command[0]: the program name is empty")]),
+        (
+            "microservices:\n  a:\n    command: [x]\n    env:\n      K: \"a\\0b\"\n",
+            vec![(5, 10, E, "microservices.a.env.K: contains a NUL byte")],
+        ),
+        ("microservices:\n  a:\n    command: [x]\n    env:\n      A=B: 1\n", vec![(5, 7, E, "env key `A=B` contains `=`")]),
+        ("microservices:\n  a:\n    command: [x]\n    env:\n      \"\": 1\n", vec![(5, 7, E, "an empty env key")]),
+        (
+            "microservices:\n  a:\n    command: [x]\n---\nmicroservices:\n  b: {}\n",
+            vec![(4, 1, W, "a second YAML document starts here; it is ignored")],
+        ),
+        ("", vec![(1, 1, W, "no microservices")]),
+        ("# only a comment\n", vec![(1, 1, W, "no microservices")]),
+        ("deviceName: x\nmicroservices: {}\n", vec![(2, 16, W, "no microservices")]),
         // Several problems at once, all reported.
         (
             "microservices:\n  a:\n    scale: lots\n    always: perhaps\n    ports:\n      - name: p\n        port: 70000\n",
@@ -147,6 +163,84 @@ fn broken_files_give_every_problem_with_its_position() {
         let has_error = expected.iter().any(|e| e.2 == Severity::Error);
         assert_eq!(l.config.is_none(), has_error, "config refused exactly when there is an error");
     }
+}
+
+/// D10: a UTF-8 byte order mark (Windows editors) is skipped, as yaml.v2 did: the file is read, not ignored.
+#[test]
+fn a_byte_order_mark_is_skipped() {
+    let l = load_str("bom.yml", "\u{feff}microservices:\n  x:\n    command: [\"true\"]\n");
+    assert!(l.diagnostics.is_empty(), "{:?}", l.diagnostics);
+    assert!(l.config.expect("config").microservices.contains_key("x"));
+}
+
+/// D4: aliases are expanded within a budget; a "billion laughs" file is an error at the alias that exceeds it,
+/// found without building the expansion.
+#[test]
+fn an_alias_bomb_is_refused_at_the_alias() {
+    let mut text = String::from("a: &a [\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\"]\n");
+    for (i, (name, prev)) in [("b", "a"), ("c", "b"), ("d", "c"), ("e", "d"), ("f", "e"), ("g", "f")].iter().enumerate()
+    {
+        let refs = vec![format!("*{prev}"); 9].join(",");
+        text += &format!("{name}: &{name} [{refs}]\n");
+        let _ = i;
+    }
+    text += "microservices:\n  x:\n    command: [\"true\"]\n";
+    let l = load_str("laughs.yml", &text);
+    assert!(l.config.is_none(), "refused");
+    let d = &l.diagnostics[0];
+    assert!(d.message.contains("alias") && d.message.contains("expand"), "{d}");
+    assert!((2..=7).contains(&d.line) && d.column > 1, "at an alias: {d}");
+    // Aliases used as intended still work.
+    let ok = load_str(
+        "ok.yml",
+        "common: &env {A: \"1\", B: \"2\"}\nmicroservices:\n  x:\n    command: [x]\n    env: *env\n  y:\n    command: [y]\n    env: *env\n",
+    );
+    let cfg = ok.config.expect("config");
+    assert_eq!(cfg.microservices["y"].env["B"], "2");
+}
+
+/// D16: deep block nesting is an error with its position, not a stack overflow.
+#[test]
+fn deep_nesting_is_an_error_not_a_crash() {
+    for depth in [300usize, 50_000] {
+        let text = format!("microservices:\n  x:\n    command: [\"true\"]\n    foo:\n      {}a\n", "- ".repeat(depth));
+        let l = load_str("deep.yml", &text);
+        assert!(l.config.is_none());
+        let d = &l.diagnostics[0];
+        assert!(d.message.contains("nested more than"), "{d}");
+        assert_eq!(d.line, 5, "{d}");
+    }
+    // Through the CLI too (the stack of the main thread).
+    let dir = tempfile::tempdir().expect("tmp");
+    let f = dir.path().join("deep.yml");
+    std::fs::write(&f, format!("microservices:\n  x:\n    foo:\n      {}a\n", "- ".repeat(50_000))).expect("write");
+    let (code, out) = aion(&["validate", f.to_str().expect("path")]);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("nested more than"), "{out}");
+}
+
+/// A file over the size limit is refused before it is read (what a hostile file can cost is bounded).
+#[test]
+fn an_oversized_file_is_refused_unread() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let f = dir.path().join("big.yml");
+    let file = std::fs::File::create(&f).expect("create");
+    file.set_len(aion::runtime::config::MAX_FILE_BYTES + 1).expect("grow");
+    let (code, out) = aion(&["validate", f.to_str().expect("path")]);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("a services.yml may have at most"), "{out}");
+}
+
+/// D19: a command that is not found is reported before it crash-loops.
+#[test]
+fn validate_warns_about_a_command_not_found() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let f = dir.path().join("s.yml");
+    std::fs::write(&f, "microservices:\n  a:\n    command: [\"no-such-program-aion\"]\n  b:\n    command: [\"sh\", \"-c\", \"true\"]\n").expect("write");
+    let (code, out) = aion(&["validate", f.to_str().expect("path")]);
+    assert_eq!(code, 0, "a warning: {out}");
+    assert!(out.contains(":3:14: warning: microservices.a.command: `no-such-program-aion` is not found"), "{out}");
+    assert!(!out.contains("microservices.b.command"), "{out}");
 }
 
 fn aion(args: &[&str]) -> (i32, String) {

@@ -103,34 +103,57 @@ pub struct ProcessEnv {
     pub log_cap: u64,
 }
 
-/// Spawns one instance of `ms` as a process in its own process group, its output going to its log file.
-///
-/// # Errors
-/// Spawn errors (missing command, not executable, …).
-pub fn spawn_process(ms: &Microservice, instance: u32, env: &ProcessEnv) -> std::io::Result<Started> {
-    let Some(program) = ms.command.first() else {
-        return Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, "no `command` to run"));
-    };
+/// How the program of a service is found: its working directory, the search path, and the program's path.
+pub struct Resolved {
+    /// The working directory of its processes.
+    pub workdir: PathBuf,
+    /// The `PATH` its processes get: `path_dirs`, then the runtime's own `PATH`.
+    pub path_var: Vec<PathBuf>,
+    /// The program: a path, or the bare name when it was not found in `path_var`.
+    pub program: PathBuf,
+    /// True when the program exists as a file.
+    pub found: bool,
+}
+
+/// Resolves the program of `ms` as its processes will be started: a relative path against its working
+/// directory (`workingDir`, relative to `base_dir`), a bare name through `path_dirs` and then `PATH`.
+pub fn resolve_program(ms: &Microservice, base_dir: &Path, path_dirs: &[PathBuf]) -> Option<Resolved> {
+    let program = ms.command.first()?;
     let workdir = match &ms.working_dir {
-        Some(w) => env.base_dir.join(w),
-        None => env.base_dir.clone(),
+        Some(w) => base_dir.join(w),
+        None => base_dir.to_owned(),
     };
     let program = if program.contains('/') && Path::new(program).is_relative() {
         workdir.join(program)
     } else {
         PathBuf::from(program)
     };
-    let mut path_var: Vec<PathBuf> = env.path_dirs.clone();
+    let mut path_var: Vec<PathBuf> = path_dirs.to_vec();
     if let Some(p) = std::env::var_os("PATH") {
         path_var.extend(std::env::split_paths(&p));
     }
-    let path_joined = std::env::join_paths(&path_var).unwrap_or_default();
     // Resolve bare names with our PATH (Command would use the parent's PATH).
-    let program = if program.components().count() == 1 {
-        path_var.iter().map(|d| d.join(&program)).find(|c| c.is_file()).unwrap_or(program)
+    let (program, found) = if program.components().count() == 1 {
+        match path_var.iter().map(|d| d.join(&program)).find(|c| c.is_file()) {
+            Some(p) => (p, true),
+            None => (program, false),
+        }
     } else {
-        program
+        let found = program.is_file();
+        (program, found)
     };
+    Some(Resolved { workdir, path_var, program, found })
+}
+
+/// Spawns one instance of `ms` as a process in its own process group, its output going to its log file.
+///
+/// # Errors
+/// Spawn errors (missing command, not executable, …).
+pub fn spawn_process(ms: &Microservice, instance: u32, env: &ProcessEnv) -> std::io::Result<Started> {
+    let Some(Resolved { workdir, path_var, program, .. }) = resolve_program(ms, &env.base_dir, &env.path_dirs) else {
+        return Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, "no `command` to run"));
+    };
+    let path_joined = std::env::join_paths(&path_var).unwrap_or_default();
     let data_path = env.paths.data_path(&ms.name, instance);
     std::fs::create_dir_all(&data_path)?;
     let mut cmd = tokio::process::Command::new(&program);

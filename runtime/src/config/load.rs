@@ -1,7 +1,8 @@
 //! Converts a [`Node`] tree into the model with yaml.v2 semantics, collecting every diagnostic.
 
-use super::yaml::{parse, Node, Pos};
+use super::yaml::{parse_document, Node, Pos};
 use super::*;
+use std::collections::BTreeMap;
 use std::collections::BTreeSet;
 use std::path::Path;
 
@@ -16,44 +17,62 @@ use std::path::Path;
 /// ```
 pub fn load_file(path: &Path) -> Loaded {
     let file = path.display().to_string();
+    let refuse = |message: String| Loaded {
+        config: None,
+        diagnostics: vec![Diagnostic { severity: Severity::Error, file: file.clone(), line: 0, column: 0, message }],
+        positions: BTreeMap::new(),
+        file: file.clone(),
+    };
+    match std::fs::metadata(path) {
+        Ok(m) if m.len() > MAX_FILE_BYTES => {
+            return refuse(format!("the file is {} bytes; a services.yml may have at most {MAX_FILE_BYTES}", m.len()))
+        }
+        _ => {}
+    }
     match std::fs::read_to_string(path) {
         Ok(src) => load_str(&file, &src),
-        Err(e) => Loaded {
-            config: None,
-            diagnostics: vec![Diagnostic {
-                severity: Severity::Error,
-                file,
-                line: 0,
-                column: 0,
-                message: format!("cannot read file: {e}"),
-            }],
-        },
+        Err(e) => refuse(format!("cannot read file: {e}")),
     }
 }
 
 /// Loads and validates services.yml text; `file` names it in diagnostics.
 pub fn load_str(file: &str, src: &str) -> Loaded {
-    let mut cx = Cx { file, diags: Vec::new() };
-    let root = match parse(src) {
-        Ok(r) => r,
+    let mut cx = Cx { file, diags: Vec::new(), positions: BTreeMap::new() };
+    // A byte order mark (Windows editors) is not part of the document, as in yaml.v2.
+    let src = src.strip_prefix('\u{feff}').unwrap_or(src);
+    let doc = match parse_document(src) {
+        Ok(d) => d,
         Err(e) => {
             cx.err(e.pos, format!("YAML syntax error: {}", e.message));
-            return Loaded { config: None, diagnostics: cx.diags };
+            return Loaded { config: None, diagnostics: cx.diags, positions: cx.positions, file: file.to_owned() };
         }
     };
-    let cfg = match &root {
+    if let Some(pos) = doc.second_document {
+        cx.warn(pos, "a second YAML document starts here; it is ignored (only the first is read, as AION did)".into());
+    }
+    let cfg = match &doc.root {
         None => Some(ServicesFile::default()),
         Some(n) if n.is_null() => Some(ServicesFile::default()),
         Some(n) => top(&mut cx, n),
     };
+    if cfg.as_ref().is_some_and(|c| c.microservices.is_empty()) {
+        let pos = cx.positions.get("microservices").map_or(Pos { line: 1, col: 1 }, |&(line, col)| Pos { line, col });
+        cx.warn(pos, "no microservices are defined: nothing will run".into());
+    }
     cx.diags.sort_by_key(|d| (d.line, d.column));
     let failed = cx.diags.iter().any(|d| d.severity == Severity::Error);
-    Loaded { config: if failed { None } else { cfg }, diagnostics: cx.diags }
+    Loaded {
+        config: if failed { None } else { cfg },
+        diagnostics: cx.diags,
+        positions: cx.positions,
+        file: file.to_owned(),
+    }
 }
 
 struct Cx<'a> {
     file: &'a str,
     diags: Vec<Diagnostic>,
+    positions: BTreeMap<String, (usize, usize)>,
 }
 
 impl Cx<'_> {
@@ -235,7 +254,10 @@ fn top(cx: &mut Cx, root: &Node) -> Option<ServicesFile> {
                 }
                 None => ok = false,
             },
-            "microservices" => services_node = Some(*v),
+            "microservices" => {
+                cx.positions.insert("microservices".into(), (v.pos().line, v.pos().col));
+                services_node = Some(*v)
+            }
             _ => unknown(cx, *pos, "document", k),
         }
     }
@@ -324,13 +346,33 @@ fn microservice(cx: &mut Cx, name: &str, name_pos: Pos, node: &Node, env: &Route
         let p = format!("{path}.{k}");
         match k.as_str() {
             "command" => {
+                cx.positions.insert(p.clone(), (v.pos().line, v.pos().col));
                 match v {
                     Node::Scalar { .. } if !v.is_null() => {
                         cx.err(v.pos(), format!("{p}: expected a list (argv, no shell), e.g. [\"python3\", \"main.py\"], found a scalar"));
                         ok = false;
                     }
+                    Node::Seq(items, _) if items.is_empty() => {
+                        cx.err(v.pos(), format!("{p}: the command is empty; give the program and its arguments (`[\"python3\", \"main.py\"]`), or leave `command` out for an image-only service"));
+                        ok = false;
+                    }
                     _ => match string_list(cx, v, &p) {
-                        Some(l) => ms.command = l.into_iter().map(|(s, _)| s).collect(),
+                        Some(l) => {
+                            for (i, (arg, apos)) in l.iter().enumerate() {
+                                if i == 0 && arg.is_empty() {
+                                    cx.err(*apos, format!("{p}[0]: the program name is empty"));
+                                    ok = false;
+                                }
+                                if arg.contains('\0') {
+                                    cx.err(
+                                        *apos,
+                                        format!("{p}[{i}]: contains a NUL byte, which no process argument can hold"),
+                                    );
+                                    ok = false;
+                                }
+                            }
+                            ms.command = l.into_iter().map(|(s, _)| s).collect()
+                        }
                         None => ok = false,
                     },
                 }
@@ -365,8 +407,30 @@ fn microservice(cx: &mut Cx, name: &str, name_pos: Pos, node: &Node, env: &Route
             },
             "env" => match entries(cx, v, &p) {
                 Some(es) => {
-                    for (ek, _, ev) in es {
+                    for (ek, kpos, ev) in es {
+                        if ek.is_empty() {
+                            cx.err(kpos, format!("{p}: an empty env key"));
+                            ok = false;
+                        } else if ek.contains('=') {
+                            cx.err(
+                                kpos,
+                                format!(
+                                    "{p}: env key `{ek}` contains `=`, which no environment variable name can hold"
+                                ),
+                            );
+                            ok = false;
+                        } else if ek.contains('\0') {
+                            cx.err(kpos, format!("{p}: env key `{}` contains a NUL byte", ek.escape_debug()));
+                            ok = false;
+                        }
                         match string(cx, ev, &format!("{p}.{ek}")) {
+                            Some(s) if s.contains('\0') => {
+                                cx.err(
+                                    ev.pos(),
+                                    format!("{p}.{ek}: contains a NUL byte, which no environment value can hold"),
+                                );
+                                ok = false;
+                            }
                             Some(s) => {
                                 ms.env.insert(ek, s);
                             }

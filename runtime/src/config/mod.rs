@@ -58,9 +58,30 @@ pub struct Loaded {
     pub config: Option<ServicesFile>,
     /// Errors and warnings, in document order.
     pub diagnostics: Vec<Diagnostic>,
+    /// Where some values are in the file (`microservices.<name>.command` → line, column), for diagnostics made
+    /// after loading (a command not found).
+    pub positions: BTreeMap<String, (usize, usize)>,
+    /// The file name used in diagnostics.
+    pub file: String,
 }
 
+/// The largest services.yml read (bytes). Real files are a few KiB; this bounds what a hostile one costs.
+pub const MAX_FILE_BYTES: u64 = 16 << 20;
+
 impl Loaded {
+    /// Adds a warning at a recorded position (see [`Loaded::positions`]), keeping document order.
+    pub fn warn_at(&mut self, path: &str, message: String) {
+        let (line, column) = self.positions.get(path).copied().unwrap_or((0, 0));
+        self.diagnostics.push(Diagnostic {
+            severity: Severity::Warning,
+            file: self.file.clone(),
+            line,
+            column,
+            message,
+        });
+        self.diagnostics.sort_by_key(|d| (d.line, d.column));
+    }
+
     /// True if any diagnostic is an error (or, with `strict`, a warning).
     pub fn failed(&self, strict: bool) -> bool {
         self.diagnostics.iter().any(|d| d.severity == Severity::Error || strict)
