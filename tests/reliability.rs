@@ -329,3 +329,41 @@ fn the_log_has_no_colour_codes_when_not_a_terminal() {
     assert!(log.contains("runtime started") && log.contains("INFO"), "{log}");
     assert!(!log.contains('\u{1b}'), "colour codes in a piped log: {log:?}");
 }
+
+/// Peak resident memory of a process (VmHWM), in bytes.
+fn peak_rss(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches(" kB").parse::<u64>().ok())
+        .unwrap_or(0)
+        * 1024
+}
+
+/// D5: a service that writes a huge line (no newline for 200 MB: progress bars, base64 dumps) costs the runtime a
+/// bounded buffer, the line is split, and the log files stay within their cap.
+#[test]
+fn a_huge_output_line_is_split_and_memory_stays_bounded() {
+    let yaml = r#"
+microservices:
+  noline:
+    command: ["sh", "-c", "head -c 200000000 /dev/zero | tr '\\0' 'y'; echo; echo all-written; exec sleep 1000"]
+    startup: yes
+"#;
+    let mut rt = Runtime::start(yaml);
+    let log = rt.data.path().join("logs/noline_1.log");
+    wait_until("the whole output in the log", Duration::from_secs(120), || {
+        std::fs::read(&log).ok().filter(|b| b.ends_with(b"all-written\n")).map(|_| ())
+    });
+    let peak = peak_rss(rt.pid());
+    assert!(peak < 150 << 20, "runtime peak RSS {} MiB for a 200 MB line", peak >> 20);
+    let cap = 10u64 << 20;
+    for f in [log.clone(), rt.data.path().join("logs/noline_1.log.1")] {
+        let bytes = std::fs::read(&f).expect("log file");
+        assert!(bytes.len() as u64 <= cap, "{} is {} bytes, over the {cap}-byte cap", f.display(), bytes.len());
+        let longest = bytes.split(|b| *b == b'\n').map(<[u8]>::len).max().unwrap_or(0);
+        assert!(longest <= 64 << 10, "{}: a line of {longest} bytes", f.display());
+    }
+    assert_eq!(rt.stop(), 0);
+}

@@ -214,7 +214,8 @@ impl LogFile {
         Ok(LogFile { path, file, size, cap: cap.max(4096) })
     }
 
-    /// Appends a line, rotating first if the cap would be exceeded.
+    /// Appends a line, rotating first if the cap would be exceeded (so with lines of at most the cap, a log file
+    /// never exceeds it).
     pub fn write_line(&mut self, line: &[u8]) {
         use std::io::Write;
         if self.size + line.len() as u64 > self.cap {
@@ -235,22 +236,79 @@ impl LogFile {
     }
 }
 
-async fn pump(stream: impl AsyncRead + Unpin, log: Arc<Mutex<LogFile>>) {
-    let mut rd = BufReader::new(stream);
-    let mut line = Vec::with_capacity(256);
-    loop {
-        line.clear();
-        match rd.read_until(b'\n', &mut line).await {
-            Ok(0) | Err(_) => return,
-            Ok(_) => {
-                if !line.ends_with(b"\n") {
-                    line.push(b'\n');
-                }
-                if let Ok(mut l) = log.lock() {
-                    l.write_line(&line);
-                }
-            }
+/// The longest line written to an instance's log; longer output lines are split (a line of output without a
+/// newline — a progress bar, a base64 dump — costs the runtime this much memory, not its length).
+pub const MAX_LOG_LINE: usize = 64 << 10;
+
+/// Cuts a byte stream into lines of at most `max` bytes (newline included), without holding more than one line.
+#[derive(Debug)]
+pub struct LineSplitter {
+    line: Vec<u8>,
+    max: usize,
+}
+
+impl LineSplitter {
+    /// A splitter for lines of at most `max` bytes (at least 2).
+    pub fn new(max: usize) -> LineSplitter {
+        LineSplitter { line: Vec::new(), max: max.max(2) }
+    }
+
+    /// Takes bytes from `data` up to the end of the next complete line; returns how many were taken and the line
+    /// when one is complete (a newline, or `max` bytes, whose last byte is then a newline added here).
+    pub fn feed(&mut self, data: &[u8]) -> (usize, Option<&[u8]>) {
+        let room = self.max - 1 - self.line.len();
+        let window = &data[..data.len().min(room + 1)];
+        if let Some(i) = window.iter().position(|b| *b == b'\n') {
+            self.line.extend_from_slice(&window[..=i]);
+            return (i + 1, Some(&self.line));
         }
+        let take = window.len().min(room);
+        self.line.extend_from_slice(&data[..take]);
+        if self.line.len() == self.max - 1 {
+            self.line.push(b'\n');
+            return (take, Some(&self.line));
+        }
+        (take, None)
+    }
+
+    /// Starts the next line (after a complete one was written).
+    pub fn clear(&mut self) {
+        self.line.clear();
+        if self.line.capacity() > 4096 {
+            self.line.shrink_to(4096);
+        }
+    }
+
+    /// What is left at the end of the stream, newline-terminated.
+    pub fn finish(&mut self) -> Option<&[u8]> {
+        if self.line.is_empty() {
+            return None;
+        }
+        self.line.push(b'\n');
+        Some(&self.line)
+    }
+}
+
+async fn pump(stream: impl AsyncRead + Unpin, log: Arc<Mutex<LogFile>>) {
+    let max = log.lock().map_or(MAX_LOG_LINE, |l| l.cap.min(MAX_LOG_LINE as u64) as usize);
+    let mut rd = BufReader::with_capacity(64 << 10, stream);
+    let mut lines = LineSplitter::new(max);
+    loop {
+        let data = match rd.fill_buf().await {
+            Ok([]) | Err(_) => break,
+            Ok(d) => d,
+        };
+        let (taken, line) = lines.feed(data);
+        if let Some(line) = line {
+            if let Ok(mut l) = log.lock() {
+                l.write_line(line);
+            }
+            lines.clear();
+        }
+        rd.consume(taken);
+    }
+    if let (Some(line), Ok(mut l)) = (lines.finish(), log.lock()) {
+        l.write_line(line);
     }
 }
 
@@ -381,4 +439,53 @@ pub fn cleanup_orphans(path: &Path) -> usize {
     }
     let _ = std::fs::remove_file(path);
     n
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn split(chunks: &[Vec<u8>], max: usize) -> Vec<Vec<u8>> {
+        let mut s = LineSplitter::new(max);
+        let mut out = Vec::new();
+        for c in chunks {
+            let mut rest = &c[..];
+            while !rest.is_empty() {
+                let (n, line) = s.feed(rest);
+                if let Some(l) = line {
+                    out.push(l.to_vec());
+                    s.clear();
+                }
+                rest = &rest[n..];
+            }
+        }
+        if let Some(l) = s.finish() {
+            out.push(l.to_vec());
+        }
+        out
+    }
+
+    #[test]
+    fn lines_are_kept_and_long_ones_split() {
+        let out = split(&[b"ab\ncd".to_vec(), b"efgh\n\nxyz".to_vec()], 4);
+        let want: Vec<&[u8]> = vec![b"ab\n", b"cde\n", b"fgh\n", b"\n", b"xyz\n"];
+        assert_eq!(out, want);
+    }
+
+    proptest! {
+        #[test]
+        fn nothing_is_lost_and_no_line_is_longer_than_max(
+            chunks in prop::collection::vec(prop::collection::vec(prop_oneof![Just(b'\n'), any::<u8>()], 0..64), 0..16),
+            max in 2usize..20,
+        ) {
+            let out = split(&chunks, max);
+            for l in &out {
+                prop_assert!(l.len() <= max && l.ends_with(b"\n"), "{l:?}");
+            }
+            let input: Vec<u8> = chunks.concat().into_iter().filter(|b| *b != b'\n').collect();
+            let output: Vec<u8> = out.concat().into_iter().filter(|b| *b != b'\n').collect();
+            prop_assert_eq!(input, output);
+        }
+    }
 }
