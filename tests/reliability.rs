@@ -367,3 +367,65 @@ microservices:
     }
     assert_eq!(rt.stop(), 0);
 }
+
+/// D6: two `aion run` started together on one data dir: exactly one runs, reachable, with its sockets; the other
+/// exits 1 saying which runtime owns the directory — every time.
+#[test]
+fn two_runtimes_started_together_on_one_data_dir_never_both_run() {
+    let yaml = "microservices:\n  one:\n    command: [\"{testkit}\"]\n    startup: yes\n    always: yes\n";
+    for trial in 0..8 {
+        let (data, work) = (tempfile::tempdir().expect("tmp"), tempfile::tempdir().expect("tmp"));
+        let file = work.path().join("s.yml");
+        std::fs::write(&file, yaml.replace("{testkit}", &common::example("testkit"))).expect("write");
+        let spawn = || {
+            std::process::Command::new(common::AION)
+                .arg("--data-dir")
+                .arg(data.path())
+                .arg("run")
+                .arg(&file)
+                .env_remove("AION_HOME")
+                .stdin(std::process::Stdio::null())
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .expect("spawn")
+        };
+        let (mut a, mut b) = (spawn(), spawn());
+        // One of them must exit; wait for it.
+        let (loser, mut winner) = wait_until("one of the two to give up", Duration::from_secs(30), || {
+            if a.try_wait().ok().flatten().is_some() {
+                return Some((std::mem::replace(&mut a, spawn_dummy()), std::mem::replace(&mut b, spawn_dummy())));
+            }
+            if b.try_wait().ok().flatten().is_some() {
+                return Some((std::mem::replace(&mut b, spawn_dummy()), std::mem::replace(&mut a, spawn_dummy())));
+            }
+            None
+        });
+        let out = loser.wait_with_output().expect("loser");
+        let msg = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "trial {trial}: {msg}");
+        assert!(
+            msg.contains("already running") && msg.contains(&format!("pid {}", winner.id())),
+            "trial {trial}: {msg}"
+        );
+        // The winner runs, reachable, and its service connects.
+        let s = wait_until("the winner's service connected", Duration::from_secs(30), || {
+            let s = cli(data.path(), &["status", "--json"]).ok()?;
+            (s["instances"][0]["connected"] == true).then_some(s)
+        });
+        assert_eq!(s["pid"], winner.id(), "trial {trial}");
+        cli(data.path(), &["stop"]).expect("stop");
+        assert_eq!(winner.wait().expect("winner").code(), Some(0));
+        for mut d in [a, b] {
+            let _ = d.kill();
+            let _ = d.wait();
+        }
+    }
+}
+
+/// A placeholder child (already exited) to move real ones out of a closure.
+fn spawn_dummy() -> std::process::Child {
+    let mut c = std::process::Command::new("true").spawn().expect("true");
+    let _ = c.wait();
+    c
+}

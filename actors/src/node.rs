@@ -76,15 +76,19 @@ impl NodeOptions {
 /// Errors starting a node.
 #[derive(Debug, thiserror::Error)]
 pub enum NodeError {
-    /// Another runtime owns the data directory.
-    #[error("a runtime is already running on {0} (its control socket answers)")]
-    AlreadyRunning(PathBuf),
+    /// Another runtime owns the data directory (its pid, when known).
+    #[error("a runtime is already running on {} ({})", .0.display(), pid_text(*.1))]
+    AlreadyRunning(PathBuf, Option<u32>),
     /// Filesystem or socket error.
     #[error("{0}")]
     Io(String),
     /// A service cannot run with this backend.
     #[error("{0}")]
     NotRunnable(String),
+}
+
+fn pid_text(pid: Option<u32>) -> String {
+    pid.map_or_else(|| "its pid is unknown".to_owned(), |p| format!("pid {p}"))
 }
 
 /// A running node.
@@ -95,6 +99,8 @@ pub struct Node {
     grace: Duration,
     control: tokio::task::AbortHandle,
     forwarder: tokio::task::AbortHandle,
+    /// Held until the node is dropped: the data dir is ours.
+    _lock: crate::paths::DataDirLock,
 }
 
 struct Shared {
@@ -127,9 +133,11 @@ impl Node {
         }
         let paths = Paths::new(&opts.data_dir);
         paths.create().map_err(|e| NodeError::Io(format!("cannot create {}: {e}", paths.root.display())))?;
-        if tokio::net::UnixStream::connect(paths.control()).await.is_ok() {
-            return Err(NodeError::AlreadyRunning(paths.root.clone()));
-        }
+        // Before anything touches the data dir (orphans, store, sockets): one runtime per data dir.
+        let lock = crate::paths::DataDirLock::acquire(&paths).map_err(|e| match e {
+            crate::paths::LockError::Held(pid) => NodeError::AlreadyRunning(paths.root.clone(), pid),
+            crate::paths::LockError::Io(e) => NodeError::Io(e),
+        })?;
         let control_listener = crate::endpoint::bind_private(&paths.control())
             .map_err(|e| NodeError::Io(format!("cannot bind {}: {e}", paths.control().display())))?;
         // Bind before anything starts, so errors are reported here and clients never race the endpoint actor.
@@ -271,7 +279,7 @@ impl Node {
         })
         .abort_handle();
         tracing::info!(data_dir = %paths.root.display(), services = cfg.microservices.len(), "runtime started");
-        Ok(Node { shared: node_shared, endpoint, paths, grace: opts.grace, control, forwarder })
+        Ok(Node { shared: node_shared, endpoint, paths, grace: opts.grace, control, forwarder, _lock: lock })
     }
 
     /// The routing table and slots.

@@ -6,6 +6,7 @@
 //! <data>/run/aion.sock        status-kanban endpoint (0600)
 //! <data>/run/control.sock     CLI control API (0600)
 //! <data>/run/instances.json   process groups started by the runtime (for cleanup after kill -9)
+//! <data>/run/lock             held (flock) by the runtime that owns the data dir; holds its pid
 //! <data>/logs/<svc>_<n>.log   per-instance stdout+stderr (rotated to .log.1)
 //! <data>/Data/<svc>_<n>/      per-instance data directory (AION's seed kanban dataPath)
 //! ```
@@ -35,6 +36,10 @@ impl Paths {
     /// The control socket.
     pub fn control(&self) -> PathBuf {
         self.run_dir().join("control.sock")
+    }
+    /// The lock file of the runtime that owns the data dir.
+    pub fn lock(&self) -> PathBuf {
+        self.run_dir().join("lock")
     }
     /// The process registry.
     pub fn registry(&self) -> PathBuf {
@@ -89,4 +94,64 @@ pub fn default_data_dir() -> PathBuf {
     }
     let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/tmp"));
     home.join(".local/state/aion")
+}
+
+/// Why the data dir could not be locked.
+#[derive(Debug)]
+pub enum LockError {
+    /// Another process holds it (its pid, as written in the lock file).
+    Held(Option<u32>),
+    /// The lock file cannot be opened or locked.
+    Io(String),
+}
+
+/// The exclusive lock of a data directory (`run/lock`, `flock`), held for the runtime's lifetime and released
+/// by the kernel when the process ends, however it ends. It holds the owner's pid.
+#[derive(Debug)]
+pub struct DataDirLock {
+    _file: std::fs::File,
+}
+
+impl DataDirLock {
+    /// Takes the lock without waiting.
+    ///
+    /// # Errors
+    /// [`LockError::Held`] when another runtime owns the data dir.
+    pub fn acquire(paths: &Paths) -> Result<DataDirLock, LockError> {
+        use std::io::{Read, Seek, Write};
+        use std::os::unix::fs::OpenOptionsExt;
+        let path = paths.lock();
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(&path)
+            .map_err(|e| LockError::Io(format!("cannot open {}: {e}", path.display())))?;
+        let mut file = file;
+        // The lock goes with the open file: closing it (drop, or the process ending) releases it.
+        #[allow(deprecated)] // `Flock` would do the same, but panics in `drop` if unlocking fails
+        match nix::fcntl::flock(std::os::fd::AsRawFd::as_raw_fd(&file), nix::fcntl::FlockArg::LockExclusiveNonblock) {
+            Ok(()) => {}
+            Err(nix::errno::Errno::EWOULDBLOCK) => {
+                // The owner writes its pid right after locking; give it a moment if it has only just started.
+                for _ in 0..50 {
+                    let mut pid = String::new();
+                    let _ = file.rewind().and_then(|_| file.read_to_string(&mut pid));
+                    if let Ok(pid) = pid.trim().parse() {
+                        return Err(LockError::Held(Some(pid)));
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                }
+                return Err(LockError::Held(None));
+            }
+            Err(e) => return Err(LockError::Io(format!("cannot lock {}: {e}", path.display()))),
+        }
+        let written = file.set_len(0).and_then(|_| file.rewind()).and_then(|_| write!(file, "{}", std::process::id()));
+        if let Err(e) = written {
+            return Err(LockError::Io(format!("cannot write {}: {e}", path.display())));
+        }
+        Ok(DataDirLock { _file: file })
+    }
 }
