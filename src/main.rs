@@ -91,6 +91,10 @@ enum Cmd {
         /// Redis store: seconds to wait for Redis at start.
         #[arg(long, default_value_t = 10)]
         redis_wait: u64,
+        /// Dead-letter (`hop-limit`) a kanban whose chain has been routed this many times: a routing cycle
+        /// (0: no limit).
+        #[arg(long, default_value_t = aion::actors::router::DEFAULT_HOP_LIMIT)]
+        hop_limit: u32,
     },
     /// Check services.yml files and report every problem with file:line:column.
     Validate {
@@ -194,6 +198,7 @@ fn main() -> ExitCode {
             store_max_mb,
             redis_retain,
             redis_wait,
+            hop_limit,
         } => {
             let redis = match store.as_str() {
                 "embedded" | "sqlite" => None,
@@ -223,7 +228,17 @@ fn main() -> ExitCode {
             run(
                 &data_dir,
                 &file,
-                RunFlags { strict, grace, queue_capacity, archive, retention, mongo, redis, store_max_bytes },
+                RunFlags {
+                    strict,
+                    grace,
+                    queue_capacity,
+                    archive,
+                    retention,
+                    mongo,
+                    redis,
+                    store_max_bytes,
+                    hop_limit,
+                },
             )
         }
         Cmd::Status { json } => block(status(&data_dir, json)),
@@ -334,10 +349,12 @@ struct RunFlags {
     mongo: Option<aion::actors::mongo::MongoConfig>,
     redis: Option<aion::actors::redis_store::RedisConfig>,
     store_max_bytes: Option<u64>,
+    hop_limit: u32,
 }
 
 fn run(data_dir: &Path, file: &Path, flags: RunFlags) -> Result<(), String> {
-    let RunFlags { strict, grace, queue_capacity, archive, retention, mongo, redis, store_max_bytes } = flags;
+    let RunFlags { strict, grace, queue_capacity, archive, retention, mongo, redis, store_max_bytes, hop_limit } =
+        flags;
     // Logging never panics nor blocks the runtime, whatever happens to stderr (see aion_runtime::log).
     aion::runtime::log::init();
     let loaded = load_checked(file);
@@ -361,6 +378,7 @@ fn run(data_dir: &Path, file: &Path, flags: RunFlags) -> Result<(), String> {
     opts.mongo = mongo;
     opts.redis = redis;
     opts.store_max_bytes = store_max_bytes;
+    opts.hop_limit = hop_limit;
     // The runtime runs inside an actix System: actors execute on its arbiter.
     actix::System::new().block_on(async move {
         let node = Node::start(opts).await.map_err(|e| e.to_string())?;

@@ -119,7 +119,7 @@ fn broken_cases() -> Vec<(&'static str, Vec<Expect>)> {
         ),
         (
             "deviceName: x\nbogus: 1\nmicroservices:\n  a:\n    command: [\"x\"]\n    nextService:\n      default:\n        - name: a\n          colour: red\n",
-            vec![(2, 1, W, "document: unknown key `bogus`"), (9, 11, W, "unknown key `colour`")],
+            vec![(2, 1, W, "document: unknown key `bogus`"), (8, 17, W, "routing cycle a > a"), (9, 11, W, "unknown key `colour`")],
         ),
         // D19: what `run` would refuse or misread, `validate` reports.
         ("microservices:\n  a:\n    command: []\n", vec![(3, 14, E, "microservices.a.command: the command is empty")]),
@@ -137,6 +137,15 @@ fn broken_cases() -> Vec<(&'static str, Vec<Expect>)> {
         ("", vec![(1, 1, W, "no microservices")]),
         ("# only a comment\n", vec![(1, 1, W, "no microservices")]),
         ("deviceName: x\nmicroservices: {}\n", vec![(2, 16, W, "no microservices")]),
+        // D8: routing cycles are named (a kanban on them ends at the hop limit).
+        (
+            "microservices:\n  a:\n    command: [x]\n    nextService:\n      default:\n        - name: b\n  b:\n    command: [x]\n    nextService:\n      default:\n        - name: a\n",
+            vec![(6, 17, W, "routing cycle a > b > a")],
+        ),
+        (
+            "microservices:\n  s:\n    command: [x]\n    nextService:\n      default:\n        - name: s\n        - name: s\n",
+            vec![(6, 17, W, "routing cycle s > s")],
+        ),
         // Several problems at once, all reported.
         (
             "microservices:\n  a:\n    scale: lots\n    always: perhaps\n    ports:\n      - name: p\n        port: 70000\n",

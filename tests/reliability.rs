@@ -429,3 +429,42 @@ fn spawn_dummy() -> std::process::Child {
     let _ = c.wait();
     c
 }
+
+fn total_in(s: &serde_json::Value) -> u64 {
+    s["instances"].as_array().map_or(0, |a| a.iter().map(|i| i["kanbans_in"].as_u64().unwrap_or(0)).sum())
+}
+
+/// D8: a kanban going round a cycle is dead-lettered `hop-limit` once it has made `--hop-limit` hops, and the
+/// cycle goes quiet; a self-loop with fan-out too.
+#[test]
+fn routing_cycles_end_at_the_hop_limit() {
+    let cycle = r#"
+microservices:
+  a: { command: ["{testkit}"], always: yes, env: { FORWARD: 1 }, nextService: { default: [ { name: b } ] } }
+  b: { command: ["{testkit}"], always: yes, env: { FORWARD: 1 }, nextService: { default: [ { name: a } ] } }
+"#;
+    let mut rt = Runtime::start_with_args(cycle, &["--hop-limit", "10"]);
+    assert!(rt.stderr().contains("routing cycle a > b > a"), "run warns too: {}", rt.stderr());
+    rt.send("a", &["--metadata", r#"{"x":1}"#]);
+    rt.wait_status("hop-limit dead letter", |s| s["dead_letters"]["hop-limit"] == 1);
+    // The injected kanban and its 10 forwarded successors were delivered; the 11th hop was refused.
+    let s = rt.wait_status("every delivery acknowledged", |s| {
+        s["instances"].as_array().is_some_and(|a| a.iter().all(|i| i["inflight"] == 0 && i["queue_depth"] == 0))
+    });
+    assert_eq!(total_in(&s), 11, "{s}");
+    assert!(s["recent_dead_letters"][0]["detail"].as_str().is_some_and(|d| d.contains("10 hops")), "{s}");
+    assert_eq!(rt.stop(), 0);
+
+    let fan = r#"
+microservices:
+  s: { command: ["{testkit}"], always: yes, env: { FORWARD: 1 }, nextService: { default: [ { name: s }, { name: s } ] } }
+"#;
+    let mut rt = Runtime::start_with_args(fan, &["--hop-limit", "6"]);
+    rt.send("s", &["--metadata", r#"{"x":1}"#]);
+    // 64 kanbans reach the limit; each of their outputs is refused once (before it is copied).
+    rt.wait_status("every chain ended", |s| s["dead_letters"]["hop-limit"] == 64);
+    let s = rt.wait_status("quiet", |s| s["instances"][0]["inflight"] == 0 && s["instances"][0]["queue_depth"] == 0);
+    assert_eq!(total_in(&s), 127, "1 + 2 + 4 + … + 64 deliveries: {s}");
+    assert_eq!(s["dead_letters"]["hop-limit"], 64);
+    assert_eq!(rt.stop(), 0);
+}

@@ -22,6 +22,8 @@ pub enum Reason {
     BadTerminate,
     /// The kanban is over [`MAX_KANBAN_BYTES`](aion_runtime::kanban::MAX_KANBAN_BYTES): it cannot be delivered.
     TooLarge,
+    /// Its chain has made as many hops as the hop limit allows (a routing cycle).
+    HopLimit,
 }
 
 impl Reason {
@@ -35,6 +37,7 @@ impl Reason {
             Reason::NotRunnable => "not-runnable",
             Reason::BadTerminate => "bad-terminate",
             Reason::TooLarge => "too-large",
+            Reason::HopLimit => "hop-limit",
         }
     }
 }

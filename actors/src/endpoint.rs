@@ -152,7 +152,8 @@ pub(crate) fn open_session(
 /// Accepts one output of `slot`'s instance: fixes its origin, drops it if it is a duplicate (counted), routes
 /// it. Returns true when a copy went to the durable store (the caller waits for a commit barrier before
 /// acknowledging it).
-pub(crate) async fn accept_output(shared: &Shared, slot: &Slot, mut k: Box<WireKanban>) -> bool {
+pub(crate) async fn accept_output(shared: &Shared, slot: &Slot, mut k: Box<WireKanban>, hops: u32) -> bool {
+    k.hops = hops;
     if let Some(refused) = admit_output(slot, &mut k) {
         refuse_output(shared, slot, refused, k);
         return false;
@@ -501,7 +502,14 @@ async fn read_loop(
             }
             match m {
                 ClientMsg::Output(k) => {
-                    persisted |= accept_output(shared, slot, k).await;
+                    // The hop count is the runtime's: an output belongs to the input being handled, which is the
+                    // oldest unacknowledged delivery (clients handle in order and acknowledge cumulatively); with
+                    // nothing in flight it starts a chain.
+                    let hops = {
+                        let g = inflight.lock().unwrap_or_else(|p| p.into_inner());
+                        g.front().map_or(0, |(_, parent)| parent.hops.saturating_add(1))
+                    };
+                    persisted |= accept_output(shared, slot, k, hops).await;
                     accepted += 1;
                 }
                 ClientMsg::Ack { upto } => {

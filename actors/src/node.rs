@@ -49,6 +49,9 @@ pub struct NodeOptions {
     pub redis: Option<crate::redis_store::RedisConfig>,
     /// Cap of the embedded queue database in bytes (past it: back-pressure, as on a full disk).
     pub store_max_bytes: Option<u64>,
+    /// A kanban whose chain has been routed this many times is dead-lettered `hop-limit` (a routing cycle); 0 for
+    /// no limit. Default [`crate::router::DEFAULT_HOP_LIMIT`].
+    pub hop_limit: u32,
 }
 
 impl NodeOptions {
@@ -69,6 +72,7 @@ impl NodeOptions {
             mongo: None,
             redis: None,
             store_max_bytes: None,
+            hop_limit: crate::router::DEFAULT_HOP_LIMIT,
         }
     }
 }
@@ -171,7 +175,8 @@ impl Node {
             ChildSpec::actor("kanban-replicator", Restart::Permanent, 16 * 1024, move || {
                 crate::replicator::Replicator::new(st2.clone(), kickers.clone())
             });
-        let mut router = Router::new(cfg.clone(), opts.queue_capacity, lc_tx).with_store(store);
+        let mut router =
+            Router::new(cfg.clone(), opts.queue_capacity, lc_tx).with_store(store).with_hop_limit(opts.hop_limit);
         if opts.archive {
             router = router.with_archive(crate::replicator::ArchiveSink::new(replicator));
         }

@@ -123,11 +123,15 @@ fn field(pairs: &[(String, Value)], name: &str) -> Option<String> {
     pairs.iter().find(|(k, _)| k == name).and_then(|(_, v)| string(v))
 }
 
-/// `XADD key * kanban <AION protojson> <id_field> <id> wire <postcard>`: the format of every entry written.
-fn xadd(key: &str, id_field: &str, id: &str, wire: &[u8]) -> redis::Cmd {
+/// `XADD key * kanban <AION protojson> <id_field> <id> wire <postcard> [hops <n>]`: the format of every entry
+/// written (`hops`, the chain's hop count, on queue entries whose count is not 0).
+fn xadd(key: &str, id_field: &str, id: &str, wire: &[u8], hops: u32) -> redis::Cmd {
     let json = postcard::from_bytes::<WireKanban>(wire).map(|k| k.to_aion_json()).unwrap_or_default();
     let mut c = redis::cmd("XADD");
     c.arg(key).arg("*").arg("kanban").arg(json).arg(id_field).arg(id).arg("wire").arg(wire);
+    if hops > 0 {
+        c.arg("hops").arg(hops);
+    }
     c
 }
 
@@ -185,7 +189,9 @@ fn imported_id(key: &str, entry: &str) -> KanbanId {
 /// Decodes an entry: ours (`wire`) or AION's (`kanban` protojson).
 fn decode(key: &str, e: &Entry, origin: &str) -> Result<WireKanban, String> {
     if let Some(w) = e.fields.get("wire") {
-        return postcard::from_bytes::<WireKanban>(w).map_err(|err| format!("undecodable `wire` field: {err}"));
+        let mut k = postcard::from_bytes::<WireKanban>(w).map_err(|err| format!("undecodable `wire` field: {err}"))?;
+        k.hops = e.fields.get("hops").and_then(|h| std::str::from_utf8(h).ok()?.parse().ok()).unwrap_or(0);
+        return Ok(k);
     }
     let json = e.fields.get("kanban").ok_or("neither a `wire` nor a `kanban` field")?;
     let json = std::str::from_utf8(json).map_err(|_| "`kanban` field is not UTF-8".to_owned())?;
@@ -397,7 +403,7 @@ impl Writer {
         k: &WireKanban,
     ) -> redis::RedisResult<String> {
         let wire = postcard::to_stdvec(k).unwrap_or_default();
-        xadd(&static_key(topic), "sid", &sid.to_string(), &wire).query_async(conn).await
+        xadd(&static_key(topic), "sid", &sid.to_string(), &wire, 0).query_async(conn).await
     }
 
     async fn warn_if_not_persistent(&self, conn: &mut MultiplexedConnection) {
@@ -458,7 +464,7 @@ impl Writer {
         let mut b = Pipeline::default();
         for op in batch {
             match op {
-                Op::Enqueue { service, instance, id, bytes } => {
+                Op::Enqueue { service, instance, id, hops, bytes } => {
                     let slot = (service.clone(), *instance, *id);
                     if self.pending.contains_key(&slot) || b.in_flight.contains(&slot) {
                         continue; // already queued (a re-sent output)
@@ -470,7 +476,7 @@ impl Writer {
                         self.pending.insert(slot.clone(), found);
                         b.unread.insert(slot);
                     } else {
-                        b.pipe.add_command(xadd(&key, "id", &id.to_string(), bytes));
+                        b.pipe.add_command(xadd(&key, "id", &id.to_string(), bytes, *hops));
                         b.replies.push(Reply::Added(slot.clone(), key.clone()));
                         b.in_flight.insert(slot);
                     }
@@ -504,7 +510,7 @@ impl Writer {
                     }
                 }
                 Op::StaticPut { topic, id, bytes } => {
-                    b.pipe.add_command(xadd(&static_key(topic), "sid", &id.to_string(), bytes));
+                    b.pipe.add_command(xadd(&static_key(topic), "sid", &id.to_string(), bytes, 0));
                     b.replies.push(Reply::Static((topic.clone(), *id)));
                     b.statics_in_flight.insert((topic.clone(), *id));
                 }

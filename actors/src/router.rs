@@ -32,7 +32,11 @@ pub struct Router {
     lifecycle: mpsc::Sender<Lifecycle>,
     store: Option<Store>,
     archive: Option<ArchiveSink>,
+    hop_limit: u32,
 }
+
+/// The default hop limit: how many times a chain may be routed before it is taken for a routing cycle.
+pub const DEFAULT_HOP_LIMIT: u32 = 100;
 
 impl Router {
     /// Builds slots (1..=scale per service, `capacity` each) for `cfg`; lifecycle requests go to `lifecycle`.
@@ -48,7 +52,13 @@ impl Router {
                 (ms.name.clone(), v)
             })
             .collect();
-        Router { cfg, slots, dead: Arc::default(), lifecycle, store: None, archive: None }
+        Router { cfg, slots, dead: Arc::default(), lifecycle, store: None, archive: None, hop_limit: DEFAULT_HOP_LIMIT }
+    }
+
+    /// Dead-letters (`hop-limit`) a kanban whose chain has already been routed `limit` times (0: no limit).
+    pub fn with_hop_limit(mut self, limit: u32) -> Router {
+        self.hop_limit = if limit == 0 { u32::MAX } else { limit };
+        self
     }
 
     /// Records every hop through `sink` (the kanban replicator).
@@ -240,7 +250,8 @@ impl Router {
     /// # Errors
     /// The kanban, when it needs [`Router::route`].
     pub fn try_route(&self, from: &Slot, mut k: Box<WireKanban>) -> Result<(), Box<WireKanban>> {
-        if k.connection_key == aion_runtime::kanban::TERMINATE_KEY || self.archive.is_some() {
+        if k.connection_key == aion_runtime::kanban::TERMINATE_KEY || self.archive.is_some() || k.hops > self.hop_limit
+        {
             return Err(k);
         }
         let Some(ms) = self.cfg.microservices.get(&from.service) else { return Err(k) };
@@ -267,6 +278,16 @@ impl Router {
             }
             tracing::info!(service = %from.service, instance = from.instance, "terminate kanban received");
             let _ = self.lifecycle.send(Lifecycle::Terminated(from.service.clone(), from.instance)).await;
+            return persisted;
+        }
+        if k.hops > self.hop_limit {
+            let detail = format!(
+                "{}-{} emitted a kanban whose chain has already made {} hops, the hop limit (--hop-limit): a routing cycle?",
+                from.service,
+                from.instance,
+                self.hop_limit
+            );
+            self.dead_letter(Reason::HopLimit, detail, k);
             return persisted;
         }
         let Some(ms) = self.cfg.microservices.get(&from.service) else {

@@ -16,7 +16,7 @@ use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 
 /// Schema version of `aion.db` (queues, static kanbans). Older stores are migrated on open.
-pub const SCHEMA_VERSION: i64 = 2;
+pub const SCHEMA_VERSION: i64 = 3;
 /// Schema version of `archive.db` (the kanban archive).
 pub const ARCHIVE_SCHEMA_VERSION: i64 = 1;
 
@@ -38,6 +38,8 @@ const QUEUE_MIGRATIONS: &[&str] = &[
         kanban BLOB NOT NULL,
         PRIMARY KEY (topic, id)
     );",
+    // 2 -> 3: the hop count of each queued kanban's chain (the runtime's, not part of the kanban's encoding).
+    "ALTER TABLE queue ADD COLUMN hops INTEGER NOT NULL DEFAULT 0;",
 ];
 
 /// Migrations of `archive.db`. A separate file with its own writer: archive load never delays the commits
@@ -100,7 +102,7 @@ pub enum StoreError {
 
 /// One write for a store writer (the SQLite threads or the Redis writer).
 pub(crate) enum Op {
-    Enqueue { service: String, instance: u32, id: KanbanId, bytes: Vec<u8> },
+    Enqueue { service: String, instance: u32, id: KanbanId, hops: u32, bytes: Vec<u8> },
     Ack { service: String, instance: u32, ids: Vec<KanbanId> },
     Archive(Vec<ArchiveOp>),
     Exported(Vec<i64>),
@@ -481,14 +483,19 @@ impl Store {
         let mut recovered = Vec::new();
         {
             let mut stmt =
-                conn.prepare("SELECT service, instance, kanban FROM queue ORDER BY seq").map_err(sq(path))?;
+                conn.prepare("SELECT service, instance, kanban, hops FROM queue ORDER BY seq").map_err(sq(path))?;
             let rows = stmt
-                .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, u32>(1)?, r.get::<_, Vec<u8>>(2)?)))
+                .query_map([], |r| {
+                    Ok((r.get::<_, String>(0)?, r.get::<_, u32>(1)?, r.get::<_, Vec<u8>>(2)?, r.get::<_, u32>(3)?))
+                })
                 .map_err(sq(path))?;
             for row in rows {
-                let (service, instance, bytes) = row.map_err(sq(path))?;
+                let (service, instance, bytes, hops) = row.map_err(sq(path))?;
                 match postcard::from_bytes::<WireKanban>(&bytes) {
-                    Ok(k) => recovered.push(Recovered { service, instance, kanban: Box::new(k) }),
+                    Ok(mut k) => {
+                        k.hops = hops;
+                        recovered.push(Recovered { service, instance, kanban: Box::new(k) })
+                    }
                     Err(e) => tracing::error!(service, instance, "unreadable queued kanban kept in the store: {e}"),
                 }
             }
@@ -601,7 +608,7 @@ impl Store {
     pub async fn enqueue(&self, service: &str, instance: u32, k: &WireKanban) -> Result<(), StoreError> {
         let bytes = postcard::to_stdvec(k).map_err(|_| StoreError::Closed)?;
         self.tx
-            .send(Op::Enqueue { service: service.to_owned(), instance, id: k.id, bytes })
+            .send(Op::Enqueue { service: service.to_owned(), instance, id: k.id, hops: k.hops, bytes })
             .await
             .map_err(|_| StoreError::Closed)
     }
@@ -651,13 +658,15 @@ fn apply(conn: &Connection, batch: &[Op]) -> rusqlite::Result<(u64, u64, u64)> {
              to_instance, connection_key, outcome, accepted_at, kanban) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)";
         const HOP_ACK: &str = "UPDATE archive SET acked_at = ?4 WHERE to_service = ?1 AND to_instance = ?2 \
              AND kanban_id = ?3 AND acked_at IS NULL";
-        const INS: &str = "INSERT OR IGNORE INTO queue (service, instance, id, kanban) VALUES (?1, ?2, ?3, ?4)";
+        const INS: &str =
+            "INSERT OR IGNORE INTO queue (service, instance, id, kanban, hops) VALUES (?1, ?2, ?3, ?4, ?5)";
         const DEL: &str = "DELETE FROM queue WHERE service = ?1 AND instance = ?2 AND id = ?3";
         for op in batch {
             match op {
-                Op::Enqueue { service, instance, id, bytes } => {
+                Op::Enqueue { service, instance, id, hops, bytes } => {
                     enq +=
-                        tx.prepare_cached(INS)?.execute(params![service, instance, &id_bytes(*id)[..], bytes])? as u64;
+                        tx.prepare_cached(INS)?.execute(params![service, instance, &id_bytes(*id)[..], bytes, hops])?
+                            as u64;
                 }
                 Op::Ack { service, instance, ids } => {
                     for id in ids {
@@ -881,7 +890,9 @@ mod tests {
             let (s, rec) = Store::open(&path, &dir.path().join("archive.db"), Retention::default()).expect("open");
             assert!(rec.is_empty());
             for i in 1..=5 {
-                s.enqueue("svc", 1, &k(i)).await.expect("enqueue");
+                let mut q = k(i);
+                q.hops = i as u32 * 10;
+                s.enqueue("svc", 1, &q).await.expect("enqueue");
             }
             s.enqueue("svc", 1, &k(3)).await.expect("duplicate is ignored");
             s.ack("svc", 1, vec![KanbanId(2), KanbanId(4)]).await.expect("ack");
@@ -892,6 +903,8 @@ mod tests {
         let (_s, rec) = Store::open(&path, &dir.path().join("archive.db"), Retention::default()).expect("reopen");
         let ids: Vec<u128> = rec.iter().map(|r| r.kanban.id.0).collect();
         assert_eq!(ids, vec![1, 3, 5], "oldest first, acked ones gone");
+        let hops: Vec<u32> = rec.iter().map(|r| r.kanban.hops).collect();
+        assert_eq!(hops, vec![10, 30, 50], "hop counts are kept beside the kanbans");
         assert_eq!(rec[0].service, "svc");
     }
 

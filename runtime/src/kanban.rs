@@ -353,6 +353,11 @@ pub struct Kanban<M = Metadata> {
     pub file_list: Vec<String>,
     /// Free-form JSON object.
     pub metadata: M,
+    /// How many times the runtime has routed this kanban's chain so far (0 for a kanban that starts a chain).
+    /// Counted by the runtime, which refuses to route a chain past its hop limit (a routing cycle); it is not on
+    /// the wire (services see 0) and is kept beside the kanban in the store.
+    #[serde(skip)]
+    pub hops: u32,
 }
 
 /// The kanban as the runtime carries it: routing fields decoded, metadata left encoded.
@@ -600,6 +605,7 @@ impl<M> Kanban<M> {
             data_path: self.data_path,
             file_list: self.file_list,
             metadata: f(self.metadata),
+            hops: self.hops,
         }
     }
 
@@ -695,6 +701,7 @@ impl WireKanban {
             data_path: self.data_path.clone(),
             file_list: self.file_list.clone(),
             metadata: LazyMetadata::from_bytes(self.metadata.clone()),
+            hops: self.hops,
         }
     }
 
@@ -725,6 +732,7 @@ impl Default for Kanban {
             data_path: String::new(),
             file_list: Vec::new(),
             metadata: Metadata::new(),
+            hops: 0,
         }
     }
 }

@@ -49,6 +49,8 @@ struct Current {
     trace: KanbanId,
     start_at: String,
     outputs: u32,
+    /// The input's hop count (known on direct sessions; on a link the runtime counts hops itself).
+    hops: u32,
 }
 
 /// How a [`Ctx`] reaches the runtime.
@@ -113,15 +115,15 @@ impl Ctx {
     }
 
     fn build(&mut self, out: Output) -> Kanban {
-        let (id, trace, start_at) = match &mut self.current {
+        let (id, trace, start_at, hops) = match &mut self.current {
             Some(c) => {
                 let id = KanbanId::derive(c.id, c.outputs);
                 c.outputs += 1;
-                (id, c.trace, c.start_at.clone())
+                (id, c.trace, c.start_at.clone(), c.hops.saturating_add(1))
             }
             None => {
                 let id = KanbanId::generate();
-                (id, id, aion_runtime::time::rfc3339_now())
+                (id, id, aion_runtime::time::rfc3339_now(), 0)
             }
         };
         Kanban {
@@ -137,6 +139,7 @@ impl Ctx {
             data_path: out.data_path,
             file_list: out.file_list,
             metadata: out.metadata,
+            hops,
         }
     }
 
@@ -751,8 +754,13 @@ pub(crate) async fn start_service<S: Service>(service: &mut S, ctx: &mut Ctx) ->
 /// closed session is returned.
 pub(crate) async fn handle_one<S: Service>(service: &mut S, ctx: &mut Ctx, kanban: Kanban) -> Result<(), Error> {
     use futures::FutureExt as _;
-    ctx.current =
-        Some(Current { id: kanban.id, trace: kanban.trace_id, start_at: kanban.start_at.clone(), outputs: 0 });
+    ctx.current = Some(Current {
+        id: kanban.id,
+        trace: kanban.trace_id,
+        start_at: kanban.start_at.clone(),
+        outputs: 0,
+        hops: kanban.hops,
+    });
     let r = match AssertUnwindSafe(service.handle(kanban, ctx)).catch_unwind().await {
         Err(p) => Err(Error::Service(format!("handler panicked: {}", panic_text(&*p)))),
         Ok(Err(Error::Closed)) => Err(Error::Closed),

@@ -37,7 +37,7 @@ pub fn load_file(path: &Path) -> Loaded {
 
 /// Loads and validates services.yml text; `file` names it in diagnostics.
 pub fn load_str(file: &str, src: &str) -> Loaded {
-    let mut cx = Cx { file, diags: Vec::new(), positions: BTreeMap::new() };
+    let mut cx = Cx { file, diags: Vec::new(), positions: BTreeMap::new(), edges: Vec::new() };
     // A byte order mark (Windows editors) is not part of the document, as in yaml.v2.
     let src = src.strip_prefix('\u{feff}').unwrap_or(src);
     let doc = match parse_document(src) {
@@ -55,6 +55,7 @@ pub fn load_str(file: &str, src: &str) -> Loaded {
         Some(n) if n.is_null() => Some(ServicesFile::default()),
         Some(n) => top(&mut cx, n),
     };
+    warn_cycles(&mut cx);
     if cfg.as_ref().is_some_and(|c| c.microservices.is_empty()) {
         let pos = cx.positions.get("microservices").map_or(Pos { line: 1, col: 1 }, |&(line, col)| Pos { line, col });
         cx.warn(pos, "no microservices are defined: nothing will run".into());
@@ -73,6 +74,8 @@ struct Cx<'a> {
     file: &'a str,
     diags: Vec<Diagnostic>,
     positions: BTreeMap<String, (usize, usize)>,
+    /// Local routes (from, to, where the target is named), for the cycle check.
+    edges: Vec<(String, String, Pos)>,
 }
 
 impl Cx<'_> {
@@ -571,11 +574,83 @@ fn next_service(cx: &mut Cx, node: &Node, path: &str, env: &RouteEnv, ms: &mut M
             if !t.device.is_empty() && t.device != env.this_device && !env.devices.contains(&t.device) {
                 cx.warn(device_pos, format!("{ip}.device: `{}` is not listed in devices; the kanban is delivered on this device (as AION did)", t.device));
             }
+            let local = t.device.is_empty() || t.device == env.this_device || !env.devices.contains(&t.device);
+            if local && env.services.contains(&t.name) {
+                cx.edges.push((ms.name.clone(), t.name.clone(), name_pos));
+            }
             targets.push(t);
         }
         ms.next_service.insert(key, targets);
     }
     ok
+}
+
+/// Warns once per routing cycle among local routes (a depth-first search; each back edge closes a cycle),
+/// naming it and pointing at its first route.
+fn warn_cycles(cx: &mut Cx) {
+    let mut adj: BTreeMap<&str, Vec<(&str, Pos)>> = BTreeMap::new();
+    for (from, to, pos) in &cx.edges {
+        adj.entry(from.as_str()).or_default().push((to.as_str(), *pos));
+    }
+    // 0: unvisited, 1: on the current path, 2: done.
+    let mut state: BTreeMap<&str, u8> = BTreeMap::new();
+    let mut found: Vec<(Pos, String)> = Vec::new();
+    let mut seen_sets: BTreeSet<Vec<&str>> = BTreeSet::new();
+    let starts: Vec<&str> = adj.keys().copied().collect();
+    for start in starts {
+        if state.get(start).copied().unwrap_or(0) != 0 {
+            continue;
+        }
+        // Iterative DFS: (node, index of the next edge to follow); `path` mirrors the stack's nodes.
+        let mut stack: Vec<(&str, usize)> = vec![(start, 0)];
+        let mut path: Vec<&str> = vec![start];
+        state.insert(start, 1);
+        while let Some((node, next)) = stack.last_mut() {
+            let (node, i) = (*node, *next);
+            let edges = adj.get(node).map(Vec::as_slice).unwrap_or(&[]);
+            if i >= edges.len() {
+                state.insert(node, 2);
+                stack.pop();
+                path.pop();
+                continue;
+            }
+            *next += 1;
+            let to = edges[i].0;
+            match state.get(to).copied().unwrap_or(0) {
+                0 => {
+                    state.insert(to, 1);
+                    stack.push((to, 0));
+                    path.push(to);
+                }
+                1 => {
+                    let at = path.iter().position(|n| *n == to).unwrap_or(0);
+                    let cycle: Vec<&str> = path[at..].to_vec();
+                    let mut set = cycle.clone();
+                    set.sort_unstable();
+                    if seen_sets.insert(set) {
+                        // Point at the route out of the cycle's first service into the next one.
+                        let next_name = cycle.get(1).copied().unwrap_or(to);
+                        let pos = adj
+                            .get(cycle[0])
+                            .and_then(|es| es.iter().find(|(t, _)| *t == next_name))
+                            .map_or(edges[i].1, |e| e.1);
+                        let mut names = cycle.join(" > ");
+                        names.push_str(&format!(" > {to}"));
+                        found.push((pos, names));
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+    for (pos, names) in found {
+        cx.warn(
+            pos,
+            format!(
+                "routing cycle {names}: a kanban on it goes round until the hop limit (`aion run --hop-limit`, default 100) dead-letters it"
+            ),
+        );
+    }
 }
 
 fn ports(cx: &mut Cx, node: &Node, path: &str, ms: &mut Microservice) -> bool {
