@@ -401,6 +401,7 @@ async fn archive_rates(n: u64) -> Vec<Row> {
                 to: Some(("sink".into(), 1)),
                 outcome: "queued",
                 at: aion::actors::store::now_ms(),
+                charge: Default::default(),
             })
             .collect();
         store.archive(ops).await.expect("archive");

@@ -58,6 +58,10 @@ enum Cmd {
         /// Per-instance queue capacity (kanbans).
         #[arg(long, default_value_t = 1024)]
         queue_capacity: usize,
+        /// Per-instance bound of the memory held by queued and in-flight kanbans (MiB); an empty queue still takes
+        /// one kanban of any size.
+        #[arg(long, default_value_t = 64)]
+        queue_max_mb: usize,
         /// Record every hop in the kanban archive (the replicator; `aion kanban log/trace`). Costs throughput
         /// (docs/performance.md); implied by --mongo.
         #[arg(long)]
@@ -188,6 +192,7 @@ fn main() -> ExitCode {
             strict,
             grace,
             queue_capacity,
+            queue_max_mb,
             archive,
             archive_days,
             archive_max_rows,
@@ -232,6 +237,7 @@ fn main() -> ExitCode {
                     strict,
                     grace,
                     queue_capacity,
+                    queue_max_bytes: queue_max_mb.saturating_mul(1 << 20),
                     archive,
                     retention,
                     mongo,
@@ -344,6 +350,7 @@ struct RunFlags {
     strict: bool,
     grace: u64,
     queue_capacity: usize,
+    queue_max_bytes: usize,
     archive: bool,
     retention: aion::actors::store::Retention,
     mongo: Option<aion::actors::mongo::MongoConfig>,
@@ -353,8 +360,18 @@ struct RunFlags {
 }
 
 fn run(data_dir: &Path, file: &Path, flags: RunFlags) -> Result<(), String> {
-    let RunFlags { strict, grace, queue_capacity, archive, retention, mongo, redis, store_max_bytes, hop_limit } =
-        flags;
+    let RunFlags {
+        strict,
+        grace,
+        queue_capacity,
+        queue_max_bytes,
+        archive,
+        retention,
+        mongo,
+        redis,
+        store_max_bytes,
+        hop_limit,
+    } = flags;
     // Logging never panics nor blocks the runtime, whatever happens to stderr (see aion_runtime::log).
     aion::runtime::log::init();
     let loaded = load_checked(file);
@@ -372,6 +389,7 @@ fn run(data_dir: &Path, file: &Path, flags: RunFlags) -> Result<(), String> {
     opts.base_dir = base_dir;
     opts.grace = Duration::from_secs(grace);
     opts.queue_capacity = queue_capacity;
+    opts.queue_max_bytes = queue_max_bytes;
     opts.path_dirs = path_dirs;
     opts.archive = archive;
     opts.retention = retention;
@@ -381,17 +399,26 @@ fn run(data_dir: &Path, file: &Path, flags: RunFlags) -> Result<(), String> {
     opts.hop_limit = hop_limit;
     // The runtime runs inside an actix System: actors execute on its arbiter.
     actix::System::new().block_on(async move {
+        // Signals are handled from before anything starts: SIGINT, SIGTERM and SIGHUP (a closed terminal or SSH
+        // session) all stop the runtime gracefully.
+        use tokio::signal::unix::{signal, SignalKind};
+        let handle = |kind: SignalKind, name: &str| signal(kind).map_err(|e| format!("cannot handle {name}: {e}"));
+        let mut int = handle(SignalKind::interrupt(), "SIGINT")?;
+        let mut term = handle(SignalKind::terminate(), "SIGTERM")?;
+        let mut hup = handle(SignalKind::hangup(), "SIGHUP")?;
         let node = Node::start(opts).await.map_err(|e| e.to_string())?;
         aion::runtime::log::say(format_args!(
             "aion: running {} (data dir {}); Ctrl-C or `aion stop` to stop",
             file.display(),
             data_dir.display()
         ));
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .map_err(|e| format!("cannot handle SIGTERM: {e}"))?;
         let failure = tokio::select! {
-            _ = tokio::signal::ctrl_c() => None,
+            _ = int.recv() => None,
             _ = term.recv() => None,
+            _ = hup.recv() => {
+                tracing::info!("SIGHUP (terminal or session closed): stopping");
+                None
+            }
             _ = node.stop_requested() => None,
             r = node.failed() => Some(r),
         };

@@ -95,8 +95,11 @@ pub struct InstanceStatus {
     pub kanbans_in: u64,
     /// Outputs accepted from it.
     pub kanbans_out: u64,
-    /// Kanbans waiting.
+    /// Kanbans waiting (in memory, and not yet paged in from the store).
     pub queue_depth: usize,
+    /// Memory held by its queued and in-flight kanbans (bytes).
+    #[serde(default)]
+    pub queue_bytes: usize,
     /// Delivered, not yet acknowledged.
     pub inflight: usize,
     /// A session is connected.
@@ -328,6 +331,7 @@ impl Broker {
                     kanbans_in: st(|x| &x.kanbans_in),
                     kanbans_out: st(|x| &x.kanbans_out),
                     queue_depth: slot.map_or(0, |sl| sl.depth()),
+                    queue_bytes: slot.map_or(0, |sl| sl.bytes()),
                     inflight: slot.map_or(0, |sl| sl.inflight()),
                     connected: slot.is_some_and(|sl| sl.connected.load(Ordering::SeqCst)),
                     redelivered: st(|x| &x.redelivered),

@@ -129,12 +129,12 @@ impl Port for DirectSession {
             let n = n.min(self.inflight.len());
             let want_ids = ack_wants_ids(&self.shared, &self.slot);
             let ids = if want_ids { self.inflight.iter().take(n).map(|k| k.id).collect() } else { Vec::new() };
-            self.inflight.drain(..n);
+            let bytes = self.inflight.drain(..n).map(|k| k.mem_size()).sum();
             if self.inflight.is_empty() {
                 // Every input of the batch is acknowledged: none of these outputs can be emitted again.
                 self.recent.clear();
             }
-            acknowledge(&self.shared, &self.slot, self.sess, n, ids).await;
+            acknowledge(&self.shared, &self.slot, self.sess, n, bytes, ids).await;
             Ok(())
         })
     }

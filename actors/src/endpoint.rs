@@ -211,9 +211,10 @@ pub(crate) fn admit_output(slot: &Slot, k: &mut WireKanban) -> Option<Refused> {
     k.check_size().err().map(Refused::TooLarge)
 }
 
-/// Acknowledges `n` deliveries of `sess` (whose ids are `ids` when the store or the archive needs them).
-pub(crate) async fn acknowledge(shared: &Shared, slot: &Slot, sess: u64, n: usize, ids: Vec<KanbanId>) {
-    slot.acked(sess, n);
+/// Acknowledges `n` deliveries of `sess`, of `bytes` in all (whose ids are `ids` when the store or the archive
+/// needs them).
+pub(crate) async fn acknowledge(shared: &Shared, slot: &Slot, sess: u64, n: usize, bytes: usize, ids: Vec<KanbanId>) {
+    slot.acked(sess, n, bytes);
     if let Some(a) = shared.router.archive() {
         let op = crate::store::ArchiveOp::Acked {
             service: slot.service.clone(),
@@ -449,6 +450,7 @@ async fn session(shared: Shared, mut r: LinkReader<ClientMsg>, mut w: LinkWriter
 #[allow(clippy::vec_box)]
 async fn dead_letter_undeliverable(shared: &Shared, slot: &Slot, sess: u64, ks: Vec<Box<WireKanban>>) {
     let ids: Vec<KanbanId> = ks.iter().map(|k| k.id).collect();
+    let bytes: usize = ks.iter().map(|k| k.mem_size()).sum();
     let n = ks.len();
     for k in ks {
         let size = k.encoded_len();
@@ -460,7 +462,7 @@ async fn dead_letter_undeliverable(shared: &Shared, slot: &Slot, sess: u64, ks: 
         );
         shared.router.dead_letter(crate::dead::Reason::TooLarge, detail, k);
     }
-    acknowledge(shared, slot, sess, n, ids).await;
+    acknowledge(shared, slot, sess, n, bytes, ids).await;
 }
 
 /// What the reader hands the writer.
@@ -515,20 +517,21 @@ async fn read_loop(
                 ClientMsg::Ack { upto } => {
                     let want_ids = ack_wants_ids(shared, slot);
                     let mut ids = Vec::new();
-                    let n = {
+                    let (n, bytes) = {
                         let mut g = inflight.lock().unwrap_or_else(|p| p.into_inner());
-                        let mut n = 0;
+                        let (mut n, mut bytes) = (0, 0);
                         while g.front().is_some_and(|(s, _)| *s <= upto) {
                             if let Some((_, k)) = g.pop_front() {
+                                bytes += k.mem_size();
                                 if want_ids {
                                     ids.push(k.id);
                                 }
                             }
                             n += 1;
                         }
-                        n
+                        (n, bytes)
                     };
-                    acknowledge(shared, slot, sess, n, ids).await;
+                    acknowledge(shared, slot, sess, n, bytes, ids).await;
                 }
                 ClientMsg::StaticPut { req, topic, kanban } => {
                     if topic.len() > aion_transport::proto::MAX_TOPIC_BYTES {

@@ -31,6 +31,8 @@ pub struct NodeOptions {
     pub base_dir: PathBuf,
     /// Per-instance queue capacity. Default 1024.
     pub queue_capacity: usize,
+    /// Per-instance bound of the memory held by queued and in-flight kanbans. Default 64 MiB.
+    pub queue_max_bytes: usize,
     /// SIGTERM → SIGKILL grace period at shutdown. Default 10 s.
     pub grace: Duration,
     /// Services that run in-process.
@@ -63,6 +65,7 @@ impl NodeOptions {
             config_path: None,
             base_dir: std::env::current_dir().unwrap_or_else(|_| PathBuf::from(".")),
             queue_capacity: 1024,
+            queue_max_bytes: crate::slot::DEFAULT_QUEUE_BYTES,
             grace: Duration::from_secs(10),
             inproc: InProcessRegistry::default(),
             path_dirs: Vec::new(),
@@ -175,16 +178,22 @@ impl Node {
             ChildSpec::actor("kanban-replicator", Restart::Permanent, 16 * 1024, move || {
                 crate::replicator::Replicator::new(st2.clone(), kickers.clone())
             });
-        let mut router =
-            Router::new(cfg.clone(), opts.queue_capacity, lc_tx).with_store(store).with_hop_limit(opts.hop_limit);
+        let limits = crate::slot::QueueLimits { kanbans: opts.queue_capacity, bytes: opts.queue_max_bytes };
+        let mut router = Router::new(cfg.clone(), limits, lc_tx).with_store(store).with_hop_limit(opts.hop_limit);
         if opts.archive {
             router = router.with_archive(crate::replicator::ArchiveSink::new(replicator));
         }
+        // Queued kanbans stay in the store; each instance's backlog is paged in as its queue has room.
         let (mut restored, mut kept) = (0usize, 0usize);
-        for r in recovered {
-            match router.restore(r) {
-                Some(_) => restored += 1,
-                None => kept += 1,
+        let mut backlogs = Vec::new();
+        for b in recovered {
+            match router.slot(&b.service, b.instance) {
+                Some(slot) => {
+                    restored += b.count;
+                    slot.set_backlog(b.count);
+                    backlogs.push((slot.clone(), b));
+                }
+                None => kept += b.count,
             }
         }
         if restored > 0 {
@@ -197,6 +206,9 @@ impl Node {
             );
         }
         let router = Arc::new(router);
+        for (slot, b) in backlogs {
+            tokio::spawn(feed_backlog(router.clone(), slot, b));
+        }
         if let Some(mut adopted) = router.store().and_then(|s| s.take_adopted()) {
             // Kanbans the store found in its queues while running (see `redis_store`): deliver them.
             let r = router.clone();
@@ -360,6 +372,38 @@ impl Node {
         let _ = std::fs::remove_file(self.paths.control());
         let _ = std::fs::remove_file(self.paths.socket());
         tracing::info!("runtime stopped");
+    }
+}
+
+/// Pages an instance's backlog in from the store as its queue has room, oldest first; then lets producers in.
+async fn feed_backlog(router: Arc<Router>, slot: Arc<crate::slot::Slot>, b: crate::store::Backlog) {
+    let Some(store) = router.store().cloned() else {
+        slot.end_backlog();
+        return;
+    };
+    let mut after = b.after.clone();
+    let mut delay = Duration::from_millis(50);
+    loop {
+        let (rows, bytes) = slot.backlog_room().await;
+        match store.page(&b, &after, rows.min(256), bytes).await {
+            Ok(page) => {
+                let Some(next) = page.next else {
+                    slot.end_backlog();
+                    return;
+                };
+                after = next;
+                for k in page.kanbans {
+                    slot.restore_paged(k);
+                }
+                delay = Duration::from_millis(50);
+            }
+            Err(crate::store::StoreError::Closed) => return, // shutting down
+            Err(e) => {
+                tracing::error!(service = %b.service, instance = b.instance, "cannot read queued kanbans from the store, retrying in {delay:?}: {e}");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(5));
+            }
+        }
     }
 }
 

@@ -29,7 +29,10 @@
 //! Durability across a Redis crash is Redis's own: use `appendonly yes` (and `appendfsync always` for the
 //! same guarantee as the embedded store). The runtime warns at start when append-only is off.
 
-use crate::store::{complete_barriers, take_queued, Op, Recovered, RecoveredStatic, StoreError, StoreStats};
+use crate::store::{
+    complete_barriers, take_queued, Backlog, Cursor, Op, Page, PageRequest, Recovered, RecoveredStatic, StoreError,
+    StoreStats,
+};
 use aion_runtime::{Kanban, KanbanId, Origin, WireKanban};
 use redis::aio::MultiplexedConnection;
 use redis::Value;
@@ -275,8 +278,9 @@ impl Writer {
         Ok(c)
     }
 
-    /// Start-up: claims everything earlier runs left pending or unread, and the static kanbans.
-    async fn recover(&mut self) -> Result<(Vec<Recovered>, Vec<RecoveredStatic>), StoreError> {
+    /// Start-up: claims everything earlier runs left pending or unread (counted per stream and paged in later by
+    /// [`Writer::page`]: the kanbans are decoded here only to learn their ids), and the static kanbans.
+    async fn recover(&mut self) -> Result<(Vec<Backlog>, Vec<RecoveredStatic>), StoreError> {
         let url = self.url.clone();
         let mut conn = self.conn().await?;
         self.warn_if_not_persistent(&mut conn).await;
@@ -331,6 +335,8 @@ impl Writer {
                 found.extend(got);
             }
             found.sort_by_key(|e| stream_id(&e.id));
+            let mut count = 0usize;
+            let mut last = None;
             for e in found {
                 match decode(&key, &e, "aion-import") {
                     Ok(k) => {
@@ -340,8 +346,9 @@ impl Writer {
                             dup_cleanup.push((key.clone(), e.id));
                             continue;
                         }
+                        last = Some(e.id.clone());
+                        count += 1;
                         self.pending.insert(slot, (key.clone(), e.id));
-                        recovered.push(Recovered { service: service.clone(), instance, kanban: Box::new(k) });
                     }
                     Err(err) => {
                         // Not ours to drop: it stays pending in the stream, visible with XPENDING.
@@ -349,6 +356,15 @@ impl Writer {
                         tracing::error!(key, entry = e.id, "unreadable queued kanban left pending in Redis: {err}");
                     }
                 }
+            }
+            if let Some(last) = last {
+                recovered.push(Backlog {
+                    service: service.clone(),
+                    instance,
+                    count,
+                    after: Cursor::Entry("0-0".into()),
+                    until: Cursor::Entry(last),
+                });
             }
             self.remove_idle_consumers(&mut conn, &key).await;
         }
@@ -440,6 +456,55 @@ impl Writer {
         }
     }
 
+    /// One page of a backlog: the entries of the instance's stream after `req.after` up to `req.until` that are
+    /// still pending for this consumer (acknowledged entries kept by retention are skipped).
+    async fn page(&mut self, req: &PageRequest) -> Result<Page, StoreError> {
+        let url = self.url.clone();
+        let (Cursor::Entry(after), Cursor::Entry(until)) = (&req.after, &req.until) else {
+            return Ok(Page::default());
+        };
+        let mut conn = self.conn().await?;
+        let key = before_key(&req.service, req.instance);
+        let mut after = after.clone();
+        let mut page = Page::default();
+        let mut bytes = 0usize;
+        loop {
+            let v: Value = redis::cmd("XRANGE")
+                .arg(&key)
+                .arg(format!("({after}"))
+                .arg(until)
+                .arg("COUNT")
+                .arg(req.max_rows.min(1000))
+                .query_async(&mut conn)
+                .await
+                .map_err(rerr(&url))?;
+            let es = entries(&v);
+            if es.is_empty() {
+                return Ok(page);
+            }
+            for e in es {
+                let size = e.fields.values().map(Vec::len).sum::<usize>();
+                if !page.kanbans.is_empty() && (bytes + size > req.max_bytes || page.kanbans.len() >= req.max_rows) {
+                    return Ok(page);
+                }
+                after.clone_from(&e.id);
+                page.next = Some(Cursor::Entry(e.id.clone()));
+                match decode(&key, &e, "aion-import") {
+                    Ok(k) => {
+                        let held = self.pending.get(&(req.service.clone(), req.instance, k.id));
+                        if held.is_some_and(|(_, eid)| *eid == e.id) {
+                            bytes += size;
+                            page.kanbans.push(Box::new(k));
+                        }
+                    }
+                    Err(err) => {
+                        tracing::error!(key, entry = e.id, "unreadable queued kanban left pending in Redis: {err}")
+                    }
+                }
+            }
+        }
+    }
+
     /// Applies one batch. On error the caller reconnects and calls again with `retry = true`.
     async fn apply(&mut self, batch: &[Op], retry: bool) -> Result<(), StoreError> {
         let url = self.url.clone();
@@ -524,7 +589,7 @@ impl Writer {
                         b.replies.push(Reply::StaticDeleted(sk));
                     }
                 }
-                Op::Archive(_) | Op::Exported(_) | Op::Barrier(_) => {}
+                Op::Archive(_) | Op::Exported(_) | Op::Barrier(_) | Op::Page(_) => {}
             }
         }
         self.run(&mut conn, &mut b).await?;
@@ -749,7 +814,7 @@ pub(crate) fn spawn(
     rx: mpsc::Receiver<Op>,
     stats: Arc<StoreStats>,
     adopted: mpsc::UnboundedSender<Recovered>,
-) -> Result<(Vec<Recovered>, Vec<RecoveredStatic>), StoreError> {
+) -> Result<(Vec<Backlog>, Vec<RecoveredStatic>), StoreError> {
     let url = cfg.display_url();
     let client = redis::Client::open(cfg.url.as_str()).map_err(rerr(&url))?;
     let consumer = format!("aion-{}-{}", std::process::id(), crate::store::now_ms());
@@ -796,7 +861,8 @@ pub(crate) fn spawn(
                         }
                     }
                 };
-                tracing::info!(url = %w.url, queued = recovered.0.len(), statics = recovered.1.len(), consumer = %w.consumer, "Redis store ready");
+                let queued: usize = recovered.0.iter().map(|b| b.count).sum();
+                tracing::info!(url = %w.url, queued, statics = recovered.1.len(), consumer = %w.consumer, "Redis store ready");
                 if done_tx.send(Ok(recovered)).is_err() {
                     return;
                 }
@@ -812,6 +878,23 @@ async fn writer(mut w: Writer, mut rx: mpsc::Receiver<Op>) {
     while let Some(first) = rx.recv().await {
         batch.push(first);
         take_queued(&mut rx, &mut batch, 8192);
+        // Reads first (backlog pages): they only concern entries written before this run.
+        if batch.iter().any(|op| matches!(op, Op::Page(_))) {
+            let mut rest = Vec::with_capacity(batch.len());
+            for op in batch.drain(..) {
+                match op {
+                    Op::Page(req) => {
+                        let page = w.page(&req).await.map_err(|e| e.to_string());
+                        if page.is_err() {
+                            w.conn = None;
+                        }
+                        let _ = req.reply.send(page);
+                    }
+                    other => rest.push(other),
+                }
+            }
+            batch = rest;
+        }
         let mut delay = Duration::from_millis(20);
         let mut retry = false;
         while let Err(e) = w.apply(&batch, retry).await {

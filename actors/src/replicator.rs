@@ -7,7 +7,7 @@
 
 use crate::store::{ArchiveOp, Store};
 use aion_runtime::actor::{Actor, Addr, Context, TrySendError};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 /// The replicator actor.
@@ -58,31 +58,49 @@ impl Actor for Replicator {
     }
 }
 
+/// The memory archive records may hold on their way to the archive file (their kanban copies): past it,
+/// records are dropped (counted), never the kanbans.
+pub const ARCHIVE_MEMORY: usize = 64 << 20;
+
 /// How the router and sessions reach the replicator.
 #[derive(Clone)]
 pub struct ArchiveSink {
     addr: Addr<Replicator>,
     /// Records dropped because the replicator was behind.
     pub dropped: Arc<AtomicU64>,
+    /// Memory held by records on their way ([`ArchiveOp::Hop`]'s charge).
+    in_flight: Arc<AtomicUsize>,
 }
 
 impl ArchiveSink {
     /// A sink sending to `addr`.
     pub fn new(addr: Addr<Replicator>) -> ArchiveSink {
-        ArchiveSink { addr, dropped: Arc::default() }
+        ArchiveSink { addr, dropped: Arc::default(), in_flight: Arc::default() }
     }
 
     /// Hands a record over without waiting.
-    pub fn record(&self, op: ArchiveOp) {
+    pub fn record(&self, mut op: ArchiveOp) {
+        if let ArchiveOp::Hop { kanban, charge, .. } = &mut op {
+            let size = kanban.mem_size();
+            if self.in_flight.load(Ordering::Relaxed) + size > ARCHIVE_MEMORY {
+                return self.drop_record("its memory budget is used up");
+            }
+            self.in_flight.fetch_add(size, Ordering::Relaxed);
+            *charge = crate::store::Charge::new(self.in_flight.clone(), size);
+        }
         if let Err(e) = self.addr.try_send(op) {
             let why = match e {
                 TrySendError::Full(_) => "replicator is behind",
                 TrySendError::Closed(_) => "replicator is stopped",
             };
-            let n = self.dropped.fetch_add(1, Ordering::Relaxed) + 1;
-            if n.is_power_of_two() {
-                tracing::warn!(dropped = n, "archive record dropped: {why} (kanban flow is not affected)");
-            }
+            self.drop_record(why);
+        }
+    }
+
+    fn drop_record(&self, why: &str) {
+        let n = self.dropped.fetch_add(1, Ordering::Relaxed) + 1;
+        if n.is_power_of_two() {
+            tracing::warn!(dropped = n, "archive record dropped: {why} (kanban flow is not affected)");
         }
     }
 }

@@ -4,7 +4,7 @@
 
 use crate::dead::{DeadLetters, Reason};
 use crate::replicator::ArchiveSink;
-use crate::slot::Slot;
+use crate::slot::{QueueLimits, Slot};
 use crate::store::{now_ms, ArchiveOp, Store};
 use aion_runtime::config::Delivery;
 use aion_runtime::config::{Microservice, NextService, ServicesFile};
@@ -35,19 +35,22 @@ pub struct Router {
     hop_limit: u32,
 }
 
+/// Metadata larger than this is not copied into the archive (a note with its size is archived instead).
+pub const ARCHIVED_METADATA_MAX: usize = 1 << 20;
+
 /// The default hop limit: how many times a chain may be routed before it is taken for a routing cycle.
 pub const DEFAULT_HOP_LIMIT: u32 = 100;
 
 impl Router {
-    /// Builds slots (1..=scale per service, `capacity` each) for `cfg`; lifecycle requests go to `lifecycle`.
-    pub fn new(cfg: Arc<ServicesFile>, capacity: usize, lifecycle: mpsc::Sender<Lifecycle>) -> Router {
+    /// Builds slots (1..=scale per service, each within `limits`) for `cfg`; lifecycle requests go to `lifecycle`.
+    pub fn new(cfg: Arc<ServicesFile>, limits: QueueLimits, lifecycle: mpsc::Sender<Lifecycle>) -> Router {
         let slots = cfg
             .microservices
             .values()
             .map(|ms| {
                 let durable = ms.delivery == Delivery::Durable;
                 let v = (1..=ms.scale.max(1))
-                    .map(|n| Arc::new(Slot::with_delivery(&ms.name, n, capacity, durable)))
+                    .map(|n| Arc::new(Slot::with_delivery(&ms.name, n, limits, durable)))
                     .collect();
                 (ms.name.clone(), v)
             })
@@ -79,11 +82,19 @@ impl Router {
         if skip(&k.origin.service) || to.is_some_and(|(s, _)| skip(s)) {
             return;
         }
+        let mut kanban = Box::new(k.clone());
+        if kanban.metadata.0.len() > ARCHIVED_METADATA_MAX {
+            // The archive is for tracing, not a second copy of large payloads.
+            let mut note = aion_runtime::Metadata::new();
+            note.insert("aion_metadata_not_archived_bytes".into(), (kanban.metadata.0.len() as u64).into());
+            kanban.metadata = aion_runtime::MetadataBytes::encode(&note);
+        }
         sink.record(ArchiveOp::Hop {
-            kanban: Box::new(k.clone()),
+            kanban,
             to: to.map(|(s, i)| (s.to_owned(), i)),
             outcome,
             at: now_ms(),
+            charge: crate::store::Charge::default(),
         });
     }
 
@@ -343,7 +354,7 @@ mod tests {
     fn router(capacity: usize) -> (Router, mpsc::Receiver<Lifecycle>) {
         let cfg = load_str("t.yml", YAML).config.expect("valid");
         let (tx, rx) = mpsc::channel(16);
-        (Router::new(Arc::new(cfg), capacity, tx), rx)
+        (Router::new(Arc::new(cfg), QueueLimits { kanbans: capacity, ..QueueLimits::default() }, tx), rx)
     }
 
     fn out(key: &str) -> Box<WireKanban> {

@@ -50,9 +50,28 @@ struct Inner {
     ready: VecDeque<Box<WireKanban>>,
     /// Deliveries outstanding in the current session.
     inflight: usize,
+    /// Memory held by the queue: ready and in-flight kanbans ([`WireKanban::mem_size`]).
+    bytes: usize,
+    /// Kanbans queued before this run that are still in the store, not in memory (paged in as there is room).
+    backlog: usize,
+    /// Producers must wait even with room: the queue is being paged in from the store (new kanbans go after it).
+    loading: bool,
     session: u64,
     seen: IdSet,
     seen_order: VecDeque<KanbanId>,
+    /// The instance is stopping: producers no longer wait for room (see [`Slot::drain`]).
+    draining: bool,
+}
+
+impl Inner {
+    /// True when a new kanban of `size` bytes must wait: the queue is full in kanbans or in bytes (an empty queue
+    /// always takes one, whatever its size), or the backlog is still being paged in.
+    fn must_wait(&self, capacity: usize, max_bytes: usize, size: usize) -> bool {
+        if self.draining {
+            return false;
+        }
+        self.loading || self.ready.len() >= capacity || (self.bytes > 0 && self.bytes + size > max_bytes)
+    }
 }
 
 /// One instance's queue.
@@ -62,6 +81,7 @@ pub struct Slot {
     /// Instance number.
     pub instance: u32,
     capacity: usize,
+    max_bytes: usize,
     inner: Mutex<Inner>,
     items: Notify,
     space: Notify,
@@ -82,24 +102,47 @@ pub struct Slot {
 /// How many output ids per instance are remembered for deduplication.
 const DEDUP_WINDOW: usize = 4096;
 
+/// Default bound of the memory an instance's queue holds (ready and in-flight kanbans): 64 MiB.
+pub const DEFAULT_QUEUE_BYTES: usize = 64 << 20;
+
+/// The bounds of an instance's queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QueueLimits {
+    /// Kanbans waiting (not delivered). Default 1024.
+    pub kanbans: usize,
+    /// Memory of the kanbans waiting and in flight (an empty queue still takes one kanban of any size).
+    pub bytes: usize,
+}
+
+impl Default for QueueLimits {
+    fn default() -> Self {
+        QueueLimits { kanbans: 1024, bytes: DEFAULT_QUEUE_BYTES }
+    }
+}
+
 impl Slot {
-    /// An empty queue of `capacity` kanbans.
+    /// An empty queue of `capacity` kanbans (and [`DEFAULT_QUEUE_BYTES`]).
     pub fn new(service: &str, instance: u32, capacity: usize) -> Slot {
-        Slot::with_delivery(service, instance, capacity, false)
+        Slot::with_delivery(service, instance, QueueLimits { kanbans: capacity, bytes: DEFAULT_QUEUE_BYTES }, false)
     }
 
-    /// An empty queue whose kanbans are persisted when `durable`.
-    pub fn with_delivery(service: &str, instance: u32, capacity: usize, durable: bool) -> Slot {
+    /// An empty queue within `limits`, whose kanbans are persisted when `durable`.
+    pub fn with_delivery(service: &str, instance: u32, limits: QueueLimits, durable: bool) -> Slot {
         Slot {
             service: service.to_owned(),
             instance,
-            capacity: capacity.max(1),
+            capacity: limits.kanbans.max(1),
+            max_bytes: limits.bytes.max(1),
             inner: Mutex::new(Inner {
                 ready: VecDeque::new(),
                 inflight: 0,
+                bytes: 0,
+                backlog: 0,
+                loading: false,
                 session: 0,
                 seen: IdSet::default(),
                 seen_order: VecDeque::new(),
+                draining: false,
             }),
             items: Notify::new(),
             space: Notify::new(),
@@ -118,11 +161,13 @@ impl Slot {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Queues a kanban, waiting while the queue is full (back-pressure to the producer).
+    /// Queues a kanban, waiting while the queue is full in kanbans or bytes, or still loading its backlog
+    /// (back-pressure to the producer).
     ///
     /// # Cancel safety
     /// Cancel safe: the kanban is either queued or not, never half-way.
     pub async fn push(&self, k: Box<WireKanban>) {
+        let size = k.mem_size();
         let mut k = Some(k);
         loop {
             let notified = self.space.notified();
@@ -130,9 +175,10 @@ impl Slot {
             notified.as_mut().enable();
             {
                 let mut g = self.lock();
-                if g.ready.len() < self.capacity {
+                if !g.must_wait(self.capacity, self.max_bytes, size) {
                     if let Some(k) = k.take() {
                         g.ready.push_back(k);
+                        g.bytes += size;
                     }
                     drop(g);
                     self.stats.kanbans_in.fetch_add(1, Ordering::Relaxed);
@@ -144,27 +190,85 @@ impl Slot {
         }
     }
 
-    /// Queues without waiting; gives the kanban back when full.
+    /// Queues without waiting; gives the kanban back when it would have to wait.
     ///
     /// # Errors
-    /// The kanban, when the queue is full.
+    /// The kanban, when the queue is full (or loading its backlog).
     pub fn try_push(&self, k: Box<WireKanban>) -> Result<(), Box<WireKanban>> {
+        let size = k.mem_size();
         let mut g = self.lock();
-        if g.ready.len() >= self.capacity {
+        if g.must_wait(self.capacity, self.max_bytes, size) {
             return Err(k);
         }
         g.ready.push_back(k);
+        g.bytes += size;
         drop(g);
         self.stats.kanbans_in.fetch_add(1, Ordering::Relaxed);
         self.items.notify_waiters();
         Ok(())
     }
 
-    /// Puts back a kanban recovered from the store at start-up, ignoring the capacity (it was accepted before).
+    /// Puts back a kanban accepted before (a seed, a kanban adopted from the store), ignoring the bounds.
     pub fn restore(&self, k: Box<WireKanban>) {
-        self.lock().ready.push_back(k);
+        let mut g = self.lock();
+        g.bytes += k.mem_size();
+        g.ready.push_back(k);
+        drop(g);
         self.stats.kanbans_in.fetch_add(1, Ordering::Relaxed);
         self.items.notify_waiters();
+    }
+
+    /// Declares `n` kanbans queued before this run and still in the store: they count in the depth, and producers
+    /// wait until they are all paged in ([`Slot::end_backlog`]), so that they are delivered first, in order.
+    pub fn set_backlog(&self, n: usize) {
+        let mut g = self.lock();
+        g.backlog = n;
+        g.loading = true;
+    }
+
+    /// Waits until the queue has room for more of its backlog; returns how many kanbans and bytes may come (at
+    /// least one kanban, of any size, when the queue is empty).
+    pub async fn backlog_room(&self) -> (usize, usize) {
+        loop {
+            let notified = self.space.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            {
+                let g = self.lock();
+                if g.ready.len() < self.capacity && g.bytes < self.max_bytes {
+                    return (self.capacity - g.ready.len(), self.max_bytes - g.bytes);
+                }
+            }
+            notified.await;
+        }
+    }
+
+    /// Queues a kanban of the backlog (paged in from the store).
+    pub fn restore_paged(&self, k: Box<WireKanban>) {
+        let mut g = self.lock();
+        g.bytes += k.mem_size();
+        g.ready.push_back(k);
+        g.backlog = g.backlog.saturating_sub(1);
+        drop(g);
+        self.stats.kanbans_in.fetch_add(1, Ordering::Relaxed);
+        self.items.notify_waiters();
+    }
+
+    /// The whole backlog is in memory: producers may queue again.
+    pub fn end_backlog(&self) {
+        let mut g = self.lock();
+        g.backlog = 0;
+        g.loading = false;
+        drop(g);
+        self.space.notify_waiters();
+    }
+
+    /// The instance is being stopped: producers no longer wait for room, so none stays blocked on a consumer
+    /// that will not take more (the kanbans wait in the queue — in the store, for a durable one — for the next
+    /// run). Memory stays bounded by what the producers have in flight.
+    pub fn drain(&self) {
+        self.lock().draining = true;
+        self.space.notify_waiters();
     }
 
     /// Starts a new session and returns its number, unless a session is already connected (an instance has
@@ -211,15 +315,17 @@ impl Slot {
         }
     }
 
-    /// `n` deliveries of `session` were acknowledged.
-    pub fn acked(&self, session: u64, n: usize) {
+    /// `n` deliveries of `session`, of `bytes` in all ([`WireKanban::mem_size`]), were acknowledged.
+    pub fn acked(&self, session: u64, n: usize, bytes: usize) {
         let mut g = self.lock();
         if g.session == session {
             g.inflight = g.inflight.saturating_sub(n);
         }
+        g.bytes = g.bytes.saturating_sub(bytes);
         drop(g);
         self.stats.acked.fetch_add(n as u64, Ordering::Relaxed);
         self.items.notify_waiters();
+        self.space.notify_waiters();
     }
 
     /// Ends `session`: its unacknowledged kanbans go back to the front of the queue, in order.
@@ -269,9 +375,20 @@ impl Slot {
         }
     }
 
-    /// Kanbans waiting (not delivered).
+    /// Kanbans waiting (not delivered): in memory, and in the store's backlog.
     pub fn depth(&self) -> usize {
-        self.lock().ready.len()
+        let g = self.lock();
+        g.ready.len() + g.backlog
+    }
+
+    /// Memory held by the queue's kanbans (waiting and in flight).
+    pub fn bytes(&self) -> usize {
+        self.lock().bytes
+    }
+
+    /// Its memory bound.
+    pub fn max_bytes(&self) -> usize {
+        self.max_bytes
     }
 
     /// Deliveries outstanding in the current session.
@@ -335,5 +452,59 @@ mod tests {
         s.remember_output(KanbanId(9));
         assert!(s.is_duplicate_output(KanbanId(9)));
         assert_eq!(s.stats.duplicates.load(Ordering::Relaxed), 1);
+    }
+}
+
+#[cfg(test)]
+mod bound_tests {
+    use super::*;
+    use std::sync::Arc;
+
+    fn sized(n: u64, bytes: usize) -> Box<WireKanban> {
+        let mut k = aion_runtime::Kanban { id: KanbanId(n as u128), ..Default::default() }.into_wire();
+        k.metadata = aion_runtime::MetadataBytes(vec![0; bytes]);
+        Box::new(k)
+    }
+
+    #[tokio::test]
+    async fn memory_bound_applies_back_pressure_and_takes_one_kanban_of_any_size() {
+        let limits = QueueLimits { kanbans: 100, bytes: 10_000 };
+        let s = Arc::new(Slot::with_delivery("a", 1, limits, false));
+        s.push(sized(1, 50_000)).await; // empty queue: taken whatever its size
+        assert!(s.try_push(sized(2, 10)).is_err(), "over the bound: the next one waits");
+        let s2 = s.clone();
+        let producer = tokio::spawn(async move { s2.push(sized(2, 4_000)).await });
+        let sess = s.open_session().expect("free");
+        let mut out = Vec::new();
+        s.take(sess, 10, &mut out).await;
+        assert!(!producer.is_finished(), "in flight still counts");
+        s.acked(sess, 1, out[0].mem_size());
+        producer.await.expect("producer");
+        assert!(s.bytes() < 10_000 && s.bytes() >= 4_000, "{}", s.bytes());
+    }
+
+    #[tokio::test]
+    async fn a_backlog_holds_producers_until_paged_in_and_counts_in_the_depth() {
+        let s = Arc::new(Slot::with_delivery("a", 1, QueueLimits { kanbans: 2, bytes: 1 << 20 }, true));
+        s.set_backlog(3);
+        assert_eq!(s.depth(), 3);
+        assert!(s.try_push(sized(9, 10)).is_err(), "new kanbans go after the backlog");
+        assert_eq!(s.backlog_room().await.0, 2);
+        s.restore_paged(sized(1, 10));
+        s.restore_paged(sized(2, 10));
+        assert_eq!(s.depth(), 3);
+        let s2 = s.clone();
+        let room = tokio::spawn(async move { s2.backlog_room().await });
+        let sess = s.open_session().expect("free");
+        let mut out = Vec::new();
+        s.take(sess, 1, &mut out).await;
+        assert_eq!(room.await.expect("room").0, 1, "room again once one was taken");
+        s.restore_paged(sized(3, 10));
+        s.end_backlog();
+        s.take(sess, 10, &mut out).await;
+        s.push(sized(9, 10)).await;
+        s.take(sess, 10, &mut out).await;
+        let ids: Vec<u128> = out.iter().map(|k| k.id.0).collect();
+        assert_eq!(ids, vec![1, 2, 3, 9], "backlog first, in order");
     }
 }

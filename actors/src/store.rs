@@ -102,13 +102,79 @@ pub enum StoreError {
 
 /// One write for a store writer (the SQLite threads or the Redis writer).
 pub(crate) enum Op {
-    Enqueue { service: String, instance: u32, id: KanbanId, hops: u32, bytes: Vec<u8> },
-    Ack { service: String, instance: u32, ids: Vec<KanbanId> },
+    Enqueue {
+        service: String,
+        instance: u32,
+        id: KanbanId,
+        hops: u32,
+        bytes: Vec<u8>,
+    },
+    Ack {
+        service: String,
+        instance: u32,
+        ids: Vec<KanbanId>,
+    },
     Archive(Vec<ArchiveOp>),
     Exported(Vec<i64>),
-    StaticPut { topic: String, id: u64, bytes: Vec<u8> },
-    StaticDelete { topic: String, id: u64 },
+    StaticPut {
+        topic: String,
+        id: u64,
+        bytes: Vec<u8>,
+    },
+    StaticDelete {
+        topic: String,
+        id: u64,
+    },
     Barrier(oneshot::Sender<()>),
+    /// Reads the next page of an instance's backlog (a read: served before the batch's writes are applied).
+    Page(PageRequest),
+}
+
+/// Where a backlog page starts (exclusive) or ends (inclusive): a row of the embedded store, or a Redis stream
+/// entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Cursor {
+    /// `queue.seq` (embedded store).
+    Seq(i64),
+    /// A stream entry id (Redis store).
+    Entry(String),
+}
+
+/// Kanbans an instance had queued when the runtime started, left in the store and paged in as its queue has
+/// room (so a large backlog never has to fit in memory).
+#[derive(Debug, Clone)]
+pub struct Backlog {
+    /// Service.
+    pub service: String,
+    /// Instance.
+    pub instance: u32,
+    /// How many.
+    pub count: usize,
+    /// Page from after this…
+    pub after: Cursor,
+    /// …up to this (later rows are kanbans queued by this run, which are in memory already).
+    pub until: Cursor,
+}
+
+/// One page of a backlog, oldest first.
+#[derive(Debug, Default)]
+pub struct Page {
+    /// The kanbans (with their hop counts).
+    pub kanbans: Vec<Box<WireKanban>>,
+    /// The cursor after the last one (`None` when the page is empty: the backlog is exhausted).
+    pub next: Option<Cursor>,
+}
+
+/// A request for a backlog page.
+pub(crate) struct PageRequest {
+    pub(crate) service: String,
+    pub(crate) instance: u32,
+    pub(crate) after: Cursor,
+    pub(crate) until: Cursor,
+    pub(crate) max_rows: usize,
+    /// At least one row is returned, whatever its size.
+    pub(crate) max_bytes: usize,
+    pub(crate) reply: oneshot::Sender<Result<Page, String>>,
 }
 
 /// A static kanban recovered at start-up.
@@ -119,6 +185,32 @@ pub struct RecoveredStatic {
     pub id: u64,
     /// The kanban.
     pub kanban: WireKanban,
+}
+
+/// Memory reserved for an archive record on its way to the archive, given back when the record is dropped
+/// (written or not). A clone carries no reservation.
+#[derive(Debug, Default)]
+pub struct Charge(Option<(Arc<std::sync::atomic::AtomicUsize>, usize)>);
+
+impl Charge {
+    /// `bytes` reserved from `pool`.
+    pub fn new(pool: Arc<std::sync::atomic::AtomicUsize>, bytes: usize) -> Charge {
+        Charge(Some((pool, bytes)))
+    }
+}
+
+impl Clone for Charge {
+    fn clone(&self) -> Self {
+        Charge(None)
+    }
+}
+
+impl Drop for Charge {
+    fn drop(&mut self) {
+        if let Some((pool, n)) = self.0.take() {
+            pool.fetch_sub(n, Ordering::Relaxed);
+        }
+    }
 }
 
 /// One archive write.
@@ -134,6 +226,8 @@ pub enum ArchiveOp {
         outcome: &'static str,
         /// Unix milliseconds.
         at: i64,
+        /// Its memory, reserved from the archive's budget.
+        charge: Charge,
     },
     /// The target acknowledged these kanbans.
     Acked {
@@ -441,7 +535,7 @@ impl Store {
     ///
     /// # Errors
     /// [`StoreError`] if the database cannot be opened, migrated or read.
-    pub fn open(path: &Path, archive: &Path, retention: Retention) -> Result<(Store, Vec<Recovered>), StoreError> {
+    pub fn open(path: &Path, archive: &Path, retention: Retention) -> Result<(Store, Vec<Backlog>), StoreError> {
         Store::open_all(path, archive, retention, None).map(|(s, q, _)| (s, q))
     }
 
@@ -457,7 +551,7 @@ impl Store {
         archive: &Path,
         retention: Retention,
         max_bytes: Option<u64>,
-    ) -> Result<(Store, Vec<Recovered>, Vec<RecoveredStatic>), StoreError> {
+    ) -> Result<(Store, Vec<Backlog>, Vec<RecoveredStatic>), StoreError> {
         let conn = open_conn(path, QUEUE_MIGRATIONS)?;
         if let Some(max) = max_bytes {
             let page: i64 = conn.query_row("PRAGMA page_size", [], |r| r.get(0)).map_err(sq(path))?;
@@ -480,24 +574,28 @@ impl Store {
                 }
             }
         }
+        // What each instance had queued: counted and bounded here, read page by page later (`Store::page`).
         let mut recovered = Vec::new();
         {
-            let mut stmt =
-                conn.prepare("SELECT service, instance, kanban, hops FROM queue ORDER BY seq").map_err(sq(path))?;
+            let mut stmt = conn
+                .prepare(
+                    "SELECT service, instance, COUNT(*), MIN(seq) - 1, MAX(seq) FROM queue \
+                     GROUP BY service, instance ORDER BY MIN(seq)",
+                )
+                .map_err(sq(path))?;
             let rows = stmt
                 .query_map([], |r| {
-                    Ok((r.get::<_, String>(0)?, r.get::<_, u32>(1)?, r.get::<_, Vec<u8>>(2)?, r.get::<_, u32>(3)?))
+                    Ok(Backlog {
+                        service: r.get(0)?,
+                        instance: r.get(1)?,
+                        count: r.get::<_, i64>(2)? as usize,
+                        after: Cursor::Seq(r.get(3)?),
+                        until: Cursor::Seq(r.get(4)?),
+                    })
                 })
                 .map_err(sq(path))?;
             for row in rows {
-                let (service, instance, bytes, hops) = row.map_err(sq(path))?;
-                match postcard::from_bytes::<WireKanban>(&bytes) {
-                    Ok(mut k) => {
-                        k.hops = hops;
-                        recovered.push(Recovered { service, instance, kanban: Box::new(k) })
-                    }
-                    Err(e) => tracing::error!(service, instance, "unreadable queued kanban kept in the store: {e}"),
-                }
+                recovered.push(row.map_err(sq(path))?);
             }
         }
         let stats = Arc::new(StoreStats::default());
@@ -525,7 +623,7 @@ impl Store {
         cfg: &crate::redis_store::RedisConfig,
         archive: &Path,
         retention: Retention,
-    ) -> Result<(Store, Vec<Recovered>, Vec<RecoveredStatic>), StoreError> {
+    ) -> Result<(Store, Vec<Backlog>, Vec<RecoveredStatic>), StoreError> {
         let aconn = open_conn(archive, ARCHIVE_MIGRATIONS)?;
         let stats = Arc::new(StoreStats::default());
         let (tx, rx) = mpsc::channel(64 * 1024);
@@ -635,6 +733,35 @@ impl Store {
         self.atx.send(Op::Archive(ops)).await.map_err(|_| StoreError::Closed)
     }
 
+    /// The next page of a backlog: the kanbans after `after` up to `until`, oldest first, at most `max_rows` and
+    /// (beyond the first) `max_bytes`.
+    ///
+    /// # Errors
+    /// [`StoreError::Closed`] if the writer stopped; a read error as [`StoreError::Redis`] or
+    /// [`StoreError::Sqlite`]'s text.
+    pub async fn page(
+        &self,
+        b: &Backlog,
+        after: &Cursor,
+        max_rows: usize,
+        max_bytes: usize,
+    ) -> Result<Page, StoreError> {
+        let (reply, rx) = oneshot::channel();
+        let req = PageRequest {
+            service: b.service.clone(),
+            instance: b.instance,
+            after: after.clone(),
+            until: b.until.clone(),
+            max_rows: max_rows.max(1),
+            max_bytes,
+            reply,
+        };
+        self.tx.send(Op::Page(req)).await.map_err(|_| StoreError::Closed)?;
+        rx.await
+            .map_err(|_| StoreError::Closed)?
+            .map_err(|message| StoreError::Redis { url: self.location.clone(), message })
+    }
+
     /// Completes when everything submitted before it is committed.
     ///
     /// # Errors
@@ -677,7 +804,7 @@ fn apply(conn: &Connection, batch: &[Op]) -> rusqlite::Result<(u64, u64, u64)> {
                 Op::Archive(ops) => {
                     for a in ops {
                         match a {
-                            ArchiveOp::Hop { kanban, to, outcome, at } => {
+                            ArchiveOp::Hop { kanban, to, outcome, at, .. } => {
                                 let bytes = postcard::to_stdvec(&**kanban).unwrap_or_default();
                                 let (ts, ti) = match to {
                                     Some((s, i)) => (Some(s.as_str()), Some(*i)),
@@ -724,7 +851,7 @@ fn apply(conn: &Connection, batch: &[Op]) -> rusqlite::Result<(u64, u64, u64)> {
                     tx.prepare_cached("DELETE FROM static_kanban WHERE topic = ?1 AND id = ?2")?
                         .execute(params![topic, *id as i64])?;
                 }
-                Op::Barrier(_) => {}
+                Op::Barrier(_) | Op::Page(_) => {}
             }
         }
     }
@@ -792,6 +919,57 @@ fn apply_deletes_only(conn: &Connection, batch: &mut Vec<Op>) -> rusqlite::Resul
     Ok(freed)
 }
 
+/// Answers (and removes from the batch) every backlog page request.
+fn serve_pages(conn: &Connection, batch: &mut Vec<Op>) {
+    if !batch.iter().any(|op| matches!(op, Op::Page(_))) {
+        return;
+    }
+    let mut rest = Vec::with_capacity(batch.len());
+    for op in batch.drain(..) {
+        match op {
+            Op::Page(req) => {
+                let page = read_page(conn, &req).map_err(|e| e.to_string());
+                let _ = req.reply.send(page);
+            }
+            other => rest.push(other),
+        }
+    }
+    *batch = rest;
+}
+
+fn read_page(conn: &Connection, req: &PageRequest) -> rusqlite::Result<Page> {
+    let (Cursor::Seq(after), Cursor::Seq(until)) = (&req.after, &req.until) else {
+        return Ok(Page::default());
+    };
+    let mut stmt = conn.prepare_cached(
+        "SELECT seq, kanban, hops FROM queue WHERE service = ?1 AND instance = ?2 AND seq > ?3 AND seq <= ?4 \
+         ORDER BY seq LIMIT ?5",
+    )?;
+    let mut rows = stmt.query(params![req.service, req.instance, after, until, req.max_rows as i64])?;
+    let mut page = Page::default();
+    let mut bytes = 0usize;
+    while let Some(r) = rows.next()? {
+        let seq: i64 = r.get(0)?;
+        let blob: Vec<u8> = r.get(1)?;
+        if !page.kanbans.is_empty() && bytes + blob.len() > req.max_bytes {
+            break;
+        }
+        bytes += blob.len();
+        page.next = Some(Cursor::Seq(seq));
+        match postcard::from_bytes::<WireKanban>(&blob) {
+            Ok(mut k) => {
+                k.hops = r.get(2)?;
+                page.kanbans.push(Box::new(k));
+            }
+            // Left in the store (and skipped): the next page starts after it.
+            Err(e) => {
+                tracing::error!(service = %req.service, instance = req.instance, seq, "unreadable queued kanban kept in the store: {e}")
+            }
+        }
+    }
+    Ok(page)
+}
+
 /// Deletes archive rows beyond the retention limits.
 fn retain(conn: &Connection, r: Retention) -> rusqlite::Result<usize> {
     let cutoff = now_ms() - r.max_age_ms;
@@ -822,6 +1000,8 @@ fn writer(
     while let Some(first) = rx.blocking_recv() {
         batch.push(first);
         take_queued(&mut rx, &mut batch, 8192);
+        // Reads first: a backlog page only holds rows committed before this run's writes to that queue.
+        serve_pages(&conn, &mut batch);
         let mut delay = Duration::from_millis(10);
         loop {
             match apply(&conn, &batch) {
@@ -900,12 +1080,27 @@ mod tests {
             assert_eq!(s.stats.enqueued.load(Ordering::Relaxed), 5);
             assert_eq!(s.stats.acked.load(Ordering::Relaxed), 2);
         }
-        let (_s, rec) = Store::open(&path, &dir.path().join("archive.db"), Retention::default()).expect("reopen");
-        let ids: Vec<u128> = rec.iter().map(|r| r.kanban.id.0).collect();
+        let (s, rec) = Store::open(&path, &dir.path().join("archive.db"), Retention::default()).expect("reopen");
+        assert_eq!((rec.len(), rec[0].service.as_str(), rec[0].instance, rec[0].count), (1, "svc", 1, 3));
+        // Paged in oldest first, within the page's bounds (a first row always comes, whatever its size).
+        let mut got = Vec::new();
+        let mut after = rec[0].after.clone();
+        loop {
+            let page = s.page(&rec[0], &after, 2, 1).await.expect("page");
+            let Some(next) = page.next else { break };
+            assert_eq!(page.kanbans.len(), 1, "max_bytes 1: one row per page");
+            after = next;
+            got.extend(page.kanbans);
+        }
+        let ids: Vec<u128> = got.iter().map(|k| k.id.0).collect();
         assert_eq!(ids, vec![1, 3, 5], "oldest first, acked ones gone");
-        let hops: Vec<u32> = rec.iter().map(|r| r.kanban.hops).collect();
+        let hops: Vec<u32> = got.iter().map(|k| k.hops).collect();
         assert_eq!(hops, vec![10, 30, 50], "hop counts are kept beside the kanbans");
-        assert_eq!(rec[0].service, "svc");
+        // Rows queued after the recovery are not part of the backlog.
+        s.enqueue("svc", 1, &k(9)).await.expect("enqueue");
+        s.barrier().await.expect("barrier");
+        let page = s.page(&rec[0], &Cursor::Seq(0), 10, usize::MAX).await.expect("page");
+        assert_eq!(page.kanbans.len(), 3);
     }
 
     #[tokio::test]
@@ -927,6 +1122,7 @@ mod tests {
             to: Some((to.into(), 1)),
             outcome: "queued",
             at: now_ms() - 10,
+            charge: Charge::default(),
         };
         s.archive(vec![hop(&a, "mid"), hop(&b, "sink")]).await.expect("archive");
         s.archive(vec![ArchiveOp::Acked { service: "mid".into(), instance: 1, ids: vec![KanbanId(1)], at: now_ms() }])

@@ -648,6 +648,19 @@ impl WireKanban {
             .unwrap_or(usize::MAX)
     }
 
+    /// The memory it holds, roughly (its variable-size parts plus the fixed part): what queue memory bounds count.
+    pub fn mem_size(&self) -> usize {
+        std::mem::size_of::<WireKanban>()
+            + self.metadata.0.len()
+            + self.file_list.iter().map(|f| f.len() + 24).sum::<usize>()
+            + self.origin.service.len()
+            + self.start_at.len()
+            + self.finish_at.len()
+            + self.next_device_name.len()
+            + self.connection_key.len()
+            + self.data_path.len()
+    }
+
     /// Checks it against [`MAX_KANBAN_BYTES`].
     ///
     /// # Errors

@@ -273,11 +273,17 @@ impl Runtime {
     /// Kills the runtime with SIGKILL (if it still runs) and starts a new one on the same data and work
     /// directories with `yaml`.
     pub fn crash_and_restart(&mut self, yaml: &str) -> Runtime {
+        let args: Vec<String> = self.args.clone();
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        self.crash_and_restart_with(yaml, &args)
+    }
+
+    /// [`Runtime::crash_and_restart`] with other `aion run` arguments.
+    pub fn crash_and_restart_with(&mut self, yaml: &str, args: &[&str]) -> Runtime {
         self.kill9();
         let data = std::mem::replace(&mut self.data, tempfile::tempdir().expect("tmp"));
         let work = std::mem::replace(&mut self.work, tempfile::tempdir().expect("tmp"));
-        let args: Vec<&str> = self.args.iter().map(String::as_str).collect();
-        Runtime::start_full(yaml, data, work, &args)
+        Runtime::start_full(yaml, data, work, args)
     }
 }
 
