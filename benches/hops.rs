@@ -289,7 +289,7 @@ async fn inproc_pingpong(n: u64) -> Row {
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     };
-    node.shutdown().await;
+    let _ = node.shutdown().await;
     let rtt_p50 = h.value_at_quantile(0.5) as f64;
     row("in-process hop via runtime, memory (RTT/2)", &h, 2, 2.0 * 1e9 / rtt_p50.max(1.0))
 }
@@ -309,7 +309,7 @@ async fn inproc_pipeline(n: u64) -> Row {
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     };
-    node.shutdown().await;
+    let _ = node.shutdown().await;
     row("3-stage pipeline, in-process, memory", &h, 1, tput)
 }
 
@@ -327,7 +327,7 @@ async fn process_run_on(yaml: String, n: u64, name: &str, divide: f64, redis: Op
     let archive = std::env::var("AION_BENCH_ARCHIVE").as_deref() == Ok("1");
     let node = run_node_with(&yaml, InProcessRegistry::default(), n, &rf, archive, redis).await;
     let v = wait_file(&rf).await;
-    node.shutdown().await;
+    let _ = node.shutdown().await;
     let _ = std::fs::remove_file(&rf);
     let mut r = json_row(name, &v, divide);
     if divide > 1.0 {

@@ -422,12 +422,25 @@ fn run(data_dir: &Path, file: &Path, flags: RunFlags) -> Result<(), String> {
             _ = node.stop_requested() => None,
             r = node.failed() => Some(r),
         };
-        node.shutdown().await;
+        // A second signal during the stop ends it at once: remaining instances are killed.
+        let registry = aion::actors::paths::Paths::new(data_dir).registry();
+        let stopped = tokio::select! {
+            r = node.shutdown() => r,
+            _ = int.recv() => Err(second_signal(&registry)),
+            _ = term.recv() => Err(second_signal(&registry)),
+            _ = hup.recv() => Err(second_signal(&registry)),
+        };
         match failure {
             Some(r) => Err(format!("the supervision tree gave up: {r:?}")),
-            None => Ok(()),
+            None => stopped,
         }
     })
+}
+
+/// A second stop signal: kill what is left and say so.
+fn second_signal(registry: &Path) -> String {
+    let killed = aion::actors::backend::cleanup_orphans(registry);
+    format!("a second signal ended the stop at once ({killed} instances killed); queued kanbans are kept")
 }
 
 async fn status(data_dir: &Path, json: bool) -> Result<(), String> {

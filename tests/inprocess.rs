@@ -59,7 +59,7 @@ fn in_process_pipeline_through_a_node() {
         assert_eq!(source.pid, 0, "in-process instances have no pid");
         let double = st.iter().find(|i| i.service == "double").expect("double");
         assert_eq!((double.kanbans_in, double.kanbans_out), (1000, 1000));
-        node.shutdown().await;
+        node.shutdown().await.expect("clean shutdown");
     });
 }
 
@@ -120,7 +120,7 @@ fn panic_mid_batch_redelivers_only_the_unhandled() {
         let flaky = st.iter().find(|i| i.service == "flaky").expect("flaky");
         assert_eq!(flaky.restarts, 1, "restarted once after the panic");
         assert!(flaky.redelivered >= 1, "the kanban it panicked on went back to its queue");
-        node.shutdown().await;
+        node.shutdown().await.expect("clean shutdown");
     });
 }
 
@@ -181,7 +181,7 @@ fn durable_in_process_queue_survives_a_restart() {
             let k = next(&mut rx).await;
             seen.insert(k.metadata["seq"].as_f64().unwrap_or(0.0) as u64);
         }
-        node.shutdown().await;
+        node.shutdown().await.expect("clean shutdown");
         while let Ok(k) = rx.try_recv() {
             seen.insert(k.metadata["seq"].as_f64().unwrap_or(0.0) as u64);
         }
@@ -202,7 +202,7 @@ fn durable_in_process_queue_survives_a_restart() {
                 .expect("open");
             seen.insert(k.metadata["seq"].as_f64().unwrap_or(0.0) as u64);
         }
-        node.shutdown().await;
+        node.shutdown().await.expect("clean shutdown");
     });
 }
 
@@ -256,7 +256,7 @@ fn a_service_on_an_in_memory_link_speaks_the_session_protocol() {
         }
         let _ = stop_tx.send(());
         tokio::time::timeout(Duration::from_secs(10), svc).await.expect("stops").expect("joins").expect("clean");
-        node.shutdown().await;
+        node.shutdown().await.expect("clean shutdown");
     });
 }
 
@@ -293,6 +293,6 @@ fn static_kanbans_from_an_in_process_service() {
             got.push(next(&mut rx).await);
         }
         assert_eq!(got, ["get:a", "event:true:a", "deleted:true", "left:0"]);
-        node.shutdown().await;
+        node.shutdown().await.expect("clean shutdown");
     });
 }

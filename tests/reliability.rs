@@ -540,3 +540,68 @@ fn sighup_stops_the_runtime_gracefully() {
     assert!(rt.live_children().is_empty(), "no process left behind");
     assert!(!rt.socket().exists(), "sockets removed");
 }
+
+/// D13: a graceful stop while the pipeline is under back-pressure (the relay blocked on the slow sink's full
+/// queue, the source in the middle of emitting) ends without SIGKILL, and nothing is lost: after a restart every
+/// kanban arrives.
+#[test]
+fn a_graceful_stop_under_back_pressure_needs_no_sigkill() {
+    const N: u64 = 10_000;
+    let yaml = common::pipeline(&format!("EMIT_COUNT: {N}, CHUNK: 1000"), "", "SLOW_MS: 2");
+    let mut rt = Runtime::start_with_args(&yaml, &["--grace", "60"]);
+    // Under back-pressure: the sink's queue is full and the relay waits on it.
+    rt.wait_status("the sink's queue full", |s| instance_of(s, "sink")["queue_depth"].as_u64() >= Some(1000));
+    let pid = rt.pid();
+    let code = rt.stop();
+    assert_eq!(code, 0, "{}", rt.stderr());
+    let log = rt.stderr();
+    assert!(!log.contains("SIGKILL"), "every instance stopped on SIGTERM (pid {pid}):\n{log}");
+    let mut rt2 = rt.crash_and_restart(&common::pipeline(&format!("EMIT_COUNT: {N}, CHUNK: 1000"), "", ""));
+    common::every_seq_at_sink(&rt2.path("sink.jsonl"), N, Duration::from_secs(120));
+    assert_eq!(rt2.stop(), 0);
+}
+
+/// D9: a stop while the store cannot commit (full) ends anyway — nothing acknowledged is at stake — saying so;
+/// and a second signal during a stop ends it at once.
+#[test]
+fn a_stop_with_a_full_store_ends() {
+    stop_with_a_full_store(false);
+    stop_with_a_full_store(true);
+}
+
+fn stop_with_a_full_store(second_signal: bool) {
+    let yaml = r#"
+microservices:
+  slow:
+    command: ["{testkit}"]
+    always: yes
+    env: { SLOW_MS: 600000, WINDOW: 1 }
+"#;
+    let rt = Runtime::start_with_args(yaml, &["--store-max-mb", "1", "--grace", "2"]);
+    let pad = "x".repeat(64 * 1024);
+    // Fill the store from a background sender: its last sends wait for a commit that cannot happen.
+    let data = rt.data.path().to_owned();
+    let sender = std::thread::spawn(move || {
+        for i in 0..40 {
+            let _ = cli(&data, &["kanban", "send", "slow", "--metadata", &format!(r#"{{"seq":{i},"pad":"{pad}"}}"#)]);
+        }
+    });
+    rt.wait_status("the store full", |s| s["store"]["errors"].as_u64() > Some(0));
+    let mut rt = rt;
+    let mut child = rt.child.take().expect("running");
+    cli(rt.data.path(), &["stop"]).expect("stop requested");
+    if second_signal {
+        wait_until("the stop under way", Duration::from_secs(30), || {
+            rt.stderr().contains("shutting down").then_some(())
+        });
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGINT)
+            .expect("int");
+    }
+    let st = wait_until("the runtime to exit", Duration::from_secs(60), || child.try_wait().ok().flatten());
+    let log = rt.stderr();
+    let why = if second_signal { "a second signal ended the stop" } else { "could not commit" };
+    assert!(log.contains(why), "it says why it stopped as it did:\n{log}");
+    assert_eq!(st.code(), Some(1), "{log}");
+    assert!(rt.live_children().is_empty(), "no process left behind");
+    let _ = sender.join();
+}

@@ -418,6 +418,9 @@ impl Actor for Broker {
                 let first = self.shutdown.is_none();
                 self.shutdown.get_or_insert_with(|| (Vec::new(), false)).0.push(reply);
                 if first {
+                    // Producers being stopped must not stay blocked on full queues downstream: their outputs are
+                    // accepted without waiting (bounded by their output windows), so they finish and exit.
+                    self.router.stopping();
                     for ((s, n), i) in self.insts.iter_mut() {
                         if let Some(st) = &i.stopper {
                             tracing::info!(service = %s, instance = n, pid = i.pid, "stopping");

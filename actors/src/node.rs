@@ -98,6 +98,9 @@ fn pid_text(pid: Option<u32>) -> String {
     pid.map_or_else(|| "its pid is unknown".to_owned(), |p| format!("pid {p}"))
 }
 
+/// How long a shutdown waits for the store's last commit (it cannot finish on a full disk).
+pub const FINAL_COMMIT_WAIT: Duration = Duration::from_secs(10);
+
 /// A running node.
 pub struct Node {
     shared: Arc<Shared>,
@@ -351,9 +354,13 @@ impl Node {
     }
 
     /// Graceful shutdown: stop accepting connections, stop every instance (SIGTERM, SIGKILL after the grace
-    /// period), then stop the actors in reverse start order. Queued kanbans that were not delivered stay
-    /// queued in memory until the process exits (durable queues are a later feature).
-    pub async fn shutdown(self) {
+    /// period), then stop the actors in reverse start order and wait (at most [`FINAL_COMMIT_WAIT`]) for the
+    /// store's last commit. Durable queues stay in the store for the next run.
+    ///
+    /// # Errors
+    /// When the store could not commit its last writes in time (a full disk): nothing acknowledged is lost —
+    /// what was not committed was never acknowledged to its producer — but the operator should know.
+    pub async fn shutdown(self) -> Result<(), String> {
         tracing::info!("shutting down");
         let _ = ask(&self.endpoint, EndpointMsg::StopAccepting).await;
         let grace = self.grace;
@@ -364,14 +371,30 @@ impl Node {
             // `delivery: memory` queues: say so, with the count, rather than losing them silently.
             tracing::warn!(kanbans = left, "kanbans queued for `delivery: memory` services are discarded at exit");
         }
+        let mut result = Ok(());
         if let Some(store) = self.shared.router.store() {
-            let _ = store.barrier().await;
+            match tokio::time::timeout(FINAL_COMMIT_WAIT, store.barrier()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => result = Err(format!("the store could not commit its last writes: {e}")),
+                Err(_) => {
+                    let why = store.stats.last_error.lock().ok().and_then(|l| l.clone()).unwrap_or_default();
+                    result = Err(format!(
+                        "the store could not commit its last writes within {}s ({why}); they were never \
+                         acknowledged to their producers, and the kanbans those were made from are redelivered",
+                        FINAL_COMMIT_WAIT.as_secs()
+                    ));
+                }
+            }
         }
         self.control.abort();
         self.forwarder.abort();
         let _ = std::fs::remove_file(self.paths.control());
         let _ = std::fs::remove_file(self.paths.socket());
-        tracing::info!("runtime stopped");
+        match &result {
+            Ok(()) => tracing::info!("runtime stopped"),
+            Err(e) => tracing::error!("runtime stopped, but {e}"),
+        }
+        result
     }
 }
 

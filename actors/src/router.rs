@@ -130,6 +130,17 @@ impl Router {
         self.slots.get(service)?.get((instance as usize).checked_sub(1)?)
     }
 
+    /// Marks every instance as stopping (shutdown): their outputs no longer wait for room downstream, and those
+    /// already waiting are woken.
+    pub fn stopping(&self) {
+        for s in self.slots.values().flatten() {
+            s.set_stopping();
+        }
+        for s in self.slots.values().flatten() {
+            s.wake_producers();
+        }
+    }
+
     /// Every slot, by service then instance.
     pub fn slots(&self) -> impl Iterator<Item = &Arc<Slot>> {
         let mut names: Vec<&String> = self.slots.keys().collect();
@@ -149,7 +160,7 @@ impl Router {
         k: Box<WireKanban>,
     ) -> Result<bool, (Reason, Box<WireKanban>)> {
         match self.instance_slot(service, instance) {
-            Ok(slot) => Ok(self.enqueue(slot, k).await),
+            Ok(slot) => Ok(self.enqueue(None, slot, k).await),
             Err(reason) => Err((reason, k)),
         }
     }
@@ -169,9 +180,10 @@ impl Router {
         (instance as usize).checked_sub(1).and_then(|i| list.get(i)).ok_or(Reason::NoSuchInstance)
     }
 
-    /// Queues `k` in `slot` (waiting for space), persisting it first when the slot is durable, and asks the
-    /// broker to start the instance if needed. Returns true when the kanban went to the durable store.
-    async fn enqueue(&self, slot: &Slot, k: Box<WireKanban>) -> bool {
+    /// Queues `k` from `from` in `slot` (waiting for space, unless `from` is stopping), persisting it first when
+    /// the slot is durable, and asks the broker to start the instance if needed. Returns true when the kanban went
+    /// to the durable store.
+    async fn enqueue(&self, from: Option<&Slot>, slot: &Slot, k: Box<WireKanban>) -> bool {
         let (service, instance) = (slot.service.as_str(), slot.instance);
         self.archive_hop(&k, Some((service, instance)), "queued");
         let store = self.durable_store(slot);
@@ -182,7 +194,7 @@ impl Router {
                 tracing::error!(service, instance, kanban = %k.id, "not persisted: {e}");
             }
         }
-        slot.push(k).await;
+        slot.push(k, from).await;
         self.request_start(slot).await;
         persisted
     }
@@ -334,7 +346,7 @@ impl Router {
                     if again > 0 {
                         copy.id = copy.id.copy(again);
                     }
-                    persisted |= self.enqueue(slot, copy).await
+                    persisted |= self.enqueue(Some(from), slot, copy).await
                 }
                 Err((reason, detail)) => self.dead_letter(reason, detail, copy),
             }

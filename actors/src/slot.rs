@@ -59,17 +59,12 @@ struct Inner {
     session: u64,
     seen: IdSet,
     seen_order: VecDeque<KanbanId>,
-    /// The instance is stopping: producers no longer wait for room (see [`Slot::drain`]).
-    draining: bool,
 }
 
 impl Inner {
     /// True when a new kanban of `size` bytes must wait: the queue is full in kanbans or in bytes (an empty queue
     /// always takes one, whatever its size), or the backlog is still being paged in.
     fn must_wait(&self, capacity: usize, max_bytes: usize, size: usize) -> bool {
-        if self.draining {
-            return false;
-        }
         self.loading || self.ready.len() >= capacity || (self.bytes > 0 && self.bytes + size > max_bytes)
     }
 }
@@ -95,6 +90,8 @@ pub struct Slot {
     pub durable: bool,
     /// An output id was ever remembered (until then the duplicate check needs no lock).
     remembered: AtomicBool,
+    /// The instance is being stopped (its outputs are accepted without waiting for room downstream).
+    pub stopping: AtomicBool,
     /// This instance as a producer ([`KanbanId::producer_key`]): mixed into the id of every output it emits.
     pub producer: u128,
 }
@@ -142,7 +139,6 @@ impl Slot {
                 session: 0,
                 seen: IdSet::default(),
                 seen_order: VecDeque::new(),
-                draining: false,
             }),
             items: Notify::new(),
             space: Notify::new(),
@@ -151,6 +147,7 @@ impl Slot {
             start_requested: AtomicBool::new(false),
             durable,
             remembered: AtomicBool::new(false),
+            stopping: AtomicBool::new(false),
             producer: KanbanId::producer_key(service, instance),
         }
     }
@@ -162,11 +159,12 @@ impl Slot {
     }
 
     /// Queues a kanban, waiting while the queue is full in kanbans or bytes, or still loading its backlog
-    /// (back-pressure to the producer).
+    /// (back-pressure to the producer) — unless the `producer` instance is stopping: its outputs no longer wait
+    /// (they are accepted so that it can finish and exit; it has at most its output window in flight).
     ///
     /// # Cancel safety
     /// Cancel safe: the kanban is either queued or not, never half-way.
-    pub async fn push(&self, k: Box<WireKanban>) {
+    pub async fn push(&self, k: Box<WireKanban>, producer: Option<&Slot>) {
         let size = k.mem_size();
         let mut k = Some(k);
         loop {
@@ -175,7 +173,8 @@ impl Slot {
             notified.as_mut().enable();
             {
                 let mut g = self.lock();
-                if !g.must_wait(self.capacity, self.max_bytes, size) {
+                let stopping = producer.is_some_and(|p| p.stopping.load(Ordering::Acquire));
+                if stopping || !g.must_wait(self.capacity, self.max_bytes, size) {
                     if let Some(k) = k.take() {
                         g.ready.push_back(k);
                         g.bytes += size;
@@ -263,11 +262,14 @@ impl Slot {
         self.space.notify_waiters();
     }
 
-    /// The instance is being stopped: producers no longer wait for room, so none stays blocked on a consumer
-    /// that will not take more (the kanbans wait in the queue — in the store, for a durable one — for the next
-    /// run). Memory stays bounded by what the producers have in flight.
-    pub fn drain(&self) {
-        self.lock().draining = true;
+    /// The instance is being stopped: its outputs no longer wait for room in their targets' queues (see
+    /// [`Slot::push`]); wakes producers waiting on this queue so that they notice.
+    pub fn set_stopping(&self) {
+        self.stopping.store(true, Ordering::Release);
+    }
+
+    /// Wakes every producer waiting for room here (to re-check whether it is stopping).
+    pub fn wake_producers(&self) {
         self.space.notify_waiters();
     }
 
@@ -414,11 +416,11 @@ mod tests {
     #[tokio::test]
     async fn full_queue_blocks_producer_until_space() {
         let s = Arc::new(Slot::new("a", 1, 2));
-        s.push(k(1)).await;
-        s.push(k(2)).await;
+        s.push(k(1), None).await;
+        s.push(k(2), None).await;
         assert!(s.try_push(k(3)).is_err());
         let s2 = s.clone();
-        let producer = tokio::spawn(async move { s2.push(k(3)).await });
+        let producer = tokio::spawn(async move { s2.push(k(3), None).await });
         let sess = s.open_session().expect("free");
         let mut out = Vec::new();
         s.take(sess, 1, &mut out).await;
@@ -431,7 +433,7 @@ mod tests {
     async fn unacked_go_back_in_order() {
         let s = Slot::new("a", 1, 10);
         for i in 1..=4 {
-            s.push(k(i)).await;
+            s.push(k(i), None).await;
         }
         let sess = s.open_session().expect("free");
         let mut out = Vec::new();
@@ -470,10 +472,10 @@ mod bound_tests {
     async fn memory_bound_applies_back_pressure_and_takes_one_kanban_of_any_size() {
         let limits = QueueLimits { kanbans: 100, bytes: 10_000 };
         let s = Arc::new(Slot::with_delivery("a", 1, limits, false));
-        s.push(sized(1, 50_000)).await; // empty queue: taken whatever its size
+        s.push(sized(1, 50_000), None).await; // empty queue: taken whatever its size
         assert!(s.try_push(sized(2, 10)).is_err(), "over the bound: the next one waits");
         let s2 = s.clone();
-        let producer = tokio::spawn(async move { s2.push(sized(2, 4_000)).await });
+        let producer = tokio::spawn(async move { s2.push(sized(2, 4_000), None).await });
         let sess = s.open_session().expect("free");
         let mut out = Vec::new();
         s.take(sess, 10, &mut out).await;
@@ -502,7 +504,7 @@ mod bound_tests {
         s.restore_paged(sized(3, 10));
         s.end_backlog();
         s.take(sess, 10, &mut out).await;
-        s.push(sized(9, 10)).await;
+        s.push(sized(9, 10), None).await;
         s.take(sess, 10, &mut out).await;
         let ids: Vec<u128> = out.iter().map(|k| k.id.0).collect();
         assert_eq!(ids, vec![1, 2, 3, 9], "backlog first, in order");

@@ -984,7 +984,7 @@ async fn run_once(sys: &str, server: &Server, size: usize, n: u64, rate: u64, ru
         };
         let node = aion_node(&yaml, reg).await?;
         let r = wait_result(&job.result, limit, &mut []).await;
-        node.shutdown().await;
+        let _ = node.shutdown().await;
         return r;
     }
     if sys == "redis-aion" {

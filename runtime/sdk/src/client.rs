@@ -707,8 +707,10 @@ async fn drive<S: Service>(
     let io_task = tokio::spawn(io.run(link, cmd_rx, early));
     let mut ctx = Ctx::new(info, Conn::Link { cmd: cmd_tx.clone(), permits });
     let result = async {
-        start_service(&mut service, &mut ctx).await?;
         tokio::pin!(shutdown);
+        if start_until(&mut service, &mut ctx, &mut shutdown).await? {
+            return Ok(());
+        }
         while !ctx.stop {
             let d = tokio::select! {
                 d = deliver_rx.recv() => d,
@@ -739,6 +741,26 @@ async fn drive<S: Service>(
         io_task.abort();
     }
     result
+}
+
+/// Runs the service's `start` until it returns or a stop is requested; true when stopped. A source produces in
+/// `start`, possibly for ever: a stop ends it at its current await point (what it emitted so far is delivered;
+/// a source that checkpoints with [`Ctx::flush`] resumes after its last checkpoint).
+///
+/// # Errors
+/// As [`start_service`].
+pub(crate) async fn start_until<S: Service>(
+    service: &mut S,
+    ctx: &mut Ctx,
+    shutdown: &mut std::pin::Pin<&mut impl Future<Output = ()>>,
+) -> Result<bool, Error> {
+    tokio::select! {
+        r = start_service(service, ctx) => r.map(|()| false),
+        _ = shutdown.as_mut() => {
+            tracing::info!("stop requested during start: the service stops producing");
+            Ok(true)
+        }
+    }
 }
 
 /// Runs the service's `start`; a panic is returned as [`Error::Service`].

@@ -7,7 +7,7 @@
 //!
 //! Services never implement [`Port`]; the runtime does (`aion_actors`), and runs the service with [`run_direct`].
 
-use crate::client::{handle_one, start_service, Conn, Ctx};
+use crate::client::{handle_one, start_until, Conn, Ctx};
 use crate::Kanban;
 use crate::{Error, InstanceInfo, Service};
 use aion_runtime::kanban::WireKanban;
@@ -67,10 +67,10 @@ pub async fn run_direct<S: Service>(
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), Error> {
     let mut ctx = Ctx::new(info, Conn::Direct(port));
-    start_service(&mut service, &mut ctx).await?;
     tokio::pin!(shutdown);
+    let stopped = start_until(&mut service, &mut ctx, &mut shutdown).await?;
     let mut batch: Vec<Kanban> = Vec::new();
-    while !ctx.stop_requested() {
+    while !stopped && !ctx.stop_requested() {
         let more = {
             let port = ctx.port().ok_or(Error::Closed)?;
             tokio::select! {
