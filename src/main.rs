@@ -39,6 +39,9 @@ struct Cli {
     /// [default: $AION_HOME, else /var/lib/aion as root, else ~/.local/state/aion]
     #[arg(long, global = true, env = "AION_DATA_DIR")]
     data_dir: Option<PathBuf>,
+    /// Seconds the CLI waits for the runtime before giving up (a request it gave up on is not carried out later).
+    #[arg(long, global = true, env = "AION_TIMEOUT", default_value_t = 30)]
+    timeout: u64,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -153,7 +156,8 @@ enum KanbanCmd {
         /// Target instance.
         #[arg(long, default_value_t = 1)]
         instance: u32,
-        /// Metadata as a JSON object.
+        /// Metadata as a JSON object; `@FILE` reads it from a file, `-` from stdin (for metadata larger than a
+        /// command line can hold).
         #[arg(long, default_value = "{}")]
         metadata: String,
     },
@@ -185,6 +189,7 @@ enum KanbanCmd {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let data_dir = cli.data_dir.clone().unwrap_or_else(default_data_dir);
+    let timeout = Duration::from_secs(cli.timeout.max(1));
     let result = match cli.cmd {
         Cmd::Validate { files, strict, json } => validate(&files, strict, json),
         Cmd::Run {
@@ -247,17 +252,17 @@ fn main() -> ExitCode {
                 },
             )
         }
-        Cmd::Status { json } => block(status(&data_dir, json)),
+        Cmd::Status { json } => block(status(&data_dir, json, timeout)),
         Cmd::Logs { service, instance, follow, lines } => logs(&data_dir, &service, instance, follow, lines),
         Cmd::Kanban { cmd: KanbanCmd::Send { service, key, instance, metadata } } => {
-            block(send(&data_dir, service, key, instance, metadata))
+            block(send(&data_dir, service, key, instance, metadata, timeout))
         }
         Cmd::Kanban { cmd: KanbanCmd::Log { service, since, limit, json } } => {
             kanban_log(&data_dir, service, since.as_deref(), limit, json)
         }
         Cmd::Kanban { cmd: KanbanCmd::Trace { id, json } } => kanban_trace(&data_dir, &id, json),
         Cmd::Stop => block(async {
-            control::call(&Paths::new(&data_dir).control(), &Request::Stop).await?;
+            control::call(&Paths::new(&data_dir).control(), &Request::Stop, timeout).await?;
             out!("stop requested");
             Ok(())
         }),
@@ -443,8 +448,8 @@ fn second_signal(registry: &Path) -> String {
     format!("a second signal ended the stop at once ({killed} instances killed); queued kanbans are kept")
 }
 
-async fn status(data_dir: &Path, json: bool) -> Result<(), String> {
-    let v = control::call(&Paths::new(data_dir).control(), &Request::Status).await?;
+async fn status(data_dir: &Path, json: bool, timeout: Duration) -> Result<(), String> {
+    let v = control::call(&Paths::new(data_dir).control(), &Request::Status, timeout).await?;
     if json {
         out!("{}", serde_json::to_string_pretty(&v).map_err(|e| e.to_string())?);
         return Ok(());
@@ -486,13 +491,32 @@ async fn status(data_dir: &Path, json: bool) -> Result<(), String> {
     Ok(())
 }
 
-async fn send(data_dir: &Path, service: String, key: String, instance: u32, metadata: String) -> Result<(), String> {
+async fn send(
+    data_dir: &Path,
+    service: String,
+    key: String,
+    instance: u32,
+    metadata: String,
+    timeout: Duration,
+) -> Result<(), String> {
+    let metadata = match metadata.as_str() {
+        "-" => {
+            let mut text = String::new();
+            std::io::Read::read_to_string(&mut std::io::stdin(), &mut text)
+                .map_err(|e| format!("--metadata -: cannot read stdin: {e}"))?;
+            text
+        }
+        m if m.starts_with('@') => std::fs::read_to_string(&m[1..]).map_err(|e| format!("--metadata {m}: {e}"))?,
+        _ => metadata,
+    };
     let metadata: serde_json::Value =
         serde_json::from_str(&metadata).map_err(|e| format!("--metadata is not valid JSON: {e}"))?;
     if !metadata.is_object() {
         return Err("--metadata must be a JSON object".into());
     }
-    let v = control::call(&Paths::new(data_dir).control(), &Request::Send { service, instance, key, metadata }).await?;
+    let v =
+        control::call(&Paths::new(data_dir).control(), &Request::Send { service, instance, key, metadata }, timeout)
+            .await?;
     out!("{}", v["kanban_id"].as_str().unwrap_or("sent"));
     Ok(())
 }

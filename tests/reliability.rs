@@ -605,3 +605,115 @@ microservices:
     assert!(rt.live_children().is_empty(), "no process left behind");
     let _ = sender.join();
 }
+
+fn control_connect(data: &std::path::Path) -> std::os::unix::net::UnixStream {
+    std::os::unix::net::UnixStream::connect(data.join("run/control.sock")).expect("connect control.sock")
+}
+
+/// D11 (a): clients that send half a request and hold the connection are cut off (read timeout, connection cap);
+/// meanwhile `aion status` gets an answer or a clear "busy", never a hang, and works again afterwards.
+#[test]
+fn stuck_control_clients_cannot_starve_the_control_socket() {
+    use std::io::{Read, Write};
+    let rt = Runtime::start(LOGGING_YAML);
+    let mut held = Vec::new();
+    for _ in 0..200 {
+        let mut s = control_connect(rt.data.path());
+        // Over the connection cap, the runtime answers "busy" and closes at once: the write may fail.
+        let _ = s.write_all(br#"{"cmd":"sta"#);
+        held.push(s);
+    }
+    let (ok, out, err) = rt.cli(&["--timeout", "20", "status", "--json"]);
+    assert!(ok || err.contains("busy"), "answered or told busy, not hung: {out} {err}");
+    // The runtime closes every held connection (after its request timeout, or at once when over the cap).
+    for s in &mut held {
+        s.set_read_timeout(Some(Duration::from_secs(30))).expect("timeout");
+        let mut buf = Vec::new();
+        let r = s.read_to_end(&mut buf);
+        let timed_out =
+            matches!(&r, Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut));
+        assert!(!timed_out, "closed by the runtime (end or reset), not by our timeout: {r:?}");
+    }
+    let (ok, _, err) = rt.cli(&["status", "--json"]);
+    assert!(ok, "works again: {err}");
+}
+
+/// D11 (b): clients that ask for the status and never read the answer cost bounded memory.
+#[test]
+fn control_clients_that_never_read_cost_bounded_memory() {
+    use std::io::Write;
+    let yaml = "microservices:\n  many:\n    command: [\"{testkit}\"]\n    scale: 3000\n";
+    let rt = Runtime::start(yaml);
+    let before = peak_rss(rt.pid());
+    let mut held = Vec::new();
+    for _ in 0..120 {
+        let mut s = control_connect(rt.data.path());
+        s.write_all(b"{\"cmd\":\"status\"}\n").expect("request");
+        held.push(s);
+    }
+    // Every one of them was answered as far as the socket takes it, or told busy; then status works again.
+    let s = wait_until("status answered", Duration::from_secs(60), || cli(rt.data.path(), &["status", "--json"]).ok());
+    assert_eq!(s["instances"].as_array().map(Vec::len), Some(3000));
+    let grown = peak_rss(rt.pid()).saturating_sub(before);
+    assert!(grown < 150 << 20, "120 non-reading clients of a 3000-instance status cost {} MiB", grown >> 20);
+    drop(held);
+}
+
+/// D20: metadata larger than a command line can hold comes from a file or stdin; a request over the control
+/// socket's limit gets a clear error.
+#[test]
+fn large_metadata_from_a_file_or_stdin_and_a_clear_limit() {
+    use std::io::Write;
+    let rt = Runtime::start(LOGGING_YAML);
+    let big = serde_json::json!({"seq": 1, "pad": "p".repeat(300_000)}).to_string();
+    let file = rt.path("md.json");
+    std::fs::write(&file, &big).expect("write");
+    let (ok, _, err) = rt.cli(&["kanban", "send", "sink", "--metadata", &format!("@{}", file.display())]);
+    assert!(ok, "{err}");
+    let mut child = std::process::Command::new(common::AION)
+        .arg("--data-dir")
+        .arg(rt.data.path())
+        .args(["kanban", "send", "sink", "--metadata", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    child.stdin.take().expect("stdin").write_all(big.replace("\"seq\":1", "\"seq\":2").as_bytes()).expect("stdin");
+    let out = child.wait_with_output().expect("wait");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let lines = rt.wait_lines("sink.jsonl", 2);
+    assert!(lines.iter().all(|l| l["metadata"]["pad"] == 300_000), "whole");
+    // 40 MB through the control socket: refused with the limit, not a JSON parse error.
+    let mut s = control_connect(rt.data.path());
+    let req = format!(r#"{{"cmd":"send","service":"sink","metadata":{{"pad":"{}"}}}}"#, "p".repeat(40 << 20));
+    let _ = s.write_all(req.as_bytes());
+    let _ = s.write_all(b"\n");
+    let mut reply = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(&s), &mut reply).expect("reply");
+    assert!(reply.contains("too large") && reply.contains("limit"), "{reply}");
+    let file = rt.path("huge.json");
+    std::fs::write(&file, serde_json::json!({"pad": "p".repeat(17 << 20)}).to_string()).expect("write");
+    let (ok, _, err) = rt.cli(&["kanban", "send", "sink", "--metadata", &format!("@{}", file.display())]);
+    assert!(!ok && err.contains("too large"), "{err}");
+}
+
+/// D21: the CLI gives up on a frozen runtime after its timeout, and a stop it gave up on is not carried out
+/// later.
+#[test]
+fn the_cli_times_out_on_a_frozen_runtime_and_stale_requests_are_ignored() {
+    let mut rt = Runtime::start(LOGGING_YAML);
+    let pid = nix::unistd::Pid::from_raw(rt.pid() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).expect("stop");
+    let (ok, _, err) = rt.cli(&["--timeout", "2", "status"]);
+    assert!(!ok && err.contains("timed out"), "{err}");
+    let (ok, _, err) = rt.cli(&["--timeout", "2", "stop"]);
+    assert!(!ok && err.contains("timed out"), "{err}");
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGCONT).expect("cont");
+    // The abandoned stop is read now, and ignored: the runtime keeps running.
+    wait_until("the stale stop read", Duration::from_secs(30), || rt.stderr().contains("expired").then_some(()));
+    assert!(rt.child.as_mut().expect("child").try_wait().expect("wait").is_none(), "still running");
+    let (ok, _, err) = rt.cli(&["status"]);
+    assert!(ok, "{err}");
+    assert_eq!(rt.stop(), 0);
+}

@@ -1,7 +1,14 @@
 //! The control API the CLI uses: JSON lines over `run/control.sock` (0600).
 //!
 //! Requests: `{"cmd":"status"}`, `{"cmd":"send","service":S,"instance":N,"key":K,"metadata":{…}}`,
-//! `{"cmd":"stop"}`. Every response is one line: `{"ok":true,…}` or `{"ok":false,"error":"…"}`.
+//! `{"cmd":"stop"}`, each with an optional `"deadline_ms"` (Unix milliseconds): a request read after its deadline
+//! (the client gave up, e.g. on a frozen runtime) is answered with an error and not carried out. Every response
+//! is one line: `{"ok":true,…}` or `{"ok":false,"error":"…"}`.
+//!
+//! Limits (a stuck or hostile client cannot starve the socket or the runtime's memory): at most
+//! [`MAX_CONNECTIONS`] connections are served at once (others are told "busy"), a request must arrive whole within
+//! [`REQUEST_TIMEOUT`] and be at most [`MAX_REQUEST_BYTES`], and a reply that cannot be written within
+//! [`REPLY_TIMEOUT`] is abandoned.
 
 use crate::broker::InstanceStatus;
 use crate::dead::DeadLetter;
@@ -40,6 +47,39 @@ fn one() -> u32 {
     1
 }
 
+/// A request with its deadline.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Envelope {
+    /// The request.
+    #[serde(flatten)]
+    pub request: Request,
+    /// Unix milliseconds after which the client no longer waits for the answer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deadline_ms: Option<i64>,
+}
+
+/// Connections served at once.
+pub const MAX_CONNECTIONS: usize = 32;
+/// The largest request line (a `send` with metadata near the kanban size limit, as JSON).
+pub const MAX_REQUEST_BYTES: usize = 24 << 20;
+/// How long a client has to send its whole request.
+pub const REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+/// How long a reply may take to be written (a client that does not read is cut off).
+pub const REPLY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Parses one request line (without its newline).
+///
+/// # Errors
+/// A message for the client: not UTF-8, not JSON, not a known request.
+pub fn parse_request(line: &[u8]) -> Result<Envelope, String> {
+    serde_json::from_slice(line).map_err(|e| format!("bad request: {e}"))
+}
+
+/// The error reply for a request that is over [`MAX_REQUEST_BYTES`].
+pub fn too_large_reply() -> String {
+    format!("request too large (the limit is {} MiB)", MAX_REQUEST_BYTES >> 20)
+}
+
 /// The `aion status --json` document.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct StatusReport {
@@ -63,6 +103,9 @@ pub struct StatusReport {
     pub sessions: u64,
     /// Connections refused or closed for protocol errors.
     pub rejected_connections: u64,
+    /// Control connections told "busy" (too many at once).
+    #[serde(default)]
+    pub control_busy: u64,
     /// Supervision events (actor exits and restarts).
     pub supervisor_events: Vec<String>,
     /// The embedded store.
@@ -160,20 +203,40 @@ pub(crate) fn event_text(e: &Event) -> String {
     format!("{} exited ({:?}){}", e.child, e.reason, if e.restarted { ", restarted" } else { "" })
 }
 
-/// Sends one request to the runtime on `socket` and returns the response object.
+/// Sends one request to the runtime on `socket` and returns the response object, giving up after `timeout` (the
+/// request carries that deadline, so a runtime that reads it later does not carry it out).
 ///
 /// # Errors
-/// A readable message when the runtime is not running or answered with an error.
-pub async fn call(socket: &Path, req: &Request) -> Result<serde_json::Value, String> {
-    let stream = UnixStream::connect(socket)
-        .await
-        .map_err(|e| format!("no runtime is running on this data dir ({}: {e})", socket.display()))?;
-    let (r, mut w) = stream.into_split();
-    let mut line = serde_json::to_vec(req).map_err(|e| e.to_string())?;
-    line.push(b'\n');
-    w.write_all(&line).await.map_err(|e| format!("control socket write failed: {e}"))?;
-    let mut resp = String::new();
-    BufReader::new(r).read_line(&mut resp).await.map_err(|e| format!("control socket read failed: {e}"))?;
+/// A readable message when the runtime is not running, does not answer in time, or answered with an error.
+pub async fn call(socket: &Path, req: &Request, timeout: std::time::Duration) -> Result<serde_json::Value, String> {
+    let deadline_ms = crate::store::now_ms().saturating_add(timeout.as_millis().min(i64::MAX as u128) as i64);
+    let exchange = async {
+        let stream = UnixStream::connect(socket).await.map_err(|e| match e.kind() {
+            std::io::ErrorKind::PermissionDenied => format!(
+                "cannot reach the runtime on this data dir ({}: permission denied; it runs as another user?)",
+                socket.display()
+            ),
+            _ => format!("no runtime is running on this data dir ({}: {e})", socket.display()),
+        })?;
+        let (r, mut w) = stream.into_split();
+        let env = Envelope { request: req.clone(), deadline_ms: Some(deadline_ms) };
+        let mut line = serde_json::to_vec(&env).map_err(|e| e.to_string())?;
+        line.push(b'\n');
+        w.write_all(&line).await.map_err(|e| format!("control socket write failed: {e}"))?;
+        let mut resp = String::new();
+        BufReader::new(r).read_line(&mut resp).await.map_err(|e| format!("control socket read failed: {e}"))?;
+        Ok::<String, String>(resp)
+    };
+    let resp = tokio::time::timeout(timeout, exchange).await.map_err(|_| {
+        format!(
+            "timed out after {}s waiting for the runtime (frozen, or waiting on its store); what was asked may not \
+             have been done — a request read after its deadline is not carried out",
+            timeout.as_secs()
+        )
+    })??;
+    if resp.is_empty() {
+        return Err("the runtime closed the connection without an answer".into());
+    }
     let v: serde_json::Value =
         serde_json::from_str(&resp).map_err(|e| format!("malformed answer from the runtime: {e}"))?;
     if v["ok"] == serde_json::Value::Bool(true) {

@@ -16,7 +16,7 @@ use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{mpsc, Notify};
 
 /// How to start a node.
@@ -123,6 +123,8 @@ struct Shared {
     started: Instant,
     data_dir: String,
     services_file: String,
+    /// Control connections refused because too many were being served.
+    control_busy: std::sync::atomic::AtomicU64,
 }
 
 impl Node {
@@ -282,22 +284,10 @@ impl Node {
             started: Instant::now(),
             data_dir: paths.root.display().to_string(),
             services_file: opts.config_path.map(|p| p.display().to_string()).unwrap_or_default(),
+            control_busy: Default::default(),
         });
         let node_shared = shared.clone();
-        let control = tokio::spawn(async move {
-            loop {
-                match control_listener.accept().await {
-                    Ok((stream, _)) => {
-                        tokio::spawn(serve_control(shared.clone(), stream));
-                    }
-                    Err(e) => {
-                        tracing::error!("control accept failed: {e}");
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                    }
-                }
-            }
-        })
-        .abort_handle();
+        let control = tokio::spawn(accept_control(shared, control_listener)).abort_handle();
         tracing::info!(data_dir = %paths.root.display(), services = cfg.microservices.len(), "runtime started");
         Ok(Node { shared: node_shared, endpoint, paths, grace: opts.grace, control, forwarder, _lock: lock })
     }
@@ -479,6 +469,7 @@ async fn report(s: &Shared) -> StatusReport {
         dead_letters: s.router.dead.counts().into_iter().map(|(k, v)| (k.to_owned(), v)).collect(),
         recent_dead_letters: recent.iter().rev().take(20).map(dead_json).collect(),
         sessions: s.stats.sessions.load(Ordering::Relaxed),
+        control_busy: s.control_busy.load(Ordering::Relaxed),
         rejected_connections: s.stats.rejected.load(Ordering::Relaxed),
         supervisor_events: s.sup.journal().events().iter().map(event_text).collect(),
         mongo: s.mongo.as_ref().map(|(uri, m)| crate::control::MongoReport {
@@ -504,34 +495,113 @@ async fn report(s: &Shared) -> StatusReport {
     }
 }
 
-async fn serve_control(s: Arc<Shared>, stream: tokio::net::UnixStream) {
-    let (r, mut w) = stream.into_split();
-    let mut line = String::new();
-    let mut rd = BufReader::new(r).take(1 << 20);
-    let resp = match rd.read_line(&mut line).await {
-        Err(e) => serde_json::json!({"ok": false, "error": format!("read failed: {e}")}),
-        Ok(_) => match serde_json::from_str::<Request>(&line) {
-            Err(e) => serde_json::json!({"ok": false, "error": format!("bad request: {e}")}),
-            Ok(Request::Status) => match serde_json::to_value(report(&s).await) {
-                Ok(mut v) => {
-                    v["ok"] = true.into();
-                    v
+/// Serves the control socket: at most [`control::MAX_CONNECTIONS`] connections at once (others are told "busy"
+/// and closed), each with a request deadline and a reply deadline.
+async fn accept_control(shared: Arc<Shared>, listener: tokio::net::UnixListener) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(crate::control::MAX_CONNECTIONS));
+    loop {
+        match listener.accept().await {
+            Ok((stream, _)) => match slots.clone().try_acquire_owned() {
+                Ok(permit) => {
+                    let s = shared.clone();
+                    tokio::spawn(async move {
+                        serve_control(s, stream).await;
+                        drop(permit);
+                    });
                 }
-                Err(e) => serde_json::json!({"ok": false, "error": e.to_string()}),
+                Err(_) => {
+                    shared.control_busy.fetch_add(1, Ordering::Relaxed);
+                    tokio::spawn(async move {
+                        let line = format!(
+                            "{}\n",
+                            serde_json::json!({"ok": false, "error": format!("busy: {} control connections are being served; try again", crate::control::MAX_CONNECTIONS)})
+                        );
+                        let mut stream = stream;
+                        let _ = tokio::time::timeout(Duration::from_secs(1), stream.write_all(line.as_bytes())).await;
+                    });
+                }
             },
-            Ok(Request::Send { service, instance, key, metadata }) => {
-                match inject(&s.router, &service, instance, &key, metadata).await {
-                    Ok(id) => serde_json::json!({"ok": true, "kanban_id": id.to_string()}),
-                    Err(e) => serde_json::json!({"ok": false, "error": e}),
+            Err(e) => {
+                tracing::error!("control accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+/// Reads one request line within [`control::REQUEST_TIMEOUT`] and at most [`control::MAX_REQUEST_BYTES`].
+async fn read_request(r: &mut tokio::net::unix::OwnedReadHalf) -> Result<Option<Vec<u8>>, String> {
+    let deadline = tokio::time::Instant::now() + crate::control::REQUEST_TIMEOUT;
+    let mut line: Vec<u8> = Vec::new();
+    let mut chunk = vec![0u8; 64 << 10];
+    loop {
+        let n = match tokio::time::timeout_at(deadline, r.read(&mut chunk)).await {
+            Err(_) => return Err(format!("no complete request within {}s", crate::control::REQUEST_TIMEOUT.as_secs())),
+            Ok(Err(e)) => return Err(format!("read failed: {e}")),
+            Ok(Ok(n)) => n,
+        };
+        if n == 0 {
+            return Ok((!line.is_empty()).then_some(line));
+        }
+        let end = chunk[..n].iter().position(|b| *b == b'\n');
+        let take = end.unwrap_or(n);
+        if line.len() + take > crate::control::MAX_REQUEST_BYTES {
+            return Err(crate::control::too_large_reply());
+        }
+        line.extend_from_slice(&chunk[..take]);
+        if end.is_some() {
+            return Ok(Some(line));
+        }
+    }
+}
+
+/// One reply line: `{"ok":true, …body}` serialised straight to bytes (no intermediate JSON tree).
+fn ok_reply<T: serde::Serialize>(body: &T) -> Vec<u8> {
+    #[derive(serde::Serialize)]
+    struct Reply<'a, T> {
+        ok: bool,
+        #[serde(flatten)]
+        body: &'a T,
+    }
+    let mut v = serde_json::to_vec(&Reply { ok: true, body })
+        .unwrap_or_else(|e| serde_json::json!({"ok": false, "error": e.to_string()}).to_string().into_bytes());
+    v.push(b'\n');
+    v
+}
+
+fn err_reply(e: impl std::fmt::Display) -> Vec<u8> {
+    let mut v = serde_json::json!({"ok": false, "error": e.to_string()}).to_string().into_bytes();
+    v.push(b'\n');
+    v
+}
+
+async fn serve_control(s: Arc<Shared>, stream: tokio::net::UnixStream) {
+    let (mut r, mut w) = stream.into_split();
+    let resp = match read_request(&mut r).await {
+        Ok(None) => return,
+        Err(e) => err_reply(e),
+        Ok(Some(line)) => match crate::control::parse_request(&line) {
+            Err(e) => err_reply(e),
+            Ok(env) if env.deadline_ms.is_some_and(|d| crate::store::now_ms() > d) => {
+                tracing::warn!(request = ?env.request, "control request expired before it was read (the client gave up); not carried out");
+                err_reply("request expired before the runtime read it; not carried out")
+            }
+            Ok(env) => match env.request {
+                Request::Status => ok_reply(&report(&s).await),
+                Request::Send { service, instance, key, metadata } => {
+                    match inject(&s.router, &service, instance, &key, metadata).await {
+                        Ok(id) => ok_reply(&serde_json::json!({"kanban_id": id.to_string()})),
+                        Err(e) => err_reply(e),
+                    }
                 }
-            }
-            Ok(Request::Stop) => {
-                s.stop.notify_one();
-                serde_json::json!({"ok": true})
-            }
+                Request::Stop => {
+                    s.stop.notify_one();
+                    ok_reply(&serde_json::json!({}))
+                }
+            },
         },
     };
-    let mut out = resp.to_string();
-    out.push('\n');
-    let _ = w.write_all(out.as_bytes()).await;
+    if tokio::time::timeout(crate::control::REPLY_TIMEOUT, w.write_all(&resp)).await.is_err() {
+        tracing::warn!(bytes = resp.len(), "control client did not read its reply; connection dropped");
+    }
 }
