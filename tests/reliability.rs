@@ -717,3 +717,96 @@ fn the_cli_times_out_on_a_frozen_runtime_and_stale_requests_are_ignored() {
     assert!(ok, "{err}");
     assert_eq!(rt.stop(), 0);
 }
+
+/// Runs `aion run` on `yaml` in `data`/`work` expecting it to refuse to start; returns its stderr.
+fn run_refused(data: &std::path::Path, work: &std::path::Path, yaml: &str) -> String {
+    let file = work.join("refused.yml");
+    std::fs::write(
+        &file,
+        yaml.replace("{testkit}", &common::example("testkit")).replace("{work}", &work.display().to_string()),
+    )
+    .expect("write");
+    let out = std::process::Command::new(common::AION)
+        .arg("--data-dir")
+        .arg(data)
+        .arg("run")
+        .arg(&file)
+        .env_remove("AION_HOME")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("run");
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(1), "refused: {err}");
+    err
+}
+
+const SLOW_YAML: &str = r#"
+microservices:
+  slow:
+    command: ["{testkit}"]
+    always: yes
+    env: { SLOW_MS: 600000, WINDOW: 1 }
+"#;
+
+fn queue_rows(db: &std::path::Path) -> i64 {
+    let c = rusqlite::Connection::open_with_flags(db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY).expect("open");
+    c.query_row("SELECT COUNT(*) FROM queue", [], |r| r.get(0)).expect("count")
+}
+
+/// D12: a clean stop leaves the queue in `aion.db` itself (checkpointed: a copy of that one file has it all); a
+/// store found truncated, replaced or damaged at start is refused with a clear error instead of starting with
+/// part of the queue.
+#[test]
+fn a_truncated_or_damaged_store_is_refused_at_start() {
+    let mut rt = Runtime::start(SLOW_YAML);
+    for i in 0..50 {
+        rt.send("slow", &["--metadata", &format!(r#"{{"seq":{i}}}"#)]);
+    }
+    assert_eq!(rt.stop(), 0);
+    let db = rt.data.path().join("aion.db");
+    let wal = rt.data.path().join("aion.db-wal");
+    assert!(std::fs::metadata(&wal).map_or(0, |m| m.len()) == 0, "the WAL is checkpointed at a clean stop");
+    let copy = rt.work.path().join("copy.db");
+    std::fs::copy(&db, &copy).expect("copy");
+    assert_eq!(queue_rows(&copy), 50, "aion.db alone holds the queue");
+
+    // Truncated after a clean stop.
+    let saved = std::fs::read(&db).expect("read");
+    std::fs::write(&db, b"").expect("truncate");
+    let err = run_refused(rt.data.path(), rt.work.path(), SLOW_YAML);
+    assert!(err.contains("50 queued kanbans") && err.contains("aion.db.state"), "{err}");
+
+    // Damaged pages.
+    let mut damaged = saved.clone();
+    let mid = damaged.len() / 2;
+    for (i, b) in damaged[mid..].iter_mut().take(8192).enumerate() {
+        *b = (i as u8).wrapping_mul(151).wrapping_add(7);
+    }
+    std::fs::write(&db, &damaged).expect("damage");
+    let err = run_refused(rt.data.path(), rt.work.path(), SLOW_YAML);
+    assert!(
+        err.contains("aion.db")
+            && (err.contains("damaged") || err.contains("malformed") || err.contains("not a database")),
+        "{err}"
+    );
+
+    // Restored: runs again with the whole queue.
+    std::fs::write(&db, &saved).expect("restore");
+    let rt2 = rt.crash_and_restart(SLOW_YAML);
+    let s = rt2.wait_status("backlog", |s| {
+        s["instances"][0]["queue_depth"].as_u64().unwrap_or(0) + s["instances"][0]["inflight"].as_u64().unwrap_or(0)
+            == 50
+    });
+    drop(s);
+
+    // Emptied after a crash (no clean stop): a store existed here, refused too.
+    let mut rt2 = rt2;
+    rt2.kill9();
+    let db = rt2.data.path().join("aion.db");
+    for f in ["aion.db", "aion.db-wal", "aion.db-shm"] {
+        let _ = std::fs::remove_file(rt2.data.path().join(f));
+    }
+    std::fs::write(&db, b"").expect("empty");
+    let err = run_refused(rt2.data.path(), rt2.work.path(), SLOW_YAML);
+    assert!(err.contains("empty") && err.contains("aion.db.state"), "{err}");
+}

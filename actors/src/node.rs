@@ -363,7 +363,7 @@ impl Node {
         }
         let mut result = Ok(());
         if let Some(store) = self.shared.router.store() {
-            match tokio::time::timeout(FINAL_COMMIT_WAIT, store.barrier()).await {
+            match tokio::time::timeout(FINAL_COMMIT_WAIT, store.close()).await {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => result = Err(format!("the store could not commit its last writes: {e}")),
                 Err(_) => {

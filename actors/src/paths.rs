@@ -1,7 +1,10 @@
 //! The data directory layout.
 //!
 //! ```text
-//! <data>/aion.db              embedded store: durable queues, static kanbans (SQLite, WAL)
+//! <data>/aion.db              embedded store: durable queues, static kanbans (SQLite, WAL; checkpointed at a
+//!                             clean stop, so the file alone holds the queue)
+//! <data>/aion.db.state        what the last clean stop left (checked at start: a truncated or replaced store is
+//!                             refused)
 //! <data>/archive.db           the kanban archive written by the replicator (SQLite, WAL)
 //! <data>/run/aion.sock        status-kanban endpoint (0600)
 //! <data>/run/control.sock     CLI control API (0600)

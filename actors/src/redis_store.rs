@@ -589,7 +589,7 @@ impl Writer {
                         b.replies.push(Reply::StaticDeleted(sk));
                     }
                 }
-                Op::Archive(_) | Op::Exported(_) | Op::Barrier(_) | Op::Page(_) => {}
+                Op::Archive(_) | Op::Exported(_) | Op::Barrier(_) | Op::Page(_) | Op::Close(_) => {}
             }
         }
         self.run(&mut conn, &mut b).await?;
@@ -915,6 +915,11 @@ async fn writer(mut w: Writer, mut rx: mpsc::Receiver<Op>) {
         }
         if retry {
             tracing::info!(url = %w.url, "Redis writes resumed");
+        }
+        if let Some(done) = crate::store::take_close(&mut batch) {
+            complete_barriers(&mut batch);
+            let _ = done.send(());
+            return;
         }
         complete_barriers(&mut batch);
     }

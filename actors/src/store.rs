@@ -90,6 +90,10 @@ pub enum StoreError {
     /// The writer thread is gone.
     #[error("the store writer has stopped")]
     Closed,
+    /// The store is not what it should be (damaged, truncated, replaced): refused rather than run with part of
+    /// the queue.
+    #[error("{0}")]
+    Damaged(String),
     /// Redis failed or cannot be reached.
     #[error("Redis store {url}: {message}")]
     Redis {
@@ -128,6 +132,66 @@ pub(crate) enum Op {
     Barrier(oneshot::Sender<()>),
     /// Reads the next page of an instance's backlog (a read: served before the batch's writes are applied).
     Page(PageRequest),
+    /// A clean stop: commit, checkpoint the WAL into the database file, record the queue's size, stop.
+    Close(oneshot::Sender<()>),
+}
+
+/// What `aion.db.state` (beside the database) says about the store: written `clean: false` at start and
+/// `clean: true` with the number of queued kanbans at a clean stop, so that a database found truncated, emptied
+/// or replaced is noticed at the next start instead of starting with part of the queue.
+#[derive(Debug, Clone, Copy, serde::Serialize, serde::Deserialize)]
+struct StoreState {
+    clean: bool,
+    queued: u64,
+}
+
+fn state_path(db: &Path) -> PathBuf {
+    let mut p = db.as_os_str().to_owned();
+    p.push(".state");
+    PathBuf::from(p)
+}
+
+fn read_state(db: &Path) -> Option<StoreState> {
+    serde_json::from_slice(&std::fs::read(state_path(db)).ok()?).ok()
+}
+
+fn write_state(db: &Path, st: StoreState) {
+    let path = state_path(db);
+    let tmp = path.with_extension("state.tmp");
+    let ok = serde_json::to_vec(&st)
+        .ok()
+        .and_then(|b| std::fs::write(&tmp, b).ok())
+        .and_then(|_| std::fs::rename(&tmp, &path).ok());
+    if ok.is_none() {
+        tracing::error!(path = %path.display(), "cannot write the store's state file");
+    }
+}
+
+/// Checks the database against its state file and SQLite's own integrity check before anything is read.
+fn check_integrity(path: &Path, conn: &Connection, state: Option<StoreState>) -> Result<(), StoreError> {
+    let state_file = state_path(path);
+    let how = format!(
+        "restore it from a backup; or, to start with what it holds, delete {} (kanbans it lost are lost)",
+        state_file.display()
+    );
+    let check: String = conn.query_row("PRAGMA quick_check", [], |r| r.get(0)).map_err(sq(path))?;
+    if check != "ok" {
+        return Err(StoreError::Damaged(format!(
+            "{} is damaged (SQLite integrity check: {check}); {how}",
+            path.display()
+        )));
+    }
+    if let Some(StoreState { clean: true, queued }) = state {
+        let found: i64 = conn.query_row("SELECT COUNT(*) FROM queue", [], |r| r.get(0)).map_err(sq(path))?;
+        if found as u64 != queued {
+            return Err(StoreError::Damaged(format!(
+                "{} holds {found} queued kanbans, but the last clean stop left {queued} queued kanbans: the file was \
+                 truncated or replaced; {how}",
+                path.display()
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// Where a backlog page starts (exclusive) or ends (inclusive): a row of the embedded store, or a Redis stream
@@ -552,7 +616,34 @@ impl Store {
         retention: Retention,
         max_bytes: Option<u64>,
     ) -> Result<(Store, Vec<Backlog>, Vec<RecoveredStatic>), StoreError> {
-        let conn = open_conn(path, QUEUE_MIGRATIONS)?;
+        let state = read_state(path);
+        let empty = std::fs::metadata(path).map_or(true, |m| m.len() == 0);
+        if let (Some(st), true) = (state, empty) {
+            let what = if st.clean {
+                format!(" (the last clean stop left {} queued kanbans)", st.queued)
+            } else {
+                String::new()
+            };
+            return Err(StoreError::Damaged(format!(
+                "{} is missing or empty, but a store existed here{what}; restore it from a backup; or, to start with \
+                 an empty store, delete {}",
+                path.display(),
+                state_path(path).display()
+            )));
+        }
+        let conn = open_conn(path, QUEUE_MIGRATIONS).map_err(|e| match e {
+            StoreError::Sqlite { source, .. }
+                if matches!(source.sqlite_error_code(), Some(rusqlite::ErrorCode::NotADatabase)) =>
+            {
+                StoreError::Damaged(format!(
+                    "{} is damaged or not a database ({source}); restore it from a backup",
+                    path.display()
+                ))
+            }
+            other => other,
+        })?;
+        check_integrity(path, &conn, state)?;
+        write_state(path, StoreState { clean: false, queued: 0 });
         if let Some(max) = max_bytes {
             let page: i64 = conn.query_row("PRAGMA page_size", [], |r| r.get(0)).map_err(sq(path))?;
             let pages = (max / page.max(512) as u64).max(16);
@@ -762,6 +853,17 @@ impl Store {
             .map_err(|message| StoreError::Redis { url: self.location.clone(), message })
     }
 
+    /// A clean stop of the queue store: commits what is pending, checkpoints the WAL into the database file (so
+    /// that the file alone holds the queue), and records how many kanbans are queued; the writer then stops.
+    ///
+    /// # Errors
+    /// [`StoreError::Closed`] if the writer stopped.
+    pub async fn close(&self) -> Result<(), StoreError> {
+        let (tx, rx) = oneshot::channel();
+        self.tx.send(Op::Close(tx)).await.map_err(|_| StoreError::Closed)?;
+        rx.await.map_err(|_| StoreError::Closed)
+    }
+
     /// Completes when everything submitted before it is committed.
     ///
     /// # Errors
@@ -851,7 +953,7 @@ fn apply(conn: &Connection, batch: &[Op]) -> rusqlite::Result<(u64, u64, u64)> {
                     tx.prepare_cached("DELETE FROM static_kanban WHERE topic = ?1 AND id = ?2")?
                         .execute(params![topic, *id as i64])?;
                 }
-                Op::Barrier(_) | Op::Page(_) => {}
+                Op::Barrier(_) | Op::Page(_) | Op::Close(_) => {}
             }
         }
     }
@@ -1049,8 +1151,35 @@ fn writer(
                 }
             }
         }
+        if let Some(done) = take_close(&mut batch) {
+            complete_barriers(&mut batch);
+            close(&conn, &path, &stats);
+            let _ = done.send(());
+            return;
+        }
         complete_barriers(&mut batch);
     }
+}
+
+/// Takes the close request out of a batch, if there is one.
+pub(crate) fn take_close(batch: &mut Vec<Op>) -> Option<oneshot::Sender<()>> {
+    let i = batch.iter().position(|op| matches!(op, Op::Close(_)))?;
+    match batch.remove(i) {
+        Op::Close(done) => Some(done),
+        _ => None,
+    }
+}
+
+/// A clean stop of a database: checkpoint the WAL into the file, then (for the queue store) record its size.
+fn close(conn: &Connection, path: &Path, stats: &StoreStats) {
+    if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(())) {
+        tracing::warn!(path = %path.display(), "WAL checkpoint at stop failed: {e}");
+    }
+    let queued: Result<i64, _> = conn.query_row("SELECT COUNT(*) FROM queue", [], |r| r.get(0));
+    if let Ok(queued) = queued {
+        write_state(path, StoreState { clean: true, queued: queued as u64 });
+    }
+    let _ = stats;
 }
 
 #[cfg(test)]
