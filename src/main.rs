@@ -379,6 +379,11 @@ fn run(data_dir: &Path, file: &Path, flags: RunFlags) -> Result<(), String> {
     } = flags;
     // Logging never panics nor blocks the runtime, whatever happens to stderr (see aion_runtime::log).
     aion::runtime::log::init();
+    if let Some((before, after)) = aion::actors::backend::raise_fd_limit() {
+        if after > before {
+            tracing::info!(before, after, "raised the open-file limit");
+        }
+    }
     let loaded = load_checked(file);
     for d in &loaded.diagnostics {
         aion::runtime::log::say(d);

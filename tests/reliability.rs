@@ -810,3 +810,59 @@ fn a_truncated_or_damaged_store_is_refused_at_start() {
     let err = run_refused(rt2.data.path(), rt2.work.path(), SLOW_YAML);
     assert!(err.contains("empty") && err.contains("aion.db.state"), "{err}");
 }
+
+/// D14: the runtime raises its open-file soft limit to the hard limit (as Go programs such as AION do), so many
+/// instances start under a low default soft limit.
+#[test]
+fn many_instances_start_under_a_low_soft_fd_limit() {
+    let hard = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE).map_or(0, |l| l.1);
+    if hard < 4096 {
+        eprintln!("SKIPPED: the hard open-file limit here is {hard}; this test needs at least 4096");
+        return;
+    }
+    let (data, work) = (tempfile::tempdir().expect("tmp"), tempfile::tempdir().expect("tmp"));
+    let file = work.path().join("s.yml");
+    let yaml = format!(
+        "microservices:\n  many:\n    command: [\"{}\"]\n    scale: 150\n    startup: yes\n    always: yes\n",
+        common::example("testkit")
+    );
+    std::fs::write(&file, yaml).expect("write");
+    let mut child = Reaped(
+        std::process::Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                "ulimit -Sn 256 && exec {} --data-dir {} run {}",
+                common::AION,
+                data.path().display(),
+                file.display()
+            ))
+            .env_remove("AION_HOME")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("spawn"),
+        data.path().join("run/aion.sock"),
+    );
+    let s = wait_until("150 instances connected", Duration::from_secs(120), || {
+        let s = cli(data.path(), &["status", "--json"]).ok()?;
+        let up = s["instances"].as_array()?.iter().filter(|i| i["connected"] == true).count();
+        (up == 150).then_some(s)
+    });
+    assert!(s["instances"].as_array().is_some_and(|a| a.iter().all(|i| i["last_exit"].is_null())), "none failed");
+    cli(data.path(), &["stop"]).expect("stop");
+    assert_eq!(child.0.wait().expect("wait").code(), Some(0));
+}
+
+/// A runtime started by hand, killed with its instances if the test fails.
+struct Reaped(std::process::Child, std::path::PathBuf);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+        for pid in common::processes_with_env(&format!("AION_SOCKET={}", self.1.display())) {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGKILL);
+        }
+    }
+}

@@ -385,6 +385,25 @@ impl InProcessRegistry {
     }
 }
 
+/// Raises this process's open-file soft limit to its hard limit (as Go programs such as AION do): each instance
+/// costs the runtime a few descriptors (pipes, its session), and the common soft default of 1024 would stop a few
+/// hundred instances from starting. Children inherit the raised limit. Returns (before, after).
+pub fn raise_fd_limit() -> Option<(u64, u64)> {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).ok()?;
+    let want = hard.min(1 << 20);
+    if soft >= want {
+        return Some((soft, soft));
+    }
+    match setrlimit(Resource::RLIMIT_NOFILE, want, hard) {
+        Ok(()) => Some((soft, want)),
+        Err(e) => {
+            tracing::warn!("cannot raise the open-file limit from {soft} to {want}: {e}");
+            Some((soft, soft))
+        }
+    }
+}
+
 /// One entry of the process registry (`run/instances.json`).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct RegistryEntry {
