@@ -545,19 +545,30 @@ fn logs(
     let path = paths.log_file(&name, n);
     let mut f =
         std::fs::File::open(&path).map_err(|e| format!("no log for {name} instance {n} ({}: {e})", path.display()))?;
-    let mut text = String::new();
-    f.read_to_string(&mut text).map_err(|e| e.to_string())?;
+    let start = match lines {
+        Some(l) => tail_start(&mut f, l).map_err(|e| format!("{}: {e}", path.display()))?,
+        None => 0,
+    };
     let out = std::io::stdout();
     let mut out = out.lock();
-    let skip = lines.map_or(0, |l| text.lines().count().saturating_sub(l));
-    for l in text.lines().skip(skip) {
-        let _ = writeln!(out, "{l}");
+    // The log's bytes as they are (a service may print anything), streamed: never the whole file in memory. A
+    // closed stdout (`aion logs x | head`) ends the command quietly.
+    f.seek(SeekFrom::Start(start)).map_err(|e| e.to_string())?;
+    let mut pos = start;
+    let mut buf = vec![0u8; 64 << 10];
+    loop {
+        let n = f.read(&mut buf).map_err(|e| format!("{}: {e}", path.display()))?;
+        if n == 0 {
+            break;
+        }
+        if out.write_all(&buf[..n]).is_err() {
+            return Ok(());
+        }
+        pos += n as u64;
     }
-    let _ = out.flush();
-    if !follow {
+    if out.flush().is_err() || !follow {
         return Ok(());
     }
-    let mut pos = f.stream_position().map_err(|e| e.to_string())?;
     loop {
         // Follow by polling the file (like `tail -f`); rotation (file shrank) restarts from the top.
         std::thread::sleep(Duration::from_millis(200));
@@ -566,15 +577,53 @@ fn logs(
             f = std::fs::File::open(&path).map_err(|e| e.to_string())?;
             pos = 0;
         }
-        if len > pos {
+        while len > pos {
             f.seek(SeekFrom::Start(pos)).map_err(|e| e.to_string())?;
-            let mut buf = Vec::new();
-            f.read_to_end(&mut buf).map_err(|e| e.to_string())?;
-            pos += buf.len() as u64;
-            let _ = out.write_all(&buf);
-            let _ = out.flush();
+            let n = f.read(&mut buf).map_err(|e| e.to_string())?;
+            if n == 0 {
+                break;
+            }
+            pos += n as u64;
+            if out.write_all(&buf[..n]).and_then(|_| out.flush()).is_err() {
+                return Ok(());
+            }
         }
     }
+}
+
+/// Where the last `lines` lines of a file start, found by reading backwards from its end in blocks.
+fn tail_start(f: &mut std::fs::File, lines: usize) -> std::io::Result<u64> {
+    use std::io::{Read, Seek, SeekFrom};
+    let len = f.seek(SeekFrom::End(0))?;
+    if lines == 0 {
+        return Ok(len);
+    }
+    let mut end = len;
+    let mut newlines = 0usize;
+    let mut block = vec![0u8; 64 << 10];
+    // A final newline ends the last line; it does not start another.
+    let mut skip_last = true;
+    while end > 0 {
+        let start = end.saturating_sub(block.len() as u64);
+        let n = (end - start) as usize;
+        f.seek(SeekFrom::Start(start))?;
+        f.read_exact(&mut block[..n])?;
+        for i in (0..n).rev() {
+            if block[i] != b'\n' {
+                skip_last = false;
+                continue;
+            }
+            if std::mem::take(&mut skip_last) {
+                continue;
+            }
+            newlines += 1;
+            if newlines == lines {
+                return Ok(start + i as u64 + 1);
+            }
+        }
+        end = start;
+    }
+    Ok(0)
 }
 
 fn store_path(data_dir: &Path) -> Result<PathBuf, String> {
@@ -683,6 +732,25 @@ fn kanban_trace(data_dir: &Path, id: &str, json: bool) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::parse_rfc3339;
+
+    #[test]
+    fn tail_start_finds_the_last_lines() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let p = dir.path().join("log");
+        for (text, n, want) in [
+            ("a\nb\nc\n", 1, "c\n"),
+            ("a\nb\nc\n", 2, "b\nc\n"),
+            ("a\nb\nc", 1, "c"),
+            ("a\nb\nc", 5, "a\nb\nc"),
+            ("a\n\n", 1, "\n"),
+            ("", 3, ""),
+        ] {
+            std::fs::write(&p, text).expect("write");
+            let mut f = std::fs::File::open(&p).expect("open");
+            let at = super::tail_start(&mut f, n).expect("tail") as usize;
+            assert_eq!(&text[at..], want, "{text:?} -n {n}");
+        }
+    }
 
     #[test]
     fn rfc3339_round_trips_with_our_formatter() {

@@ -866,3 +866,34 @@ impl Drop for Reaped {
         }
     }
 }
+
+/// D17: `aion logs` shows a log with bytes that are not UTF-8 as they are (like `cat`), and `-n` reads the end.
+#[test]
+fn logs_show_any_bytes_and_tail_from_the_end() {
+    let yaml = r#"
+microservices:
+  bin:
+    command: ["sh", "-c", "printf 'caf\\351\\n'; i=0; while [ $i -lt 2000 ]; do echo line$i; i=$((i+1)); done; echo last; exec sleep 1000"]
+    startup: yes
+"#;
+    let rt = Runtime::start(yaml);
+    let log = rt.data.path().join("logs/bin_1.log");
+    wait_until("the output logged", Duration::from_secs(30), || {
+        std::fs::read(&log).ok().filter(|b| b.ends_with(b"last\n")).map(|_| ())
+    });
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new(common::AION)
+            .arg("--data-dir")
+            .arg(rt.data.path())
+            .args(args)
+            .output()
+            .expect("aion logs");
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        out.stdout
+    };
+    let all = run(&["logs", "bin"]);
+    assert!(all.starts_with(b"caf\xe9\nline0\n") && all.ends_with(b"line1999\nlast\n"), "{:?}", &all[..16]);
+    assert_eq!(run(&["logs", "bin", "-n", "2"]), b"line1999\nlast\n");
+    assert_eq!(run(&["logs", "bin", "-n", "0"]), b"");
+    assert_eq!(run(&["logs", "bin", "-n", "5000"]), all, "more lines than the file has: all of it");
+}
