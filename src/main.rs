@@ -493,6 +493,26 @@ async fn status(data_dir: &Path, json: bool, timeout: Duration) -> Result<(), St
         r.rejected_connections,
         if dead.is_empty() { "0".to_owned() } else { dead.join(" ") }
     );
+    // Trouble that would otherwise only show in --json.
+    if let Some(st) = r.store.as_ref().filter(|st| st.errors > 0) {
+        out!(
+            "store errors: {} ({} {}); last error: {} — producers wait until it commits again",
+            st.errors,
+            st.backend,
+            st.path,
+            st.last_error.as_deref().unwrap_or("-")
+        );
+    }
+    if let Some(m) = r.mongo.as_ref().filter(|m| m.errors > 0) {
+        out!("mongodb export errors: {}; last error: {}", m.errors, m.last_error.as_deref().unwrap_or("-"));
+    }
+    if r.log.write_errors + r.log.dropped > 0 {
+        out!(
+            "runtime log lines lost: {} (stderr could not be written) + {} (stderr too slow)",
+            r.log.write_errors,
+            r.log.dropped
+        );
+    }
     Ok(())
 }
 

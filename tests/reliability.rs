@@ -587,6 +587,10 @@ microservices:
         }
     });
     rt.wait_status("the store full", |s| s["store"]["errors"].as_u64() > Some(0));
+    // D18: the table says so too, not only --json.
+    let (ok, table, err) = rt.cli(&["status"]);
+    assert!(ok, "{err}");
+    assert!(table.contains("store errors") && table.contains("full"), "{table}");
     let mut rt = rt;
     let mut child = rt.child.take().expect("running");
     cli(rt.data.path(), &["stop"]).expect("stop requested");
