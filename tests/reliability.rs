@@ -901,3 +901,83 @@ microservices:
     assert_eq!(run(&["logs", "bin", "-n", "0"]), b"");
     assert_eq!(run(&["logs", "bin", "-n", "5000"]), all, "more lines than the file has: all of it");
 }
+
+/// D22: when the runtime ends a session with an error, the instance is free again before the client reads the
+/// error: an immediate reconnect is welcomed, never refused as "already has a session".
+#[test]
+fn a_reconnect_right_after_a_session_error_is_welcomed() {
+    use aion::transport::codec::FrameDecoder;
+    use aion::transport::{ServerMsg, PROTOCOL_VERSION};
+    use common::raw::{frames, hello};
+    use std::io::{Read, Write};
+    let rt = Runtime::start(POISON_YAML);
+    let read_until = |s: &mut std::os::unix::net::UnixStream, want: fn(&ServerMsg) -> bool| -> ServerMsg {
+        let mut dec = FrameDecoder::default();
+        let mut buf = [0u8; 4096];
+        loop {
+            let n = s.read(&mut buf).expect("read");
+            assert!(n > 0, "closed early");
+            dec.push(&buf[..n]);
+            while let Ok(Some(m)) = dec.decode::<ServerMsg>() {
+                if want(&m) {
+                    return m;
+                }
+            }
+        }
+    };
+    for round in 0..100 {
+        let mut s = std::os::unix::net::UnixStream::connect(rt.socket()).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(20))).expect("timeout");
+        s.write_all(&frames(&[hello("relay", 1, PROTOCOL_VERSION)])).expect("hello");
+        read_until(&mut s, |m| matches!(m, ServerMsg::Welcome { .. }));
+        s.write_all(&[3, 0, 0, 0, 0xff, 0xff, 0xff]).expect("garbage");
+        read_until(&mut s, |m| matches!(m, ServerMsg::Error { .. }));
+        // Reconnect at once, as the SDK does.
+        let mut again = std::os::unix::net::UnixStream::connect(rt.socket()).expect("connect");
+        again.set_read_timeout(Some(Duration::from_secs(20))).expect("timeout");
+        again.write_all(&frames(&[hello("relay", 1, PROTOCOL_VERSION)])).expect("hello");
+        let first = read_until(&mut again, |_| true);
+        assert!(matches!(first, ServerMsg::Welcome { .. }), "round {round}: {first:?}");
+        again.write_all(&frames(&[aion::transport::ClientMsg::Bye])).expect("bye");
+        let mut rest = Vec::new();
+        let _ = again.read_to_end(&mut rest);
+    }
+}
+
+/// D22 (SDK): a service refused because its instance still has a session (its previous session being closed —
+/// here held open by another client) retries within its reconnect window instead of giving up: once the
+/// instance is free it connects.
+#[test]
+fn the_sdk_retries_while_its_instance_still_has_a_session() {
+    use aion::transport::{ServerMsg, PROTOCOL_VERSION};
+    use common::raw::{frames, hello};
+    use std::io::{Read, Write};
+    let rt = Runtime::start(POISON_YAML);
+    let mut squatter = std::os::unix::net::UnixStream::connect(rt.socket()).expect("connect");
+    squatter.write_all(&frames(&[hello("relay", 1, PROTOCOL_VERSION)])).expect("hello");
+    let mut dec = aion::transport::codec::FrameDecoder::default();
+    let mut buf = [0u8; 4096];
+    let n = squatter.read(&mut buf).expect("welcome");
+    dec.push(&buf[..n]);
+    assert!(matches!(dec.decode::<ServerMsg>(), Ok(Some(ServerMsg::Welcome { .. }))));
+    // An SDK service for the same instance, started by hand: refused while the squatter holds it.
+    let mut svc = std::process::Command::new(common::example("testkit"))
+        .env("AION_SOCKET", rt.socket())
+        .env("SERVICE_NAME", "relay")
+        .env("MS_NUMBER", "1")
+        .env("FORWARD", "1")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("testkit");
+    wait_until("the service refused", Duration::from_secs(30), || {
+        rt.stderr().contains("already has a session").then_some(())
+    });
+    assert!(svc.try_wait().expect("wait").is_none(), "still trying, not given up");
+    drop(squatter);
+    let s = rt.wait_status("the service connected", |s| instance_of(s, "relay")["connected"] == true);
+    assert_eq!(s["sessions"], 2, "{s}");
+    assert!(svc.try_wait().expect("wait").is_none());
+    let _ = svc.kill();
+    let _ = svc.wait();
+}

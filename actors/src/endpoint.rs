@@ -345,7 +345,9 @@ async fn session(shared: Shared, mut r: LinkReader<ClientMsg>, mut w: LinkWriter
     let outcome: Mutex<Result<(), String>> = Mutex::new(Ok(()));
 
     // The writer owns the socket's sending half and is never cancelled mid-write: the session ends when it
-    // returns (Close from the reader, a write error, or the session being replaced by a newer one).
+    // returns (Close from the reader, a write error, or the session being replaced by a newer one). The error that
+    // ends a session is written after the instance is released (below), so a client that reconnects as soon as
+    // it reads it is welcomed.
     let writer = async {
         let mut ctl: Vec<Outgoing> = Vec::new();
         let mut ks: Vec<Box<WireKanban>> = Vec::new();
@@ -410,7 +412,6 @@ async fn session(shared: Shared, mut r: LinkReader<ClientMsg>, mut w: LinkWriter
                 return;
             }
             if close {
-                w.close().await;
                 return;
             }
         }
@@ -419,9 +420,6 @@ async fn session(shared: Shared, mut r: LinkReader<ClientMsg>, mut w: LinkWriter
     let early = std::mem::take(&mut msgs);
     let reader = async {
         let r = read_loop(&shared, &slot, sess, &mut r, early, &inflight, &ctl_tx).await;
-        if let Err(reason) = &r {
-            let _ = ctl_tx.send(Outgoing::Msg(ServerMsg::Error { reason: reason.clone() })).await;
-        }
         *outcome.lock().unwrap_or_else(|p| p.into_inner()) = r;
         let _ = ctl_tx.send(Outgoing::Close).await;
         std::future::pending::<()>().await
@@ -440,8 +438,10 @@ async fn session(shared: Shared, mut r: LinkReader<ClientMsg>, mut w: LinkWriter
         Err(reason) => {
             shared.stats.rejected.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(service = %slot.service, instance = slot.instance, requeued = n, "session closed: {reason}");
+            let _ = tokio::time::timeout(Duration::from_secs(5), w.send_one(ServerMsg::Error { reason })).await;
         }
     }
+    w.close().await;
     requeue_start(&shared.router, &slot).await;
 }
 

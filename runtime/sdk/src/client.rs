@@ -325,6 +325,12 @@ async fn handshake(link: &mut Link, hello: &Hello) -> Result<(u64, InstanceInfo,
     }
 }
 
+/// True for the refusal of an instance that still has a session: transient when that session is ours (or a
+/// previous process's) being closed, so worth retrying within the reconnect window.
+fn still_has_a_session(reason: &str) -> bool {
+    reason.contains("already has a session")
+}
+
 struct Connector {
     path: PathBuf,
     give_up_after: Duration,
@@ -339,13 +345,15 @@ impl Connector {
     }
 
     /// Reconnects with exponential backoff (50 ms doubling to 2 s) until `give_up_after`.
-    async fn reconnect(&self, hello: &Hello) -> Result<(Link, u64, Vec<ServerMsg>), Error> {
+    async fn reconnect(&self, hello: &Hello) -> Result<(Link, u64, InstanceInfo, Vec<ServerMsg>), Error> {
         let start = Instant::now();
         let mut delay = Duration::from_millis(50);
         loop {
             match self.connect_once().await {
                 Ok(mut link) => match handshake(&mut link, hello).await {
-                    Ok((s, _, rest)) => return Ok((link, s, rest)),
+                    Ok((s, info, rest)) => return Ok((link, s, info, rest)),
+                    // Our previous session (or a previous process of this instance) is still being closed.
+                    Err(Error::Refused(r)) if still_has_a_session(&r) => tracing::warn!("{r}; retrying"),
                     Err(Error::Refused(r)) => return Err(Error::Refused(r)),
                     Err(e) => tracing::warn!("handshake failed: {e}"),
                 },
@@ -478,7 +486,7 @@ impl Io {
                     }
                     let Some(conn) = &self.connector else { return };
                     match conn.reconnect(&self.hello).await {
-                        Ok(((rd, w), session, mut rest)) => {
+                        Ok(((rd, w), session, _, mut rest)) => {
                             reader.abort();
                             (*read_rx, *reader) = spawn_reader(rd);
                             *wr = w;
@@ -630,7 +638,16 @@ pub(crate) async fn run_socket<S: Service>(service: S, env: Env, opts: Options) 
     let connector = Connector { path: env.socket.clone(), give_up_after: opts.reconnect_for };
     let hello = hello_for(&env.service, env.instance, &opts);
     let mut link = connector.connect_once().await?;
-    let (_, info, rest) = handshake(&mut link, &hello).await?;
+    let (info, link, rest) = match handshake(&mut link, &hello).await {
+        Ok((_, info, rest)) => (info, link, rest),
+        // A previous process of this instance may still have its session (it is being closed): retry.
+        Err(Error::Refused(r)) if still_has_a_session(&r) => {
+            tracing::warn!("{r}; retrying");
+            let (link, _, info, rest) = connector.reconnect(&hello).await?;
+            (info, link, rest)
+        }
+        Err(e) => return Err(e),
+    };
     let shutdown = async {
         let term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate());
         match term {
