@@ -98,6 +98,10 @@ enum Cmd {
         /// Redis store: seconds to wait for Redis at start.
         #[arg(long, default_value_t = 10)]
         redis_wait: u64,
+        /// Cut off and kill an instance whose oldest delivery has waited this many seconds for its acknowledgement
+        /// (a hung service; its kanbans are redelivered). 0: never (the wait is shown in `aion status --json`).
+        #[arg(long, default_value_t = 0.0)]
+        ack_timeout: f64,
         /// Dead-letter (`hop-limit`) a kanban whose chain has been routed this many times: a routing cycle
         /// (0: no limit).
         #[arg(long, default_value_t = aion::actors::router::DEFAULT_HOP_LIMIT)]
@@ -209,6 +213,7 @@ fn main() -> ExitCode {
             redis_retain,
             redis_wait,
             hop_limit,
+            ack_timeout,
         } => {
             let redis = match store.as_str() {
                 "embedded" | "sqlite" => None,
@@ -249,6 +254,8 @@ fn main() -> ExitCode {
                     redis,
                     store_max_bytes,
                     hop_limit,
+                    ack_timeout: (ack_timeout > 0.0 && ack_timeout.is_finite())
+                        .then(|| Duration::from_secs_f64(ack_timeout.min(1e9))),
                 },
             )
         }
@@ -362,6 +369,7 @@ struct RunFlags {
     redis: Option<aion::actors::redis_store::RedisConfig>,
     store_max_bytes: Option<u64>,
     hop_limit: u32,
+    ack_timeout: Option<Duration>,
 }
 
 fn run(data_dir: &Path, file: &Path, flags: RunFlags) -> Result<(), String> {
@@ -376,6 +384,7 @@ fn run(data_dir: &Path, file: &Path, flags: RunFlags) -> Result<(), String> {
         redis,
         store_max_bytes,
         hop_limit,
+        ack_timeout,
     } = flags;
     // Logging never panics nor blocks the runtime, whatever happens to stderr (see aion_runtime::log).
     aion::runtime::log::init();
@@ -407,6 +416,7 @@ fn run(data_dir: &Path, file: &Path, flags: RunFlags) -> Result<(), String> {
     opts.redis = redis;
     opts.store_max_bytes = store_max_bytes;
     opts.hop_limit = hop_limit;
+    opts.ack_timeout = ack_timeout;
     // The runtime runs inside an actix System: actors execute on its arbiter.
     actix::System::new().block_on(async move {
         // Signals are handled from before anything starts: SIGINT, SIGTERM and SIGHUP (a closed terminal or SSH

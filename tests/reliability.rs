@@ -981,3 +981,66 @@ fn the_sdk_retries_while_its_instance_still_has_a_session() {
     let _ = svc.kill();
     let _ = svc.wait();
 }
+
+/// D23: how long the oldest delivery has been waiting for its acknowledgement is in the status; with
+/// `--ack-timeout`, a hung service is killed (and restarted) and a hung client's session is cut, so the kanbans they
+/// held are redelivered.
+#[test]
+fn a_hung_service_is_visible_and_cut_off_after_the_ack_timeout() {
+    let hung = r#"
+microservices:
+  hung:
+    command: ["{testkit}"]
+    always: yes
+    env: { SLOW_MS: 600000, WINDOW: 1 }
+"#;
+    // Without a timeout: visible only.
+    let rt = Runtime::start(hung);
+    rt.send("hung", &["--metadata", r#"{"seq":1}"#]);
+    rt.wait_status("age visible", |s| s["instances"][0]["oldest_inflight_ms"].as_u64() > Some(300));
+    drop(rt);
+    // With one: killed, restarted, and the kanban redelivered (and so on).
+    let rt = Runtime::start_with_args(hung, &["--ack-timeout", "1"]);
+    rt.send("hung", &["--metadata", r#"{"seq":1}"#]);
+    let s = rt.wait_status("cut off and redelivered", |s| {
+        let i = &s["instances"][0];
+        i["ack_timeouts"].as_u64() >= Some(1)
+            && i["restarts"].as_u64() >= Some(1)
+            && i["redelivered"].as_u64() >= Some(1)
+    });
+    assert!(rt.stderr().contains("no acknowledgement"), "logged: {s}");
+
+    // A raw client that takes a delivery and never acknowledges it: its session is cut.
+    use aion::transport::{ServerMsg, PROTOCOL_VERSION};
+    use common::raw::{frames, hello};
+    use std::io::{Read, Write};
+    let rt = Runtime::start_with_args(POISON_YAML, &["--ack-timeout", "1"]);
+    let mut s = std::os::unix::net::UnixStream::connect(rt.socket()).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(30))).expect("timeout");
+    s.write_all(&frames(&[hello("relay", 1, PROTOCOL_VERSION)])).expect("hello");
+    rt.send("relay", &["--metadata", r#"{"seq":1}"#]);
+    let mut dec = aion::transport::codec::FrameDecoder::default();
+    let mut buf = [0u8; 4096];
+    let mut got = Vec::new();
+    let end = loop {
+        match s.read(&mut buf) {
+            Ok(0) => break "closed",
+            Ok(n) => dec.push(&buf[..n]),
+            Err(e) => panic!("the runtime never cut the session: {e}"),
+        }
+        while let Ok(Some(m)) = dec.decode::<ServerMsg>() {
+            got.push(m);
+        }
+    };
+    assert_eq!(end, "closed");
+    assert!(got.iter().any(|m| matches!(m, ServerMsg::Deliver { .. })), "{got:?}");
+    // Its kanban went back to the queue, and to the relay process the runtime then starts, which handles it.
+    let st = rt.wait_status("requeued and handled", |s| {
+        let r = instance_of(s, "relay");
+        r["redelivered"].as_u64() >= Some(1)
+            && r["pid"].as_u64() > Some(0)
+            && r["inflight"] == 0
+            && r["queue_depth"] == 0
+    });
+    assert!(instance_of(&st, "relay")["ack_timeouts"].as_u64() >= Some(1), "{st}");
+}

@@ -52,6 +52,8 @@ pub enum BrokerMsg {
     Shutdown(Duration, oneshot::Sender<()>),
     /// The grace period of a shutdown elapsed.
     KillRemaining,
+    /// Time to check for instances that do not acknowledge (with an ack timeout).
+    CheckLiveness,
 }
 
 /// Lifecycle state of an instance.
@@ -108,6 +110,12 @@ pub struct InstanceStatus {
     pub redelivered: u64,
     /// Duplicate outputs dropped.
     pub duplicates: u64,
+    /// How long the oldest unacknowledged delivery has been waiting (ms; 0 when none is in flight).
+    #[serde(default)]
+    pub oldest_inflight_ms: u64,
+    /// Sessions cut off (and processes killed) for no acknowledgement within `--ack-timeout`.
+    #[serde(default)]
+    pub ack_timeouts: u64,
     /// How it last ended.
     pub last_exit: Option<String>,
     /// It sent a terminate kanban.
@@ -137,6 +145,17 @@ pub struct Broker {
     next_gen: u64,
     shutdown: Option<(Vec<oneshot::Sender<()>>, bool)>,
     pending_start: VecDeque<(String, u32)>,
+    ack_timeout: Option<Duration>,
+    /// The liveness ticker of this incarnation (stopped with it).
+    ticker: Option<tokio::task::AbortHandle>,
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        if let Some(t) = self.ticker.take() {
+            t.abort();
+        }
+    }
 }
 
 impl Broker {
@@ -162,7 +181,48 @@ impl Broker {
                 );
             }
         }
-        Broker { router, env, endpoint, inproc, insts, next_gen: 0, shutdown: None, pending_start: VecDeque::new() }
+        Broker {
+            router,
+            env,
+            endpoint,
+            inproc,
+            insts,
+            next_gen: 0,
+            shutdown: None,
+            pending_start: VecDeque::new(),
+            ack_timeout: None,
+            ticker: None,
+        }
+    }
+
+    /// Cuts off (and kills) an instance whose oldest delivery has waited longer than `timeout` for its
+    /// acknowledgement (a hung service); `None`: never (the age is still shown in the status).
+    pub fn with_ack_timeout(mut self, timeout: Option<Duration>) -> Broker {
+        self.ack_timeout = timeout.filter(|t| !t.is_zero());
+        self
+    }
+
+    /// Kills and cuts off every instance past the ack timeout; their kanbans are redelivered.
+    fn check_liveness(&mut self) {
+        let Some(limit) = self.ack_timeout else { return };
+        if self.shutdown.is_some() {
+            return;
+        }
+        for slot in self.router.slots() {
+            let Some(age) = slot.oldest_inflight_age().filter(|a| *a > limit) else { continue };
+            let key = (slot.service.clone(), slot.instance);
+            tracing::warn!(
+                service = %slot.service,
+                instance = slot.instance,
+                waited_ms = age.as_millis() as u64,
+                "no acknowledgement within the ack timeout ({}s): the instance is cut off and killed; its kanbans are redelivered",
+                limit.as_secs_f64()
+            );
+            slot.evict();
+            if let Some(st) = self.insts.get(&key).and_then(|i| i.stopper.as_ref()) {
+                st.kill();
+            }
+        }
     }
 
     fn write_registry(&self) {
@@ -336,6 +396,10 @@ impl Broker {
                     connected: slot.is_some_and(|sl| sl.connected.load(Ordering::SeqCst)),
                     redelivered: st(|x| &x.redelivered),
                     duplicates: st(|x| &x.duplicates),
+                    oldest_inflight_ms: slot
+                        .and_then(|sl| sl.oldest_inflight_age())
+                        .map_or(0, |a| a.as_millis().min(u64::MAX as u128) as u64),
+                    ack_timeouts: st(|x| &x.ack_timeouts),
                     last_exit: i.last_exit.clone(),
                     terminated: i.terminated,
                 }
@@ -348,6 +412,21 @@ impl Actor for Broker {
     type Msg = BrokerMsg;
 
     async fn started(&mut self, ctx: &mut Context<Self>) {
+        if let Some(limit) = self.ack_timeout {
+            let addr = ctx.addr();
+            let every = (limit / 4).clamp(Duration::from_millis(100), Duration::from_secs(1));
+            let ticker = tokio::spawn(async move {
+                let mut tick = tokio::time::interval(every);
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    tick.tick().await;
+                    if addr.send(BrokerMsg::CheckLiveness).await.is_err() {
+                        return;
+                    }
+                }
+            });
+            self.ticker = Some(ticker.abort_handle());
+        }
         // A fresh incarnation knows no processes: clean up whatever a previous one (or a killed runtime) left.
         let n = backend::cleanup_orphans(&self.env.paths.registry());
         if n > 0 {
@@ -438,6 +517,7 @@ impl Actor for Broker {
                 }
                 self.maybe_finish_shutdown();
             }
+            BrokerMsg::CheckLiveness => self.check_liveness(),
             BrokerMsg::KillRemaining => {
                 for ((s, n), i) in &self.insts {
                     if let Some(st) = &i.stopper {

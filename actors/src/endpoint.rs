@@ -369,7 +369,12 @@ async fn session(shared: Shared, mut r: LinkReader<ClientMsg>, mut w: LinkWriter
                 }
                 _ = slot.take(sess, window, &mut ks) => {
                     if ks.is_empty() {
-                        tracing::info!(service = %slot.service, instance = slot.instance, "session replaced by a newer one");
+                        if slot.is_evicted(sess) {
+                            let why = "no acknowledgement within the ack timeout: session cut off, its kanbans are redelivered";
+                            *outcome.lock().unwrap_or_else(|p| p.into_inner()) = Err(why.into());
+                        } else {
+                            tracing::info!(service = %slot.service, instance = slot.instance, "session replaced by a newer one");
+                        }
                         return;
                     }
                     // Keep each kanban once (for redelivery) and encode the delivery from that copy.

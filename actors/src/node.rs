@@ -54,6 +54,9 @@ pub struct NodeOptions {
     /// A kanban whose chain has been routed this many times is dead-lettered `hop-limit` (a routing cycle); 0 for
     /// no limit. Default [`crate::router::DEFAULT_HOP_LIMIT`].
     pub hop_limit: u32,
+    /// Cut off and kill an instance whose oldest delivery waits longer than this for its acknowledgement (a hung
+    /// service). Default `None`: never (the wait is shown in the status).
+    pub ack_timeout: Option<Duration>,
 }
 
 impl NodeOptions {
@@ -76,6 +79,7 @@ impl NodeOptions {
             redis: None,
             store_max_bytes: None,
             hop_limit: crate::router::DEFAULT_HOP_LIMIT,
+            ack_timeout: None,
         }
     }
 }
@@ -245,9 +249,9 @@ impl Node {
             debug: cfg.debug.clone(),
             log_cap: opts.log_cap,
         };
-        let (r, ep, inproc) = (router.clone(), endpoint.clone(), opts.inproc);
+        let (r, ep, inproc, ack_timeout) = (router.clone(), endpoint.clone(), opts.inproc, opts.ack_timeout);
         let (broker_spec, broker) = ChildSpec::actor("service-broker", Restart::Permanent, 4096, move || {
-            Broker::new(r.clone(), env.clone(), ep.clone(), inproc.clone())
+            Broker::new(r.clone(), env.clone(), ep.clone(), inproc.clone()).with_ack_timeout(ack_timeout)
         });
         let sup = Supervisor::new(
             "root",

@@ -23,6 +23,8 @@ pub struct SlotStats {
     pub acked: AtomicU64,
     /// Outputs dropped as duplicates (same id already accepted).
     pub duplicates: AtomicU64,
+    /// Sessions cut because no acknowledgement came within the ack timeout.
+    pub ack_timeouts: AtomicU64,
 }
 
 /// WireKanban ids are already uniformly mixed (random or derived), so hashing folds the two halves instead of
@@ -59,6 +61,11 @@ struct Inner {
     session: u64,
     seen: IdSet,
     seen_order: VecDeque<KanbanId>,
+    /// While deliveries are in flight: when the oldest of them was sent, or the last acknowledgement came (with
+    /// cumulative acknowledgements, either is when the oldest unacknowledged delivery started waiting).
+    progress_at: Option<std::time::Instant>,
+    /// A session cut off (see [`Slot::evict`]): its `take` ends it.
+    evicted: Option<u64>,
 }
 
 impl Inner {
@@ -139,6 +146,8 @@ impl Slot {
                 session: 0,
                 seen: IdSet::default(),
                 seen_order: VecDeque::new(),
+                progress_at: None,
+                evicted: None,
             }),
             items: Notify::new(),
             space: Notify::new(),
@@ -282,6 +291,8 @@ impl Slot {
         }
         g.session += 1;
         g.inflight = 0;
+        g.progress_at = None;
+        g.evicted = None;
         self.connected.store(true, Ordering::SeqCst);
         self.items.notify_waiters();
         Some(g.session)
@@ -299,13 +310,16 @@ impl Slot {
             notified.as_mut().enable();
             {
                 let mut g = self.lock();
-                if g.session != session {
+                if g.session != session || g.evicted == Some(session) {
                     return;
                 }
                 let room = window.saturating_sub(g.inflight);
                 if room > 0 && !g.ready.is_empty() {
                     let n = room.min(g.ready.len());
                     out.extend(g.ready.drain(..n));
+                    if g.inflight == 0 {
+                        g.progress_at = Some(std::time::Instant::now());
+                    }
                     g.inflight += n;
                     drop(g);
                     self.stats.delivered.fetch_add(n as u64, Ordering::Relaxed);
@@ -322,6 +336,7 @@ impl Slot {
         let mut g = self.lock();
         if g.session == session {
             g.inflight = g.inflight.saturating_sub(n);
+            g.progress_at = (g.inflight > 0).then(std::time::Instant::now);
         }
         g.bytes = g.bytes.saturating_sub(bytes);
         drop(g);
@@ -339,11 +354,37 @@ impl Slot {
         }
         if g.session == session {
             g.inflight = 0;
+            g.progress_at = None;
+            g.evicted = None;
             self.connected.store(false, Ordering::SeqCst);
         }
         drop(g);
         self.stats.redelivered.fetch_add(n as u64, Ordering::Relaxed);
         self.items.notify_waiters();
+    }
+
+    /// How long the oldest unacknowledged delivery of the current session has been waiting.
+    pub fn oldest_inflight_age(&self) -> Option<std::time::Duration> {
+        self.lock().progress_at.map(|t| t.elapsed())
+    }
+
+    /// Cuts the current session off (no acknowledgement within the ack timeout): its next `take` ends it, and
+    /// its unacknowledged kanbans go back to the queue. Returns false when no session is connected.
+    pub fn evict(&self) -> bool {
+        let mut g = self.lock();
+        if !self.connected.load(Ordering::SeqCst) {
+            return false;
+        }
+        g.evicted = Some(g.session);
+        drop(g);
+        self.stats.ack_timeouts.fetch_add(1, Ordering::Relaxed);
+        self.items.notify_waiters();
+        true
+    }
+
+    /// True when `session` was cut off by [`Slot::evict`].
+    pub fn is_evicted(&self, session: u64) -> bool {
+        self.lock().evicted == Some(session)
     }
 
     /// Wakes a session waiting in [`Slot::take`] so it notices it was replaced.
