@@ -388,6 +388,7 @@ fn run(data_dir: &Path, file: &Path, flags: RunFlags) -> Result<(), String> {
     } = flags;
     // Logging never panics nor blocks the runtime, whatever happens to stderr (see aion_runtime::log).
     aion::runtime::log::init();
+    aion::actors::backend::become_subreaper();
     if let Some((before, after)) = aion::actors::backend::raise_fd_limit() {
         if after > before {
             tracing::info!(before, after, "raised the open-file limit");

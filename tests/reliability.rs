@@ -1044,3 +1044,45 @@ microservices:
     });
     assert!(instance_of(&st, "relay")["ack_timeouts"].as_u64() >= Some(1), "{st}");
 }
+
+/// Live processes whose command line is exactly `cmd` (e.g. `sleep 4321`).
+fn processes_running(cmd: &str) -> Vec<u32> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else { continue };
+        let line = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        let zombie = stat.rsplit_once(')').is_some_and(|(_, rest)| rest.trim_start().starts_with('Z'));
+        let args: Vec<&[u8]> = line.split(|b| *b == 0).filter(|a| !a.is_empty()).collect();
+        if !zombie && args.join(&b' ') == cmd.as_bytes() {
+            out.push(pid);
+        }
+    }
+    out
+}
+
+/// D24: processes that leave their instance's process group (`setsid`) are stopped with it: when the instance
+/// ends, and at `aion stop`.
+#[test]
+fn processes_that_escape_the_process_group_are_stopped_too() {
+    let yaml = r#"
+microservices:
+  escaper:
+    command: ["sh", "-c", "setsid sleep 4321 & exec sleep 4322"]
+    startup: yes
+    always: yes
+  job:
+    command: ["sh", "-c", "setsid sleep 4323 & echo started"]
+    startup: yes
+"#;
+    let mut rt = Runtime::start(yaml);
+    wait_until("both escapes running", Duration::from_secs(30), || {
+        (!processes_running("sleep 4321").is_empty() && rt.instance("job", 1)["state"] == "completed").then_some(())
+    });
+    wait_until("the job's escaped process stopped with it", Duration::from_secs(30), || {
+        processes_running("sleep 4323").is_empty().then_some(())
+    });
+    assert_eq!(rt.stop(), 0);
+    assert!(processes_running("sleep 4321").is_empty(), "stopped with the runtime");
+    assert!(rt.live_children().is_empty(), "nothing left behind");
+}

@@ -101,6 +101,91 @@ pub struct ProcessEnv {
     pub debug: String,
     /// Per-instance log size cap in bytes before rotation.
     pub log_cap: u64,
+    /// This run's marker ([`run_marker`]): every process of an instance carries
+    /// `AION_INSTANCE=<marker>/<service>-<n>/<incarnation>` in its environment, inherited by its descendants, so that
+    /// processes that leave the instance's process group (`setsid`, daemons) are found and stopped with it.
+    pub run_marker: String,
+}
+
+/// The marker of this run on `paths`' data dir: the data dir's own prefix (so a later run finds what a killed one
+/// left), then this process and its start time.
+pub fn run_marker(paths: &Paths) -> String {
+    format!("{}:{}-{}", data_dir_tag(paths), std::process::id(), crate::store::now_ms())
+}
+
+/// A short tag of a data dir (a hash of its path).
+fn data_dir_tag(paths: &Paths) -> String {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in paths.root.as_os_str().as_encoded_bytes() {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    format!("{h:016x}")
+}
+
+/// The `AION_INSTANCE` value of one incarnation of an instance.
+pub fn instance_marker(run: &str, service: &str, instance: u32, gen: u64) -> String {
+    format!("{run}/{service}-{instance}/{gen}")
+}
+
+const MARKER_VAR: &[u8] = b"AION_INSTANCE=";
+
+/// Makes this process the reaper of its orphaned descendants (`PR_SET_CHILD_SUBREAPER`): a process that leaves
+/// its instance's group and outlives its parent becomes the runtime's child, not init's, so it can be found and
+/// its exit collected.
+pub fn become_subreaper() {
+    if let Err(e) = nix::sys::prctl::set_child_subreaper(true) {
+        tracing::warn!("cannot become the reaper of escaped descendants: {e}");
+    }
+}
+
+/// Kills (SIGKILL) every process whose `AION_INSTANCE` starts with `prefix` (an instance's marker, a run's marker
+/// followed by `/`, or a data dir's tag followed by `:`). Returns how many.
+pub fn kill_marked(prefix: &str) -> usize {
+    let me = std::process::id();
+    let mut n = 0;
+    let Ok(rd) = std::fs::read_dir("/proc") else { return 0 };
+    for e in rd.flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else { continue };
+        if pid == me {
+            continue;
+        }
+        let Ok(env) = std::fs::read(format!("/proc/{pid}/environ")) else { continue };
+        let marked = env
+            .split(|b| *b == 0)
+            .any(|kv| kv.strip_prefix(MARKER_VAR).is_some_and(|v| v.starts_with(prefix.as_bytes())));
+        if marked && nix::sys::signal::kill(Pid::from_raw(pid as i32), Signal::SIGKILL).is_ok() {
+            n += 1;
+        }
+    }
+    n
+}
+
+/// Collects the exit of every zombie child of this process that is not in `keep` (instance leaders, which their
+/// own waiters collect): descendants adopted as the subreaper. Returns how many.
+pub fn reap_adopted(keep: &std::collections::HashSet<u32>) -> usize {
+    use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+    let me = std::process::id();
+    let mut n = 0;
+    let Ok(rd) = std::fs::read_dir("/proc") else { return 0 };
+    for e in rd.flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else { continue };
+        if keep.contains(&pid) {
+            continue;
+        }
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { continue };
+        let Some((_, rest)) = stat.rsplit_once(')') else { continue };
+        let mut fields = rest.split_whitespace();
+        let (state, ppid) = (fields.next(), fields.next().and_then(|p| p.parse::<u32>().ok()));
+        if state == Some("Z") && ppid == Some(me) {
+            if let Ok(st) = waitpid(Pid::from_raw(pid as i32), Some(WaitPidFlag::WNOHANG)) {
+                if !matches!(st, WaitStatus::StillAlive) {
+                    n += 1;
+                }
+            }
+        }
+    }
+    n
 }
 
 /// How the program of a service is found: its working directory, the search path, and the program's path.
@@ -149,7 +234,7 @@ pub fn resolve_program(ms: &Microservice, base_dir: &Path, path_dirs: &[PathBuf]
 ///
 /// # Errors
 /// Spawn errors (missing command, not executable, …).
-pub fn spawn_process(ms: &Microservice, instance: u32, env: &ProcessEnv) -> std::io::Result<Started> {
+pub fn spawn_process(ms: &Microservice, instance: u32, gen: u64, env: &ProcessEnv) -> std::io::Result<Started> {
     let Some(Resolved { workdir, path_var, program, .. }) = resolve_program(ms, &env.base_dir, &env.path_dirs) else {
         return Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, "no `command` to run"));
     };
@@ -169,6 +254,7 @@ pub fn spawn_process(ms: &Microservice, instance: u32, env: &ProcessEnv) -> std:
         .env("DEBUG", &env.debug)
         .env("AION_SOCKET", env.paths.socket())
         .env("AION_DATA_PATH", &data_path)
+        .env("AION_INSTANCE", instance_marker(&env.run_marker, &ms.name, instance, gen))
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -434,6 +520,13 @@ pub fn write_registry(path: &Path, entries: &[RegistryEntry]) {
     if ok.is_none() {
         tracing::error!(path = %path.display(), "cannot write the process registry");
     }
+}
+
+/// Kills every process started for this data dir's instances, by any run (a fresh broker knows none of them:
+/// after a kill -9 of the runtime, or a restart of the broker, what is left, escaped descendants included, goes).
+/// Returns how many.
+pub fn cleanup_marked(paths: &Paths) -> usize {
+    kill_marked(&format!("{}:", data_dir_tag(paths)))
 }
 
 /// Kills process groups left by a previous runtime on this data dir (after kill -9). Returns how many.

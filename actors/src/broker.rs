@@ -54,6 +54,8 @@ pub enum BrokerMsg {
     KillRemaining,
     /// Time to check for instances that do not acknowledge (with an ack timeout).
     CheckLiveness,
+    /// A child process ended (SIGCHLD): collect adopted descendants.
+    Reap,
 }
 
 /// Lifecycle state of an instance.
@@ -146,13 +148,13 @@ pub struct Broker {
     shutdown: Option<(Vec<oneshot::Sender<()>>, bool)>,
     pending_start: VecDeque<(String, u32)>,
     ack_timeout: Option<Duration>,
-    /// The liveness ticker of this incarnation (stopped with it).
-    ticker: Option<tokio::task::AbortHandle>,
+    /// The liveness ticker and SIGCHLD listener of this incarnation (stopped with it).
+    tasks: Vec<tokio::task::AbortHandle>,
 }
 
 impl Drop for Broker {
     fn drop(&mut self) {
-        if let Some(t) = self.ticker.take() {
+        for t in self.tasks.drain(..) {
             t.abort();
         }
     }
@@ -191,7 +193,7 @@ impl Broker {
             shutdown: None,
             pending_start: VecDeque::new(),
             ack_timeout: None,
-            ticker: None,
+            tasks: Vec::new(),
         }
     }
 
@@ -259,7 +261,8 @@ impl Broker {
         let started: Result<Started, String> = if self.inproc.contains(service) {
             self.inproc.start(service, instance, &self.endpoint).await.ok_or_else(|| "endpoint unavailable".to_owned())
         } else {
-            backend::spawn_process(&ms, instance, &self.env).map_err(|e| format!("cannot start {:?}: {e}", ms.command))
+            backend::spawn_process(&ms, instance, gen, &self.env)
+                .map_err(|e| format!("cannot start {:?}: {e}", ms.command))
         };
         let Some(inst) = self.insts.get_mut(&key) else {
             return;
@@ -331,6 +334,16 @@ impl Broker {
         inst.pid = 0;
         inst.stopper = None;
         inst.last_exit = Some(info.to_string());
+        // Its processes that left its process group (setsid, daemons) end with it.
+        let escaped = backend::kill_marked(&backend::instance_marker(&self.env.run_marker, &service, instance, gen));
+        if escaped > 0 {
+            tracing::warn!(
+                service,
+                instance,
+                processes = escaped,
+                "killed processes that had left the instance's process group"
+            );
+        }
         let ran = inst.started_at.map_or(Duration::ZERO, |t| t.elapsed());
         if ran >= STABLE_AFTER {
             inst.quick_exits = 0;
@@ -362,9 +375,20 @@ impl Broker {
         self.write_registry();
     }
 
+    /// Collects the exits of adopted descendants (the runtime is their subreaper).
+    fn reap(&self) {
+        let keep: std::collections::HashSet<u32> = self.insts.values().map(|i| i.pid).filter(|p| *p > 0).collect();
+        backend::reap_adopted(&keep);
+    }
+
     fn maybe_finish_shutdown(&mut self) {
         let all_down = self.insts.values().all(|i| i.stopper.is_none());
         if all_down {
+            let left = backend::kill_marked(&format!("{}/", self.env.run_marker));
+            if left > 0 {
+                tracing::warn!(processes = left, "killed processes of this run still alive after every instance ended");
+            }
+            self.reap();
             if let Some((waiters, _)) = self.shutdown.as_mut() {
                 for w in waiters.drain(..) {
                     let _ = w.send(());
@@ -425,10 +449,22 @@ impl Actor for Broker {
                     }
                 }
             });
-            self.ticker = Some(ticker.abort_handle());
+            self.tasks.push(ticker.abort_handle());
+        }
+        // Descendants that escaped their instance become our children (we are their subreaper): collect them.
+        if let Ok(mut sigchld) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::child()) {
+            let addr = ctx.addr();
+            let reaper = tokio::spawn(async move {
+                while sigchld.recv().await.is_some() {
+                    if addr.send(BrokerMsg::Reap).await.is_err() {
+                        return;
+                    }
+                }
+            });
+            self.tasks.push(reaper.abort_handle());
         }
         // A fresh incarnation knows no processes: clean up whatever a previous one (or a killed runtime) left.
-        let n = backend::cleanup_orphans(&self.env.paths.registry());
+        let n = backend::cleanup_orphans(&self.env.paths.registry()) + backend::cleanup_marked(&self.env.paths);
         if n > 0 {
             tracing::warn!(killed = n, "cleaned up instances left by a previous run");
         }
@@ -518,6 +554,7 @@ impl Actor for Broker {
                 self.maybe_finish_shutdown();
             }
             BrokerMsg::CheckLiveness => self.check_liveness(),
+            BrokerMsg::Reap => self.reap(),
             BrokerMsg::KillRemaining => {
                 for ((s, n), i) in &self.insts {
                     if let Some(st) = &i.stopper {

@@ -248,6 +248,7 @@ impl Node {
             device_name: cfg.device_name.clone(),
             debug: cfg.debug.clone(),
             log_cap: opts.log_cap,
+            run_marker: crate::backend::run_marker(&paths),
         };
         let (r, ep, inproc, ack_timeout) = (router.clone(), endpoint.clone(), opts.inproc, opts.ack_timeout);
         let (broker_spec, broker) = ChildSpec::actor("service-broker", Restart::Permanent, 4096, move || {
