@@ -1086,3 +1086,19 @@ microservices:
     assert!(processes_running("sleep 4321").is_empty(), "stopped with the runtime");
     assert!(rt.live_children().is_empty(), "nothing left behind");
 }
+
+/// D25: the data dir is the runtime's alone: 0700, and its databases and logs 0600, whatever the umask.
+#[test]
+fn the_data_dir_and_its_files_are_private() {
+    use std::os::unix::fs::PermissionsExt;
+    let mut rt = Runtime::start_with_args(LOGGING_YAML, &["--archive"]);
+    rt.send("sink", &["--metadata", r#"{"seq":1}"#]);
+    rt.wait_lines("sink.jsonl", 1);
+    assert_eq!(rt.stop(), 0);
+    let mode = |p: &std::path::Path| std::fs::metadata(p).map(|m| m.permissions().mode() & 0o777).unwrap_or(0);
+    let d = rt.data.path();
+    assert_eq!(mode(d), 0o700, "data dir");
+    for f in ["aion.db", "archive.db", "logs/sink_1.log"] {
+        assert_eq!(mode(&d.join(f)), 0o600, "{f}");
+    }
+}

@@ -295,7 +295,10 @@ impl LogFile {
     /// # Errors
     /// I/O errors.
     pub fn open(path: PathBuf, cap: u64) -> std::io::Result<LogFile> {
-        let file = std::fs::OpenOptions::new().create(true).append(true).open(&path)?;
+        use std::os::unix::fs::OpenOptionsExt;
+        let file = std::fs::OpenOptions::new().create(true).append(true).mode(0o600).open(&path)?;
+        // A log made by an earlier version may be readable by others: it holds what the service printed.
+        let _ = file.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(0o600));
         let size = file.metadata().map(|m| m.len()).unwrap_or(0);
         Ok(LogFile { path, file, size, cap: cap.max(4096) })
     }
@@ -308,7 +311,8 @@ impl LogFile {
             let mut rotated = self.path.clone().into_os_string();
             rotated.push(".1");
             let _ = std::fs::rename(&self.path, &rotated);
-            match std::fs::OpenOptions::new().create(true).append(true).open(&self.path) {
+            use std::os::unix::fs::OpenOptionsExt;
+            match std::fs::OpenOptions::new().create(true).append(true).mode(0o600).open(&self.path) {
                 Ok(f) => {
                     self.file = f;
                     self.size = 0;

@@ -6,6 +6,7 @@
 //! <data>/aion.db.state        what the last clean stop left (checked at start: a truncated or replaced store is
 //!                             refused)
 //! <data>/archive.db           the kanban archive written by the replicator (SQLite, WAL)
+//! (the data dir is 0700 when this user owns it; databases and logs are 0600)
 //! <data>/run/aion.sock        status-kanban endpoint (0600)
 //! <data>/run/control.sock     CLI control API (0600)
 //! <data>/run/instances.json   process groups started by the runtime (for cleanup after kill -9)
@@ -69,13 +70,18 @@ impl Paths {
         self.root.join("Data").join(format!("{service}_{instance}"))
     }
 
-    /// Creates the directories (run/ with mode 0700).
+    /// Creates the directories. The data dir is made private (0700) when this user owns it — its queues, archive
+    /// and logs hold every kanban's payload — and `run/` always is.
     ///
     /// # Errors
     /// I/O errors.
     pub fn create(&self) -> std::io::Result<()> {
-        use std::os::unix::fs::PermissionsExt;
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
         std::fs::create_dir_all(self.run_dir())?;
+        let owned = std::fs::metadata(&self.root).is_ok_and(|m| m.uid() == nix::unistd::geteuid().as_raw());
+        if owned {
+            std::fs::set_permissions(&self.root, std::fs::Permissions::from_mode(0o700))?;
+        }
         std::fs::set_permissions(self.run_dir(), std::fs::Permissions::from_mode(0o700))?;
         std::fs::create_dir_all(self.log_dir())?;
         std::fs::create_dir_all(self.root.join("Data"))?;

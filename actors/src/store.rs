@@ -566,6 +566,13 @@ fn id_bytes(id: KanbanId) -> [u8; 16] {
 /// Opens (creating or migrating) a database and applies the pragmas.
 fn open_conn(path: &Path, migrations: &[&str]) -> Result<Connection, StoreError> {
     let conn = Connection::open(path).map_err(sq(path))?;
+    // Private, whatever the umask; SQLite gives the WAL and shared-memory files the database file's mode.
+    {
+        use std::os::unix::fs::PermissionsExt;
+        if let Err(e) = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)) {
+            tracing::warn!(path = %path.display(), "cannot make the database private: {e}");
+        }
+    }
     conn.pragma_update(None, "journal_mode", "WAL").map_err(sq(path))?;
     // Queues: fsync every commit (survives power loss). The archive is diagnostic: WAL with NORMAL survives a
     // crash of the process and skips the per-commit fsync.
