@@ -189,6 +189,8 @@ fn an_undeliverable_stored_kanban_is_dead_lettered_and_the_queue_moves_on() {
     });
     put(Kanban { id: KanbanId::generate(), metadata: md(serde_json::json!({"seq": 2})), ..Kanban::default() });
     drop(db);
+    // An earlier build kept no state file (and this one would rightly refuse a store changed behind its back).
+    std::fs::remove_file(rt.data.path().join("aion.db.state")).expect("state file");
     let mut rt = rt.crash_and_restart(POISON_YAML);
     assert_eq!(rt.wait_lines("sink.jsonl", 1)[0]["metadata"]["seq"], 2);
     let s = rt.wait_status("dead letter", |s| s["dead_letters"]["too-large"] == 1);

@@ -222,10 +222,17 @@ pub async fn call(socket: &Path, req: &Request, timeout: std::time::Duration) ->
         let env = Envelope { request: req.clone(), deadline_ms: Some(deadline_ms) };
         let mut line = serde_json::to_vec(&env).map_err(|e| e.to_string())?;
         line.push(b'\n');
-        w.write_all(&line).await.map_err(|e| format!("control socket write failed: {e}"))?;
+        // A runtime that refuses the connection at once (busy) answers before reading: read its answer even when
+        // the request could not be written.
+        let written = w.write_all(&line).await;
         let mut resp = String::new();
-        BufReader::new(r).read_line(&mut resp).await.map_err(|e| format!("control socket read failed: {e}"))?;
-        Ok::<String, String>(resp)
+        let read = BufReader::new(r).read_line(&mut resp).await;
+        match (written, read) {
+            (_, Ok(n)) if n > 0 => Ok::<String, String>(resp),
+            (Err(e), _) => Err(format!("control socket write failed: {e}")),
+            (Ok(()), Err(e)) => Err(format!("control socket read failed: {e}")),
+            (Ok(()), Ok(_)) => Ok(resp),
+        }
     };
     let resp = tokio::time::timeout(timeout, exchange).await.map_err(|_| {
         format!(
