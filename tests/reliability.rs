@@ -1104,3 +1104,41 @@ fn the_data_dir_and_its_files_are_private() {
         assert_eq!(mode(&d.join(f)), 0o600, "{f}");
     }
 }
+
+/// Review finding on D7: a backlog page requested while the store is retrying a write it has no room for (a full
+/// store) is answered — the consumer pages its backlog in, acknowledges, frees space, and the flow resumes —
+/// instead of being dropped and leaving the instance's producers blocked for good.
+#[test]
+fn a_backlog_pages_in_while_the_store_is_full() {
+    const N: u64 = 1500;
+    let yaml = |sink_env: &str| {
+        format!(
+            r#"
+microservices:
+  src:
+    command: ["{{testkit}}"]
+    startup: yes
+    env: {{ EMIT_COUNT: {N}, PAD: 2000 }}
+    nextService: {{ default: [ {{ name: sink }} ] }}
+  sink:
+    command: ["{{testkit}}"]
+    always: yes
+    env: {{ RECORD: "{{work}}/sink.jsonl", {sink_env} }}
+"#
+        )
+    };
+    let mut rt = Runtime::start_with_args(&yaml("SLOW_MS: 600000, WINDOW: 1"), &["--store-max-mb", "2"]);
+    let s = rt.wait_status("the store full", |s| s["store"]["errors"].as_u64() > Some(0));
+    let held = instance_of(&s, "sink")["queue_depth"].as_u64().unwrap_or(0);
+    assert!(held > 256, "more than one page of backlog: {held}");
+    // Restart with a fast sink: the backlog (more than one page) pages in while the source, emitting again from
+    // the start, keeps running into the full store.
+    // A small queue: the backlog comes in many pages, each asked for as the sink makes room.
+    let rt2 = rt.crash_and_restart_with(&yaml(""), &["--store-max-mb", "2", "--queue-capacity", "20"]);
+    let seqs = wait_until("every kanban at the sink", Duration::from_secs(120), || {
+        let seqs: BTreeSet<i64> =
+            read_lines(&rt2.path("sink.jsonl")).iter().filter_map(|l| l["metadata"]["seq"].as_i64()).collect();
+        (seqs.len() as u64 == N).then_some(seqs)
+    });
+    assert_eq!(seqs, (1..=N as i64).collect());
+}

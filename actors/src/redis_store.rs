@@ -873,28 +873,35 @@ pub(crate) fn spawn(
     done_rx.recv().map_err(|_| StoreError::Closed)?
 }
 
+/// Answers (and removes from the batch) every backlog page request; a page that fails is answered with the error
+/// (its feeder retries) and the connection is renewed.
+async fn serve_pages(w: &mut Writer, batch: &mut Vec<Op>) {
+    if !batch.iter().any(|op| matches!(op, Op::Page(_))) {
+        return;
+    }
+    let mut rest = Vec::with_capacity(batch.len());
+    for op in batch.drain(..) {
+        match op {
+            Op::Page(req) => {
+                let page = w.page(&req).await.map_err(|e| e.to_string());
+                if page.is_err() {
+                    w.conn = None;
+                }
+                let _ = req.reply.send(page);
+            }
+            other => rest.push(other),
+        }
+    }
+    *batch = rest;
+}
+
 async fn writer(mut w: Writer, mut rx: mpsc::Receiver<Op>) {
     let mut batch: Vec<Op> = Vec::new();
     while let Some(first) = rx.recv().await {
         batch.push(first);
         take_queued(&mut rx, &mut batch, 8192);
         // Reads first (backlog pages): they only concern entries written before this run.
-        if batch.iter().any(|op| matches!(op, Op::Page(_))) {
-            let mut rest = Vec::with_capacity(batch.len());
-            for op in batch.drain(..) {
-                match op {
-                    Op::Page(req) => {
-                        let page = w.page(&req).await.map_err(|e| e.to_string());
-                        if page.is_err() {
-                            w.conn = None;
-                        }
-                        let _ = req.reply.send(page);
-                    }
-                    other => rest.push(other),
-                }
-            }
-            batch = rest;
-        }
+        serve_pages(&mut w, &mut batch).await;
         let mut delay = Duration::from_millis(20);
         let mut retry = false;
         while let Err(e) = w.apply(&batch, retry).await {
@@ -910,6 +917,7 @@ async fn writer(mut w: Writer, mut rx: mpsc::Receiver<Op>) {
             // Take in what arrived meanwhile (after the batch, so order is kept): acknowledgements free memory
             // on a Redis at its `maxmemory`, where only writes that grow it are refused.
             take_queued(&mut rx, &mut batch, 65_536);
+            serve_pages(&mut w, &mut batch).await;
             tokio::time::sleep(delay).await;
             delay = (delay * 2).min(Duration::from_secs(2));
         }

@@ -855,9 +855,12 @@ impl Store {
             reply,
         };
         self.tx.send(Op::Page(req)).await.map_err(|_| StoreError::Closed)?;
-        rx.await
-            .map_err(|_| StoreError::Closed)?
-            .map_err(|message| StoreError::Redis { url: self.location.clone(), message })
+        // A dropped reply is not the writer stopping (that fails the send): the caller asks again.
+        let page = rx.await.map_err(|_| StoreError::Redis {
+            url: self.location.clone(),
+            message: "the page request was not answered; retrying".into(),
+        })?;
+        page.map_err(|message| StoreError::Redis { url: self.location.clone(), message })
     }
 
     /// A clean stop of the queue store: commits what is pending, checkpoints the WAL into the database file (so
@@ -1059,7 +1062,15 @@ fn read_page(conn: &Connection, req: &PageRequest) -> rusqlite::Result<Page> {
     let mut bytes = 0usize;
     while let Some(r) = rows.next()? {
         let seq: i64 = r.get(0)?;
-        let blob: Vec<u8> = r.get(1)?;
+        // A row that cannot be read is skipped (logged, left in the store), never a reason to stall the queue.
+        let blob: Vec<u8> = match r.get(1) {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::error!(service = %req.service, instance = req.instance, seq, "unreadable queued kanban kept in the store: {e}");
+                page.next = Some(Cursor::Seq(seq));
+                continue;
+            }
+        };
         if !page.kanbans.is_empty() && bytes + blob.len() > req.max_bytes {
             break;
         }
@@ -1067,7 +1078,7 @@ fn read_page(conn: &Connection, req: &PageRequest) -> rusqlite::Result<Page> {
         page.next = Some(Cursor::Seq(seq));
         match postcard::from_bytes::<WireKanban>(&blob) {
             Ok(mut k) => {
-                k.hops = r.get(2)?;
+                k.hops = r.get::<_, i64>(2).map_or(0, |h| h.clamp(0, i64::from(u32::MAX)) as u32);
                 page.kanbans.push(Box::new(k));
             }
             // Left in the store (and skipped): the next page starts after it.
@@ -1109,10 +1120,11 @@ fn writer(
     while let Some(first) = rx.blocking_recv() {
         batch.push(first);
         take_queued(&mut rx, &mut batch, 8192);
-        // Reads first: a backlog page only holds rows committed before this run's writes to that queue.
-        serve_pages(&conn, &mut batch);
         let mut delay = Duration::from_millis(10);
         loop {
+            // Reads need no space: pages that arrived during a retry are answered at once (a consumer paging its
+            // backlog in is what frees space on a full store).
+            serve_pages(&conn, &mut batch);
             match apply(&conn, &batch) {
                 Ok((enq, acked, archived)) => {
                     stats.commits.fetch_add(1, Ordering::Relaxed);
@@ -1237,6 +1249,48 @@ mod tests {
         s.barrier().await.expect("barrier");
         let page = s.page(&rec[0], &Cursor::Seq(0), 10, usize::MAX).await.expect("page");
         assert_eq!(page.kanbans.len(), 3);
+    }
+
+    #[tokio::test]
+    async fn backlog_pages_are_answered_while_a_full_store_retries_a_write() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let (path, archive) = (dir.path().join("aion.db"), dir.path().join("archive.db"));
+        {
+            let (s, _) = Store::open(&path, &archive, Retention::default()).expect("open");
+            for i in 1..=200 {
+                let mut q = k(i);
+                q.metadata = aion_runtime::MetadataBytes(vec![7; 2000]);
+                s.enqueue("svc", 1, &q).await.expect("enqueue");
+            }
+            s.close().await.expect("close");
+        }
+        // Reopened with a cap at its current size: the next write has no room, and is retried.
+        let size = std::fs::metadata(&path).expect("size").len();
+        let (s, rec, _) = Store::open_all(&path, &archive, Retention::default(), Some(size)).expect("reopen");
+        let mut big = k(999);
+        big.metadata = aion_runtime::MetadataBytes(vec![1; 200_000]);
+        s.enqueue("svc", 1, &big).await.expect("enqueue");
+        let barrier = {
+            let s = s.clone();
+            tokio::spawn(async move { s.barrier().await })
+        };
+        while s.stats.errors.load(Ordering::Relaxed) == 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        // The writer is retrying: a page is a read, and is answered now.
+        let page = tokio::time::timeout(Duration::from_secs(10), s.page(&rec[0], &rec[0].after, 10, usize::MAX))
+            .await
+            .expect("answered during the retry")
+            .expect("page");
+        assert_eq!(page.kanbans.len(), 10);
+        assert!(!barrier.is_finished(), "the write itself still waits for room");
+        // Acknowledgements free room; the write goes through; pages keep being answered.
+        let ids: Vec<KanbanId> = (1..=200).map(KanbanId).collect();
+        s.ack("svc", 1, ids).await.expect("ack");
+        barrier.await.expect("task").expect("committed once acknowledgements freed room");
+        let next = page.next.expect("cursor");
+        let page = s.page(&rec[0], &next, 10, usize::MAX).await.expect("page");
+        assert!(page.kanbans.is_empty() && page.next.is_none(), "the acknowledged backlog is gone");
     }
 
     #[tokio::test]
