@@ -1099,10 +1099,49 @@ fn the_data_dir_and_its_files_are_private() {
     assert_eq!(rt.stop(), 0);
     let mode = |p: &std::path::Path| std::fs::metadata(p).map(|m| m.permissions().mode() & 0o777).unwrap_or(0);
     let d = rt.data.path();
-    assert_eq!(mode(d), 0o700, "data dir");
     for f in ["aion.db", "archive.db", "logs/sink_1.log"] {
         assert_eq!(mode(&d.join(f)), 0o600, "{f}");
     }
+    for sub in ["logs", "Data", "run"] {
+        assert_eq!(mode(&d.join(sub)), 0o700, "{sub}");
+    }
+    // A data dir the operator made open is left as it is, with a warning (aion does not chmod what it did not make).
+    std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let mut rt2 = rt.crash_and_restart(LOGGING_YAML);
+    rt2.wait_status("up", |_| true);
+    assert!(rt2.stderr().contains("open to other users"), "{}", rt2.stderr());
+    assert_eq!(mode(rt2.data.path()), 0o755);
+    assert_eq!(rt2.stop(), 0);
+    // One it makes is private whatever the umask (the test runs with the usual 022).
+    let fresh = rt2.work.path().join("fresh-data");
+    let (child, _work) = spawn_in(LOGGING_YAML, &fresh);
+    let mut child = Reaped(child, fresh.join("run/aion.sock"));
+    assert_eq!(mode(&fresh), 0o700, "made private");
+    cli(&fresh, &["stop"]).expect("stop");
+    assert_eq!(child.0.wait().expect("wait").code(), Some(0));
+}
+
+/// Starts `aion run` on `yaml` with `data` as its data dir (created by aion when missing); returns once it
+/// answers.
+fn spawn_in(yaml: &str, data: &std::path::Path) -> (std::process::Child, tempfile::TempDir) {
+    let work = tempfile::tempdir().expect("tmp");
+    let yaml =
+        yaml.replace("{testkit}", &common::example("testkit")).replace("{work}", &work.path().display().to_string());
+    let file = work.path().join("services.yml");
+    std::fs::write(&file, yaml).expect("write");
+    let child = std::process::Command::new(common::AION)
+        .arg("--data-dir")
+        .arg(data)
+        .arg("run")
+        .arg(&file)
+        .env_remove("AION_HOME")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn aion");
+    wait_until("control socket", Duration::from_secs(30), || cli(data, &["status", "--json"]).ok());
+    (child, work)
 }
 
 /// Review finding on D7: a backlog page requested while the store is retrying a write it has no room for (a full

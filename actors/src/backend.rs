@@ -101,26 +101,18 @@ pub struct ProcessEnv {
     pub debug: String,
     /// Per-instance log size cap in bytes before rotation.
     pub log_cap: u64,
-    /// This run's marker ([`run_marker`]): every process of an instance carries
-    /// `AION_INSTANCE=<marker>/<service>-<n>/<incarnation>` in its environment, inherited by its descendants, so that
-    /// processes that leave the instance's process group (`setsid`, daemons) are found and stopped with it.
+    /// The data dir's id ([`crate::paths::Paths::dir_id`]): every process of an instance carries
+    /// `AION_INSTANCE=<dir id>:<run>/<service>-<n>/<incarnation>` in its environment, inherited by its descendants,
+    /// so that processes that leave the instance's process group (`setsid`, daemons) are found and stopped with it.
+    pub dir_id: String,
+    /// This run's marker ([`run_marker`]).
     pub run_marker: String,
 }
 
-/// The marker of this run on `paths`' data dir: the data dir's own prefix (so a later run finds what a killed one
-/// left), then this process and its start time.
-pub fn run_marker(paths: &Paths) -> String {
-    format!("{}:{}-{}", data_dir_tag(paths), std::process::id(), crate::store::now_ms())
-}
-
-/// A short tag of a data dir (a hash of its path).
-fn data_dir_tag(paths: &Paths) -> String {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in paths.root.as_os_str().as_encoded_bytes() {
-        h ^= u64::from(*b);
-        h = h.wrapping_mul(0x0100_0000_01b3);
-    }
-    format!("{h:016x}")
+/// The marker of this run on the data dir whose id is `dir_id`: the id (so that a later run finds what a killed
+/// one left), then this process and its start time.
+pub fn run_marker(dir_id: &str) -> String {
+    format!("{dir_id}:{}-{}", std::process::id(), crate::store::now_ms())
 }
 
 /// The `AION_INSTANCE` value of one incarnation of an instance.
@@ -529,8 +521,8 @@ pub fn write_registry(path: &Path, entries: &[RegistryEntry]) {
 /// Kills every process started for this data dir's instances, by any run (a fresh broker knows none of them:
 /// after a kill -9 of the runtime, or a restart of the broker, what is left, escaped descendants included, goes).
 /// Returns how many.
-pub fn cleanup_marked(paths: &Paths) -> usize {
-    kill_marked(&format!("{}:", data_dir_tag(paths)))
+pub fn cleanup_marked(dir_id: &str) -> usize {
+    kill_marked(&format!("{dir_id}:"))
 }
 
 /// Kills process groups left by a previous runtime on this data dir (after kill -9). Returns how many.

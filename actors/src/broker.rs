@@ -464,7 +464,7 @@ impl Actor for Broker {
             self.tasks.push(reaper.abort_handle());
         }
         // A fresh incarnation knows no processes: clean up whatever a previous one (or a killed runtime) left.
-        let n = backend::cleanup_orphans(&self.env.paths.registry()) + backend::cleanup_marked(&self.env.paths);
+        let n = backend::cleanup_orphans(&self.env.paths.registry()) + backend::cleanup_marked(&self.env.dir_id);
         if n > 0 {
             tracing::warn!(killed = n, "cleaned up instances left by a previous run");
         }

@@ -154,6 +154,8 @@ impl Node {
             crate::paths::LockError::Held(pid) => NodeError::AlreadyRunning(paths.root.clone(), pid),
             crate::paths::LockError::Io(e) => NodeError::Io(e),
         })?;
+        let dir_id =
+            paths.dir_id().map_err(|e| NodeError::Io(format!("cannot read or write the data dir's id: {e}")))?;
         let control_listener = crate::endpoint::bind_private(&paths.control())
             .map_err(|e| NodeError::Io(format!("cannot bind {}: {e}", paths.control().display())))?;
         // Bind before anything starts, so errors are reported here and clients never race the endpoint actor.
@@ -248,7 +250,8 @@ impl Node {
             device_name: cfg.device_name.clone(),
             debug: cfg.debug.clone(),
             log_cap: opts.log_cap,
-            run_marker: crate::backend::run_marker(&paths),
+            run_marker: crate::backend::run_marker(&dir_id),
+            dir_id,
         };
         let (r, ep, inproc, ack_timeout) = (router.clone(), endpoint.clone(), opts.inproc, opts.ack_timeout);
         let (broker_spec, broker) = ChildSpec::actor("service-broker", Restart::Permanent, 4096, move || {

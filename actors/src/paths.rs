@@ -11,6 +11,7 @@
 //! <data>/run/control.sock     CLI control API (0600)
 //! <data>/run/instances.json   process groups started by the runtime (for cleanup after kill -9)
 //! <data>/run/lock             held (flock) by the runtime that owns the data dir; holds its pid
+//! <data>/run/dir-id           this data dir's random id (marks the processes started for it)
 //! <data>/logs/<svc>_<n>.log   per-instance stdout+stderr (rotated to .log.1)
 //! <data>/Data/<svc>_<n>/      per-instance data directory (AION's seed kanban dataPath)
 //! ```
@@ -45,6 +46,29 @@ impl Paths {
     pub fn lock(&self) -> PathBuf {
         self.run_dir().join("lock")
     }
+    /// This data dir's id: random, made on first use and kept in `run/dir-id`. Processes started for the data dir
+    /// are marked with it (two data dirs never share one, whatever their paths).
+    ///
+    /// # Errors
+    /// I/O errors.
+    pub fn dir_id(&self) -> std::io::Result<String> {
+        let path = self.run_dir().join("dir-id");
+        if let Ok(id) = std::fs::read_to_string(&path) {
+            let id = id.trim();
+            if id.len() == 32 && id.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return Ok(id.to_owned());
+            }
+        }
+        // 64 random bits (the process-unique prefix of a generated kanban id) and the time.
+        let id = format!(
+            "{:016x}{:016x}",
+            (aion_runtime::KanbanId::generate().0 >> 64) as u64,
+            crate::store::now_ms() as u64
+        );
+        std::fs::write(&path, &id)?;
+        Ok(id)
+    }
+
     /// The process registry.
     pub fn registry(&self) -> PathBuf {
         self.run_dir().join("instances.json")
@@ -76,15 +100,23 @@ impl Paths {
     /// # Errors
     /// I/O errors.
     pub fn create(&self) -> std::io::Result<()> {
-        use std::os::unix::fs::{MetadataExt, PermissionsExt};
-        std::fs::create_dir_all(self.run_dir())?;
-        let owned = std::fs::metadata(&self.root).is_ok_and(|m| m.uid() == nix::unistd::geteuid().as_raw());
-        if owned {
+        use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+        let private = |p: &Path| std::fs::DirBuilder::new().recursive(true).mode(0o700).create(p);
+        let existed = self.root.exists();
+        private(&self.root)?;
+        if !existed {
+            // Made by us: private whatever the umask (an existing directory is the operator's; see below).
             std::fs::set_permissions(&self.root, std::fs::Permissions::from_mode(0o700))?;
+        } else if std::fs::metadata(&self.root).is_ok_and(|m| m.permissions().mode() & 0o077 != 0) {
+            tracing::warn!(
+                data_dir = %self.root.display(),
+                "the data dir is open to other users; its queues, archive and logs hold every kanban's payload (chmod 700 it)"
+            );
         }
+        private(&self.run_dir())?;
         std::fs::set_permissions(self.run_dir(), std::fs::Permissions::from_mode(0o700))?;
-        std::fs::create_dir_all(self.log_dir())?;
-        std::fs::create_dir_all(self.root.join("Data"))?;
+        private(&self.log_dir())?;
+        private(&self.root.join("Data"))?;
         Ok(())
     }
 }
