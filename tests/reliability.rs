@@ -698,6 +698,17 @@ fn large_metadata_from_a_file_or_stdin_and_a_clear_limit() {
     let mut reply = String::new();
     std::io::BufRead::read_line(&mut std::io::BufReader::new(&s), &mut reply).expect("reply");
     assert!(reply.contains("too large") && reply.contains("limit"), "{reply}");
+    // 20 MB of tiny JSON values: refused before it is parsed into a tree of hundreds of MB.
+    let before = peak_rss(rt.pid());
+    let mut s = control_connect(rt.data.path());
+    let values = "0,".repeat(10 << 20);
+    let req = format!(r#"{{"cmd":"send","service":"sink","metadata":{{"m":[{values}0]}}}}"#);
+    let _ = s.write_all(req.as_bytes());
+    let _ = s.write_all(b"\n");
+    let mut reply = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(&s), &mut reply).expect("reply");
+    assert!(reply.contains("JSON values"), "{reply}");
+    assert!(peak_rss(rt.pid()).saturating_sub(before) < 100 << 20, "{} MiB", (peak_rss(rt.pid()) - before) >> 20);
     let file = rt.path("huge.json");
     std::fs::write(&file, serde_json::json!({"pad": "p".repeat(17 << 20)}).to_string()).expect("write");
     let (ok, _, err) = rt.cli(&["kanban", "send", "sink", "--metadata", &format!("@{}", file.display())]);
@@ -1180,4 +1191,37 @@ microservices:
         (seqs.len() as u64 == N).then_some(seqs)
     });
     assert_eq!(seqs, (1..=N as i64).collect());
+}
+
+/// Review finding on D11/D21: sends waiting for room in a full queue are given up at their deadline (not
+/// carried out later), and cannot take the connections `status` and `stop` need.
+#[test]
+fn waiting_sends_end_at_their_deadline_and_leave_room_for_status() {
+    let mut rt = Runtime::start_with_args(SLOW_YAML, &["--queue-capacity", "1"]);
+    rt.send("slow", &["--metadata", r#"{"seq":0}"#]); // in flight
+    rt.wait_status("in flight", |s| s["instances"][0]["inflight"] == 1);
+    rt.send("slow", &["--metadata", r#"{"seq":1}"#]); // queued: the queue is full
+    let data = rt.data.path().to_owned();
+    let senders: Vec<_> = (2..22)
+        .map(|i| {
+            let data = data.clone();
+            std::thread::spawn(move || {
+                cli(&data, &["--timeout", "3", "kanban", "send", "slow", "--metadata", &format!(r#"{{"seq":{i}}}"#)])
+            })
+        })
+        .collect();
+    // While they wait, status is answered.
+    let (ok, _, err) = rt.cli(&["--timeout", "20", "status", "--json"]);
+    assert!(ok, "status answered while sends wait: {err}");
+    for s in senders {
+        let r = s.join().expect("sender");
+        let e = r.expect_err("a send into a full queue times out");
+        assert!(e.contains("timed out") || e.contains("busy"), "{e}");
+    }
+    wait_until("the runtime gave the sends up", Duration::from_secs(30), || {
+        (rt.stderr().matches("given up at its deadline").count() >= 16).then_some(())
+    });
+    let s = rt.status();
+    assert_eq!(s["instances"][0]["queue_depth"], 1, "none of the abandoned sends was queued later: {s}");
+    assert_eq!(rt.stop(), 0);
 }

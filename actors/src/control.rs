@@ -67,11 +67,45 @@ pub const REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(
 /// How long a reply may take to be written (a client that does not read is cut off).
 pub const REPLY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
+/// The most JSON values a request may hold: parsed JSON costs tens of bytes per value, so this bounds what one
+/// request can cost in memory (a kanban's metadata with a million values is not one a CLI sends).
+pub const MAX_JSON_VALUES: usize = 1_000_000;
+
+/// Kanban sends handled at once (each may wait for room in a queue): the rest of the connections stay available
+/// for `status` and `stop`.
+pub const MAX_SENDS: usize = 16;
+
+/// An upper bound of the number of JSON values in `text`, counted without parsing (separators and openings
+/// outside strings).
+pub fn json_values_bound(text: &[u8]) -> usize {
+    let (mut n, mut in_str, mut esc) = (1usize, false, false);
+    for &b in text {
+        if in_str {
+            match (esc, b) {
+                (true, _) => esc = false,
+                (false, b'\\') => esc = true,
+                (false, b'"') => in_str = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_str = true,
+            b',' | b'[' | b'{' | b':' => n += 1,
+            _ => {}
+        }
+    }
+    n
+}
+
 /// Parses one request line (without its newline).
 ///
 /// # Errors
-/// A message for the client: not UTF-8, not JSON, not a known request.
+/// A message for the client: not UTF-8, not JSON, not a known request, too many values.
 pub fn parse_request(line: &[u8]) -> Result<Envelope, String> {
+    if json_values_bound(line) > MAX_JSON_VALUES {
+        return Err(format!("request too large: more than {MAX_JSON_VALUES} JSON values"));
+    }
     serde_json::from_slice(line).map_err(|e| format!("bad request: {e}"))
 }
 

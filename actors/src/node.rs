@@ -129,6 +129,10 @@ struct Shared {
     services_file: String,
     /// Control connections refused because too many were being served.
     control_busy: std::sync::atomic::AtomicU64,
+    /// Kanban sends being handled (each may wait for room in a queue).
+    send_slots: Arc<tokio::sync::Semaphore>,
+    /// Large requests are parsed one at a time (what a parsed request costs is bounded by one).
+    parse_lock: tokio::sync::Mutex<()>,
 }
 
 impl Node {
@@ -293,6 +297,8 @@ impl Node {
             data_dir: paths.root.display().to_string(),
             services_file: opts.config_path.map(|p| p.display().to_string()).unwrap_or_default(),
             control_busy: Default::default(),
+            send_slots: Arc::new(tokio::sync::Semaphore::new(crate::control::MAX_SENDS)),
+            parse_lock: tokio::sync::Mutex::new(()),
         });
         let node_shared = shared.clone();
         let control = tokio::spawn(accept_control(shared, control_listener)).abort_handle();
@@ -435,6 +441,17 @@ async fn inject(
     key: &str,
     metadata: serde_json::Value,
 ) -> Result<KanbanId, String> {
+    let k = injected(router, instance, key, metadata)?;
+    deliver_injected(router, service, instance, k).await
+}
+
+/// The kanban `aion kanban send` puts into an instance's queue (checked against the size limit).
+fn injected(
+    router: &Router,
+    instance: u32,
+    key: &str,
+    metadata: serde_json::Value,
+) -> Result<Box<aion_runtime::WireKanban>, String> {
     let id = KanbanId::generate();
     let k = Kanban {
         id,
@@ -449,6 +466,17 @@ async fn inject(
     };
     let k = Box::new(k.into_wire());
     k.check_size().map_err(|e| format!("not sent: {e}"))?;
+    Ok(k)
+}
+
+/// Queues an injected kanban (waiting for room) and waits for its commit when durable.
+async fn deliver_injected(
+    router: &Router,
+    service: &str,
+    instance: u32,
+    k: Box<aion_runtime::WireKanban>,
+) -> Result<KanbanId, String> {
+    let id = k.id;
     match router.deliver(service, instance, k).await {
         Ok(persisted) => {
             if let Some(store) = router.store().filter(|_| persisted) {
@@ -460,6 +488,60 @@ async fn inject(
         Err((_, _)) => {
             let scale = router.config().microservices.get(service).map_or(0, |m| m.scale);
             Err(format!("service `{service}` has instances 1..={scale}, not {instance}"))
+        }
+    }
+}
+
+/// Parses and carries out one request, within its deadline (default: the CLI's, 30 s): a request whose client
+/// has given up is not carried out, and none holds its connection for longer.
+async fn handle_request(s: &Shared, line: &[u8]) -> Vec<u8> {
+    // Large requests (a send with big metadata) are parsed one at a time, and turned into a kanban before the
+    // next one is parsed: the memory of a parsed request is bounded by one.
+    let guard = if line.len() > 64 << 10 { Some(s.parse_lock.lock().await) } else { None };
+    let env = match crate::control::parse_request(line) {
+        Err(e) => return err_reply(e),
+        Ok(env) => env,
+    };
+    let now = crate::store::now_ms();
+    if env.deadline_ms.is_some_and(|d| now > d) {
+        tracing::warn!(request = ?env.request, "control request expired before it was read (the client gave up); not carried out");
+        return err_reply("request expired before the runtime read it; not carried out");
+    }
+    let left = env.deadline_ms.map_or(Duration::from_secs(30), |d| Duration::from_millis((d - now).max(0) as u64));
+    let deadline = tokio::time::Instant::now() + left;
+    match env.request {
+        Request::Status => {
+            drop(guard);
+            ok_reply(&report(s).await)
+        }
+        Request::Stop => {
+            s.stop.notify_one();
+            ok_reply(&serde_json::json!({}))
+        }
+        Request::Send { service, instance, key, metadata } => {
+            let Ok(_slot) = s.send_slots.clone().try_acquire_owned() else {
+                return err_reply(format!(
+                    "busy: {} kanban sends are waiting for room in their queues; try again",
+                    crate::control::MAX_SENDS
+                ));
+            };
+            let k = match injected(&s.router, instance, &key, metadata) {
+                Ok(k) => k,
+                Err(e) => return err_reply(e),
+            };
+            drop(guard);
+            match tokio::time::timeout_at(deadline, deliver_injected(&s.router, &service, instance, k)).await {
+                Ok(Ok(id)) => ok_reply(&serde_json::json!({"kanban_id": id.to_string()})),
+                Ok(Err(e)) => err_reply(e),
+                Err(_) => {
+                    tracing::warn!(
+                        service,
+                        instance,
+                        "kanban send given up at its deadline (queue full or store not committing)"
+                    );
+                    err_reply("timed out waiting for room in the queue or for the store; the kanban was not queued, or queued and not yet committed")
+                }
+            }
         }
     }
 }
@@ -588,26 +670,7 @@ async fn serve_control(s: Arc<Shared>, stream: tokio::net::UnixStream) {
     let resp = match read_request(&mut r).await {
         Ok(None) => return,
         Err(e) => err_reply(e),
-        Ok(Some(line)) => match crate::control::parse_request(&line) {
-            Err(e) => err_reply(e),
-            Ok(env) if env.deadline_ms.is_some_and(|d| crate::store::now_ms() > d) => {
-                tracing::warn!(request = ?env.request, "control request expired before it was read (the client gave up); not carried out");
-                err_reply("request expired before the runtime read it; not carried out")
-            }
-            Ok(env) => match env.request {
-                Request::Status => ok_reply(&report(&s).await),
-                Request::Send { service, instance, key, metadata } => {
-                    match inject(&s.router, &service, instance, &key, metadata).await {
-                        Ok(id) => ok_reply(&serde_json::json!({"kanban_id": id.to_string()})),
-                        Err(e) => err_reply(e),
-                    }
-                }
-                Request::Stop => {
-                    s.stop.notify_one();
-                    ok_reply(&serde_json::json!({}))
-                }
-            },
-        },
+        Ok(Some(line)) => handle_request(&s, &line).await,
     };
     if tokio::time::timeout(crate::control::REPLY_TIMEOUT, w.write_all(&resp)).await.is_err() {
         tracing::warn!(bytes = resp.len(), "control client did not read its reply; connection dropped");
