@@ -426,7 +426,9 @@ fn run(data_dir: &Path, file: &Path, flags: RunFlags) -> Result<(), String> {
         let handle = |kind: SignalKind, name: &str| signal(kind).map_err(|e| format!("cannot handle {name}: {e}"));
         let mut int = handle(SignalKind::interrupt(), "SIGINT")?;
         let mut term = handle(SignalKind::terminate(), "SIGTERM")?;
-        let mut hup = handle(SignalKind::hangup(), "SIGHUP")?;
+        // Under `nohup` (SIGHUP ignored when we start) the operator wants the runtime to outlive the session.
+        let mut hup = if sighup_ignored() { None } else { Some(handle(SignalKind::hangup(), "SIGHUP")?) };
+
         let node = Node::start(opts).await.map_err(|e| e.to_string())?;
         aion::runtime::log::say(format_args!(
             "aion: running {} (data dir {}); Ctrl-C or `aion stop` to stop",
@@ -436,7 +438,7 @@ fn run(data_dir: &Path, file: &Path, flags: RunFlags) -> Result<(), String> {
         let failure = tokio::select! {
             _ = int.recv() => None,
             _ = term.recv() => None,
-            _ = hup.recv() => {
+            _ = hangup(&mut hup) => {
                 tracing::info!("SIGHUP (terminal or session closed): stopping");
                 None
             }
@@ -449,13 +451,34 @@ fn run(data_dir: &Path, file: &Path, flags: RunFlags) -> Result<(), String> {
             r = node.shutdown() => r,
             _ = int.recv() => Err(second_signal(&registry)),
             _ = term.recv() => Err(second_signal(&registry)),
-            _ = hup.recv() => Err(second_signal(&registry)),
+            _ = hangup(&mut hup) => Err(second_signal(&registry)),
         };
         match failure {
             Some(r) => Err(format!("the supervision tree gave up: {r:?}")),
             None => stopped,
         }
     })
+}
+
+/// The next SIGHUP, or never when it is not handled.
+async fn hangup(hup: &mut Option<tokio::signal::unix::Signal>) {
+    match hup {
+        Some(h) => {
+            h.recv().await;
+        }
+        None => std::future::pending().await,
+    }
+}
+
+/// True when SIGHUP was ignored when the runtime started (`nohup`): read from `/proc/self/status` (`SigIgn`).
+fn sighup_ignored() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            let mask = s.lines().find_map(|l| l.strip_prefix("SigIgn:"))?.trim().to_owned();
+            u64::from_str_radix(&mask, 16).ok()
+        })
+        .is_some_and(|m| m & 1 != 0)
 }
 
 /// A second stop signal: kill what is left and say so.

@@ -1225,3 +1225,51 @@ fn waiting_sends_end_at_their_deadline_and_leave_room_for_status() {
     assert_eq!(s["instances"][0]["queue_depth"], 1, "none of the abandoned sends was queued later: {s}");
     assert_eq!(rt.stop(), 0);
 }
+
+/// Review finding on D15: under `nohup` (SIGHUP ignored when the runtime starts), SIGHUP does not stop it.
+#[test]
+fn sighup_is_ignored_under_nohup() {
+    let (data, work) = (tempfile::tempdir().expect("tmp"), tempfile::tempdir().expect("tmp"));
+    let file = work.path().join("s.yml");
+    std::fs::write(
+        &file,
+        LOGGING_YAML
+            .replace("{testkit}", &common::example("testkit"))
+            .replace("{work}", &work.path().display().to_string()),
+    )
+    .expect("write");
+    let child = std::process::Command::new("nohup")
+        .arg(common::AION)
+        .arg("--data-dir")
+        .arg(data.path())
+        .arg("run")
+        .arg(&file)
+        .env_remove("AION_HOME")
+        .current_dir(work.path())
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("nohup aion");
+    let mut child = Reaped(child, data.path().join("run/aion.sock"));
+    let s = wait_until("running", Duration::from_secs(30), || cli(data.path(), &["status", "--json"]).ok());
+    // SIGHUP stays ignored: no handler was installed over nohup's choice.
+    let status = std::fs::read_to_string(format!("/proc/{}/status", child.0.id())).expect("proc status");
+    let mask = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|m| u64::from_str_radix(m.trim(), 16).ok())
+            .unwrap_or(0)
+    };
+    assert_eq!(mask("SigIgn:") & 1, 1, "SIGHUP ignored");
+    assert_eq!(mask("SigCgt:") & 1, 0, "SIGHUP not caught");
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.0.id() as i32), nix::sys::signal::Signal::SIGHUP)
+        .expect("hup");
+    // Still answering after the signal (a status round trip after it was delivered), then stops on request.
+    let again = cli(data.path(), &["status", "--json"]).expect("still running");
+    assert_eq!(again["pid"], s["pid"]);
+    assert!(child.0.try_wait().expect("wait").is_none(), "still running");
+    cli(data.path(), &["stop"]).expect("stop");
+    assert_eq!(child.0.wait().expect("wait").code(), Some(0));
+}
