@@ -66,6 +66,10 @@ struct Inner {
     progress_at: Option<std::time::Instant>,
     /// A session cut off (see [`Slot::evict`]): its `take` ends it.
     evicted: Option<u64>,
+    /// Producers waiting for room, in arrival order (their tickets): admitted first come, first served, so a large
+    /// kanban waiting for room is not overtaken for ever by small ones.
+    waiters: VecDeque<u64>,
+    next_ticket: u64,
 }
 
 impl Inner {
@@ -101,6 +105,23 @@ pub struct Slot {
     pub stopping: AtomicBool,
     /// This instance as a producer ([`KanbanId::producer_key`]): mixed into the id of every output it emits.
     pub producer: u128,
+}
+
+/// A producer's place in a slot's line of waiting producers; leaving (the push future dropped) gives it up.
+struct Place<'a> {
+    slot: &'a Slot,
+    ticket: Option<u64>,
+}
+
+impl Drop for Place<'_> {
+    fn drop(&mut self) {
+        if let Some(t) = self.ticket.take() {
+            let mut g = self.slot.lock();
+            g.waiters.retain(|w| *w != t);
+            drop(g);
+            self.slot.space.notify_waiters();
+        }
+    }
 }
 
 /// How many output ids per instance are remembered for deduplication.
@@ -148,6 +169,8 @@ impl Slot {
                 seen_order: VecDeque::new(),
                 progress_at: None,
                 evicted: None,
+                waiters: VecDeque::new(),
+                next_ticket: 0,
             }),
             items: Notify::new(),
             space: Notify::new(),
@@ -176,6 +199,8 @@ impl Slot {
     pub async fn push(&self, k: Box<WireKanban>, producer: Option<&Slot>) {
         let size = k.mem_size();
         let mut k = Some(k);
+        // Our place in the line once we have to wait (given up if this future is dropped).
+        let mut place = Place { slot: self, ticket: None };
         loop {
             let notified = self.space.notified();
             tokio::pin!(notified);
@@ -183,15 +208,32 @@ impl Slot {
             {
                 let mut g = self.lock();
                 let stopping = producer.is_some_and(|p| p.stopping.load(Ordering::Acquire));
-                if stopping || !g.must_wait(self.capacity, self.max_bytes, size) {
+                let first = match place.ticket {
+                    None => g.waiters.is_empty(),
+                    Some(t) => g.waiters.front() == Some(&t),
+                };
+                if stopping || (first && !g.must_wait(self.capacity, self.max_bytes, size)) {
+                    if let Some(t) = place.ticket.take() {
+                        g.waiters.retain(|w| *w != t);
+                    }
                     if let Some(k) = k.take() {
                         g.ready.push_back(k);
                         g.bytes += size;
                     }
+                    let more = !g.waiters.is_empty();
                     drop(g);
                     self.stats.kanbans_in.fetch_add(1, Ordering::Relaxed);
                     self.items.notify_waiters();
+                    if more {
+                        self.space.notify_waiters(); // the next in line may fit too
+                    }
                     return;
+                }
+                if place.ticket.is_none() {
+                    let t = g.next_ticket;
+                    g.next_ticket += 1;
+                    g.waiters.push_back(t);
+                    place.ticket = Some(t);
                 }
             }
             notified.await;
@@ -205,7 +247,7 @@ impl Slot {
     pub fn try_push(&self, k: Box<WireKanban>) -> Result<(), Box<WireKanban>> {
         let size = k.mem_size();
         let mut g = self.lock();
-        if g.must_wait(self.capacity, self.max_bytes, size) {
+        if !g.waiters.is_empty() || g.must_wait(self.capacity, self.max_bytes, size) {
             return Err(k);
         }
         g.ready.push_back(k);
@@ -524,6 +566,49 @@ mod bound_tests {
         s.acked(sess, 1, out[0].mem_size());
         producer.await.expect("producer");
         assert!(s.bytes() < 10_000 && s.bytes() >= 4_000, "{}", s.bytes());
+    }
+
+    #[tokio::test]
+    async fn producers_waiting_for_room_are_admitted_in_order_so_a_large_kanban_is_never_starved() {
+        let s = Arc::new(Slot::with_delivery("a", 1, QueueLimits { kanbans: 100, bytes: 10_000 }, false));
+        s.push(sized(1, 8_000), None).await;
+        let s2 = s.clone();
+        let large = tokio::spawn(async move { s2.push(sized(2, 5_000), None).await });
+        while s.lock().waiters.is_empty() {
+            tokio::task::yield_now().await;
+        }
+        // There is room for a small one, but the large one waits first: the small one waits behind it.
+        assert!(s.try_push(sized(3, 100)).is_err(), "no overtaking a waiting producer");
+        let s3 = s.clone();
+        let small = tokio::spawn(async move { s3.push(sized(4, 100), None).await });
+        let sess = s.open_session().expect("free");
+        let mut out = Vec::new();
+        s.take(sess, 1, &mut out).await;
+        s.acked(sess, 1, out[0].mem_size());
+        large.await.expect("large admitted");
+        small.await.expect("small admitted after it");
+        let mut rest = Vec::new();
+        s.take(sess, 10, &mut rest).await;
+        let ids: Vec<u128> = rest.iter().map(|k| k.id.0).collect();
+        assert_eq!(ids, vec![2, 4], "in arrival order");
+    }
+
+    #[tokio::test]
+    async fn a_producer_that_gives_up_leaves_the_line() {
+        let s = Arc::new(Slot::with_delivery("a", 1, QueueLimits { kanbans: 1, bytes: 1 << 20 }, false));
+        s.push(sized(1, 10), None).await;
+        let s2 = s.clone();
+        let waiting = tokio::spawn(async move { s2.push(sized(2, 10), None).await });
+        while s.lock().waiters.is_empty() {
+            tokio::task::yield_now().await;
+        }
+        waiting.abort();
+        let _ = waiting.await;
+        assert!(s.lock().waiters.is_empty(), "its place is given up");
+        let sess = s.open_session().expect("free");
+        let mut out = Vec::new();
+        s.take(sess, 1, &mut out).await;
+        assert!(s.try_push(sized(3, 10)).is_ok(), "the next producer is not held by a ghost");
     }
 
     #[tokio::test]
