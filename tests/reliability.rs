@@ -1013,8 +1013,11 @@ microservices:
     rt.wait_status("age visible", |s| s["instances"][0]["oldest_inflight_ms"].as_u64() > Some(300));
     drop(rt);
     // With one: killed, restarted, and the kanban redelivered (and so on).
-    let rt = Runtime::start_with_args(hung, &["--ack-timeout", "1"]);
+    let hang_at_2 = hung.replace("SLOW_MS: 600000", "HANG_AT: 2");
+    let rt = Runtime::start_with_args(&hang_at_2, &["--ack-timeout", "1"]);
+    // It handles one kanban (a sign of life), then hangs on the next.
     rt.send("hung", &["--metadata", r#"{"seq":1}"#]);
+    rt.send("hung", &["--metadata", r#"{"seq":2}"#]);
     let s = rt.wait_status("cut off and redelivered", |s| {
         let i = &s["instances"][0];
         i["ack_timeouts"].as_u64() >= Some(1)
@@ -1042,12 +1045,17 @@ microservices:
             Err(e) => panic!("the runtime never cut the session: {e}"),
         }
         while let Ok(Some(m)) = dec.decode::<ServerMsg>() {
+            // The first delivery is acknowledged (a sign of life); the second is held for ever.
+            if let ServerMsg::Deliver { seq: 1, .. } = m {
+                s.write_all(&frames(&[aion::transport::ClientMsg::Ack { upto: 1 }])).expect("ack");
+                rt.send("relay", &["--metadata", r#"{"seq":2}"#]);
+            }
             got.push(m);
         }
     };
     assert_eq!(end, "closed");
     assert!(got.iter().any(|m| matches!(m, ServerMsg::Deliver { .. })), "{got:?}");
-    // Its kanban went back to the queue, and to the relay process the runtime then starts, which handles it.
+    // Its held kanban went back to the queue, and to the relay process the runtime then starts, which handles it.
     let st = rt.wait_status("requeued and handled", |s| {
         let r = instance_of(s, "relay");
         r["redelivered"].as_u64() >= Some(1)
@@ -1272,4 +1280,56 @@ fn sighup_is_ignored_under_nohup() {
     assert!(child.0.try_wait().expect("wait").is_none(), "still running");
     cli(data.path(), &["stop"]).expect("stop");
     assert_eq!(child.0.wait().expect("wait").code(), Some(0));
+}
+
+/// Review finding on D23: the ack timeout measures a lack of progress once a session has shown a sign of life —
+/// a service still in a long `start`, or a seeded source emitting while it holds its seed, is not killed.
+#[test]
+fn the_ack_timeout_spares_slow_starts_and_busy_sources() {
+    let yaml = r#"
+microservices:
+  slowstart:
+    command: ["{testkit}"]
+    always: yes
+    env: { START_MS: 4000, RECORD: "{work}/slowstart.jsonl" }
+  seeded:
+    command: ["{testkit}"]
+    startup: yes
+    always: yes
+    env: { SEED: 1, TICK_MS: 100, EMIT_FOREVER: 1 }
+    nextService: { default: [ { name: sink } ] }
+  sink:
+    command: ["{testkit}"]
+    always: yes
+    env: { RECORD: "{work}/sink.jsonl" }
+"#;
+    let rt = Runtime::start_with_args(yaml, &["--ack-timeout", "1"]);
+    rt.send("slowstart", &["--metadata", r#"{"seq":1}"#]);
+    // The slow starter handles its kanban once its start is over (4 s, past the 1 s timeout), and the seeded
+    // source keeps emitting (30 ticks = 3 s) while it holds its seed: neither was cut off.
+    rt.wait_lines("slowstart.jsonl", 1);
+    rt.wait_lines("sink.jsonl", 30);
+    let s = rt.status();
+    for svc in ["slowstart", "seeded"] {
+        assert_eq!(instance_of(&s, svc)["ack_timeouts"], 0, "{svc}: {s}");
+        assert_eq!(instance_of(&s, svc)["restarts"], 0, "{svc}: {s}");
+    }
+}
+
+/// Review finding on D23: a client that never shows a sign of life is cut off too, after ten times the ack
+/// timeout (it may have been starting).
+#[test]
+fn a_silent_session_is_cut_off_after_the_start_grace() {
+    use aion::transport::PROTOCOL_VERSION;
+    use common::raw::{frames, hello};
+    use std::io::{Read, Write};
+    let rt = Runtime::start_with_args(POISON_YAML, &["--ack-timeout", "0.2"]);
+    let mut s = std::os::unix::net::UnixStream::connect(rt.socket()).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(60))).expect("timeout");
+    s.write_all(&frames(&[hello("relay", 1, PROTOCOL_VERSION)])).expect("hello");
+    rt.send("relay", &["--metadata", r#"{"seq":1}"#]);
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).expect("closed by the runtime");
+    let st = rt.status();
+    assert!(instance_of(&st, "relay")["ack_timeouts"].as_u64() >= Some(1), "{st}");
 }

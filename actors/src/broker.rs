@@ -19,6 +19,10 @@ pub const BACKOFF_START: Duration = Duration::from_millis(100);
 pub const BACKOFF_MAX: Duration = Duration::from_secs(10);
 /// Running at least this long counts as stable and resets the backoff.
 pub const STABLE_AFTER: Duration = Duration::from_secs(10);
+/// Before a session's first acknowledgement or output, the ack timeout is this many times longer (the service may
+/// be in a long start).
+pub const START_GRACE_FACTOR: u32 = 10;
+
 /// This many consecutive quick exits is a crash loop.
 pub const CRASH_LOOP_AFTER: u32 = 5;
 
@@ -150,6 +154,17 @@ pub struct Broker {
     ack_timeout: Option<Duration>,
     /// The liveness ticker and SIGCHLD listener of this incarnation (stopped with it).
     tasks: Vec<tokio::task::AbortHandle>,
+    /// What the liveness checker last saw of each connected instance.
+    progress: std::collections::HashMap<(String, u32), Progress>,
+}
+
+/// An instance's progress as last seen by the liveness checker.
+struct Progress {
+    session: u64,
+    /// Outputs accepted plus acknowledgements.
+    progress: u64,
+    /// When it last changed (or deliveries were last all acknowledged).
+    at: Instant,
 }
 
 impl Drop for Broker {
@@ -194,6 +209,7 @@ impl Broker {
             pending_start: VecDeque::new(),
             ack_timeout: None,
             tasks: Vec::new(),
+            progress: std::collections::HashMap::new(),
         }
     }
 
@@ -205,21 +221,40 @@ impl Broker {
     }
 
     /// Kills and cuts off every instance past the ack timeout; their kanbans are redelivered.
+    /// Cuts off the instances that made no progress (no acknowledgement, no output) for longer than the ack
+    /// timeout while deliveries were in flight — once their session has shown a sign of life: a service still in
+    /// a long `start` is not judged, and one busy emitting is making progress.
     fn check_liveness(&mut self) {
         let Some(limit) = self.ack_timeout else { return };
         if self.shutdown.is_some() {
             return;
         }
+        let now = Instant::now();
         for slot in self.router.slots() {
-            let Some(age) = slot.oldest_inflight_age().filter(|a| *a > limit) else { continue };
             let key = (slot.service.clone(), slot.instance);
+            let Some((session, busy, progress, alive)) = slot.liveness() else {
+                self.progress.remove(&key);
+                continue;
+            };
+            let seen = self.progress.entry(key.clone()).or_insert(Progress { session, progress, at: now });
+            if seen.session != session || seen.progress != progress || !busy {
+                *seen = Progress { session, progress, at: now };
+                continue;
+            }
+            let stalled = now.duration_since(seen.at);
+            // Before any sign of life the service may still be starting: it gets ten times as long.
+            let allowed = if alive { limit } else { limit * START_GRACE_FACTOR };
+            if stalled <= allowed {
+                continue;
+            }
             tracing::warn!(
                 service = %slot.service,
                 instance = slot.instance,
-                waited_ms = age.as_millis() as u64,
-                "no acknowledgement within the ack timeout ({}s): the instance is cut off and killed; its kanbans are redelivered",
+                stalled_ms = stalled.as_millis() as u64,
+                "no acknowledgement and no output within the ack timeout ({}s) with deliveries waiting: the instance is cut off and killed; its kanbans are redelivered",
                 limit.as_secs_f64()
             );
+            self.progress.remove(&key);
             slot.evict();
             if let Some(st) = self.insts.get(&key).and_then(|i| i.stopper.as_ref()) {
                 st.kill();

@@ -70,6 +70,8 @@ struct Inner {
     /// kanban waiting for room is not overtaken for ever by small ones.
     waiters: VecDeque<u64>,
     next_ticket: u64,
+    /// The progress counter (outputs + acknowledgements) when the current session opened.
+    progress_base: u64,
 }
 
 impl Inner {
@@ -171,6 +173,7 @@ impl Slot {
                 evicted: None,
                 waiters: VecDeque::new(),
                 next_ticket: 0,
+                progress_base: 0,
             }),
             items: Notify::new(),
             space: Notify::new(),
@@ -335,6 +338,7 @@ impl Slot {
         g.inflight = 0;
         g.progress_at = None;
         g.evicted = None;
+        g.progress_base = self.progress_count();
         self.connected.store(true, Ordering::SeqCst);
         self.items.notify_waiters();
         Some(g.session)
@@ -408,6 +412,22 @@ impl Slot {
     /// How long the oldest unacknowledged delivery of the current session has been waiting.
     pub fn oldest_inflight_age(&self) -> Option<std::time::Duration> {
         self.lock().progress_at.map(|t| t.elapsed())
+    }
+
+    fn progress_count(&self) -> u64 {
+        self.stats.kanbans_out.load(Ordering::Relaxed).wrapping_add(self.stats.acked.load(Ordering::Relaxed))
+    }
+
+    /// What liveness checks need: the current session (if any), whether deliveries are in flight, its progress
+    /// counter (outputs accepted plus acknowledgements: sampled, so the hot path pays nothing for it), and whether
+    /// the session has made progress since it opened (a sign of life).
+    pub fn liveness(&self) -> Option<(u64, bool, u64, bool)> {
+        let g = self.lock();
+        if !self.connected.load(Ordering::SeqCst) {
+            return None;
+        }
+        let progress = self.progress_count();
+        Some((g.session, g.inflight > 0, progress, progress != g.progress_base))
     }
 
     /// Cuts the current session off (no acknowledgement within the ack timeout): its next `take` ends it, and

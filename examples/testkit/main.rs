@@ -19,6 +19,10 @@
 //! - `SEED=1`: ask for AION's seed kanban at start (START_SERVICE_WITHOUT_KANBAN).
 //! - `STATICS_READ=1`: at start, record the metadata of every static kanban on topic `t`.
 //! - `STATICS=1`: put two static kanbans on topic `t`, delete the first, subscribe, and record what it sees.
+//! - `HANG_AT=s`: hang (sleep for ever, without acknowledging) on the kanban with `seq == s`.
+//! - `START_MS=n`: sleep n ms at the start, before anything else (a slow start: loading a model).
+//! - `EMIT_FOREVER=1` with `TICK_MS=n`: on its first kanban (a seed), emit an output with `metadata.seq` 1, 2, …
+//!   every n ms, for ever (a source that holds its seed kanban for its whole life).
 use aion_sdk::{metadata_to_json, Ctx, Error, Kanban, Output, Service, Value};
 use std::io::Write;
 
@@ -35,6 +39,9 @@ struct Kit {
     statics: bool,
     oneshot: bool,
     chunk: u64,
+    start_ms: u64,
+    forever_tick: Option<u64>,
+    hang_at: Option<u64>,
 }
 
 impl Kit {
@@ -49,6 +56,9 @@ impl Kit {
 
 impl Service for Kit {
     async fn start(&mut self, ctx: &mut Ctx) -> Result<(), Error> {
+        if self.start_ms > 0 {
+            tokio::time::sleep(std::time::Duration::from_millis(self.start_ms)).await;
+        }
         if std::env::var("STATICS_READ").as_deref() == Ok("1") {
             let all: Vec<serde_json::Value> =
                 ctx.static_get("t").await?.iter().map(|(_, k)| metadata_to_json(&k.metadata)).collect();
@@ -97,6 +107,12 @@ impl Service for Kit {
     }
 
     async fn handle(&mut self, k: Kanban, ctx: &mut Ctx) -> Result<(), Error> {
+        if let Some(tick) = self.forever_tick {
+            for seq in 1u64.. {
+                ctx.emit(Output::new().meta("seq", seq)).await?;
+                tokio::time::sleep(std::time::Duration::from_millis(tick)).await;
+            }
+        }
         let seq = k.metadata.get("seq").and_then(Value::as_f64).unwrap_or(-1.0) as i64;
         if let Some(d) = self.die_at {
             let marker = std::path::Path::new(ctx.data_path()).join("died");
@@ -107,6 +123,9 @@ impl Service for Kit {
         }
         if self.slow > 0 {
             tokio::time::sleep(std::time::Duration::from_millis(self.slow)).await;
+        }
+        if self.hang_at == Some(seq as u64) {
+            std::future::pending::<()>().await;
         }
         // Large padding is recorded as its length, so sinks of big kanbans stay small.
         let mut shown = k.metadata.clone();
@@ -176,6 +195,10 @@ fn main() -> std::process::ExitCode {
             statics: var("STATICS").as_deref() == Some("1"),
             oneshot: var("ONESHOT").as_deref() == Some("1"),
             chunk: var("CHUNK").and_then(|v| v.parse().ok()).unwrap_or(0),
+            start_ms: var("START_MS").and_then(|v| v.parse().ok()).unwrap_or(0),
+            hang_at: var("HANG_AT").and_then(|v| v.parse().ok()),
+            forever_tick: (var("EMIT_FOREVER").as_deref() == Some("1"))
+                .then(|| var("TICK_MS").and_then(|v| v.parse().ok()).unwrap_or(100)),
         },
         opts,
     )
