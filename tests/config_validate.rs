@@ -208,6 +208,21 @@ fn an_alias_bomb_is_refused_at_the_alias() {
     assert_eq!(cfg.microservices["y"].env["B"], "2");
 }
 
+/// Review finding on D4: anchors without any alias are copied too (to be aliased later): nested anchors over a
+/// large node count against the same budget, so a file cannot cost its size times its depth.
+#[test]
+fn nested_anchors_count_against_the_budget() {
+    let leaf = vec!["x"; 20_000].join(",");
+    let mut text = format!("[{leaf}]");
+    for i in 0..100 {
+        text = format!("&a{i} [{text}]");
+    }
+    let l = load_str("anchors.yml", &format!("a: {text}\nmicroservices:\n  x:\n    command: [\"true\"]\n"));
+    assert!(l.config.is_none(), "refused");
+    let d = &l.diagnostics[0];
+    assert!(d.message.contains("expand"), "{d}");
+}
+
 /// D16: deep block nesting is an error with its position, not a stack overflow.
 #[test]
 fn deep_nesting_is_an_error_not_a_crash() {

@@ -84,8 +84,8 @@ enum Frame {
 /// keeps hostile files from exhausting the stack or memory.
 pub const MAX_DEPTH: usize = 128;
 
-/// How much alias expansion (nodes, plus scalar bytes / 32) a document may add beyond its own text. A real file's
-/// aliases (shared `env` blocks) add a few thousand; a "billion laughs" file would add billions.
+/// How much copying for anchors and aliases (nodes, plus scalar bytes / 32) a document may cost beyond its own
+/// text. A real file's aliases (shared `env` blocks) cost a few thousand; a "billion laughs" file billions.
 pub const MAX_ALIAS_EXPANSION: usize = 100_000;
 
 #[derive(Default)]
@@ -113,8 +113,11 @@ fn weight(n: &Node) -> usize {
 impl Builder {
     fn push_node(&mut self, node: Node, anchor: usize) {
         if anchor > 0 {
+            // Keeping an anchored node for its aliases is a copy: it counts against the budget too.
             let w = weight(&node);
-            self.anchors.insert(anchor, (node.clone(), w));
+            if self.charge(w, node.pos()) {
+                self.anchors.insert(anchor, (node.clone(), w));
+            }
         }
         match self.stack.last_mut() {
             None => {
@@ -128,6 +131,19 @@ impl Builder {
                 Some(k) => entries.push((k, node)),
             },
         }
+    }
+
+    /// Adds `w` to what copies have cost; false (and an error at `pos`) past the budget.
+    fn charge(&mut self, w: usize, pos: Pos) -> bool {
+        self.expanded = self.expanded.saturating_add(w);
+        if self.expanded > MAX_ALIAS_EXPANSION {
+            let message = format!(
+                "anchors and aliases expand to more than {MAX_ALIAS_EXPANSION} nodes (an alias bomb?); expand them by hand if this is meant"
+            );
+            self.fail(pos, message);
+            return false;
+        }
+        true
     }
 
     fn fail(&mut self, pos: Pos, message: String) {
@@ -155,17 +171,15 @@ impl Builder {
                 };
                 self.push_node(node.0, node.1);
             }
-            Event::Alias(id) => match self.anchors.get(&id) {
-                Some((n, w)) => {
-                    self.expanded = self.expanded.saturating_add(*w);
-                    if self.expanded > MAX_ALIAS_EXPANSION {
-                        let message = format!(
-                            "aliases expand to more than {MAX_ALIAS_EXPANSION} nodes (an alias bomb?); expand them by hand if this is meant"
-                        );
-                        return self.fail(pos, message);
+            Event::Alias(id) => match self.anchors.get(&id).map(|(_, w)| *w) {
+                Some(w) => {
+                    if !self.charge(w, pos) {
+                        return;
                     }
-                    let n = n.clone();
-                    self.push_node(n, 0);
+                    if let Some((n, _)) = self.anchors.get(&id) {
+                        let n = n.clone();
+                        self.push_node(n, 0);
+                    }
                 }
                 None => self.fail(pos, "alias to an unknown anchor".into()),
             },
