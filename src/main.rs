@@ -62,7 +62,7 @@ enum Cmd {
         #[arg(long, default_value_t = 1024)]
         queue_capacity: usize,
         /// Per-instance bound of the memory held by queued and in-flight kanbans (MiB); an empty queue still takes
-        /// one kanban of any size.
+        /// one kanban of any size. 0: no memory bound.
         #[arg(long, default_value_t = 64)]
         queue_max_mb: usize,
         /// Record every hop in the kanban archive (the replicator; `aion kanban log/trace`). Costs throughput
@@ -247,7 +247,8 @@ fn main() -> ExitCode {
                     strict,
                     grace,
                     queue_capacity,
-                    queue_max_bytes: queue_max_mb.saturating_mul(1 << 20),
+                    // 0: no memory bound (the kanban count still bounds the queue).
+                    queue_max_bytes: if queue_max_mb == 0 { usize::MAX } else { queue_max_mb.saturating_mul(1 << 20) },
                     archive,
                     retention,
                     mongo,

@@ -157,6 +157,10 @@ pub fn kill_marked(prefix: &str) -> usize {
 /// own waiters collect): descendants adopted as the subreaper. Returns how many.
 pub fn reap_adopted(keep: &std::collections::HashSet<u32>) -> usize {
     use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+    // Only a subreaper adopts: otherwise a zombie child here is someone else's to collect (an embedder's).
+    if !nix::sys::prctl::get_child_subreaper().unwrap_or(false) {
+        return 0;
+    }
     let me = std::process::id();
     let mut n = 0;
     let Ok(rd) = std::fs::read_dir("/proc") else { return 0 };

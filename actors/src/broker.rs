@@ -255,9 +255,13 @@ impl Broker {
                 limit.as_secs_f64()
             );
             self.progress.remove(&key);
+            let client = slot.session_pid();
             slot.evict();
-            if let Some(st) = self.insts.get(&key).and_then(|i| i.stopper.as_ref()) {
-                st.kill();
+            // Kill our process only if the hung session is its (a stranger's session is cut off, no more).
+            if let Some(inst) = self.insts.get(&key) {
+                if let (Some(st), true) = (&inst.stopper, client == Some(inst.pid)) {
+                    st.kill();
+                }
             }
         }
     }
@@ -369,16 +373,16 @@ impl Broker {
         inst.pid = 0;
         inst.stopper = None;
         inst.last_exit = Some(info.to_string());
-        // Its processes that left its process group (setsid, daemons) end with it.
-        let escaped = backend::kill_marked(&backend::instance_marker(&self.env.run_marker, &service, instance, gen));
-        if escaped > 0 {
-            tracing::warn!(
-                service,
-                instance,
-                processes = escaped,
-                "killed processes that had left the instance's process group"
-            );
-        }
+        // Its processes that left its process group (setsid, daemons) end with it (a scan of /proc: off the
+        // broker's thread).
+        let marker = backend::instance_marker(&self.env.run_marker, &service, instance, gen);
+        let svc = service.clone();
+        tokio::task::spawn_blocking(move || {
+            let escaped = backend::kill_marked(&marker);
+            if escaped > 0 {
+                tracing::warn!(service = %svc, instance, processes = escaped, "killed processes that had left the instance's process group");
+            }
+        });
         let ran = inst.started_at.map_or(Duration::ZERO, |t| t.elapsed());
         if ran >= STABLE_AFTER {
             inst.quick_exits = 0;

@@ -123,7 +123,7 @@ pub(crate) fn open_session(
             None => format!("unknown service `{service}`"),
         });
     };
-    let Some(sess) = slot.open_session() else {
+    let Some(sess) = slot.open_session_for(pid) else {
         return Err(format!("instance {}-{} already has a session", slot.service, slot.instance));
     };
     let session_no = shared.stats.sessions.fetch_add(1, Ordering::Relaxed) + 1;
@@ -343,6 +343,8 @@ async fn session(shared: Shared, mut r: LinkReader<ClientMsg>, mut w: LinkWriter
     let inflight: Mutex<VecDeque<(u64, Box<WireKanban>)>> = Mutex::new(VecDeque::new());
     let (ctl_tx, mut ctl_rx) = mpsc::channel::<Outgoing>(1024);
     let outcome: Mutex<Result<(), String>> = Mutex::new(Ok(()));
+    // Set when a write was abandoned half-way: nothing more can be written on this stream.
+    let cut = std::sync::atomic::AtomicBool::new(false);
 
     // The writer owns the socket's sending half and is never cancelled mid-write: the session ends when it
     // returns (Close from the reader, a write error, or the session being replaced by a newer one). The error that
@@ -412,7 +414,18 @@ async fn session(shared: Shared, mut r: LinkReader<ClientMsg>, mut w: LinkWriter
                 tracing::error!(service = %slot.service, instance = slot.instance, "cannot encode a message: {e}");
                 return;
             }
-            if let Err(e) = w.flush().await {
+            // A client that does not read blocks this write: cutting the session off (the ack timeout) must reach
+            // it here too.
+            let flushed = tokio::select! {
+                r = w.flush() => r,
+                _ = slot.evicted(sess) => {
+                    let why = "no acknowledgement within the ack timeout (and not reading): session cut off";
+                    *outcome.lock().unwrap_or_else(|p| p.into_inner()) = Err(why.into());
+                    cut.store(true, Ordering::Relaxed);
+                    return;
+                }
+            };
+            if let Err(e) = flushed {
                 tracing::warn!(service = %slot.service, instance = slot.instance, "write failed: {e}");
                 return;
             }
@@ -443,7 +456,9 @@ async fn session(shared: Shared, mut r: LinkReader<ClientMsg>, mut w: LinkWriter
         Err(reason) => {
             shared.stats.rejected.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(service = %slot.service, instance = slot.instance, requeued = n, "session closed: {reason}");
-            let _ = tokio::time::timeout(Duration::from_secs(5), w.send_one(ServerMsg::Error { reason })).await;
+            if !cut.load(Ordering::Relaxed) {
+                let _ = tokio::time::timeout(Duration::from_secs(5), w.send_one(ServerMsg::Error { reason })).await;
+            }
         }
     }
     w.close().await;

@@ -200,16 +200,22 @@ impl Node {
         }
         // Queued kanbans stay in the store; each instance's backlog is paged in as its queue has room.
         let (mut restored, mut kept) = (0usize, 0usize);
-        let mut backlogs = Vec::new();
+        // One feeder per instance, for its backlogs in order (a Redis queue may have been found under two keys).
+        let mut backlogs: Vec<(Arc<crate::slot::Slot>, Vec<crate::store::Backlog>)> = Vec::new();
         for b in recovered {
             match router.slot(&b.service, b.instance) {
                 Some(slot) => {
                     restored += b.count;
-                    slot.set_backlog(b.count);
-                    backlogs.push((slot.clone(), b));
+                    match backlogs.iter_mut().find(|(s, _)| Arc::ptr_eq(s, slot)) {
+                        Some((_, bs)) => bs.push(b),
+                        None => backlogs.push((slot.clone(), vec![b])),
+                    }
                 }
                 None => kept += b.count,
             }
+        }
+        for (slot, bs) in &backlogs {
+            slot.set_backlog(bs.iter().map(|b| b.count).sum());
         }
         if restored > 0 {
             tracing::info!(kanbans = restored, "recovered queued kanbans from the store");
@@ -221,8 +227,8 @@ impl Node {
             );
         }
         let router = Arc::new(router);
-        for (slot, b) in backlogs {
-            tokio::spawn(feed_backlog(router.clone(), slot, b));
+        for (slot, bs) in backlogs {
+            tokio::spawn(feed_backlog(router.clone(), slot, bs));
         }
         if let Some(mut adopted) = router.store().and_then(|s| s.take_adopted()) {
             // Kanbans the store found in its queues while running (see `redis_store`): deliver them.
@@ -402,36 +408,36 @@ impl Node {
     }
 }
 
-/// Pages an instance's backlog in from the store as its queue has room, oldest first; then lets producers in.
-async fn feed_backlog(router: Arc<Router>, slot: Arc<crate::slot::Slot>, b: crate::store::Backlog) {
+/// Pages an instance's backlogs in from the store as its queue has room, oldest first; then lets producers in.
+async fn feed_backlog(router: Arc<Router>, slot: Arc<crate::slot::Slot>, backlogs: Vec<crate::store::Backlog>) {
     let Some(store) = router.store().cloned() else {
         slot.end_backlog();
         return;
     };
-    let mut after = b.after.clone();
-    let mut delay = Duration::from_millis(50);
-    loop {
-        let (rows, bytes) = slot.backlog_room().await;
-        match store.page(&b, &after, rows.min(256), bytes).await {
-            Ok(page) => {
-                let Some(next) = page.next else {
-                    slot.end_backlog();
-                    return;
-                };
-                after = next;
-                for k in page.kanbans {
-                    slot.restore_paged(k);
+    for b in backlogs {
+        let mut after = b.after.clone();
+        let mut delay = Duration::from_millis(50);
+        loop {
+            let (rows, bytes) = slot.backlog_room().await;
+            match store.page(&b, &after, rows.min(256), bytes).await {
+                Ok(page) => {
+                    let Some(next) = page.next else { break };
+                    after = next;
+                    for k in page.kanbans {
+                        slot.restore_paged(k);
+                    }
+                    delay = Duration::from_millis(50);
                 }
-                delay = Duration::from_millis(50);
-            }
-            Err(crate::store::StoreError::Closed) => return, // shutting down
-            Err(e) => {
-                tracing::error!(service = %b.service, instance = b.instance, "cannot read queued kanbans from the store, retrying in {delay:?}: {e}");
-                tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(Duration::from_secs(5));
+                Err(crate::store::StoreError::Closed) => return, // shutting down
+                Err(e) => {
+                    tracing::error!(service = %b.service, instance = b.instance, "cannot read queued kanbans from the store, retrying in {delay:?}: {e}");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(5));
+                }
             }
         }
     }
+    slot.end_backlog();
 }
 
 async fn inject(

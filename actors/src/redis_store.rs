@@ -364,6 +364,7 @@ impl Writer {
                     count,
                     after: Cursor::Entry("0-0".into()),
                     until: Cursor::Entry(last),
+                    key: Some(key.clone()),
                 });
             }
             self.remove_idle_consumers(&mut conn, &key).await;
@@ -464,7 +465,8 @@ impl Writer {
             return Ok(Page::default());
         };
         let mut conn = self.conn().await?;
-        let key = before_key(&req.service, req.instance);
+        // The stream as recovery found it (a stream written by another tool may not be zero-padded).
+        let key = req.key.clone().unwrap_or_else(|| before_key(&req.service, req.instance));
         let mut after = after.clone();
         let mut page = Page::default();
         let mut bytes = 0usize;

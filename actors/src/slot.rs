@@ -72,13 +72,15 @@ struct Inner {
     next_ticket: u64,
     /// The progress counter (outputs + acknowledgements) when the current session opened.
     progress_base: u64,
+    /// The pid the current session's client gave (0: in-process or unknown).
+    session_pid: u32,
 }
 
 impl Inner {
     /// True when a new kanban of `size` bytes must wait: the queue is full in kanbans or in bytes (an empty queue
     /// always takes one, whatever its size), or the backlog is still being paged in.
     fn must_wait(&self, capacity: usize, max_bytes: usize, size: usize) -> bool {
-        self.loading || self.ready.len() >= capacity || (self.bytes > 0 && self.bytes + size > max_bytes)
+        self.loading || self.ready.len() >= capacity || (self.bytes > 0 && self.bytes.saturating_add(size) > max_bytes)
     }
 }
 
@@ -174,6 +176,7 @@ impl Slot {
                 waiters: VecDeque::new(),
                 next_ticket: 0,
                 progress_base: 0,
+                session_pid: 0,
             }),
             items: Notify::new(),
             space: Notify::new(),
@@ -330,10 +333,16 @@ impl Slot {
     /// Starts a new session and returns its number, unless a session is already connected (an instance has
     /// at most one session; a second client for a live instance is refused).
     pub fn open_session(&self) -> Option<u64> {
+        self.open_session_for(0)
+    }
+
+    /// [`Slot::open_session`] for a client that says it is process `pid`.
+    pub fn open_session_for(&self, pid: u32) -> Option<u64> {
         let mut g = self.lock();
         if self.connected.load(Ordering::SeqCst) {
             return None;
         }
+        g.session_pid = pid;
         g.session += 1;
         g.inflight = 0;
         g.progress_at = None;
@@ -442,6 +451,28 @@ impl Slot {
         self.stats.ack_timeouts.fetch_add(1, Ordering::Relaxed);
         self.items.notify_waiters();
         true
+    }
+
+    /// The pid the connected session's client gave, if a session is connected.
+    pub fn session_pid(&self) -> Option<u32> {
+        let g = self.lock();
+        self.connected.load(Ordering::SeqCst).then_some(g.session_pid)
+    }
+
+    /// Completes when `session` is cut off by [`Slot::evict`] (or is no longer the current one).
+    pub async fn evicted(&self, session: u64) {
+        loop {
+            let notified = self.items.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            {
+                let g = self.lock();
+                if g.session != session || g.evicted == Some(session) {
+                    return;
+                }
+            }
+            notified.await;
+        }
     }
 
     /// True when `session` was cut off by [`Slot::evict`].

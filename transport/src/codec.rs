@@ -30,9 +30,12 @@ pub enum FrameError {
 pub fn encode_into<T: Serialize>(msg: &T, out: &mut Vec<u8>) -> Result<(), FrameError> {
     let start = out.len();
     out.extend_from_slice(&[0; 4]);
-    let mut buf = std::mem::take(out);
-    buf = postcard::to_extend(msg, buf).map_err(|e| FrameError::Malformed(e.to_string()))?;
-    *out = buf;
+    // Appends in place; on any error the buffer is cut back to where this frame began (the frames before it,
+    // queued in the same buffer, are kept).
+    if let Err(e) = postcard::serialize_with_flavor::<T, _, ()>(msg, Append(out)) {
+        out.truncate(start);
+        return Err(FrameError::Malformed(e.to_string()));
+    }
     let len = out.len() - start - 4;
     if len > MAX_FRAME {
         out.truncate(start);
@@ -40,6 +43,24 @@ pub fn encode_into<T: Serialize>(msg: &T, out: &mut Vec<u8>) -> Result<(), Frame
     }
     out[start..start + 4].copy_from_slice(&(len as u32).to_le_bytes());
     Ok(())
+}
+
+/// A postcard output that appends to a borrowed buffer.
+struct Append<'a>(&'a mut Vec<u8>);
+
+impl postcard::ser_flavors::Flavor for Append<'_> {
+    type Output = ();
+    fn try_extend(&mut self, data: &[u8]) -> postcard::Result<()> {
+        self.0.extend_from_slice(data);
+        Ok(())
+    }
+    fn try_push(&mut self, data: u8) -> postcard::Result<()> {
+        self.0.push(data);
+        Ok(())
+    }
+    fn finalize(self) -> postcard::Result<()> {
+        Ok(())
+    }
 }
 
 /// Incremental frame decoder.
@@ -170,6 +191,16 @@ mod tests {
         let mut d = FrameDecoder::default();
         d.push(&u32::MAX.to_le_bytes());
         assert_eq!(d.decode::<ClientMsg>(), Err(FrameError::TooLarge(u32::MAX as usize)));
+    }
+
+    #[test]
+    fn an_oversized_frame_leaves_the_frames_before_it() {
+        let mut wire = Vec::new();
+        encode_into(&ClientMsg::Bye, &mut wire).expect("encode");
+        let before = wire.clone();
+        let big = ClientMsg::StaticSubscribe { topic: "t".repeat(MAX_FRAME) };
+        assert!(matches!(encode_into(&big, &mut wire), Err(FrameError::TooLarge(_))));
+        assert_eq!(wire, before, "cut back to the frame that failed");
     }
 
     #[test]
