@@ -122,7 +122,7 @@ fn broken_cases() -> Vec<(&'static str, Vec<Expect>)> {
             vec![(2, 1, W, "document: unknown key `bogus`"), (8, 17, W, "routing cycle a > a"), (9, 11, W, "unknown key `colour`")],
         ),
         // D19: what `run` would refuse or misread, `validate` reports.
-        ("microservices:\n  a:\n    command: []\n", vec![(3, 14, E, "microservices.a.command: the command is empty")]),
+        ("microservices:\n  a:\n    command: []\n", vec![(3, 14, W, "microservices.a.command: the command is empty")]),
         ("microservices:\n  a:\n    command: [\"\"]\n", vec![(3, 15, E, "microservices.a.command[0]: the program name is empty")]),
         (
             "microservices:\n  a:\n    command: [x]\n    env:\n      K: \"a\\0b\"\n",

@@ -355,9 +355,10 @@ fn microservice(cx: &mut Cx, name: &str, name_pos: Pos, node: &Node, env: &Route
                         cx.err(v.pos(), format!("{p}: expected a list (argv, no shell), e.g. [\"python3\", \"main.py\"], found a scalar"));
                         ok = false;
                     }
+                    // Fine for an in-process service or an image (Kubernetes); a local process needs a program, and
+                    // `aion run` refuses the file then, saying so.
                     Node::Seq(items, _) if items.is_empty() => {
-                        cx.err(v.pos(), format!("{p}: the command is empty; give the program and its arguments (`[\"python3\", \"main.py\"]`), or leave `command` out for an image-only service"));
-                        ok = false;
+                        cx.warn(v.pos(), format!("{p}: the command is empty: this service cannot run as a local process (only in-process, or as an image); give the program and its arguments, e.g. [\"python3\", \"main.py\"]"));
                     }
                     _ => match string_list(cx, v, &p) {
                         Some(l) => {
