@@ -239,6 +239,8 @@ async fn run_node_with(
     }
     let dir = tempfile::tempdir().expect("tmp").keep();
     let mut opts = NodeOptions::new(dir, cfg);
+    // The ping-pong scenarios are a loop of N round trips by design.
+    opts.hop_limit = 0;
     opts.inproc = reg;
     opts.queue_capacity = 4096;
     opts.archive = archive;

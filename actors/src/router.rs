@@ -38,8 +38,10 @@ pub struct Router {
 /// Metadata larger than this is not copied into the archive (a note with its size is archived instead).
 pub const ARCHIVED_METADATA_MAX: usize = 1 << 20;
 
-/// The default hop limit: how many times a chain may be routed before it is taken for a routing cycle.
-pub const DEFAULT_HOP_LIMIT: u32 = 100;
+/// The default hop limit: how many times a chain may be routed before it is taken for a routing cycle. Far above
+/// any pipeline's length, so only a loop reaches it — a runaway one within seconds; a loop that is meant to run
+/// long (a ping-pong, a service polling through itself) needs `--hop-limit 0` (or a higher limit).
+pub const DEFAULT_HOP_LIMIT: u32 = 1000;
 
 impl Router {
     /// Builds slots (1..=scale per service, each within `limits`) for `cfg`; lifecycle requests go to `lifecycle`.

@@ -648,7 +648,7 @@ fn warn_cycles(cx: &mut Cx) {
         cx.warn(
             pos,
             format!(
-                "routing cycle {names}: a kanban on it goes round until the hop limit (`aion run --hop-limit`, default 100) dead-letters it"
+                "routing cycle {names}: a kanban on it goes round until the hop limit (`aion run --hop-limit`, default 1000; 0 for none) dead-letters it"
             ),
         );
     }
