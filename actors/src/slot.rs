@@ -63,7 +63,8 @@ struct Inner {
     seen_order: VecDeque<KanbanId>,
     /// While deliveries are in flight: when the oldest of them was sent, or the last acknowledgement came (with
     /// cumulative acknowledgements, either is when the oldest unacknowledged delivery started waiting).
-    progress_at: Option<std::time::Instant>,
+    /// (Milliseconds of [`coarse_ms`], 0 for none: reading it costs a few nanoseconds on the hot path.)
+    progress_at: u64,
     /// A session cut off (see [`Slot::evict`]): its `take` ends it.
     evicted: Option<u64>,
     /// Producers waiting for room, in arrival order (their tickets): admitted first come, first served, so a large
@@ -77,6 +78,12 @@ struct Inner {
 }
 
 impl Inner {
+    /// True when a producer (in the line) or the backlog feeder waits for room: only then is freed room worth a
+    /// wake-up (notifying costs a lock even with nobody waiting). Both register under the lock before they wait.
+    fn someone_waits_for_room(&self) -> bool {
+        !self.waiters.is_empty() || self.loading
+    }
+
     /// True when a new kanban of `size` bytes must wait: the queue is full in kanbans or in bytes (an empty queue
     /// always takes one, whatever its size), or the backlog is still being paged in.
     fn must_wait(&self, capacity: usize, max_bytes: usize, size: usize) -> bool {
@@ -109,6 +116,13 @@ pub struct Slot {
     pub stopping: AtomicBool,
     /// This instance as a producer ([`KanbanId::producer_key`]): mixed into the id of every output it emits.
     pub producer: u128,
+}
+
+/// Milliseconds of the coarse monotonic clock, plus one (so that 0 means "none"): a few nanoseconds to read, and
+/// millisecond resolution is what in-flight ages need.
+fn coarse_ms() -> u64 {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC_COARSE)
+        .map_or(1, |t| (t.tv_sec().max(0) as u64) * 1000 + (t.tv_nsec().max(0) as u64) / 1_000_000 + 1)
 }
 
 /// A producer's place in a slot's line of waiting producers; leaving (the push future dropped) gives it up.
@@ -171,7 +185,7 @@ impl Slot {
                 session: 0,
                 seen: IdSet::default(),
                 seen_order: VecDeque::new(),
-                progress_at: None,
+                progress_at: 0,
                 evicted: None,
                 waiters: VecDeque::new(),
                 next_ticket: 0,
@@ -345,7 +359,7 @@ impl Slot {
         g.session_pid = pid;
         g.session += 1;
         g.inflight = 0;
-        g.progress_at = None;
+        g.progress_at = 0;
         g.evicted = None;
         g.progress_base = self.progress_count();
         self.connected.store(true, Ordering::SeqCst);
@@ -373,12 +387,15 @@ impl Slot {
                     let n = room.min(g.ready.len());
                     out.extend(g.ready.drain(..n));
                     if g.inflight == 0 {
-                        g.progress_at = Some(std::time::Instant::now());
+                        g.progress_at = coarse_ms();
                     }
                     g.inflight += n;
+                    let wake = g.someone_waits_for_room();
                     drop(g);
                     self.stats.delivered.fetch_add(n as u64, Ordering::Relaxed);
-                    self.space.notify_waiters();
+                    if wake {
+                        self.space.notify_waiters();
+                    }
                     return;
                 }
             }
@@ -391,13 +408,16 @@ impl Slot {
         let mut g = self.lock();
         if g.session == session {
             g.inflight = g.inflight.saturating_sub(n);
-            g.progress_at = (g.inflight > 0).then(std::time::Instant::now);
+            g.progress_at = if g.inflight > 0 { coarse_ms() } else { 0 };
         }
         g.bytes = g.bytes.saturating_sub(bytes);
+        let wake = g.someone_waits_for_room();
         drop(g);
         self.stats.acked.fetch_add(n as u64, Ordering::Relaxed);
         self.items.notify_waiters();
-        self.space.notify_waiters();
+        if wake {
+            self.space.notify_waiters();
+        }
     }
 
     /// Ends `session`: its unacknowledged kanbans go back to the front of the queue, in order.
@@ -409,7 +429,7 @@ impl Slot {
         }
         if g.session == session {
             g.inflight = 0;
-            g.progress_at = None;
+            g.progress_at = 0;
             g.evicted = None;
             self.connected.store(false, Ordering::SeqCst);
         }
@@ -420,7 +440,8 @@ impl Slot {
 
     /// How long the oldest unacknowledged delivery of the current session has been waiting.
     pub fn oldest_inflight_age(&self) -> Option<std::time::Duration> {
-        self.lock().progress_at.map(|t| t.elapsed())
+        let since = self.lock().progress_at;
+        (since > 0).then(|| std::time::Duration::from_millis(coarse_ms().saturating_sub(since)))
     }
 
     fn progress_count(&self) -> u64 {

@@ -253,12 +253,15 @@ impl KanbanId {
     }
 
     /// The id an output proposed as `self` gets once accepted from the producer whose key is `producer`
-    /// ([`KanbanId::producer_key`]). For one producer this is a bijection (different proposals stay different,
+    /// ([`KanbanId::producer_key`]): the proposal with the producer's key in its high half. For one producer this is
+    /// a bijection (different proposals stay different,
     /// the same proposal always maps to the same id, so redelivery deduplication still works); for different
     /// producers the same proposal maps to different ids. So the outputs of two branches of a fan-out, derived
     /// from the same input id, are two kanbans with two ids when they meet again downstream.
     pub fn of_producer(self, producer: u128) -> KanbanId {
-        KanbanId(mix(self.0 ^ producer))
+        // Only the high half changes: a producer's generated ids (random prefix, counter) stay in order, which
+        // keeps the durable queue's index appending rather than inserting at random.
+        KanbanId(self.0 ^ (producer & (u128::from(u64::MAX) << 64)))
     }
 
     /// The id of the `n`-th extra copy (n ≥ 1) of a kanban routed more than once to the same instance by one
