@@ -280,9 +280,18 @@ fn yaml_doc() -> impl Strategy<Value = String> {
     })
 }
 
+/// The number of lines as YAML counts them: `\n`, `\r\n` and a lone `\r` all end a line (Rust's `lines()` does
+/// not count a lone `\r`), plus the last line.
+fn yaml_lines(text: &str) -> usize {
+    let b = text.as_bytes();
+    let breaks =
+        b.iter().enumerate().filter(|(i, c)| **c == b'\n' || (**c == b'\r' && b.get(i + 1) != Some(&b'\n'))).count();
+    breaks + 1
+}
+
 fn check_loader(text: &str) -> Result<(), TestCaseError> {
     let l = load_str("fuzz.yml", text);
-    let lines = text.lines().count() + 1;
+    let lines = yaml_lines(text) + 1;
     for d in &l.diagnostics {
         prop_assert!(d.line <= lines, "{} points outside the file ({lines} lines)", d);
         prop_assert!(!d.message.is_empty());
@@ -316,4 +325,14 @@ fn fuzz_services_yml_loader() {
         }
         check_loader(&format!("{}{}{}", &base[..i], ins, &base[i..]))
     });
+}
+
+/// Found by the fuzzer: a lone `\r` is a line break to YAML, so a diagnostic may point at a line `str::lines()`
+/// does not count. It is inside the file all the same.
+#[test]
+fn a_lone_carriage_return_counts_as_a_line() {
+    let text = "microservices:\n  a:\r    command: [x\n";
+    let l = load_str("cr.yml", text);
+    assert!(l.diagnostics.iter().all(|d| d.line <= yaml_lines(text) + 1), "{:?}", l.diagnostics);
+    assert_eq!(yaml_lines(text), 4);
 }
