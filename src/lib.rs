@@ -5,8 +5,6 @@
 //! - [`runtime`]: actor facade, supervision, `services.yml` model, kanban model;
 //! - [`transport`]: the wire protocol;
 //! - [`actors`]: broker, status-kanban endpoint, backends, and the [`actors::Node`] that runs them.
-#![forbid(unsafe_code)]
-#![warn(missing_docs)]
 
 pub use aion_actors as actors;
 pub use aion_runtime as runtime;

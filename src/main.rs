@@ -1,5 +1,4 @@
 //! The `aion` command.
-#![forbid(unsafe_code)]
 
 use aion::actors::control::{self, Request, StatusReport};
 use aion::actors::paths::{default_data_dir, Paths};

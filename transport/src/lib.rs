@@ -4,8 +4,6 @@
 //! - [`codec`]: sans-IO framing (`u32` little-endian length + postcard body), tested without sockets.
 //! - [`link`]: thin I/O drivers: a Unix-socket link and an in-memory link with the same API, so a service runs
 //!   as a separate process or in-process unchanged.
-#![forbid(unsafe_code)]
-#![warn(missing_docs)]
 
 pub mod codec;
 pub mod link;

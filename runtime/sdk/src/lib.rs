@@ -27,8 +27,6 @@
 //! The same service runs in-process: the runtime runs services registered with it through [`run_direct`],
 //! which routes outputs from the service's own task straight into the next queues (no sockets, no encoding, no
 //! session tasks); [`run_on_link`] runs it on an in-memory link instead.
-#![forbid(unsafe_code)]
-#![warn(missing_docs)]
 
 mod client;
 pub mod direct;
