@@ -11,8 +11,9 @@
 
 pub mod actor;
 pub mod config;
-pub mod kanban;
 pub mod log;
-pub mod time;
 
-pub use kanban::{Kanban, KanbanId, Metadata, MetadataBytes, Origin, Value, WireKanban};
+// The data model lives in `aion-model` (no actors, no I/O: what the SDK and the wire protocol depend on); the
+// runtime re-exports it so that `aion_runtime::kanban`, `aion_runtime::time` and the types keep working.
+pub use aion_model::{kanban, time};
+pub use aion_model::{Kanban, KanbanId, Metadata, MetadataBytes, Origin, Value, WireKanban};

@@ -10,7 +10,7 @@ use serde::Serialize;
 pub const MAX_FRAME: usize = 16 << 20;
 
 // A kanban the runtime accepted always fits the frame that delivers it, with room for what is added on the way.
-const _: () = assert!(aion_runtime::kanban::MAX_KANBAN_BYTES + (32 << 10) <= MAX_FRAME);
+const _: () = assert!(aion_model::kanban::MAX_KANBAN_BYTES + (32 << 10) <= MAX_FRAME);
 
 /// Why a byte stream is not a valid frame sequence.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -139,8 +139,8 @@ impl FrameDecoder {
 mod tests {
     use super::*;
     use crate::proto::{ClientMsg, Hello, MAGIC, PROTOCOL_VERSION};
-    use aion_runtime::kanban::metadata_from_json;
-    use aion_runtime::{Kanban, KanbanId};
+    use aion_model::kanban::metadata_from_json;
+    use aion_model::{Kanban, KanbanId};
     use proptest::prelude::*;
 
     fn sample() -> Vec<ClientMsg> {

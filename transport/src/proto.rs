@@ -9,7 +9,7 @@
 //!   once each output is routed into its targets' queues (that is the back-pressure point). An output whose id
 //!   the runtime has already accepted from that instance is acknowledged and not routed again.
 
-use aion_runtime::WireKanban;
+use aion_model::WireKanban;
 use serde::{Deserialize, Serialize};
 
 /// The protocol version spoken by this build.
@@ -177,11 +177,11 @@ pub enum OutputRef<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use aion_runtime::KanbanId;
+    use aion_model::KanbanId;
 
     #[test]
     fn deliver_ref_encodes_like_deliver() {
-        let k = aion_runtime::Kanban { id: KanbanId::generate(), connection_key: "x".into(), ..Default::default() }
+        let k = aion_model::Kanban { id: KanbanId::generate(), connection_key: "x".into(), ..Default::default() }
             .into_wire();
         let owned = postcard::to_stdvec(&ServerMsg::Deliver { seq: 7, kanban: Box::new(k.clone()) }).expect("owned");
         let borrowed = postcard::to_stdvec(&DeliverRef::Deliver { seq: 7, kanban: &k }).expect("borrowed");

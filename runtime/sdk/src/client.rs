@@ -4,7 +4,7 @@
 use crate::direct::Port;
 use crate::Kanban;
 use crate::{Env, Error, Options, Output, Service};
-use aion_runtime::kanban::{KanbanId, Metadata, Origin, Value, WireKanban, TERMINATE_KEY};
+use aion_model::kanban::{KanbanId, Metadata, Origin, Value, WireKanban, TERMINATE_KEY};
 use aion_transport::proto::{OutputRef, MAGIC};
 use aion_transport::{unix_split, ClientMsg, Hello, LinkReader, LinkWriter, ServerMsg, PROTOCOL_VERSION};
 use std::collections::{HashMap, VecDeque};
@@ -123,7 +123,7 @@ impl Ctx {
             }
             None => {
                 let id = KanbanId::generate();
-                (id, id, aion_runtime::time::rfc3339_now(), 0)
+                (id, id, aion_model::time::rfc3339_now(), 0)
             }
         };
         Kanban {
@@ -814,5 +814,5 @@ pub(crate) async fn handle_one<S: Service>(service: &mut S, ctx: &mut Ctx, kanba
 }
 
 fn panic_text(p: &(dyn std::any::Any + Send)) -> String {
-    aion_runtime::actor::panic_message(p)
+    aion_model::panic_message(p)
 }

@@ -10,7 +10,7 @@
 use crate::client::{handle_one, start_until, Conn, Ctx};
 use crate::Kanban;
 use crate::{Error, InstanceInfo, Service};
-use aion_runtime::kanban::WireKanban;
+use aion_model::kanban::WireKanban;
 use futures::future::BoxFuture;
 use std::future::Future;
 use tokio::sync::mpsc;

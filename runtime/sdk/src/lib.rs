@@ -31,13 +31,13 @@
 mod client;
 pub mod direct;
 
-pub use aion_runtime::kanban::{metadata_from_json, metadata_to_json, LazyMetadata, Metadata, Value};
-pub use aion_runtime::KanbanId;
+pub use aion_model::kanban::{metadata_from_json, metadata_to_json, LazyMetadata, Metadata, Value};
+pub use aion_model::KanbanId;
 
 /// A kanban as a service receives it. Its metadata is decoded on first read (`k.metadata.get("x")`,
 /// `k.metadata["x"]`), so a service that forwards it untouched ([`Output::with_metadata`]) never decodes or
 /// re-encodes it.
-pub type Kanban = aion_runtime::Kanban<LazyMetadata>;
+pub type Kanban = aion_model::Kanban<LazyMetadata>;
 pub use client::{run_on_link, Ctx, InstanceInfo};
 pub use direct::{run_direct, Port};
 
@@ -68,10 +68,10 @@ pub enum Error {
     /// A service-defined failure.
     #[error("{0}")]
     Service(String),
-    /// An output (or static kanban) over [`MAX_KANBAN_BYTES`](aion_runtime::kanban::MAX_KANBAN_BYTES): it was
+    /// An output (or static kanban) over [`MAX_KANBAN_BYTES`](aion_model::kanban::MAX_KANBAN_BYTES): it was
     /// not sent, and the session goes on.
     #[error("output not sent: {0}")]
-    TooLarge(#[from] aion_runtime::kanban::TooLarge),
+    TooLarge(#[from] aion_model::kanban::TooLarge),
 }
 
 impl Error {

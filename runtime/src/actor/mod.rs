@@ -16,7 +16,6 @@
 pub mod supervisor;
 
 use futures::FutureExt;
-use std::any::Any;
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
@@ -202,15 +201,7 @@ impl<A: Actor> Mailbox<A> {
 }
 
 /// The text of a caught panic payload.
-pub fn panic_message(p: &(dyn Any + Send)) -> String {
-    if let Some(s) = p.downcast_ref::<&str>() {
-        (*s).to_owned()
-    } else if let Some(s) = p.downcast_ref::<String>() {
-        s.clone()
-    } else {
-        "non-string panic payload".to_owned()
-    }
-}
+pub use aion_model::panic_message;
 
 /// Runs one incarnation of `actor` on `mailbox` until it exits; gives the mailbox back with the reason.
 ///

@@ -7,7 +7,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 ///
 /// # Examples
 /// ```
-/// let now = aion_runtime::time::rfc3339_now();
+/// let now = aion_model::time::rfc3339_now();
 /// assert!(now.ends_with('Z') && now.len() == 24);
 /// ```
 pub fn rfc3339_now() -> String {
@@ -32,7 +32,7 @@ pub fn rfc3339_now() -> String {
 ///
 /// # Examples
 /// ```
-/// assert_eq!(aion_runtime::time::rfc3339_from_unix_millis(0), "1970-01-01T00:00:00.000Z");
+/// assert_eq!(aion_model::time::rfc3339_from_unix_millis(0), "1970-01-01T00:00:00.000Z");
 /// ```
 pub fn rfc3339_from_unix_millis(ms: i64) -> String {
     let secs = ms.div_euclid(1000);

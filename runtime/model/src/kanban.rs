@@ -390,7 +390,7 @@ pub struct TooLarge {
 ///
 /// # Examples
 /// ```
-/// use aion_runtime::kanban::{LazyMetadata, Metadata, MetadataBytes, Value};
+/// use aion_model::kanban::{LazyMetadata, Metadata, MetadataBytes, Value};
 /// let mut m = Metadata::new();
 /// m.insert("seq".into(), Value::U64(7));
 /// let lazy = LazyMetadata::from_bytes(MetadataBytes::encode(&m));
