@@ -246,7 +246,7 @@ async fn run_node_with(
     opts.inproc = reg;
     opts.queue_capacity = 4096;
     opts.archive = archive;
-    opts.redis = redis.map(|url| aion::actors::redis_store::RedisConfig {
+    opts.redis = redis.map(|url| aion::actors::store::redis::RedisConfig {
         url,
         retain: 0,
         connect_wait: Duration::from_secs(10),
@@ -446,13 +446,13 @@ async fn archive_rates(n: u64) -> Vec<Row> {
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let stats = Arc::new(aion::actors::mongo::MongoStats::default());
-    let cfg = aion::actors::mongo::MongoConfig {
+    let stats = Arc::new(aion::actors::export::mongo::MongoStats::default());
+    let cfg = aion::actors::export::mongo::MongoConfig {
         uri: format!("mongodb://127.0.0.1:{port}"),
         database: "AionCore".into(),
         collection: "kanban".into(),
     };
-    let sink = aion::actors::mongo::MongoSink::new(
+    let sink = aion::actors::export::mongo::MongoSink::new(
         cfg,
         store.clone(),
         dir.path().join("archive.db"),

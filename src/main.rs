@@ -103,7 +103,7 @@ enum Cmd {
         ack_timeout: f64,
         /// Dead-letter (`hop-limit`) a kanban whose chain has been routed this many times: a routing cycle
         /// (0: no limit).
-        #[arg(long, default_value_t = aion::actors::router::DEFAULT_HOP_LIMIT)]
+        #[arg(long, default_value_t = aion::actors::DEFAULT_HOP_LIMIT)]
         hop_limit: u32,
     },
     /// Check services.yml files and report every problem with file:line:column.
@@ -217,7 +217,7 @@ fn main() -> ExitCode {
             let redis = match store.as_str() {
                 "embedded" | "sqlite" => None,
                 url if url.starts_with("redis://") || url.starts_with("rediss://") || url.starts_with("unix://") => {
-                    Some(aion::actors::redis_store::RedisConfig {
+                    Some(aion::actors::store::redis::RedisConfig {
                         url: url.to_owned(),
                         retain: redis_retain,
                         connect_wait: std::time::Duration::from_secs(redis_wait),
@@ -228,7 +228,7 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            let mongo = mongo.map(|uri| aion::actors::mongo::MongoConfig {
+            let mongo = mongo.map(|uri| aion::actors::export::mongo::MongoConfig {
                 uri,
                 database: mongo_db,
                 collection: mongo_collection,
@@ -365,8 +365,8 @@ struct RunFlags {
     queue_max_bytes: usize,
     archive: bool,
     retention: aion::actors::store::Retention,
-    mongo: Option<aion::actors::mongo::MongoConfig>,
-    redis: Option<aion::actors::redis_store::RedisConfig>,
+    mongo: Option<aion::actors::export::mongo::MongoConfig>,
+    redis: Option<aion::actors::store::redis::RedisConfig>,
     store_max_bytes: Option<u64>,
     hop_limit: u32,
     ack_timeout: Option<Duration>,

@@ -3,8 +3,8 @@
 //! and stops everything in order at shutdown.
 
 use crate::backend::{self, ExitInfo, InProcessRegistry, ProcessEnv, RegistryEntry, Started, Stopper};
-use crate::endpoint::Endpoint;
-use crate::router::{Lifecycle, Router};
+use crate::routing::{Lifecycle, Router};
+use crate::session::Endpoint;
 use aion_runtime::actor::{Actor, Addr, Context};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, VecDeque};
@@ -442,7 +442,7 @@ impl Broker {
             .iter()
             .map(|((s, n), i)| {
                 let slot = self.router.slot(s, *n);
-                let st = |f: fn(&crate::slot::SlotStats) -> &std::sync::atomic::AtomicU64| {
+                let st = |f: fn(&crate::routing::slot::SlotStats) -> &std::sync::atomic::AtomicU64| {
                     slot.map_or(0, |sl| f(&sl.stats).load(Ordering::Relaxed))
                 };
                 InstanceStatus {

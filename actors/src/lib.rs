@@ -2,27 +2,39 @@
 //!
 //! ```text
 //!                 root supervisor (one-for-one)
-//!                 ├── broker        starts/stops/restarts instances (local processes or in-process services)
-//!                 └── status-kanban the Unix-socket endpoint microservices talk to
+//!                 ├── kanban-replicator  records every hop in the archive (with --archive)
+//!                 ├── status-kanban      the Unix-socket endpoint microservices talk to
+//!                 ├── service-broker     starts/stops/restarts instances (through their backend)
+//!                 └── mongo-sink         exports the archive to MongoDB (with --mongo)
 //! ```
-//! The routing fast path does not go through an actor mailbox: each instance has a [`slot::Slot`] (its bounded
-//! input queue, which outlives sessions and restarts), and sessions route outputs straight into target slots
-//! with the immutable [`router::Router`]. Lifecycle goes through the broker's mailbox.
+//!
+//! Domains:
+//! - [`node`]: assembly — the supervision tree, the routing table, the control API ([`Node`]);
+//! - `routing`: the router, each instance's queue (a slot: bounded in kanbans and bytes, outliving sessions),
+//!   dead letters;
+//! - `session`: the status-kanban endpoint and the sessions on it (link sessions over a socket or an in-memory
+//!   link, direct sessions for in-process services), static kanbans;
+//! - [`store`]: durable queues (embedded SQLite, or Redis Streams with the `redis` feature) and the archive;
+//! - [`backend`]: what runs instances (local processes, in-process services) and the broker's policy over them;
+//! - [`export`]: the kanban replicator and the MongoDB sink (`mongo` feature);
+//! - [`control`]: the control socket's protocol (the CLI's side) and server;
+//! - [`paths`]: the data directory's layout.
+//!
+//! The routing fast path does not go through an actor mailbox: sessions route outputs straight into target slots
+//! with the immutable router. Lifecycle goes through the broker's mailbox.
 
 pub mod backend;
-pub mod broker;
+pub(crate) mod broker;
 pub mod control;
-pub mod dead;
-pub mod direct;
-pub mod endpoint;
-pub mod mongo;
+pub mod export;
 pub mod node;
 pub mod paths;
-pub mod redis_store;
-pub mod replicator;
-pub mod router;
-pub mod slot;
-pub mod statics;
+pub(crate) mod routing;
+pub(crate) mod session;
 pub mod store;
 
-pub use node::{InProcessRegistry, Node, NodeOptions};
+pub use broker::{InstanceStatus, State};
+pub use node::{InProcessRegistry, Node, NodeError, NodeOptions};
+pub use routing::dead::Reason as DeadLetterReason;
+pub use routing::slot::{QueueLimits, DEFAULT_QUEUE_BYTES};
+pub use routing::DEFAULT_HOP_LIMIT;

@@ -4,10 +4,10 @@ pub use crate::backend::InProcessRegistry;
 use crate::backend::ProcessEnv;
 use crate::broker::{Broker, BrokerMsg, InstanceStatus};
 use crate::control::{dead_json, event_text, Request, StatusReport, StoreReport};
-use crate::endpoint::{Endpoint, EndpointMsg, EndpointStats};
 use crate::paths::Paths;
-use crate::router::{Lifecycle, Router};
-use crate::statics::StaticStore;
+use crate::routing::{Lifecycle, Router};
+use crate::session::statics::StaticStore;
+use crate::session::{Endpoint, EndpointMsg, EndpointStats};
 use aion_runtime::actor::supervisor::{ask, ChildSpec, Intensity, Restart, Strategy, Supervisor, SupervisorHandle};
 use aion_runtime::actor::{Addr, ExitReason};
 use aion_runtime::config::ServicesFile;
@@ -46,13 +46,13 @@ pub struct NodeOptions {
     /// Record every hop in the archive (the kanban replicator). Default false: it costs throughput.
     pub archive: bool,
     /// Also export the archive to MongoDB.
-    pub mongo: Option<crate::mongo::MongoConfig>,
+    pub mongo: Option<crate::export::mongo::MongoConfig>,
     /// Keep the durable queues and static kanbans on Redis Streams instead of the embedded store.
-    pub redis: Option<crate::redis_store::RedisConfig>,
+    pub redis: Option<crate::store::redis::RedisConfig>,
     /// Cap of the embedded queue database in bytes (past it: back-pressure, as on a full disk).
     pub store_max_bytes: Option<u64>,
     /// A kanban whose chain has been routed this many times is dead-lettered `hop-limit` (a routing cycle); 0 for
-    /// no limit. Default [`crate::router::DEFAULT_HOP_LIMIT`].
+    /// no limit. Default [`crate::routing::DEFAULT_HOP_LIMIT`].
     pub hop_limit: u32,
     /// Cut off and kill an instance whose oldest delivery waits longer than this for its acknowledgement (a hung
     /// service). Default `None`: never (the wait is shown in the status).
@@ -68,7 +68,7 @@ impl NodeOptions {
             config_path: None,
             base_dir: std::env::current_dir().unwrap_or_else(|_| PathBuf::from(".")),
             queue_capacity: 1024,
-            queue_max_bytes: crate::slot::DEFAULT_QUEUE_BYTES,
+            queue_max_bytes: crate::routing::slot::DEFAULT_QUEUE_BYTES,
             grace: Duration::from_secs(10),
             inproc: InProcessRegistry::default(),
             path_dirs: Vec::new(),
@@ -78,7 +78,7 @@ impl NodeOptions {
             mongo: None,
             redis: None,
             store_max_bytes: None,
-            hop_limit: crate::router::DEFAULT_HOP_LIMIT,
+            hop_limit: crate::routing::DEFAULT_HOP_LIMIT,
             ack_timeout: None,
         }
     }
@@ -118,7 +118,7 @@ pub struct Node {
 }
 
 struct Shared {
-    mongo: Option<(String, Arc<crate::mongo::MongoStats>)>,
+    mongo: Option<(String, Arc<crate::export::mongo::MongoStats>)>,
     router: Arc<Router>,
     broker: Addr<Broker>,
     sup: SupervisorHandle,
@@ -160,10 +160,10 @@ impl Node {
         })?;
         let dir_id =
             paths.dir_id().map_err(|e| NodeError::Io(format!("cannot read or write the data dir's id: {e}")))?;
-        let control_listener = crate::endpoint::bind_private(&paths.control())
+        let control_listener = crate::session::bind_private(&paths.control())
             .map_err(|e| NodeError::Io(format!("cannot bind {}: {e}", paths.control().display())))?;
         // Bind before anything starts, so errors are reported here and clients never race the endpoint actor.
-        let prebound = crate::endpoint::bind_private(&paths.socket())
+        let prebound = crate::session::bind_private(&paths.socket())
             .map_err(|e| NodeError::Io(format!("cannot bind {}: {e}", paths.socket().display())))?;
         let prebound = std::sync::Mutex::new(Some(prebound));
 
@@ -177,31 +177,31 @@ impl Node {
         }
         .map_err(|e| NodeError::Io(e.to_string()))?;
         let statics = Arc::new(StaticStore::durable(store.clone(), recovered_statics));
-        let mongo_stats = Arc::new(crate::mongo::MongoStats::default());
+        let mongo_stats = Arc::new(crate::export::mongo::MongoStats::default());
         let mut mongo_spec = None;
         let mut kickers = Vec::new();
         if let Some(mc) = opts.mongo.clone() {
             let (st, db, dev, ms) = (store.clone(), paths.archive(), cfg.device_name.clone(), mongo_stats.clone());
             let (spec, addr) = ChildSpec::actor("mongo-sink", Restart::Permanent, 1, move || {
-                crate::mongo::MongoSink::new(mc.clone(), st.clone(), db.clone(), dev.clone(), ms.clone())
+                crate::export::mongo::MongoSink::new(mc.clone(), st.clone(), db.clone(), dev.clone(), ms.clone())
             });
             mongo_spec = Some(spec);
-            kickers.push(crate::mongo::Kicker(addr));
+            kickers.push(crate::export::mongo::Kicker(addr));
         }
         let st2 = store.clone();
         let (replicator_spec, replicator) =
             ChildSpec::actor("kanban-replicator", Restart::Permanent, 16 * 1024, move || {
-                crate::replicator::Replicator::new(st2.clone(), kickers.clone())
+                crate::export::replicator::Replicator::new(st2.clone(), kickers.clone())
             });
-        let limits = crate::slot::QueueLimits { kanbans: opts.queue_capacity, bytes: opts.queue_max_bytes };
+        let limits = crate::routing::slot::QueueLimits { kanbans: opts.queue_capacity, bytes: opts.queue_max_bytes };
         let mut router = Router::new(cfg.clone(), limits, lc_tx).with_store(store).with_hop_limit(opts.hop_limit);
         if opts.archive {
-            router = router.with_archive(crate::replicator::ArchiveSink::new(replicator));
+            router = router.with_archive(crate::export::replicator::ArchiveSink::new(replicator));
         }
         // Queued kanbans stay in the store; each instance's backlog is paged in as its queue has room.
         let (mut restored, mut kept) = (0usize, 0usize);
         // One feeder per instance, for its backlogs in order (a Redis queue may have been found under two keys).
-        let mut backlogs: Vec<(Arc<crate::slot::Slot>, Vec<crate::store::Backlog>)> = Vec::new();
+        let mut backlogs: Vec<(Arc<crate::routing::slot::Slot>, Vec<crate::store::Backlog>)> = Vec::new();
         for b in recovered {
             match router.slot(&b.service, b.instance) {
                 Some(slot) => {
@@ -349,8 +349,8 @@ impl Node {
     /// Serves a session over an in-memory link: the full session protocol without a socket, for embedders that
     /// run a service with `aion_sdk::run_on_link` (registered in-process services use direct sessions instead).
     /// Returns false if the endpoint is gone.
-    pub async fn attach(&self, link: crate::endpoint::ServerLink) -> bool {
-        self.endpoint.send(crate::endpoint::EndpointMsg::Attach(link)).await.is_ok()
+    pub async fn attach(&self, link: crate::session::ServerLink) -> bool {
+        self.endpoint.send(crate::session::EndpointMsg::Attach(link)).await.is_ok()
     }
 
     /// Completes when a stop was requested through the control API.
@@ -409,7 +409,11 @@ impl Node {
 }
 
 /// Pages an instance's backlogs in from the store as its queue has room, oldest first; then lets producers in.
-async fn feed_backlog(router: Arc<Router>, slot: Arc<crate::slot::Slot>, backlogs: Vec<crate::store::Backlog>) {
+async fn feed_backlog(
+    router: Arc<Router>,
+    slot: Arc<crate::routing::slot::Slot>,
+    backlogs: Vec<crate::store::Backlog>,
+) {
     let Some(store) = router.store().cloned() else {
         slot.end_backlog();
         return;
@@ -490,7 +494,7 @@ async fn deliver_injected(
             }
             Ok(id)
         }
-        Err((crate::dead::Reason::UnknownService, _)) => Err(format!("unknown service `{service}`")),
+        Err((crate::routing::dead::Reason::UnknownService, _)) => Err(format!("unknown service `{service}`")),
         Err((_, _)) => {
             let scale = router.config().microservices.get(service).map_or(0, |m| m.scale);
             Err(format!("service `{service}` has instances 1..={scale}, not {instance}"))

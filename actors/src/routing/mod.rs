@@ -2,9 +2,12 @@
 //! `pattern: n` instance affinity with the target instance stamped on the forwarded copy, remote devices
 //! dead-lettered as `no-federation`, terminate kanbans never forwarded.
 
-use crate::dead::{DeadLetters, Reason};
-use crate::replicator::ArchiveSink;
-use crate::slot::{QueueLimits, Slot};
+pub mod dead;
+pub mod slot;
+
+use crate::export::replicator::ArchiveSink;
+use crate::routing::dead::{DeadLetters, Reason};
+use crate::routing::slot::{QueueLimits, Slot};
 use crate::store::{now_ms, ArchiveOp, Store};
 use aion_runtime::config::Delivery;
 use aion_runtime::config::{Microservice, NextService, ServicesFile};

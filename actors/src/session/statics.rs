@@ -1,6 +1,6 @@
 //! Static kanbans (reference §3.8): a per-topic store with ids, get, delete, and subscriptions.
 
-use crate::endpoint::Outgoing;
+use crate::session::Outgoing;
 use aion_runtime::WireKanban;
 use aion_transport::ServerMsg;
 use std::collections::{BTreeMap, HashMap};

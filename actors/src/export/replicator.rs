@@ -14,12 +14,12 @@ use std::sync::Arc;
 pub struct Replicator {
     store: Store,
     buf: Vec<ArchiveOp>,
-    sinks: Vec<crate::mongo::Kicker>,
+    sinks: Vec<crate::export::mongo::Kicker>,
 }
 
 impl Replicator {
     /// A replicator writing to `store` and waking `sinks` (external archive sinks) after each batch.
-    pub fn new(store: Store, sinks: Vec<crate::mongo::Kicker>) -> Replicator {
+    pub fn new(store: Store, sinks: Vec<crate::export::mongo::Kicker>) -> Replicator {
         Replicator { store, buf: Vec::with_capacity(1024), sinks }
     }
 

@@ -7,6 +7,7 @@
 //! counts, and retries with backoff: barriers wait meanwhile, so producers get back-pressure and nothing
 //! accepted is lost.
 
+pub mod redis;
 use aion_runtime::{KanbanId, WireKanban};
 use rusqlite::{params, Connection, OptionalExtension};
 use std::path::{Path, PathBuf};
@@ -760,7 +761,7 @@ impl Store {
     /// [`StoreError`] if Redis cannot be reached within `cfg.connect_wait`, or the archive cannot be opened.
     #[allow(clippy::type_complexity)]
     pub fn open_redis(
-        cfg: &crate::redis_store::RedisConfig,
+        cfg: &crate::store::redis::RedisConfig,
         archive: &Path,
         retention: Retention,
     ) -> Result<(Store, Vec<Backlog>, Vec<RecoveredStatic>), StoreError> {
@@ -768,7 +769,7 @@ impl Store {
         let stats = Arc::new(StoreStats::default());
         let (tx, rx) = mpsc::channel(64 * 1024);
         let (adopted_tx, adopted_rx) = mpsc::unbounded_channel();
-        let (recovered, statics) = crate::redis_store::spawn(cfg, rx, stats.clone(), adopted_tx)?;
+        let (recovered, statics) = crate::store::redis::spawn(cfg, rx, stats.clone(), adopted_tx)?;
         let atx = spawn_writer("aion-archive", aconn, stats.clone(), archive, Some(retention))?;
         let store = Store {
             tx,

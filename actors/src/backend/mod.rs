@@ -1,7 +1,7 @@
 //! Backends that run microservice instances: local processes (the default) and in-process services.
 
-use crate::endpoint::EndpointMsg;
 use crate::paths::Paths;
+use crate::session::EndpointMsg;
 use aion_runtime::actor::Addr;
 use aion_runtime::config::Microservice;
 use nix::sys::signal::{killpg, Signal};
@@ -400,7 +400,7 @@ async fn pump(stream: impl AsyncRead + Unpin, log: Arc<Mutex<LogFile>>) {
 
 type Runner = Arc<
     dyn Fn(
-            crate::direct::DirectSession,
+            crate::session::direct::DirectSession,
             watch::Receiver<bool>,
         ) -> Pin<Box<dyn Future<Output = Result<(), String>> + Send>>
         + Send
@@ -444,7 +444,7 @@ impl InProcessRegistry {
         &self,
         service: &str,
         instance: u32,
-        endpoint: &Addr<crate::endpoint::Endpoint>,
+        endpoint: &Addr<crate::session::Endpoint>,
     ) -> Option<Started> {
         let runner = self.runners.get(service)?.clone();
         let (reply, opened) = tokio::sync::oneshot::channel();

@@ -6,10 +6,10 @@
 //! deliveries straight from its [`Slot`]. It keeps what it delivered until the service has handled it, so a
 //! panicking or stopped service gets its unhandled kanbans redelivered exactly as a process would.
 
-use crate::endpoint::{
+use crate::routing::slot::Slot;
+use crate::session::{
     ack_wants_ids, acknowledge, admit_output, refuse_output, requeue_start, Opened, Outgoing, Shared,
 };
-use crate::slot::Slot;
 use aion_runtime::kanban::{KanbanId, WireKanban};
 use aion_sdk::Kanban;
 use aion_sdk::{Error, InstanceInfo, Port};

@@ -11,7 +11,7 @@
 //! [`REPLY_TIMEOUT`] is abandoned.
 
 use crate::broker::InstanceStatus;
-use crate::dead::DeadLetter;
+use crate::routing::dead::DeadLetter;
 use aion_runtime::actor::supervisor::Event;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;

@@ -1,9 +1,12 @@
 //! The status-kanban endpoint: the actor that owns the Unix socket microservices connect to, and the session
 //! logic (handshake, credit-based delivery, acks, output routing, static kanbans).
 
-use crate::router::Router;
-use crate::slot::Slot;
-use crate::statics::StaticStore;
+pub mod direct;
+pub mod statics;
+
+use crate::routing::slot::Slot;
+use crate::routing::Router;
+use crate::session::statics::StaticStore;
 use aion_runtime::actor::{Actor, Context};
 use aion_runtime::kanban::{Kanban, KanbanId, Origin, WireKanban};
 use aion_transport::proto::{DeliverRef, MAGIC};
@@ -30,7 +33,7 @@ pub enum EndpointMsg {
         /// Instance.
         instance: u32,
         /// The session, or why it was refused.
-        reply: tokio::sync::oneshot::Sender<Result<crate::direct::DirectSession, String>>,
+        reply: tokio::sync::oneshot::Sender<Result<crate::session::direct::DirectSession, String>>,
     },
     /// Stop accepting new connections (shutdown step 1); replies when done.
     StopAccepting(tokio::sync::oneshot::Sender<()>),
@@ -186,7 +189,7 @@ pub(crate) fn refuse_output(shared: &Shared, slot: &Slot, why: Refused, k: Box<W
         slot.remember_output(k.id);
         slot.stats.kanbans_out.fetch_add(1, Ordering::Relaxed);
         let detail = format!("output of {}-{}: {e}", slot.service, slot.instance);
-        shared.router.dead_letter(crate::dead::Reason::TooLarge, detail, k);
+        shared.router.dead_letter(crate::routing::dead::Reason::TooLarge, detail, k);
     }
 }
 
@@ -283,7 +286,7 @@ impl Actor for Endpoint {
             EndpointMsg::AttachDirect { service, instance, reply } => {
                 let shared = self.shared();
                 let opened = open_session(&shared, &service, instance, 0, false)
-                    .map(|o| crate::direct::DirectSession::new(shared, o));
+                    .map(|o| crate::session::direct::DirectSession::new(shared, o));
                 if let Err(reason) = &opened {
                     self.stats.rejected.fetch_add(1, Ordering::Relaxed);
                     tracing::warn!("in-process session refused: {reason}");
@@ -480,7 +483,7 @@ async fn dead_letter_undeliverable(shared: &Shared, slot: &Slot, sess: u64, ks: 
             slot.instance,
             aion_runtime::kanban::TooLarge { size, limit: aion_runtime::kanban::MAX_KANBAN_BYTES }
         );
-        shared.router.dead_letter(crate::dead::Reason::TooLarge, detail, k);
+        shared.router.dead_letter(crate::routing::dead::Reason::TooLarge, detail, k);
     }
     acknowledge(shared, slot, sess, n, bytes, ids).await;
 }

@@ -372,6 +372,7 @@ impl Slot {
     ///
     /// # Cancel safety
     /// Cancel safe: nothing is taken unless the future completes.
+    #[allow(clippy::vec_box)] // the queue holds boxes: they move through, never copied
     pub async fn take(&self, session: u64, window: usize, out: &mut Vec<Box<WireKanban>>) {
         loop {
             let notified = self.items.notified();
@@ -421,6 +422,7 @@ impl Slot {
     }
 
     /// Ends `session`: its unacknowledged kanbans go back to the front of the queue, in order.
+    #[allow(clippy::vec_box)] // as `take`
     pub fn close_session(&self, session: u64, unacked: Vec<Box<WireKanban>>) {
         let mut g = self.lock();
         let n = unacked.len();
