@@ -2,12 +2,15 @@
 //!
 //! - [`proto`]: the messages and the versioned handshake.
 //! - [`codec`]: sans-IO framing (`u32` little-endian length + postcard body), tested without sockets.
+//! - [`session`]: the session protocol as sans-IO state machines (runtime side and client side), tested with
+//!   scripted and random message sequences, disconnects included.
 //! - [`link`]: thin I/O drivers: a Unix-socket link and an in-memory link with the same API, so a service runs
 //!   as a separate process or in-process unchanged.
 
 pub mod codec;
 pub mod link;
 pub mod proto;
+pub mod session;
 
 pub use codec::{FrameDecoder, FrameError, MAX_FRAME};
 pub use link::{mem_pair, unix_split, LinkReader, LinkWriter};
