@@ -210,11 +210,7 @@ impl Model {
                 for _ in 0..*n {
                     let Some(m) = self.c2s.pop_front() else { break };
                     match self.server.on_message(m).map_err(|e| TestCaseError::fail(e.to_string()))? {
-                        Some(ServerInput::Output(o)) => {
-                            if self.seen.insert(o.id) {
-                                self.routed.push(o.id);
-                            }
-                        }
+                        Some(ServerInput::Output(o)) if self.seen.insert(o.id) => self.routed.push(o.id),
                         Some(ServerInput::Acknowledged(items)) => self.acked.extend(items.iter().map(|k| k.id)),
                         _ => {}
                     }
