@@ -12,6 +12,7 @@ use aion_runtime::actor::supervisor::{ask, ChildSpec, Intensity, Restart, Strate
 use aion_runtime::actor::{Addr, ExitReason};
 use aion_runtime::config::ServicesFile;
 use aion_runtime::kanban::{metadata_from_json, Kanban, KanbanId, Origin};
+use aion_runtime::task::Tasks;
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -102,6 +103,9 @@ fn pid_text(pid: Option<u32>) -> String {
     pid.map_or_else(|| "its pid is unknown".to_owned(), |p| format!("pid {p}"))
 }
 
+/// How long a shutdown waits for sessions to end once their instances are stopped.
+const SESSION_END_WAIT: Duration = Duration::from_secs(5);
+
 /// How long a shutdown waits for the store's last commit (it cannot finish on a full disk).
 pub const FINAL_COMMIT_WAIT: Duration = Duration::from_secs(10);
 
@@ -133,6 +137,10 @@ struct Shared {
     send_slots: Arc<tokio::sync::Semaphore>,
     /// Large requests are parsed one at a time (what a parsed request costs is bounded by one).
     parse_lock: tokio::sync::Mutex<()>,
+    /// The node's own tasks (control connections, backlog feeders, forwarders).
+    tasks: Tasks,
+    /// Sessions and the endpoint's accept loop.
+    sessions: Tasks,
 }
 
 impl Node {
@@ -227,13 +235,16 @@ impl Node {
             );
         }
         let router = Arc::new(router);
+        // Long-lived tasks belong to the node (sessions to their own set): a panic is counted, shutdown waits.
+        let tasks = Tasks::new("node");
+        let sessions = Tasks::new("sessions");
         for (slot, bs) in backlogs {
-            tokio::spawn(feed_backlog(router.clone(), slot, bs));
+            let _ = tasks.spawn("backlog feeder", feed_backlog(router.clone(), slot, bs));
         }
         if let Some(mut adopted) = router.store().and_then(|s| s.take_adopted()) {
             // Kanbans the store found in its queues while running (see `redis_store`): deliver them.
             let r = router.clone();
-            tokio::spawn(async move {
+            let _ = tasks.spawn("adopted kanbans", async move {
                 while let Some(a) = adopted.recv().await {
                     let (service, instance) = (a.service.clone(), a.instance);
                     match r.restore(a) {
@@ -249,9 +260,10 @@ impl Node {
         let stats = Arc::new(EndpointStats::default());
 
         let (r, st, sock, root, es) = (router.clone(), statics, paths.socket(), paths.root.clone(), stats.clone());
+        let ses = sessions.clone();
         let (ep_spec, endpoint) = ChildSpec::actor("status-kanban", Restart::Permanent, 64, move || {
             let pre = prebound.lock().ok().and_then(|mut p| p.take());
-            Endpoint::new(r.clone(), st.clone(), sock.clone(), root.clone(), es.clone(), pre)
+            Endpoint::new(r.clone(), st.clone(), sock.clone(), root.clone(), es.clone(), ses.clone(), pre)
         });
         let env = ProcessEnv {
             paths: paths.clone(),
@@ -282,14 +294,13 @@ impl Node {
         .start();
 
         let b = broker.clone();
-        let forwarder = tokio::spawn(async move {
+        let forwarder = tasks.spawn("lifecycle forwarder", async move {
             while let Some(l) = lc_rx.recv().await {
                 if b.send(BrokerMsg::Lifecycle(l)).await.is_err() {
                     tracing::error!("broker mailbox closed; lifecycle request lost");
                 }
             }
-        })
-        .abort_handle();
+        });
 
         let stop = Arc::new(Notify::new());
         let shared = Arc::new(Shared {
@@ -305,9 +316,11 @@ impl Node {
             control_busy: Default::default(),
             send_slots: Arc::new(tokio::sync::Semaphore::new(crate::control::MAX_SENDS)),
             parse_lock: tokio::sync::Mutex::new(()),
+            tasks: tasks.clone(),
+            sessions,
         });
         let node_shared = shared.clone();
-        let control = tokio::spawn(accept_control(shared, control_listener)).abort_handle();
+        let control = tasks.spawn("control accept loop", accept_control(shared, control_listener));
         tracing::info!(data_dir = %paths.root.display(), services = cfg.microservices.len(), "runtime started");
         Ok(Node { shared: node_shared, endpoint, paths, grace: opts.grace, control, forwarder, _lock: lock })
     }
@@ -375,6 +388,11 @@ impl Node {
         let _ = ask(&self.endpoint, EndpointMsg::StopAccepting).await;
         let grace = self.grace;
         let _ = ask(&self.shared.broker, |tx| BrokerMsg::Shutdown(grace, tx)).await;
+        // Every instance is stopped: their sessions end (and requeue what was in flight).
+        let aborted = self.shared.sessions.shutdown(SESSION_END_WAIT).await;
+        if aborted > 0 {
+            tracing::warn!(sessions = aborted, "sessions still open after their instances stopped were aborted");
+        }
         self.shared.sup.shutdown().await;
         let left: usize = self.shared.router.slots().filter(|s| !s.durable).map(|s| s.depth() + s.inflight()).sum();
         if left > 0 {
@@ -398,6 +416,7 @@ impl Node {
         }
         self.control.abort();
         self.forwarder.abort();
+        self.shared.tasks.shutdown(Duration::from_secs(1)).await;
         let _ = std::fs::remove_file(self.paths.control());
         let _ = std::fs::remove_file(self.paths.socket());
         match &result {
@@ -592,6 +611,11 @@ async fn report(s: &Shared) -> StatusReport {
             archive_dropped: s.router.archive().map_or(0, |a| a.dropped.load(Ordering::Relaxed)),
         }),
         log: crate::control::LogReport::now(),
+        tasks: crate::control::TasksReport {
+            sessions: s.sessions.running(),
+            node: s.tasks.running(),
+            panicked: s.sessions.panicked() + s.tasks.panicked(),
+        },
     }
 }
 
@@ -604,14 +628,14 @@ async fn accept_control(shared: Arc<Shared>, listener: tokio::net::UnixListener)
             Ok((stream, _)) => match slots.clone().try_acquire_owned() {
                 Ok(permit) => {
                     let s = shared.clone();
-                    tokio::spawn(async move {
+                    let _ = shared.tasks.spawn("control connection", async move {
                         serve_control(s, stream).await;
                         drop(permit);
                     });
                 }
                 Err(_) => {
                     shared.control_busy.fetch_add(1, Ordering::Relaxed);
-                    tokio::spawn(async move {
+                    let _ = shared.tasks.spawn("control busy reply", async move {
                         let line = format!(
                             "{}\n",
                             serde_json::json!({"ok": false, "error": format!("busy: {} control connections are being served; try again", crate::control::MAX_CONNECTIONS)})

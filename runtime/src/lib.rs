@@ -7,11 +7,14 @@
 //! - [`kanban`]: the kanban card and its free-form JSON [`kanban::Value`] metadata, which round-trips through
 //!   non-self-describing formats such as postcard.
 //! - [`log`]: the runtime's log output, which never panics nor blocks (lines it cannot write are counted).
+//! - [`task`]: owned task sets: long-lived tasks belong to an owner, panics are caught and counted, shutdown
+//!   waits for them.
 //! - [`time`]: RFC 3339 UTC timestamps without a calendar dependency.
 
 pub mod actor;
 pub mod config;
 pub mod log;
+pub mod task;
 
 // The data model lives in `aion-model` (no actors, no I/O: what the SDK and the wire protocol depend on); the
 // runtime re-exports it so that `aion_runtime::kanban`, `aion_runtime::time` and the types keep working.

@@ -151,6 +151,20 @@ pub struct StatusReport {
     /// The runtime's own log output.
     #[serde(default)]
     pub log: LogReport,
+    /// The runtime's owned tasks.
+    #[serde(default)]
+    pub tasks: TasksReport,
+}
+
+/// The runtime's owned tasks in [`StatusReport`] (see `aion_runtime::task`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct TasksReport {
+    /// Sessions (and the endpoint's accept loop) running.
+    pub sessions: usize,
+    /// The node's other tasks running (control connections, backlog feeders, forwarders).
+    pub node: usize,
+    /// Tasks that panicked since start (each was logged; the runtime went on).
+    pub panicked: u64,
 }
 
 /// Counters of the runtime's log output in [`StatusReport`]: lines that could not be written are counted here

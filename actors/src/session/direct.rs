@@ -7,15 +7,13 @@
 //! panicking or stopped service gets its unhandled kanbans redelivered exactly as a process would.
 
 use crate::routing::slot::Slot;
-use crate::session::{
-    ack_wants_ids, acknowledge, admit_output, refuse_output, requeue_start, Opened, Outgoing, Shared,
-};
+use crate::session::statics::Subscriber;
+use crate::session::{ack_wants_ids, acknowledge, admit_output, refuse_output, requeue_start, Opened, Shared};
 use aion_runtime::kanban::{KanbanId, WireKanban};
 use aion_sdk::Kanban;
 use aion_sdk::{Error, InstanceInfo, Port};
-use aion_transport::ServerMsg;
+use aion_transport::session::ServerSession;
 use futures::future::BoxFuture;
-use std::collections::VecDeque;
 use std::sync::Arc;
 use tokio::sync::mpsc;
 
@@ -29,8 +27,8 @@ pub struct DirectSession {
     slot: Arc<Slot>,
     sess: u64,
     info: InstanceInfo,
-    /// Taken and not yet acknowledged, oldest first.
-    inflight: VecDeque<Box<WireKanban>>,
+    /// The protocol's bookkeeping: taken and not yet acknowledged, oldest first.
+    sm: ServerSession<Box<WireKanban>>,
     /// Scratch for [`Slot::take`], which hands out the boxes its queue holds (moved on, never copied).
     #[allow(clippy::vec_box)]
     taken: Vec<Box<WireKanban>>,
@@ -55,7 +53,7 @@ impl DirectSession {
             slot: o.slot,
             sess: o.sess,
             info,
-            inflight: VecDeque::new(),
+            sm: ServerSession::new(WINDOW),
             taken: Vec::new(),
             unflushed: false,
             recent: Vec::new(),
@@ -87,14 +85,14 @@ impl DirectSession {
 impl Port for DirectSession {
     fn take<'a>(&'a mut self, out: &'a mut Vec<Kanban>) -> BoxFuture<'a, bool> {
         Box::pin(async move {
-            self.slot.take(self.sess, WINDOW, &mut self.taken).await;
+            self.slot.take(self.sess, self.sm.room().max(1), &mut self.taken).await;
             if self.taken.is_empty() {
                 tracing::info!(service = %self.slot.service, instance = self.slot.instance, "session replaced by a newer one");
                 return false;
             }
             for k in self.taken.drain(..) {
                 out.push(k.to_lazy());
-                self.inflight.push_back(k);
+                self.sm.deliver(k);
             }
             true
         })
@@ -126,11 +124,12 @@ impl Port for DirectSession {
             }
             // Durable before acknowledged: the outputs of these inputs are committed first.
             self.barrier().await?;
-            let n = n.min(self.inflight.len());
+            let done = self.sm.acknowledge_oldest(n);
             let want_ids = ack_wants_ids(&self.shared, &self.slot);
-            let ids = if want_ids { self.inflight.iter().take(n).map(|k| k.id).collect() } else { Vec::new() };
-            let bytes = self.inflight.drain(..n).map(|k| k.mem_size()).sum();
-            if self.inflight.is_empty() {
+            let ids = if want_ids { done.iter().map(|k| k.id).collect() } else { Vec::new() };
+            let bytes = done.iter().map(|k| k.mem_size()).sum();
+            let n = done.len();
+            if self.sm.in_flight() == 0 {
                 // Every input of the batch is acknowledged: none of these outputs can be emitted again.
                 self.recent.clear();
             }
@@ -156,23 +155,13 @@ impl Port for DirectSession {
     }
 
     fn static_subscribe(&mut self, topic: String, tx: mpsc::Sender<(u64, Kanban)>) {
-        // The static store speaks the session's outgoing messages; translate them for the service.
-        let (otx, mut orx) = mpsc::channel::<Outgoing>(256);
-        self.shared.statics.subscribe(&topic, otx);
-        tokio::spawn(async move {
-            while let Some(o) = orx.recv().await {
-                let Outgoing::Msg(ServerMsg::StaticEvent { id, kanban, .. }) = o else { continue };
-                if tx.send((id, kanban.into_lazy())).await.is_err() {
-                    return;
-                }
-            }
-        });
+        self.shared.statics.subscribe(&topic, Subscriber::Service(tx));
     }
 }
 
 impl Drop for DirectSession {
     fn drop(&mut self) {
-        let unacked: Vec<Box<WireKanban>> = self.inflight.drain(..).collect();
+        let unacked = self.sm.close();
         let n = unacked.len();
         if n > 0 {
             for id in self.recent.drain(..) {

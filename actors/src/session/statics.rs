@@ -1,14 +1,50 @@
 //! Static kanbans (reference §3.8): a per-topic store with ids, get, delete, and subscriptions.
 
-use crate::session::Outgoing;
 use aion_runtime::WireKanban;
-use aion_transport::ServerMsg;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
 use tokio::sync::mpsc;
 
-/// Subscribers receive [`ServerMsg::StaticEvent`] through their session's outgoing queue.
-type Subscriber = mpsc::Sender<Outgoing>;
+/// A new entry on a subscribed topic: what the store tells its subscribers (a session turns it into its own
+/// message; a direct session hands it to the service).
+#[derive(Debug, Clone, PartialEq)]
+pub struct StaticEvent {
+    /// Topic.
+    pub topic: String,
+    /// Entry id.
+    pub id: u64,
+    /// The kanban.
+    pub kanban: WireKanban,
+}
+
+/// Where a subscription's events go.
+#[derive(Debug, Clone)]
+pub enum Subscriber {
+    /// A session, which writes them to its client.
+    Session(mpsc::Sender<StaticEvent>),
+    /// An in-process service's subscription (what `aion_sdk::Ctx::static_subscribe` returns).
+    Service(mpsc::Sender<(u64, aion_sdk::Kanban)>),
+}
+
+/// Why an event did not reach a subscriber.
+enum Missed {
+    /// The subscriber is gone.
+    Closed,
+    /// The subscriber is not keeping up.
+    Full,
+}
+
+impl Subscriber {
+    fn try_send(&self, e: StaticEvent) -> Result<(), Missed> {
+        let r = match self {
+            Subscriber::Session(tx) => tx.try_send(e).map_err(|e| matches!(e, mpsc::error::TrySendError::Full(_))),
+            Subscriber::Service(tx) => {
+                tx.try_send((e.id, e.kanban.into_lazy())).map_err(|e| matches!(e, mpsc::error::TrySendError::Full(_)))
+            }
+        };
+        r.map_err(|full| if full { Missed::Full } else { Missed::Closed })
+    }
+}
 
 #[derive(Default)]
 struct Topic {
@@ -88,18 +124,12 @@ impl StaticStore {
             }
         }
         t.entries.insert(id, k.clone());
-        t.subs.retain(|s| {
-            match s.try_send(Outgoing::Msg(ServerMsg::StaticEvent {
-                topic: topic.to_owned(),
-                id,
-                kanban: Box::new(k.clone()),
-            })) {
-                Ok(()) => true,
-                Err(mpsc::error::TrySendError::Closed(_)) => false,
-                Err(mpsc::error::TrySendError::Full(_)) => {
-                    tracing::error!(topic, id, "static subscriber too slow; subscription dropped");
-                    false
-                }
+        t.subs.retain(|s| match s.try_send(StaticEvent { topic: topic.to_owned(), id, kanban: k.clone() }) {
+            Ok(()) => true,
+            Err(Missed::Closed) => false,
+            Err(Missed::Full) => {
+                tracing::error!(topic, id, "static subscriber too slow; subscription dropped");
+                false
             }
         });
         id
@@ -148,14 +178,7 @@ impl StaticStore {
         let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         let t = g.1.entry(topic.to_owned()).or_default();
         for (id, k) in &t.entries {
-            if tx
-                .try_send(Outgoing::Msg(ServerMsg::StaticEvent {
-                    topic: topic.to_owned(),
-                    id: *id,
-                    kanban: Box::new(k.clone()),
-                }))
-                .is_err()
-            {
+            if tx.try_send(StaticEvent { topic: topic.to_owned(), id: *id, kanban: k.clone() }).is_err() {
                 tracing::error!(topic, "static subscriber too slow for the backlog; subscription dropped");
                 return;
             }

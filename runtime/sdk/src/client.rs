@@ -6,8 +6,9 @@ use crate::Kanban;
 use crate::{Env, Error, Options, Output, Service};
 use aion_model::kanban::{KanbanId, Metadata, Origin, Value, WireKanban, TERMINATE_KEY};
 use aion_transport::proto::{OutputRef, MAGIC};
+use aion_transport::session::{ClientEvent, ClientSession};
 use aion_transport::{unix_split, ClientMsg, Hello, LinkReader, LinkWriter, ServerMsg, PROTOCOL_VERSION};
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::path::PathBuf;
@@ -368,20 +369,21 @@ impl Connector {
     }
 }
 
+/// The I/O task: a thin driver of the session's state machine ([`ClientSession`]), which holds what awaits
+/// acceptance, the requests awaiting replies, the subscriptions, flushes and the coalesced acknowledgement. The
+/// driver keeps only what the machine cannot: the channels to the service.
 struct Io {
     connector: Option<Connector>,
     hello: Hello,
+    sm: ClientSession,
+    /// The machine's epoch, for the service loop (which skips deliveries of a session that has ended).
     epoch: Arc<AtomicU64>,
-    unaccepted: VecDeque<Box<WireKanban>>,
-    pending: HashMap<u64, (ClientMsg, oneshot::Sender<ServerMsg>)>,
+    replies: HashMap<u64, oneshot::Sender<ServerMsg>>,
     subs: Vec<(String, mpsc::Sender<(u64, Kanban)>)>,
+    flushes: HashMap<u64, oneshot::Sender<()>>,
     deliver: mpsc::Sender<Delivery>,
     permits: Arc<Semaphore>,
-    closing: bool,
-    /// Outputs ever queued, and ever accepted: a flush waits until `accepted >= sent at the time of the flush`.
-    sent: u64,
-    accepted: u64,
-    flushes: VecDeque<(u64, oneshot::Sender<()>)>,
+    events: Vec<ClientEvent>,
 }
 
 enum Flow {
@@ -445,10 +447,10 @@ impl Io {
             let flow = tokio::select! {
                 n = cmd_rx.recv_many(&mut cmds, 512) => {
                     if n == 0 {
-                        self.closing = true; // the service loop is gone
+                        self.sm.close(); // the service loop is gone
                     }
                     let mut queued = self.on_cmds(&mut cmds, wr);
-                    if self.closing && self.unaccepted.is_empty() {
+                    if self.sm.can_say_bye() {
                         queued = queued.and_then(|_| wr.push(ClientMsg::Bye));
                     }
                     let sent = match queued {
@@ -456,7 +458,7 @@ impl Io {
                         Err(e) => Err(e),
                     };
                     match sent {
-                        Ok(()) if self.closing && self.unaccepted.is_empty() => Flow::Done,
+                        Ok(()) if self.sm.can_say_bye() => Flow::Done,
                         Ok(()) => Flow::Continue,
                         Err(e) => { tracing::warn!("write to runtime failed: {e}"); Flow::Reconnect }
                     }
@@ -465,7 +467,7 @@ impl Io {
                     Some(ReadEvent::Msgs(mut msgs)) => {
                         inbuf.append(&mut msgs);
                         let f = self.on_msgs(inbuf);
-                        if matches!(f, Flow::Continue) && self.closing && self.unaccepted.is_empty() {
+                        if matches!(f, Flow::Continue) && self.sm.can_say_bye() {
                             let _ = wr.send_one(ClientMsg::Bye).await;
                             Flow::Done
                         } else { f }
@@ -481,7 +483,7 @@ impl Io {
                     return;
                 }
                 Flow::Reconnect => {
-                    if self.closing && self.unaccepted.is_empty() {
+                    if self.sm.can_say_bye() {
                         return;
                     }
                     let Some(conn) = &self.connector else { return };
@@ -490,14 +492,12 @@ impl Io {
                             reader.abort();
                             (*read_rx, *reader) = spawn_reader(rd);
                             *wr = w;
-                            self.epoch.fetch_add(1, Ordering::SeqCst);
+                            // A new epoch first: deliveries of the new session (some may have come with the
+                            // welcome) belong to it, those of the old one are redelivered.
+                            let mut again = self.sm.reconnected();
+                            self.epoch.store(self.sm.epoch(), Ordering::SeqCst);
                             let _ = self.on_msgs(&mut rest);
-                            tracing::info!(session, "reconnected; resending {} outputs", self.unaccepted.len());
-                            let mut again: Vec<ClientMsg> =
-                                self.unaccepted.iter().cloned().map(ClientMsg::Output).collect();
-                            again.extend(self.pending.values().map(|(m, _)| m.clone()));
-                            again
-                                .extend(self.subs.iter().map(|(t, _)| ClientMsg::StaticSubscribe { topic: t.clone() }));
+                            tracing::info!(session, "reconnected; resending {} outputs", self.sm.unaccepted());
                             if wr.send(&mut again).await.is_err() {
                                 continue;
                             }
@@ -512,29 +512,24 @@ impl Io {
         }
     }
 
-    /// Queues the commands' messages on the link (flushed by the caller). Outputs are kept once, for resending,
-    /// and encoded from that copy.
+    /// Queues the commands' messages on the link (flushed by the caller). Outputs are kept once, by the state
+    /// machine, for resending, and encoded from that copy.
     fn on_cmds(&mut self, cmds: &mut Vec<Cmd>, w: &mut LinkWriter<ClientMsg>) -> std::io::Result<()> {
-        let epoch = self.epoch.load(Ordering::SeqCst);
-        let mut ack: Option<u64> = None;
         let mut r = Ok(());
         for c in cmds.drain(..) {
             match c {
                 Cmd::Out(k) => {
-                    if let Some(upto) = ack.take() {
-                        r = r.and_then(|_| w.push(ClientMsg::Ack { upto }));
+                    // The acknowledgement of the inputs handled before goes first: the runtime attributes an
+                    // output to the oldest delivery not acknowledged.
+                    if let Some(ack) = self.sm.take_ack() {
+                        r = r.and_then(|_| w.push(ack));
                     }
-                    self.sent += 1;
-                    self.unaccepted.push_back(k);
-                    if let Some(k) = self.unaccepted.back() {
-                        r = r.and_then(|_| w.push_as(&OutputRef::Output(k), || ClientMsg::Output(k.clone())));
-                    }
-                }
-                Cmd::Ack { epoch: e, seq } => {
-                    if e == epoch {
-                        ack = Some(seq);
+                    self.sm.output(k);
+                    if let Some(k) = self.sm.last_output() {
+                        r = r.and_then(|_| w.push_as(&OutputRef::Output(k), || ClientMsg::Output(Box::new(k.clone()))));
                     }
                 }
+                Cmd::Ack { epoch, seq } => self.sm.handled(epoch, seq),
                 Cmd::Req(m, tx) => {
                     let req = match &m {
                         ClientMsg::StaticPut { req, .. }
@@ -542,60 +537,65 @@ impl Io {
                         | ClientMsg::StaticDelete { req, .. } => *req,
                         _ => 0,
                     };
-                    self.pending.insert(req, (m.clone(), tx));
+                    self.sm.request(req, m.clone());
+                    self.replies.insert(req, tx);
                     r = r.and_then(|_| w.push(m));
                 }
                 Cmd::Sub(topic, tx) => {
+                    self.sm.subscribe(topic.clone());
                     r = r.and_then(|_| w.push(ClientMsg::StaticSubscribe { topic: topic.clone() }));
                     self.subs.push((topic, tx));
                 }
-                Cmd::Flush(done) => {
-                    if self.accepted >= self.sent {
+                Cmd::Flush(done) => match self.sm.flush() {
+                    None => {
                         let _ = done.send(());
-                    } else {
-                        self.flushes.push_back((self.sent, done));
                     }
-                }
-                Cmd::Bye => self.closing = true,
+                    Some(ticket) => {
+                        self.flushes.insert(ticket, done);
+                    }
+                },
+                Cmd::Bye => self.sm.close(),
             }
         }
-        if let Some(upto) = ack {
-            r = r.and_then(|_| w.push(ClientMsg::Ack { upto }));
+        if let Some(ack) = self.sm.take_ack() {
+            r = r.and_then(|_| w.push(ack));
         }
         r
     }
 
     fn on_msgs(&mut self, msgs: &mut Vec<ServerMsg>) -> Flow {
-        let epoch = self.epoch.load(Ordering::SeqCst);
+        let mut events = std::mem::take(&mut self.events);
         for m in msgs.drain(..) {
-            match m {
-                ServerMsg::Deliver { seq, kanban } => {
+            self.sm.on_message(m, &mut events);
+        }
+        let mut flow = Flow::Continue;
+        for e in events.drain(..) {
+            if !matches!(flow, Flow::Continue) {
+                continue; // the session is being reset: what follows is redelivered or resent
+            }
+            match e {
+                ClientEvent::Deliver { epoch, seq, kanban } => {
                     if self.deliver.try_send(Delivery { epoch, seq, kanban }).is_err() {
                         // Only possible if the runtime ignored our window: start a fresh session, which makes
                         // the runtime requeue everything unacknowledged.
                         tracing::error!("delivery beyond the credit window; resetting the session");
-                        return Flow::Reconnect;
+                        flow = Flow::Reconnect;
                     }
                 }
-                ServerMsg::Accepted { count } => {
-                    let n = (count as usize).min(self.unaccepted.len());
-                    self.unaccepted.drain(..n);
-                    self.permits.add_permits(n);
-                    self.accepted += n as u64;
-                    while self.flushes.front().is_some_and(|(t, _)| *t <= self.accepted) {
-                        if let Some((_, done)) = self.flushes.pop_front() {
+                ClientEvent::Accepted(n) => self.permits.add_permits(n),
+                ClientEvent::Flushed(tickets) => {
+                    for t in tickets {
+                        if let Some(done) = self.flushes.remove(&t) {
                             let _ = done.send(());
                         }
                     }
                 }
-                ServerMsg::StaticPutOk { req, .. }
-                | ServerMsg::StaticList { req, .. }
-                | ServerMsg::StaticDeleted { req, .. } => {
-                    if let Some((_, tx)) = self.pending.remove(&req) {
-                        let _ = tx.send(m);
+                ClientEvent::Reply { req, msg } => {
+                    if let Some(tx) = self.replies.remove(&req) {
+                        let _ = tx.send(msg);
                     }
                 }
-                ServerMsg::StaticEvent { topic, id, kanban } => {
+                ClientEvent::StaticEvent { topic, id, kanban } => {
                     let kanban = (*kanban).into_lazy();
                     self.subs.retain(|(t, tx)| {
                         if *t != topic {
@@ -611,14 +611,14 @@ impl Io {
                         }
                     });
                 }
-                ServerMsg::Welcome { .. } => {}
-                ServerMsg::Error { reason } => {
+                ClientEvent::Reset(reason) => {
                     tracing::error!("runtime ended the session: {reason}");
-                    return Flow::Reconnect;
+                    flow = Flow::Reconnect;
                 }
             }
         }
-        Flow::Continue
+        self.events = events;
+        flow
     }
 }
 
@@ -709,16 +709,14 @@ async fn drive<S: Service>(
     let io = Io {
         connector,
         hello,
+        sm: ClientSession::new(),
         epoch: epoch.clone(),
-        unaccepted: VecDeque::new(),
-        pending: HashMap::new(),
+        replies: HashMap::new(),
         subs: Vec::new(),
+        flushes: HashMap::new(),
         deliver: deliver_tx,
         permits: permits.clone(),
-        closing: false,
-        sent: 0,
-        accepted: 0,
-        flushes: VecDeque::new(),
+        events: Vec::new(),
     };
     let Connected { info, link, early } = conn;
     let io_task = tokio::spawn(io.run(link, cmd_rx, early));
