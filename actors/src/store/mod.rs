@@ -754,7 +754,7 @@ impl Store {
         Ok((store, recovered, statics))
     }
 
-    /// Opens a store whose queues and static kanbans live on Redis Streams (see [`crate::redis_store`]); the
+    /// Opens a store whose queues and static kanbans live on Redis Streams (see [`crate::store::redis`]); the
     /// archive stays in the embedded `archive` file. Returns the queued and static kanbans found in Redis.
     ///
     /// # Errors
