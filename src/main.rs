@@ -260,7 +260,7 @@ fn main() -> ExitCode {
             )
         }
         Cmd::Status { json } => block(status(&data_dir, json, timeout)),
-        Cmd::Logs { service, instance, follow, lines } => logs(&data_dir, &service, instance, follow, lines),
+        Cmd::Logs { service, instance, follow, lines } => logs(&data_dir, &service, instance, follow, lines, timeout),
         Cmd::Kanban { cmd: KanbanCmd::Send { service, key, instance, metadata } } => {
             block(send(&data_dir, service, key, instance, metadata, timeout))
         }
@@ -285,7 +285,7 @@ fn main() -> ExitCode {
     }
 }
 
-fn block<F: std::future::Future<Output = Result<(), String>>>(f: F) -> Result<(), String> {
+fn block<T, F: std::future::Future<Output = Result<T, String>>>(f: F) -> Result<T, String> {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -586,7 +586,9 @@ fn logs(
     instance: Option<u32>,
     follow: bool,
     lines: Option<usize>,
+    timeout: Duration,
 ) -> Result<(), String> {
+    use aion::actors::backend::LogSource;
     use std::io::{Read, Seek, SeekFrom, Write};
     let paths = Paths::new(data_dir);
     let (name, n) = match (instance, service.rsplit_once('-')) {
@@ -596,7 +598,18 @@ fn logs(
         }
         _ => (service.to_owned(), 1),
     };
-    let path = paths.log_file(&name, n);
+    // A running runtime says where the instance's output is (its backend decides); without one, the log files of
+    // local processes are still there to read.
+    let req = Request::Logs { service: name.clone(), instance: n };
+    let path = match block(control::call(&paths.control(), &req, timeout.min(Duration::from_secs(5)))) {
+        Ok(v) => match serde_json::from_value::<LogSource>(v) {
+            Ok(LogSource::File { path }) => path,
+            Ok(LogSource::Unavailable { reason }) => return Err(format!("no log for {name} instance {n}: {reason}")),
+            Err(e) => return Err(format!("unexpected answer from the runtime: {e}")),
+        },
+        Err(e) if e.contains("no instance") => return Err(e),
+        Err(_) => paths.log_file(&name, n),
+    };
     let mut f =
         std::fs::File::open(&path).map_err(|e| format!("no log for {name} instance {n} ({}: {e})", path.display()))?;
     let start = match lines {

@@ -61,6 +61,18 @@ fn in_process_pipeline_through_a_node() {
         assert_eq!(source.pid, 0, "in-process instances have no pid");
         let double = st.iter().find(|i| i.service == "double").expect("double");
         assert_eq!((double.kanbans_in, double.kanbans_out), (1000, 1000));
+        assert_eq!(double.backend.as_ref().map(|d| d.backend.as_str()), Some("in-process"));
+        // `aion logs` asks the runtime where the output is: an in-process service has no log of its own.
+        let control = aion::actors::paths::Paths::new(dir.path()).control();
+        let ask = |service: &str| aion::actors::control::Request::Logs { service: service.into(), instance: 1 };
+        let v = aion::actors::control::call(&control, &ask("double"), Duration::from_secs(10)).await.expect("logs");
+        let source: aion::actors::backend::LogSource = serde_json::from_value(v).expect("a log source");
+        assert!(
+            matches!(&source, aion::actors::backend::LogSource::Unavailable { reason } if reason.contains("runtime's own log")),
+            "{source:?}"
+        );
+        let e = aion::actors::control::call(&control, &ask("nosuch"), Duration::from_secs(10)).await.expect_err("unknown");
+        assert!(e.contains("no instance 1 of service \"nosuch\""), "{e}");
         node.shutdown().await.expect("clean shutdown");
     });
 }

@@ -915,6 +915,15 @@ microservices:
     assert_eq!(run(&["logs", "bin", "-n", "2"]), b"line1999\nlast\n");
     assert_eq!(run(&["logs", "bin", "-n", "0"]), b"");
     assert_eq!(run(&["logs", "bin", "-n", "5000"]), all, "more lines than the file has: all of it");
+    // The running runtime is asked where the output is: an instance it does not have is a clear error.
+    let out = std::process::Command::new(common::AION)
+        .arg("--data-dir")
+        .arg(rt.data.path())
+        .args(["logs", "bin", "--instance", "2"])
+        .output()
+        .expect("aion logs");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no instance 2 of service \"bin\""), "{out:?}");
 }
 
 /// D22: when the runtime ends a session with an error, the instance is free again before the client reads the

@@ -2,16 +2,18 @@
 //! instances with exponential backoff, re-runs `always: no` jobs when more kanbans arrive, reports crash loops,
 //! and stops everything in order at shutdown.
 
-use crate::backend::{self, ExitInfo, InProcessRegistry, ProcessEnv, RegistryEntry, Started, Stopper};
+use crate::backend::{Control, ExitInfo, Running, SharedBackend};
 use crate::routing::{Lifecycle, Router};
-use crate::session::Endpoint;
-use aion_runtime::actor::{Actor, Addr, Context};
+use aion_runtime::actor::{Actor, Context};
+use aion_runtime::task::Tasks;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+// Tokio's clock (the same as std's outside tests): the broker's timing is tested on a paused clock.
 use tokio::sync::oneshot;
+use tokio::time::Instant;
 
 /// Restart backoff: starts at 100 ms, doubles per quick exit, capped at 10 s; reset after 10 s of stable running.
 pub const BACKOFF_START: Duration = Duration::from_millis(100);
@@ -58,8 +60,6 @@ pub enum BrokerMsg {
     KillRemaining,
     /// Time to check for instances that do not acknowledge (with an ack timeout).
     CheckLiveness,
-    /// A child process ended (SIGCHLD): collect adopted descendants.
-    Reap,
 }
 
 /// Lifecycle state of an instance.
@@ -126,14 +126,16 @@ pub struct InstanceStatus {
     pub last_exit: Option<String>,
     /// It sent a terminate kanban.
     pub terminated: bool,
+    /// What runs it: the backend and the program (or image, or registered service).
+    #[serde(default)]
+    pub backend: Option<crate::backend::Description>,
 }
 
 struct Inst {
     state: State,
     gen: u64,
     pid: u32,
-    start_ticks: u64,
-    stopper: Option<Stopper>,
+    control: Option<Box<dyn Control>>,
     restarts: u32,
     quick_exits: u32,
     started_at: Option<Instant>,
@@ -144,16 +146,17 @@ struct Inst {
 /// The broker actor.
 pub struct Broker {
     router: Arc<Router>,
-    env: ProcessEnv,
-    endpoint: Addr<Endpoint>,
-    inproc: InProcessRegistry,
+    backend: SharedBackend,
+    /// What the backend runs for each service.
+    described: BTreeMap<String, crate::backend::Description>,
     insts: BTreeMap<(String, u32), Inst>,
     next_gen: u64,
     shutdown: Option<(Vec<oneshot::Sender<()>>, bool)>,
     pending_start: VecDeque<(String, u32)>,
     ack_timeout: Option<Duration>,
-    /// The liveness ticker and SIGCHLD listener of this incarnation (stopped with it).
-    tasks: Vec<tokio::task::AbortHandle>,
+    /// The exit watchers, restart timers and liveness ticker of this incarnation (aborted with it: a later
+    /// incarnation starts its incarnation numbers afresh).
+    tasks: Tasks,
     /// What the liveness checker last saw of each connected instance.
     progress: std::collections::HashMap<(String, u32), Progress>,
 }
@@ -169,17 +172,17 @@ struct Progress {
 
 impl Drop for Broker {
     fn drop(&mut self) {
-        for t in self.tasks.drain(..) {
-            t.abort();
-        }
+        self.tasks.abort_quietly();
     }
 }
 
 impl Broker {
-    /// A broker over `router`'s services.
-    pub fn new(router: Arc<Router>, env: ProcessEnv, endpoint: Addr<Endpoint>, inproc: InProcessRegistry) -> Broker {
+    /// A broker over `router`'s services, running them on `backend`.
+    pub fn new(router: Arc<Router>, backend: SharedBackend) -> Broker {
         let mut insts = BTreeMap::new();
+        let mut described = BTreeMap::new();
         for ms in router.config().microservices.values() {
+            described.insert(ms.name.clone(), backend.describe(ms));
             for n in 1..=ms.scale.max(1) {
                 insts.insert(
                     (ms.name.clone(), n),
@@ -187,8 +190,7 @@ impl Broker {
                         state: State::Idle,
                         gen: 0,
                         pid: 0,
-                        start_ticks: 0,
-                        stopper: None,
+                        control: None,
                         restarts: 0,
                         quick_exits: 0,
                         started_at: None,
@@ -200,15 +202,14 @@ impl Broker {
         }
         Broker {
             router,
-            env,
-            endpoint,
-            inproc,
+            backend,
+            described,
             insts,
             next_gen: 0,
             shutdown: None,
             pending_start: VecDeque::new(),
             ack_timeout: None,
-            tasks: Vec::new(),
+            tasks: Tasks::new("broker"),
             progress: std::collections::HashMap::new(),
         }
     }
@@ -259,26 +260,11 @@ impl Broker {
             slot.evict();
             // Kill our process only if the hung session is its (a stranger's session is cut off, no more).
             if let Some(inst) = self.insts.get(&key) {
-                if let (Some(st), true) = (&inst.stopper, client == Some(inst.pid)) {
+                if let (Some(st), true) = (&inst.control, inst.pid > 0 && client == Some(inst.pid)) {
                     st.kill();
                 }
             }
         }
-    }
-
-    fn write_registry(&self) {
-        let entries: Vec<RegistryEntry> = self
-            .insts
-            .iter()
-            .filter(|(_, i)| i.pid > 0 && matches!(i.state, State::Running | State::Stopping))
-            .map(|((s, n), i)| RegistryEntry {
-                service: s.clone(),
-                instance: *n,
-                pid: i.pid,
-                start_ticks: i.start_ticks,
-            })
-            .collect();
-        backend::write_registry(&self.env.paths.registry(), &entries);
     }
 
     async fn start(&mut self, service: &str, instance: u32, ctx: &Context<Self>) {
@@ -297,12 +283,8 @@ impl Broker {
         };
         self.next_gen += 1;
         let gen = self.next_gen;
-        let started: Result<Started, String> = if self.inproc.contains(service) {
-            self.inproc.start(service, instance, &self.endpoint).await.ok_or_else(|| "endpoint unavailable".to_owned())
-        } else {
-            backend::spawn_process(&ms, instance, gen, &self.env)
-                .map_err(|e| format!("cannot start {:?}: {e}", ms.command))
-        };
+        let backend = self.backend.clone();
+        let started: Result<Running, String> = backend.start(&ms, instance, gen).await;
         let Some(inst) = self.insts.get_mut(&key) else {
             return;
         };
@@ -315,16 +297,14 @@ impl Broker {
                 inst.state = State::Running;
                 inst.gen = gen;
                 inst.pid = s.pid;
-                inst.start_ticks = if s.pid > 0 { backend::proc_start_ticks(s.pid).unwrap_or(0) } else { 0 };
-                inst.stopper = Some(s.stopper);
+                inst.control = Some(s.control);
                 inst.started_at = Some(Instant::now());
                 let addr = ctx.addr();
                 let (svc, exit) = (service.to_owned(), s.exit);
-                tokio::spawn(async move {
+                self.tasks.spawn("exit watcher", async move {
                     let info = exit.await;
                     let _ = addr.send(BrokerMsg::Exited { service: svc, instance, gen, info }).await;
                 });
-                self.write_registry();
             }
             Err(e) => {
                 tracing::error!(service, instance, "{e}");
@@ -334,8 +314,12 @@ impl Broker {
                 if let Some(slot) = self.router.slot(service, instance) {
                     slot.start_requested.store(false, Ordering::SeqCst);
                 }
-                // Retry with backoff like a crash, so a transient spawn failure heals.
+                // Retry with backoff like a crash, so a transient spawn failure heals; shown as not runnable
+                // meanwhile.
                 self.schedule_restart(service, instance, ctx);
+                if let Some(inst) = self.insts.get_mut(&key) {
+                    inst.state = State::NotRunnable;
+                }
             }
         }
     }
@@ -354,7 +338,7 @@ impl Broker {
         let gen = inst.gen;
         let addr = ctx.addr();
         let service = service.to_owned();
-        tokio::spawn(async move {
+        self.tasks.spawn("restart timer", async move {
             tokio::time::sleep(delay).await;
             let _ = addr.send(BrokerMsg::RestartDue { service, instance, gen }).await;
         });
@@ -371,18 +355,9 @@ impl Broker {
             return;
         }
         inst.pid = 0;
-        inst.stopper = None;
+        inst.control = None;
         inst.last_exit = Some(info.to_string());
-        // Its processes that left its process group (setsid, daemons) end with it (a scan of /proc: off the
-        // broker's thread).
-        let marker = backend::instance_marker(&self.env.run_marker, &service, instance, gen);
-        let svc = service.clone();
-        tokio::task::spawn_blocking(move || {
-            let escaped = backend::kill_marked(&marker);
-            if escaped > 0 {
-                tracing::warn!(service = %svc, instance, processes = escaped, "killed processes that had left the instance's process group");
-            }
-        });
+        self.backend.exited(&service, instance, gen);
         let ran = inst.started_at.map_or(Duration::ZERO, |t| t.elapsed());
         if ran >= STABLE_AFTER {
             inst.quick_exits = 0;
@@ -393,7 +368,6 @@ impl Broker {
         if self.shutdown.is_some() {
             inst.state = State::Stopped;
             tracing::info!(service, instance, "{info}; stopped");
-            self.write_registry();
             self.maybe_finish_shutdown();
             return;
         }
@@ -411,29 +385,17 @@ impl Broker {
         } else {
             inst.state = State::Failed;
         }
-        self.write_registry();
-    }
-
-    /// Collects the exits of adopted descendants (the runtime is their subreaper).
-    fn reap(&self) {
-        let keep: std::collections::HashSet<u32> = self.insts.values().map(|i| i.pid).filter(|p| *p > 0).collect();
-        backend::reap_adopted(&keep);
     }
 
     fn maybe_finish_shutdown(&mut self) {
-        let all_down = self.insts.values().all(|i| i.stopper.is_none());
+        let all_down = self.insts.values().all(|i| i.control.is_none());
         if all_down {
-            let left = backend::kill_marked(&format!("{}/", self.env.run_marker));
-            if left > 0 {
-                tracing::warn!(processes = left, "killed processes of this run still alive after every instance ended");
-            }
-            self.reap();
+            self.backend.all_stopped();
             if let Some((waiters, _)) = self.shutdown.as_mut() {
                 for w in waiters.drain(..) {
                     let _ = w.send(());
                 }
             }
-            backend::write_registry(&self.env.paths.registry(), &[]);
         }
     }
 
@@ -465,6 +427,7 @@ impl Broker {
                     ack_timeouts: st(|x| &x.ack_timeouts),
                     last_exit: i.last_exit.clone(),
                     terminated: i.terminated,
+                    backend: self.described.get(s).cloned(),
                 }
             })
             .collect()
@@ -478,7 +441,7 @@ impl Actor for Broker {
         if let Some(limit) = self.ack_timeout {
             let addr = ctx.addr();
             let every = (limit / 4).clamp(Duration::from_millis(100), Duration::from_secs(1));
-            let ticker = tokio::spawn(async move {
+            self.tasks.spawn("liveness ticker", async move {
                 let mut tick = tokio::time::interval(every);
                 tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
                 loop {
@@ -488,22 +451,9 @@ impl Actor for Broker {
                     }
                 }
             });
-            self.tasks.push(ticker.abort_handle());
         }
-        // Descendants that escaped their instance become our children (we are their subreaper): collect them.
-        if let Ok(mut sigchld) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::child()) {
-            let addr = ctx.addr();
-            let reaper = tokio::spawn(async move {
-                while sigchld.recv().await.is_some() {
-                    if addr.send(BrokerMsg::Reap).await.is_err() {
-                        return;
-                    }
-                }
-            });
-            self.tasks.push(reaper.abort_handle());
-        }
-        // A fresh incarnation knows no processes: clean up whatever a previous one (or a killed runtime) left.
-        let n = backend::cleanup_orphans(&self.env.paths.registry()) + backend::cleanup_marked(&self.env.dir_id);
+        // A fresh incarnation knows no instances: clean up whatever a previous one (or a killed runtime) left.
+        let n = self.backend.recover();
         if n > 0 {
             tracing::warn!(killed = n, "cleaned up instances left by a previous run");
         }
@@ -576,7 +526,7 @@ impl Actor for Broker {
                     // accepted without waiting (bounded by their output windows), so they finish and exit.
                     self.router.stopping();
                     for ((s, n), i) in self.insts.iter_mut() {
-                        if let Some(st) = &i.stopper {
+                        if let Some(st) = &i.control {
                             tracing::info!(service = %s, instance = n, pid = i.pid, "stopping");
                             st.terminate();
                             i.state = State::Stopping;
@@ -585,7 +535,7 @@ impl Actor for Broker {
                         }
                     }
                     let addr = ctx.addr();
-                    tokio::spawn(async move {
+                    self.tasks.spawn("shutdown grace", async move {
                         tokio::time::sleep(grace).await;
                         let _ = addr.send(BrokerMsg::KillRemaining).await;
                     });
@@ -593,10 +543,9 @@ impl Actor for Broker {
                 self.maybe_finish_shutdown();
             }
             BrokerMsg::CheckLiveness => self.check_liveness(),
-            BrokerMsg::Reap => self.reap(),
             BrokerMsg::KillRemaining => {
                 for ((s, n), i) in &self.insts {
-                    if let Some(st) = &i.stopper {
+                    if let Some(st) = &i.control {
                         tracing::warn!(service = %s, instance = n, pid = i.pid, "did not stop within the grace period; SIGKILL");
                         st.kill();
                     }
@@ -611,9 +560,385 @@ impl Actor for Broker {
     async fn stopped(&mut self) {
         // Stopped without a Shutdown (e.g. a supervisor restart of the tree): do not leave processes behind.
         for i in self.insts.values() {
-            if let Some(st) = &i.stopper {
+            if let Some(st) = &i.control {
                 st.kill();
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The broker's policy against a scripted backend, on a paused clock: which instances start when, the
+    //! restart backoff, job re-runs, start failures and the shutdown sequence.
+    use super::*;
+    use crate::backend::{Backend, Description, LogSource};
+    use crate::routing::slot::QueueLimits;
+    use aion_runtime::actor::{spawn, Addr};
+    use aion_runtime::config::{load_str, Microservice};
+    use aion_runtime::kanban::Kanban;
+    use futures::future::BoxFuture;
+    use std::collections::HashMap;
+    use std::sync::atomic::AtomicU32;
+    use std::sync::Mutex;
+    use tokio::sync::mpsc;
+    use tokio::time::Instant as TInstant;
+
+    #[derive(Debug, Clone, PartialEq, Eq)]
+    enum Ev {
+        Recover,
+        Start(String, u32),
+        StartFailed(String, u32),
+        Terminate(String, u32),
+        Kill(String, u32),
+        Exited(String, u32),
+        AllStopped,
+    }
+
+    type Exits = Arc<Mutex<HashMap<(String, u32), oneshot::Sender<ExitInfo>>>>;
+
+    struct Scripted {
+        events: mpsc::UnboundedSender<(Ev, TInstant)>,
+        exits: Exits,
+        fail_starts: AtomicU32,
+    }
+
+    struct Ctl {
+        key: (String, u32),
+        events: mpsc::UnboundedSender<(Ev, TInstant)>,
+    }
+
+    impl Control for Ctl {
+        fn terminate(&self) {
+            let _ = self.events.send((Ev::Terminate(self.key.0.clone(), self.key.1), TInstant::now()));
+        }
+        fn kill(&self) {
+            let _ = self.events.send((Ev::Kill(self.key.0.clone(), self.key.1), TInstant::now()));
+        }
+    }
+
+    impl Scripted {
+        fn ev(&self, e: Ev) {
+            let _ = self.events.send((e, TInstant::now()));
+        }
+    }
+
+    impl Backend for Scripted {
+        fn start<'a>(&'a self, ms: &'a Microservice, n: u32, _gen: u64) -> BoxFuture<'a, Result<Running, String>> {
+            Box::pin(async move {
+                let left = self.fail_starts.load(Ordering::SeqCst);
+                if left > 0 {
+                    self.fail_starts.store(left - 1, Ordering::SeqCst);
+                    self.ev(Ev::StartFailed(ms.name.clone(), n));
+                    return Err("no such program".to_owned());
+                }
+                let (tx, rx) = oneshot::channel();
+                self.exits.lock().expect("exits").insert((ms.name.clone(), n), tx);
+                self.ev(Ev::Start(ms.name.clone(), n));
+                let exit =
+                    Box::pin(async move { rx.await.unwrap_or(ExitInfo { code: None, signal: Some(9), error: None }) });
+                Ok(Running {
+                    pid: 0,
+                    control: Box::new(Ctl { key: (ms.name.clone(), n), events: self.events.clone() }),
+                    exit,
+                })
+            })
+        }
+        fn exited(&self, service: &str, instance: u32, _gen: u64) {
+            self.ev(Ev::Exited(service.to_owned(), instance));
+        }
+        fn recover(&self) -> usize {
+            self.ev(Ev::Recover);
+            0
+        }
+        fn all_stopped(&self) {
+            self.ev(Ev::AllStopped);
+        }
+        fn logs(&self, _: &str, _: u32) -> LogSource {
+            LogSource::Unavailable { reason: "scripted".to_owned() }
+        }
+        fn describe(&self, _: &Microservice) -> Description {
+            Description { backend: "scripted".to_owned(), runs: String::new() }
+        }
+    }
+
+    struct Harness {
+        broker: Addr<Broker>,
+        router: Arc<Router>,
+        events: mpsc::UnboundedReceiver<(Ev, TInstant)>,
+        exits: Exits,
+        backend: Arc<Scripted>,
+        _lifecycle: mpsc::Receiver<Lifecycle>,
+    }
+
+    const YAML: &str = "microservices:\n  up:\n    command: [x]\n    startup: yes\n    always: yes\n    scale: 2\n  job:\n    command: [x]\n  boot:\n    command: [x]\n    startup: yes\n";
+
+    fn harness() -> Harness {
+        let cfg = load_str("t.yml", YAML).config.expect("valid");
+        let (lc_tx, lc_rx) = mpsc::channel(16);
+        let router = Arc::new(Router::new(Arc::new(cfg), QueueLimits::default(), lc_tx));
+        let (tx, events) = mpsc::unbounded_channel();
+        let exits: Exits = Arc::default();
+        let backend = Arc::new(Scripted { events: tx, exits: exits.clone(), fail_starts: AtomicU32::new(0) });
+        let broker = spawn("broker", Broker::new(router.clone(), backend.clone()), 64, |_| {});
+        Harness { broker, router, events, exits, backend, _lifecycle: lc_rx }
+    }
+
+    fn ok() -> ExitInfo {
+        ExitInfo { code: Some(0), signal: None, error: None }
+    }
+
+    fn failed() -> ExitInfo {
+        ExitInfo { code: Some(1), signal: None, error: None }
+    }
+
+    impl Harness {
+        /// The backend's next event (an hour of paused time without one fails the test).
+        async fn next(&mut self) -> (Ev, TInstant) {
+            tokio::time::timeout(Duration::from_secs(3600), self.events.recv())
+                .await
+                .expect("an event within the hour")
+                .expect("the broker's backend is alive")
+        }
+        /// The next event that is not about `skip`.
+        async fn next_not(&mut self, skip: &str) -> (Ev, TInstant) {
+            loop {
+                let (e, t) = self.next().await;
+                let about = match &e {
+                    Ev::Start(s, _)
+                    | Ev::StartFailed(s, _)
+                    | Ev::Terminate(s, _)
+                    | Ev::Kill(s, _)
+                    | Ev::Exited(s, _) => Some(s.as_str()),
+                    _ => None,
+                };
+                if about != Some(skip) {
+                    return (e, t);
+                }
+            }
+        }
+        fn exit(&self, s: &str, n: u32, info: ExitInfo) {
+            let tx = self.exits.lock().expect("exits").remove(&(s.to_owned(), n)).expect("it is running");
+            tx.send(info).expect("the broker watches its exit");
+        }
+        async fn state(&self, s: &str, n: u32) -> State {
+            let all = aion_runtime::actor::supervisor::ask(&self.broker, BrokerMsg::Status).await.expect("status");
+            all.into_iter().find(|i| i.service == s && i.instance == n).expect("instance").state
+        }
+        /// Takes what is queued for an instance (as its session would).
+        async fn drain(&self, s: &str, n: u32) {
+            let slot = self.router.slot(s, n).expect("slot");
+            let session = slot.open_session().expect("session");
+            let mut got = Vec::new();
+            slot.take(session, 64, &mut got).await;
+            assert!(!got.is_empty());
+            assert_eq!(slot.depth(), 0);
+        }
+        fn queue(&self, s: &str, n: u32) {
+            let k = Kanban { connection_key: "k".into(), ..Kanban::default() };
+            self.router.slot(s, n).expect("slot").restore(Box::new(k.into_wire()));
+        }
+        /// Recovery, then the startup instances (`up` ×2, `boot`).
+        async fn started(&mut self) {
+            assert_eq!(self.next().await.0, Ev::Recover, "a fresh broker cleans up first");
+            let mut got = Vec::new();
+            for _ in 0..3 {
+                got.push(self.next().await.0);
+            }
+            got.sort_by_key(|e| format!("{e:?}"));
+            assert_eq!(got, vec![Ev::Start("boot".into(), 1), Ev::Start("up".into(), 1), Ev::Start("up".into(), 2)]);
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn startup_instances_start_at_once_and_the_others_on_their_first_kanban() {
+        let mut h = harness();
+        h.started().await;
+        assert_eq!(h.state("job", 1).await, State::Idle, "no kanban yet: not started");
+        assert!(h.broker.send(BrokerMsg::Lifecycle(Lifecycle::Start("job".into(), 1))).await.is_ok());
+        assert_eq!(h.next().await.0, Ev::Start("job".into(), 1));
+        assert_eq!(h.state("job", 1).await, State::Running);
+        // Asked again while it runs: not a second copy.
+        assert!(h.broker.send(BrokerMsg::Lifecycle(Lifecycle::Start("job".into(), 1))).await.is_ok());
+        assert_eq!(h.state("job", 1).await, State::Running);
+        assert!(h.events.try_recv().is_err(), "no second start");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_always_instance_restarts_with_a_doubling_backoff_until_a_crash_loop() {
+        let mut h = harness();
+        h.started().await;
+        let mut last = TInstant::now();
+        let mut delays = Vec::new();
+        for round in 0..7u32 {
+            h.exit("up", 1, failed());
+            assert_eq!(h.next().await.0, Ev::Exited("up".into(), 1));
+            let want = if round + 1 >= CRASH_LOOP_AFTER { State::CrashLoop } else { State::Backoff };
+            assert_eq!(h.state("up", 1).await, want, "after {} quick exits", round + 1);
+            let (e, at) = h.next().await;
+            assert_eq!(e, Ev::Start("up".into(), 1), "round {round}");
+            delays.push(at.duration_since(last));
+            last = at;
+        }
+        let expected = [100u64, 200, 400, 800, 1600, 3200, 6400];
+        for (d, want) in delays.iter().zip(expected) {
+            let ms = d.as_millis() as u64;
+            assert!(ms >= want && ms < want + 50, "restart after {ms} ms, expected {want} ms: {delays:?}");
+        }
+        // The next quick exit waits at the cap, and the state says crash loop meanwhile.
+        h.exit("up", 1, failed());
+        assert_eq!(h.next().await.0, Ev::Exited("up".into(), 1));
+        assert_eq!(h.state("up", 1).await, State::CrashLoop);
+        let (e, at) = h.next().await;
+        assert_eq!(e, Ev::Start("up".into(), 1));
+        assert_eq!(at.duration_since(last).as_millis() as u64 / 100, BACKOFF_MAX.as_millis() as u64 / 100);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stable_run_resets_the_backoff() {
+        let mut h = harness();
+        h.started().await;
+        for _ in 0..3 {
+            h.exit("up", 1, failed());
+            assert_eq!(h.next().await.0, Ev::Exited("up".into(), 1));
+            assert_eq!(h.next().await.0, Ev::Start("up".into(), 1));
+        }
+        // The fourth start ran long enough to count as stable.
+        tokio::time::sleep(STABLE_AFTER + Duration::from_secs(1)).await;
+        h.exit("up", 1, failed());
+        let (_, exited) = h.next().await;
+        let (e, again) = h.next().await;
+        assert_eq!(e, Ev::Start("up".into(), 1));
+        assert_eq!(again.duration_since(exited), BACKOFF_START, "back to the first delay");
+        assert_eq!(h.state("up", 1).await, State::Running);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failed_startup_job_stays_failed_with_nothing_to_do() {
+        let mut h = harness();
+        h.started().await;
+        h.exit("boot", 1, failed());
+        assert_eq!(h.next().await.0, Ev::Exited("boot".into(), 1));
+        assert_eq!(h.state("boot", 1).await, State::Failed);
+        // Its next kanban starts it again.
+        h.queue("boot", 1);
+        assert!(h.broker.send(BrokerMsg::Lifecycle(Lifecycle::Start("boot".into(), 1))).await.is_ok());
+        assert_eq!(h.next().await.0, Ev::Start("boot".into(), 1));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_job_runs_again_while_kanbans_wait_and_completes_when_none_do() {
+        let mut h = harness();
+        h.started().await;
+        assert!(h.broker.send(BrokerMsg::Lifecycle(Lifecycle::Start("job".into(), 1))).await.is_ok());
+        assert_eq!(h.next_not("up").await.0, Ev::Start("job".into(), 1));
+        // It ends with a kanban waiting: run again at once (no backoff for a job that succeeded).
+        h.queue("job", 1);
+        h.exit("job", 1, ok());
+        let (_, exited) = h.next_not("up").await;
+        let (e, again) = h.next_not("up").await;
+        assert_eq!(e, Ev::Start("job".into(), 1));
+        assert_eq!(again, exited, "re-run without delay");
+        // Nothing waits now: it completes and stays down.
+        h.drain("job", 1).await;
+        h.exit("job", 1, ok());
+        assert_eq!(h.next_not("up").await.0, Ev::Exited("job".into(), 1));
+        assert_eq!(h.state("job", 1).await, State::Completed);
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        assert_eq!(h.state("job", 1).await, State::Completed);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failing_job_is_retried_while_kanbans_wait_and_failed_when_none_do() {
+        let mut h = harness();
+        h.started().await;
+        h.queue("job", 1);
+        assert!(h.broker.send(BrokerMsg::Lifecycle(Lifecycle::Start("job".into(), 1))).await.is_ok());
+        assert_eq!(h.next_not("up").await.0, Ev::Start("job".into(), 1));
+        h.exit("job", 1, failed());
+        let (_, exited) = h.next_not("up").await;
+        assert_eq!(h.state("job", 1).await, State::Backoff);
+        let (e, again) = h.next_not("up").await;
+        assert_eq!(e, Ev::Start("job".into(), 1));
+        assert_eq!(again.duration_since(exited), BACKOFF_START);
+        h.drain("job", 1).await;
+        h.exit("job", 1, failed());
+        assert_eq!(h.next_not("up").await.0, Ev::Exited("job".into(), 1));
+        assert_eq!(h.state("job", 1).await, State::Failed);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_start_failure_is_not_runnable_and_retried_with_backoff() {
+        let mut h = harness();
+        h.backend.fail_starts.store(2, Ordering::SeqCst);
+        assert_eq!(h.next().await.0, Ev::Recover);
+        // Two of the three startup instances fail to start, then are retried and start.
+        let mut failed = 0;
+        let mut started = 0;
+        while started < 3 {
+            match h.next().await.0 {
+                Ev::StartFailed(..) => {
+                    failed += 1;
+                    if failed == 1 {
+                        let states: Vec<State> = aion_runtime::actor::supervisor::ask(&h.broker, BrokerMsg::Status)
+                            .await
+                            .expect("status")
+                            .into_iter()
+                            .map(|i| i.state)
+                            .collect();
+                        assert!(states.contains(&State::NotRunnable), "{states:?}");
+                    }
+                }
+                Ev::Start(..) => started += 1,
+                e => panic!("unexpected {e:?}"),
+            }
+        }
+        assert_eq!(failed, 2);
+        assert_eq!(h.state("boot", 1).await, State::Running);
+        assert_eq!(h.state("up", 1).await, State::Running);
+        assert_eq!(h.state("up", 2).await, State::Running);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn shutdown_terminates_then_kills_after_the_grace_and_answers_when_all_ended() {
+        let mut h = harness();
+        h.started().await;
+        let grace = Duration::from_secs(3);
+        let (tx, mut done) = oneshot::channel();
+        assert!(h.broker.send(BrokerMsg::Shutdown(grace, tx)).await.is_ok());
+        let mut terminated_at = None;
+        let mut terminated = 0;
+        // `up` instances stop when asked; `boot` ignores the polite stop.
+        while terminated < 3 {
+            match h.next().await {
+                (Ev::Terminate(s, n), at) => {
+                    terminated += 1;
+                    terminated_at = Some(at);
+                    if s == "up" {
+                        h.exit(&s, n, ExitInfo { code: None, signal: Some(15), error: None });
+                    }
+                }
+                (Ev::Exited(..), _) => {}
+                (e, _) => panic!("unexpected {e:?}"),
+            }
+        }
+        assert!(done.try_recv().is_err(), "boot is still running: no answer yet");
+        let (e, killed_at) = loop {
+            match h.next().await {
+                (Ev::Exited(..), _) => {}
+                other => break other,
+            }
+        };
+        assert_eq!(e, Ev::Kill("boot".into(), 1));
+        assert!(killed_at.duration_since(terminated_at.expect("terminated")) >= grace - Duration::from_millis(1));
+        h.exit("boot", 1, ExitInfo { code: None, signal: Some(9), error: None });
+        assert_eq!(h.next().await.0, Ev::Exited("boot".into(), 1));
+        assert_eq!(h.next().await.0, Ev::AllStopped, "a last sweep once every instance ended");
+        done.await.expect("shutdown answered");
+        assert_eq!(h.state("boot", 1).await, State::Stopped);
+        assert_eq!(h.state("job", 1).await, State::Idle, "never started, nothing to stop");
+        // No restart after shutdown, whatever the policy says.
+        assert!(h.broker.send(BrokerMsg::Lifecycle(Lifecycle::Start("job".into(), 1))).await.is_ok());
+        assert_eq!(h.state("job", 1).await, State::Idle);
     }
 }

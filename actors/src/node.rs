@@ -1,7 +1,7 @@
 //! A node: one runtime on one device — the supervision tree, the routing table, and the control API.
 
 pub use crate::backend::InProcessRegistry;
-use crate::backend::ProcessEnv;
+use crate::backend::{InProcessBackend, Local, ProcessBackend, ProcessEnv, SharedBackend};
 use crate::broker::{Broker, BrokerMsg, InstanceStatus};
 use crate::control::{dead_json, event_text, Request, StatusReport, StoreReport};
 use crate::paths::Paths;
@@ -141,6 +141,10 @@ struct Shared {
     tasks: Tasks,
     /// Sessions and the endpoint's accept loop.
     sessions: Tasks,
+    /// The backend's tasks: in-process services, log pumps, the collector of adopted processes.
+    instances: Tasks,
+    /// What runs the instances.
+    backend: SharedBackend,
 }
 
 impl Node {
@@ -272,12 +276,17 @@ impl Node {
             device_name: cfg.device_name.clone(),
             debug: cfg.debug.clone(),
             log_cap: opts.log_cap,
-            run_marker: crate::backend::run_marker(&dir_id),
+            run_marker: crate::backend::process::run_marker(&dir_id),
             dir_id,
         };
-        let (r, ep, inproc, ack_timeout) = (router.clone(), endpoint.clone(), opts.inproc, opts.ack_timeout);
+        let instances = Tasks::new("instances");
+        let backend: SharedBackend = Arc::new(Local::new(
+            ProcessBackend::new(env, instances.clone()),
+            InProcessBackend::new(opts.inproc, endpoint.clone(), instances.clone()),
+        ));
+        let (r, b, ack_timeout) = (router.clone(), backend.clone(), opts.ack_timeout);
         let (broker_spec, broker) = ChildSpec::actor("service-broker", Restart::Permanent, 4096, move || {
-            Broker::new(r.clone(), env.clone(), ep.clone(), inproc.clone()).with_ack_timeout(ack_timeout)
+            Broker::new(r.clone(), b.clone()).with_ack_timeout(ack_timeout)
         });
         let sup = Supervisor::new(
             "root",
@@ -318,6 +327,8 @@ impl Node {
             parse_lock: tokio::sync::Mutex::new(()),
             tasks: tasks.clone(),
             sessions,
+            instances,
+            backend,
         });
         let node_shared = shared.clone();
         let control = tasks.spawn("control accept loop", accept_control(shared, control_listener));
@@ -417,6 +428,8 @@ impl Node {
         self.control.abort();
         self.forwarder.abort();
         self.shared.tasks.shutdown(Duration::from_secs(1)).await;
+        // Every instance has ended: its log pumps end as its pipes close; the collector of adopted processes goes.
+        self.shared.instances.shutdown(Duration::from_secs(1)).await;
         let _ = std::fs::remove_file(self.paths.control());
         let _ = std::fs::remove_file(self.paths.socket());
         match &result {
@@ -547,6 +560,10 @@ async fn handle_request(s: &Shared, line: &[u8]) -> Vec<u8> {
             s.stop.notify_one();
             ok_reply(&serde_json::json!({}))
         }
+        Request::Logs { service, instance } => match s.router.slot(&service, instance) {
+            Some(_) => ok_reply(&s.backend.logs(&service, instance)),
+            None => err_reply(format!("no instance {instance} of service {service:?} in this runtime")),
+        },
         Request::Send { service, instance, key, metadata } => {
             let Ok(_slot) = s.send_slots.clone().try_acquire_owned() else {
                 return err_reply(format!(
@@ -614,7 +631,8 @@ async fn report(s: &Shared) -> StatusReport {
         tasks: crate::control::TasksReport {
             sessions: s.sessions.running(),
             node: s.tasks.running(),
-            panicked: s.sessions.panicked() + s.tasks.panicked(),
+            instances: s.instances.running(),
+            panicked: s.sessions.panicked() + s.tasks.panicked() + s.instances.panicked(),
         },
     }
 }

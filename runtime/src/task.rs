@@ -124,6 +124,14 @@ impl Tasks {
         running.len()
     }
 
+    /// Aborts every running task without a log line (an owner dropped on purpose, whose tasks are part of it).
+    pub fn abort_quietly(&self) {
+        let running: Vec<AbortHandle> = lock(&self.inner.running).values().map(|(_, h)| h.clone()).collect();
+        for h in running {
+            h.abort();
+        }
+    }
+
     /// Waits for the tasks up to `deadline`, then aborts the rest; returns how many were aborted.
     pub async fn shutdown(&self, deadline: Duration) -> usize {
         if self.wait(deadline).await == 0 {

@@ -1,20 +1,28 @@
-//! Backends that run microservice instances: local processes (the default) and in-process services.
+//! Backends run microservice instances; the service broker decides when (policy), a backend does how.
+//!
+//! - [`Backend`]: start an instance, watch its exit, stop or kill it ([`Control`]), clean up after it, tell
+//!   where its logs are and describe it;
+//! - [`process::ProcessBackend`]: local processes (the default), each in its own process group, with log files;
+//! - [`inprocess::InProcessBackend`]: services registered with an [`InProcessRegistry`], run as tasks inside the
+//!   runtime on direct sessions;
+//! - [`Local`]: what a node runs — in-process for registered services, processes for the rest.
+//!
+//! A Kubernetes backend (pods and jobs) implements the same trait.
 
-use crate::paths::Paths;
-use crate::session::EndpointMsg;
-use aion_runtime::actor::Addr;
+pub mod inprocess;
+pub mod process;
+
+pub use inprocess::{InProcessBackend, InProcessRegistry};
+pub use process::{
+    become_subreaper, cleanup_orphans, raise_fd_limit, resolve_program, LineSplitter, LogFile, ProcessBackend,
+    ProcessEnv, Resolved, MAX_LOG_LINE,
+};
+
 use aion_runtime::config::Microservice;
-use nix::sys::signal::{killpg, Signal};
-use nix::unistd::Pid;
-use serde::{Deserialize, Serialize};
-use std::collections::HashMap;
-use std::future::Future;
-use std::path::{Path, PathBuf};
-use std::pin::Pin;
-use std::process::Stdio;
-use std::sync::{Arc, Mutex};
-use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
-use tokio::sync::watch;
+use futures::future::BoxFuture;
+use serde::Serialize;
+use std::path::PathBuf;
+use std::sync::Arc;
 
 /// How an instance ended.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -45,559 +53,119 @@ impl std::fmt::Display for ExitInfo {
     }
 }
 
-/// A way to stop a running instance.
-pub enum Stopper {
-    /// A process group.
-    Process(i32),
-    /// An in-process service.
-    InProcess(watch::Sender<bool>, tokio::task::AbortHandle),
+/// Stops a running instance.
+pub trait Control: Send + Sync {
+    /// Polite stop (SIGTERM to a process group; the shutdown signal of an in-process service): it finishes the
+    /// kanban it is handling and exits.
+    fn terminate(&self);
+    /// Forced stop (SIGKILL; abort).
+    fn kill(&self);
 }
 
-impl Stopper {
-    /// Polite stop: SIGTERM to the group / shutdown signal.
-    pub fn terminate(&self) {
-        match self {
-            Stopper::Process(pgid) => {
-                let _ = killpg(Pid::from_raw(*pgid), Signal::SIGTERM);
-            }
-            Stopper::InProcess(tx, _) => {
-                let _ = tx.send(true);
-            }
-        }
-    }
-    /// Forced stop: SIGKILL to the group / abort.
-    pub fn kill(&self) {
-        match self {
-            Stopper::Process(pgid) => {
-                let _ = killpg(Pid::from_raw(*pgid), Signal::SIGKILL);
-            }
-            Stopper::InProcess(_, abort) => abort.abort(),
-        }
-    }
-}
-
-/// A started instance: its pid (0 in-process), how to stop it, and a future that completes when it ends.
-pub struct Started {
-    /// Process id (also the process group id); 0 for in-process services.
+/// A started instance.
+pub struct Running {
+    /// Its process id (the process group's), or 0 when it is not a local process.
     pub pid: u32,
     /// How to stop it.
-    pub stopper: Stopper,
-    /// Completes with the exit.
-    pub exit: Pin<Box<dyn Future<Output = ExitInfo> + Send>>,
+    pub control: Box<dyn Control>,
+    /// Completes with its exit.
+    pub exit: BoxFuture<'static, ExitInfo>,
 }
 
-/// What every local process gets.
-#[derive(Debug, Clone)]
-pub struct ProcessEnv {
-    /// Data directory layout.
-    pub paths: Paths,
-    /// Directory of the services.yml (relative commands and `workingDir` resolve against it).
-    pub base_dir: PathBuf,
-    /// Directories put in front of `PATH` (the `aion` binary's directory and its `examples/`).
-    pub path_dirs: Vec<PathBuf>,
-    /// `deviceName`.
-    pub device_name: String,
-    /// `debug`.
-    pub debug: String,
-    /// Per-instance log size cap in bytes before rotation.
-    pub log_cap: u64,
-    /// The data dir's id ([`crate::paths::Paths::dir_id`]): every process of an instance carries
-    /// `AION_INSTANCE=<dir id>:<run>/<service>-<n>/<incarnation>` in its environment, inherited by its descendants,
-    /// so that processes that leave the instance's process group (`setsid`, daemons) are found and stopped with it.
-    pub dir_id: String,
-    /// This run's marker ([`run_marker`]).
-    pub run_marker: String,
+/// Where an instance's output is.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(tag = "source", rename_all = "kebab-case")]
+pub enum LogSource {
+    /// A file on this device, rotated to `<file>.1` (readable after the runtime stopped, and followable).
+    File {
+        /// The file.
+        path: PathBuf,
+    },
+    /// No log of its own here, and why (an in-process service's output is the runtime's log).
+    Unavailable {
+        /// Why.
+        reason: String,
+    },
 }
 
-/// The marker of this run on the data dir whose id is `dir_id`: the id (so that a later run finds what a killed
-/// one left), then this process and its start time.
-pub fn run_marker(dir_id: &str) -> String {
-    format!("{dir_id}:{}-{}", std::process::id(), crate::store::now_ms())
+/// What a backend says about an instance for the status.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct Description {
+    /// The backend's name (`process`, `in-process`, …).
+    pub backend: String,
+    /// What runs (a program path, a registered service, an image).
+    pub runs: String,
 }
 
-/// The `AION_INSTANCE` value of one incarnation of an instance.
-pub fn instance_marker(run: &str, service: &str, instance: u32, gen: u64) -> String {
-    format!("{run}/{service}-{instance}/{gen}")
-}
-
-const MARKER_VAR: &[u8] = b"AION_INSTANCE=";
-
-/// Makes this process the reaper of its orphaned descendants (`PR_SET_CHILD_SUBREAPER`): a process that leaves
-/// its instance's group and outlives its parent becomes the runtime's child, not init's, so it can be found and
-/// its exit collected.
-pub fn become_subreaper() {
-    if let Err(e) = nix::sys::prctl::set_child_subreaper(true) {
-        tracing::warn!("cannot become the reaper of escaped descendants: {e}");
-    }
-}
-
-/// Kills (SIGKILL) every process whose `AION_INSTANCE` starts with `prefix` (an instance's marker, a run's marker
-/// followed by `/`, or a data dir's tag followed by `:`). Returns how many.
-pub fn kill_marked(prefix: &str) -> usize {
-    let me = std::process::id();
-    let mut n = 0;
-    let Ok(rd) = std::fs::read_dir("/proc") else { return 0 };
-    for e in rd.flatten() {
-        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else { continue };
-        if pid == me {
-            continue;
-        }
-        let Ok(env) = std::fs::read(format!("/proc/{pid}/environ")) else { continue };
-        let marked = env
-            .split(|b| *b == 0)
-            .any(|kv| kv.strip_prefix(MARKER_VAR).is_some_and(|v| v.starts_with(prefix.as_bytes())));
-        if marked && nix::sys::signal::kill(Pid::from_raw(pid as i32), Signal::SIGKILL).is_ok() {
-            n += 1;
-        }
-    }
-    n
-}
-
-/// Collects the exit of every zombie child of this process that is not in `keep` (instance leaders, which their
-/// own waiters collect): descendants adopted as the subreaper. Returns how many.
-pub fn reap_adopted(keep: &std::collections::HashSet<u32>) -> usize {
-    use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
-    // Only a subreaper adopts: otherwise a zombie child here is someone else's to collect (an embedder's).
-    if !nix::sys::prctl::get_child_subreaper().unwrap_or(false) {
-        return 0;
-    }
-    let me = std::process::id();
-    let mut n = 0;
-    let Ok(rd) = std::fs::read_dir("/proc") else { return 0 };
-    for e in rd.flatten() {
-        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else { continue };
-        if keep.contains(&pid) {
-            continue;
-        }
-        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { continue };
-        let Some((_, rest)) = stat.rsplit_once(')') else { continue };
-        let mut fields = rest.split_whitespace();
-        let (state, ppid) = (fields.next(), fields.next().and_then(|p| p.parse::<u32>().ok()));
-        if state == Some("Z") && ppid == Some(me) {
-            if let Ok(st) = waitpid(Pid::from_raw(pid as i32), Some(WaitPidFlag::WNOHANG)) {
-                if !matches!(st, WaitStatus::StillAlive) {
-                    n += 1;
-                }
-            }
-        }
-    }
-    n
-}
-
-/// How the program of a service is found: its working directory, the search path, and the program's path.
-pub struct Resolved {
-    /// The working directory of its processes.
-    pub workdir: PathBuf,
-    /// The `PATH` its processes get: `path_dirs`, then the runtime's own `PATH`.
-    pub path_var: Vec<PathBuf>,
-    /// The program: a path, or the bare name when it was not found in `path_var`.
-    pub program: PathBuf,
-    /// True when the program exists as a file.
-    pub found: bool,
-}
-
-/// Resolves the program of `ms` as its processes will be started: a relative path against its working
-/// directory (`workingDir`, relative to `base_dir`), a bare name through `path_dirs` and then `PATH`.
-pub fn resolve_program(ms: &Microservice, base_dir: &Path, path_dirs: &[PathBuf]) -> Option<Resolved> {
-    let program = ms.command.first()?;
-    let workdir = match &ms.working_dir {
-        Some(w) => base_dir.join(w),
-        None => base_dir.to_owned(),
-    };
-    let program = if program.contains('/') && Path::new(program).is_relative() {
-        workdir.join(program)
-    } else {
-        PathBuf::from(program)
-    };
-    let mut path_var: Vec<PathBuf> = path_dirs.to_vec();
-    if let Some(p) = std::env::var_os("PATH") {
-        path_var.extend(std::env::split_paths(&p));
-    }
-    // Resolve bare names with our PATH (Command would use the parent's PATH).
-    let (program, found) = if program.components().count() == 1 {
-        match path_var.iter().map(|d| d.join(&program)).find(|c| c.is_file()) {
-            Some(p) => (p, true),
-            None => (program, false),
-        }
-    } else {
-        let found = program.is_file();
-        (program, found)
-    };
-    Some(Resolved { workdir, path_var, program, found })
-}
-
-/// Spawns one instance of `ms` as a process in its own process group, its output going to its log file.
-///
-/// # Errors
-/// Spawn errors (missing command, not executable, …).
-pub fn spawn_process(ms: &Microservice, instance: u32, gen: u64, env: &ProcessEnv) -> std::io::Result<Started> {
-    let Some(Resolved { workdir, path_var, program, .. }) = resolve_program(ms, &env.base_dir, &env.path_dirs) else {
-        return Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, "no `command` to run"));
-    };
-    let path_joined = std::env::join_paths(&path_var).unwrap_or_default();
-    let data_path = env.paths.data_path(&ms.name, instance);
-    std::fs::create_dir_all(&data_path)?;
-    let mut cmd = tokio::process::Command::new(&program);
-    cmd.args(&ms.command[1..])
-        .current_dir(&workdir)
-        .env("PATH", path_joined)
-        .envs(&ms.env)
-        .env("SERVICE_NAME", &ms.name)
-        .env("MS_NUMBER", instance.to_string())
-        .env("MSNUMBER", instance.to_string())
-        .env("AION_HOME", &env.paths.root)
-        .env("DEVICE_NAME", &env.device_name)
-        .env("DEBUG", &env.debug)
-        .env("AION_SOCKET", env.paths.socket())
-        .env("AION_DATA_PATH", &data_path)
-        .env("AION_INSTANCE", instance_marker(&env.run_marker, &ms.name, instance, gen))
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .process_group(0)
-        .kill_on_drop(false);
-    let mut child = cmd.spawn()?;
-    let pid = child.id().unwrap_or(0);
-    let log = Arc::new(Mutex::new(LogFile::open(env.paths.log_file(&ms.name, instance), env.log_cap)?));
-    if let Some(out) = child.stdout.take() {
-        tokio::spawn(pump(out, log.clone()));
-    }
-    if let Some(err) = child.stderr.take() {
-        tokio::spawn(pump(err, log.clone()));
-    }
-    let exit = Box::pin(async move {
-        match child.wait().await {
-            Ok(st) => {
-                use std::os::unix::process::ExitStatusExt;
-                ExitInfo { code: st.code(), signal: st.signal(), error: None }
-            }
-            Err(e) => ExitInfo { code: None, signal: None, error: Some(format!("wait failed: {e}")) },
-        }
-    });
-    Ok(Started { pid, stopper: Stopper::Process(pid as i32), exit })
-}
-
-/// A size-capped log file rotated to `<name>.1`.
-pub struct LogFile {
-    path: PathBuf,
-    file: std::fs::File,
-    size: u64,
-    cap: u64,
-}
-
-impl LogFile {
-    /// Opens for appending.
+/// Runs instances of microservices (see the module docs). Calls come from the broker's task, one at a time;
+/// nothing here may block it for long (slow work goes to a blocking task).
+pub trait Backend: Send + Sync + 'static {
+    /// Starts incarnation `gen` of instance `instance` of `ms`.
     ///
     /// # Errors
-    /// I/O errors.
-    pub fn open(path: PathBuf, cap: u64) -> std::io::Result<LogFile> {
-        use std::os::unix::fs::OpenOptionsExt;
-        let file = std::fs::OpenOptions::new().create(true).append(true).mode(0o600).open(&path)?;
-        // A log made by an earlier version may be readable by others: it holds what the service printed.
-        let _ = file.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(0o600));
-        let size = file.metadata().map(|m| m.len()).unwrap_or(0);
-        Ok(LogFile { path, file, size, cap: cap.max(4096) })
+    /// Why it could not be started (the broker retries with backoff).
+    fn start<'a>(&'a self, ms: &'a Microservice, instance: u32, gen: u64) -> BoxFuture<'a, Result<Running, String>>;
+
+    /// Incarnation `gen` of the instance ended (its exit future completed): clean up after it (its processes that
+    /// left its process group, its entry in the process registry).
+    fn exited(&self, service: &str, instance: u32, gen: u64);
+
+    /// A fresh broker knows no instances: cleans up whatever a previous one (or a killed runtime) left running.
+    /// Returns how many it stopped.
+    fn recover(&self) -> usize;
+
+    /// Every instance has ended at shutdown: a last sweep.
+    fn all_stopped(&self);
+
+    /// Where an instance's output is.
+    fn logs(&self, service: &str, instance: u32) -> LogSource;
+
+    /// What runs for `ms`.
+    fn describe(&self, ms: &Microservice) -> Description;
+}
+
+/// A node's backend: in-process services that are registered, local processes for the rest.
+pub struct Local {
+    process: ProcessBackend,
+    inproc: InProcessBackend,
+}
+
+impl Local {
+    /// Both backends.
+    pub fn new(process: ProcessBackend, inproc: InProcessBackend) -> Local {
+        Local { process, inproc }
     }
 
-    /// Appends a line, rotating first if the cap would be exceeded (so with lines of at most the cap, a log file
-    /// never exceeds it).
-    pub fn write_line(&mut self, line: &[u8]) {
-        use std::io::Write;
-        if self.size + line.len() as u64 > self.cap {
-            let mut rotated = self.path.clone().into_os_string();
-            rotated.push(".1");
-            let _ = std::fs::rename(&self.path, &rotated);
-            use std::os::unix::fs::OpenOptionsExt;
-            match std::fs::OpenOptions::new().create(true).append(true).mode(0o600).open(&self.path) {
-                Ok(f) => {
-                    self.file = f;
-                    self.size = 0;
-                }
-                Err(e) => tracing::error!(path = %self.path.display(), "log rotation failed: {e}"),
-            }
-        }
-        if self.file.write_all(line).is_ok() {
-            self.size += line.len() as u64;
+    fn pick(&self, service: &str) -> &dyn Backend {
+        if self.inproc.runs(service) {
+            &self.inproc
+        } else {
+            &self.process
         }
     }
 }
 
-/// The longest line written to an instance's log; longer output lines are split (a line of output without a
-/// newline — a progress bar, a base64 dump — costs the runtime this much memory, not its length).
-pub const MAX_LOG_LINE: usize = 64 << 10;
-
-/// Cuts a byte stream into lines of at most `max` bytes (newline included), without holding more than one line.
-#[derive(Debug)]
-pub struct LineSplitter {
-    line: Vec<u8>,
-    max: usize,
-}
-
-impl LineSplitter {
-    /// A splitter for lines of at most `max` bytes (at least 2).
-    pub fn new(max: usize) -> LineSplitter {
-        LineSplitter { line: Vec::new(), max: max.max(2) }
+impl Backend for Local {
+    fn start<'a>(&'a self, ms: &'a Microservice, instance: u32, gen: u64) -> BoxFuture<'a, Result<Running, String>> {
+        self.pick(&ms.name).start(ms, instance, gen)
     }
-
-    /// Takes bytes from `data` up to the end of the next complete line; returns how many were taken and the line
-    /// when one is complete (a newline, or `max` bytes, whose last byte is then a newline added here).
-    pub fn feed(&mut self, data: &[u8]) -> (usize, Option<&[u8]>) {
-        let room = self.max - 1 - self.line.len();
-        let window = &data[..data.len().min(room + 1)];
-        if let Some(i) = window.iter().position(|b| *b == b'\n') {
-            self.line.extend_from_slice(&window[..=i]);
-            return (i + 1, Some(&self.line));
-        }
-        let take = window.len().min(room);
-        self.line.extend_from_slice(&data[..take]);
-        if self.line.len() == self.max - 1 {
-            self.line.push(b'\n');
-            return (take, Some(&self.line));
-        }
-        (take, None)
+    fn exited(&self, service: &str, instance: u32, gen: u64) {
+        self.pick(service).exited(service, instance, gen);
     }
-
-    /// Starts the next line (after a complete one was written).
-    pub fn clear(&mut self) {
-        self.line.clear();
-        if self.line.capacity() > 4096 {
-            self.line.shrink_to(4096);
-        }
+    fn recover(&self) -> usize {
+        self.process.recover() + self.inproc.recover()
     }
-
-    /// What is left at the end of the stream, newline-terminated.
-    pub fn finish(&mut self) -> Option<&[u8]> {
-        if self.line.is_empty() {
-            return None;
-        }
-        self.line.push(b'\n');
-        Some(&self.line)
+    fn all_stopped(&self) {
+        self.process.all_stopped();
+        self.inproc.all_stopped();
+    }
+    fn logs(&self, service: &str, instance: u32) -> LogSource {
+        self.pick(service).logs(service, instance)
+    }
+    fn describe(&self, ms: &Microservice) -> Description {
+        self.pick(&ms.name).describe(ms)
     }
 }
 
-async fn pump(stream: impl AsyncRead + Unpin, log: Arc<Mutex<LogFile>>) {
-    let max = log.lock().map_or(MAX_LOG_LINE, |l| l.cap.min(MAX_LOG_LINE as u64) as usize);
-    let mut rd = BufReader::with_capacity(64 << 10, stream);
-    let mut lines = LineSplitter::new(max);
-    loop {
-        let data = match rd.fill_buf().await {
-            Ok([]) | Err(_) => break,
-            Ok(d) => d,
-        };
-        let (taken, line) = lines.feed(data);
-        if let Some(line) = line {
-            if let Ok(mut l) = log.lock() {
-                l.write_line(line);
-            }
-            lines.clear();
-        }
-        rd.consume(taken);
-    }
-    if let (Some(line), Ok(mut l)) = (lines.finish(), log.lock()) {
-        l.write_line(line);
-    }
-}
-
-type Runner = Arc<
-    dyn Fn(
-            crate::session::direct::DirectSession,
-            watch::Receiver<bool>,
-        ) -> Pin<Box<dyn Future<Output = Result<(), String>> + Send>>
-        + Send
-        + Sync,
->;
-
-/// Services that run inside the runtime process instead of as processes.
-#[derive(Clone, Default)]
-pub struct InProcessRegistry {
-    runners: HashMap<String, Runner>,
-}
-
-impl InProcessRegistry {
-    /// Registers `service` to run in-process: `factory` builds a fresh service value per instance start.
-    pub fn register<S: aion_sdk::Service, F: Fn() -> S + Send + Sync + 'static>(&mut self, service: &str, factory: F) {
-        let factory = Arc::new(factory);
-        let runner: Runner = Arc::new(move |port, mut stop: watch::Receiver<bool>| {
-            let svc = factory();
-            Box::pin(async move {
-                let shutdown = async move {
-                    while !*stop.borrow_and_update() {
-                        if stop.changed().await.is_err() {
-                            return;
-                        }
-                    }
-                };
-                let info = port.info().clone();
-                aion_sdk::run_direct(svc, info, Box::new(port), shutdown).await.map_err(|e| e.to_string())
-            })
-        });
-        self.runners.insert(service.to_owned(), runner);
-    }
-
-    /// True if `service` is registered.
-    pub fn contains(&self, service: &str) -> bool {
-        self.runners.contains_key(service)
-    }
-
-    /// Starts an in-process instance on a direct session opened by the endpoint.
-    pub async fn start(
-        &self,
-        service: &str,
-        instance: u32,
-        endpoint: &Addr<crate::session::Endpoint>,
-    ) -> Option<Started> {
-        let runner = self.runners.get(service)?.clone();
-        let (reply, opened) = tokio::sync::oneshot::channel();
-        let msg = EndpointMsg::AttachDirect { service: service.to_owned(), instance, reply };
-        if endpoint.send(msg).await.is_err() {
-            return None;
-        }
-        let port = match opened.await {
-            Ok(Ok(port)) => port,
-            Ok(Err(_)) | Err(_) => return None, // refused (logged by the endpoint)
-        };
-        let (stop_tx, stop_rx) = watch::channel(false);
-        let task = tokio::spawn(runner(port, stop_rx));
-        let abort = task.abort_handle();
-        let exit = Box::pin(async move {
-            match task.await {
-                Ok(Ok(())) => ExitInfo { code: Some(0), signal: None, error: None },
-                Ok(Err(e)) => ExitInfo { code: Some(1), signal: None, error: Some(e) },
-                Err(e) if e.is_cancelled() => ExitInfo { code: None, signal: Some(9), error: None },
-                Err(e) => ExitInfo { code: None, signal: None, error: Some(format!("panicked: {e}")) },
-            }
-        });
-        Some(Started { pid: 0, stopper: Stopper::InProcess(stop_tx, abort), exit })
-    }
-}
-
-/// Raises this process's open-file soft limit to its hard limit (as Go programs such as AION do): each instance
-/// costs the runtime a few descriptors (pipes, its session), and the common soft default of 1024 would stop a few
-/// hundred instances from starting. Children inherit the raised limit. Returns (before, after).
-pub fn raise_fd_limit() -> Option<(u64, u64)> {
-    use nix::sys::resource::{getrlimit, setrlimit, Resource};
-    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).ok()?;
-    let want = hard.min(1 << 20);
-    if soft >= want {
-        return Some((soft, soft));
-    }
-    match setrlimit(Resource::RLIMIT_NOFILE, want, hard) {
-        Ok(()) => Some((soft, want)),
-        Err(e) => {
-            tracing::warn!("cannot raise the open-file limit from {soft} to {want}: {e}");
-            Some((soft, soft))
-        }
-    }
-}
-
-/// One entry of the process registry (`run/instances.json`).
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-pub struct RegistryEntry {
-    /// Service.
-    pub service: String,
-    /// Instance.
-    pub instance: u32,
-    /// Process id = process group id.
-    pub pid: u32,
-    /// Start time in clock ticks since boot (`/proc/<pid>/stat` field 22), to avoid killing a reused pid.
-    pub start_ticks: u64,
-}
-
-/// The start time of a process in clock ticks since boot, from `/proc/<pid>/stat`.
-pub fn proc_start_ticks(pid: u32) -> Option<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let after = &stat[stat.rfind(')')? + 1..];
-    after.split_whitespace().nth(19)?.parse().ok()
-}
-
-/// Writes the registry atomically.
-pub fn write_registry(path: &Path, entries: &[RegistryEntry]) {
-    let tmp = path.with_extension("json.tmp");
-    let ok = serde_json::to_vec(entries)
-        .ok()
-        .and_then(|b| std::fs::write(&tmp, b).ok())
-        .and_then(|_| std::fs::rename(&tmp, path).ok());
-    if ok.is_none() {
-        tracing::error!(path = %path.display(), "cannot write the process registry");
-    }
-}
-
-/// Kills every process started for this data dir's instances, by any run (a fresh broker knows none of them:
-/// after a kill -9 of the runtime, or a restart of the broker, what is left, escaped descendants included, goes).
-/// Returns how many.
-pub fn cleanup_marked(dir_id: &str) -> usize {
-    kill_marked(&format!("{dir_id}:"))
-}
-
-/// Kills process groups left by a previous runtime on this data dir (after kill -9). Returns how many.
-pub fn cleanup_orphans(path: &Path) -> usize {
-    let Ok(bytes) = std::fs::read(path) else {
-        return 0;
-    };
-    let entries: Vec<RegistryEntry> = match serde_json::from_slice(&bytes) {
-        Ok(e) => e,
-        Err(e) => {
-            tracing::warn!(path = %path.display(), "ignoring an unreadable process registry: {e}");
-            return 0;
-        }
-    };
-    let mut n = 0;
-    for e in entries {
-        if e.pid > 1 && proc_start_ticks(e.pid) == Some(e.start_ticks) {
-            tracing::warn!(service = %e.service, instance = e.instance, pid = e.pid, "killing an orphan from a previous run");
-            let _ = killpg(Pid::from_raw(e.pid as i32), Signal::SIGKILL);
-            n += 1;
-        }
-    }
-    let _ = std::fs::remove_file(path);
-    n
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use proptest::prelude::*;
-
-    fn split(chunks: &[Vec<u8>], max: usize) -> Vec<Vec<u8>> {
-        let mut s = LineSplitter::new(max);
-        let mut out = Vec::new();
-        for c in chunks {
-            let mut rest = &c[..];
-            while !rest.is_empty() {
-                let (n, line) = s.feed(rest);
-                if let Some(l) = line {
-                    out.push(l.to_vec());
-                    s.clear();
-                }
-                rest = &rest[n..];
-            }
-        }
-        if let Some(l) = s.finish() {
-            out.push(l.to_vec());
-        }
-        out
-    }
-
-    #[test]
-    fn lines_are_kept_and_long_ones_split() {
-        let out = split(&[b"ab\ncd".to_vec(), b"efgh\n\nxyz".to_vec()], 4);
-        let want: Vec<&[u8]> = vec![b"ab\n", b"cde\n", b"fgh\n", b"\n", b"xyz\n"];
-        assert_eq!(out, want);
-    }
-
-    proptest! {
-        #[test]
-        fn nothing_is_lost_and_no_line_is_longer_than_max(
-            chunks in prop::collection::vec(prop::collection::vec(prop_oneof![Just(b'\n'), any::<u8>()], 0..64), 0..16),
-            max in 2usize..20,
-        ) {
-            let out = split(&chunks, max);
-            for l in &out {
-                prop_assert!(l.len() <= max && l.ends_with(b"\n"), "{l:?}");
-            }
-            let input: Vec<u8> = chunks.concat().into_iter().filter(|b| *b != b'\n').collect();
-            let output: Vec<u8> = out.concat().into_iter().filter(|b| *b != b'\n').collect();
-            prop_assert_eq!(input, output);
-        }
-    }
-}
+/// A shared backend.
+pub type SharedBackend = Arc<dyn Backend>;

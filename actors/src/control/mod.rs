@@ -41,6 +41,14 @@ pub enum Request {
     },
     /// Graceful shutdown.
     Stop,
+    /// Where an instance's output is (answered with a [`crate::backend::LogSource`]).
+    Logs {
+        /// Service.
+        service: String,
+        /// Instance (default 1).
+        #[serde(default = "one")]
+        instance: u32,
+    },
 }
 
 fn one() -> u32 {
@@ -163,6 +171,9 @@ pub struct TasksReport {
     pub sessions: usize,
     /// The node's other tasks running (control connections, backlog feeders, forwarders).
     pub node: usize,
+    /// The backend's tasks running (in-process services, log pumps of local processes).
+    #[serde(default)]
+    pub instances: usize,
     /// Tasks that panicked since start (each was logged; the runtime went on).
     pub panicked: u64,
 }
