@@ -246,11 +246,8 @@ async fn run_node_with(
     opts.inproc = reg;
     opts.queue_capacity = 4096;
     opts.archive = archive;
-    opts.redis = redis.map(|url| aion::actors::store::redis::RedisConfig {
-        url,
-        retain: 0,
-        connect_wait: Duration::from_secs(10),
-    });
+    opts.redis =
+        redis.map(|url| aion::actors::store::RedisConfig { url, retain: 0, connect_wait: Duration::from_secs(10) });
     Node::start(opts).await.expect("node")
 }
 

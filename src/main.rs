@@ -217,7 +217,7 @@ fn main() -> ExitCode {
             let redis = match store.as_str() {
                 "embedded" | "sqlite" => None,
                 url if url.starts_with("redis://") || url.starts_with("rediss://") || url.starts_with("unix://") => {
-                    Some(aion::actors::store::redis::RedisConfig {
+                    Some(aion::actors::store::RedisConfig {
                         url: url.to_owned(),
                         retain: redis_retain,
                         connect_wait: std::time::Duration::from_secs(redis_wait),
@@ -366,7 +366,7 @@ struct RunFlags {
     archive: bool,
     retention: aion::actors::store::Retention,
     mongo: Option<aion::actors::export::mongo::MongoConfig>,
-    redis: Option<aion::actors::store::redis::RedisConfig>,
+    redis: Option<aion::actors::store::RedisConfig>,
     store_max_bytes: Option<u64>,
     hop_limit: u32,
     ack_timeout: Option<Duration>,

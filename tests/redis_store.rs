@@ -1,6 +1,7 @@
 //! The Redis Streams store (`aion run --store redis://…`) against a real `redis-server` (Debian package) that
 //! the harness starts on a free port: AION's key names, consumer groups and acks, the durability scenarios of the
 //! embedded store, Redis itself killed mid-flow, kanbans AION left in Redis, retention, and an unreachable Redis.
+#![cfg(feature = "redis")]
 // A test (bench) fails by unwrapping, expecting and panicking: the workspace lints' deny does not apply here.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 mod common;

@@ -37,4 +37,4 @@ pub use broker::{InstanceStatus, State};
 pub use node::{InProcessRegistry, Node, NodeError, NodeOptions};
 pub use routing::dead::Reason as DeadLetterReason;
 pub use routing::slot::{QueueLimits, DEFAULT_QUEUE_BYTES};
-pub use routing::DEFAULT_HOP_LIMIT;
+pub use routing::{Outbound, DEFAULT_HOP_LIMIT};

@@ -49,7 +49,7 @@ pub struct NodeOptions {
     /// Also export the archive to MongoDB.
     pub mongo: Option<crate::export::mongo::MongoConfig>,
     /// Keep the durable queues and static kanbans on Redis Streams instead of the embedded store.
-    pub redis: Option<crate::store::redis::RedisConfig>,
+    pub redis: Option<crate::store::RedisConfig>,
     /// Cap of the embedded queue database in bytes (past it: back-pressure, as on a full disk).
     pub store_max_bytes: Option<u64>,
     /// A kanban whose chain has been routed this many times is dead-lettered `hop-limit` (a routing cycle); 0 for
@@ -190,15 +190,26 @@ impl Node {
         .map_err(|e| NodeError::Io(e.to_string()))?;
         let statics = Arc::new(StaticStore::durable(store.clone(), recovered_statics));
         let mongo_stats = Arc::new(crate::export::mongo::MongoStats::default());
+        #[cfg_attr(not(feature = "mongo"), allow(unused_mut))]
         let mut mongo_spec = None;
+        #[cfg_attr(not(feature = "mongo"), allow(unused_mut))]
         let mut kickers = Vec::new();
+        #[cfg(feature = "mongo")]
         if let Some(mc) = opts.mongo.clone() {
             let (st, db, dev, ms) = (store.clone(), paths.archive(), cfg.device_name.clone(), mongo_stats.clone());
             let (spec, addr) = ChildSpec::actor("mongo-sink", Restart::Permanent, 1, move || {
                 crate::export::mongo::MongoSink::new(mc.clone(), st.clone(), db.clone(), dev.clone(), ms.clone())
             });
             mongo_spec = Some(spec);
-            kickers.push(crate::export::mongo::Kicker(addr));
+            kickers.push(crate::export::mongo::Kicker::new(move || {
+                let _ = addr.try_send(crate::export::mongo::MongoMsg::Kick);
+            }));
+        }
+        #[cfg(not(feature = "mongo"))]
+        if opts.mongo.is_some() {
+            return Err(NodeError::Io(
+                "--mongo: this aion was built without the MongoDB sink (cargo feature `mongo`)".to_owned(),
+            ));
         }
         let st2 = store.clone();
         let (replicator_spec, replicator) =
@@ -215,7 +226,12 @@ impl Node {
         // One feeder per instance, for its backlogs in order (a Redis queue may have been found under two keys).
         let mut backlogs: Vec<(Arc<crate::routing::slot::Slot>, Vec<crate::store::Backlog>)> = Vec::new();
         for b in recovered {
-            match router.slot(&b.service, b.instance) {
+            let slot = match &b.queue {
+                crate::store::QueueKey::Instance { service, instance } => router.slot(service, *instance),
+                // Kanbans bound for another device (cluster mode): this runtime does not federate.
+                crate::store::QueueKey::Outbox { .. } => None,
+            };
+            match slot {
                 Some(slot) => {
                     restored += b.count;
                     match backlogs.iter_mut().find(|(s, _)| Arc::ptr_eq(s, slot)) {
@@ -235,7 +251,7 @@ impl Node {
         if kept > 0 {
             tracing::warn!(
                 kanbans = kept,
-                "queued kanbans for services or instances not in this services.yml are kept in the store"
+                "queued kanbans for services, instances or devices not in this services.yml are kept in the store"
             );
         }
         let router = Arc::new(router);
@@ -250,11 +266,11 @@ impl Node {
             let r = router.clone();
             let _ = tasks.spawn("adopted kanbans", async move {
                 while let Some(a) = adopted.recv().await {
-                    let (service, instance) = (a.service.clone(), a.instance);
+                    let queue = a.queue.to_string();
                     match r.restore(a) {
                         Some(slot) => r.request_start(slot).await,
                         None => {
-                            tracing::warn!(service, instance,
+                            tracing::warn!(queue,
                             "adopted kanban for a service or instance not in this services.yml is kept in the store")
                         }
                     }
@@ -466,7 +482,7 @@ async fn feed_backlog(
                 }
                 Err(crate::store::StoreError::Closed) => return, // shutting down
                 Err(e) => {
-                    tracing::error!(service = %b.service, instance = b.instance, "cannot read queued kanbans from the store, retrying in {delay:?}: {e}");
+                    tracing::error!(queue = %b.queue, "cannot read queued kanbans from the store, retrying in {delay:?}: {e}");
                     tokio::time::sleep(delay).await;
                     delay = (delay * 2).min(Duration::from_secs(5));
                 }

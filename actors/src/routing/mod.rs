@@ -36,6 +36,41 @@ pub struct Router {
     store: Option<Store>,
     archive: Option<ArchiveSink>,
     hop_limit: u32,
+    outbound: Option<Arc<dyn Outbound>>,
+}
+
+/// Where one copy of an output goes.
+pub(crate) enum Destination<'a> {
+    /// An instance on this device.
+    Local(&'a Arc<Slot>),
+    /// A service on another device (the copy carries the device and the target instance).
+    Remote {
+        /// The device.
+        device: String,
+        /// The service there.
+        service: String,
+    },
+}
+
+/// What [`Outbound::send`] gives back when it cannot take a kanban: the dead-letter reason, its detail, and the
+/// kanban.
+pub type Refused = (Reason, String, Box<WireKanban>);
+
+/// Carries kanbans to services on other devices: the seam of cluster mode (a federation link's durable outbox).
+/// A router without one dead-letters such kanbans as `no-federation`.
+pub trait Outbound: Send + Sync + 'static {
+    /// Takes `k` for `service` on `device` (the copy carries `next_device_name` and the target instance in
+    /// `process_number`). Returns true when it went to the durable store: the producer's acknowledgement then
+    /// waits for the store's commit, as for a local durable queue.
+    ///
+    /// # Errors
+    /// Why it cannot be taken (the kanban becomes a dead letter with that reason), with the kanban given back.
+    fn send<'a>(
+        &'a self,
+        device: &'a str,
+        service: &'a str,
+        k: Box<WireKanban>,
+    ) -> futures::future::BoxFuture<'a, Result<bool, Refused>>;
 }
 
 /// Metadata larger than this is not copied into the archive (a note with its size is archived instead).
@@ -60,7 +95,22 @@ impl Router {
                 (ms.name.clone(), v)
             })
             .collect();
-        Router { cfg, slots, dead: Arc::default(), lifecycle, store: None, archive: None, hop_limit: DEFAULT_HOP_LIMIT }
+        Router {
+            cfg,
+            slots,
+            dead: Arc::default(),
+            lifecycle,
+            store: None,
+            archive: None,
+            hop_limit: DEFAULT_HOP_LIMIT,
+            outbound: None,
+        }
+    }
+
+    /// Kanbans for services on other devices go to `outbound` (cluster mode) instead of the dead letters.
+    pub fn with_outbound(mut self, outbound: Arc<dyn Outbound>) -> Router {
+        self.outbound = Some(outbound);
+        self
     }
 
     /// Dead-letters (`hop-limit`) a kanban whose chain has already been routed `limit` times (0: no limit).
@@ -174,7 +224,8 @@ impl Router {
     /// before). Returns the slot, or `None` when the instance is not in this configuration (the kanban then
     /// stays in the store).
     pub fn restore(&self, r: crate::store::Recovered) -> Option<&Arc<Slot>> {
-        let slot = self.slot(&r.service, r.instance)?;
+        let crate::store::QueueKey::Instance { service, instance } = &r.queue else { return None };
+        let slot = self.slot(service, *instance)?;
         slot.restore(r.kanban);
         Some(slot)
     }
@@ -195,7 +246,7 @@ impl Router {
         let persisted = store.is_some();
         if let Some(store) = store {
             // Committed by the next group commit; the session waits for it before acknowledging the producer.
-            if let Err(e) = store.enqueue(service, instance, &k).await {
+            if let Err(e) = store.enqueue(&crate::store::QueueKey::instance(service, instance), &k).await {
                 tracing::error!(service, instance, kanban = %k.id, "not persisted: {e}");
             }
         }
@@ -240,26 +291,28 @@ impl Router {
         }
     }
 
-    /// Where one copy of an output of `ms` goes for the `nextService` entry `t`: the target instance's slot, with
-    /// the target instance and this device stamped on the copy — or why it cannot be delivered (a dead letter).
+    /// Where one copy of an output of `ms` goes for the `nextService` entry `t`, with the target instance and
+    /// the target device stamped on the copy: an instance's slot here, or a service on another device — or why it
+    /// cannot be delivered (a dead letter).
     fn target(
         &self,
         ms: &Microservice,
         t: &NextService,
         copy: &mut WireKanban,
-    ) -> Result<&Arc<Slot>, (Reason, String)> {
+    ) -> Result<Destination<'_>, (Reason, String)> {
         let device = if copy.next_device_name.is_empty() { &t.device } else { &copy.next_device_name };
-        if !device.is_empty() && *device != self.cfg.device_name && self.cfg.devices.contains_key(device) {
-            let detail =
-                format!("{} > {} targets device `{device}`; cross-device delivery is not available", ms.name, t.name);
-            return Err((Reason::NoFederation, detail));
-        }
         let n = t.target_instance(copy.process_number);
+        if !device.is_empty() && *device != self.cfg.device_name && self.cfg.devices.contains_key(device) {
+            let device = device.clone();
+            copy.process_number = n;
+            copy.next_device_name.clone_from(&device);
+            return Ok(Destination::Remote { device, service: t.name.clone() });
+        }
         copy.process_number = n;
         if copy.next_device_name != self.cfg.device_name {
             copy.next_device_name.clone_from(&self.cfg.device_name);
         }
-        self.instance_slot(&t.name, n).map_err(|reason| {
+        self.instance_slot(&t.name, n).map(Destination::Local).map_err(|reason| {
             let detail = match reason {
                 Reason::NoSuchInstance => {
                     format!("{} > {} instance {n} does not exist (scale too small)", ms.name, t.name)
@@ -284,7 +337,7 @@ impl Router {
         }
         let Some(ms) = self.cfg.microservices.get(&from.service) else { return Err(k) };
         let Some([t]) = ms.routes(k.route_key()) else { return Err(k) };
-        let Ok(slot) = self.target(ms, t, &mut k) else { return Err(k) };
+        let Ok(Destination::Local(slot)) = self.target(ms, t, &mut k) else { return Err(k) };
         if self.durable_store(slot).is_some() {
             return Err(k);
         }
@@ -344,7 +397,21 @@ impl Router {
             // single-target route never clones.
             let Some(mut copy) = (if i == last { k.take() } else { k.clone() }) else { break };
             match self.target(ms, t, &mut copy) {
-                Ok(slot) => {
+                Ok(Destination::Remote { device, service }) => match &self.outbound {
+                    Some(out) => match out.send(&device, &service, copy).await {
+                        Ok(p) => persisted |= p,
+                        Err((reason, detail, copy)) => self.dead_letter(reason, detail, copy),
+                    },
+                    None => {
+                        let detail = format!(
+                            "{} > {service} targets device `{device}`; cross-device delivery is not available \
+                             (this runtime is not in a cluster)",
+                            ms.name
+                        );
+                        self.dead_letter(Reason::NoFederation, detail, copy)
+                    }
+                },
+                Ok(Destination::Local(slot)) => {
                     let at = Arc::as_ptr(slot) as usize;
                     let again = served.iter().filter(|p| **p == at).count() as u32;
                     served.push(at);
@@ -445,5 +512,39 @@ mod tests {
         let from = r.slot("src", 1).expect("slot").clone();
         assert!(r.try_route(&from, out("tosave")).is_err(), "saved is durable (the default)");
         assert!(r.try_route(&from, out("")).is_ok(), "a is memory");
+    }
+
+    /// Records what crosses to other devices.
+    struct Recorder(std::sync::Mutex<Vec<(String, String, u32, String)>>);
+    impl Outbound for Recorder {
+        fn send<'a>(
+            &'a self,
+            device: &'a str,
+            service: &'a str,
+            k: Box<WireKanban>,
+        ) -> futures::future::BoxFuture<'a, Result<bool, Refused>> {
+            Box::pin(async move {
+                let row = (device.to_owned(), service.to_owned(), k.process_number, k.next_device_name.clone());
+                self.0.lock().expect("recorder").push(row);
+                Ok(false)
+            })
+        }
+    }
+
+    #[tokio::test]
+    async fn a_remote_target_goes_to_the_outbound_or_is_a_dead_letter_without_one() {
+        let (r, _lc) = router(8);
+        let from = r.slot("src", 1).expect("slot").clone();
+        r.route(&from, out("far")).await;
+        assert_eq!(r.dead.recent().len(), 1, "no federation: a dead letter");
+        let (r, _lc) = router(8);
+        let rec = Arc::new(Recorder(std::sync::Mutex::new(Vec::new())));
+        let r = r.with_outbound(rec.clone());
+        let from = r.slot("src", 1).expect("slot").clone();
+        r.route(&from, out("far")).await;
+        assert!(r.dead.recent().is_empty());
+        let got = rec.0.lock().expect("recorder").clone();
+        assert_eq!(got, vec![("there".to_owned(), "b".to_owned(), 1, "there".to_owned())]);
+        assert_eq!(r.slot("b", 1).expect("slot").depth(), 0, "nothing queued here");
     }
 }

@@ -7,6 +7,7 @@
 //! counts, and retries with backoff: barriers wait meanwhile, so producers get back-pressure and nothing
 //! accepted is lost.
 
+#[cfg(feature = "redis")]
 pub mod redis;
 use aion_runtime::{KanbanId, WireKanban};
 use rusqlite::{params, Connection, OptionalExtension};
@@ -17,9 +18,92 @@ use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 
 /// Schema version of `aion.db` (queues, static kanbans). Older stores are migrated on open.
-pub const SCHEMA_VERSION: i64 = 3;
+pub const SCHEMA_VERSION: i64 = 4;
 /// Schema version of `archive.db` (the kanban archive).
-pub const ARCHIVE_SCHEMA_VERSION: i64 = 1;
+pub const ARCHIVE_SCHEMA_VERSION: i64 = 2;
+
+/// The encoding of the kanbans this build stores (a `format` column beside each stored kanban; a `fmt` field of
+/// each Redis entry). Stored kanbans are postcard, which has no field names: a field added to the kanban makes
+/// the old bytes unreadable as the new type. A change of the kanban's encoding bumps this number and teaches
+/// [`decode_stored`] the previous format, so kanbans stored by an older build are read, never lost; a store
+/// holding a format newer than this build knows is refused row by row with a clear error (kept, not deleted).
+pub const KANBAN_FORMAT: u32 = 1;
+
+/// Decodes a kanban stored with `format`.
+///
+/// # Errors
+/// A format this build does not know (written by a newer aion), or bytes that do not decode.
+pub fn decode_stored(format: u32, bytes: &[u8]) -> Result<WireKanban, String> {
+    match format {
+        1 => postcard::from_bytes::<WireKanban>(bytes).map_err(|e| format!("undecodable kanban (format 1): {e}")),
+        f => Err(format!(
+            "kanban stored in format {f}, newer than this aion reads (up to {KANBAN_FORMAT}): upgrade aion to read it"
+        )),
+    }
+}
+
+/// Encodes a kanban for storage in [`KANBAN_FORMAT`].
+pub fn encode_stored(k: &WireKanban) -> Vec<u8> {
+    postcard::to_stdvec(k).unwrap_or_default()
+}
+
+/// A durable queue: an instance's input queue, or (cluster mode) the outbox of kanbans bound for another device.
+///
+/// Stored rows keep two columns, `(service, instance)`: an instance queue is `(service, n)` with `n >= 1`, an
+/// outbox is `(device, 0)` (instance numbers start at 1, so the two never meet).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum QueueKey {
+    /// Instance `instance` of `service`.
+    Instance {
+        /// Service.
+        service: String,
+        /// Instance (from 1).
+        instance: u32,
+    },
+    /// Kanbans waiting to cross to `device`.
+    Outbox {
+        /// The device.
+        device: String,
+    },
+}
+
+impl QueueKey {
+    /// The queue of an instance.
+    pub fn instance(service: &str, instance: u32) -> QueueKey {
+        QueueKey::Instance { service: service.to_owned(), instance }
+    }
+
+    /// The outbox towards a device.
+    pub fn outbox(device: &str) -> QueueKey {
+        QueueKey::Outbox { device: device.to_owned() }
+    }
+
+    /// The stored row key (see the type's docs).
+    pub fn row(&self) -> (&str, u32) {
+        match self {
+            QueueKey::Instance { service, instance } => (service, *instance),
+            QueueKey::Outbox { device } => (device, 0),
+        }
+    }
+
+    /// The queue of a stored row key.
+    pub fn from_row(name: String, n: u32) -> QueueKey {
+        if n == 0 {
+            QueueKey::Outbox { device: name }
+        } else {
+            QueueKey::Instance { service: name, instance: n }
+        }
+    }
+}
+
+impl std::fmt::Display for QueueKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            QueueKey::Instance { service, instance } => write!(f, "{service}-{instance}"),
+            QueueKey::Outbox { device } => write!(f, "outbox to {device}"),
+        }
+    }
+}
 
 /// Migrations of `aion.db`, one per version step.
 const QUEUE_MIGRATIONS: &[&str] = &[
@@ -41,6 +125,9 @@ const QUEUE_MIGRATIONS: &[&str] = &[
     );",
     // 2 -> 3: the hop count of each queued kanban's chain (the runtime's, not part of the kanban's encoding).
     "ALTER TABLE queue ADD COLUMN hops INTEGER NOT NULL DEFAULT 0;",
+    // 3 -> 4: the encoding of each stored kanban (`KANBAN_FORMAT`); rows written before were format 1.
+    "ALTER TABLE queue ADD COLUMN format INTEGER NOT NULL DEFAULT 1;
+     ALTER TABLE static_kanban ADD COLUMN format INTEGER NOT NULL DEFAULT 1;",
 ];
 
 /// Migrations of `archive.db`. A separate file with its own writer: archive load never delays the commits
@@ -67,7 +154,30 @@ const ARCHIVE_MIGRATIONS: &[&str] = &[
     CREATE INDEX archive_target ON archive (to_service, to_instance, kanban_id);
     CREATE INDEX archive_time ON archive (accepted_at);
     CREATE INDEX archive_export ON archive (exported, row);",
+    // 1 -> 2: the encoding of each archived kanban (`KANBAN_FORMAT`); rows written before were format 1.
+    "ALTER TABLE archive ADD COLUMN format INTEGER NOT NULL DEFAULT 1;",
 ];
+
+/// Where and how to keep the queues on Redis.
+#[derive(Debug, Clone)]
+pub struct RedisConfig {
+    /// `redis://[user:password@]host[:port][/db]` (or `unix:///path`).
+    pub url: String,
+    /// Acknowledged entries kept per stream (0: deleted when acknowledged).
+    pub retain: usize,
+    /// How long to keep trying to reach Redis at start before giving up.
+    pub connect_wait: Duration,
+}
+
+impl RedisConfig {
+    /// The URL without a password, for logs and status.
+    pub fn display_url(&self) -> String {
+        match (self.url.find("://"), self.url.rfind('@')) {
+            (Some(s), Some(at)) if at > s => format!("{}***{}", &self.url[..s + 3], &self.url[at..]),
+            _ => self.url.clone(),
+        }
+    }
+}
 
 /// Store errors.
 #[derive(Debug, thiserror::Error)]
@@ -247,10 +357,8 @@ pub enum Cursor {
 /// room (so a large backlog never has to fit in memory).
 #[derive(Debug, Clone)]
 pub struct Backlog {
-    /// Service.
-    pub service: String,
-    /// Instance.
-    pub instance: u32,
+    /// The queue.
+    pub queue: QueueKey,
     /// How many.
     pub count: usize,
     /// Page from after this…
@@ -272,10 +380,12 @@ pub struct Page {
 
 /// A request for a backlog page.
 pub(crate) struct PageRequest {
+    /// The queue's row key (see [`QueueKey`]).
     pub(crate) service: String,
     pub(crate) instance: u32,
     pub(crate) after: Cursor,
     pub(crate) until: Cursor,
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
     pub(crate) key: Option<String>,
     pub(crate) max_rows: usize,
     /// At least one row is returned, whatever its size.
@@ -412,7 +522,7 @@ fn row_to_hop(r: &rusqlite::Row<'_>) -> rusqlite::Result<HopRow> {
     let accepted: i64 = r.get(8)?;
     let acked: Option<i64> = r.get(9)?;
     let bytes: Vec<u8> = r.get(10)?;
-    let metadata = postcard::from_bytes::<WireKanban>(&bytes)
+    let metadata = decode_stored(r.get(11)?, &bytes)
         .ok()
         .and_then(|k| k.metadata.decode().ok())
         .map(|m| aion_runtime::kanban::metadata_to_json(&m))
@@ -433,6 +543,17 @@ fn row_to_hop(r: &rusqlite::Row<'_>) -> rusqlite::Result<HopRow> {
 
 const HOP_COLUMNS: &str = "kanban_id, trace_id, from_service, from_instance, to_service, to_instance, connection_key, \
      outcome, accepted_at, acked_at, kanban";
+
+/// The `format` column of a store read without migrating it (`aion kanban log` on an archive an older aion
+/// wrote): the column, or the format every row of that older schema has.
+fn format_column(conn: &Connection) -> &'static str {
+    let has = conn.prepare("SELECT format FROM archive LIMIT 0").is_ok();
+    if has {
+        "format"
+    } else {
+        "1"
+    }
+}
 
 fn open_read(path: &Path) -> Result<Connection, StoreError> {
     let conn = Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY).map_err(sq(path))?;
@@ -463,13 +584,13 @@ pub struct PendingExport {
 /// [`StoreError`] if the store cannot be read.
 pub fn pending_exports(path: &Path, limit: usize) -> Result<Vec<PendingExport>, StoreError> {
     let conn = open_read(path)?;
-    let mut stmt = conn
-        .prepare(
-            "SELECT row, kanban, to_service, to_instance, outcome, accepted_at, acked_at FROM archive \
-             WHERE exported = 0 AND (acked_at IS NOT NULL OR outcome != 'queued' OR accepted_at < ?1) \
-             ORDER BY row LIMIT ?2",
-        )
-        .map_err(sq(path))?;
+    let sql = format!(
+        "SELECT row, kanban, to_service, to_instance, outcome, accepted_at, acked_at, {} FROM archive \
+         WHERE exported = 0 AND (acked_at IS NOT NULL OR outcome != 'queued' OR accepted_at < ?1) \
+         ORDER BY row LIMIT ?2",
+        format_column(&conn)
+    );
+    let mut stmt = conn.prepare(&sql).map_err(sq(path))?;
     let rows = stmt
         .query_map(params![now_ms() - 60_000, limit as i64], |r| {
             Ok((
@@ -480,13 +601,14 @@ pub fn pending_exports(path: &Path, limit: usize) -> Result<Vec<PendingExport>, 
                 r.get::<_, String>(4)?,
                 r.get::<_, i64>(5)?,
                 r.get::<_, Option<i64>>(6)?,
+                r.get::<_, u32>(7)?,
             ))
         })
         .map_err(sq(path))?;
     let mut out = Vec::new();
     for row in rows {
-        let (row, bytes, ts, ti, outcome, accepted_at, acked_at) = row.map_err(sq(path))?;
-        match postcard::from_bytes::<WireKanban>(&bytes) {
+        let (row, bytes, ts, ti, outcome, accepted_at, acked_at, format) = row.map_err(sq(path))?;
+        match decode_stored(format, &bytes) {
             Ok(kanban) => out.push(PendingExport {
                 row,
                 kanban,
@@ -508,8 +630,9 @@ pub fn pending_exports(path: &Path, limit: usize) -> Result<Vec<PendingExport>, 
 pub fn query_log(path: &Path, f: &LogFilter) -> Result<Vec<HopRow>, StoreError> {
     let conn = open_read(path)?;
     let sql = format!(
-        "SELECT {HOP_COLUMNS} FROM archive WHERE (?1 IS NULL OR from_service = ?1 OR to_service = ?1) \
-         AND (?2 IS NULL OR accepted_at >= ?2) ORDER BY row DESC LIMIT ?3"
+        "SELECT {HOP_COLUMNS}, {} FROM archive WHERE (?1 IS NULL OR from_service = ?1 OR to_service = ?1) \
+         AND (?2 IS NULL OR accepted_at >= ?2) ORDER BY row DESC LIMIT ?3",
+        format_column(&conn)
     );
     let mut stmt = conn.prepare(&sql).map_err(sq(path))?;
     let rows = stmt.query_map(params![f.service, f.since_ms, f.limit.max(1) as i64], row_to_hop).map_err(sq(path))?;
@@ -530,7 +653,7 @@ pub fn query_trace(path: &Path, id: KanbanId) -> Result<Vec<HopRow>, StoreError>
         .optional()
         .map_err(sq(path))?
         .unwrap_or(key);
-    let sql = format!("SELECT {HOP_COLUMNS} FROM archive WHERE trace_id = ?1 ORDER BY row");
+    let sql = format!("SELECT {HOP_COLUMNS}, {} FROM archive WHERE trace_id = ?1 ORDER BY row", format_column(&conn));
     let mut stmt = conn.prepare(&sql).map_err(sq(path))?;
     let rows = stmt.query_map(params![trace], row_to_hop).map_err(sq(path))?;
     rows.collect::<Result<_, _>>().map_err(sq(path))
@@ -560,10 +683,8 @@ pub struct StoreStats {
 
 /// A kanban recovered from the store at start-up.
 pub struct Recovered {
-    /// Target service.
-    pub service: String,
-    /// Target instance.
-    pub instance: u32,
+    /// The queue it was in.
+    pub queue: QueueKey,
     /// The kanban.
     pub kanban: Box<WireKanban>,
 }
@@ -702,13 +823,16 @@ impl Store {
         let aconn = open_conn(archive, ARCHIVE_MIGRATIONS)?;
         let mut statics = Vec::new();
         {
-            let mut stmt = conn.prepare("SELECT topic, id, kanban FROM static_kanban ORDER BY id").map_err(sq(path))?;
+            let mut stmt =
+                conn.prepare("SELECT topic, id, kanban, format FROM static_kanban ORDER BY id").map_err(sq(path))?;
             let rows = stmt
-                .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?, r.get::<_, Vec<u8>>(2)?)))
+                .query_map([], |r| {
+                    Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?, r.get::<_, Vec<u8>>(2)?, r.get::<_, u32>(3)?))
+                })
                 .map_err(sq(path))?;
             for row in rows {
-                let (topic, id, bytes) = row.map_err(sq(path))?;
-                match postcard::from_bytes::<WireKanban>(&bytes) {
+                let (topic, id, bytes, format) = row.map_err(sq(path))?;
+                match decode_stored(format, &bytes) {
                     Ok(kanban) => statics.push(RecoveredStatic { topic, id: id as u64, kanban }),
                     Err(e) => tracing::error!(topic, id, "unreadable static kanban kept in the store: {e}"),
                 }
@@ -726,8 +850,7 @@ impl Store {
             let rows = stmt
                 .query_map([], |r| {
                     Ok(Backlog {
-                        service: r.get(0)?,
-                        instance: r.get(1)?,
+                        queue: QueueKey::from_row(r.get(0)?, r.get(1)?),
                         count: r.get::<_, i64>(2)? as usize,
                         after: Cursor::Seq(r.get(3)?),
                         until: Cursor::Seq(r.get(4)?),
@@ -760,8 +883,9 @@ impl Store {
     /// # Errors
     /// [`StoreError`] if Redis cannot be reached within `cfg.connect_wait`, or the archive cannot be opened.
     #[allow(clippy::type_complexity)]
+    #[cfg(feature = "redis")]
     pub fn open_redis(
-        cfg: &crate::store::redis::RedisConfig,
+        cfg: &RedisConfig,
         archive: &Path,
         retention: Retention,
     ) -> Result<(Store, Vec<Backlog>, Vec<RecoveredStatic>), StoreError> {
@@ -781,6 +905,23 @@ impl Store {
             adopted: Arc::new(Mutex::new(Some(adopted_rx))),
         };
         Ok((store, recovered, statics))
+    }
+
+    /// Built without the `redis` feature: a clear error.
+    ///
+    /// # Errors
+    /// Always: this build has no Redis store.
+    #[allow(clippy::type_complexity)]
+    #[cfg(not(feature = "redis"))]
+    pub fn open_redis(
+        cfg: &RedisConfig,
+        _archive: &Path,
+        _retention: Retention,
+    ) -> Result<(Store, Vec<Backlog>, Vec<RecoveredStatic>), StoreError> {
+        Err(StoreError::Redis {
+            url: cfg.display_url(),
+            message: "this aion was built without the Redis store (cargo feature `redis`)".to_owned(),
+        })
     }
 
     /// Kanbans found in the store while running (Redis: entries another writer added to our streams), to be
@@ -818,7 +959,7 @@ impl Store {
     /// # Errors
     /// [`StoreError::Closed`] if the writer stopped.
     pub async fn static_put(&self, topic: &str, id: u64, k: &WireKanban) -> Result<(), StoreError> {
-        let bytes = postcard::to_stdvec(k).map_err(|_| StoreError::Closed)?;
+        let bytes = encode_stored(k);
         self.tx.send(Op::StaticPut { topic: topic.to_owned(), id, bytes }).await.map_err(|_| StoreError::Closed)
     }
 
@@ -844,8 +985,9 @@ impl Store {
     ///
     /// # Errors
     /// [`StoreError::Closed`] if the writer stopped.
-    pub async fn enqueue(&self, service: &str, instance: u32, k: &WireKanban) -> Result<(), StoreError> {
-        let bytes = postcard::to_stdvec(k).map_err(|_| StoreError::Closed)?;
+    pub async fn enqueue(&self, queue: &QueueKey, k: &WireKanban) -> Result<(), StoreError> {
+        let bytes = encode_stored(k);
+        let (service, instance) = queue.row();
         self.tx
             .send(Op::Enqueue { service: service.to_owned(), instance, id: k.id, hops: k.hops, bytes })
             .await
@@ -856,10 +998,11 @@ impl Store {
     ///
     /// # Errors
     /// [`StoreError::Closed`] if the writer stopped.
-    pub async fn ack(&self, service: &str, instance: u32, ids: Vec<KanbanId>) -> Result<(), StoreError> {
+    pub async fn ack(&self, queue: &QueueKey, ids: Vec<KanbanId>) -> Result<(), StoreError> {
         if ids.is_empty() {
             return Ok(());
         }
+        let (service, instance) = queue.row();
         self.tx.send(Op::Ack { service: service.to_owned(), instance, ids }).await.map_err(|_| StoreError::Closed)
     }
 
@@ -888,9 +1031,10 @@ impl Store {
         max_bytes: usize,
     ) -> Result<Page, StoreError> {
         let (reply, rx) = oneshot::channel();
+        let (service, instance) = b.queue.row();
         let req = PageRequest {
-            service: b.service.clone(),
-            instance: b.instance,
+            service: service.to_owned(),
+            instance,
             after: after.clone(),
             until: b.until.clone(),
             key: b.key.clone(),
@@ -938,18 +1082,24 @@ fn apply(conn: &Connection, batch: &[Op]) -> rusqlite::Result<(u64, u64, u64)> {
     {
         // Statements are prepared (and cached) per operation: each file has only its own tables.
         const HOP: &str = "INSERT INTO archive (kanban_id, trace_id, from_service, from_instance, to_service, \
-             to_instance, connection_key, outcome, accepted_at, kanban) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)";
+             to_instance, connection_key, outcome, accepted_at, kanban, format) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)";
         const HOP_ACK: &str = "UPDATE archive SET acked_at = ?4 WHERE to_service = ?1 AND to_instance = ?2 \
              AND kanban_id = ?3 AND acked_at IS NULL";
-        const INS: &str =
-            "INSERT OR IGNORE INTO queue (service, instance, id, kanban, hops) VALUES (?1, ?2, ?3, ?4, ?5)";
+        const INS: &str = "INSERT OR IGNORE INTO queue (service, instance, id, kanban, hops, format) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)";
         const DEL: &str = "DELETE FROM queue WHERE service = ?1 AND instance = ?2 AND id = ?3";
         for op in batch {
             match op {
                 Op::Enqueue { service, instance, id, hops, bytes } => {
-                    enq +=
-                        tx.prepare_cached(INS)?.execute(params![service, instance, &id_bytes(*id)[..], bytes, hops])?
-                            as u64;
+                    enq += tx.prepare_cached(INS)?.execute(params![
+                        service,
+                        instance,
+                        &id_bytes(*id)[..],
+                        bytes,
+                        hops,
+                        KANBAN_FORMAT
+                    ])? as u64;
                 }
                 Op::Ack { service, instance, ids } => {
                     for id in ids {
@@ -961,7 +1111,7 @@ fn apply(conn: &Connection, batch: &[Op]) -> rusqlite::Result<(u64, u64, u64)> {
                     for a in ops {
                         match a {
                             ArchiveOp::Hop { kanban, to, outcome, at, .. } => {
-                                let bytes = postcard::to_stdvec(&**kanban).unwrap_or_default();
+                                let bytes = encode_stored(kanban);
                                 let (ts, ti) = match to {
                                     Some((s, i)) => (Some(s.as_str()), Some(*i)),
                                     None => (None, None),
@@ -976,7 +1126,8 @@ fn apply(conn: &Connection, batch: &[Op]) -> rusqlite::Result<(u64, u64, u64)> {
                                     kanban.connection_key,
                                     outcome,
                                     at,
-                                    bytes
+                                    bytes,
+                                    KANBAN_FORMAT
                                 ])?;
                                 archived += 1;
                             }
@@ -1000,8 +1151,10 @@ fn apply(conn: &Connection, batch: &[Op]) -> rusqlite::Result<(u64, u64, u64)> {
                     }
                 }
                 Op::StaticPut { topic, id, bytes } => {
-                    tx.prepare_cached("INSERT OR REPLACE INTO static_kanban (topic, id, kanban) VALUES (?1, ?2, ?3)")?
-                        .execute(params![topic, *id as i64, bytes])?;
+                    tx.prepare_cached(
+                        "INSERT OR REPLACE INTO static_kanban (topic, id, kanban, format) VALUES (?1, ?2, ?3, ?4)",
+                    )?
+                    .execute(params![topic, *id as i64, bytes, KANBAN_FORMAT])?;
                 }
                 Op::StaticDelete { topic, id } => {
                     tx.prepare_cached("DELETE FROM static_kanban WHERE topic = ?1 AND id = ?2")?
@@ -1098,7 +1251,7 @@ fn read_page(conn: &Connection, req: &PageRequest) -> rusqlite::Result<Page> {
         return Ok(Page::default());
     };
     let mut stmt = conn.prepare_cached(
-        "SELECT seq, kanban, hops FROM queue WHERE service = ?1 AND instance = ?2 AND seq > ?3 AND seq <= ?4 \
+        "SELECT seq, kanban, hops, format FROM queue WHERE service = ?1 AND instance = ?2 AND seq > ?3 AND seq <= ?4 \
          ORDER BY seq LIMIT ?5",
     )?;
     let mut rows = stmt.query(params![req.service, req.instance, after, until, req.max_rows as i64])?;
@@ -1120,7 +1273,7 @@ fn read_page(conn: &Connection, req: &PageRequest) -> rusqlite::Result<Page> {
         }
         bytes += blob.len();
         page.next = Some(Cursor::Seq(seq));
-        match postcard::from_bytes::<WireKanban>(&blob) {
+        match decode_stored(r.get(3)?, &blob) {
             Ok(mut k) => {
                 k.hops = r.get::<_, i64>(2).map_or(0, |h| h.clamp(0, i64::from(u32::MAX)) as u32);
                 page.kanbans.push(Box::new(k));
@@ -1266,16 +1419,16 @@ mod tests {
             for i in 1..=5 {
                 let mut q = k(i);
                 q.hops = i as u32 * 10;
-                s.enqueue("svc", 1, &q).await.expect("enqueue");
+                s.enqueue(&QueueKey::instance("svc", 1), &q).await.expect("enqueue");
             }
-            s.enqueue("svc", 1, &k(3)).await.expect("duplicate is ignored");
-            s.ack("svc", 1, vec![KanbanId(2), KanbanId(4)]).await.expect("ack");
+            s.enqueue(&QueueKey::instance("svc", 1), &k(3)).await.expect("duplicate is ignored");
+            s.ack(&QueueKey::instance("svc", 1), vec![KanbanId(2), KanbanId(4)]).await.expect("ack");
             s.barrier().await.expect("barrier");
             assert_eq!(s.stats.enqueued.load(Ordering::Relaxed), 5);
             assert_eq!(s.stats.acked.load(Ordering::Relaxed), 2);
         }
         let (s, rec) = Store::open(&path, &dir.path().join("archive.db"), Retention::default()).expect("reopen");
-        assert_eq!((rec.len(), rec[0].service.as_str(), rec[0].instance, rec[0].count), (1, "svc", 1, 3));
+        assert_eq!((rec.len(), &rec[0].queue, rec[0].count), (1, &QueueKey::instance("svc", 1), 3));
         // Paged in oldest first, within the page's bounds (a first row always comes, whatever its size).
         let mut got = Vec::new();
         let mut after = rec[0].after.clone();
@@ -1291,7 +1444,7 @@ mod tests {
         let hops: Vec<u32> = got.iter().map(|k| k.hops).collect();
         assert_eq!(hops, vec![10, 30, 50], "hop counts are kept beside the kanbans");
         // Rows queued after the recovery are not part of the backlog.
-        s.enqueue("svc", 1, &k(9)).await.expect("enqueue");
+        s.enqueue(&QueueKey::instance("svc", 1), &k(9)).await.expect("enqueue");
         s.barrier().await.expect("barrier");
         let page = s.page(&rec[0], &Cursor::Seq(0), 10, usize::MAX).await.expect("page");
         assert_eq!(page.kanbans.len(), 3);
@@ -1306,7 +1459,7 @@ mod tests {
             for i in 1..=200 {
                 let mut q = k(i);
                 q.metadata = aion_runtime::MetadataBytes(vec![7; 2000]);
-                s.enqueue("svc", 1, &q).await.expect("enqueue");
+                s.enqueue(&QueueKey::instance("svc", 1), &q).await.expect("enqueue");
             }
             s.close().await.expect("close");
         }
@@ -1315,7 +1468,7 @@ mod tests {
         let (s, rec, _) = Store::open_all(&path, &archive, Retention::default(), Some(size)).expect("reopen");
         let mut big = k(999);
         big.metadata = aion_runtime::MetadataBytes(vec![1; 200_000]);
-        s.enqueue("svc", 1, &big).await.expect("enqueue");
+        s.enqueue(&QueueKey::instance("svc", 1), &big).await.expect("enqueue");
         let barrier = {
             let s = s.clone();
             tokio::spawn(async move { s.barrier().await })
@@ -1332,7 +1485,7 @@ mod tests {
         assert!(!barrier.is_finished(), "the write itself still waits for room");
         // Acknowledgements free room; the write goes through; pages keep being answered.
         let ids: Vec<KanbanId> = (1..=200).map(KanbanId).collect();
-        s.ack("svc", 1, ids).await.expect("ack");
+        s.ack(&QueueKey::instance("svc", 1), ids).await.expect("ack");
         barrier.await.expect("task").expect("committed once acknowledgements freed room");
         let next = page.next.expect("cursor");
         let page = s.page(&rec[0], &next, 10, usize::MAX).await.expect("page");
@@ -1389,5 +1542,84 @@ mod tests {
         conn.execute("UPDATE meta SET value = 99 WHERE key='schema_version'", []).expect("bump");
         drop(conn);
         assert!(matches!(open_conn(&path, QUEUE_MIGRATIONS), Err(StoreError::TooNew { found: 99, .. })));
+    }
+
+    /// A store written by the previous schema (3: no `format` column, kanbans in format 1) is migrated and its
+    /// queued and static kanbans are read.
+    #[tokio::test]
+    async fn a_store_of_the_previous_format_is_migrated_and_read() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let (path, archive) = (dir.path().join("aion.db"), dir.path().join("archive.db"));
+        {
+            let conn = Connection::open(&path).expect("raw");
+            conn.execute_batch("CREATE TABLE meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);").expect("meta");
+            for sql in &QUEUE_MIGRATIONS[..3] {
+                conn.execute_batch(sql).expect("old schema");
+            }
+            conn.execute("INSERT INTO meta (key, value) VALUES ('schema_version', 3)", []).expect("v3");
+            let old = postcard::to_stdvec(&k(7)).expect("encode");
+            conn.execute(
+                "INSERT INTO queue (service, instance, id, kanban, hops) VALUES ('svc', 2, ?1, ?2, 4)",
+                params![&id_bytes(KanbanId(7))[..], old],
+            )
+            .expect("row");
+            conn.execute("INSERT INTO static_kanban (topic, id, kanban) VALUES ('t', 1, ?1)", params![old])
+                .expect("static");
+        }
+        let (s, rec, statics) = Store::open_all(&path, &archive, Retention::default(), None).expect("open");
+        assert_eq!((rec.len(), &rec[0].queue, rec[0].count), (1, &QueueKey::instance("svc", 2), 1));
+        let page = s.page(&rec[0], &rec[0].after, 10, usize::MAX).await.expect("page");
+        assert_eq!(page.kanbans.len(), 1);
+        assert_eq!((page.kanbans[0].id, page.kanbans[0].hops), (KanbanId(7), 4));
+        assert_eq!(statics.len(), 1);
+        assert_eq!(statics[0].kanban.id, KanbanId(7));
+        s.close().await.expect("close");
+        let conn = Connection::open(&path).expect("raw");
+        let v: i64 = conn.query_row("SELECT value FROM meta WHERE key='schema_version'", [], |r| r.get(0)).expect("v");
+        assert_eq!(v, SCHEMA_VERSION);
+        let f: u32 = conn.query_row("SELECT format FROM queue", [], |r| r.get(0)).expect("format");
+        assert_eq!(f, 1, "rows written before the column existed are format 1");
+    }
+
+    /// A kanban stored in a format newer than this build reads is refused with a clear reason, kept in the store,
+    /// and does not stop the queue: the rows after it are read.
+    #[tokio::test]
+    async fn a_kanban_in_a_newer_format_is_kept_and_skipped_with_a_clear_error() {
+        let err = decode_stored(KANBAN_FORMAT + 1, &[1, 2, 3]).expect_err("unknown format");
+        assert!(err.contains("newer than this aion reads"), "{err}");
+        let dir = tempfile::tempdir().expect("tmp");
+        let (path, archive) = (dir.path().join("aion.db"), dir.path().join("archive.db"));
+        {
+            let (s, _) = Store::open(&path, &archive, Retention::default()).expect("open");
+            for i in 1..=3 {
+                s.enqueue(&QueueKey::instance("svc", 1), &k(i)).await.expect("enqueue");
+            }
+            s.close().await.expect("close");
+        }
+        {
+            let conn = Connection::open(&path).expect("raw");
+            conn.execute(
+                "UPDATE queue SET format = ?1 WHERE id = ?2",
+                params![KANBAN_FORMAT + 1, &id_bytes(KanbanId(2))[..]],
+            )
+            .expect("newer row");
+        }
+        let (s, rec) = Store::open(&path, &archive, Retention::default()).expect("reopen");
+        let page = s.page(&rec[0], &rec[0].after, 10, usize::MAX).await.expect("page");
+        let ids: Vec<u128> = page.kanbans.iter().map(|k| k.id.0).collect();
+        assert_eq!(ids, vec![1, 3]);
+        s.close().await.expect("close");
+        let conn = Connection::open(&path).expect("raw");
+        let n: i64 = conn.query_row("SELECT COUNT(*) FROM queue", [], |r| r.get(0)).expect("count");
+        assert_eq!(n, 3, "the unreadable row is kept");
+    }
+
+    #[test]
+    fn queue_keys_map_to_rows_and_back() {
+        for q in [QueueKey::instance("svc", 3), QueueKey::outbox("edge-2")] {
+            let (name, n) = q.row();
+            assert_eq!(QueueKey::from_row(name.to_owned(), n), q);
+        }
+        assert_eq!(QueueKey::outbox("edge-2").to_string(), "outbox to edge-2");
     }
 }

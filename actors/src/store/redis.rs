@@ -6,7 +6,9 @@
 //! - `kanban:static:<topic>`: static kanbans.
 //!
 //! Each entry has the fields `kanban` (AION's protojson `StatusKanban`, what AION's tools read), `id` (our kanban
-//! id, 32 hex digits) and `wire` (the exact kanban, postcard; authoritative). Static entries also carry `sid`.
+//! id, 32 hex digits), `wire` (the exact kanban, postcard; authoritative) and `fmt` (the encoding of `wire`,
+//! [`crate::store::KANBAN_FORMAT`]; an entry without it is format 1). Static entries also carry `sid`. An outbox
+//! (cluster mode) is the stream of instance 0 of the device's name (see [`crate::store::QueueKey`]).
 //!
 //! Delivery is at-least-once through a consumer group (`aion`) per stream, unlike AION (no acks, `MAXLEN 50`,
 //! `FLUSHALL` at start):
@@ -30,8 +32,8 @@
 //! same guarantee as the embedded store). The runtime warns at start when append-only is off.
 
 use crate::store::{
-    complete_barriers, take_queued, Backlog, Cursor, Op, Page, PageRequest, Recovered, RecoveredStatic, StoreError,
-    StoreStats,
+    complete_barriers, decode_stored, encode_stored, take_queued, Backlog, Cursor, Op, Page, PageRequest, QueueKey,
+    Recovered, RecoveredStatic, StoreError, StoreStats, KANBAN_FORMAT,
 };
 use aion_runtime::{Kanban, KanbanId, Origin, WireKanban};
 use redis::aio::MultiplexedConnection;
@@ -45,26 +47,7 @@ use tokio::sync::mpsc;
 /// The consumer group the runtime reads every queue stream with.
 pub const GROUP: &str = "aion";
 
-/// Where and how to keep the queues on Redis.
-#[derive(Debug, Clone)]
-pub struct RedisConfig {
-    /// `redis://[user:password@]host[:port][/db]` (or `unix:///path`).
-    pub url: String,
-    /// Acknowledged entries kept per stream (0: deleted when acknowledged).
-    pub retain: usize,
-    /// How long to keep trying to reach Redis at start before giving up.
-    pub connect_wait: Duration,
-}
-
-impl RedisConfig {
-    /// The URL without a password, for logs and status.
-    pub fn display_url(&self) -> String {
-        match (self.url.find("://"), self.url.rfind('@')) {
-            (Some(s), Some(at)) if at > s => format!("{}***{}", &self.url[..s + 3], &self.url[at..]),
-            _ => self.url.clone(),
-        }
-    }
-}
+pub use super::RedisConfig;
 
 /// Stream key of an instance's input queue (AION's name).
 pub fn before_key(service: &str, instance: u32) -> String {
@@ -126,12 +109,13 @@ fn field(pairs: &[(String, Value)], name: &str) -> Option<String> {
     pairs.iter().find(|(k, _)| k == name).and_then(|(_, v)| string(v))
 }
 
-/// `XADD key * kanban <AION protojson> <id_field> <id> wire <postcard> [hops <n>]`: the format of every entry
-/// written (`hops`, the chain's hop count, on queue entries whose count is not 0).
+/// `XADD key * kanban <AION protojson> <id_field> <id> wire <postcard> fmt <format> [hops <n>]`: the format of
+/// every entry written (`hops`, the chain's hop count, on queue entries whose count is not 0).
 fn xadd(key: &str, id_field: &str, id: &str, wire: &[u8], hops: u32) -> redis::Cmd {
-    let json = postcard::from_bytes::<WireKanban>(wire).map(|k| k.to_aion_json()).unwrap_or_default();
+    let json = decode_stored(KANBAN_FORMAT, wire).map(|k| k.to_aion_json()).unwrap_or_default();
     let mut c = redis::cmd("XADD");
     c.arg(key).arg("*").arg("kanban").arg(json).arg(id_field).arg(id).arg("wire").arg(wire);
+    c.arg("fmt").arg(KANBAN_FORMAT);
     if hops > 0 {
         c.arg("hops").arg(hops);
     }
@@ -192,7 +176,8 @@ fn imported_id(key: &str, entry: &str) -> KanbanId {
 /// Decodes an entry: ours (`wire`) or AION's (`kanban` protojson).
 fn decode(key: &str, e: &Entry, origin: &str) -> Result<WireKanban, String> {
     if let Some(w) = e.fields.get("wire") {
-        let mut k = postcard::from_bytes::<WireKanban>(w).map_err(|err| format!("undecodable `wire` field: {err}"))?;
+        let format = e.fields.get("fmt").and_then(|f| std::str::from_utf8(f).ok()?.parse().ok()).unwrap_or(1);
+        let mut k = decode_stored(format, w).map_err(|err| format!("`wire` field: {err}"))?;
         k.hops = e.fields.get("hops").and_then(|h| std::str::from_utf8(h).ok()?.parse().ok()).unwrap_or(0);
         return Ok(k);
     }
@@ -359,8 +344,7 @@ impl Writer {
             }
             if let Some(last) = last {
                 recovered.push(Backlog {
-                    service: service.clone(),
-                    instance,
+                    queue: QueueKey::from_row(service.clone(), instance),
                     count,
                     after: Cursor::Entry("0-0".into()),
                     until: Cursor::Entry(last),
@@ -419,7 +403,7 @@ impl Writer {
         sid: u64,
         k: &WireKanban,
     ) -> redis::RedisResult<String> {
-        let wire = postcard::to_stdvec(k).unwrap_or_default();
+        let wire = encode_stored(k);
         xadd(&static_key(topic), "sid", &sid.to_string(), &wire, 0).query_async(conn).await
     }
 
@@ -694,7 +678,7 @@ impl Writer {
                     tracing::warn!(key, entry = e.id, kanban = %k.id,
                         "entry written behind this run adopted and queued for delivery");
                     self.pending.insert(slot, (key.clone(), e.id));
-                    let r = Recovered { service: service.clone(), instance, kanban: Box::new(k) };
+                    let r = Recovered { queue: QueueKey::from_row(service.clone(), instance), kanban: Box::new(k) };
                     if self.adopted.send(r).is_err() {
                         tracing::error!(key, "the node is gone; the adopted entry stays pending in Redis");
                     }

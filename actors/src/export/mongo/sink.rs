@@ -1,43 +1,13 @@
-//! The MongoDB archive sink: exports final archive rows to `<database>.<collection>` (AION's
-//! `AionCore.kanban`), in batches, idempotently.
-//!
-//! Rows wait in the embedded archive until they are exported, so MongoDB being down or slow never blocks
-//! kanban flow and loses nothing: the sink retries with backoff and catches up (the original replicator
-//! crashed on an insert error). Documents carry AION's fields (`streamKey`, `startAt`, `finishAt`,
-//! `nextDeviceName`, `connectionKey`, `processNumber`, `priorSuccess`, `dataPath`, `fileList`, `metadata`) plus
-//! ours (`kanbanId`, `traceId`, `from`, `to`, `outcome`, `acceptedAt`, `ackedAt`, `deviceName`). `_id` is
-//! derived from the kanban id and the archive row, so a batch retried after a partial failure inserts nothing
-//! twice.
+//! The MongoDB sink actor (the `mongo` feature).
 
+use super::{MongoConfig, MongoStats};
 use crate::store::{pending_exports, PendingExport, Store};
-use aion_runtime::actor::{Actor, Addr, Context};
+use aion_runtime::actor::{Actor, Context};
 use mongodb::bson::{doc, Bson, DateTime, Document};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
-
-/// Where to export.
-#[derive(Debug, Clone)]
-pub struct MongoConfig {
-    /// Connection string, e.g. `mongodb://127.0.0.1:27017`.
-    pub uri: String,
-    /// Database (AION: `AionCore`).
-    pub database: String,
-    /// Collection (AION: `kanban`).
-    pub collection: String,
-}
-
-/// Counters of the sink, for status.
-#[derive(Debug, Default)]
-pub struct MongoStats {
-    /// Documents exported.
-    pub exported: AtomicU64,
-    /// Failed export attempts (each retried).
-    pub errors: AtomicU64,
-    /// The last error.
-    pub last_error: Mutex<Option<String>>,
-}
 
 /// Messages of the sink.
 pub enum MongoMsg {
@@ -195,17 +165,5 @@ impl Actor for MongoSink {
                 self.backoff = (self.backoff * 2).min(Duration::from_secs(10));
             }
         }
-    }
-}
-
-/// Wakes the sink after the replicator wrote rows. A kick that finds the mailbox full is redundant (one is
-/// already pending), so it is coalesced.
-#[derive(Clone)]
-pub struct Kicker(pub Addr<MongoSink>);
-
-impl Kicker {
-    /// Signals that rows may be waiting.
-    pub fn kick(&self) {
-        let _ = self.0.try_send(MongoMsg::Kick);
     }
 }
