@@ -413,6 +413,7 @@ async fn archive_rates(n: u64) -> Vec<Row> {
     }
     store.archive_barrier().await.expect("barrier");
     let secs = t.elapsed().as_secs_f64();
+    #[cfg_attr(not(feature = "mongo"), allow(unused_mut))]
     let mut rows = vec![Row {
         name: "archive insert (hop + ack), SQLite archive.db".into(),
         p50_us: 0.0,
@@ -421,6 +422,15 @@ async fn archive_rates(n: u64) -> Vec<Row> {
         throughput_per_s: n as f64 / secs,
         samples: n,
     }];
+    #[cfg(feature = "mongo")]
+    rows.extend(mongo_export_rate(store, dir.path(), n).await);
+    rows
+}
+
+/// The MongoDB sink's export rate of the archive in `dir` (needs `secantusd-py` on PATH).
+#[cfg(feature = "mongo")]
+async fn mongo_export_rate(store: aion::actors::store::Store, dir: &std::path::Path, n: u64) -> Vec<Row> {
+    let mut rows = Vec::new();
     let port = match std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()) {
         Ok(a) => a.port(),
         Err(_) => return rows,
@@ -452,7 +462,7 @@ async fn archive_rates(n: u64) -> Vec<Row> {
     let sink = aion::actors::export::mongo::MongoSink::new(
         cfg,
         store.clone(),
-        dir.path().join("archive.db"),
+        dir.join("archive.db"),
         "bench".into(),
         stats.clone(),
     );
