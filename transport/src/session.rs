@@ -147,27 +147,32 @@ pub struct ServerSession<K> {
 
 impl<K> ServerSession<K> {
     /// A session with a credit window of `window` deliveries.
+    #[inline]
     pub fn new(window: usize) -> ServerSession<K> {
         ServerSession { window: window.max(1), inflight: VecDeque::new(), seq: 0, outputs: 0, bye: false }
     }
 
     /// The credit window.
+    #[inline]
     pub fn window(&self) -> usize {
         self.window
     }
 
     /// How many more deliveries the client's credit allows now.
+    #[inline]
     pub fn room(&self) -> usize {
         self.window.saturating_sub(self.inflight.len())
     }
 
     /// Deliveries in flight.
+    #[inline]
     pub fn in_flight(&self) -> usize {
         self.inflight.len()
     }
 
     /// Records a delivery and returns its sequence number; the driver sends `Deliver { seq, item }` (the item is
     /// [`ServerSession::last_delivered`], kept here for redelivery).
+    #[inline]
     pub fn deliver(&mut self, item: K) -> u64 {
         self.seq += 1;
         self.inflight.push_back((self.seq, item));
@@ -175,11 +180,13 @@ impl<K> ServerSession<K> {
     }
 
     /// The item of the last delivery recorded.
+    #[inline]
     pub fn last_delivered(&self) -> Option<&K> {
         self.inflight.back().map(|(_, k)| k)
     }
 
     /// Takes back the last delivery recorded, before it was sent (it could not be encoded).
+    #[inline]
     pub fn undeliver(&mut self) -> Option<K> {
         let (_, k) = self.inflight.pop_back()?;
         self.seq -= 1;
@@ -188,11 +195,13 @@ impl<K> ServerSession<K> {
 
     /// The item the client is handling now: the oldest unacknowledged delivery (clients handle in order and
     /// acknowledge cumulatively), `None` when nothing is in flight.
+    #[inline]
     pub fn handling(&self) -> Option<&K> {
         self.inflight.front().map(|(_, k)| k)
     }
 
     /// True once the client said `Bye`.
+    #[inline]
     pub fn said_bye(&self) -> bool {
         self.bye
     }
@@ -201,6 +210,7 @@ impl<K> ServerSession<K> {
     ///
     /// # Errors
     /// A protocol violation: the session must end.
+    #[inline]
     pub fn on_message(&mut self, m: ClientMsg) -> Result<Option<ServerInput<K>>, ProtocolError> {
         if self.bye {
             return Ok(None); // nothing may follow Bye
@@ -229,6 +239,7 @@ impl<K> ServerSession<K> {
     ///
     /// # Errors
     /// [`ProtocolError::AckBeyondSent`] when `upto` was never sent.
+    #[inline]
     pub fn acknowledge_upto(&mut self, upto: u64) -> Result<Vec<K>, ProtocolError> {
         if upto > self.seq {
             return Err(ProtocolError::AckBeyondSent { upto, sent: self.seq });
@@ -243,6 +254,7 @@ impl<K> ServerSession<K> {
     }
 
     /// Acknowledges the `n` oldest deliveries (a direct session: the service says how many it handled).
+    #[inline]
     pub fn acknowledge_oldest(&mut self, n: usize) -> Vec<K> {
         let n = n.min(self.inflight.len());
         self.inflight.drain(..n).map(|(_, k)| k).collect()
@@ -250,11 +262,13 @@ impl<K> ServerSession<K> {
 
     /// The number of outputs received since the last call: the driver sends `Accepted { count }` once they are
     /// routed (and, for durable targets, committed). 0: nothing to answer.
+    #[inline]
     pub fn take_accepted(&mut self) -> u32 {
         std::mem::take(&mut self.outputs)
     }
 
     /// Ends the session: the unacknowledged deliveries, oldest first, go back to the front of the queue.
+    #[inline]
     pub fn close(&mut self) -> Vec<K> {
         self.inflight.drain(..).map(|(_, k)| k).collect()
     }
@@ -320,16 +334,19 @@ pub struct ClientSession {
 
 impl ClientSession {
     /// A new client session (epoch 0).
+    #[inline]
     pub fn new() -> ClientSession {
         ClientSession::default()
     }
 
     /// The current session's epoch.
+    #[inline]
     pub fn epoch(&self) -> u64 {
         self.epoch
     }
 
     /// Outputs awaiting acceptance.
+    #[inline]
     pub fn unaccepted(&self) -> usize {
         self.unaccepted.len()
     }
@@ -337,18 +354,21 @@ impl ClientSession {
     /// Records an output to send; it is kept until accepted (and resent after a reconnect). The driver encodes it
     /// from [`ClientSession::last_output`], after writing any acknowledgement pending
     /// ([`ClientSession::take_ack`]).
+    #[inline]
     pub fn output(&mut self, k: Box<WireKanban>) {
         self.sent += 1;
         self.unaccepted.push_back(k);
     }
 
     /// The last output recorded.
+    #[inline]
     pub fn last_output(&self) -> Option<&WireKanban> {
         self.unaccepted.back().map(|k| &**k)
     }
 
     /// The service handled delivery `seq` of session `epoch` (and its outputs were recorded before this): it will
     /// be acknowledged with the next write. A delivery of an older session is not: the runtime redelivers it.
+    #[inline]
     pub fn handled(&mut self, epoch: u64, seq: u64) {
         if epoch == self.epoch {
             self.ack = Some(self.ack.map_or(seq, |a| a.max(seq)));
@@ -356,23 +376,27 @@ impl ClientSession {
     }
 
     /// The acknowledgement to write now, if any (one cumulative `Ack` covers every delivery handled).
+    #[inline]
     pub fn take_ack(&mut self) -> Option<ClientMsg> {
         self.ack.take().map(|upto| ClientMsg::Ack { upto })
     }
 
     /// Records a request (a static kanban put, get or delete) with id `req`; the driver writes `m`. It is resent
     /// after a reconnect until its reply comes.
+    #[inline]
     pub fn request(&mut self, req: u64, m: ClientMsg) {
         self.pending.insert(req, m);
     }
 
     /// Records a subscription (subscribed again after a reconnect); the driver writes the `StaticSubscribe`.
+    #[inline]
     pub fn subscribe(&mut self, topic: String) {
         self.subs.push(topic);
     }
 
     /// A flush: `None` when every output sent so far is accepted already, else a ticket that a later
     /// [`ClientEvent::Flushed`] completes.
+    #[inline]
     pub fn flush(&mut self) -> Option<u64> {
         if self.accepted >= self.sent {
             return None;
@@ -383,21 +407,25 @@ impl ClientSession {
     }
 
     /// The service is done: say `Bye` once every output is accepted ([`ClientSession::can_say_bye`]).
+    #[inline]
     pub fn close(&mut self) {
         self.closing = true;
     }
 
     /// True when the session may end now: closing, and nothing awaits acceptance.
+    #[inline]
     pub fn can_say_bye(&self) -> bool {
         self.closing && self.unaccepted.is_empty()
     }
 
     /// True once [`ClientSession::close`] was called.
+    #[inline]
     pub fn closing(&self) -> bool {
         self.closing
     }
 
     /// Processes one runtime message; appends what the driver must do to `out`.
+    #[inline]
     pub fn on_message(&mut self, m: ServerMsg, out: &mut Vec<ClientEvent>) {
         match m {
             ServerMsg::Deliver { seq, kanban } => out.push(ClientEvent::Deliver { epoch: self.epoch, seq, kanban }),
@@ -432,6 +460,7 @@ impl ClientSession {
     /// The link is back (a new session was welcomed): starts a new epoch (deliveries of the old one are not
     /// acknowledged: the runtime redelivers them) and returns what to send first — the outputs not accepted, in
     /// order, the requests not answered, and the subscriptions.
+    #[inline]
     pub fn reconnected(&mut self) -> Vec<ClientMsg> {
         self.epoch += 1;
         self.ack = None;

@@ -137,14 +137,6 @@ pub(crate) async fn session(shared: Shared, mut r: LinkReader<ClientMsg>, mut w:
                     }
                     r
                 }
-                // Never closed while the writer runs: the reader below holds a sender.
-                _ = ev_rx.recv_many(&mut events, 256) => {
-                    let mut r = Ok(());
-                    for StaticEvent { topic, id, kanban } in events.drain(..) {
-                        r = r.and_then(|_| w.push(ServerMsg::StaticEvent { topic, id, kanban: Box::new(kanban) }));
-                    }
-                    r
-                }
                 // The slot hands out what the credit window allows (the state machine counts what is in flight).
                 _ = slot.take(sess, window, &mut ks) => {
                     if ks.is_empty() {
@@ -159,6 +151,15 @@ pub(crate) async fn session(shared: Shared, mut r: LinkReader<ClientMsg>, mut w:
                     let (r, undeliverable) = deliver(&sm, &mut w, &mut ks);
                     if !undeliverable.is_empty() {
                         dead_letter_undeliverable(&shared, &slot, sess, undeliverable).await;
+                    }
+                    r
+                }
+                // Static events last: deliveries are the hot path. Never closed while the writer runs: the reader
+                // below holds a sender.
+                _ = ev_rx.recv_many(&mut events, 256) => {
+                    let mut r = Ok(());
+                    for StaticEvent { topic, id, kanban } in events.drain(..) {
+                        r = r.and_then(|_| w.push(ServerMsg::StaticEvent { topic, id, kanban: Box::new(kanban) }));
                     }
                     r
                 }
@@ -296,12 +297,20 @@ async fn read_loop(
         let mut persisted = false;
         let mut bye = false;
         for m in msgs.drain(..) {
-            let input = lock(sm).on_message(m).map_err(|e| e.to_string())?;
+            // One lock per message: the state machine's answer and, for an output, its hop count (the runtime's:
+            // an output belongs to the input being handled).
+            let (input, hops) = {
+                let mut g = lock(sm);
+                let input = g.on_message(m).map_err(|e| e.to_string())?;
+                let hops = match &input {
+                    Some(ServerInput::Output(_)) => g.handling().map_or(0, |parent| parent.hops.saturating_add(1)),
+                    _ => 0,
+                };
+                (input, hops)
+            };
             match input {
                 None => {}
                 Some(ServerInput::Output(k)) => {
-                    // The hop count is the runtime's: an output belongs to the input being handled.
-                    let hops = lock(sm).handling().map_or(0, |parent| parent.hops.saturating_add(1));
                     persisted |= accept_output(shared, slot, k, hops).await;
                 }
                 Some(ServerInput::Acknowledged(done)) => {

@@ -258,6 +258,7 @@ impl KanbanId {
     /// the same proposal always maps to the same id, so redelivery deduplication still works); for different
     /// producers the same proposal maps to different ids. So the outputs of two branches of a fan-out, derived
     /// from the same input id, are two kanbans with two ids when they meet again downstream.
+    #[inline]
     pub fn of_producer(self, producer: u128) -> KanbanId {
         // Only the high half changes: a producer's generated ids (random prefix, counter) stay in order, which
         // keeps the durable queue's index appending rather than inserting at random.
@@ -613,6 +614,7 @@ impl<M> Kanban<M> {
     }
 
     /// The routing key, with AION's empty-means-default rule applied.
+    #[inline]
     pub fn route_key(&self) -> &str {
         if self.connection_key.is_empty() {
             "default"
@@ -646,12 +648,14 @@ impl Kanban<LazyMetadata> {
 
 impl WireKanban {
     /// The size of its encoding (what it costs in a frame, in the store and in memory).
+    #[inline]
     pub fn encoded_len(&self) -> usize {
         postcard::serialize_with_flavor::<_, _, usize>(self, postcard::ser_flavors::Size::default())
             .unwrap_or(usize::MAX)
     }
 
     /// The memory it holds, roughly (its variable-size parts plus the fixed part): what queue memory bounds count.
+    #[inline]
     pub fn mem_size(&self) -> usize {
         std::mem::size_of::<WireKanban>()
             + self.metadata.0.len()
@@ -668,6 +672,7 @@ impl WireKanban {
     ///
     /// # Errors
     /// [`TooLarge`] with its size.
+    #[inline]
     pub fn check_size(&self) -> Result<(), TooLarge> {
         // Most kanbans are far below the limit: a cheap upper bound avoids walking the encoding.
         let bound = self.metadata.0.len()
@@ -722,6 +727,7 @@ impl WireKanban {
     }
 
     /// True for AION's terminate kanban; decodes the metadata only when the connection key says it may be one.
+    #[inline]
     pub fn is_terminate(&self) -> bool {
         self.connection_key == TERMINATE_KEY
             && self.metadata.decode().is_ok_and(|m| m.get("type").and_then(Value::as_str) == Some("terminate"))
@@ -832,6 +838,7 @@ pub const TERMINATE_KEY: &str = "service-broker";
 
 impl Kanban {
     /// True for AION's terminate kanban: connection key `service-broker` and `metadata.type == "terminate"`.
+    #[inline]
     pub fn is_terminate(&self) -> bool {
         self.connection_key == TERMINATE_KEY && self.metadata.get("type").and_then(Value::as_str) == Some("terminate")
     }
