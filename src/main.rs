@@ -105,6 +105,11 @@ enum Cmd {
         /// (0: no limit).
         #[arg(long, default_value_t = aion::actors::DEFAULT_HOP_LIMIT)]
         hop_limit: u32,
+        /// Serve AION's gRPC kanban API (`kanbanpb.Kanban`, plaintext HTTP/2, no authentication) on `host:port`
+        /// for unmodified AION microservices, which get `KANBAN_ADDR`; `off` turns it off. Loopback by default:
+        /// exposing it beyond the host lets anyone who reaches it inject kanbans.
+        #[arg(long, env = "AION_GRPC_ADDR", default_value = "127.0.0.1:11010")]
+        grpc: String,
     },
     /// Check services.yml files and report every problem with file:line:column.
     Validate {
@@ -213,7 +218,18 @@ fn main() -> ExitCode {
             redis_wait,
             hop_limit,
             ack_timeout,
+            grpc,
         } => {
+            let grpc = match grpc.trim() {
+                "off" | "" => None,
+                addr => match addr.parse::<std::net::SocketAddr>() {
+                    Ok(a) => Some(a),
+                    Err(e) => {
+                        err!("aion: --grpc {addr:?}: expected host:port (an IP address and a port) or `off`: {e}");
+                        return ExitCode::FAILURE;
+                    }
+                },
+            };
             let redis = match store.as_str() {
                 "embedded" | "sqlite" => None,
                 url if url.starts_with("redis://") || url.starts_with("rediss://") || url.starts_with("unix://") => {
@@ -256,6 +272,7 @@ fn main() -> ExitCode {
                     hop_limit,
                     ack_timeout: (ack_timeout > 0.0 && ack_timeout.is_finite())
                         .then(|| Duration::from_secs_f64(ack_timeout.min(1e9))),
+                    grpc,
                 },
             )
         }
@@ -370,6 +387,7 @@ struct RunFlags {
     store_max_bytes: Option<u64>,
     hop_limit: u32,
     ack_timeout: Option<Duration>,
+    grpc: Option<std::net::SocketAddr>,
 }
 
 fn run(data_dir: &Path, file: &Path, flags: RunFlags) -> Result<(), String> {
@@ -385,6 +403,7 @@ fn run(data_dir: &Path, file: &Path, flags: RunFlags) -> Result<(), String> {
         store_max_bytes,
         hop_limit,
         ack_timeout,
+        grpc,
     } = flags;
     // Logging never panics nor blocks the runtime, whatever happens to stderr (see aion_runtime::log).
     aion::runtime::log::init();
@@ -418,6 +437,7 @@ fn run(data_dir: &Path, file: &Path, flags: RunFlags) -> Result<(), String> {
     opts.store_max_bytes = store_max_bytes;
     opts.hop_limit = hop_limit;
     opts.ack_timeout = ack_timeout;
+    opts.grpc = grpc;
     // The runtime runs inside an actix System: actors execute on its arbiter.
     actix::System::new().block_on(async move {
         // Signals are handled from before anything starts: SIGINT, SIGTERM and SIGHUP (a closed terminal or SSH

@@ -112,6 +112,9 @@ pub struct InstanceStatus {
     pub inflight: usize,
     /// A session is connected.
     pub connected: bool,
+    /// The kind of the connected session's client (`native`, `in-process`, `grpc`).
+    #[serde(default)]
+    pub session: Option<crate::routing::slot::SessionKind>,
     /// Redeliveries after a session ended unacknowledged.
     pub redelivered: u64,
     /// Duplicate outputs dropped.
@@ -419,6 +422,7 @@ impl Broker {
                     queue_bytes: slot.map_or(0, |sl| sl.bytes()),
                     inflight: slot.map_or(0, |sl| sl.inflight()),
                     connected: slot.is_some_and(|sl| sl.connected.load(Ordering::SeqCst)),
+                    session: slot.and_then(|sl| sl.session_kind()),
                     redelivered: st(|x| &x.redelivered),
                     duplicates: st(|x| &x.duplicates),
                     oldest_inflight_ms: slot

@@ -58,6 +58,9 @@ pub struct NodeOptions {
     /// Cut off and kill an instance whose oldest delivery waits longer than this for its acknowledgement (a hung
     /// service). Default `None`: never (the wait is shown in the status).
     pub ack_timeout: Option<Duration>,
+    /// Serve AION's gRPC kanban API (`kanbanpb.Kanban`) on this address, bound before any instance starts; its
+    /// instances get `KANBAN_ADDR`. Default `None` (the CLI's default is `127.0.0.1:11010`).
+    pub grpc: Option<std::net::SocketAddr>,
 }
 
 impl NodeOptions {
@@ -81,6 +84,7 @@ impl NodeOptions {
             store_max_bytes: None,
             hop_limit: crate::routing::DEFAULT_HOP_LIMIT,
             ack_timeout: None,
+            grpc: None,
         }
     }
 }
@@ -145,7 +149,18 @@ struct Shared {
     instances: Tasks,
     /// What runs the instances.
     backend: SharedBackend,
+    /// Ends the gRPC API's streams (with `UNAVAILABLE`) and stops it.
+    grpc_stop: tokio::sync::watch::Sender<bool>,
+    /// The gRPC API's address (as given to instances) and counters, when it is on.
+    grpc: Option<(String, Arc<GrpcStatsHandle>)>,
 }
+
+#[cfg(feature = "grpc")]
+type GrpcStatsHandle = crate::session::grpc::GrpcStats;
+/// Without the `grpc` feature: nothing to count.
+#[cfg(not(feature = "grpc"))]
+#[derive(Default)]
+struct GrpcStatsHandle;
 
 impl Node {
     /// Starts the node: checks the data dir is free, cleans up orphans of a killed previous run, starts the
@@ -178,6 +193,32 @@ impl Node {
         let prebound = crate::session::bind_private(&paths.socket())
             .map_err(|e| NodeError::Io(format!("cannot bind {}: {e}", paths.socket().display())))?;
         let prebound = std::sync::Mutex::new(Some(prebound));
+        // AION's gRPC API: bound now too (a client that finds no server gives up).
+        #[cfg(feature = "grpc")]
+        let grpc_listener = match opts.grpc {
+            Some(addr) => Some(crate::session::grpc::bind(addr).map_err(NodeError::Io)?),
+            None => None,
+        };
+        #[cfg(not(feature = "grpc"))]
+        if let Some(addr) = opts.grpc {
+            return Err(NodeError::Io(format!(
+                "--grpc {addr}: this aion was built without AION's gRPC API (cargo feature `grpc`)"
+            )));
+        }
+        #[cfg(feature = "grpc")]
+        let kanban_addr = match &grpc_listener {
+            Some(l) => {
+                let mut a = l.local_addr().map_err(|e| NodeError::Io(format!("gRPC listener: {e}")))?;
+                if a.ip().is_unspecified() {
+                    a.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+                }
+                tracing::info!(addr = %a, "AION gRPC API listening");
+                Some(a.to_string())
+            }
+            None => None,
+        };
+        #[cfg(not(feature = "grpc"))]
+        let kanban_addr: Option<String> = None;
 
         let cfg = Arc::new(opts.config);
         let (lc_tx, mut lc_rx) = mpsc::channel::<Lifecycle>(1024);
@@ -279,6 +320,19 @@ impl Node {
         }
         let stats = Arc::new(EndpointStats::default());
 
+        let (grpc_stop, grpc_stopping) = tokio::sync::watch::channel(false);
+        let grpc_stats = Arc::new(GrpcStatsHandle::default());
+        #[cfg(feature = "grpc")]
+        if let Some(listener) = grpc_listener {
+            let shared =
+                crate::session::Shared::new(router.clone(), statics.clone(), paths.root.clone(), stats.clone());
+            let _ = sessions.spawn(
+                "gRPC endpoint",
+                crate::session::grpc::serve(shared, sessions.clone(), listener, grpc_stopping, grpc_stats.clone()),
+            );
+        }
+        #[cfg(not(feature = "grpc"))]
+        drop(grpc_stopping);
         let (r, st, sock, root, es) = (router.clone(), statics, paths.socket(), paths.root.clone(), stats.clone());
         let ses = sessions.clone();
         let (ep_spec, endpoint) = ChildSpec::actor("status-kanban", Restart::Permanent, 64, move || {
@@ -294,6 +348,7 @@ impl Node {
             log_cap: opts.log_cap,
             run_marker: crate::backend::process::run_marker(&dir_id),
             dir_id,
+            kanban_addr: kanban_addr.clone(),
         };
         let instances = Tasks::new("instances");
         let backend: SharedBackend = Arc::new(Local::new(
@@ -345,6 +400,8 @@ impl Node {
             sessions,
             instances,
             backend,
+            grpc_stop,
+            grpc: kanban_addr.map(|a| (a, grpc_stats)),
         });
         let node_shared = shared.clone();
         let control = tasks.spawn("control accept loop", accept_control(shared, control_listener));
@@ -415,6 +472,8 @@ impl Node {
         let _ = ask(&self.endpoint, EndpointMsg::StopAccepting).await;
         let grace = self.grace;
         let _ = ask(&self.shared.broker, |tx| BrokerMsg::Shutdown(grace, tx)).await;
+        // gRPC streams end with UNAVAILABLE (their instances are stopped), and the API stops.
+        let _ = self.shared.grpc_stop.send(true);
         // Every instance is stopped: their sessions end (and requeue what was in flight).
         let aborted = self.shared.sessions.shutdown(SESSION_END_WAIT).await;
         if aborted > 0 {
@@ -650,7 +709,23 @@ async fn report(s: &Shared) -> StatusReport {
             instances: s.instances.running(),
             panicked: s.sessions.panicked() + s.tasks.panicked() + s.instances.panicked(),
         },
+        grpc: grpc_report(s),
     }
+}
+
+#[cfg(feature = "grpc")]
+fn grpc_report(s: &Shared) -> Option<crate::control::GrpcReport> {
+    s.grpc.as_ref().map(|(addr, g)| crate::control::GrpcReport {
+        addr: addr.clone(),
+        sessions: g.sessions.load(Ordering::Relaxed),
+        outputs: g.outputs.load(Ordering::Relaxed),
+        refused: g.refused.load(Ordering::Relaxed),
+    })
+}
+
+#[cfg(not(feature = "grpc"))]
+fn grpc_report(_: &Shared) -> Option<crate::control::GrpcReport> {
+    None
 }
 
 /// Serves the control socket: at most [`control::MAX_CONNECTIONS`] connections at once (others are told "busy"

@@ -4,10 +4,13 @@
 //! - [`codec`]: sans-IO framing (`u32` little-endian length + postcard body), tested without sockets.
 //! - [`session`]: the session protocol as sans-IO state machines (runtime side and client side), tested with
 //!   scripted and random message sequences, disconnects included.
+//! - `grpc` (feature `grpc`): AION's gRPC kanban API, generated from `proto/status.proto`, and its conversions.
 //! - [`link`]: thin I/O drivers: a Unix-socket link and an in-memory link with the same API, so a service runs
 //!   as a separate process or in-process unchanged.
 
 pub mod codec;
+#[cfg(feature = "grpc")]
+pub mod grpc;
 pub mod link;
 pub mod proto;
 pub mod session;

@@ -38,6 +38,31 @@ pub struct ProcessEnv {
     pub dir_id: String,
     /// This run's marker ([`run_marker`]).
     pub run_marker: String,
+    /// The gRPC API's `host:port` for AION's client libraries (`KANBAN_ADDR`), when it is on.
+    pub kanban_addr: Option<String>,
+}
+
+/// AION's in-cluster name of its kanban server, which real services.yml files put in `KANBAN_ADDR`.
+const AION_KANBAN_HOST: &str = "aion-statuskanban";
+
+/// What AION's client libraries need in an instance's environment, given its `env:` (the gRPC API's address,
+/// the service's name, and `CONNECTION_MODE: direct` undone, which would ignore `KANBAN_ADDR`).
+pub fn aion_client_env(ms: &Microservice, kanban_addr: Option<&str>) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    if let Some(addr) = kanban_addr {
+        let explicit = ms.env.get("KANBAN_ADDR");
+        let aion_default = explicit.is_some_and(|v| v.split(':').next() == Some(AION_KANBAN_HOST));
+        if explicit.is_none() || aion_default {
+            out.push(("KANBAN_ADDR".to_owned(), addr.to_owned()));
+        }
+    }
+    if !ms.env.contains_key("SERVICE") {
+        out.push(("SERVICE".to_owned(), ms.name.clone()));
+    }
+    if ms.env.get("CONNECTION_MODE").is_some_and(|m| m == "direct") {
+        out.push(("CONNECTION_MODE".to_owned(), "normal".to_owned()));
+    }
+    out
 }
 
 /// The marker of this run on the data dir whose id is `dir_id`: the id (so that a later run finds what a killed
@@ -281,6 +306,8 @@ fn spawn_process(
     let data_path = env.paths.data_path(&ms.name, instance);
     std::fs::create_dir_all(&data_path)?;
     let mut cmd = tokio::process::Command::new(&program);
+    // The runtime's own KANBAN_ADDR (a shell that ran an AION service) does not leak into instances.
+    cmd.env_remove("KANBAN_ADDR");
     cmd.args(&ms.command[1..])
         .current_dir(&workdir)
         .env("PATH", path_joined)
@@ -294,6 +321,7 @@ fn spawn_process(
         .env("AION_SOCKET", env.paths.socket())
         .env("AION_DATA_PATH", &data_path)
         .env("AION_INSTANCE", instance_marker(&env.run_marker, &ms.name, instance, gen))
+        .envs(aion_client_env(ms, env.kanban_addr.as_deref()))
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

@@ -162,6 +162,22 @@ pub struct StatusReport {
     /// The runtime's owned tasks.
     #[serde(default)]
     pub tasks: TasksReport,
+    /// AION's gRPC API, when it is on.
+    #[serde(default)]
+    pub grpc: Option<GrpcReport>,
+}
+
+/// AION's gRPC API in [`StatusReport`].
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct GrpcReport {
+    /// The address instances are given (`KANBAN_ADDR`).
+    pub addr: String,
+    /// `ReceiveKanban` sessions opened.
+    pub sessions: u64,
+    /// Outputs received (`SendKanban`).
+    pub outputs: u64,
+    /// Calls refused (unknown service, bad request, an instance held by a native session…).
+    pub refused: u64,
 }
 
 /// The runtime's owned tasks in [`StatusReport`] (see `aion_runtime::task`).

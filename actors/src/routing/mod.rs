@@ -262,6 +262,11 @@ impl Router {
             .then(|| Lifecycle::Start(slot.service.clone(), slot.instance))
     }
 
+    /// Tells the broker that an instance sent its terminate kanban.
+    pub(crate) async fn terminated(&self, service: &str, instance: u32) {
+        let _ = self.lifecycle.send(Lifecycle::Terminated(service.to_owned(), instance)).await;
+    }
+
     /// Asks the broker to start the instance unless it is connected or a start is already pending.
     pub async fn request_start(&self, slot: &Slot) {
         if let Some(msg) = self.claim_start(slot) {

@@ -48,6 +48,19 @@ impl Hasher for IdHasher {
 
 type IdSet = HashSet<KanbanId, BuildHasherDefault<IdHasher>>;
 
+/// The kind of client of a session.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SessionKind {
+    /// The native protocol (the SDK over the Unix socket or an in-memory link).
+    #[default]
+    Native,
+    /// An in-process service on a direct session.
+    InProcess,
+    /// AION's gRPC API.
+    Grpc,
+}
+
 struct Inner {
     ready: VecDeque<Box<WireKanban>>,
     /// Deliveries outstanding in the current session.
@@ -75,6 +88,8 @@ struct Inner {
     progress_base: u64,
     /// The pid the current session's client gave (0: in-process or unknown).
     session_pid: u32,
+    /// What kind of client the current session is.
+    session_kind: SessionKind,
 }
 
 impl Inner {
@@ -191,6 +206,7 @@ impl Slot {
                 next_ticket: 0,
                 progress_base: 0,
                 session_pid: 0,
+                session_kind: SessionKind::Native,
             }),
             items: Notify::new(),
             space: Notify::new(),
@@ -357,6 +373,7 @@ impl Slot {
             return None;
         }
         g.session_pid = pid;
+        g.session_kind = SessionKind::Native;
         g.session += 1;
         g.inflight = 0;
         g.progress_at = 0;
@@ -474,6 +491,17 @@ impl Slot {
         self.stats.ack_timeouts.fetch_add(1, Ordering::Relaxed);
         self.items.notify_waiters();
         true
+    }
+
+    /// Records what kind of client the current session is (shown in the status).
+    pub fn set_session_kind(&self, kind: SessionKind) {
+        self.lock().session_kind = kind;
+    }
+
+    /// What kind of client the connected session is, if one is.
+    pub fn session_kind(&self) -> Option<SessionKind> {
+        let g = self.lock();
+        self.connected.load(Ordering::SeqCst).then_some(g.session_kind)
     }
 
     /// The pid the connected session's client gave, if a session is connected.

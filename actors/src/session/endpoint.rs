@@ -138,6 +138,7 @@ impl Actor for Endpoint {
             EndpointMsg::AttachDirect { service, instance, reply } => {
                 let shared = self.shared();
                 let opened = open_session(&shared, &service, instance, 0, false)
+                    .inspect(|o| o.slot.set_session_kind(crate::routing::slot::SessionKind::InProcess))
                     .map(|o| crate::session::direct::DirectSession::new(shared, o));
                 if let Err(reason) = &opened {
                     self.stats.rejected.fetch_add(1, Ordering::Relaxed);

@@ -24,7 +24,8 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Static events buffered per session before a subscription is dropped as too slow.
 const STATIC_EVENTS: usize = 1024;
 
-type Machine = Mutex<ServerSession<Box<WireKanban>>>;
+/// A session's state machine, shared by its reader and writer halves.
+pub(crate) type Machine = Mutex<ServerSession<Box<WireKanban>>>;
 
 fn lock(m: &Machine) -> std::sync::MutexGuard<'_, ServerSession<Box<WireKanban>>> {
     m.lock().unwrap_or_else(|p| p.into_inner())

@@ -11,6 +11,8 @@
 
 pub mod direct;
 pub(crate) mod endpoint;
+#[cfg(feature = "grpc")]
+pub mod grpc;
 pub(crate) mod link;
 pub mod statics;
 
@@ -31,6 +33,19 @@ pub(crate) struct Shared {
     pub(crate) statics: Arc<StaticStore>,
     data_root: PathBuf,
     stats: Arc<EndpointStats>,
+}
+
+impl Shared {
+    /// What sessions of another front door (the gRPC API) use.
+    #[cfg_attr(not(feature = "grpc"), allow(dead_code))]
+    pub(crate) fn new(
+        router: Arc<Router>,
+        statics: Arc<StaticStore>,
+        data_root: PathBuf,
+        stats: Arc<EndpointStats>,
+    ) -> Shared {
+        Shared { router, statics, data_root, stats }
+    }
 }
 
 /// A session that passed the handshake checks.

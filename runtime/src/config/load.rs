@@ -436,6 +436,9 @@ fn microservice(cx: &mut Cx, name: &str, name_pos: Pos, node: &Node, env: &Route
                                 ok = false;
                             }
                             Some(s) => {
+                                if ek == "CONNECTION_MODE" && s == "direct" {
+                                    cx.warn(ev.pos(), format!("{p}.CONNECTION_MODE: `direct` makes AION's Python library ignore KANBAN_ADDR and dial aion-statuskanban:10000, which does not exist here; aion runs the service with CONNECTION_MODE=normal"));
+                                }
                                 ms.env.insert(ek, s);
                             }
                             None => ok = false,
