@@ -110,6 +110,10 @@ enum Cmd {
         /// exposing it beyond the host lets anyone who reaches it inject kanbans.
         #[arg(long, env = "AION_GRPC_ADDR", default_value = "127.0.0.1:11010")]
         grpc: String,
+        /// Restart an instance whose gRPC client lost its session without a terminate kanban and did not come
+        /// back within this many seconds (AION's Python client can stay alive doing nothing). 0: never.
+        #[arg(long, default_value_t = 30)]
+        grpc_reconnect: u64,
     },
     /// Check services.yml files and report every problem with file:line:column.
     Validate {
@@ -219,6 +223,7 @@ fn main() -> ExitCode {
             hop_limit,
             ack_timeout,
             grpc,
+            grpc_reconnect,
         } => {
             let grpc = match grpc.trim() {
                 "off" | "" => None,
@@ -273,6 +278,7 @@ fn main() -> ExitCode {
                     ack_timeout: (ack_timeout > 0.0 && ack_timeout.is_finite())
                         .then(|| Duration::from_secs_f64(ack_timeout.min(1e9))),
                     grpc,
+                    grpc_reconnect: Duration::from_secs(grpc_reconnect),
                 },
             )
         }
@@ -388,6 +394,7 @@ struct RunFlags {
     hop_limit: u32,
     ack_timeout: Option<Duration>,
     grpc: Option<std::net::SocketAddr>,
+    grpc_reconnect: Duration,
 }
 
 fn run(data_dir: &Path, file: &Path, flags: RunFlags) -> Result<(), String> {
@@ -404,6 +411,7 @@ fn run(data_dir: &Path, file: &Path, flags: RunFlags) -> Result<(), String> {
         hop_limit,
         ack_timeout,
         grpc,
+        grpc_reconnect,
     } = flags;
     // Logging never panics nor blocks the runtime, whatever happens to stderr (see aion_runtime::log).
     aion::runtime::log::init();
@@ -438,6 +446,7 @@ fn run(data_dir: &Path, file: &Path, flags: RunFlags) -> Result<(), String> {
     opts.hop_limit = hop_limit;
     opts.ack_timeout = ack_timeout;
     opts.grpc = grpc;
+    opts.grpc_reconnect = grpc_reconnect;
     // The runtime runs inside an actix System: actors execute on its arbiter.
     actix::System::new().block_on(async move {
         // Signals are handled from before anything starts: SIGINT, SIGTERM and SIGHUP (a closed terminal or SSH

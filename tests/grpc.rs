@@ -365,3 +365,131 @@ fn a_taken_grpc_port_is_a_clear_error() {
         "{err}"
     );
 }
+
+const SESSIONS: &str = r#"
+microservices:
+  plain:
+    command: ["sleep", "1000"]
+  native:
+    command: ["{testkit}"]
+    startup: yes
+    always: yes
+"#;
+
+/// Replaces an older gRPC session; reads one kanban per line of stdin command.
+const REPLACE_CLIENT: &str = r#"
+import sys, threading, queue, grpc, status_pb2, status_pb2_grpc
+from google.protobuf import json_format
+addr = sys.argv[1]
+def open_stream(name):
+    ch = grpc.insecure_channel(addr)
+    return ch, status_pb2_grpc.KanbanStub(ch).ReceiveKanban(status_pb2.InitializeService(microserviceName=name, processNumber=1))
+def code(f):
+    try:
+        f()
+    except grpc.RpcError as e:
+        return e.code().name
+    return "OK"
+ch1, s1 = open_stream("plain")
+k = next(s1)
+print("first", json_format.MessageToDict(k.metadata)["n"], flush=True)
+# A newer session for the same instance: the older stream ends with OK (StopIteration), and the kanban it held,
+# unacknowledged, is delivered again to the newer one.
+ch2, s2 = open_stream("plain")
+ended = "running"
+try:
+    next(s1)
+except StopIteration:
+    ended = "ok"
+except grpc.RpcError as e:
+    ended = e.code().name
+print("older", ended, flush=True)
+k2 = next(s2)
+print("again", json_format.MessageToDict(k2.metadata)["n"], flush=True)
+# An instance held by a native SDK session is not taken over.
+print("native", code(lambda: next(status_pb2_grpc.KanbanStub(ch2).ReceiveKanban(status_pb2.InitializeService(microserviceName="native", processNumber=1), timeout=3))), flush=True)
+"#;
+
+/// A newer `ReceiveKanban` for an instance replaces the older gRPC session, which ends with OK and gives back the
+/// kanban it held (delivered again to the newer one); an instance held by a native SDK session refuses a gRPC one.
+#[test]
+fn a_newer_grpc_session_replaces_an_older_one_and_native_sessions_are_kept() {
+    let Some(stubs) = stubs() else { return };
+    let mut rt = Runtime::start(SESSIONS);
+    rt.wait_status("the native service to connect", |s| {
+        s["instances"].as_array().into_iter().flatten().any(|i| i["service"] == "native" && i["connected"] == true)
+    });
+    rt.send("plain", &["--metadata", r#"{"n": 7}"#]);
+    let addr = grpc_addr(&rt);
+    let (ok, out, err) = python(stubs, REPLACE_CLIENT, &[&addr]);
+    assert!(ok, "{out}\n{err}\n{}", rt.diagnose());
+    let lines: std::collections::HashMap<&str, &str> = out.lines().filter_map(|l| l.split_once(' ')).collect();
+    assert_eq!(lines["first"], "7.0");
+    assert_eq!(lines["older"], "ok", "the older stream ends with OK: {out}");
+    assert_eq!(lines["again"], "7.0", "the unacknowledged kanban is delivered again: {out}");
+    assert_eq!(lines["native"], "FAILED_PRECONDITION", "{out}");
+    assert_eq!(rt.stop(), 0, "{}", rt.diagnose());
+}
+
+/// kill -9 of the runtime while a Python pipeline runs (durable queues): after the restart every kanban a source
+/// had sent arrives — at least once, as the guarantee for gRPC clients says (the restarted source, started
+/// without a kanban again, gets a new seed and sends its kanbans again: duplicates, never a gap).
+#[test]
+fn a_python_pipeline_survives_kill_9_of_the_runtime() {
+    let Some(stubs) = stubs() else { return };
+    // A slow transform (5 ms a kanban): most kanbans are still queued, durably, when the runtime dies.
+    let y = PIPELINE.replace("COUNT: \"50\"", "COUNT: \"300\"").replace(
+        "    command: [\"python3\", \"{client}\", \"transform\"]\n    always: yes\n    env:\n",
+        "    command: [\"python3\", \"{client}\", \"transform\"]\n    always: yes\n    env:\n      SLOW_MS: \"5\"\n",
+    );
+    assert!(y.contains("SLOW_MS"));
+    let y = yaml(&y, stubs);
+    let mut rt = Runtime::start(&y);
+    let before = rt.wait_lines("out.jsonl", 20).len();
+    let mut rt = rt.crash_and_restart(&y);
+    assert!(before < 250, "the runtime was killed mid-flow ({before} of 300 through)");
+    let start = std::time::Instant::now();
+    loop {
+        let got: std::collections::BTreeSet<u64> =
+            seqs(&common::read_lines(&rt.path("out.jsonl")), "md").into_iter().collect();
+        if got.len() == 300 {
+            assert_eq!(got.iter().next_back(), Some(&300));
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(90), "{} of 300 after the restart\n{}", got.len(), rt.diagnose());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(rt.stop(), 0, "{}", rt.diagnose());
+}
+
+const WEDGED: &str = r#"
+microservices:
+  wedged:
+    command: ["python3", "{client}", "wedge"]
+    startup: yes
+    always: yes
+    env:
+      PYTHONPATH: "{stubs}"
+  plain:
+    command: ["sleep", "1000"]
+    startup: yes
+    always: yes
+"#;
+
+/// A gRPC client that lost its session without a terminate kanban and does not come back, while its process stays
+/// alive, is restarted after `--grpc-reconnect`; a process that never spoke gRPC is never restarted for that.
+#[test]
+fn a_wedged_grpc_client_is_restarted_and_a_silent_process_is_not() {
+    let Some(stubs) = stubs() else { return };
+    let mut rt = Runtime::start_with_args(&yaml(WEDGED, stubs), &["--grpc-reconnect", "1"]);
+    let st = rt.wait_status("the wedged client to be restarted", |s| {
+        s["instances"].as_array().into_iter().flatten().any(|i| {
+            i["service"] == "wedged" && i["grpc_lost"].as_u64() >= Some(1) && i["restarts"].as_u64() >= Some(1)
+        })
+    });
+    let plain = st["instances"].as_array().expect("instances").iter().find(|i| i["service"] == "plain").cloned();
+    let plain = plain.expect("plain");
+    assert_eq!((plain["restarts"].as_u64(), plain["grpc_lost"].as_u64()), (Some(0), Some(0)), "{plain}");
+    assert!(rt.stderr().contains("did not come back within 1s"), "{}", rt.stderr());
+    assert_eq!(rt.stop(), 0, "{}", rt.diagnose());
+}

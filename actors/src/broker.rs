@@ -58,7 +58,8 @@ pub enum BrokerMsg {
     Shutdown(Duration, oneshot::Sender<()>),
     /// The grace period of a shutdown elapsed.
     KillRemaining,
-    /// Time to check for instances that do not acknowledge (with an ack timeout).
+    /// Time to check for instances that do not acknowledge (with an ack timeout), and for gRPC clients that
+    /// lost their session and did not come back.
     CheckLiveness,
 }
 
@@ -125,6 +126,9 @@ pub struct InstanceStatus {
     /// Sessions cut off (and processes killed) for no acknowledgement within `--ack-timeout`.
     #[serde(default)]
     pub ack_timeouts: u64,
+    /// Restarts because its gRPC client lost its session and did not come back within `--grpc-reconnect`.
+    #[serde(default)]
+    pub grpc_lost: u64,
     /// How it last ended.
     pub last_exit: Option<String>,
     /// It sent a terminate kanban.
@@ -157,6 +161,8 @@ pub struct Broker {
     shutdown: Option<(Vec<oneshot::Sender<()>>, bool)>,
     pending_start: VecDeque<(String, u32)>,
     ack_timeout: Option<Duration>,
+    /// How long a gRPC client that lost its session may take to come back before it is restarted.
+    grpc_reconnect: Option<Duration>,
     /// The exit watchers, restart timers and liveness ticker of this incarnation (aborted with it: a later
     /// incarnation starts its incarnation numbers afresh).
     tasks: Tasks,
@@ -212,6 +218,7 @@ impl Broker {
             shutdown: None,
             pending_start: VecDeque::new(),
             ack_timeout: None,
+            grpc_reconnect: None,
             tasks: Tasks::new("broker"),
             progress: std::collections::HashMap::new(),
         }
@@ -222,6 +229,39 @@ impl Broker {
     pub fn with_ack_timeout(mut self, timeout: Option<Duration>) -> Broker {
         self.ack_timeout = timeout.filter(|t| !t.is_zero());
         self
+    }
+
+    /// Restarts an instance whose gRPC client lost its session (no terminate kanban) and has not opened one again
+    /// within `bound`: AION's Python client can stay alive doing nothing after its stream failed (docs/grpc.md).
+    /// A process that never had a gRPC session is never restarted for that.
+    pub fn with_grpc_reconnect(mut self, bound: Option<Duration>) -> Broker {
+        self.grpc_reconnect = bound.filter(|b| !b.is_zero());
+        self
+    }
+
+    fn check_grpc_lost(&mut self) {
+        let Some(bound) = self.grpc_reconnect else { return };
+        if self.shutdown.is_some() {
+            return;
+        }
+        for slot in self.router.slots() {
+            let Some(lost) = slot.grpc_lost_for() else { continue };
+            if lost <= bound {
+                continue;
+            }
+            slot.clear_grpc_lost();
+            let Some(inst) = self.insts.get(&(slot.service.clone(), slot.instance)) else { continue };
+            let Some(control) = &inst.control else { continue };
+            slot.stats.grpc_lost.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(
+                service = %slot.service,
+                instance = slot.instance,
+                lost_ms = lost.as_millis() as u64,
+                "unhealthy: its gRPC client lost its session without a terminate kanban and did not come back within {}s; restarting it",
+                bound.as_secs_f64()
+            );
+            control.kill();
+        }
     }
 
     /// Kills and cuts off every instance past the ack timeout; their kanbans are redelivered.
@@ -429,6 +469,7 @@ impl Broker {
                         .and_then(|sl| sl.oldest_inflight_age())
                         .map_or(0, |a| a.as_millis().min(u64::MAX as u128) as u64),
                     ack_timeouts: st(|x| &x.ack_timeouts),
+                    grpc_lost: st(|x| &x.grpc_lost),
                     last_exit: i.last_exit.clone(),
                     terminated: i.terminated,
                     backend: self.described.get(s).cloned(),
@@ -442,7 +483,8 @@ impl Actor for Broker {
     type Msg = BrokerMsg;
 
     async fn started(&mut self, ctx: &mut Context<Self>) {
-        if let Some(limit) = self.ack_timeout {
+        let checked = [self.ack_timeout, self.grpc_reconnect].into_iter().flatten().min();
+        if let Some(limit) = checked {
             let addr = ctx.addr();
             let every = (limit / 4).clamp(Duration::from_millis(100), Duration::from_secs(1));
             self.tasks.spawn("liveness ticker", async move {
@@ -546,7 +588,10 @@ impl Actor for Broker {
                 }
                 self.maybe_finish_shutdown();
             }
-            BrokerMsg::CheckLiveness => self.check_liveness(),
+            BrokerMsg::CheckLiveness => {
+                self.check_liveness();
+                self.check_grpc_lost();
+            }
             BrokerMsg::KillRemaining => {
                 for ((s, n), i) in &self.insts {
                     if let Some(st) = &i.control {

@@ -61,6 +61,9 @@ pub struct NodeOptions {
     /// Serve AION's gRPC kanban API (`kanbanpb.Kanban`) on this address, bound before any instance starts; its
     /// instances get `KANBAN_ADDR`. Default `None` (the CLI's default is `127.0.0.1:11010`).
     pub grpc: Option<std::net::SocketAddr>,
+    /// An instance whose gRPC client lost its session (no terminate kanban) and did not open one again within
+    /// this is restarted. Default 30 s.
+    pub grpc_reconnect: Duration,
 }
 
 impl NodeOptions {
@@ -85,6 +88,7 @@ impl NodeOptions {
             hop_limit: crate::routing::DEFAULT_HOP_LIMIT,
             ack_timeout: None,
             grpc: None,
+            grpc_reconnect: Duration::from_secs(30),
         }
     }
 }
@@ -356,8 +360,9 @@ impl Node {
             InProcessBackend::new(opts.inproc, endpoint.clone(), instances.clone()),
         ));
         let (r, b, ack_timeout) = (router.clone(), backend.clone(), opts.ack_timeout);
+        let grpc_reconnect = opts.grpc.map(|_| opts.grpc_reconnect);
         let (broker_spec, broker) = ChildSpec::actor("service-broker", Restart::Permanent, 4096, move || {
-            Broker::new(r.clone(), b.clone()).with_ack_timeout(ack_timeout)
+            Broker::new(r.clone(), b.clone()).with_ack_timeout(ack_timeout).with_grpc_reconnect(grpc_reconnect)
         });
         let sup = Supervisor::new(
             "root",

@@ -133,7 +133,10 @@ def main():
         log("source done")
     elif role == "transform":
         conn = KanbanConnection(env_addr(), WITH_KANBAN, name, n)
+        slow = float(os.environ.get("SLOW_MS", "0")) / 1000
         for k in conn.get_kanban_itr():
+            if slow:
+                time.sleep(slow)
             md = metadata(k)
             md["double"] = md["seq"] * 2
             md["via"] = name
@@ -175,6 +178,16 @@ def main():
         recv.close()
         send.close()
         log("go-source done")
+    elif role == "wedge":
+        # A client whose stream broke and that never comes back, but stays alive (as the Python library can).
+        ch = grpc.insecure_channel(env_addr())
+        stream = status_pb2_grpc.KanbanStub(ch).ReceiveKanban(
+            status_pb2.InitializeService(initType=WITHOUT_KANBAN, microserviceName=name, processNumber=n))
+        next(stream)
+        ch.close()
+        log("wedged")
+        while True:
+            time.sleep(1000)
     else:
         log("unknown role", role)
         sys.exit(2)

@@ -25,6 +25,8 @@ pub struct SlotStats {
     pub duplicates: AtomicU64,
     /// Sessions cut because no acknowledgement came within the ack timeout.
     pub ack_timeouts: AtomicU64,
+    /// Restarts because a gRPC client lost its session and did not come back (a wedged AION client).
+    pub grpc_lost: AtomicU64,
 }
 
 /// WireKanban ids are already uniformly mixed (random or derived), so hashing folds the two halves instead of
@@ -90,6 +92,8 @@ struct Inner {
     session_pid: u32,
     /// What kind of client the current session is.
     session_kind: SessionKind,
+    /// When a gRPC session ended without a terminate kanban (its client went away), until a session opens again.
+    grpc_lost_at: Option<std::time::Instant>,
 }
 
 impl Inner {
@@ -207,6 +211,7 @@ impl Slot {
                 progress_base: 0,
                 session_pid: 0,
                 session_kind: SessionKind::Native,
+                grpc_lost_at: None,
             }),
             items: Notify::new(),
             space: Notify::new(),
@@ -374,6 +379,7 @@ impl Slot {
         }
         g.session_pid = pid;
         g.session_kind = SessionKind::Native;
+        g.grpc_lost_at = None;
         g.session += 1;
         g.inflight = 0;
         g.progress_at = 0;
@@ -496,6 +502,25 @@ impl Slot {
     /// Records what kind of client the current session is (shown in the status).
     pub fn set_session_kind(&self, kind: SessionKind) {
         self.lock().session_kind = kind;
+    }
+
+    /// Records that a gRPC session ended because its client went away (no terminate kanban).
+    pub fn grpc_lost(&self) {
+        self.lock().grpc_lost_at = Some(std::time::Instant::now());
+    }
+
+    /// How long ago a gRPC client went away without coming back (`None`: it did not, or a session is open).
+    pub fn grpc_lost_for(&self) -> Option<std::time::Duration> {
+        let g = self.lock();
+        if self.connected.load(Ordering::SeqCst) {
+            return None;
+        }
+        g.grpc_lost_at.map(|t| t.elapsed())
+    }
+
+    /// Forgets a lost gRPC session (the instance was restarted for it).
+    pub fn clear_grpc_lost(&self) {
+        self.lock().grpc_lost_at = None;
     }
 
     /// What kind of client the connected session is, if one is.

@@ -479,6 +479,11 @@ impl StreamSession {
         }
         let n = release.release();
         tracing::info!(service = %slot.service, instance = slot.instance, requeued = n, end = ?end, "gRPC session closed");
+        if end == End::Gone {
+            // An AION client whose stream broke reconnects within seconds, or is wedged (docs/grpc.md): the
+            // broker restarts it if it does not come back.
+            slot.grpc_lost();
+        }
         if end == End::Shutdown {
             let _ = self.tx.send(Err(Status::unavailable("the runtime is shutting down"))).await;
         }
