@@ -523,15 +523,30 @@ async fn status(data_dir: &Path, json: bool, timeout: Duration) -> Result<(), St
         return Ok(());
     }
     let r: StatusReport = serde_json::from_value(v).map_err(|e| format!("unexpected status document: {e}"))?;
-    let mut rows =
-        vec![["SERVICE", "INSTANCE", "STATE", "PID", "RESTARTS", "IN", "OUT", "QUEUE", "INFLIGHT", "LAST EXIT"]
-            .map(String::from)
-            .to_vec()];
+    let mut rows = vec![[
+        "SERVICE",
+        "INSTANCE",
+        "STATE",
+        "SESSION",
+        "PID",
+        "RESTARTS",
+        "IN",
+        "OUT",
+        "QUEUE",
+        "INFLIGHT",
+        "LAST EXIT",
+    ]
+    .map(String::from)
+    .to_vec()];
     for i in &r.instances {
         rows.push(vec![
             i.service.clone(),
             i.instance.to_string(),
             serde_json::to_value(i.state).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default(),
+            i.session
+                .and_then(|k| serde_json::to_value(k).ok())
+                .and_then(|v| v.as_str().map(str::to_owned))
+                .unwrap_or_else(|| "-".into()),
             if i.pid > 0 { i.pid.to_string() } else { "-".into() },
             i.restarts.to_string(),
             i.kanbans_in.to_string(),
@@ -556,6 +571,15 @@ async fn status(data_dir: &Path, json: bool, timeout: Duration) -> Result<(), St
         r.rejected_connections,
         if dead.is_empty() { "0".to_owned() } else { dead.join(" ") }
     );
+    if let Some(g) = &r.grpc {
+        out!(
+            "gRPC API (AION clients): {}  sessions: {}  outputs: {}  refused: {}",
+            g.addr,
+            g.sessions,
+            g.outputs,
+            g.refused
+        );
+    }
     // Trouble that would otherwise only show in --json.
     if let Some(st) = r.store.as_ref().filter(|st| st.errors > 0) {
         out!(

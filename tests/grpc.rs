@@ -148,6 +148,9 @@ fn a_python_pipeline_runs_with_the_seed_kanban_and_the_terminate_kanban() {
     assert_eq!(source.expect("source")["terminated"], true);
     let sink = rt.instance("py-sink", 1);
     assert_eq!(sink["session"], "grpc", "{sink}");
+    let (ok, table, _) = rt.cli(&["status"]);
+    let sink_row = table.lines().any(|l| l.starts_with("py-sink") && l.split_whitespace().nth(3) == Some("grpc"));
+    assert!(ok && sink_row && table.contains("gRPC API (AION clients)"), "{table}");
     assert!(st["grpc"]["sessions"].as_u64().unwrap_or(0) >= 3, "{}", st["grpc"]);
     assert_eq!(st["grpc"]["outputs"].as_u64(), Some(100), "50 + 50 outputs (the terminate kanban is not one)");
     assert_eq!(rt.stop(), 0, "{}", rt.diagnose());
