@@ -156,6 +156,7 @@ struct Shared {
     /// Ends the gRPC API's streams (with `UNAVAILABLE`) and stops it.
     grpc_stop: tokio::sync::watch::Sender<bool>,
     /// The gRPC API's address (as given to instances) and counters, when it is on.
+    #[cfg_attr(not(feature = "grpc"), allow(dead_code))]
     grpc: Option<(String, Arc<GrpcStatsHandle>)>,
 }
 

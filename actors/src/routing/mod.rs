@@ -263,6 +263,7 @@ impl Router {
     }
 
     /// Tells the broker that an instance sent its terminate kanban.
+    #[cfg_attr(not(feature = "grpc"), allow(dead_code))]
     pub(crate) async fn terminated(&self, service: &str, instance: u32) {
         let _ = self.lifecycle.send(Lifecycle::Terminated(service.to_owned(), instance)).await;
     }
