@@ -2,7 +2,7 @@
 """A Python AION client's throughput on aion's gRPC API, against what the same client pushes to a trivial gRPC
 server that only answers (the ratio tells whether the runtime's gRPC edge limits a Python pipeline).
 
-Usage (after `cargo build --release --bin aion`; needs grpcio and grpcio-tools):
+Usage (after `cargo build --release --bin aion --example grpc-trivial`; needs grpcio and grpcio-tools):
     python3 benches/grpc_py.py [N]
 
 Rows: unary `SendKanban` calls per second from one client (as AION's library sends outputs: one call per output,
@@ -64,6 +64,20 @@ def push(addr, name, n):
 class Trivial(status_pb2_grpc.KanbanServicer):
     def SendKanban(self, request, context):
         return status_pb2.Response(status=status_pb2.SUCCESS)
+
+
+def trivial_rust_rate():
+    """The same client against `examples/grpc_trivial.rs` (tonic, answers only): the client's own ceiling."""
+    exe = os.path.join(REPO, "target", "release", "examples", "grpc-trivial")
+    if not os.path.exists(exe):
+        return None
+    port = 22000 + os.getpid() % 1000
+    p = subprocess.Popen([exe, f"127.0.0.1:{port}"])
+    try:
+        return push(f"127.0.0.1:{port}", "src", N)
+    finally:
+        p.kill()
+        p.wait()
 
 
 def trivial_rate():
@@ -146,7 +160,11 @@ def aion_rates():
 
 if __name__ == "__main__":
     trivial = trivial_rate()
+    rust = trivial_rust_rate()
     rate, p50, p99, n = aion_rates()
     print(f"Python client SendKanban to a trivial Python gRPC server: {trivial:,.0f}/s")
-    print(f"Python client SendKanban to aion, routed to a Python sink: {rate:,.0f}/s (ratio {rate / trivial:.2f})")
+    if rust:
+        print(f"Python client SendKanban to a trivial tonic server (examples/grpc_trivial.rs): {rust:,.0f}/s")
+    ceiling = max(trivial, rust or 0)
+    print(f"Python client SendKanban to aion, routed to a Python sink: {rate:,.0f}/s (ratio to the best trivial server {rate / ceiling:.2f})")
     print(f"hop latency at 500/s, Python source -> aion -> Python sink: p50 {p50:,.0f} us, p99 {p99:,.0f} us ({n} kanbans)")
