@@ -141,6 +141,8 @@ struct Shared {
     services_file: String,
     /// Control connections refused because too many were being served.
     control_busy: std::sync::atomic::AtomicU64,
+    /// The static-kanban store (for its counters).
+    statics: Arc<StaticStore>,
     /// Kanban sends being handled (each may wait for room in a queue).
     send_slots: Arc<tokio::sync::Semaphore>,
     /// Large requests are parsed one at a time (what a parsed request costs is bounded by one).
@@ -327,22 +329,27 @@ impl Node {
 
         let (grpc_stop, grpc_stopping) = tokio::sync::watch::channel(false);
         let grpc_stats = Arc::new(GrpcStatsHandle::default());
+        let statics_handle = statics.clone();
+        let shared = crate::session::Shared::new(router.clone(), statics, paths.root.clone(), stats.clone());
         #[cfg(feature = "grpc")]
         if let Some(listener) = grpc_listener {
-            let shared =
-                crate::session::Shared::new(router.clone(), statics.clone(), paths.root.clone(), stats.clone());
             let _ = sessions.spawn(
                 "gRPC endpoint",
-                crate::session::grpc::serve(shared, sessions.clone(), listener, grpc_stopping, grpc_stats.clone()),
+                crate::session::grpc::serve(
+                    shared.clone(),
+                    sessions.clone(),
+                    listener,
+                    grpc_stopping,
+                    grpc_stats.clone(),
+                ),
             );
         }
         #[cfg(not(feature = "grpc"))]
         drop(grpc_stopping);
-        let (r, st, sock, root, es) = (router.clone(), statics, paths.socket(), paths.root.clone(), stats.clone());
-        let ses = sessions.clone();
+        let (sock, ses) = (paths.socket(), sessions.clone());
         let (ep_spec, endpoint) = ChildSpec::actor("status-kanban", Restart::Permanent, 64, move || {
             let pre = prebound.lock().ok().and_then(|mut p| p.take());
-            Endpoint::new(r.clone(), st.clone(), sock.clone(), root.clone(), es.clone(), ses.clone(), pre)
+            Endpoint::new(shared.clone(), sock.clone(), ses.clone(), pre)
         });
         let env = ProcessEnv {
             paths: paths.clone(),
@@ -400,6 +407,7 @@ impl Node {
             data_dir: paths.root.display().to_string(),
             services_file: opts.config_path.map(|p| p.display().to_string()).unwrap_or_default(),
             control_busy: Default::default(),
+            statics: statics_handle,
             send_slots: Arc::new(tokio::sync::Semaphore::new(crate::control::MAX_SENDS)),
             parse_lock: tokio::sync::Mutex::new(()),
             tasks: tasks.clone(),
@@ -687,6 +695,7 @@ async fn report(s: &Shared) -> StatusReport {
         recent_dead_letters: recent.iter().rev().take(20).map(dead_json).collect(),
         sessions: s.stats.sessions.load(Ordering::Relaxed),
         control_busy: s.control_busy.load(Ordering::Relaxed),
+        static_lists_truncated: s.statics.truncated_lists(),
         rejected_connections: s.stats.rejected.load(Ordering::Relaxed),
         supervisor_events: s.sup.journal().events().iter().map(event_text).collect(),
         mongo: s.mongo.as_ref().map(|(uri, m)| crate::control::MongoReport {

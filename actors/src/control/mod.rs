@@ -148,6 +148,9 @@ pub struct StatusReport {
     /// Control connections told "busy" (too many at once).
     #[serde(default)]
     pub control_busy: u64,
+    /// Static-kanban lists answered with their oldest entries only (the whole list did not fit one frame).
+    #[serde(default)]
+    pub static_lists_truncated: u64,
     /// Supervision events (actor exits and restarts).
     pub supervisor_events: Vec<String>,
     /// The embedded store.

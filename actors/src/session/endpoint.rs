@@ -2,15 +2,12 @@
 //! connections and runs each as a link session ([`crate::session::link`]) in the node's session task set, and
 //! opens direct sessions for in-process services.
 
-use crate::routing::Router;
-use crate::session::statics::StaticStore;
 use crate::session::{open_session, Shared};
 use aion_runtime::actor::{Actor, Context};
 use aion_runtime::task::Tasks;
 use aion_transport::{unix_split, ClientMsg, LinkReader, LinkWriter, ServerMsg};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
 use std::time::Duration;
 use tokio::task::AbortHandle;
 
@@ -45,11 +42,8 @@ pub struct EndpointStats {
 
 /// The status-kanban endpoint actor.
 pub struct Endpoint {
-    router: Arc<Router>,
-    statics: Arc<StaticStore>,
+    shared: Shared,
     socket: PathBuf,
-    data_root: PathBuf,
-    stats: Arc<EndpointStats>,
     /// Sessions (and the accept loop): owned by the node, so they outlive a restart of this actor and the
     /// node's shutdown waits for them.
     tasks: Tasks,
@@ -60,25 +54,13 @@ pub struct Endpoint {
 impl Endpoint {
     /// An endpoint that will listen on `socket`; `prebound` is used instead of binding when given (the node
     /// binds before announcing readiness, so clients never race the first incarnation).
-    pub fn new(
-        router: Arc<Router>,
-        statics: Arc<StaticStore>,
+    pub(crate) fn new(
+        shared: Shared,
         socket: PathBuf,
-        data_root: PathBuf,
-        stats: Arc<EndpointStats>,
         tasks: Tasks,
         prebound: Option<tokio::net::UnixListener>,
     ) -> Endpoint {
-        Endpoint { router, statics, socket, data_root, stats, tasks, accept: None, prebound }
-    }
-
-    fn shared(&self) -> Shared {
-        Shared {
-            router: self.router.clone(),
-            statics: self.statics.clone(),
-            data_root: self.data_root.clone(),
-            stats: self.stats.clone(),
-        }
+        Endpoint { shared, socket, tasks, accept: None, prebound }
     }
 }
 
@@ -111,7 +93,7 @@ impl Actor for Endpoint {
             Err(e) => return ctx.fail(format!("cannot listen on {}: {e}", self.socket.display())),
         };
         tracing::info!(socket = %self.socket.display(), "status-kanban endpoint listening");
-        let shared = self.shared();
+        let shared = self.shared.clone();
         let tasks = self.tasks.clone();
         let accept = self.tasks.spawn("accept loop", async move {
             loop {
@@ -133,15 +115,15 @@ impl Actor for Endpoint {
     async fn handle(&mut self, msg: EndpointMsg, _ctx: &mut Context<Self>) {
         match msg {
             EndpointMsg::Attach((r, w)) => {
-                let _ = self.tasks.spawn("link session", crate::session::link::session(self.shared(), r, w));
+                let _ = self.tasks.spawn("link session", crate::session::link::session(self.shared.clone(), r, w));
             }
             EndpointMsg::AttachDirect { service, instance, reply } => {
-                let shared = self.shared();
+                let shared = self.shared.clone();
                 let opened = open_session(&shared, &service, instance, 0, false)
                     .inspect(|o| o.slot.set_session_kind(crate::routing::slot::SessionKind::InProcess))
                     .map(|o| crate::session::direct::DirectSession::new(shared, o));
                 if let Err(reason) = &opened {
-                    self.stats.rejected.fetch_add(1, Ordering::Relaxed);
+                    self.shared.stats.rejected.fetch_add(1, Ordering::Relaxed);
                     tracing::warn!("in-process session refused: {reason}");
                 }
                 let _ = reply.send(opened);

@@ -263,7 +263,7 @@ impl KanbanApi for GrpcKanban {
             tracing::info!(service, instance = n, success = k.prior_success, "terminate kanban received (gRPC)");
             self.shared.router.terminated(&service, n).await;
             self.end_live(&(service, n), End::Terminated).await;
-            return Ok(Response::new(SendResponse { status: ResponseStatus::Success as i32, error: String::new() }));
+            return success();
         }
         // AION routed an output from `kanban:after:<service>:<processNumber>`: that instance produced it.
         let producer = k.process_number.clamp(1, scale);
@@ -286,7 +286,7 @@ impl KanbanApi for GrpcKanban {
                 store.barrier().await.map_err(|e| Status::unavailable(format!("store unavailable: {e}")))?;
             }
         }
-        Ok(Response::new(SendResponse { status: ResponseStatus::Success as i32, error: String::new() }))
+        success()
     }
 
     async fn send_static_kanban(&self, req: Request<StaticRequest>) -> Result<Response<SendResponse>, Status> {
@@ -314,7 +314,7 @@ impl KanbanApi for GrpcKanban {
             return Err(self.refuse(Status::resource_exhausted(e.to_string())));
         }
         self.shared.statics.put_durable(&topic, w).await;
-        Ok(Response::new(SendResponse { status: ResponseStatus::Success as i32, error: String::new() }))
+        success()
     }
 
     async fn receive_static_kanban(&self, req: Request<Topic>) -> Result<Response<StaticStream>, Status> {
@@ -372,8 +372,13 @@ impl KanbanApi for GrpcKanban {
         if let Ok(id) = req.id.trim().parse::<u64>() {
             self.shared.statics.delete_durable(&topic, id).await;
         }
-        Ok(Response::new(SendResponse { status: ResponseStatus::Success as i32, error: String::new() }))
+        success()
     }
+}
+
+/// AION's `Response{status: SUCCESS}` (errors are gRPC statuses: a client never sees `FAILED` in a body).
+fn success() -> Result<Response<SendResponse>, Status> {
+    Ok(Response::new(SendResponse { status: ResponseStatus::Success as i32, error: String::new() }))
 }
 
 /// Refuses a kanban over gRPC's 4 MiB message limit.

@@ -3,7 +3,8 @@
 //! - [`endpoint`]: the status-kanban endpoint actor (the Unix socket services connect to);
 //! - [`link`]: a session over a link, driving the sans-IO [`aion_transport::session::ServerSession`];
 //! - [`direct`]: a direct session for an in-process service (no link, no encoding);
-//! - [`statics`]: the static-kanban store, which emits domain events to its subscribers.
+//! - [`statics`]: the static-kanban store, which emits domain events to its subscribers;
+//! - `grpc` (feature `grpc`): AION's gRPC kanban API, whose sessions acknowledge implicitly (docs/grpc.md).
 //!
 //! What both kinds of session share lives here: opening a session (the handshake's checks against the routing
 //! table), accepting an output (origin fix-up, deduplication, size check, routing), and acknowledging
@@ -36,8 +37,7 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
-    /// What sessions of another front door (the gRPC API) use.
-    #[cfg_attr(not(feature = "grpc"), allow(dead_code))]
+    /// What every session of the node uses (the Unix endpoint's, the in-process ones, the gRPC API's).
     pub(crate) fn new(
         router: Arc<Router>,
         statics: Arc<StaticStore>,

@@ -18,7 +18,7 @@ pub use archive::{pending_exports, query_log, query_trace, ArchiveOp, HopRow, Lo
 use rusqlite::{params, Connection, OptionalExtension};
 use sqlite::*;
 #[cfg(feature = "redis")]
-pub(crate) use sqlite::{complete_barriers, take_close, take_queued};
+pub(crate) use sqlite::{complete_barriers, take_close, take_pages, take_queued};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};

@@ -32,8 +32,8 @@
 //! same guarantee as the embedded store). The runtime warns at start when append-only is off.
 
 use crate::store::{
-    complete_barriers, decode_stored, encode_stored, take_queued, Backlog, Cursor, Op, Page, PageRequest, QueueKey,
-    Recovered, RecoveredStatic, StoreError, StoreStats, KANBAN_FORMAT,
+    complete_barriers, decode_stored, encode_stored, take_pages, take_queued, Backlog, Cursor, Op, Page, PageRequest,
+    QueueKey, Recovered, RecoveredStatic, StoreError, StoreStats, KANBAN_FORMAT,
 };
 use aion_runtime::{Kanban, KanbanId, Origin, WireKanban};
 use redis::aio::MultiplexedConnection;
@@ -862,23 +862,13 @@ pub(crate) fn spawn(
 /// Answers (and removes from the batch) every backlog page request; a page that fails is answered with the error
 /// (its feeder retries) and the connection is renewed.
 async fn serve_pages(w: &mut Writer, batch: &mut Vec<Op>) {
-    if !batch.iter().any(|op| matches!(op, Op::Page(_))) {
-        return;
-    }
-    let mut rest = Vec::with_capacity(batch.len());
-    for op in batch.drain(..) {
-        match op {
-            Op::Page(req) => {
-                let page = w.page(&req).await.map_err(|e| e.to_string());
-                if page.is_err() {
-                    w.conn = None;
-                }
-                let _ = req.reply.send(page);
-            }
-            other => rest.push(other),
+    for req in take_pages(batch) {
+        let page = w.page(&req).await.map_err(|e| e.to_string());
+        if page.is_err() {
+            w.conn = None;
         }
+        let _ = req.reply.send(page);
     }
-    *batch = rest;
 }
 
 async fn writer(mut w: Writer, mut rx: mpsc::Receiver<Op>) {

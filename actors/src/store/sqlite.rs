@@ -334,22 +334,31 @@ pub(super) fn apply_deletes_only(conn: &Connection, batch: &mut Vec<Op>) -> rusq
     Ok(freed)
 }
 
+/// Takes the backlog page requests out of a batch (reads, answered before the batch's writes), in order.
+pub(crate) fn take_pages(batch: &mut Vec<Op>) -> Vec<PageRequest> {
+    if !batch.iter().any(|op| matches!(op, Op::Page(_))) {
+        return Vec::new();
+    }
+    let mut pages = Vec::new();
+    batch.retain_mut(|op| match std::mem::replace(op, Op::Exported(Vec::new())) {
+        Op::Page(req) => {
+            pages.push(req);
+            false
+        }
+        other => {
+            *op = other;
+            true
+        }
+    });
+    pages
+}
+
 /// Answers (and removes from the batch) every backlog page request.
 pub(super) fn serve_pages(conn: &Connection, batch: &mut Vec<Op>) {
-    if !batch.iter().any(|op| matches!(op, Op::Page(_))) {
-        return;
+    for req in take_pages(batch) {
+        let page = read_page(conn, &req).map_err(|e| e.to_string());
+        let _ = req.reply.send(page);
     }
-    let mut rest = Vec::with_capacity(batch.len());
-    for op in batch.drain(..) {
-        match op {
-            Op::Page(req) => {
-                let page = read_page(conn, &req).map_err(|e| e.to_string());
-                let _ = req.reply.send(page);
-            }
-            other => rest.push(other),
-        }
-    }
-    *batch = rest;
 }
 
 pub(super) fn read_page(conn: &Connection, req: &PageRequest) -> rusqlite::Result<Page> {
