@@ -5,10 +5,13 @@
 //! - [`session`]: the session protocol as sans-IO state machines (runtime side and client side), tested with
 //!   scripted and random message sequences, disconnects included.
 //! - `grpc` (feature `grpc`): AION's gRPC kanban API, generated from `proto/status.proto`, and its conversions.
+//! - [`federation`]: the protocol between devices (cluster mode) as sans-IO state machines: handshake with a
+//!   version range, heartbeats, credit, numbered kanbans and acknowledgements, resume after a cut.
 //! - [`link`]: thin I/O drivers: a Unix-socket link and an in-memory link with the same API, so a service runs
 //!   as a separate process or in-process unchanged.
 
 pub mod codec;
+pub mod federation;
 #[cfg(feature = "grpc")]
 pub mod grpc;
 pub mod link;
