@@ -33,7 +33,7 @@ fn a_sender_has_no_room_before_the_welcome() {
 fn hellos_the_receiver_must_refuse() {
     let t = Timing::default();
     let hello = |min, max, to: &str| Frame::Hello { min, max, from: "a".into(), to: to.into() };
-    let err = |f| Receiver::accept("b", f, 8, t, 0).err().expect("refused");
+    let err = |f| Receiver::accept("b", f, 8, t, 0).expect_err("refused");
     let (reply, e) = err(hello(VERSION_MAX + 1, VERSION_MAX + 5, "b"));
     assert_eq!(e, LinkError::Version(VERSION_MAX + 1, VERSION_MAX + 5));
     assert!(matches!(reply, Frame::Refuse { reason } if reason.contains("no protocol version in common")));
