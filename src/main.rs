@@ -45,6 +45,8 @@ struct Cli {
     cmd: Cmd,
 }
 
+// Parsed once per process: the size of the largest variant does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Cmd {
     /// Run services.yml in the foreground (Ctrl-C stops it cleanly).
@@ -114,6 +116,21 @@ enum Cmd {
         /// back within this many seconds (AION's Python client can stay alive doing nothing). 0: never.
         #[arg(long, default_value_t = 30)]
         grpc_reconnect: u64,
+        /// Cluster mode: accept links from the other devices of `devices:` on this UDP address (QUIC with mutual
+        /// TLS; needs a cluster identity, `aion cluster`). Without it this device only dials the others.
+        #[arg(long, env = "AION_LISTEN")]
+        listen: Option<std::net::SocketAddr>,
+        /// Cluster mode: seconds without hearing from a peer device before its link is declared lost.
+        #[arg(long, default_value_t = 4.0)]
+        peer_timeout: f64,
+        /// Cluster mode: kanbans each route to another device keeps in memory (the rest wait in the store).
+        #[arg(long, default_value_t = 65_536)]
+        outbox_capacity: usize,
+    },
+    /// Cluster mode: the cluster CA and device certificates (see docs/cluster.md).
+    Cluster {
+        #[command(subcommand)]
+        cmd: ClusterCmd,
     },
     /// Check services.yml files and report every problem with file:line:column.
     Validate {
@@ -154,6 +171,32 @@ enum Cmd {
     },
     /// Stop the running runtime gracefully.
     Stop,
+}
+
+#[derive(Subcommand)]
+enum ClusterCmd {
+    /// Create the cluster CA and this device's identity in the data dir.
+    Init {
+        /// This device's name (its `deviceName`).
+        #[arg(long)]
+        name: String,
+    },
+    /// Issue an identity for another device, signed by the CA in the data dir, into that device's data dir.
+    Issue {
+        /// The device's name (its `deviceName`).
+        name: String,
+        /// The device's data dir (a directory `cluster/` is created there; copy it to the device).
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Revoke a device's certificate: peers that load the new revocation list (`cluster/crl.pem`) refuse it.
+    Remove {
+        /// The device's name.
+        name: String,
+        /// Also write the revocation list into these data dirs (the peers').
+        #[arg(long)]
+        to: Vec<PathBuf>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -224,7 +267,16 @@ fn main() -> ExitCode {
             ack_timeout,
             grpc,
             grpc_reconnect,
+            listen,
+            peer_timeout,
+            outbox_capacity,
         } => {
+            let mut cluster = aion::actors::node::ClusterOptions { listen, ..Default::default() };
+            if peer_timeout.is_finite() && peer_timeout > 0.0 {
+                cluster.dead_after = Duration::from_secs_f64(peer_timeout.clamp(0.2, 3600.0));
+                cluster.ping_every = (cluster.dead_after / 4).max(Duration::from_millis(50));
+            }
+            cluster.outbox_kanbans = outbox_capacity.max(1);
             let grpc = match grpc.trim() {
                 "off" | "" => None,
                 addr => match addr.parse::<std::net::SocketAddr>() {
@@ -279,9 +331,11 @@ fn main() -> ExitCode {
                         .then(|| Duration::from_secs_f64(ack_timeout.min(1e9))),
                     grpc,
                     grpc_reconnect: Duration::from_secs(grpc_reconnect),
+                    cluster,
                 },
             )
         }
+        Cmd::Cluster { cmd } => cluster(&data_dir, cmd),
         Cmd::Status { json } => block(status(&data_dir, json, timeout)),
         Cmd::Logs { service, instance, follow, lines } => logs(&data_dir, &service, instance, follow, lines, timeout),
         Cmd::Kanban { cmd: KanbanCmd::Send { service, key, instance, metadata } } => {
@@ -395,6 +449,7 @@ struct RunFlags {
     ack_timeout: Option<Duration>,
     grpc: Option<std::net::SocketAddr>,
     grpc_reconnect: Duration,
+    cluster: aion::actors::node::ClusterOptions,
 }
 
 fn run(data_dir: &Path, file: &Path, flags: RunFlags) -> Result<(), String> {
@@ -412,6 +467,7 @@ fn run(data_dir: &Path, file: &Path, flags: RunFlags) -> Result<(), String> {
         ack_timeout,
         grpc,
         grpc_reconnect,
+        cluster,
     } = flags;
     // Logging never panics nor blocks the runtime, whatever happens to stderr (see aion_runtime::log).
     aion::runtime::log::init();
@@ -447,6 +503,7 @@ fn run(data_dir: &Path, file: &Path, flags: RunFlags) -> Result<(), String> {
     opts.ack_timeout = ack_timeout;
     opts.grpc = grpc;
     opts.grpc_reconnect = grpc_reconnect;
+    opts.cluster = cluster;
     // The runtime runs inside an actix System: actors execute on its arbiter.
     actix::System::new().block_on(async move {
         // Signals are handled from before anything starts: SIGINT, SIGTERM and SIGHUP (a closed terminal or SSH
@@ -516,6 +573,42 @@ fn second_signal(registry: &Path) -> String {
     format!("a second signal ended the stop at once ({killed} instances killed); queued kanbans are kept")
 }
 
+#[cfg(feature = "cluster")]
+fn cluster(data_dir: &Path, cmd: ClusterCmd) -> Result<(), String> {
+    use aion::actors::federation::tls;
+    let dir = tls::ClusterDir::new(data_dir);
+    match cmd {
+        ClusterCmd::Init { name } => {
+            tls::init(&dir, &name).map_err(|e| e.to_string())?;
+            out!("cluster CA and the identity of `{name}` created in {}", dir.root.display());
+            out!("issue other devices' identities here with `aion cluster issue NAME --out THEIR_DATA_DIR`");
+        }
+        ClusterCmd::Issue { name, out } => {
+            let id = tls::issue(&dir, &name).map_err(|e| e.to_string())?;
+            let target = tls::ClusterDir::new(&out);
+            tls::install(&target, &id).map_err(|e| e.to_string())?;
+            if dir.crl().exists() {
+                std::fs::copy(dir.crl(), target.crl()).map_err(|e| format!("{}: {e}", target.crl().display()))?;
+            }
+            out!("identity of `{name}` written to {}", target.root.display());
+        }
+        ClusterCmd::Remove { name, to } => {
+            let crl = tls::revoke(&dir, &name).map_err(|e| e.to_string())?;
+            for d in to {
+                let t = tls::ClusterDir::new(&d);
+                std::fs::write(t.crl(), &crl).map_err(|e| format!("{}: {e}", t.crl().display()))?;
+            }
+            out!("`{name}` revoked: {} (peers refuse it once they load it, at their next start)", dir.crl().display());
+        }
+    }
+    Ok(())
+}
+
+#[cfg(not(feature = "cluster"))]
+fn cluster(_: &Path, _: ClusterCmd) -> Result<(), String> {
+    Err("this aion was built without cluster mode (cargo feature `cluster`)".into())
+}
+
 async fn status(data_dir: &Path, json: bool, timeout: Duration) -> Result<(), String> {
     let v = control::call(&Paths::new(data_dir).control(), &Request::Status, timeout).await?;
     if json {
@@ -579,6 +672,39 @@ async fn status(data_dir: &Path, json: bool, timeout: Duration) -> Result<(), St
             g.outputs,
             g.refused
         );
+    }
+    if let Some(f) = &r.federation {
+        let refused: Vec<String> = f.refused.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        out!(
+            "\ncluster: device {}  listening: {}  links refused: {}",
+            f.me,
+            if f.listen.is_empty() { "-" } else { &f.listen },
+            if refused.is_empty() { "0".to_owned() } else { refused.join(" ") }
+        );
+        let mut rows =
+            vec![["DEVICE", "ADDR", "LINK", "LAST SEEN", "RTT", "OUTBOX", "SENT", "ACKED", "RECEIVED", "WHY"]
+                .map(String::from)
+                .to_vec()];
+        for d in &f.devices {
+            rows.push(vec![
+                d.name.clone(),
+                if d.addr.is_empty() { "-".into() } else { d.addr.clone() },
+                d.state.clone(),
+                d.last_seen_ms.map_or_else(|| "never".into(), |ms| format!("{:.1}s ago", ms as f64 / 1000.0)),
+                d.rtt_us.map_or_else(|| "-".into(), |us| format!("{:.2}ms", us as f64 / 1000.0)),
+                d.outbox.to_string(),
+                d.sent.to_string(),
+                d.acked.to_string(),
+                d.received.to_string(),
+                if d.why.is_empty() { "-".into() } else { d.why.clone() },
+            ]);
+        }
+        let widths: Vec<usize> =
+            (0..rows[0].len()).map(|c| rows.iter().map(|r| r[c].len()).max().unwrap_or(0)).collect();
+        for row in &rows {
+            let line: Vec<String> = row.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect();
+            out!("{}", line.join("  ").trim_end());
+        }
     }
     // Trouble that would otherwise only show in --json.
     if let Some(st) = r.store.as_ref().filter(|st| st.errors > 0) {

@@ -27,6 +27,8 @@ pub mod backend;
 pub(crate) mod broker;
 pub mod control;
 pub mod export;
+#[cfg(feature = "cluster")]
+pub mod federation;
 pub mod node;
 pub mod paths;
 pub(crate) mod routing;

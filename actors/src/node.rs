@@ -64,6 +64,40 @@ pub struct NodeOptions {
     /// An instance whose gRPC client lost its session (no terminate kanban) and did not open one again within
     /// this is restarted. Default 30 s.
     pub grpc_reconnect: Duration,
+    /// Cluster mode: links to the other devices of `devices:` (with the `cluster` feature and a cluster
+    /// identity in the data dir).
+    pub cluster: ClusterOptions,
+}
+
+/// How this device federates with the others (cluster mode, `docs/cluster.md`).
+#[derive(Debug, Clone)]
+pub struct ClusterOptions {
+    /// Accept links from peer devices on this UDP address (QUIC, mutual TLS). `None`: only dial them.
+    pub listen: Option<std::net::SocketAddr>,
+    /// Per route to another device: how many kanbans its outbox holds in memory (beyond them, durable outboxes
+    /// keep the rest in the store; producers wait when it is full). Default 65 536.
+    pub outbox_kanbans: usize,
+    /// Per route: the bound of the memory its outbox holds. Default 64 MiB.
+    pub outbox_bytes: usize,
+    /// A ping on each link this often. Default 1 s.
+    pub ping_every: Duration,
+    /// A link silent this long is declared lost. Default 4 s.
+    pub dead_after: Duration,
+    /// Kanbans a peer may send unacknowledged on a link this device accepts. Default 4096.
+    pub window: u32,
+}
+
+impl Default for ClusterOptions {
+    fn default() -> Self {
+        ClusterOptions {
+            listen: None,
+            outbox_kanbans: 65_536,
+            outbox_bytes: 64 << 20,
+            ping_every: Duration::from_secs(1),
+            dead_after: Duration::from_secs(4),
+            window: 4096,
+        }
+    }
 }
 
 impl NodeOptions {
@@ -89,6 +123,7 @@ impl NodeOptions {
             ack_timeout: None,
             grpc: None,
             grpc_reconnect: Duration::from_secs(30),
+            cluster: ClusterOptions::default(),
         }
     }
 }
@@ -105,6 +140,9 @@ pub enum NodeError {
     /// A service cannot run with this backend.
     #[error("{0}")]
     NotRunnable(String),
+    /// Cluster mode cannot start (certificates, the listening socket).
+    #[error("{0}")]
+    Cluster(String),
 }
 
 fn pid_text(pid: Option<u32>) -> String {
@@ -160,6 +198,48 @@ struct Shared {
     /// The gRPC API's address (as given to instances) and counters, when it is on.
     #[cfg_attr(not(feature = "grpc"), allow(dead_code))]
     grpc: Option<(String, Arc<GrpcStatsHandle>)>,
+    /// Cluster mode: the links to other devices.
+    #[cfg(feature = "cluster")]
+    federation: Option<Arc<crate::federation::Federation>>,
+}
+
+/// Whether this runtime federates: `devices:` names other devices and the data dir has a cluster identity (with
+/// the `cluster` feature). Without an identity, kanbans for other devices are dead letters (`no-federation`),
+/// as in single mode — unless `--listen` asked for cluster mode: then it is an error.
+fn federates(cfg: &ServicesFile, data_dir: &std::path::Path, c: &ClusterOptions) -> Result<bool, NodeError> {
+    let peers = cfg.devices.keys().any(|d| *d != cfg.device_name);
+    #[cfg(feature = "cluster")]
+    {
+        let dir = crate::federation::tls::ClusterDir::new(data_dir);
+        if dir.has_identity() {
+            return Ok(peers || c.listen.is_some());
+        }
+        if c.listen.is_some() {
+            return Err(NodeError::Cluster(format!(
+                "--listen: {} has no cluster identity: run `aion cluster init --name {}` (first device) or `aion cluster issue {} --out DATA_DIR` where the CA is",
+                dir.root.display(),
+                cfg.device_name,
+                cfg.device_name
+            )));
+        }
+        if peers {
+            tracing::warn!(
+                "devices: lists other devices, but {} has no cluster identity: kanbans for them are dead letters (no-federation); see `aion cluster init`",
+                dir.root.display()
+            );
+        }
+        Ok(false)
+    }
+    #[cfg(not(feature = "cluster"))]
+    {
+        let _ = (peers, data_dir);
+        match c.listen {
+            Some(a) => Err(NodeError::Cluster(format!(
+                "--listen {a}: this aion was built without cluster mode (cargo feature `cluster`)"
+            ))),
+            None => Ok(false),
+        }
+    }
 }
 
 #[cfg(feature = "grpc")]
@@ -269,17 +349,21 @@ impl Node {
         if opts.archive {
             router = router.with_archive(crate::export::replicator::ArchiveSink::new(replicator));
         }
+        let federate = federates(&cfg, &opts.data_dir, &opts.cluster)?;
+        if federate {
+            let limits = crate::routing::slot::QueueLimits {
+                kanbans: opts.cluster.outbox_kanbans,
+                bytes: opts.cluster.outbox_bytes,
+            };
+            router = router.with_outboxes(limits);
+        }
         // Queued kanbans stay in the store; each instance's backlog is paged in as its queue has room.
         let (mut restored, mut kept) = (0usize, 0usize);
         // One feeder per instance, for its backlogs in order (a Redis queue may have been found under two keys).
         let mut backlogs: Vec<(Arc<crate::routing::slot::Slot>, Vec<crate::store::Backlog>)> = Vec::new();
         for b in recovered {
-            let slot = match &b.queue {
-                crate::store::QueueKey::Instance { service, instance } => router.slot(service, *instance),
-                // Kanbans bound for another device (cluster mode): this runtime does not federate.
-                crate::store::QueueKey::Outbox { .. } => None,
-            };
-            match slot {
+            // An instance's queue, or an outbox to another device (when this runtime federates).
+            match router.queue_slot(&b.queue) {
                 Some(slot) => {
                     restored += b.count;
                     match backlogs.iter_mut().find(|(s, _)| Arc::ptr_eq(s, slot)) {
@@ -306,6 +390,24 @@ impl Node {
         // Long-lived tasks belong to the node (sessions to their own set): a panic is counted, shutdown waits.
         let tasks = Tasks::new("node");
         let sessions = Tasks::new("sessions");
+        // Cluster mode: the identity is loaded and the QUIC socket bound now, before anything starts.
+        #[cfg(feature = "cluster")]
+        let federation = if federate {
+            let c = &opts.cluster;
+            let fopts = crate::federation::FederationOptions {
+                listen: c.listen,
+                timing: aion_transport::federation::Timing {
+                    ping_every: c.ping_every.as_micros() as u64,
+                    dead_after: c.dead_after.as_micros() as u64,
+                },
+                window: c.window,
+            };
+            let f = crate::federation::Federation::new(&paths.root, router.clone(), fopts, tasks.clone())
+                .map_err(|e| NodeError::Cluster(e.to_string()))?;
+            Some(Arc::new(f))
+        } else {
+            None
+        };
         for (slot, bs) in backlogs {
             let _ = tasks.spawn("backlog feeder", feed_backlog(router.clone(), slot, bs));
         }
@@ -383,8 +485,13 @@ impl Node {
         let sup = match mongo_spec {
             Some(spec) => sup.child(spec),
             None => sup,
-        }
-        .start();
+        };
+        #[cfg(feature = "cluster")]
+        let sup = match &federation {
+            Some(f) => sup.child(ChildSpec::supervisor("federation", Restart::Permanent, f.supervisor())),
+            None => sup,
+        };
+        let sup = sup.start();
 
         let b = broker.clone();
         let forwarder = tasks.spawn("lifecycle forwarder", async move {
@@ -416,6 +523,8 @@ impl Node {
             backend,
             grpc_stop,
             grpc: kanban_addr.map(|a| (a, grpc_stats)),
+            #[cfg(feature = "cluster")]
+            federation,
         });
         let node_shared = shared.clone();
         let control = tasks.spawn("control accept loop", accept_control(shared, control_listener));
@@ -488,6 +597,11 @@ impl Node {
         let _ = ask(&self.shared.broker, |tx| BrokerMsg::Shutdown(grace, tx)).await;
         // gRPC streams end with UNAVAILABLE (their instances are stopped), and the API stops.
         let _ = self.shared.grpc_stop.send(true);
+        // Links to other devices close; what they had in flight stays in the outboxes' store for the next run.
+        #[cfg(feature = "cluster")]
+        if let Some(f) = &self.shared.federation {
+            f.close();
+        }
         // Every instance is stopped: their sessions end (and requeue what was in flight).
         let aborted = self.shared.sessions.shutdown(SESSION_END_WAIT).await;
         if aborted > 0 {
@@ -725,7 +839,18 @@ async fn report(s: &Shared) -> StatusReport {
             panicked: s.sessions.panicked() + s.tasks.panicked() + s.instances.panicked(),
         },
         grpc: grpc_report(s),
+        federation: federation_report(s),
     }
+}
+
+#[cfg(feature = "cluster")]
+fn federation_report(s: &Shared) -> Option<crate::control::FederationReport> {
+    s.federation.as_ref().map(|f| f.report())
+}
+
+#[cfg(not(feature = "cluster"))]
+fn federation_report(_: &Shared) -> Option<crate::control::FederationReport> {
+    None
 }
 
 #[cfg(feature = "grpc")]

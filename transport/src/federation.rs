@@ -1,5 +1,5 @@
 //! The federation protocol between two devices (cluster mode) as sans-IO state machines: no socket, no clock
-//! (the time is an argument), no tokio. The QUIC driver in `aion-actors` feeds them frames and ticks.
+//! (the time is an argument, in microseconds of any monotonic clock), no tokio. The QUIC driver in `aion-actors` feeds them frames and ticks.
 //!
 //! A link carries kanbans one way: the device that has kanbans for another dials it (the **sender**, client of
 //! the QUIC connection) and the dialled device takes them (the **receiver**). Two devices that send both ways
@@ -121,15 +121,16 @@ pub enum LinkError {
 /// Heartbeat timing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Timing {
-    /// A ping goes out this often (ms).
+    /// A ping goes out this often (µs).
     pub ping_every: u64,
-    /// The link is declared lost after this long without hearing anything (ms).
+    /// The link is declared lost after this long without hearing anything (µs).
     pub dead_after: u64,
 }
 
 impl Default for Timing {
+    /// A ping every second; lost after 4 s of silence.
     fn default() -> Self {
-        Timing { ping_every: 1000, dead_after: 4000 }
+        Timing { ping_every: 1_000_000, dead_after: 4_000_000 }
     }
 }
 
@@ -171,7 +172,7 @@ pub struct Sender<T> {
 }
 
 impl<T> Sender<T> {
-    /// A sender from `me` to `peer`, connected at `now` (ms), and its hello.
+    /// A sender from `me` to `peer`, connected at `now` (µs), and its hello.
     pub fn new(me: &str, peer: &str, timing: Timing, now: u64) -> (Sender<T>, Frame) {
         let hello = Frame::Hello { min: VERSION_MIN, max: VERSION_MAX, from: me.to_owned(), to: peer.to_owned() };
         let s = Sender { open: None, window: 0, base: 0, inflight: VecDeque::new(), hb: Heartbeat::new(timing, now) };
@@ -196,12 +197,12 @@ impl<T> Sender<T> {
         self.inflight.len()
     }
 
-    /// The last measured round trip (ms).
+    /// The last measured round trip (µs).
     pub fn rtt(&self) -> Option<u64> {
         self.hb.rtt
     }
 
-    /// When the peer was last heard (ms, the clock of the arguments).
+    /// When the peer was last heard (µs, the clock of the arguments).
     pub fn last_heard(&self) -> u64 {
         self.hb.heard
     }
@@ -212,6 +213,17 @@ impl<T> Sender<T> {
         let first = self.base + self.inflight.len() as u64;
         self.inflight.extend(tags);
         Frame::Kanbans { first, items }
+    }
+
+    /// The sequence number the next kanban gets.
+    pub fn next_seq(&self) -> u64 {
+        self.base + self.inflight.len() as u64
+    }
+
+    /// Records kanbans sent in a frame the driver encoded itself ([`kanbans_frame`] from [`Sender::next_seq`]):
+    /// their handles, in order.
+    pub fn sent(&mut self, tags: impl IntoIterator<Item = T>) {
+        self.inflight.extend(tags);
     }
 
     /// Handles a frame from the receiver at `now`: the handles of the kanbans it acknowledges (in order).
@@ -342,7 +354,7 @@ impl Receiver {
         self.version
     }
 
-    /// When the sender was last heard (ms).
+    /// When the sender was last heard (µs).
     pub fn last_heard(&self) -> u64 {
         self.hb.heard
     }
@@ -454,6 +466,55 @@ impl Dedup {
 /// FNV-1a: stable, and enough to tell a device's few target services apart.
 fn service_hash(s: &str) -> u64 {
     s.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3))
+}
+
+/// A [`Crossing`] by reference: encodes exactly as the owned one, so a kanban is encoded once, straight from
+/// the queue, and the bytes are kept for a resend.
+#[derive(Debug, Serialize)]
+pub struct CrossingRef<'a> {
+    /// See [`Crossing::service`].
+    pub service: &'a str,
+    /// See [`Crossing::hops`].
+    pub hops: u32,
+    /// See [`Crossing::kanban`].
+    pub kanban: &'a WireKanban,
+}
+
+impl CrossingRef<'_> {
+    /// Its postcard encoding (an item of [`kanbans_frame`]).
+    pub fn encode(&self) -> Vec<u8> {
+        postcard::to_stdvec(self).unwrap_or_default()
+    }
+}
+
+/// The index of [`Frame::Kanbans`] among the frame's variants (postcard writes it as a varint).
+const KANBANS_VARIANT: u64 = 5;
+
+fn varint(mut v: u64, out: &mut Vec<u8>) {
+    loop {
+        let b = (v & 0x7f) as u8;
+        v >>= 7;
+        if v == 0 {
+            out.push(b);
+            return;
+        }
+        out.push(b | 0x80);
+    }
+}
+
+/// Appends one length-prefixed [`Frame::Kanbans`] made of already-encoded items ([`CrossingRef::encode`]) to
+/// `out`: the same bytes as encoding the frame, without decoding or copying the kanbans again.
+pub fn kanbans_frame<'a>(first: u64, items: impl ExactSizeIterator<Item = &'a [u8]>, out: &mut Vec<u8>) {
+    let start = out.len();
+    out.extend_from_slice(&[0; 4]);
+    varint(KANBANS_VARIANT, out);
+    varint(first, out);
+    varint(items.len() as u64, out);
+    for it in items {
+        out.extend_from_slice(it);
+    }
+    let len = (out.len() - start - 4) as u32;
+    out[start..start + 4].copy_from_slice(&len.to_le_bytes());
 }
 
 /// Splits `items` into batches of at most `max_items` and about [`BATCH_BYTES`] (by `size`), in order.

@@ -168,6 +168,57 @@ pub struct StatusReport {
     /// AION's gRPC API, when it is on.
     #[serde(default)]
     pub grpc: Option<GrpcReport>,
+    /// Cluster mode: the links to other devices, when this device federates.
+    #[serde(default)]
+    pub federation: Option<FederationReport>,
+}
+
+/// The federation's part of `aion status`.
+#[derive(Debug, Clone, Default, Serialize, serde::Deserialize)]
+pub struct FederationReport {
+    /// This device's name.
+    pub me: String,
+    /// Where links are accepted (empty: nowhere).
+    pub listen: String,
+    /// Links refused, by reason.
+    pub refused: BTreeMap<String, u64>,
+    /// Every peer device.
+    pub devices: Vec<DeviceReport>,
+}
+
+/// One peer device in `aion status`.
+#[derive(Debug, Clone, Default, Serialize, serde::Deserialize)]
+pub struct DeviceReport {
+    /// Its name.
+    pub name: String,
+    /// Where it is dialled.
+    pub addr: String,
+    /// The link to it: `idle`, `connecting`, `up`, `down`, `refused`.
+    pub state: String,
+    /// Why it is down or refused.
+    pub why: String,
+    /// Milliseconds since it was last heard (absent: never).
+    pub last_seen_ms: Option<u64>,
+    /// Last round trip in microseconds.
+    pub rtt_us: Option<u64>,
+    /// Kanbans waiting in its outboxes (queued, in memory or paged from the store).
+    pub outbox: usize,
+    /// Of which sent and not yet acknowledged.
+    pub in_flight: usize,
+    /// Kanbans sent, acknowledged, sent again.
+    pub sent: u64,
+    /// Acknowledged by it.
+    pub acked: u64,
+    /// Sent again after a cut.
+    pub resent: u64,
+    /// Links from it open now.
+    pub inbound: u64,
+    /// Kanbans received from it.
+    pub received: u64,
+    /// Received again and recognised.
+    pub duplicates: u64,
+    /// Received but not deliverable here (dead letters here).
+    pub undeliverable: u64,
 }
 
 /// AION's gRPC API in [`StatusReport`].

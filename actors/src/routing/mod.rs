@@ -37,6 +37,8 @@ pub struct Router {
     archive: Option<ArchiveSink>,
     hop_limit: u32,
     outbound: Option<Arc<dyn Outbound>>,
+    /// Cluster mode: the outbox of each route to another device, by (device, service).
+    outboxes: HashMap<(String, String), Arc<Slot>>,
 }
 
 /// Where one copy of an output goes.
@@ -104,7 +106,41 @@ impl Router {
             archive: None,
             hop_limit: DEFAULT_HOP_LIMIT,
             outbound: None,
+            outboxes: HashMap::new(),
         }
+    }
+
+    /// Cluster mode: an outbox (within `limits`, durable when the router has a store) for every route a kanban
+    /// can take to another device: each remote device in `devices` × each service named as a `nextService`
+    /// target (a service's `nextDeviceName` may send any of its targets to any device).
+    pub fn with_outboxes(mut self, limits: QueueLimits) -> Router {
+        let durable = self.store.is_some();
+        let me = self.cfg.device_name.clone();
+        let targets: std::collections::BTreeSet<String> = self
+            .cfg
+            .microservices
+            .values()
+            .flat_map(|m| m.next_service.values().flatten().map(|t| t.name.clone()))
+            .collect();
+        for device in self.cfg.devices.keys().filter(|d| **d != me) {
+            for service in &targets {
+                let slot = Arc::new(Slot::outbox(device, service, limits, durable));
+                self.outboxes.insert((device.clone(), service.clone()), slot);
+            }
+        }
+        self
+    }
+
+    /// The outboxes to `device`, by service.
+    pub fn outboxes_to(&self, device: &str) -> Vec<Arc<Slot>> {
+        let mut v: Vec<&Arc<Slot>> = self.outboxes.iter().filter(|((d, _), _)| d == device).map(|(_, s)| s).collect();
+        v.sort_by(|a, b| a.service.cmp(&b.service));
+        v.into_iter().cloned().collect()
+    }
+
+    /// The outbox of kanbans waiting to cross to `service` on `device`.
+    pub fn outbox(&self, device: &str, service: &str) -> Option<&Arc<Slot>> {
+        self.outboxes.get(&(device.to_owned(), service.to_owned()))
     }
 
     /// Kanbans for services on other devices go to `outbound` (cluster mode) instead of the dead letters.
@@ -224,10 +260,17 @@ impl Router {
     /// before). Returns the slot, or `None` when the instance is not in this configuration (the kanban then
     /// stays in the store).
     pub fn restore(&self, r: crate::store::Recovered) -> Option<&Arc<Slot>> {
-        let crate::store::QueueKey::Instance { service, instance } = &r.queue else { return None };
-        let slot = self.slot(service, *instance)?;
+        let slot = self.queue_slot(&r.queue)?;
         slot.restore(r.kanban);
         Some(slot)
+    }
+
+    /// The slot of a stored queue: an instance's, or an outbox.
+    pub fn queue_slot(&self, q: &crate::store::QueueKey) -> Option<&Arc<Slot>> {
+        match q {
+            crate::store::QueueKey::Instance { service, instance } => self.slot(service, *instance),
+            crate::store::QueueKey::Outbox { device, service } => self.outbox(device, service),
+        }
     }
 
     /// The slot of `service`-`instance`, or why there is none.
@@ -246,12 +289,28 @@ impl Router {
         let persisted = store.is_some();
         if let Some(store) = store {
             // Committed by the next group commit; the session waits for it before acknowledging the producer.
-            if let Err(e) = store.enqueue(&crate::store::QueueKey::instance(service, instance), &k).await {
+            if let Err(e) = store.enqueue(&slot.queue_key(), &k).await {
                 tracing::error!(service, instance, kanban = %k.id, "not persisted: {e}");
             }
         }
         slot.push(k, from).await;
         self.request_start(slot).await;
+        persisted
+    }
+
+    /// Queues `k` from `from` in an outbox (waiting for space unless `from` is stopping), persisting it first
+    /// when the outbox is durable. Returns true when the kanban went to the durable store.
+    async fn enqueue_outbox(&self, from: &Slot, slot: &Slot, k: Box<WireKanban>) -> bool {
+        let to = format!("{}@{}", slot.service, slot.device.as_deref().unwrap_or_default());
+        self.archive_hop(&k, Some((&to, k.process_number)), "outbox");
+        let store = self.durable_store(slot);
+        let persisted = store.is_some();
+        if let Some(store) = store {
+            if let Err(e) = store.enqueue(&slot.queue_key(), &k).await {
+                tracing::error!(queue = %slot.queue_key(), kanban = %k.id, "not persisted: {e}");
+            }
+        }
+        slot.push(k, Some(from)).await;
         persisted
     }
 
@@ -404,6 +463,16 @@ impl Router {
             let Some(mut copy) = (if i == last { k.take() } else { k.clone() }) else { break };
             match self.target(ms, t, &mut copy) {
                 Ok(Destination::Remote { device, service }) => match &self.outbound {
+                    _ if self.outbox(&device, &service).is_some() => {
+                        let Some(slot) = self.outbox(&device, &service) else { continue };
+                        let at = Arc::as_ptr(slot) as usize;
+                        let again = served.iter().filter(|p| **p == at).count() as u32;
+                        served.push(at);
+                        if again > 0 {
+                            copy.id = copy.id.copy(again);
+                        }
+                        persisted |= self.enqueue_outbox(from, slot, copy).await
+                    }
                     Some(out) => match out.send(&device, &service, copy).await {
                         Ok(p) => persisted |= p,
                         Err((reason, detail, copy)) => self.dead_letter(reason, detail, copy),

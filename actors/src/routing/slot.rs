@@ -135,6 +135,9 @@ pub struct Slot {
     pub stopping: AtomicBool,
     /// This instance as a producer ([`KanbanId::producer_key`]): mixed into the id of every output it emits.
     pub producer: u128,
+    /// For an outbox (cluster mode: kanbans waiting to cross to `service` on another device), that device;
+    /// `None` for an instance's queue.
+    pub device: Option<String>,
 }
 
 /// Milliseconds of the coarse monotonic clock, plus one (so that 0 means "none"): a few nanoseconds to read, and
@@ -222,6 +225,20 @@ impl Slot {
             remembered: AtomicBool::new(false),
             stopping: AtomicBool::new(false),
             producer: KanbanId::producer_key(service, instance),
+            device: None,
+        }
+    }
+
+    /// The outbox of kanbans waiting to cross to `service` on `device`, within `limits`, durable or not.
+    pub fn outbox(device: &str, service: &str, limits: QueueLimits, durable: bool) -> Slot {
+        Slot { device: Some(device.to_owned()), ..Slot::with_delivery(service, 0, limits, durable) }
+    }
+
+    /// The durable queue this slot's kanbans are stored in.
+    pub fn queue_key(&self) -> crate::store::QueueKey {
+        match &self.device {
+            Some(d) => crate::store::QueueKey::outbox(d, &self.service),
+            None => crate::store::QueueKey::instance(&self.service, self.instance),
         }
     }
 

@@ -176,7 +176,7 @@ pub(crate) async fn acknowledge(shared: &Shared, slot: &Slot, sess: u64, n: usiz
         a.record(op);
     }
     if let Some(store) = shared.router.durable_store(slot) {
-        if let Err(e) = store.ack(&crate::store::QueueKey::instance(&slot.service, slot.instance), ids).await {
+        if let Err(e) = store.ack(&slot.queue_key(), ids).await {
             tracing::error!(service = %slot.service, "ack not persisted: {e}");
         }
     }

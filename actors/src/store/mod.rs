@@ -58,7 +58,8 @@ pub fn encode_stored(k: &WireKanban) -> Vec<u8> {
 /// A durable queue: an instance's input queue, or (cluster mode) the outbox of kanbans bound for another device.
 ///
 /// Stored rows keep two columns, `(service, instance)`: an instance queue is `(service, n)` with `n >= 1`, an
-/// outbox is `(device, 0)` (instance numbers start at 1, so the two never meet).
+/// outbox is `("<device>\u{1f}<service>", 0)` (instance numbers start at 1, so the two never meet; the unit
+/// separator appears in no device or service name).
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum QueueKey {
     /// Instance `instance` of `service`.
@@ -68,10 +69,12 @@ pub enum QueueKey {
         /// Instance (from 1).
         instance: u32,
     },
-    /// Kanbans waiting to cross to `device`.
+    /// Kanbans waiting to cross to `service` on `device` (one route of a federation link).
     Outbox {
         /// The device.
         device: String,
+        /// The service there.
+        service: String,
     },
 }
 
@@ -81,23 +84,26 @@ impl QueueKey {
         QueueKey::Instance { service: service.to_owned(), instance }
     }
 
-    /// The outbox towards a device.
-    pub fn outbox(device: &str) -> QueueKey {
-        QueueKey::Outbox { device: device.to_owned() }
+    /// The outbox towards `service` on `device`.
+    pub fn outbox(device: &str, service: &str) -> QueueKey {
+        QueueKey::Outbox { device: device.to_owned(), service: service.to_owned() }
     }
 
     /// The stored row key (see the type's docs).
-    pub fn row(&self) -> (&str, u32) {
+    pub fn row(&self) -> (std::borrow::Cow<'_, str>, u32) {
         match self {
-            QueueKey::Instance { service, instance } => (service, *instance),
-            QueueKey::Outbox { device } => (device, 0),
+            QueueKey::Instance { service, instance } => (service.as_str().into(), *instance),
+            QueueKey::Outbox { device, service } => (format!("{device}{OUTBOX_SEP}{service}").into(), 0),
         }
     }
 
     /// The queue of a stored row key.
     pub fn from_row(name: String, n: u32) -> QueueKey {
         if n == 0 {
-            QueueKey::Outbox { device: name }
+            match name.split_once(OUTBOX_SEP) {
+                Some((device, service)) => QueueKey::outbox(device, service),
+                None => QueueKey::Outbox { device: name, service: String::new() },
+            }
         } else {
             QueueKey::Instance { service: name, instance: n }
         }
@@ -108,10 +114,13 @@ impl std::fmt::Display for QueueKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             QueueKey::Instance { service, instance } => write!(f, "{service}-{instance}"),
-            QueueKey::Outbox { device } => write!(f, "outbox to {device}"),
+            QueueKey::Outbox { device, service } => write!(f, "outbox to {service} on {device}"),
         }
     }
 }
+
+/// Separates device and service in an outbox's row name.
+const OUTBOX_SEP: char = '\u{1f}';
 
 /// Where and how to keep the queues on Redis.
 #[derive(Debug, Clone)]
@@ -557,7 +566,7 @@ impl Store {
         let bytes = encode_stored(k);
         let (service, instance) = queue.row();
         self.tx
-            .send(Op::Enqueue { service: service.to_owned(), instance, id: k.id, hops: k.hops, bytes })
+            .send(Op::Enqueue { service: service.into_owned(), instance, id: k.id, hops: k.hops, bytes })
             .await
             .map_err(|_| StoreError::Closed)
     }
@@ -571,7 +580,7 @@ impl Store {
             return Ok(());
         }
         let (service, instance) = queue.row();
-        self.tx.send(Op::Ack { service: service.to_owned(), instance, ids }).await.map_err(|_| StoreError::Closed)
+        self.tx.send(Op::Ack { service: service.into_owned(), instance, ids }).await.map_err(|_| StoreError::Closed)
     }
 
     /// Writes archive records (the replicator's batches).
@@ -601,7 +610,7 @@ impl Store {
         let (reply, rx) = oneshot::channel();
         let (service, instance) = b.queue.row();
         let req = PageRequest {
-            service: service.to_owned(),
+            service: service.into_owned(),
             instance,
             after: after.clone(),
             until: b.until.clone(),
@@ -865,10 +874,10 @@ mod tests {
 
     #[test]
     fn queue_keys_map_to_rows_and_back() {
-        for q in [QueueKey::instance("svc", 3), QueueKey::outbox("edge-2")] {
+        for q in [QueueKey::instance("svc", 3), QueueKey::outbox("edge-2", "svc")] {
             let (name, n) = q.row();
-            assert_eq!(QueueKey::from_row(name.to_owned(), n), q);
+            assert_eq!(QueueKey::from_row(name.into_owned(), n), q);
         }
-        assert_eq!(QueueKey::outbox("edge-2").to_string(), "outbox to edge-2");
+        assert_eq!(QueueKey::outbox("edge-2", "svc").to_string(), "outbox to svc on edge-2");
     }
 }

@@ -566,7 +566,9 @@ fn next_service(cx: &mut Cx, node: &Node, path: &str, env: &RouteEnv, ms: &mut M
                 ok = false;
                 continue;
             }
-            if !env.services.contains(&t.name) {
+            let remote = !t.device.is_empty() && t.device != env.this_device && env.devices.contains(&t.device);
+            // A service on another device is defined in that device's services.yml.
+            if !remote && !env.services.contains(&t.name) {
                 cx.warn(
                     name_pos,
                     format!(

@@ -125,6 +125,23 @@ fn frames_survive_the_codec() {
 
 proptest! {
     #[test]
+    fn a_frame_of_encoded_items_is_the_frame(first in any::<u64>(), n in 0usize..300) {
+        let items: Vec<Crossing> = (0..n as u64).map(|i| crossing(1, i)).collect();
+        let encoded: Vec<Vec<u8>> = items
+            .iter()
+            .map(|c| CrossingRef { service: &c.service, hops: c.hops, kanban: &c.kanban }.encode())
+            .collect();
+        let mut wire = Vec::new();
+        kanbans_frame(first, encoded.iter().map(Vec::as_slice), &mut wire);
+        let mut same = Vec::new();
+        encode_into(&Frame::Kanbans { first, items: items.clone() }, &mut same).expect("encode");
+        prop_assert_eq!(&wire, &same);
+        let mut d = FrameDecoder::default();
+        d.push(&wire);
+        prop_assert_eq!(d.decode::<Frame>().expect("decode"), Some(Frame::Kanbans { first, items }));
+    }
+
+    #[test]
     fn garbage_is_an_error_never_a_panic(bytes in proptest::collection::vec(any::<u8>(), 0..256)) {
         let mut d = FrameDecoder::default();
         d.push(&bytes);

@@ -1,0 +1,224 @@
+//! The receiving side: accepts links from peer devices and delivers what they carry to the services here.
+//!
+//! A link is accepted only from a device this configuration lists, whose certificate (checked against the
+//! cluster CA and its revocation list during the TLS handshake) names the device its hello claims. Kanbans are
+//! acknowledged once committed here: queued (durably, for durable services, after the store's commit) or
+//! dead-lettered here with their reason.
+
+use super::outbound::mono_us;
+use super::{read_frame, tls, write_frame, Federation, Peer};
+use aion_transport::federation::{Frame, Incoming, LinkError, Receiver};
+use aion_transport::FrameDecoder;
+use rustls::pki_types::CertificateDer;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// Accepts connections until the endpoint closes.
+pub(super) async fn accept_loop(f: Arc<Federation>) -> String {
+    if let Some(a) = f.listen {
+        tracing::info!(addr = %a, device = %f.me, "federation listening (QUIC, mutual TLS)");
+    }
+    while let Some(incoming) = f.endpoint.accept().await {
+        let f2 = f.clone();
+        let _ = f.tasks.spawn("federation inbound link", serve(f2, incoming));
+    }
+    "the QUIC endpoint closed".into()
+}
+
+/// Counts a refusal, logs it with its reason, and tells the peer when there is a stream to tell it on.
+async fn refuse(
+    f: &Federation,
+    reason: &'static str,
+    remote: std::net::SocketAddr,
+    why: String,
+    cs: Option<&mut quinn::SendStream>,
+) {
+    f.refused.count(reason);
+    tracing::warn!(%remote, reason, "federation link refused: {why}");
+    if let Some(cs) = cs {
+        let _ = write_frame(cs, &Frame::Refuse { reason: why }).await;
+        let _ = cs.finish();
+        // Let the refusal reach the peer before the connection closes.
+        let _ = tokio::time::timeout(Duration::from_secs(1), cs.stopped()).await;
+    }
+}
+
+async fn serve(f: Arc<Federation>, incoming: quinn::Incoming) {
+    let remote = incoming.remote_address();
+    let timing = f.opts.timing;
+    let dead = Duration::from_micros(timing.dead_after);
+    let conn = match tokio::time::timeout(dead, incoming).await {
+        Ok(Ok(c)) => c,
+        Ok(Err(e)) => return refuse(&f, "tls", remote, format!("TLS handshake failed: {e}"), None).await,
+        Err(_) => return refuse(&f, "tls", remote, "TLS handshake not completed in time".into(), None).await,
+    };
+    let cert: Option<CertificateDer<'static>> = conn
+        .peer_identity()
+        .and_then(|i| i.downcast::<Vec<CertificateDer<'static>>>().ok())
+        .and_then(|v| v.into_iter().next());
+    let (mut cs, mut cr) = match tokio::time::timeout(dead, conn.accept_bi()).await {
+        Ok(Ok(s)) => s,
+        _ => return refuse(&f, "protocol", remote, "no control stream".into(), None).await,
+    };
+    let mut cdec = FrameDecoder::default();
+    let hello = match tokio::time::timeout(dead, read_frame(&mut cr, &mut cdec)).await {
+        Ok(Ok(Some(h))) => h,
+        Ok(Err(e)) => return refuse(&f, "protocol", remote, format!("unreadable hello: {e}"), Some(&mut cs)).await,
+        _ => return refuse(&f, "protocol", remote, "no hello".into(), Some(&mut cs)).await,
+    };
+    let from = match &hello {
+        Frame::Hello { from, .. } => from.clone(),
+        other => {
+            let why = format!("expected a hello, got {other:?}").chars().take(200).collect();
+            return refuse(&f, "protocol", remote, why, Some(&mut cs)).await;
+        }
+    };
+    let Some(peer) = f.peers.get(&from).cloned() else {
+        let why = format!("device `{from}` is not in this device's services.yml (devices:)");
+        return refuse(&f, "unknown-device", remote, why, Some(&mut cs)).await;
+    };
+    match cert.as_ref().map(|c| tls::names(c, &from)) {
+        Some(Ok(())) => {}
+        Some(Err(e)) => {
+            let why = format!("the peer claims to be `{from}`, but {e}");
+            return refuse(&f, "wrong-name", remote, why, Some(&mut cs)).await;
+        }
+        None => return refuse(&f, "tls", remote, "no client certificate".into(), Some(&mut cs)).await,
+    }
+    let (rx, welcome) = match Receiver::accept(&f.me, hello, f.opts.window, timing, mono_us()) {
+        Ok(r) => r,
+        Err((reply, e)) => {
+            let reason = match e {
+                LinkError::Version(..) => "version",
+                LinkError::Refused(_) => "not-for-us",
+                _ => "protocol",
+            };
+            f.refused.count(reason);
+            tracing::warn!(%remote, device = %from, reason, "federation link refused: {e}");
+            let _ = write_frame(&mut cs, &reply).await;
+            let _ = cs.finish();
+            let _ = tokio::time::timeout(Duration::from_secs(1), cs.stopped()).await;
+            return;
+        }
+    };
+    if write_frame(&mut cs, &welcome).await.is_err() {
+        return;
+    }
+    peer.heard();
+    peer.inbound_open.fetch_add(1, Ordering::Relaxed);
+    tracing::info!(device = %from, %remote, "federation link from {from} accepted");
+    let rx = Mutex::new(rx);
+    let why = link(&f, &peer, &conn, &rx, cs, cr, cdec).await;
+    peer.inbound_open.fetch_sub(1, Ordering::Relaxed);
+    tracing::info!(device = %from, "federation link from {from} ended: {why}");
+    conn.close(quinn::VarInt::from_u32(0), b"link ended");
+}
+
+fn with<R>(rx: &Mutex<Receiver>, f: impl FnOnce(&mut Receiver) -> R) -> Result<R, String> {
+    rx.lock().map(|mut g| f(&mut g)).map_err(|_| "link state poisoned".to_owned())
+}
+
+async fn link(
+    f: &Federation,
+    peer: &Peer,
+    conn: &quinn::Connection,
+    rx: &Mutex<Receiver>,
+    mut cs: quinn::SendStream,
+    mut cr: quinn::RecvStream,
+    mut cdec: FrameDecoder,
+) -> String {
+    let timing = f.opts.timing;
+    let control = async {
+        let mut tick =
+            tokio::time::interval(Duration::from_micros(timing.ping_every / 4).max(Duration::from_millis(10)));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                r = read_frame(&mut cr, &mut cdec) => {
+                    let frame = r.map_err(|e| format!("control stream: {e}"))?.ok_or("the peer closed the control stream")?;
+                    if matches!(frame, Frame::Kanbans { .. }) {
+                        return Err("kanbans on the control stream".to_owned());
+                    }
+                    let now = mono_us();
+                    match with(rx, |r| r.on_frame(frame, now))? {
+                        Ok(Incoming::Reply(p)) => write_frame(&mut cs, &p).await.map_err(|e| format!("pong: {e}"))?,
+                        Ok(Incoming::Deliver { .. }) => return Err("kanbans on the control stream".to_owned()),
+                        Err(e) => return Err(e.to_string()),
+                    }
+                    peer.heard();
+                }
+                _ = tick.tick() => {
+                    let now = mono_us();
+                    with(rx, |r| r.tick(now))?.map_err(|e| e.to_string())?;
+                }
+            }
+        }
+    };
+    let data = async {
+        let (mut ds, mut dr) = conn.accept_bi().await.map_err(|e| format!("no kanban stream: {e}"))?;
+        let mut dec = FrameDecoder::default();
+        loop {
+            let frame = read_frame(&mut dr, &mut dec)
+                .await
+                .map_err(|e| format!("kanban stream: {e}"))?
+                .ok_or("the peer closed the kanban stream")?;
+            let now = mono_us();
+            let (first, items) = match with(rx, |r| r.on_frame(frame, now))? {
+                Ok(Incoming::Deliver { first, items }) => (first, items),
+                Ok(Incoming::Reply(p)) => {
+                    write_frame(&mut ds, &p).await.map_err(|e| format!("kanban stream: {e}"))?;
+                    continue;
+                }
+                Err(e) => return Err(e.to_string()),
+            };
+            peer.heard();
+            let n = items.len() as u64;
+            deliver(f, peer, items).await?;
+            if let Some(ack) = with(rx, |r| r.committed(first + n))? {
+                write_frame(&mut ds, &ack).await.map_err(|e| format!("ack: {e}"))?;
+            }
+        }
+    };
+    let r: Result<(), String> = tokio::select! {
+        r = control => r,
+        r = data => r,
+    };
+    r.err().unwrap_or_default()
+}
+
+/// Delivers kanbans from `peer` here, in order, each once (the peer's dedup window, held until they are
+/// committed); returns once they are committed.
+async fn deliver(f: &Federation, peer: &Peer, items: Vec<aion_transport::federation::Crossing>) -> Result<(), String> {
+    let router = &f.router;
+    let mut dedup = peer.dedup.lock().await;
+    let mut persisted = false;
+    for c in items {
+        peer.received.fetch_add(1, Ordering::Relaxed);
+        if !dedup.first_time(&c.service, c.kanban.id) {
+            peer.duplicates.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(device = %peer.name, kanban = %c.kanban.id, "kanban received again (recognised)");
+            continue;
+        }
+        let mut k = Box::new(c.kanban);
+        k.hops = c.hops;
+        let instance = k.process_number;
+        match router.deliver(&c.service, instance, k).await {
+            Ok(p) => persisted |= p,
+            Err((reason, k)) => {
+                peer.undeliverable.fetch_add(1, Ordering::Relaxed);
+                let detail = format!(
+                    "from device `{}`: {} instance {instance} is not defined on this device (`{}`)",
+                    peer.name, c.service, f.me
+                );
+                router.dead_letter(reason, detail, k);
+            }
+        }
+    }
+    if persisted {
+        if let Some(store) = router.store() {
+            store.barrier().await.map_err(|e| format!("the store did not commit: {e}"))?;
+        }
+    }
+    Ok(())
+}

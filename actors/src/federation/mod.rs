@@ -1,0 +1,435 @@
+//! Cluster mode: federation links between devices over QUIC with mutual TLS (`docs/cluster.md`).
+//!
+//! ```text
+//!   root supervisor
+//!   └── federation (one-for-one)
+//!       ├── federation-listener   accepts links from peers (receiving side), when this device listens
+//!       └── link:<device>         one per peer device with routes to it: dials it, sends its outboxes
+//! ```
+//!
+//! A kanban for a service on another device goes to the outbox of that route (a slot like an instance's queue,
+//! durable in the store under `QueueKey::Outbox`), so everything a local queue promises holds while the device
+//! is unreachable: bounded, back-pressure, kept across restarts. The link to the device takes from its outboxes
+//! like a session takes from an instance's queue, and acknowledges to them only when the receiving device has
+//! committed the kanbans. The protocol is the sans-IO machine of `aion_transport::federation`; this module only
+//! moves its frames over quinn.
+
+mod inbound;
+mod outbound;
+pub mod tls;
+
+pub use crate::control::{DeviceReport, FederationReport};
+use crate::routing::Router;
+use aion_runtime::actor::supervisor::{ChildSpec, Intensity, Restart, Strategy, Supervisor};
+use aion_runtime::task::Tasks;
+use aion_transport::federation::{Dedup, Frame, Timing, DEFAULT_WINDOW};
+use aion_transport::FrameDecoder;
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// The UDP port federation links use when `devices.<name>.addr` gives none.
+pub const DEFAULT_PORT: u16 = 11030;
+
+/// How to federate.
+#[derive(Debug, Clone)]
+pub struct FederationOptions {
+    /// Accept links from peers on this address (UDP). `None`: only dial.
+    pub listen: Option<SocketAddr>,
+    /// Heartbeats.
+    pub timing: Timing,
+    /// Credit window of the links this device accepts.
+    pub window: u32,
+}
+
+impl Default for FederationOptions {
+    fn default() -> Self {
+        FederationOptions { listen: None, timing: Timing::default(), window: DEFAULT_WINDOW }
+    }
+}
+
+/// A link's state, as shown by `aion status`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case", tag = "state", content = "why")]
+pub enum LinkState {
+    /// Nothing to send there (no route to that device).
+    Idle,
+    /// Dialling.
+    Connecting,
+    /// Open.
+    Up,
+    /// Lost or unreachable; dialling again after a backoff.
+    Down(String),
+    /// The peer refused the link (a wrong certificate, a revoked one, a version mismatch).
+    Refused(String),
+}
+
+/// Wall-clock milliseconds (for "last seen").
+fn wall_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+/// One peer device: the link to it, links from it, and their counters.
+pub struct Peer {
+    /// Its device name.
+    pub name: String,
+    /// Where it is dialled (`host:port`), if it has an address.
+    pub addr: Option<String>,
+    state: Mutex<LinkState>,
+    /// When the peer was last heard on either link (wall ms; 0: never).
+    pub last_heard: AtomicU64,
+    /// Last measured round trip (µs; 0: none yet).
+    pub rtt_us: AtomicU64,
+    /// Kanbans sent (first time and again).
+    pub sent: AtomicU64,
+    /// Kanbans it acknowledged.
+    pub acked: AtomicU64,
+    /// Kanbans sent again after a cut.
+    pub resent: AtomicU64,
+    /// Connections opened to it.
+    pub connects: AtomicU64,
+    /// Links from it that are open now.
+    pub inbound_open: AtomicU64,
+    /// Kanbans received from it.
+    pub received: AtomicU64,
+    /// Kanbans received from it again (recognised, not taken twice).
+    pub duplicates: AtomicU64,
+    /// What it sent that could not be delivered here (dead letters here, with their reason).
+    pub undeliverable: AtomicU64,
+    /// Kanbans taken from it recently (across its connections), and the lock that makes one of its links
+    /// deliver at a time.
+    dedup: tokio::sync::Mutex<Dedup>,
+}
+
+impl Peer {
+    fn new(name: &str, addr: Option<String>, window: u32) -> Peer {
+        Peer {
+            name: name.to_owned(),
+            addr,
+            state: Mutex::new(LinkState::Idle),
+            last_heard: AtomicU64::new(0),
+            rtt_us: AtomicU64::new(0),
+            sent: AtomicU64::new(0),
+            acked: AtomicU64::new(0),
+            resent: AtomicU64::new(0),
+            connects: AtomicU64::new(0),
+            inbound_open: AtomicU64::new(0),
+            received: AtomicU64::new(0),
+            duplicates: AtomicU64::new(0),
+            undeliverable: AtomicU64::new(0),
+            dedup: tokio::sync::Mutex::new(Dedup::new(2 * window as usize)),
+        }
+    }
+
+    fn set_state(&self, s: LinkState) {
+        if let Ok(mut g) = self.state.lock() {
+            *g = s;
+        }
+    }
+
+    /// The outbound link's state.
+    pub fn state(&self) -> LinkState {
+        self.state.lock().map(|g| g.clone()).unwrap_or(LinkState::Idle)
+    }
+
+    fn heard(&self) {
+        self.last_heard.store(wall_ms(), Ordering::Relaxed);
+    }
+}
+
+/// Links refused, by reason (`tls`, `unknown-device`, `wrong-name`, `version`, `protocol`, `not-for-us`).
+#[derive(Default)]
+pub struct Refusals(Mutex<BTreeMap<&'static str, u64>>);
+
+impl Refusals {
+    fn count(&self, reason: &'static str) {
+        if let Ok(mut g) = self.0.lock() {
+            *g.entry(reason).or_default() += 1;
+        }
+    }
+
+    /// The counts.
+    pub fn counts(&self) -> BTreeMap<String, u64> {
+        self.0.lock().map(|g| g.iter().map(|(k, v)| ((*k).to_owned(), *v)).collect()).unwrap_or_default()
+    }
+}
+
+/// The federation of this device with its peers.
+pub struct Federation {
+    /// This device's name (the name in its certificate).
+    pub me: String,
+    /// Peer devices by name.
+    pub peers: BTreeMap<String, Arc<Peer>>,
+    /// The address links are accepted on.
+    pub listen: Option<SocketAddr>,
+    /// Links refused, by reason.
+    pub refused: Refusals,
+    opts: FederationOptions,
+    endpoint: quinn::Endpoint,
+    router: Arc<Router>,
+    /// Links and connections run as tasks of this set.
+    tasks: Tasks,
+}
+
+/// Errors starting the federation.
+#[derive(Debug, thiserror::Error)]
+pub enum FederationError {
+    /// Certificates.
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
+    /// The identity does not match the configuration.
+    #[error("{0}")]
+    Config(String),
+    /// The UDP socket.
+    #[error("cannot listen on {0} (UDP): {1}")]
+    Bind(String, std::io::Error),
+}
+
+/// `host[:port]` → `host:port` (the default port when none is given).
+fn dial_addr(addr: &str) -> String {
+    let a = addr.trim();
+    if a.parse::<SocketAddr>().is_ok() {
+        return a.to_owned();
+    }
+    if a.parse::<std::net::IpAddr>().is_ok() {
+        // A bare IPv6 address needs brackets.
+        return if a.contains(':') { format!("[{a}]:{DEFAULT_PORT}") } else { format!("{a}:{DEFAULT_PORT}") };
+    }
+    match a.rsplit_once(':') {
+        Some((_, p)) if p.parse::<u16>().is_ok() => a.to_owned(),
+        _ => format!("{a}:{DEFAULT_PORT}"),
+    }
+}
+
+impl Federation {
+    /// Loads this device's identity from `data_dir`, binds the QUIC endpoint (before anything starts, so a
+    /// taken port is a clear error at start), and prepares a peer for each device in the configuration.
+    ///
+    /// # Errors
+    /// No identity, an identity for another name, or a socket that cannot be bound.
+    pub fn new(
+        data_dir: &std::path::Path,
+        router: Arc<Router>,
+        opts: FederationOptions,
+        tasks: Tasks,
+    ) -> Result<Federation, FederationError> {
+        let cfg = router.config().clone();
+        let tls = tls::load(&tls::ClusterDir::new(data_dir), &opts.timing)?;
+        if tls.name != cfg.device_name {
+            return Err(FederationError::Config(format!(
+                "this device is `{}` (deviceName), but its certificate names `{}`: issue one for `{}` or set deviceName",
+                cfg.device_name, tls.name, cfg.device_name
+            )));
+        }
+        let bind = opts.listen.unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)));
+        let socket = std::net::UdpSocket::bind(bind).map_err(|e| FederationError::Bind(bind.to_string(), e))?;
+        let listen = opts.listen.and_then(|_| socket.local_addr().ok());
+        let server = opts.listen.map(|_| tls.server);
+        let runtime = Arc::new(quinn::TokioRuntime);
+        let mut endpoint = quinn::Endpoint::new(quinn::EndpointConfig::default(), server, socket, runtime)
+            .map_err(|e| FederationError::Bind(bind.to_string(), e))?;
+        endpoint.set_default_client_config(tls.client);
+        let peers = cfg
+            .devices
+            .iter()
+            .filter(|(name, _)| **name != cfg.device_name)
+            .map(|(name, d)| {
+                let addr = (!d.addr.trim().is_empty()).then(|| dial_addr(&d.addr));
+                (name.clone(), Arc::new(Peer::new(name, addr, opts.window)))
+            })
+            .collect();
+        Ok(Federation {
+            me: cfg.device_name.clone(),
+            peers,
+            listen,
+            refused: Refusals::default(),
+            opts,
+            endpoint,
+            router,
+            tasks,
+        })
+    }
+
+    /// The federation's subtree: the listener (when listening) and a link actor per peer with routes to it.
+    pub fn supervisor(self: &Arc<Self>) -> Supervisor {
+        let tasks = &self.tasks;
+        let mut sup = Supervisor::new(
+            "federation",
+            Strategy::OneForOne,
+            Intensity { max_restarts: 20, within: Duration::from_secs(10) },
+        );
+        if self.listen.is_some() {
+            let (f, t) = (self.clone(), tasks.clone());
+            let (spec, _) = ChildSpec::actor("federation-listener", Restart::Permanent, 4, move || {
+                Runner::new(t.clone(), inbound::accept_loop(f.clone()))
+            });
+            sup = sup.child(spec);
+        }
+        for (name, peer) in &self.peers {
+            let routes = self.router.outboxes_to(name);
+            if routes.is_empty() {
+                continue;
+            }
+            if peer.addr.is_none() {
+                peer.set_state(LinkState::Down(format!(
+                    "devices.{name}.addr is not set: kanbans for it wait in its outbox"
+                )));
+                tracing::warn!(device = %name, "devices.{name}.addr is not set: kanbans for it wait in its outbox");
+                continue;
+            }
+            let (f, p, t) = (self.clone(), peer.clone(), tasks.clone());
+            let label: &'static str = "federation link";
+            let (spec, _) = ChildSpec::actor(&format!("link:{name}"), Restart::Permanent, 4, move || {
+                Runner::new(t.clone(), outbound::run(f.clone(), p.clone(), routes.clone())).named(label)
+            });
+            sup = sup.child(spec);
+        }
+        sup
+    }
+
+    /// The status report.
+    pub fn report(&self) -> FederationReport {
+        let now = wall_ms();
+        let devices = self
+            .peers
+            .values()
+            .map(|p| {
+                let routes = self.router.outboxes_to(&p.name);
+                let (state, why) = match p.state() {
+                    LinkState::Idle => ("idle", String::new()),
+                    LinkState::Connecting => ("connecting", String::new()),
+                    LinkState::Up => ("up", String::new()),
+                    LinkState::Down(w) => ("down", w),
+                    LinkState::Refused(w) => ("refused", w),
+                };
+                let heard = p.last_heard.load(Ordering::Relaxed);
+                let rtt = p.rtt_us.load(Ordering::Relaxed);
+                DeviceReport {
+                    name: p.name.clone(),
+                    addr: p.addr.clone().unwrap_or_default(),
+                    state: state.to_owned(),
+                    why,
+                    last_seen_ms: (heard > 0).then(|| now.saturating_sub(heard)),
+                    rtt_us: (rtt > 0).then_some(rtt),
+                    outbox: routes.iter().map(|s| s.depth() + s.inflight()).sum(),
+                    in_flight: routes.iter().map(|s| s.inflight()).sum(),
+                    sent: p.sent.load(Ordering::Relaxed),
+                    acked: p.acked.load(Ordering::Relaxed),
+                    resent: p.resent.load(Ordering::Relaxed),
+                    inbound: p.inbound_open.load(Ordering::Relaxed),
+                    received: p.received.load(Ordering::Relaxed),
+                    duplicates: p.duplicates.load(Ordering::Relaxed),
+                    undeliverable: p.undeliverable.load(Ordering::Relaxed),
+                }
+            })
+            .collect();
+        FederationReport {
+            me: self.me.clone(),
+            listen: self.listen.map(|a| a.to_string()).unwrap_or_default(),
+            refused: self.refused.counts(),
+            devices,
+        }
+    }
+
+    /// Closes every link (shutdown).
+    pub fn close(&self) {
+        self.endpoint.close(quinn::VarInt::from_u32(0), b"shutting down");
+    }
+}
+
+/// A supervised actor that runs one long-lived future (a link, the listener) as a task of the node: when the
+/// future ends or panics, the actor fails and its supervisor starts it again (after the future's own state —
+/// slot sessions, in-flight kanbans — was given back by its drop guards); when the actor stops, the task is
+/// aborted.
+struct Runner {
+    tasks: Tasks,
+    fut: Option<futures::future::BoxFuture<'static, String>>,
+    name: &'static str,
+    task: Option<tokio::task::AbortHandle>,
+}
+
+/// Tells a [`Runner`] that its future ended.
+struct Ended(String);
+
+impl Runner {
+    fn new(tasks: Tasks, fut: impl std::future::Future<Output = String> + Send + 'static) -> Runner {
+        Runner { tasks, fut: Some(Box::pin(fut)), name: "federation listener", task: None }
+    }
+
+    fn named(mut self, name: &'static str) -> Runner {
+        self.name = name;
+        self
+    }
+}
+
+impl Drop for Runner {
+    fn drop(&mut self) {
+        if let Some(t) = self.task.take() {
+            t.abort();
+        }
+    }
+}
+
+impl aion_runtime::actor::Actor for Runner {
+    type Msg = Ended;
+
+    async fn started(&mut self, ctx: &mut aion_runtime::actor::Context<Self>) {
+        let Some(fut) = self.fut.take() else { return };
+        let addr = ctx.addr();
+        let task = self.tasks.spawn(self.name, async move {
+            use futures::FutureExt as _;
+            let why = match std::panic::AssertUnwindSafe(fut).catch_unwind().await {
+                Ok(why) => why,
+                Err(p) => format!("panicked: {}", aion_runtime::actor::panic_message(&*p)),
+            };
+            let _ = addr.send(Ended(why)).await;
+        });
+        self.task = Some(task);
+    }
+
+    async fn handle(&mut self, msg: Ended, ctx: &mut aion_runtime::actor::Context<Self>) {
+        ctx.fail(msg.0);
+    }
+}
+
+/// Reads the next frame from a QUIC stream (`None` when the peer finished it). Cancel safe: bytes read stay
+/// in `dec`.
+async fn read_frame(recv: &mut quinn::RecvStream, dec: &mut FrameDecoder) -> Result<Option<Frame>, String> {
+    use tokio::io::AsyncReadExt as _;
+    loop {
+        if let Some(f) = dec.decode::<Frame>().map_err(|e| e.to_string())? {
+            return Ok(Some(f));
+        }
+        let buf = dec.read_buffer(64 << 10);
+        match recv.read_buf(buf).await {
+            Ok(0) => return Ok(None),
+            Ok(_) => {}
+            Err(e) => return Err(e.to_string()),
+        }
+    }
+}
+
+/// Writes one frame.
+async fn write_frame(send: &mut quinn::SendStream, f: &Frame) -> Result<(), String> {
+    let mut buf = Vec::new();
+    aion_transport::codec::encode_into(f, &mut buf).map_err(|e| e.to_string())?;
+    send.write_all(&buf).await.map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dial_addresses_get_the_default_port() {
+        assert_eq!(dial_addr("10.0.0.2"), "10.0.0.2:11030");
+        assert_eq!(dial_addr("10.0.0.2:7000"), "10.0.0.2:7000");
+        assert_eq!(dial_addr("::1"), "[::1]:11030");
+        assert_eq!(dial_addr("[::1]:7000"), "[::1]:7000");
+        assert_eq!(dial_addr("edge-2"), "edge-2:11030");
+        assert_eq!(dial_addr("edge-2:7000"), "edge-2:7000");
+    }
+}

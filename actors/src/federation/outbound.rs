@@ -1,0 +1,379 @@
+//! The sending side of a link: dials a peer device and sends it the kanbans of its outboxes.
+//!
+//! Three loops share one connection: control (hello, heartbeats), data (takes from the outboxes within the
+//! credit window, sends batches) and acknowledgements (gives acknowledged kanbans back to their outboxes, which
+//! then forget them, in the store too). A cut connection leaves its unacknowledged kanbans in the link's resend
+//! list, sent first on the next connection; if the link itself ends (its actor restarts, the runtime stops),
+//! they go back to the front of their outboxes, in order ([`Pump`]'s drop).
+
+use super::{read_frame, write_frame, Federation, LinkState, Peer};
+use crate::routing::slot::Slot;
+use aion_runtime::{KanbanId, WireKanban};
+use aion_transport::federation::{kanbans_frame, Crossing, CrossingRef, LinkError, Sender, BATCH_BYTES};
+use aion_transport::FrameDecoder;
+use std::collections::VecDeque;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// A kanban in flight on the link.
+pub(super) struct Tag {
+    route: usize,
+    id: KanbanId,
+    /// What it counts in its outbox's byte bound.
+    mem: usize,
+    /// Its encoding (a [`CrossingRef`]): sent as is, and again after a cut.
+    bytes: Vec<u8>,
+}
+
+/// Microseconds of a monotonic clock (the protocol machines' time).
+pub(super) fn mono_us() -> u64 {
+    static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    START.get_or_init(std::time::Instant::now).elapsed().as_micros() as u64
+}
+
+/// The link's hold on its outboxes: a session on each, the kanbans in flight, and those to send again.
+struct Pump {
+    routes: Vec<Arc<Slot>>,
+    sessions: Vec<u64>,
+    sender: Mutex<Option<Sender<Tag>>>,
+    resend: Mutex<VecDeque<Tag>>,
+    next_route: std::sync::atomic::AtomicUsize,
+    router: Arc<crate::routing::Router>,
+}
+
+impl Pump {
+    /// Opens a session on every outbox (none may have one: one link per device).
+    fn open(routes: Vec<Arc<Slot>>, router: Arc<crate::routing::Router>) -> Result<Pump, String> {
+        let mut sessions = Vec::new();
+        for (i, s) in routes.iter().enumerate() {
+            match s.open_session() {
+                Some(sess) => sessions.push(sess),
+                None => {
+                    for (r, sess) in routes.iter().zip(&sessions).take(i) {
+                        r.close_session(*sess, Vec::new());
+                    }
+                    return Err(format!("the outbox to {} already has a link", s.service));
+                }
+            }
+        }
+        Ok(Pump {
+            routes,
+            sessions,
+            sender: Mutex::new(None),
+            resend: Mutex::new(VecDeque::new()),
+            next_route: Default::default(),
+            router,
+        })
+    }
+
+    fn sender<R>(&self, f: impl FnOnce(&mut Sender<Tag>) -> R) -> Option<R> {
+        self.sender.lock().ok()?.as_mut().map(f)
+    }
+
+    /// Takes up to `room` kanbans: first those to send again, else from the outboxes (waiting for one,
+    /// round-robin over them so that a busy route does not starve the others). Cancel safe.
+    async fn take(&self, room: usize) -> Result<Vec<Tag>, String> {
+        {
+            let mut resend = self.resend.lock().map_err(|_| "resend list poisoned".to_owned())?;
+            if !resend.is_empty() {
+                let n = room.min(resend.len());
+                return Ok(resend.drain(..n).collect());
+            }
+        }
+        let n = self.routes.len();
+        let start = self.next_route.fetch_add(1, Ordering::Relaxed) % n.max(1);
+        let futs = (0..n).map(|i| {
+            let r = (start + i) % n;
+            let (slot, sess) = (&self.routes[r], self.sessions[r]);
+            Box::pin(async move {
+                let mut out = Vec::new();
+                slot.take(sess, slot.inflight() + room, &mut out).await;
+                (r, out)
+            })
+        });
+        let ((r, out), _, _) = futures::future::select_all(futs).await;
+        if out.is_empty() {
+            return Err(format!("the outbox to {} was taken by another link", self.routes[r].service));
+        }
+        let service = &self.routes[r].service;
+        Ok(out
+            .into_iter()
+            .map(|k| Tag {
+                route: r,
+                id: k.id,
+                mem: k.mem_size(),
+                bytes: CrossingRef { service, hops: k.hops, kanban: &k }.encode(),
+            })
+            .collect())
+    }
+
+    /// The receiver committed these: their outboxes forget them (in the store too).
+    async fn acked(&self, tags: Vec<Tag>) {
+        let mut per: Vec<(usize, usize, Vec<KanbanId>)> = vec![(0, 0, Vec::new()); self.routes.len()];
+        for t in tags {
+            let e = &mut per[t.route];
+            e.0 += 1;
+            e.1 += t.mem;
+            e.2.push(t.id);
+        }
+        for (r, (n, bytes, ids)) in per.into_iter().enumerate() {
+            if n == 0 {
+                continue;
+            }
+            let slot = &self.routes[r];
+            slot.acked(self.sessions[r], n, bytes);
+            if let Some(store) = self.router.durable_store(slot) {
+                if let Err(e) = store.ack(&slot.queue_key(), ids).await {
+                    tracing::error!(queue = %slot.queue_key(), "ack not persisted: {e}");
+                }
+            }
+        }
+    }
+
+    /// The connection is gone: what it had in flight goes first on the next one.
+    fn lost(&self) -> usize {
+        let Some(lost) = self.sender.lock().ok().and_then(|mut s| s.take()).map(Sender::lost) else { return 0 };
+        let n = lost.len();
+        if let Ok(mut resend) = self.resend.lock() {
+            let later: Vec<Tag> = resend.drain(..).collect();
+            resend.extend(lost);
+            resend.extend(later);
+        }
+        n
+    }
+}
+
+impl Drop for Pump {
+    /// The link ends: every kanban it held goes back to the front of its outbox, in order.
+    fn drop(&mut self) {
+        self.lost();
+        let held: Vec<Tag> = self.resend.lock().map(|mut r| r.drain(..).collect()).unwrap_or_default();
+        let mut back: Vec<Vec<Box<WireKanban>>> = vec![Vec::new(); self.routes.len()];
+        for t in held {
+            match postcard::from_bytes::<Crossing>(&t.bytes) {
+                Ok(c) => {
+                    let mut k = Box::new(c.kanban);
+                    k.hops = c.hops;
+                    back[t.route].push(k);
+                }
+                // Cannot happen (we encoded it); the kanban stays in the store for the next run.
+                Err(e) => tracing::error!(kanban = %t.id, "cannot requeue an in-flight kanban: {e}"),
+            }
+        }
+        for ((slot, sess), ks) in self.routes.iter().zip(&self.sessions).zip(back) {
+            slot.close_session(*sess, ks);
+        }
+    }
+}
+
+/// Why one connection ended.
+enum End {
+    Down(String),
+    Refused(String),
+}
+
+/// Runs the link to `peer` for good (dialling again after each loss, with backoff); returns only if its outboxes
+/// cannot be taken.
+pub(super) async fn run(f: Arc<Federation>, peer: Arc<Peer>, routes: Vec<Arc<Slot>>) -> String {
+    let pump = match Pump::open(routes, f.router.clone()) {
+        Ok(p) => p,
+        Err(e) => return e,
+    };
+    let mut backoff = Duration::from_millis(50);
+    loop {
+        peer.set_state(LinkState::Connecting);
+        let started = std::time::Instant::now();
+        let end = connection(&f, &peer, &pump).await;
+        let lost = pump.lost();
+        if lost > 0 {
+            peer.resent.fetch_add(lost as u64, Ordering::Relaxed);
+        }
+        let (state, why) = match end {
+            End::Down(w) => (LinkState::Down(w.clone()), w),
+            End::Refused(w) => (LinkState::Refused(w.clone()), w),
+        };
+        let refused = matches!(state, LinkState::Refused(_));
+        peer.set_state(state);
+        if refused {
+            tracing::error!(device = %peer.name, "federation link refused: {why}");
+        } else {
+            tracing::warn!(device = %peer.name, in_flight = lost, "federation link down: {why}");
+        }
+        if started.elapsed() > Duration::from_secs(10) {
+            backoff = Duration::from_millis(50);
+        }
+        tokio::time::sleep(if refused { backoff.max(Duration::from_secs(2)) } else { backoff }).await;
+        backoff = (backoff * 2).min(Duration::from_secs(2));
+    }
+}
+
+async fn resolve(addr: &str) -> Result<std::net::SocketAddr, String> {
+    tokio::net::lookup_host(addr)
+        .await
+        .map_err(|e| format!("cannot resolve {addr}: {e}"))?
+        .next()
+        .ok_or_else(|| format!("{addr} resolves to no address"))
+}
+
+/// One connection: dial, hello, then the three loops until one ends.
+async fn connection(f: &Federation, peer: &Peer, pump: &Pump) -> End {
+    let timing = f.opts.timing;
+    let dead = Duration::from_micros(timing.dead_after);
+    let Some(addr) = peer.addr.as_deref() else { return End::Down("no address".into()) };
+    let to = match resolve(addr).await {
+        Ok(a) => a,
+        Err(e) => return End::Down(e),
+    };
+    let connecting = match f.endpoint.connect(to, &peer.name) {
+        Ok(c) => c,
+        Err(e) => return End::Down(format!("cannot dial {to}: {e}")),
+    };
+    let conn = match tokio::time::timeout(dead, connecting).await {
+        Ok(Ok(c)) => c,
+        Ok(Err(quinn::ConnectionError::TransportError(e))) => {
+            return End::Refused(format!("TLS handshake with {to} failed: {e}"))
+        }
+        Ok(Err(quinn::ConnectionError::ConnectionClosed(c))) => {
+            return End::Refused(format!("{to} closed the handshake: {c}"))
+        }
+        Ok(Err(e)) => return End::Down(format!("cannot connect to {to}: {e}")),
+        Err(_) => return End::Down(format!("no answer from {to} within {}s", dead.as_secs())),
+    };
+    peer.connects.fetch_add(1, Ordering::Relaxed);
+    let end = open_link(f, peer, pump, &conn).await;
+    conn.close(quinn::VarInt::from_u32(0), b"link ended");
+    end
+}
+
+async fn open_link(f: &Federation, peer: &Peer, pump: &Pump, conn: &quinn::Connection) -> End {
+    let timing = f.opts.timing;
+    let dead = Duration::from_micros(timing.dead_after);
+    fn down(what: &'static str) -> impl Fn(String) -> End {
+        move |e| End::Down(format!("{what}: {e}"))
+    }
+    let (mut cs, mut cr) = match conn.open_bi().await {
+        Ok(s) => s,
+        Err(e) => return End::Down(format!("cannot open the control stream: {e}")),
+    };
+    let (sender, hello) = Sender::<Tag>::new(&f.me, &peer.name, timing, mono_us());
+    if let Err(e) = write_frame(&mut cs, &hello).await {
+        return End::Down(format!("hello: {e}"));
+    }
+    let mut cdec = FrameDecoder::default();
+    let welcome = match tokio::time::timeout(dead, read_frame(&mut cr, &mut cdec)).await {
+        Ok(Ok(Some(f))) => f,
+        Ok(Ok(None)) => return End::Down("the peer closed the control stream".into()),
+        Ok(Err(e)) => return End::Down(format!("waiting for the welcome: {e}")),
+        Err(_) => return End::Down("no welcome in time".into()),
+    };
+    let mut sender = sender;
+    match sender.on_frame(welcome, mono_us()) {
+        Ok(_) => {}
+        Err(LinkError::Refused(why)) => return End::Refused(why),
+        Err(e @ LinkError::Version(..)) => return End::Refused(e.to_string()),
+        Err(e) => return End::Down(e.to_string()),
+    }
+    if let Ok(mut s) = pump.sender.lock() {
+        *s = Some(sender);
+    }
+    let (mut ds, mut dr) = match conn.open_bi().await {
+        Ok(s) => s,
+        Err(e) => return End::Down(format!("cannot open the kanban stream: {e}")),
+    };
+    peer.heard();
+    peer.set_state(LinkState::Up);
+    tracing::info!(device = %peer.name, "federation link up");
+    let room = tokio::sync::Notify::new();
+
+    let control = async {
+        let mut tick =
+            tokio::time::interval(Duration::from_micros(timing.ping_every / 4).max(Duration::from_millis(10)));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                r = read_frame(&mut cr, &mut cdec) => {
+                    let frame = r.map_err(down("control stream"))?.ok_or_else(|| End::Down("the peer closed the control stream".into()))?;
+                    let now = mono_us();
+                    match pump.sender(|s| s.on_frame(frame, now)) {
+                        Some(Ok(_)) => {}
+                        Some(Err(LinkError::Refused(w))) => return Err(End::Refused(w)),
+                        Some(Err(e)) => return Err(End::Down(e.to_string())),
+                        None => return Err(End::Down("link state gone".into())),
+                    }
+                    peer.heard();
+                    if let Some(Some(rtt)) = pump.sender(|s| s.rtt()) {
+                        peer.rtt_us.store(rtt.max(1), Ordering::Relaxed);
+                    }
+                }
+                _ = tick.tick() => {
+                    let now = mono_us();
+                    match pump.sender(|s| s.tick(now)) {
+                        Some(Ok(Some(ping))) => write_frame(&mut cs, &ping).await.map_err(down("ping"))?,
+                        Some(Ok(None)) => {}
+                        Some(Err(e)) => return Err(End::Down(e.to_string())),
+                        None => return Err(End::Down("link state gone".into())),
+                    }
+                }
+            }
+        }
+    };
+    let acks = async {
+        let mut dec = FrameDecoder::default();
+        loop {
+            let frame = read_frame(&mut dr, &mut dec)
+                .await
+                .map_err(down("kanban stream"))?
+                .ok_or_else(|| End::Down("the peer closed the kanban stream".into()))?;
+            let now = mono_us();
+            let tags = match pump.sender(|s| s.on_frame(frame, now)) {
+                Some(Ok(t)) => t,
+                Some(Err(e)) => return Err(End::Down(e.to_string())),
+                None => return Err(End::Down("link state gone".into())),
+            };
+            peer.heard();
+            peer.acked.fetch_add(tags.len() as u64, Ordering::Relaxed);
+            pump.acked(tags).await;
+            room.notify_one();
+        }
+    };
+    let data = async {
+        let mut buf = Vec::new();
+        loop {
+            let free = pump.sender(|s| s.room()).unwrap_or(0);
+            if free == 0 {
+                room.notified().await;
+                continue;
+            }
+            let tags = pump.take(free).await.map_err(End::Down)?;
+            // Frames of about BATCH_BYTES, numbered on; the kanbans are the link's (in flight) before the first
+            // byte is written, so a failed write loses none of them.
+            buf.clear();
+            let Some(mut seq) = pump.sender(|s| s.next_seq()) else { return Err(End::Down("link state gone".into())) };
+            let mut i = 0;
+            while i < tags.len() {
+                let mut j = i;
+                let mut bytes = 0;
+                while j < tags.len() && (j == i || bytes + tags[j].bytes.len() <= BATCH_BYTES) {
+                    bytes += tags[j].bytes.len();
+                    j += 1;
+                }
+                kanbans_frame(seq, tags[i..j].iter().map(|t| t.bytes.as_slice()), &mut buf);
+                seq += (j - i) as u64;
+                i = j;
+            }
+            let n = tags.len() as u64;
+            if pump.sender(|s| s.sent(tags)).is_none() {
+                return Err(End::Down("link state gone".into()));
+            }
+            peer.sent.fetch_add(n, Ordering::Relaxed);
+            ds.write_all(&buf).await.map_err(|e| End::Down(format!("kanban stream: {e}")))?;
+        }
+    };
+    let r: Result<(), End> = tokio::select! {
+        r = control => r,
+        r = acks => r,
+        r = data => r,
+    };
+    r.err().unwrap_or_else(|| End::Down("link ended".into()))
+}

@@ -1,0 +1,308 @@
+//! Cluster mode between real `aion` processes: kanbans crossing devices over QUIC with mutual TLS, store and
+//! forward through link cuts and crashes, and peers refused for their certificates. On loopback (every user's
+//! `cargo test`); `tests/cluster_netns.rs` runs the same across network namespaces.
+// A test fails by unwrapping, expecting and panicking: the workspace lints' deny does not apply here.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+mod common;
+use common::{read_lines, wait_until, Runtime, AION};
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+/// A free UDP port on loopback.
+fn free_udp_port() -> u16 {
+    std::net::UdpSocket::bind("127.0.0.1:0").and_then(|s| s.local_addr()).map(|a| a.port()).expect("port")
+}
+
+/// Runs `aion --data-dir DIR args…`; returns stdout, panics with stderr on failure.
+fn aion(dir: &Path, args: &[&str]) -> String {
+    let out = Command::new(AION).arg("--data-dir").arg(dir).args(args).output().expect("run aion");
+    assert!(out.status.success(), "aion {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into()
+}
+
+/// Data dirs for `names`: a cluster CA made in the first, an identity issued for each.
+fn identities(names: &[&str]) -> Vec<tempfile::TempDir> {
+    let dirs: Vec<tempfile::TempDir> = names.iter().map(|_| tempfile::tempdir().expect("tmp")).collect();
+    aion(dirs[0].path(), &["cluster", "init", "--name", names[0]]);
+    for (n, d) in names.iter().zip(&dirs).skip(1) {
+        aion(dirs[0].path(), &["cluster", "issue", n, "--out", &d.path().display().to_string()]);
+    }
+    dirs
+}
+
+/// Device `a`: a source of `n` kanbans (checkpointing every 200) whose outputs go to `sink` on device `b`.
+fn sender_yaml(n: u64, b_port: u16) -> String {
+    format!(
+        r#"
+deviceName: a
+devices:
+  b: {{ addr: "127.0.0.1:{b_port}" }}
+microservices:
+  source:
+    command: ["{{testkit}}"]
+    startup: yes
+    env: {{ EMIT_COUNT: {n}, CHUNK: 200 }}
+    nextService: {{ default: [ {{ name: sink, device: b }} ] }}
+"#
+    )
+}
+
+/// Device `b`: the sink (recording what it receives), accepting links from `a`.
+const RECEIVER_YAML: &str = r#"
+deviceName: b
+devices:
+  a: {}
+microservices:
+  sink:
+    command: ["{testkit}"]
+    always: yes
+    env: { RECORD: "{work}/sink.jsonl" }
+"#;
+
+struct Pair {
+    a: Runtime,
+    b: Runtime,
+    b_listen: String,
+}
+
+fn pair(n: u64) -> Pair {
+    let mut dirs = identities(&["a", "b"]).into_iter();
+    let (da, db) = (dirs.next().expect("a"), dirs.next().expect("b"));
+    let port = free_udp_port();
+    let b_listen = format!("127.0.0.1:{port}");
+    let b = Runtime::start_full(RECEIVER_YAML, db, tempfile::tempdir().expect("tmp"), &["--listen", &b_listen]);
+    let a = Runtime::start_full(&sender_yaml(n, port), da, tempfile::tempdir().expect("tmp"), &[]);
+    Pair { a, b, b_listen }
+}
+
+/// The seqs the sink recorded, in order.
+fn seqs(b: &Runtime) -> Vec<i64> {
+    read_lines(&b.path("sink.jsonl")).iter().filter_map(|l| l["metadata"]["seq"].as_i64()).collect()
+}
+
+/// Waits until every seq 1..=n reached the sink; returns the seqs in arrival order.
+fn wait_all(b: &Runtime, n: u64, limit: Duration) -> Vec<i64> {
+    wait_until("every kanban at the sink on device b", limit, || {
+        let s = seqs(b);
+        let distinct: std::collections::BTreeSet<i64> = s.iter().copied().collect();
+        (distinct.len() as u64 >= n).then_some(s)
+    })
+}
+
+/// Checks that the first arrival of each seq is in order (the route's order), and returns how many arrived
+/// twice.
+fn in_order_with_duplicates(s: &[i64], n: u64) -> usize {
+    let mut seen = std::collections::BTreeSet::new();
+    let firsts: Vec<i64> = s.iter().copied().filter(|x| seen.insert(*x)).collect();
+    assert_eq!(firsts, (1..=n as i64).collect::<Vec<_>>(), "every kanban, first arrivals in the route's order");
+    s.len() - firsts.len()
+}
+
+fn device<'a>(status: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {
+    status["federation"]["devices"]
+        .as_array()
+        .and_then(|d| d.iter().find(|d| d["name"] == name))
+        .unwrap_or_else(|| panic!("no device {name} in {status}"))
+}
+
+#[test]
+fn a_pipeline_crosses_two_devices_in_order_exactly_once() {
+    let n = 20_000;
+    let p = pair(n);
+    let s = wait_all(&p.b, n, Duration::from_secs(120));
+    assert_eq!(s, (1..=n as i64).collect::<Vec<_>>(), "in order, each once (no cut, no crash)");
+    let st = wait_until("device a to see every kanban acknowledged", Duration::from_secs(30), || {
+        let st = p.a.status();
+        (device(&st, "b")["acked"] == n && device(&st, "b")["outbox"] == 0).then_some(st)
+    });
+    assert_eq!(device(&st, "b")["state"], "up");
+    assert!(device(&st, "b")["last_seen_ms"].as_u64().is_some_and(|ms| ms < 10_000), "{st}");
+    let sb = p.b.status();
+    assert_eq!(device(&sb, "a")["received"], n);
+    assert_eq!(device(&sb, "a")["duplicates"], 0);
+    assert_eq!(sb["federation"]["listen"], p.b_listen.as_str());
+    // The table names the devices and their links.
+    let (ok, table, _) = p.a.cli(&["status"]);
+    assert!(
+        ok && table.contains("cluster: device a") && table.lines().any(|l| l.starts_with("b ") && l.contains(" up ")),
+        "{table}"
+    );
+}
+
+#[test]
+fn a_receiver_killed_mid_flow_gets_everything_after_it_restarts() {
+    let n = 30_000;
+    let mut p = pair(n);
+    wait_until("the flow to start", Duration::from_secs(60), || {
+        (common::line_count(&p.b.path("sink.jsonl")) >= 2000).then_some(())
+    });
+    p.b.kill9();
+    // The sender sees the link go down within the heartbeat bound, and keeps the rest in its outbox.
+    let st = wait_until("device a to see the link down with kanbans waiting", Duration::from_secs(30), || {
+        let st = p.a.status();
+        let d = device(&st, "b");
+        (d["state"] != "up" && d["outbox"].as_u64().unwrap_or(0) > 0).then(|| st.clone())
+    });
+    assert!(device(&st, "b")["state"] == "down" || device(&st, "b")["state"] == "connecting", "{st}");
+    let args = ["--listen", p.b_listen.as_str()];
+    let b2 = p.b.crash_and_restart_with(RECEIVER_YAML, &args);
+    let s = wait_all(&b2, n, Duration::from_secs(180));
+    let dups = in_order_with_duplicates(&s, n);
+    eprintln!("receiver restarted: {dups} duplicates of {n}");
+    // Only what b had committed and not yet acknowledged when it was killed (one credit window), plus what its
+    // sink had taken and not acknowledged, can come again.
+    assert!(dups <= 4096 + 1024, "{dups} duplicates");
+    wait_until("the outbox to drain", Duration::from_secs(30), || {
+        let st = p.a.status();
+        (device(&st, "b")["outbox"] == 0 && device(&st, "b")["state"] == "up").then_some(())
+    });
+}
+
+#[test]
+fn a_sender_killed_mid_flow_resumes_from_its_durable_outbox() {
+    let n = 30_000;
+    let mut p = pair(n);
+    wait_until("the flow to start", Duration::from_secs(60), || {
+        (common::line_count(&p.b.path("sink.jsonl")) >= 2000).then_some(())
+    });
+    let port: u16 = p.b_listen.rsplit_once(':').and_then(|(_, x)| x.parse().ok()).expect("port");
+    let a2 = p.a.crash_and_restart_with(&sender_yaml(n, port), &[]);
+    let s = wait_all(&p.b, n, Duration::from_secs(180));
+    let dups = in_order_with_duplicates(&s, n);
+    eprintln!("sender restarted: {dups} duplicates of {n}");
+    // The source resumes after its last checkpoint (at most 200 again); the outbox's unacknowledged kanbans are
+    // recognised by b (it did not restart).
+    assert!(dups <= 200, "{dups} duplicates");
+    let sb = p.b.status();
+    assert!(device(&sb, "a")["received"].as_u64().unwrap_or(0) >= n);
+    drop(a2);
+}
+
+#[test]
+fn a_kanban_for_a_service_the_other_device_lacks_is_a_dead_letter_there_and_leaves_the_outbox() {
+    let mut dirs = identities(&["a", "b"]).into_iter();
+    let (da, db) = (dirs.next().expect("a"), dirs.next().expect("b"));
+    let port = free_udp_port();
+    let listen = format!("127.0.0.1:{port}");
+    let b = Runtime::start_full(RECEIVER_YAML, db, tempfile::tempdir().expect("tmp"), &["--listen", &listen]);
+    let yaml = sender_yaml(3, port).replace("name: sink, device: b", "name: nowhere, device: b");
+    let a = Runtime::start_full(&yaml, da, tempfile::tempdir().expect("tmp"), &[]);
+    let sb = b.wait_status("three dead letters on b", |s| s["dead_letters"]["unknown-service"] == 3);
+    assert_eq!(device(&sb, "a")["undeliverable"], 3);
+    assert!(sb["recent_dead_letters"].to_string().contains("from device `a`"), "{sb}");
+    a.wait_status("a's outbox to drain", |s| device(s, "b")["outbox"] == 0 && device(s, "b")["acked"] == 3);
+}
+
+/// Starts device `a` from `data` (its identity however it was made) dialling b at `port`, waits until b counts
+/// one more refusal for `reason`, and checks that a shows its link as not up.
+fn refused(b: &Runtime, data: tempfile::TempDir, name: &str, port: u16, reason: &str) {
+    let before = b.status()["federation"]["refused"][reason].as_u64().unwrap_or(0);
+    let yaml = sender_yaml(5, port).replace("deviceName: a", &format!("deviceName: {name}"));
+    let a = Runtime::start_full(&yaml, data, tempfile::tempdir().expect("tmp"), &[]);
+    b.wait_status(&format!("b to refuse {name} ({reason})"), |s| {
+        s["federation"]["refused"][reason].as_u64().unwrap_or(0) > before
+    });
+    let st = a.status();
+    assert_ne!(device(&st, "b")["state"], "up", "{st}");
+    assert!(b.stderr().contains("federation link refused"), "the reason is logged");
+}
+
+#[test]
+fn peers_without_a_valid_identity_are_refused_and_counted() {
+    let mut dirs = identities(&["b", "a", "c", "x"]).into_iter();
+    let (db, da, dc, dx) = (dirs.next().unwrap(), dirs.next().unwrap(), dirs.next().unwrap(), dirs.next().unwrap());
+    let port = free_udp_port();
+    let listen = format!("127.0.0.1:{port}");
+    // b knows a and x (not c); x will be revoked before b starts.
+    aion(db.path(), &["cluster", "remove", "x"]);
+    let yaml = RECEIVER_YAML.replace("  a: {}", "  a: {}\n  x: {}");
+    let b = Runtime::start_full(&yaml, db, tempfile::tempdir().expect("tmp"), &["--listen", &listen]);
+
+    // A certificate from another cluster's CA.
+    let other = tempfile::tempdir().expect("tmp");
+    aion(other.path(), &["cluster", "init", "--name", "a"]);
+    refused(&b, other, "a", port, "tls");
+    // A revoked certificate.
+    refused(&b, dx, "x", port, "tls");
+    // A device b does not list.
+    refused(&b, dc, "c", port, "unknown-device");
+    // A device claiming to be a with c's certificate.
+    let forged = tempfile::tempdir().expect("tmp");
+    copy_dir(&da.path().join("cluster"), &forged.path().join("cluster"));
+    let c_cert = tempfile::tempdir().expect("tmp");
+    aion(b.data.path(), &["cluster", "issue", "c", "--out", &c_cert.path().display().to_string()]);
+    for f in ["node.pem", "node.key"] {
+        std::fs::copy(c_cert.path().join("cluster").join(f), forged.path().join("cluster").join(f)).expect("copy");
+    }
+    refused(&b, forged, "a", port, "wrong-name");
+    // Nothing reached the sink, and b still takes the real a.
+    assert!(read_lines(&b.path("sink.jsonl")).is_empty());
+    let a = Runtime::start_full(&sender_yaml(5, port), da, tempfile::tempdir().expect("tmp"), &[]);
+    let s = wait_all(&b, 5, Duration::from_secs(60));
+    assert_eq!(s, vec![1, 2, 3, 4, 5]);
+    drop(a);
+    let counts: BTreeMap<String, u64> =
+        serde_json::from_value(b.status()["federation"]["refused"].clone()).expect("counts");
+    assert!(counts["tls"] >= 2 && counts["unknown-device"] >= 1 && counts["wrong-name"] >= 1, "{counts:?}");
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).expect("mkdir");
+    for e in std::fs::read_dir(from).expect("read dir").flatten() {
+        if e.path().is_file() {
+            std::fs::copy(e.path(), to.join(e.file_name())).expect("copy");
+        }
+    }
+}
+
+#[test]
+fn cluster_commands_explain_what_is_missing() {
+    let d = tempfile::tempdir().expect("tmp");
+    let out = Command::new(AION)
+        .arg("--data-dir")
+        .arg(d.path())
+        .args(["cluster", "issue", "w1", "--out", "/tmp/x"])
+        .output()
+        .expect("run");
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("aion cluster init"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    aion(d.path(), &["cluster", "init", "--name", "m"]);
+    let again = Command::new(AION)
+        .arg("--data-dir")
+        .arg(d.path())
+        .args(["cluster", "init", "--name", "m"])
+        .output()
+        .expect("run");
+    assert!(!again.status.success(), "a second CA is refused");
+    let bad = Command::new(AION)
+        .arg("--data-dir")
+        .arg(d.path())
+        .args(["cluster", "issue", "no good", "--out", "/tmp/x"])
+        .output()
+        .expect("run");
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("cannot name a device"));
+    // --listen without an identity is an error at start, not a silent single mode.
+    let e = tempfile::tempdir().expect("tmp");
+    let yml = e.path().join("s.yml");
+    std::fs::write(&yml, "deviceName: z\nmicroservices: {}\n").expect("write");
+    let run = Command::new(AION)
+        .arg("--data-dir")
+        .arg(e.path())
+        .arg("run")
+        .arg(&yml)
+        .args(["--listen", "127.0.0.1:0"])
+        .output()
+        .expect("run");
+    assert!(!run.status.success());
+    assert!(
+        String::from_utf8_lossy(&run.stderr).contains("no cluster identity"),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+}
