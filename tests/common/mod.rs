@@ -31,6 +31,8 @@ pub struct Runtime {
     pub stderr_log: PathBuf,
     /// Extra `aion run` arguments, reused by [`Runtime::crash_and_restart`].
     pub args: Vec<String>,
+    /// A command the runtime runs under (`ip netns exec NS`), reused by [`Runtime::crash_and_restart`].
+    pub wrapper: Vec<String>,
 }
 
 impl Runtime {
@@ -52,6 +54,17 @@ impl Runtime {
     }
 
     pub fn start_full(yaml: &str, data: tempfile::TempDir, work: tempfile::TempDir, args: &[&str]) -> Runtime {
+        Self::start_wrapped(&[], yaml, data, work, args)
+    }
+
+    /// [`Runtime::start_full`] under `wrapper` (for example `ip netns exec NS`: the runtime on another host).
+    pub fn start_wrapped(
+        wrapper: &[String],
+        yaml: &str,
+        data: tempfile::TempDir,
+        work: tempfile::TempDir,
+        args: &[&str],
+    ) -> Runtime {
         let yaml = yaml
             .replace("{testkit}", &example("testkit"))
             .replace("{source}", &example("pipeline-source"))
@@ -61,7 +74,15 @@ impl Runtime {
         let file = work.path().join("services.yml");
         std::fs::write(&file, yaml).expect("write yaml");
         let stderr_log = work.path().join("aion.stderr");
-        let mut child = Command::new(AION)
+        let mut cmd = match wrapper.split_first() {
+            Some((prog, rest)) => {
+                let mut c = Command::new(prog);
+                c.args(rest).arg(AION);
+                c
+            }
+            None => Command::new(AION),
+        };
+        let mut child = cmd
             .arg("--data-dir")
             .arg(data.path())
             .arg("run")
@@ -91,8 +112,14 @@ impl Runtime {
                 }
             }
         });
-        let rt =
-            Runtime { child: Some(child), data, work, stderr_log, args: args.iter().map(|a| a.to_string()).collect() };
+        let rt = Runtime {
+            child: Some(child),
+            data,
+            work,
+            stderr_log,
+            args: args.iter().map(|a| a.to_string()).collect(),
+            wrapper: wrapper.to_vec(),
+        };
         if rx.recv_timeout(Duration::from_secs(30)).is_err() {
             panic!("runtime did not become ready:\n{}", rt.stderr());
         }
@@ -282,7 +309,7 @@ impl Runtime {
         self.kill9();
         let data = std::mem::replace(&mut self.data, tempfile::tempdir().expect("tmp"));
         let work = std::mem::replace(&mut self.work, tempfile::tempdir().expect("tmp"));
-        Runtime::start_full(yaml, data, work, args)
+        Runtime::start_wrapped(&self.wrapper.clone(), yaml, data, work, args)
     }
 }
 

@@ -113,8 +113,8 @@ pub enum LinkError {
     /// The peer broke the protocol (a frame out of place, a gap in the numbering, credit exceeded).
     #[error("protocol violation: {0}")]
     Protocol(String),
-    /// Nothing heard from the peer for too long.
-    #[error("peer silent for {0} ms")]
+    /// Nothing heard from the peer for too long (µs).
+    #[error("peer silent for {} ms", .0 / 1000)]
     Silent(u64),
 }
 
