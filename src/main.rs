@@ -169,6 +169,17 @@ enum Cmd {
         #[command(subcommand)]
         cmd: KanbanCmd,
     },
+    /// Apply a services.yml to the running runtime: services added start, services whose definition changed
+    /// restart, services removed stop; the others go on untouched (their queues and sessions too).
+    Apply {
+        /// The services.yml.
+        file: PathBuf,
+        /// Refuse the file on warnings too.
+        #[arg(long)]
+        strict: bool,
+    },
+    /// Remove every service of the running runtime (their instances stop; durable queues stay in the store).
+    Delete,
     /// Stop the running runtime gracefully.
     Stop,
 }
@@ -345,6 +356,12 @@ fn main() -> ExitCode {
             kanban_log(&data_dir, service, since.as_deref(), limit, json)
         }
         Cmd::Kanban { cmd: KanbanCmd::Trace { id, json } } => kanban_trace(&data_dir, &id, json),
+        Cmd::Apply { file, strict } => block(apply(&data_dir, &file, strict, timeout)),
+        Cmd::Delete => block(async {
+            let v = control::call(&Paths::new(&data_dir).control(), &Request::Delete, timeout).await?;
+            print_change(&v);
+            Ok(())
+        }),
         Cmd::Stop => block(async {
             control::call(&Paths::new(&data_dir).control(), &Request::Stop, timeout).await?;
             out!("stop requested");
@@ -571,6 +588,42 @@ fn sighup_ignored() -> bool {
 fn second_signal(registry: &Path) -> String {
     let killed = aion::actors::backend::cleanup_orphans(registry);
     format!("a second signal ended the stop at once ({killed} instances killed); queued kanbans are kept")
+}
+
+async fn apply(data_dir: &Path, file: &Path, strict: bool, timeout: Duration) -> Result<(), String> {
+    let loaded = load_checked(file);
+    for d in &loaded.diagnostics {
+        err!("{d}");
+    }
+    if loaded.failed(strict) {
+        return Err(format!("{}: not applied", file.display()));
+    }
+    let yaml = std::fs::read_to_string(file).map_err(|e| format!("{}: {e}", file.display()))?;
+    let req = Request::Apply { file: file.display().to_string(), yaml };
+    let v = control::call(&Paths::new(data_dir).control(), &req, timeout).await?;
+    print_change(&v);
+    Ok(())
+}
+
+/// Prints what an apply or a delete changed.
+fn print_change(v: &serde_json::Value) {
+    let list = |k: &str| -> String {
+        let names: Vec<&str> =
+            v[k].as_array().map(|a| a.iter().filter_map(|x| x.as_str()).collect()).unwrap_or_default();
+        if names.is_empty() {
+            "-".to_owned()
+        } else {
+            names.join(" ")
+        }
+    };
+    out!("added: {}", list("added"));
+    out!("changed (restarted): {}", list("changed"));
+    out!("removed: {}", list("removed"));
+    if v["nodes"].is_object() {
+        for (node, c) in v["nodes"].as_object().into_iter().flatten() {
+            out!("node {node}: {}", c);
+        }
+    }
 }
 
 #[cfg(feature = "cluster")]

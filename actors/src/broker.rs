@@ -61,6 +61,21 @@ pub enum BrokerMsg {
     /// Time to check for instances that do not acknowledge (with an ack timeout), and for gRPC clients that
     /// lost their session and did not come back.
     CheckLiveness,
+    /// The router has a new configuration ([`crate::routing::Router::reconfigure`]): start the instances of
+    /// services added, restart those of services changed (SIGTERM, SIGKILL after `grace`), stop those of services
+    /// removed. Replies once it has begun (instances stop and start on their own time).
+    Reconfigure(crate::routing::Change, Duration, oneshot::Sender<()>),
+    /// The grace period of an instance being retired by a reconfiguration elapsed.
+    KillRetired(String, u32, u64),
+}
+
+/// What happens to an instance stopped by a reconfiguration once it has exited.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Retire {
+    /// Its service (or this instance number) is gone: forget it.
+    Remove,
+    /// Its service changed: start it again with the new definition.
+    Restart,
 }
 
 /// Lifecycle state of an instance.
@@ -148,6 +163,25 @@ struct Inst {
     started_at: Option<Instant>,
     last_exit: Option<String>,
     terminated: bool,
+    /// Being stopped by a reconfiguration, and what then.
+    retire: Option<Retire>,
+}
+
+impl Inst {
+    fn idle() -> Inst {
+        Inst {
+            state: State::Idle,
+            gen: 0,
+            pid: 0,
+            control: None,
+            restarts: 0,
+            quick_exits: 0,
+            started_at: None,
+            last_exit: None,
+            terminated: false,
+            retire: None,
+        }
+    }
 }
 
 /// The broker actor.
@@ -193,20 +227,7 @@ impl Broker {
         for ms in router.config().microservices.values() {
             described.insert(ms.name.clone(), backend.describe(ms));
             for n in 1..=ms.scale.max(1) {
-                insts.insert(
-                    (ms.name.clone(), n),
-                    Inst {
-                        state: State::Idle,
-                        gen: 0,
-                        pid: 0,
-                        control: None,
-                        restarts: 0,
-                        quick_exits: 0,
-                        started_at: None,
-                        last_exit: None,
-                        terminated: false,
-                    },
-                );
+                insts.insert((ms.name.clone(), n), Inst::idle());
             }
         }
         Broker {
@@ -401,6 +422,30 @@ impl Broker {
         inst.control = None;
         inst.last_exit = Some(info.to_string());
         self.backend.exited(&service, instance, gen);
+        match inst.retire.take() {
+            Some(Retire::Remove) => {
+                tracing::info!(service, instance, "{info}; removed by the new configuration");
+                self.insts.remove(&key);
+                if !self.insts.keys().any(|(s, _)| *s == service)
+                    && !self.router.config().microservices.contains_key(&service)
+                {
+                    self.described.remove(&service);
+                }
+                self.maybe_finish_shutdown();
+                return;
+            }
+            Some(Retire::Restart) if self.shutdown.is_none() => {
+                tracing::info!(service, instance, "{info}; starting it with its new definition");
+                inst.state = State::Idle;
+                inst.quick_exits = 0;
+                let startup = self.router.config().microservices.get(&service).is_some_and(|m| m.startup);
+                if always || startup || depth > 0 {
+                    self.pending_start.push_back(key);
+                }
+                return;
+            }
+            _ => {}
+        }
         let ran = inst.started_at.map_or(Duration::ZERO, |t| t.elapsed());
         if ran >= STABLE_AFTER {
             inst.quick_exits = 0;
@@ -430,6 +475,84 @@ impl Broker {
         }
     }
 
+    /// Carries out a new configuration (see [`BrokerMsg::Reconfigure`]).
+    async fn reconfigure(&mut self, ch: &crate::routing::Change, grace: Duration, ctx: &Context<Self>) {
+        if self.shutdown.is_some() {
+            return;
+        }
+        let cfg = self.router.config();
+        let mut to_start: Vec<(String, u32)> = Vec::new();
+        for name in ch.removed.iter().chain(&ch.changed).chain(&ch.added) {
+            let new = cfg.microservices.get(name);
+            if let Some(ms) = new {
+                self.described.insert(name.clone(), self.backend.describe(ms));
+            }
+            let scale = new.map_or(0, |m| m.scale.max(1));
+            let changed = ch.changed.contains(name);
+            let existing: Vec<u32> = self.insts.keys().filter(|(s, _)| s == name).map(|(_, n)| *n).collect();
+            for n in existing {
+                let retire = if n > scale {
+                    Retire::Remove
+                } else if changed {
+                    Retire::Restart
+                } else {
+                    continue;
+                };
+                let key = (name.clone(), n);
+                let Some(inst) = self.insts.get_mut(&key) else { continue };
+                match &inst.control {
+                    Some(st) => {
+                        tracing::info!(service = %name, instance = n, pid = inst.pid, "stopping: its definition changed");
+                        st.terminate();
+                        inst.state = State::Stopping;
+                        inst.retire = Some(retire);
+                        let (addr, s, gen) = (ctx.addr(), name.clone(), inst.gen);
+                        self.tasks.spawn("retire grace", async move {
+                            tokio::time::sleep(grace).await;
+                            let _ = addr.send(BrokerMsg::KillRetired(s, n, gen)).await;
+                        });
+                    }
+                    None if retire == Retire::Remove => {
+                        self.insts.remove(&key);
+                    }
+                    None => {
+                        // Not running (idle, completed, failed, backing off): the new definition is used at its next
+                        // start; a pending restart timer of the old incarnation is ignored (new incarnation number).
+                        inst.state = State::Idle;
+                        inst.quick_exits = 0;
+                        self.next_gen += 1;
+                        inst.gen = self.next_gen;
+                        if new.is_some_and(|m| m.startup) {
+                            to_start.push(key);
+                        }
+                    }
+                }
+            }
+            if let Some(ms) = new {
+                for n in 1..=scale {
+                    if let std::collections::btree_map::Entry::Vacant(e) = self.insts.entry((name.clone(), n)) {
+                        e.insert(Inst::idle());
+                        if ms.startup {
+                            to_start.push((name.clone(), n));
+                        }
+                    }
+                }
+            } else if !self.insts.keys().any(|(s, _)| s == name) {
+                self.described.remove(name);
+            }
+        }
+        tracing::info!(added = ?ch.added, changed = ?ch.changed, removed = ?ch.removed, "new configuration applied");
+        for (s, n) in to_start {
+            self.start(&s, n, ctx).await;
+        }
+        // Kanbans already queued for a service added back (kept in its slot) start it too.
+        for slot in self.router.slots() {
+            if slot.depth() > 0 && ch.added.contains(&slot.service) {
+                self.start(&slot.service, slot.instance, ctx).await;
+            }
+        }
+    }
+
     fn maybe_finish_shutdown(&mut self) {
         let all_down = self.insts.values().all(|i| i.control.is_none());
         if all_down {
@@ -447,6 +570,7 @@ impl Broker {
             .iter()
             .map(|((s, n), i)| {
                 let slot = self.router.slot(s, *n);
+                let slot = slot.as_deref();
                 let st = |f: fn(&crate::routing::slot::SlotStats) -> &std::sync::atomic::AtomicU64| {
                     slot.map_or(0, |sl| f(&sl.stats).load(Ordering::Relaxed))
                 };
@@ -513,7 +637,7 @@ impl Actor for Broker {
             .collect();
         // Also anything already queued (kanbans that arrived before a broker restart).
         let queued: Vec<(String, u32)> =
-            self.router.slots().filter(|s| s.depth() > 0).map(|s| (s.service.clone(), s.instance)).collect();
+            self.router.slots().iter().filter(|s| s.depth() > 0).map(|s| (s.service.clone(), s.instance)).collect();
         for (s, n) in startup.into_iter().chain(queued) {
             self.start(&s, n, ctx).await;
         }
@@ -591,6 +715,18 @@ impl Actor for Broker {
             BrokerMsg::CheckLiveness => {
                 self.check_liveness();
                 self.check_grpc_lost();
+            }
+            BrokerMsg::Reconfigure(ch, grace, reply) => {
+                self.reconfigure(&ch, grace, ctx).await;
+                let _ = reply.send(());
+            }
+            BrokerMsg::KillRetired(s, n, gen) => {
+                if let Some(i) = self.insts.get(&(s.clone(), n)).filter(|i| i.gen == gen && i.retire.is_some()) {
+                    if let Some(st) = &i.control {
+                        tracing::warn!(service = %s, instance = n, pid = i.pid, "did not stop within the grace period; SIGKILL");
+                        st.kill();
+                    }
+                }
             }
             BrokerMsg::KillRemaining => {
                 for ((s, n), i) in &self.insts {

@@ -201,6 +201,47 @@ struct Shared {
     /// Cluster mode: the links to other devices.
     #[cfg(feature = "cluster")]
     federation: Option<Arc<crate::federation::Federation>>,
+    /// SIGTERM → SIGKILL grace period (instances restarted by a new configuration get it too).
+    grace: Duration,
+    /// Services registered to run in-process.
+    inproc: std::collections::BTreeSet<String>,
+    /// One new configuration at a time.
+    applying: tokio::sync::Mutex<()>,
+}
+
+/// Applies a new configuration to a running node (see [`Node::apply`]).
+async fn apply(s: &Shared, mut cfg: ServicesFile) -> Result<crate::routing::Change, String> {
+    let _one = s.applying.lock().await;
+    let current = s.router.config();
+    if cfg.device_name.is_empty() {
+        cfg.device_name.clone_from(&current.device_name);
+    }
+    if cfg.device_name != current.device_name {
+        return Err(format!(
+            "deviceName cannot change while the runtime runs (it is `{}`, the file says `{}`): stop it and run the file",
+            current.device_name, cfg.device_name
+        ));
+    }
+    if let Some(ms) = cfg.microservices.values().find(|ms| ms.command.is_empty() && !s.inproc.contains(&ms.name)) {
+        return Err(format!(
+            "service `{}` has no `command`: the local-process backend needs one (an image-only service needs the Kubernetes backend)",
+            ms.name
+        ));
+    }
+    let change = s.router.reconfigure(Arc::new(cfg));
+    let grace = s.grace;
+    ask(&s.broker, |tx| BrokerMsg::Reconfigure(change.clone(), grace, tx))
+        .await
+        .ok_or_else(|| "the service broker is not answering".to_owned())?;
+    #[cfg(feature = "cluster")]
+    if let Some(f) = &s.federation {
+        f.reconfigure();
+    }
+    Ok(change)
+}
+
+fn change_json(c: &crate::routing::Change) -> serde_json::Value {
+    serde_json::json!({"added": c.added, "changed": c.changed, "removed": c.removed, "devices": c.devices})
 }
 
 /// Whether this runtime federates: `devices:` names other devices and the data dir has a cluster identity (with
@@ -366,7 +407,7 @@ impl Node {
             match router.queue_slot(&b.queue) {
                 Some(slot) => {
                     restored += b.count;
-                    match backlogs.iter_mut().find(|(s, _)| Arc::ptr_eq(s, slot)) {
+                    match backlogs.iter_mut().find(|(s, _)| Arc::ptr_eq(s, &slot)) {
                         Some((_, bs)) => bs.push(b),
                         None => backlogs.push((slot.clone(), vec![b])),
                     }
@@ -418,7 +459,7 @@ impl Node {
                 while let Some(a) = adopted.recv().await {
                     let queue = a.queue.to_string();
                     match r.restore(a) {
-                        Some(slot) => r.request_start(slot).await,
+                        Some(slot) => r.request_start(&slot).await,
                         None => {
                             tracing::warn!(queue,
                             "adopted kanban for a service or instance not in this services.yml is kept in the store")
@@ -464,6 +505,7 @@ impl Node {
             dir_id,
             kanban_addr: kanban_addr.clone(),
         };
+        let inproc_names = opts.inproc.names();
         let instances = Tasks::new("instances");
         let backend: SharedBackend = Arc::new(Local::new(
             ProcessBackend::new(env, instances.clone()),
@@ -525,6 +567,9 @@ impl Node {
             grpc: kanban_addr.map(|a| (a, grpc_stats)),
             #[cfg(feature = "cluster")]
             federation,
+            grace: opts.grace,
+            inproc: inproc_names,
+            applying: tokio::sync::Mutex::new(()),
         });
         let node_shared = shared.clone();
         let control = tasks.spawn("control accept loop", accept_control(shared, control_listener));
@@ -550,6 +595,16 @@ impl Node {
     /// Full status report.
     pub async fn status(&self) -> StatusReport {
         report(&self.shared).await
+    }
+
+    /// Applies a new configuration (what `aion apply` does): services added start (if `startup`), services whose
+    /// definition changed restart with it, services removed stop; the others are not touched, their queues and
+    /// sessions go on. `deviceName` cannot change.
+    ///
+    /// # Errors
+    /// A `deviceName` change, or a service that cannot run here.
+    pub async fn apply(&self, cfg: ServicesFile) -> Result<crate::routing::Change, String> {
+        apply(&self.shared, cfg).await
     }
 
     /// Injects a kanban into a service instance's input queue (what `aion kanban send` does).
@@ -608,7 +663,8 @@ impl Node {
             tracing::warn!(sessions = aborted, "sessions still open after their instances stopped were aborted");
         }
         self.shared.sup.shutdown().await;
-        let left: usize = self.shared.router.slots().filter(|s| !s.durable).map(|s| s.depth() + s.inflight()).sum();
+        let left: usize =
+            self.shared.router.slots().iter().filter(|s| !s.durable).map(|s| s.depth() + s.inflight()).sum();
         if left > 0 {
             // `delivery: memory` queues: say so, with the count, rather than losing them silently.
             tracing::warn!(kanbans = left, "kanbans queued for `delivery: memory` services are discarded at exit");
@@ -762,6 +818,32 @@ async fn handle_request(s: &Shared, line: &[u8]) -> Vec<u8> {
         Request::Stop => {
             s.stop.notify_one();
             ok_reply(&serde_json::json!({}))
+        }
+        Request::Apply { file, yaml } => {
+            let loaded = aion_runtime::config::load_str(&file, &yaml);
+            drop(guard);
+            let errors: Vec<String> = loaded
+                .diagnostics
+                .iter()
+                .filter(|d| d.severity == aion_runtime::config::Severity::Error)
+                .map(|d| d.to_string())
+                .collect();
+            match loaded.config {
+                Some(cfg) if errors.is_empty() => match apply(s, cfg).await {
+                    Ok(c) => ok_reply(&change_json(&c)),
+                    Err(e) => err_reply(e),
+                },
+                _ => err_reply(format!("not applied: {}", errors.join("; "))),
+            }
+        }
+        Request::Delete => {
+            let mut cfg = (*s.router.config()).clone();
+            cfg.microservices.clear();
+            drop(guard);
+            match apply(s, cfg).await {
+                Ok(c) => ok_reply(&change_json(&c)),
+                Err(e) => err_reply(e),
+            }
         }
         Request::Logs { service, instance } => match s.router.slot(&service, instance) {
             Some(_) => ok_reply(&s.backend.logs(&service, instance)),

@@ -53,6 +53,11 @@ impl InProcessRegistry {
     pub fn contains(&self, service: &str) -> bool {
         self.runners.contains_key(service)
     }
+
+    /// The services registered.
+    pub fn names(&self) -> std::collections::BTreeSet<String> {
+        self.runners.keys().cloned().collect()
+    }
 }
 
 /// The in-process backend (see the module docs).

@@ -41,6 +41,16 @@ pub enum Request {
     },
     /// Graceful shutdown.
     Stop,
+    /// Apply a new services.yml to the running runtime: services added start, those whose definition changed
+    /// restart, those removed stop; the others are not touched (answered with the change).
+    Apply {
+        /// The file's name (for diagnostics).
+        file: String,
+        /// Its text.
+        yaml: String,
+    },
+    /// Remove every service (the project): their instances stop; durable queues stay in the store.
+    Delete,
     /// Where an instance's output is (answered with a [`crate::backend::LogSource`]).
     Logs {
         /// Service.

@@ -74,7 +74,7 @@ async fn serve(f: Arc<Federation>, incoming: quinn::Incoming) {
             return refuse(&f, "protocol", remote, why, Some(&mut cs)).await;
         }
     };
-    let Some(peer) = f.peers.get(&from).cloned() else {
+    let Some(peer) = f.peer(&from) else {
         let why = format!("device `{from}` is not in this device's services.yml (devices:)");
         return refuse(&f, "unknown-device", remote, why, Some(&mut cs)).await;
     };

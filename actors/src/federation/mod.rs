@@ -4,7 +4,8 @@
 //!   root supervisor
 //!   └── federation (one-for-one)
 //!       ├── federation-listener   accepts links from peers (receiving side), when this device listens
-//!       └── link:<device>         one per peer device with routes to it: dials it, sends its outboxes
+//!       └── federation-links      one link per peer device with routes to it (dials it, sends its outboxes),
+//!                                 restarted when it fails, replaced when its routes or address change
 //! ```
 //!
 //! A kanban for a service on another device goes to the outbox of that route (a slot like an instance's queue,
@@ -25,7 +26,7 @@ use aion_runtime::task::Tasks;
 use aion_transport::federation::{Dedup, Frame, Timing, DEFAULT_WINDOW};
 use aion_transport::FrameDecoder;
 use serde::Serialize;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -77,7 +78,7 @@ pub struct Peer {
     /// Its device name.
     pub name: String,
     /// Where it is dialled (`host:port`), if it has an address.
-    pub addr: Option<String>,
+    addr: Mutex<Option<String>>,
     state: Mutex<LinkState>,
     /// When the peer was last heard on either link (wall ms; 0: never).
     pub last_heard: AtomicU64,
@@ -108,7 +109,7 @@ impl Peer {
     fn new(name: &str, addr: Option<String>, window: u32) -> Peer {
         Peer {
             name: name.to_owned(),
-            addr,
+            addr: Mutex::new(addr),
             state: Mutex::new(LinkState::Idle),
             last_heard: AtomicU64::new(0),
             rtt_us: AtomicU64::new(0),
@@ -138,6 +139,11 @@ impl Peer {
     fn heard(&self) {
         self.last_heard.store(wall_ms(), Ordering::Relaxed);
     }
+
+    /// Where it is dialled.
+    pub fn addr(&self) -> Option<String> {
+        self.addr.lock().ok().and_then(|a| a.clone())
+    }
 }
 
 /// Links refused, by reason (`tls`, `unknown-device`, `wrong-name`, `version`, `protocol`, `not-for-us`).
@@ -161,8 +167,8 @@ impl Refusals {
 pub struct Federation {
     /// This device's name (the name in its certificate).
     pub me: String,
-    /// Peer devices by name.
-    pub peers: BTreeMap<String, Arc<Peer>>,
+    /// Peer devices by name (those of the current configuration).
+    peers: std::sync::RwLock<BTreeMap<String, Arc<Peer>>>,
     /// The address links are accepted on.
     pub listen: Option<SocketAddr>,
     /// Links refused, by reason.
@@ -172,6 +178,8 @@ pub struct Federation {
     router: Arc<Router>,
     /// Links and connections run as tasks of this set.
     tasks: Tasks,
+    /// The actor that runs the links (once the subtree is built).
+    links: std::sync::OnceLock<aion_runtime::actor::Addr<Links>>,
 }
 
 /// Errors starting the federation.
@@ -232,28 +240,61 @@ impl Federation {
         let mut endpoint = quinn::Endpoint::new(quinn::EndpointConfig::default(), server, socket, runtime)
             .map_err(|e| FederationError::Bind(bind.to_string(), e))?;
         endpoint.set_default_client_config(tls.client);
-        let peers = cfg
-            .devices
-            .iter()
-            .filter(|(name, _)| **name != cfg.device_name)
-            .map(|(name, d)| {
-                let addr = (!d.addr.trim().is_empty()).then(|| dial_addr(&d.addr));
-                (name.clone(), Arc::new(Peer::new(name, addr, opts.window)))
-            })
-            .collect();
-        Ok(Federation {
+        let f = Federation {
             me: cfg.device_name.clone(),
-            peers,
+            peers: Default::default(),
             listen,
             refused: Refusals::default(),
             opts,
             endpoint,
             router,
             tasks,
-        })
+            links: std::sync::OnceLock::new(),
+        };
+        f.update_peers();
+        Ok(f)
     }
 
-    /// The federation's subtree: the listener (when listening) and a link actor per peer with routes to it.
+    /// The peers of the current configuration: new devices added, addresses updated, devices gone removed.
+    fn update_peers(&self) {
+        let cfg = self.router.config();
+        let Ok(mut peers) = self.peers.write() else { return };
+        peers.retain(|name, _| cfg.devices.contains_key(name) && *name != cfg.device_name);
+        for (name, d) in cfg.devices.iter().filter(|(name, _)| **name != cfg.device_name) {
+            let addr = (!d.addr.trim().is_empty()).then(|| dial_addr(&d.addr));
+            match peers.get(name) {
+                Some(p) => {
+                    if let Ok(mut a) = p.addr.lock() {
+                        *a = addr;
+                    }
+                }
+                None => {
+                    peers.insert(name.clone(), Arc::new(Peer::new(name, addr, self.opts.window)));
+                }
+            }
+        }
+    }
+
+    /// A peer device by name.
+    pub fn peer(&self, name: &str) -> Option<Arc<Peer>> {
+        self.peers.read().ok()?.get(name).cloned()
+    }
+
+    /// Every peer device.
+    pub fn peers(&self) -> Vec<Arc<Peer>> {
+        self.peers.read().map(|p| p.values().cloned().collect()).unwrap_or_default()
+    }
+
+    /// The router has a new configuration: peers and links follow it (a link whose routes or address changed
+    /// is replaced; its kanbans in flight go back to their outboxes and are sent again, recognised by the peer).
+    pub fn reconfigure(&self) {
+        self.update_peers();
+        if let Some(l) = self.links.get() {
+            let _ = l.try_send(LinksMsg::Sync);
+        }
+    }
+
+    /// The federation's subtree: the listener (when listening) and the links.
     pub fn supervisor(self: &Arc<Self>) -> Supervisor {
         let tasks = &self.tasks;
         let mut sup = Supervisor::new(
@@ -268,34 +309,22 @@ impl Federation {
             });
             sup = sup.child(spec);
         }
-        for (name, peer) in &self.peers {
-            let routes = self.router.outboxes_to(name);
-            if routes.is_empty() {
-                continue;
-            }
-            if peer.addr.is_none() {
-                peer.set_state(LinkState::Down(format!(
-                    "devices.{name}.addr is not set: kanbans for it wait in its outbox"
-                )));
-                tracing::warn!(device = %name, "devices.{name}.addr is not set: kanbans for it wait in its outbox");
-                continue;
-            }
-            let (f, p, t) = (self.clone(), peer.clone(), tasks.clone());
-            let label: &'static str = "federation link";
-            let (spec, _) = ChildSpec::actor(&format!("link:{name}"), Restart::Permanent, 4, move || {
-                Runner::new(t.clone(), outbound::run(f.clone(), p.clone(), routes.clone())).named(label)
-            });
-            sup = sup.child(spec);
-        }
-        sup
+        let f = self.clone();
+        let (spec, addr) = ChildSpec::actor("federation-links", Restart::Permanent, 64, move || Links {
+            f: f.clone(),
+            running: HashMap::new(),
+            next_gen: 0,
+        });
+        let _ = self.links.set(addr);
+        sup.child(spec)
     }
 
     /// The status report.
     pub fn report(&self) -> FederationReport {
         let now = wall_ms();
         let devices = self
-            .peers
-            .values()
+            .peers()
+            .iter()
             .map(|p| {
                 let routes = self.router.outboxes_to(&p.name);
                 let (state, why) = match p.state() {
@@ -309,7 +338,7 @@ impl Federation {
                 let rtt = p.rtt_us.load(Ordering::Relaxed);
                 DeviceReport {
                     name: p.name.clone(),
-                    addr: p.addr.clone().unwrap_or_default(),
+                    addr: p.addr().unwrap_or_default(),
                     state: state.to_owned(),
                     why,
                     last_seen_ms: (heard > 0).then(|| now.saturating_sub(heard)),
@@ -340,6 +369,116 @@ impl Federation {
     }
 }
 
+/// Runs one link per peer device that has routes from here, as owned tasks: started, replaced when its routes
+/// or address change, started again (after a pause) when it fails. Its drop (the actor stopped or restarted)
+/// aborts them; each link's drop guard puts its kanbans in flight back in their outboxes.
+struct Links {
+    f: Arc<Federation>,
+    running: HashMap<String, LinkRun>,
+    next_gen: u64,
+}
+
+struct LinkRun {
+    /// The address and the routes it was started with.
+    sig: (String, Vec<String>),
+    gen: u64,
+    task: tokio::task::AbortHandle,
+}
+
+/// What the links actor handles.
+enum LinksMsg {
+    /// Bring the links in line with the peers and the routes.
+    Sync,
+    /// A link ended (it failed or panicked).
+    Ended { device: String, gen: u64, why: String },
+}
+
+impl Drop for Links {
+    fn drop(&mut self) {
+        for r in self.running.values() {
+            r.task.abort();
+        }
+    }
+}
+
+impl Links {
+    fn sync(&mut self, ctx: &aion_runtime::actor::Context<Self>) {
+        let peers = self.f.peers();
+        let names: std::collections::HashSet<&str> = peers.iter().map(|p| p.name.as_str()).collect();
+        self.running.retain(|d, r| {
+            let keep = names.contains(d.as_str());
+            if !keep {
+                r.task.abort();
+            }
+            keep
+        });
+        for peer in peers {
+            let routes = self.f.router.outboxes_to(&peer.name);
+            if routes.is_empty() {
+                if let Some(r) = self.running.remove(&peer.name) {
+                    r.task.abort();
+                }
+                peer.set_state(LinkState::Idle);
+                continue;
+            }
+            let Some(addr) = peer.addr() else {
+                if let Some(r) = self.running.remove(&peer.name) {
+                    r.task.abort();
+                }
+                let why = format!("devices.{}.addr is not set: kanbans for it wait in its outbox", peer.name);
+                tracing::warn!(device = %peer.name, "{why}");
+                peer.set_state(LinkState::Down(why));
+                continue;
+            };
+            let sig = (addr, routes.iter().map(|r| r.service.clone()).collect::<Vec<_>>());
+            if self.running.get(&peer.name).is_some_and(|r| r.sig == sig) {
+                continue;
+            }
+            if let Some(r) = self.running.remove(&peer.name) {
+                r.task.abort();
+            }
+            self.next_gen += 1;
+            let gen = self.next_gen;
+            let name = peer.name.clone();
+            let (f, me, device) = (self.f.clone(), ctx.addr(), peer.name.clone());
+            let task = self.f.tasks.spawn("federation link", async move {
+                use futures::FutureExt as _;
+                let why = match std::panic::AssertUnwindSafe(outbound::run(f, peer, routes)).catch_unwind().await {
+                    Ok(why) => why,
+                    Err(p) => format!("panicked: {}", aion_runtime::actor::panic_message(&*p)),
+                };
+                let _ = me.send(LinksMsg::Ended { device, gen, why }).await;
+            });
+            self.running.insert(name, LinkRun { sig, gen, task });
+        }
+    }
+}
+
+impl aion_runtime::actor::Actor for Links {
+    type Msg = LinksMsg;
+
+    async fn started(&mut self, ctx: &mut aion_runtime::actor::Context<Self>) {
+        self.sync(ctx);
+    }
+
+    async fn handle(&mut self, msg: LinksMsg, ctx: &mut aion_runtime::actor::Context<Self>) {
+        match msg {
+            LinksMsg::Sync => self.sync(ctx),
+            LinksMsg::Ended { device, gen, why } => {
+                if self.running.get(&device).is_some_and(|r| r.gen == gen) {
+                    self.running.remove(&device);
+                    tracing::error!(device = %device, "federation link ended, starting it again in 1 s: {why}");
+                    let me = ctx.addr();
+                    self.f.tasks.spawn("federation link restart", async move {
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                        let _ = me.send(LinksMsg::Sync).await;
+                    });
+                }
+            }
+        }
+    }
+}
+
 /// A supervised actor that runs one long-lived future (a link, the listener) as a task of the node: when the
 /// future ends or panics, the actor fails and its supervisor starts it again (after the future's own state —
 /// slot sessions, in-flight kanbans — was given back by its drop guards); when the actor stops, the task is
@@ -347,7 +486,6 @@ impl Federation {
 struct Runner {
     tasks: Tasks,
     fut: Option<futures::future::BoxFuture<'static, String>>,
-    name: &'static str,
     task: Option<tokio::task::AbortHandle>,
 }
 
@@ -356,12 +494,7 @@ struct Ended(String);
 
 impl Runner {
     fn new(tasks: Tasks, fut: impl std::future::Future<Output = String> + Send + 'static) -> Runner {
-        Runner { tasks, fut: Some(Box::pin(fut)), name: "federation listener", task: None }
-    }
-
-    fn named(mut self, name: &'static str) -> Runner {
-        self.name = name;
-        self
+        Runner { tasks, fut: Some(Box::pin(fut)), task: None }
     }
 }
 
@@ -379,7 +512,7 @@ impl aion_runtime::actor::Actor for Runner {
     async fn started(&mut self, ctx: &mut aion_runtime::actor::Context<Self>) {
         let Some(fut) = self.fut.take() else { return };
         let addr = ctx.addr();
-        let task = self.tasks.spawn(self.name, async move {
+        let task = self.tasks.spawn("federation listener", async move {
             use futures::FutureExt as _;
             let why = match std::panic::AssertUnwindSafe(fut).catch_unwind().await {
                 Ok(why) => why,

@@ -176,9 +176,18 @@ enum End {
 /// Runs the link to `peer` for good (dialling again after each loss, with backoff); returns only if its outboxes
 /// cannot be taken.
 pub(super) async fn run(f: Arc<Federation>, peer: Arc<Peer>, routes: Vec<Arc<Slot>>) -> String {
-    let pump = match Pump::open(routes, f.router.clone()) {
-        Ok(p) => p,
-        Err(e) => return e,
+    // The link this one replaces may still be letting go of the outboxes (an aborted task is dropped soon, not at
+    // once): wait a little for them.
+    let mut tries = 0;
+    let pump = loop {
+        match Pump::open(routes.clone(), f.router.clone()) {
+            Ok(p) => break p,
+            Err(e) if tries >= 100 => return e,
+            Err(_) => {
+                tries += 1;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
     };
     let mut backoff = Duration::from_millis(50);
     loop {
@@ -220,8 +229,8 @@ async fn resolve(addr: &str) -> Result<std::net::SocketAddr, String> {
 async fn connection(f: &Federation, peer: &Peer, pump: &Pump) -> End {
     let timing = f.opts.timing;
     let dead = Duration::from_micros(timing.dead_after);
-    let Some(addr) = peer.addr.as_deref() else { return End::Down("no address".into()) };
-    let to = match resolve(addr).await {
+    let Some(addr) = peer.addr() else { return End::Down("no address".into()) };
+    let to = match resolve(&addr).await {
         Ok(a) => a,
         Err(e) => return End::Down(e),
     };

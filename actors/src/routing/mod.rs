@@ -26,10 +26,13 @@ pub enum Lifecycle {
     Terminated(String, u32),
 }
 
-/// The routing table and every instance's slot. Immutable once built; shared by all sessions.
+/// The routing table and every instance's slot, shared by all sessions. The table is replaced whole when the
+/// configuration changes ([`Router::reconfigure`]): routing reads one consistent table, without a lock.
 pub struct Router {
-    cfg: Arc<ServicesFile>,
-    slots: HashMap<String, Vec<Arc<Slot>>>,
+    table: arc_swap::ArcSwap<Table>,
+    limits: QueueLimits,
+    /// Cluster mode: the bounds of each outbox (`None`: this router has no outboxes).
+    outbox_limits: Option<QueueLimits>,
     /// Dead letters.
     pub dead: Arc<DeadLetters>,
     lifecycle: mpsc::Sender<Lifecycle>,
@@ -37,8 +40,91 @@ pub struct Router {
     archive: Option<ArchiveSink>,
     hop_limit: u32,
     outbound: Option<Arc<dyn Outbound>>,
+}
+
+/// One configuration's routing table.
+struct Table {
+    cfg: Arc<ServicesFile>,
+    slots: HashMap<String, Vec<Arc<Slot>>>,
     /// Cluster mode: the outbox of each route to another device, by (device, service).
     outboxes: HashMap<(String, String), Arc<Slot>>,
+}
+
+impl Table {
+    /// The table of `cfg`, keeping the slots (and their queues) of `old` wherever they still exist.
+    fn build(
+        cfg: Arc<ServicesFile>,
+        limits: QueueLimits,
+        outboxes: Option<(QueueLimits, bool)>,
+        old: Option<&Table>,
+    ) -> Table {
+        let slots = cfg
+            .microservices
+            .values()
+            .map(|ms| {
+                let durable = ms.delivery == Delivery::Durable;
+                let prev = old.and_then(|o| o.slots.get(&ms.name));
+                let v = (1..=ms.scale.max(1))
+                    .map(|n| {
+                        prev.and_then(|p| p.get(n as usize - 1))
+                            .cloned()
+                            .unwrap_or_else(|| Arc::new(Slot::with_delivery(&ms.name, n, limits, durable)))
+                    })
+                    .collect();
+                (ms.name.clone(), v)
+            })
+            .collect();
+        let mut boxes = HashMap::new();
+        if let Some((limits, durable)) = outboxes {
+            let targets: std::collections::BTreeSet<&String> =
+                cfg.microservices.values().flat_map(|m| m.next_service.values().flatten().map(|t| &t.name)).collect();
+            for device in cfg.devices.keys().filter(|d| **d != cfg.device_name) {
+                for service in &targets {
+                    let key = (device.clone(), (*service).clone());
+                    let slot = old
+                        .and_then(|o| o.outboxes.get(&key))
+                        .cloned()
+                        .unwrap_or_else(|| Arc::new(Slot::outbox(device, service, limits, durable)));
+                    boxes.insert(key, slot);
+                }
+            }
+        }
+        Table { cfg, slots, outboxes: boxes }
+    }
+
+    fn slot(&self, service: &str, instance: u32) -> Option<&Arc<Slot>> {
+        self.slots.get(service)?.get((instance as usize).checked_sub(1)?)
+    }
+
+    /// The slot of `service`-`instance`, or why there is none.
+    fn instance_slot(&self, service: &str, instance: u32) -> Result<&Arc<Slot>, Reason> {
+        let list = self.slots.get(service).ok_or(Reason::UnknownService)?;
+        (instance as usize).checked_sub(1).and_then(|i| list.get(i)).ok_or(Reason::NoSuchInstance)
+    }
+
+    fn outbox(&self, device: &str, service: &str) -> Option<&Arc<Slot>> {
+        self.outboxes.get(&(device.to_owned(), service.to_owned()))
+    }
+}
+
+/// What a new configuration changed ([`Router::reconfigure`]).
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Change {
+    /// Services that are new.
+    pub added: Vec<String>,
+    /// Services whose definition changed (their instances restart).
+    pub changed: Vec<String>,
+    /// Services that are gone.
+    pub removed: Vec<String>,
+    /// Devices whose routes changed (their links restart): new or gone devices, new or gone routes, a new address.
+    pub devices: Vec<String>,
+}
+
+impl Change {
+    /// True when nothing changed.
+    pub fn is_empty(&self) -> bool {
+        self.added.is_empty() && self.changed.is_empty() && self.removed.is_empty() && self.devices.is_empty()
+    }
 }
 
 /// Where one copy of an output goes.
@@ -86,27 +172,16 @@ pub const DEFAULT_HOP_LIMIT: u32 = 1000;
 impl Router {
     /// Builds slots (1..=scale per service, each within `limits`) for `cfg`; lifecycle requests go to `lifecycle`.
     pub fn new(cfg: Arc<ServicesFile>, limits: QueueLimits, lifecycle: mpsc::Sender<Lifecycle>) -> Router {
-        let slots = cfg
-            .microservices
-            .values()
-            .map(|ms| {
-                let durable = ms.delivery == Delivery::Durable;
-                let v = (1..=ms.scale.max(1))
-                    .map(|n| Arc::new(Slot::with_delivery(&ms.name, n, limits, durable)))
-                    .collect();
-                (ms.name.clone(), v)
-            })
-            .collect();
         Router {
-            cfg,
-            slots,
+            table: arc_swap::ArcSwap::from_pointee(Table::build(cfg, limits, None, None)),
+            limits,
+            outbox_limits: None,
             dead: Arc::default(),
             lifecycle,
             store: None,
             archive: None,
             hop_limit: DEFAULT_HOP_LIMIT,
             outbound: None,
-            outboxes: HashMap::new(),
         }
     }
 
@@ -114,33 +189,84 @@ impl Router {
     /// can take to another device: each remote device in `devices` × each service named as a `nextService`
     /// target (a service's `nextDeviceName` may send any of its targets to any device).
     pub fn with_outboxes(mut self, limits: QueueLimits) -> Router {
-        let durable = self.store.is_some();
-        let me = self.cfg.device_name.clone();
-        let targets: std::collections::BTreeSet<String> = self
-            .cfg
-            .microservices
-            .values()
-            .flat_map(|m| m.next_service.values().flatten().map(|t| t.name.clone()))
-            .collect();
-        for device in self.cfg.devices.keys().filter(|d| **d != me) {
-            for service in &targets {
-                let slot = Arc::new(Slot::outbox(device, service, limits, durable));
-                self.outboxes.insert((device.clone(), service.clone()), slot);
-            }
-        }
+        self.outbox_limits = Some(limits);
+        let cfg = self.table.load().cfg.clone();
+        let t = Table::build(cfg, self.limits, Some((limits, self.store.is_some())), None);
+        self.table = arc_swap::ArcSwap::from_pointee(t);
         self
     }
 
+    /// Replaces the configuration: services added get slots, those removed lose theirs (their queued kanbans:
+    /// durable ones stay in the store, those in memory become dead letters), those kept keep their queues.
+    /// Returns what changed, for the broker (instances to start, restart, stop) and the federation (links).
+    pub fn reconfigure(&self, cfg: Arc<ServicesFile>) -> Change {
+        let old = self.table.load_full();
+        let outboxes = self.outbox_limits.map(|l| (l, self.store.is_some()));
+        let new = Table::build(cfg.clone(), self.limits, outboxes, Some(&old));
+        let mut ch = Change::default();
+        for (name, ms) in &cfg.microservices {
+            match old.cfg.microservices.get(name) {
+                None => ch.added.push(name.clone()),
+                Some(o) if o != ms => ch.changed.push(name.clone()),
+                Some(_) => {}
+            }
+        }
+        ch.removed = old.cfg.microservices.keys().filter(|n| !cfg.microservices.contains_key(*n)).cloned().collect();
+        let devices: std::collections::BTreeSet<&String> = old.cfg.devices.keys().chain(cfg.devices.keys()).collect();
+        for d in devices {
+            let routes = |t: &Table| -> Vec<String> {
+                let mut v: Vec<String> = t.outboxes.keys().filter(|(x, _)| x == d).map(|(_, s)| s.clone()).collect();
+                v.sort();
+                v
+            };
+            if routes(&old) != routes(&new) || old.cfg.devices.get(d) != cfg.devices.get(d) {
+                ch.devices.push(d.clone());
+            }
+        }
+        // Queues that are gone (a service removed, a scale lowered, a route gone): what they held in memory is
+        // not silently dropped.
+        let kept: std::collections::HashSet<*const Slot> =
+            new.slots.values().flatten().chain(new.outboxes.values()).map(Arc::as_ptr).collect();
+        let gone: Vec<Arc<Slot>> = old
+            .slots
+            .values()
+            .flatten()
+            .chain(old.outboxes.values())
+            .filter(|s| !kept.contains(&Arc::as_ptr(s)))
+            .cloned()
+            .collect();
+        self.table.store(Arc::new(new));
+        for slot in gone {
+            slot.set_stopping();
+            let left = slot.drain();
+            if left.is_empty() {
+                continue;
+            }
+            let persisted = self.durable_store(&slot).is_some();
+            tracing::warn!(queue = %slot.queue_key(), kanbans = left.len(), persisted, "queue removed by a new configuration");
+            if !persisted {
+                for k in left {
+                    let detail = format!(
+                        "{} was removed from the configuration while this kanban waited for it",
+                        slot.queue_key()
+                    );
+                    self.dead_letter(Reason::UnknownService, detail, k);
+                }
+            }
+        }
+        ch
+    }
     /// The outboxes to `device`, by service.
     pub fn outboxes_to(&self, device: &str) -> Vec<Arc<Slot>> {
-        let mut v: Vec<&Arc<Slot>> = self.outboxes.iter().filter(|((d, _), _)| d == device).map(|(_, s)| s).collect();
+        let t = self.table.load();
+        let mut v: Vec<&Arc<Slot>> = t.outboxes.iter().filter(|((d, _), _)| d == device).map(|(_, s)| s).collect();
         v.sort_by(|a, b| a.service.cmp(&b.service));
         v.into_iter().cloned().collect()
     }
 
     /// The outbox of kanbans waiting to cross to `service` on `device`.
-    pub fn outbox(&self, device: &str, service: &str) -> Option<&Arc<Slot>> {
-        self.outboxes.get(&(device.to_owned(), service.to_owned()))
+    pub fn outbox(&self, device: &str, service: &str) -> Option<Arc<Slot>> {
+        self.table.load().outbox(device, service).cloned()
     }
 
     /// Kanbans for services on other devices go to `outbound` (cluster mode) instead of the dead letters.
@@ -169,7 +295,8 @@ impl Router {
     /// Records a hop in the archive unless a service involved has `withoutKanban: yes`.
     pub fn archive_hop(&self, k: &WireKanban, to: Option<(&str, u32)>, outcome: &'static str) {
         let Some(sink) = &self.archive else { return };
-        let skip = |s: &str| self.cfg.microservices.get(s).is_some_and(|m| m.without_kanban);
+        let t = self.table.load();
+        let skip = |s: &str| t.cfg.microservices.get(s).is_some_and(|m| m.without_kanban);
         if skip(&k.origin.service) || to.is_some_and(|(s, _)| skip(s)) {
             return;
         }
@@ -212,31 +339,33 @@ impl Router {
     }
 
     /// The configuration.
-    pub fn config(&self) -> &Arc<ServicesFile> {
-        &self.cfg
+    pub fn config(&self) -> Arc<ServicesFile> {
+        self.table.load().cfg.clone()
     }
 
     /// The slot of an instance.
-    pub fn slot(&self, service: &str, instance: u32) -> Option<&Arc<Slot>> {
-        self.slots.get(service)?.get((instance as usize).checked_sub(1)?)
+    pub fn slot(&self, service: &str, instance: u32) -> Option<Arc<Slot>> {
+        self.table.load().slot(service, instance).cloned()
     }
 
     /// Marks every instance as stopping (shutdown): their outputs no longer wait for room downstream, and those
     /// already waiting are woken.
     pub fn stopping(&self) {
-        for s in self.slots.values().flatten() {
+        let t = self.table.load();
+        for s in t.slots.values().flatten() {
             s.set_stopping();
         }
-        for s in self.slots.values().flatten() {
+        for s in t.slots.values().flatten() {
             s.wake_producers();
         }
     }
 
-    /// Every slot, by service then instance.
-    pub fn slots(&self) -> impl Iterator<Item = &Arc<Slot>> {
-        let mut names: Vec<&String> = self.slots.keys().collect();
+    /// Every instance's slot, by service then instance.
+    pub fn slots(&self) -> Vec<Arc<Slot>> {
+        let t = self.table.load();
+        let mut names: Vec<&String> = t.slots.keys().collect();
         names.sort();
-        names.into_iter().flat_map(move |n| self.slots[n].iter())
+        names.into_iter().flat_map(|n| t.slots[n].iter().cloned()).collect()
     }
 
     /// Queues `k` for an instance (waiting for space) and asks the broker to start it if needed. Returns true
@@ -250,8 +379,9 @@ impl Router {
         instance: u32,
         k: Box<WireKanban>,
     ) -> Result<bool, (Reason, Box<WireKanban>)> {
-        match self.instance_slot(service, instance) {
-            Ok(slot) => Ok(self.enqueue(None, slot, k).await),
+        let slot = self.table.load().instance_slot(service, instance).cloned();
+        match slot {
+            Ok(slot) => Ok(self.enqueue(None, &slot, k).await),
             Err(reason) => Err((reason, k)),
         }
     }
@@ -259,24 +389,18 @@ impl Router {
     /// Puts a kanban found in the store back in its instance's queue (beyond the capacity: it was accepted
     /// before). Returns the slot, or `None` when the instance is not in this configuration (the kanban then
     /// stays in the store).
-    pub fn restore(&self, r: crate::store::Recovered) -> Option<&Arc<Slot>> {
+    pub fn restore(&self, r: crate::store::Recovered) -> Option<Arc<Slot>> {
         let slot = self.queue_slot(&r.queue)?;
         slot.restore(r.kanban);
         Some(slot)
     }
 
     /// The slot of a stored queue: an instance's, or an outbox.
-    pub fn queue_slot(&self, q: &crate::store::QueueKey) -> Option<&Arc<Slot>> {
+    pub fn queue_slot(&self, q: &crate::store::QueueKey) -> Option<Arc<Slot>> {
         match q {
             crate::store::QueueKey::Instance { service, instance } => self.slot(service, *instance),
             crate::store::QueueKey::Outbox { device, service } => self.outbox(device, service),
         }
-    }
-
-    /// The slot of `service`-`instance`, or why there is none.
-    fn instance_slot(&self, service: &str, instance: u32) -> Result<&Arc<Slot>, Reason> {
-        let list = self.slots.get(service).ok_or(Reason::UnknownService)?;
-        (instance as usize).checked_sub(1).and_then(|i| list.get(i)).ok_or(Reason::NoSuchInstance)
     }
 
     /// Queues `k` from `from` in `slot` (waiting for space, unless `from` is stopping), persisting it first when
@@ -359,25 +483,26 @@ impl Router {
     /// Where one copy of an output of `ms` goes for the `nextService` entry `t`, with the target instance and
     /// the target device stamped on the copy: an instance's slot here, or a service on another device — or why it
     /// cannot be delivered (a dead letter).
-    fn target(
-        &self,
+    fn target<'t>(
+        table: &'t Table,
         ms: &Microservice,
         t: &NextService,
         copy: &mut WireKanban,
-    ) -> Result<Destination<'_>, (Reason, String)> {
+    ) -> Result<Destination<'t>, (Reason, String)> {
+        let cfg = &table.cfg;
         let device = if copy.next_device_name.is_empty() { &t.device } else { &copy.next_device_name };
         let n = t.target_instance(copy.process_number);
-        if !device.is_empty() && *device != self.cfg.device_name && self.cfg.devices.contains_key(device) {
+        if !device.is_empty() && *device != cfg.device_name && cfg.devices.contains_key(device) {
             let device = device.clone();
             copy.process_number = n;
             copy.next_device_name.clone_from(&device);
             return Ok(Destination::Remote { device, service: t.name.clone() });
         }
         copy.process_number = n;
-        if copy.next_device_name != self.cfg.device_name {
-            copy.next_device_name.clone_from(&self.cfg.device_name);
+        if copy.next_device_name != cfg.device_name {
+            copy.next_device_name.clone_from(&cfg.device_name);
         }
-        self.instance_slot(&t.name, n).map(Destination::Local).map_err(|reason| {
+        table.instance_slot(&t.name, n).map(Destination::Local).map_err(|reason| {
             let detail = match reason {
                 Reason::NoSuchInstance => {
                     format!("{} > {} instance {n} does not exist (scale too small)", ms.name, t.name)
@@ -400,9 +525,10 @@ impl Router {
         {
             return Err(k);
         }
-        let Some(ms) = self.cfg.microservices.get(&from.service) else { return Err(k) };
+        let table = self.table.load();
+        let Some(ms) = table.cfg.microservices.get(&from.service) else { return Err(k) };
         let Some([t]) = ms.routes(k.route_key()) else { return Err(k) };
-        let Ok(Destination::Local(slot)) = self.target(ms, t, &mut k) else { return Err(k) };
+        let Ok(Destination::Local(slot)) = Self::target(&table, ms, t, &mut k) else { return Err(k) };
         if self.durable_store(slot).is_some() {
             return Err(k);
         }
@@ -436,7 +562,10 @@ impl Router {
             self.dead_letter(Reason::HopLimit, detail, k);
             return persisted;
         }
-        let Some(ms) = self.cfg.microservices.get(&from.service) else {
+        // One table for the whole output (a new configuration applies from the next one); held as an Arc across
+        // the waits for room below.
+        let table = self.table.load_full();
+        let Some(ms) = table.cfg.microservices.get(&from.service) else {
             self.dead_letter(Reason::UnknownService, format!("source `{}` is not defined", from.service), k);
             return persisted;
         };
@@ -461,10 +590,10 @@ impl Router {
             // Every target gets its own copy (fan-out); the last one takes the original, so the common
             // single-target route never clones.
             let Some(mut copy) = (if i == last { k.take() } else { k.clone() }) else { break };
-            match self.target(ms, t, &mut copy) {
+            match Self::target(&table, ms, t, &mut copy) {
                 Ok(Destination::Remote { device, service }) => match &self.outbound {
-                    _ if self.outbox(&device, &service).is_some() => {
-                        let Some(slot) = self.outbox(&device, &service) else { continue };
+                    _ if table.outbox(&device, &service).is_some() => {
+                        let Some(slot) = table.outbox(&device, &service) else { continue };
                         let at = Arc::as_ptr(slot) as usize;
                         let again = served.iter().filter(|p| **p == at).count() as u32;
                         served.push(at);

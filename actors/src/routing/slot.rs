@@ -234,6 +234,17 @@ impl Slot {
         Slot { device: Some(device.to_owned()), ..Slot::with_delivery(service, 0, limits, durable) }
     }
 
+    /// Takes every kanban waiting (not those in flight): the queue is being removed.
+    #[allow(clippy::vec_box)] // as `take`
+    pub fn drain(&self) -> Vec<Box<WireKanban>> {
+        let mut g = self.lock();
+        let out: Vec<Box<WireKanban>> = g.ready.drain(..).collect();
+        g.bytes = g.bytes.saturating_sub(out.iter().map(|k| k.mem_size()).sum());
+        drop(g);
+        self.space.notify_waiters();
+        out
+    }
+
     /// The durable queue this slot's kanbans are stored in.
     pub fn queue_key(&self) -> crate::store::QueueKey {
         match &self.device {

@@ -147,7 +147,8 @@ impl GrpcKanban {
     }
 
     fn not_found(&self, service: &str) -> Status {
-        let mut known: Vec<&str> = self.shared.router.config().microservices.keys().map(String::as_str).collect();
+        let cfg = self.shared.router.config();
+        let mut known: Vec<&str> = cfg.microservices.keys().map(String::as_str).collect();
         known.sort_unstable();
         self.refuse(Status::not_found(format!("unknown service {service:?}; services here: {}", known.join(", "))))
     }
@@ -185,7 +186,8 @@ impl KanbanApi for GrpcKanban {
         let init = req.into_inner();
         let service = init.microservice_name.clone();
         let instance = u32::try_from(init.process_number.max(1)).unwrap_or(1);
-        let Some(ms) = self.shared.router.config().microservices.get(&service) else {
+        let cfg = self.shared.router.config();
+        let Some(ms) = cfg.microservices.get(&service) else {
             return Err(self.not_found(&service));
         };
         if instance > ms.scale.max(1) {
@@ -245,7 +247,8 @@ impl KanbanApi for GrpcKanban {
             return Err(self.refuse(Status::invalid_argument("a SendKanban request without `message`")));
         };
         too_large(&message).map_err(|s| self.refuse(s))?;
-        let Some(ms) = self.shared.router.config().microservices.get(&service) else {
+        let cfg = self.shared.router.config();
+        let Some(ms) = cfg.microservices.get(&service) else {
             return Err(self.not_found(&service));
         };
         let scale = ms.scale.max(1);
@@ -267,7 +270,7 @@ impl KanbanApi for GrpcKanban {
         }
         // AION routed an output from `kanban:after:<service>:<processNumber>`: that instance produced it.
         let producer = k.process_number.clamp(1, scale);
-        let Some(slot) = self.shared.router.slot(&service, producer).cloned() else {
+        let Some(slot) = self.shared.router.slot(&service, producer) else {
             return Err(self.not_found(&service));
         };
         let handling = lock(&self.live).get(&(service.clone(), producer)).and_then(|l| *lock(&l.handling));

@@ -68,7 +68,7 @@ pub(crate) fn open_session(
     pid: u32,
     seed: bool,
 ) -> Result<Opened, String> {
-    let Some(slot) = shared.router.slot(service, instance).cloned() else {
+    let Some(slot) = shared.router.slot(service, instance) else {
         return Err(match shared.router.config().microservices.get(service) {
             Some(ms) => format!("service `{service}` has instances 1..={}, not {instance}", ms.scale),
             None => format!("unknown service `{service}`"),
