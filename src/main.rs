@@ -53,79 +53,32 @@ enum Cmd {
     Run {
         /// The services.yml.
         file: PathBuf,
-        /// Refuse the file on warnings too.
+        #[command(flatten)]
+        args: RunArgs,
+    },
+    /// Run the master-aion of a cluster: `aion apply` on its data dir places the services on the nodes
+    /// (`targetNode`; services without one run here). Needs `aion cluster init` first.
+    Master {
+        /// This node's name (its certificate's; `aion cluster init --name`).
         #[arg(long)]
-        strict: bool,
-        /// Seconds between SIGTERM and SIGKILL at shutdown.
-        #[arg(long, default_value_t = 10)]
-        grace: u64,
-        /// Per-instance queue capacity (kanbans).
-        #[arg(long, default_value_t = 1024)]
-        queue_capacity: usize,
-        /// Per-instance bound of the memory held by queued and in-flight kanbans (MiB); an empty queue still takes
-        /// one kanban of any size. 0: no memory bound.
-        #[arg(long, default_value_t = 64)]
-        queue_max_mb: usize,
-        /// Record every hop in the kanban archive (the replicator; `aion kanban log/trace`). Costs throughput
-        /// (docs/performance.md); implied by --mongo.
+        name: String,
+        #[command(flatten)]
+        args: RunArgs,
+    },
+    /// Run a worker-aion: join the master at ADDR (once, with a token from `aion cluster token`; later starts
+    /// reconnect with the certificate kept in the data dir) and run the services it places here.
+    Worker {
+        /// The master's address (`host:port`, its `--listen`).
         #[arg(long)]
-        archive: bool,
-        /// Keep archived hops this many days.
-        #[arg(long, default_value_t = 7)]
-        archive_days: u32,
-        /// Keep at most this many archived hops.
-        #[arg(long, default_value_t = 1_000_000)]
-        archive_max_rows: u64,
-        /// Also export archived hops to MongoDB (e.g. mongodb://127.0.0.1:27017), like AION's replicator.
-        #[arg(long, env = "AION_MONGO_URI")]
-        mongo: Option<String>,
-        /// MongoDB database.
-        #[arg(long, env = "KANBAN_DB", default_value = "AionCore")]
-        mongo_db: String,
-        /// MongoDB collection.
-        #[arg(long, env = "KANBAN_COLLECTION", default_value = "kanban")]
-        mongo_collection: String,
-        /// Where durable queues live: `embedded` (SQLite in the data dir) or a Redis URL
-        /// (`redis://host:6379/0`): AION's `kanban:before:*` streams with consumer groups and acks.
-        #[arg(long, env = "AION_STORE", default_value = "embedded")]
-        store: String,
-        /// Embedded store: cap the queue database at this many MiB; past it producers wait (as on a full disk)
-        /// until acknowledgements free space.
+        join: String,
+        /// A join token (only for the first start).
+        #[arg(long, env = "AION_JOIN_TOKEN")]
+        token: Option<String>,
+        /// This node's name (its `targetNode` in services.yml).
         #[arg(long)]
-        store_max_mb: Option<u64>,
-        /// Redis store: acknowledged entries kept per stream (0: deleted on acknowledgement).
-        #[arg(long, default_value_t = 0)]
-        redis_retain: usize,
-        /// Redis store: seconds to wait for Redis at start.
-        #[arg(long, default_value_t = 10)]
-        redis_wait: u64,
-        /// Cut off and kill an instance whose oldest delivery has waited this many seconds for its acknowledgement
-        /// (a hung service; its kanbans are redelivered). 0: never (the wait is shown in `aion status --json`).
-        #[arg(long, default_value_t = 0.0)]
-        ack_timeout: f64,
-        /// Dead-letter (`hop-limit`) a kanban whose chain has been routed this many times: a routing cycle
-        /// (0: no limit).
-        #[arg(long, default_value_t = aion::actors::DEFAULT_HOP_LIMIT)]
-        hop_limit: u32,
-        /// Serve AION's gRPC kanban API (`kanbanpb.Kanban`, plaintext HTTP/2, no authentication) on `host:port`
-        /// for unmodified AION microservices, which get `KANBAN_ADDR`; `off` turns it off. Loopback by default:
-        /// exposing it beyond the host lets anyone who reaches it inject kanbans.
-        #[arg(long, env = "AION_GRPC_ADDR", default_value = "127.0.0.1:11010")]
-        grpc: String,
-        /// Restart an instance whose gRPC client lost its session without a terminate kanban and did not come
-        /// back within this many seconds (AION's Python client can stay alive doing nothing). 0: never.
-        #[arg(long, default_value_t = 30)]
-        grpc_reconnect: u64,
-        /// Cluster mode: accept links from the other devices of `devices:` on this UDP address (QUIC with mutual
-        /// TLS; needs a cluster identity, `aion cluster`). Without it this device only dials the others.
-        #[arg(long, env = "AION_LISTEN")]
-        listen: Option<std::net::SocketAddr>,
-        /// Cluster mode: seconds without hearing from a peer device before its link is declared lost.
-        #[arg(long, default_value_t = 4.0)]
-        peer_timeout: f64,
-        /// Cluster mode: kanbans each route to another device keeps in memory (the rest wait in the store).
-        #[arg(long, default_value_t = 65_536)]
-        outbox_capacity: usize,
+        name: String,
+        #[command(flatten)]
+        args: RunArgs,
     },
     /// Cluster mode: the cluster CA and device certificates (see docs/cluster.md).
     Cluster {
@@ -144,11 +97,14 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
-    /// Show every instance of the running runtime.
+    /// Show every instance of the running runtime (on a master: of every node of the cluster).
     Status {
         /// Print the stable JSON document.
         #[arg(long)]
         json: bool,
+        /// On a master: only this node.
+        #[arg(long)]
+        node: Option<String>,
     },
     /// Show an instance's output (`transform`, `transform-2`, or `transform --instance 2`).
     Logs {
@@ -184,6 +140,84 @@ enum Cmd {
     Stop,
 }
 
+/// The flags of `aion run`, `aion master` and `aion worker`.
+#[derive(clap::Args)]
+struct RunArgs {
+    /// Refuse the file on warnings too.
+    #[arg(long)]
+    strict: bool,
+    /// Seconds between SIGTERM and SIGKILL at shutdown.
+    #[arg(long, default_value_t = 10)]
+    grace: u64,
+    /// Per-instance queue capacity (kanbans).
+    #[arg(long, default_value_t = 1024)]
+    queue_capacity: usize,
+    /// Per-instance bound of the memory held by queued and in-flight kanbans (MiB); an empty queue still takes
+    /// one kanban of any size. 0: no memory bound.
+    #[arg(long, default_value_t = 64)]
+    queue_max_mb: usize,
+    /// Record every hop in the kanban archive (the replicator; `aion kanban log/trace`). Costs throughput
+    /// (docs/performance.md); implied by --mongo.
+    #[arg(long)]
+    archive: bool,
+    /// Keep archived hops this many days.
+    #[arg(long, default_value_t = 7)]
+    archive_days: u32,
+    /// Keep at most this many archived hops.
+    #[arg(long, default_value_t = 1_000_000)]
+    archive_max_rows: u64,
+    /// Also export archived hops to MongoDB (e.g. mongodb://127.0.0.1:27017), like AION's replicator.
+    #[arg(long, env = "AION_MONGO_URI")]
+    mongo: Option<String>,
+    /// MongoDB database.
+    #[arg(long, env = "KANBAN_DB", default_value = "AionCore")]
+    mongo_db: String,
+    /// MongoDB collection.
+    #[arg(long, env = "KANBAN_COLLECTION", default_value = "kanban")]
+    mongo_collection: String,
+    /// Where durable queues live: `embedded` (SQLite in the data dir) or a Redis URL
+    /// (`redis://host:6379/0`): AION's `kanban:before:*` streams with consumer groups and acks.
+    #[arg(long, env = "AION_STORE", default_value = "embedded")]
+    store: String,
+    /// Embedded store: cap the queue database at this many MiB; past it producers wait (as on a full disk)
+    /// until acknowledgements free space.
+    #[arg(long)]
+    store_max_mb: Option<u64>,
+    /// Redis store: acknowledged entries kept per stream (0: deleted on acknowledgement).
+    #[arg(long, default_value_t = 0)]
+    redis_retain: usize,
+    /// Redis store: seconds to wait for Redis at start.
+    #[arg(long, default_value_t = 10)]
+    redis_wait: u64,
+    /// Cut off and kill an instance whose oldest delivery has waited this many seconds for its acknowledgement
+    /// (a hung service; its kanbans are redelivered). 0: never (the wait is shown in `aion status --json`).
+    #[arg(long, default_value_t = 0.0)]
+    ack_timeout: f64,
+    /// Dead-letter (`hop-limit`) a kanban whose chain has been routed this many times: a routing cycle
+    /// (0: no limit).
+    #[arg(long, default_value_t = aion::actors::DEFAULT_HOP_LIMIT)]
+    hop_limit: u32,
+    /// Serve AION's gRPC kanban API (`kanbanpb.Kanban`, plaintext HTTP/2, no authentication) on `host:port`
+    /// for unmodified AION microservices, which get `KANBAN_ADDR`; `off` turns it off. Loopback by default:
+    /// exposing it beyond the host lets anyone who reaches it inject kanbans.
+    #[arg(long, env = "AION_GRPC_ADDR", default_value = "127.0.0.1:11010")]
+    grpc: String,
+    /// Restart an instance whose gRPC client lost its session without a terminate kanban and did not come
+    /// back within this many seconds (AION's Python client can stay alive doing nothing). 0: never.
+    #[arg(long, default_value_t = 30)]
+    grpc_reconnect: u64,
+    /// Cluster mode: accept links from the other devices of `devices:` on this UDP address (QUIC with mutual
+    /// TLS; needs a cluster identity, `aion cluster`). Without it this device only dials the others.
+    #[arg(long, env = "AION_LISTEN")]
+    listen: Option<std::net::SocketAddr>,
+    /// Cluster mode: seconds without hearing from a peer device before its link is declared lost.
+    #[arg(long, default_value_t = 4.0)]
+    peer_timeout: f64,
+    /// Cluster mode: kanbans each route to another device keeps in memory (the rest wait in the store).
+    #[arg(long, default_value_t = 65_536)]
+    outbox_capacity: usize,
+}
+
 #[derive(Subcommand)]
 enum ClusterCmd {
     /// Create the cluster CA and this device's identity in the data dir.
@@ -200,7 +234,14 @@ enum ClusterCmd {
         #[arg(long)]
         out: PathBuf,
     },
-    /// Revoke a device's certificate: peers that load the new revocation list (`cluster/crl.pem`) refuse it.
+    /// Mint a single-use join token for a worker (printed as the last line of stdout).
+    Token {
+        /// How long it is valid: `90s`, `10m`, `2h`.
+        #[arg(long, default_value = "10m")]
+        ttl: String,
+    },
+    /// Revoke a device's certificate: a running master refuses it at once and tells its nodes; otherwise peers
+    /// that load the new revocation list (`cluster/crl.pem`) refuse it.
     Remove {
         /// The device's name.
         name: String,
@@ -258,96 +299,23 @@ fn main() -> ExitCode {
     let timeout = Duration::from_secs(cli.timeout.max(1));
     let result = match cli.cmd {
         Cmd::Validate { files, strict, json } => validate(&files, strict, json),
-        Cmd::Run {
-            file,
-            strict,
-            grace,
-            queue_capacity,
-            queue_max_mb,
-            archive,
-            archive_days,
-            archive_max_rows,
-            mongo,
-            mongo_db,
-            mongo_collection,
-            store,
-            store_max_mb,
-            redis_retain,
-            redis_wait,
-            hop_limit,
-            ack_timeout,
-            grpc,
-            grpc_reconnect,
-            listen,
-            peer_timeout,
-            outbox_capacity,
-        } => {
-            let mut cluster = aion::actors::node::ClusterOptions { listen, ..Default::default() };
-            if peer_timeout.is_finite() && peer_timeout > 0.0 {
-                cluster.dead_after = Duration::from_secs_f64(peer_timeout.clamp(0.2, 3600.0));
-                cluster.ping_every = (cluster.dead_after / 4).max(Duration::from_millis(50));
-            }
-            cluster.outbox_kanbans = outbox_capacity.max(1);
-            let grpc = match grpc.trim() {
-                "off" | "" => None,
-                addr => match addr.parse::<std::net::SocketAddr>() {
-                    Ok(a) => Some(a),
-                    Err(e) => {
-                        err!("aion: --grpc {addr:?}: expected host:port (an IP address and a port) or `off`: {e}");
-                        return ExitCode::FAILURE;
-                    }
-                },
-            };
-            let redis = match store.as_str() {
-                "embedded" | "sqlite" => None,
-                url if url.starts_with("redis://") || url.starts_with("rediss://") || url.starts_with("unix://") => {
-                    Some(aion::actors::store::RedisConfig {
-                        url: url.to_owned(),
-                        retain: redis_retain,
-                        connect_wait: std::time::Duration::from_secs(redis_wait),
-                    })
-                }
-                other => {
-                    err!("aion: --store {other:?}: expected `embedded` or a redis:// URL");
-                    return ExitCode::FAILURE;
-                }
-            };
-            let mongo = mongo.map(|uri| aion::actors::export::mongo::MongoConfig {
-                uri,
-                database: mongo_db,
-                collection: mongo_collection,
-            });
-            let retention = aion::actors::store::Retention {
-                max_age_ms: i64::from(archive_days) * 86_400_000,
-                max_rows: archive_max_rows.min(i64::MAX as u64) as i64,
-            };
-            let archive = archive || mongo.is_some();
-            let store_max_bytes = store_max_mb.map(|m| m.saturating_mul(1 << 20));
-            run(
-                &data_dir,
-                &file,
-                RunFlags {
-                    strict,
-                    grace,
-                    queue_capacity,
-                    // 0: no memory bound (the kanban count still bounds the queue).
-                    queue_max_bytes: if queue_max_mb == 0 { usize::MAX } else { queue_max_mb.saturating_mul(1 << 20) },
-                    archive,
-                    retention,
-                    mongo,
-                    redis,
-                    store_max_bytes,
-                    hop_limit,
-                    ack_timeout: (ack_timeout > 0.0 && ack_timeout.is_finite())
-                        .then(|| Duration::from_secs_f64(ack_timeout.min(1e9))),
-                    grpc,
-                    grpc_reconnect: Duration::from_secs(grpc_reconnect),
-                    cluster,
-                },
-            )
-        }
+        Cmd::Run { file, args } => match run_flags(args) {
+            Ok(flags) => run(&data_dir, Source::File(&file), flags),
+            Err(e) if e.is_empty() => return ExitCode::FAILURE,
+            Err(e) => Err(e),
+        },
+        Cmd::Master { name, args } => match run_flags(args) {
+            Ok(flags) => master(&data_dir, &name, flags),
+            Err(e) if e.is_empty() => return ExitCode::FAILURE,
+            Err(e) => Err(e),
+        },
+        Cmd::Worker { join, token, name, args } => match run_flags(args) {
+            Ok(flags) => worker(&data_dir, &join, token.as_deref(), &name, flags),
+            Err(e) if e.is_empty() => return ExitCode::FAILURE,
+            Err(e) => Err(e),
+        },
         Cmd::Cluster { cmd } => cluster(&data_dir, cmd),
-        Cmd::Status { json } => block(status(&data_dir, json, timeout)),
+        Cmd::Status { json, node } => block(status(&data_dir, json, node.as_deref(), timeout)),
         Cmd::Logs { service, instance, follow, lines } => logs(&data_dir, &service, instance, follow, lines, timeout),
         Cmd::Kanban { cmd: KanbanCmd::Send { service, key, instance, metadata } } => {
             block(send(&data_dir, service, key, instance, metadata, timeout))
@@ -452,6 +420,93 @@ fn validate(files: &[PathBuf], strict: bool, json: bool) -> Result<(), String> {
     Ok(())
 }
 
+/// The runtime's options from the flags of `aion run`, `aion master` and `aion worker` (an invalid flag is
+/// reported on stderr; the error is then empty).
+fn run_flags(a: RunArgs) -> Result<RunFlags, String> {
+    let RunArgs {
+        strict,
+        grace,
+        queue_capacity,
+        queue_max_mb,
+        archive,
+        archive_days,
+        archive_max_rows,
+        mongo,
+        mongo_db,
+        mongo_collection,
+        store,
+        store_max_mb,
+        redis_retain,
+        redis_wait,
+        hop_limit,
+        ack_timeout,
+        grpc,
+        grpc_reconnect,
+        listen,
+        peer_timeout,
+        outbox_capacity,
+    } = a;
+    let mut cluster = aion::actors::node::ClusterOptions { listen, ..Default::default() };
+    if peer_timeout.is_finite() && peer_timeout > 0.0 {
+        cluster.dead_after = Duration::from_secs_f64(peer_timeout.clamp(0.2, 3600.0));
+        cluster.ping_every = (cluster.dead_after / 4).max(Duration::from_millis(50));
+    }
+    cluster.outbox_kanbans = outbox_capacity.max(1);
+    let grpc = match grpc.trim() {
+        "off" | "" => None,
+        addr => match addr.parse::<std::net::SocketAddr>() {
+            Ok(a) => Some(a),
+            Err(e) => {
+                err!("aion: --grpc {addr:?}: expected host:port (an IP address and a port) or `off`: {e}");
+                return Err(String::new());
+            }
+        },
+    };
+    let redis = match store.as_str() {
+        "embedded" | "sqlite" => None,
+        url if url.starts_with("redis://") || url.starts_with("rediss://") || url.starts_with("unix://") => {
+            Some(aion::actors::store::RedisConfig {
+                url: url.to_owned(),
+                retain: redis_retain,
+                connect_wait: std::time::Duration::from_secs(redis_wait),
+            })
+        }
+        other => {
+            err!("aion: --store {other:?}: expected `embedded` or a redis:// URL");
+            return Err(String::new());
+        }
+    };
+    let mongo = mongo.map(|uri| aion::actors::export::mongo::MongoConfig {
+        uri,
+        database: mongo_db,
+        collection: mongo_collection,
+    });
+    let retention = aion::actors::store::Retention {
+        max_age_ms: i64::from(archive_days) * 86_400_000,
+        max_rows: archive_max_rows.min(i64::MAX as u64) as i64,
+    };
+    let archive = archive || mongo.is_some();
+    let store_max_bytes = store_max_mb.map(|m| m.saturating_mul(1 << 20));
+    Ok(RunFlags {
+        strict,
+        grace,
+        queue_capacity,
+        // 0: no memory bound (the kanban count still bounds the queue).
+        queue_max_bytes: if queue_max_mb == 0 { usize::MAX } else { queue_max_mb.saturating_mul(1 << 20) },
+        archive,
+        retention,
+        mongo,
+        redis,
+        store_max_bytes,
+        hop_limit,
+        ack_timeout: (ack_timeout > 0.0 && ack_timeout.is_finite())
+            .then(|| Duration::from_secs_f64(ack_timeout.min(1e9))),
+        grpc,
+        grpc_reconnect: Duration::from_secs(grpc_reconnect),
+        cluster,
+    })
+}
+
 struct RunFlags {
     strict: bool,
     grace: u64,
@@ -469,7 +524,85 @@ struct RunFlags {
     cluster: aion::actors::node::ClusterOptions,
 }
 
-fn run(data_dir: &Path, file: &Path, flags: RunFlags) -> Result<(), String> {
+/// What a runtime runs: a services.yml, or (master, worker) the configuration cluster mode gives it.
+enum Source<'a> {
+    File(&'a Path),
+    #[cfg_attr(not(feature = "cluster"), allow(dead_code))]
+    Config(aion::runtime::config::ServicesFile, String),
+}
+
+/// Parses an age: `90s`, `10m`, `2h`, `1d`.
+#[cfg(feature = "cluster")]
+fn parse_age(s: &str) -> Result<Duration, String> {
+    let bad = || format!("`{s}` is not an age (90s, 10m, 2h, 1d)");
+    let (i, unit) = s.char_indices().last().ok_or_else(bad)?;
+    let n: u64 = s[..i].parse().map_err(|_| bad())?;
+    let secs = match unit {
+        's' => 1,
+        'm' => 60,
+        'h' => 3600,
+        'd' => 86_400,
+        _ => return Err(bad()),
+    };
+    Ok(Duration::from_secs(n.saturating_mul(secs)))
+}
+
+#[cfg(feature = "cluster")]
+fn master(data_dir: &Path, name: &str, mut flags: RunFlags) -> Result<(), String> {
+    use aion::actors::federation::tls;
+    let dir = tls::ClusterDir::new(data_dir);
+    if !dir.is_ca() {
+        return Err(format!("{} holds no cluster CA: run `aion cluster init --name {name}` first", dir.root.display()));
+    }
+    if flags.cluster.listen.is_none() {
+        return Err("aion master needs --listen ADDR (UDP, where workers join and links arrive)".into());
+    }
+    let current = std::fs::read_to_string(dir.node_name()).unwrap_or_default();
+    if current.trim() != name {
+        // The master holds the CA: it gives itself an identity for the name it runs as.
+        let id = tls::issue(&dir, name).map_err(|e| e.to_string())?;
+        tls::install(&dir, &id).map_err(|e| e.to_string())?;
+    }
+    flags.cluster.role = aion::actors::node::ClusterRole::Master;
+    let cfg = aion::actors::cluster::Master::stored_slice(data_dir, name);
+    run(data_dir, Source::Config(cfg, format!("master-aion {name}")), flags)
+}
+
+#[cfg(feature = "cluster")]
+fn worker(data_dir: &Path, join: &str, token: Option<&str>, name: &str, mut flags: RunFlags) -> Result<(), String> {
+    use aion::actors::federation::tls;
+    let dir = tls::ClusterDir::new(data_dir);
+    if !dir.has_identity() || aion::actors::cluster::worker_start(data_dir, name).is_none() {
+        let token = token.ok_or("this data dir has not joined a cluster yet: --token TOKEN (from `aion cluster token` on the master) is needed once")?;
+        std::fs::create_dir_all(data_dir).map_err(|e| format!("{}: {e}", data_dir.display()))?;
+        let master = block(aion::actors::cluster::join(data_dir, join, token, name))?;
+        err!("aion: joined the cluster of master `{master}` as `{name}`");
+    }
+    let current = std::fs::read_to_string(dir.node_name()).unwrap_or_default();
+    if current.trim() != name {
+        return Err(format!("this data dir joined the cluster as `{}`, not `{name}`", current.trim()));
+    }
+    let Some((_, master, cfg)) = aion::actors::cluster::worker_start(data_dir, name) else {
+        return Err("the cluster state in the data dir is unreadable".into());
+    };
+    flags.cluster.role = aion::actors::node::ClusterRole::Worker { join: join.to_owned(), master };
+    if flags.cluster.listen.is_none() {
+        flags.cluster.listen = Some(std::net::SocketAddr::from(([0, 0, 0, 0], aion::actors::federation::DEFAULT_PORT)));
+    }
+    run(data_dir, Source::Config(cfg, format!("worker-aion {name}")), flags)
+}
+
+#[cfg(not(feature = "cluster"))]
+fn master(_: &Path, _: &str, _: RunFlags) -> Result<(), String> {
+    Err("this aion was built without cluster mode (cargo feature `cluster`)".into())
+}
+
+#[cfg(not(feature = "cluster"))]
+fn worker(_: &Path, _: &str, _: Option<&str>, _: &str, _: RunFlags) -> Result<(), String> {
+    Err("this aion was built without cluster mode (cargo feature `cluster`)".into())
+}
+
+fn run(data_dir: &Path, source: Source<'_>, flags: RunFlags) -> Result<(), String> {
     let RunFlags {
         strict,
         grace,
@@ -494,19 +627,25 @@ fn run(data_dir: &Path, file: &Path, flags: RunFlags) -> Result<(), String> {
             tracing::info!(before, after, "raised the open-file limit");
         }
     }
-    let loaded = load_checked(file);
-    for d in &loaded.diagnostics {
-        aion::runtime::log::say(d);
-    }
-    let config = match loaded.config {
-        Some(c) if !loaded.failed(strict) => c,
-        _ => return Err(format!("{} is invalid; nothing started", file.display())),
+    let (config, label, file) = match source {
+        Source::File(file) => {
+            let loaded = load_checked(file);
+            for d in &loaded.diagnostics {
+                aion::runtime::log::say(d);
+            }
+            match loaded.config {
+                Some(c) if !loaded.failed(strict) => (c, file.display().to_string(), Some(file)),
+                _ => return Err(format!("{} is invalid; nothing started", file.display())),
+            }
+        }
+        Source::Config(c, label) => (c, label, None),
     };
-    let base_dir = base_dir_of(file);
     let path_dirs = path_dirs();
     let mut opts = NodeOptions::new(data_dir, config);
-    opts.config_path = Some(file.to_path_buf());
-    opts.base_dir = base_dir;
+    if let Some(file) = file {
+        opts.config_path = Some(file.to_path_buf());
+        opts.base_dir = base_dir_of(file);
+    }
     opts.grace = Duration::from_secs(grace);
     opts.queue_capacity = queue_capacity;
     opts.queue_max_bytes = queue_max_bytes;
@@ -534,8 +673,7 @@ fn run(data_dir: &Path, file: &Path, flags: RunFlags) -> Result<(), String> {
 
         let node = Node::start(opts).await.map_err(|e| e.to_string())?;
         aion::runtime::log::say(format_args!(
-            "aion: running {} (data dir {}); Ctrl-C or `aion stop` to stop",
-            file.display(),
+            "aion: running {label} (data dir {}); Ctrl-C or `aion stop` to stop",
             data_dir.display()
         ));
         let failure = tokio::select! {
@@ -645,7 +783,25 @@ fn cluster(data_dir: &Path, cmd: ClusterCmd) -> Result<(), String> {
             }
             out!("identity of `{name}` written to {}", target.root.display());
         }
+        ClusterCmd::Token { ttl } => {
+            let ttl = parse_age(&ttl).map_err(|e| format!("--ttl: {e}"))?;
+            let master = std::fs::read_to_string(dir.node_name())
+                .map_err(|_| "no cluster here: run `aion cluster init` first".to_owned())?;
+            let t = tls::mint_token(&dir, master.trim(), ttl).map_err(|e| e.to_string())?;
+            err!(
+                "single-use join token, valid {}s: aion worker --join MASTER_ADDR --token TOKEN --name NAME",
+                ttl.as_secs()
+            );
+            out!("{t}");
+        }
         ClusterCmd::Remove { name, to } => {
+            // A running master revokes at once and tells every node.
+            let req = Request::ClusterRemove { name: name.clone() };
+            if let Ok(v) = block(control::call(&Paths::new(data_dir).control(), &req, Duration::from_secs(10))) {
+                let _ = v;
+                out!("`{name}` revoked: the master refuses it from now on and has sent the new revocation list to its nodes");
+                return Ok(());
+            }
             let crl = tls::revoke(&dir, &name).map_err(|e| e.to_string())?;
             for d in to {
                 let t = tls::ClusterDir::new(&d);
@@ -662,14 +818,35 @@ fn cluster(_: &Path, _: ClusterCmd) -> Result<(), String> {
     Err("this aion was built without cluster mode (cargo feature `cluster`)".into())
 }
 
-async fn status(data_dir: &Path, json: bool, timeout: Duration) -> Result<(), String> {
-    let v = control::call(&Paths::new(data_dir).control(), &Request::Status, timeout).await?;
+async fn status(data_dir: &Path, json: bool, node: Option<&str>, timeout: Duration) -> Result<(), String> {
+    let mut v = control::call(&Paths::new(data_dir).control(), &Request::Status, timeout).await?;
+    if let Some(n) = node {
+        let Some(nodes) = v["cluster"]["nodes"].as_array_mut() else {
+            return Err("--node: this runtime is not a cluster master".into());
+        };
+        nodes.retain(|x| x["name"] == n);
+        if nodes.is_empty() {
+            return Err(format!("--node: no node `{n}` in this cluster"));
+        }
+        if v["device_name"] != n {
+            v["instances"] = serde_json::json!([]);
+        }
+    }
     if json {
         out!("{}", serde_json::to_string_pretty(&v).map_err(|e| e.to_string())?);
         return Ok(());
     }
     let r: StatusReport = serde_json::from_value(v).map_err(|e| format!("unexpected status document: {e}"))?;
+    // On a master, every node's instances, each row naming its node.
+    let master_nodes = r.cluster.as_ref().filter(|c| c.role == "master").map(|c| c.nodes.clone());
+    let rows_of: Vec<(String, aion::actors::InstanceStatus)> = match &master_nodes {
+        Some(nodes) => {
+            nodes.iter().flat_map(|n| n.instances.iter().map(move |i| (n.name.clone(), i.clone()))).collect()
+        }
+        None => r.instances.iter().map(|i| (r.device_name.clone(), i.clone())).collect(),
+    };
     let mut rows = vec![[
+        "NODE",
         "SERVICE",
         "INSTANCE",
         "STATE",
@@ -684,8 +861,9 @@ async fn status(data_dir: &Path, json: bool, timeout: Duration) -> Result<(), St
     ]
     .map(String::from)
     .to_vec()];
-    for i in &r.instances {
+    for (node, i) in &rows_of {
         rows.push(vec![
+            if node.is_empty() { "-".to_owned() } else { node.clone() },
             i.service.clone(),
             i.instance.to_string(),
             serde_json::to_value(i.state).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default(),
@@ -724,6 +902,35 @@ async fn status(data_dir: &Path, json: bool, timeout: Duration) -> Result<(), St
             g.sessions,
             g.outputs,
             g.refused
+        );
+    }
+    if let Some(nodes) = &master_nodes {
+        out!("\ncluster (master {}):", r.cluster.as_ref().map_or("", |c| c.master.as_str()));
+        let mut rows =
+            vec![["NODE", "ROLE", "CONNECTED", "LAST SEEN", "VERSION", "ADDR", "INSTANCES"].map(String::from).to_vec()];
+        for n in nodes {
+            rows.push(vec![
+                n.name.clone(),
+                n.role.clone(),
+                if n.connected { "yes".into() } else { "LOST".into() },
+                n.last_seen_ms.map_or_else(|| "never".into(), |ms| format!("{:.1}s ago", ms as f64 / 1000.0)),
+                if n.version.is_empty() { "-".into() } else { n.version.clone() },
+                if n.addr.is_empty() { "-".into() } else { n.addr.clone() },
+                n.instances.len().to_string(),
+            ]);
+        }
+        let widths: Vec<usize> =
+            (0..rows[0].len()).map(|c| rows.iter().map(|r| r[c].len()).max().unwrap_or(0)).collect();
+        for row in &rows {
+            let line: Vec<String> = row.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect();
+            out!("{}", line.join("  ").trim_end());
+        }
+    } else if let Some(c) = r.cluster.as_ref().filter(|c| c.role == "worker") {
+        out!(
+            "\nworker of master {} (control connection {}), assignment {}",
+            c.master,
+            if c.master_connected { "up" } else { "DOWN: running the last assignment" },
+            c.generation
         );
     }
     if let Some(f) = &r.federation {

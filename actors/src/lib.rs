@@ -25,6 +25,8 @@
 
 pub mod backend;
 pub(crate) mod broker;
+#[cfg(feature = "cluster")]
+pub mod cluster;
 pub mod control;
 pub mod export;
 #[cfg(feature = "cluster")]

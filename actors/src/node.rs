@@ -69,9 +69,28 @@ pub struct NodeOptions {
     pub cluster: ClusterOptions,
 }
 
+/// What a runtime is in a cluster.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum ClusterRole {
+    /// Not in a cluster (peer devices of `devices:` may still federate).
+    #[default]
+    Single,
+    /// The master-aion: `aion apply` places the project's services on the nodes.
+    Master,
+    /// A worker-aion of the master at `join` (`host:port`) named `master`.
+    Worker {
+        /// The master's address.
+        join: String,
+        /// The master's device name.
+        master: String,
+    },
+}
+
 /// How this device federates with the others (cluster mode, `docs/cluster.md`).
 #[derive(Debug, Clone)]
 pub struct ClusterOptions {
+    /// Single, master or worker.
+    pub role: ClusterRole,
     /// Accept links from peer devices on this UDP address (QUIC, mutual TLS). `None`: only dial them.
     pub listen: Option<std::net::SocketAddr>,
     /// Per route to another device: how many kanbans its outbox holds in memory (beyond them, durable outboxes
@@ -90,6 +109,7 @@ pub struct ClusterOptions {
 impl Default for ClusterOptions {
     fn default() -> Self {
         ClusterOptions {
+            role: ClusterRole::Single,
             listen: None,
             outbox_kanbans: 65_536,
             outbox_bytes: 64 << 20,
@@ -207,6 +227,12 @@ struct Shared {
     inproc: std::collections::BTreeSet<String>,
     /// One new configuration at a time.
     applying: tokio::sync::Mutex<()>,
+    /// Cluster mode: this node is the master.
+    #[cfg(feature = "cluster")]
+    master: std::sync::OnceLock<Arc<crate::cluster::Master>>,
+    /// Cluster mode: this node is a worker.
+    #[cfg(feature = "cluster")]
+    worker: std::sync::OnceLock<Arc<crate::cluster::WorkerView>>,
 }
 
 /// Applies a new configuration to a running node (see [`Node::apply`]).
@@ -240,6 +266,61 @@ async fn apply(s: &Shared, mut cfg: ServicesFile) -> Result<crate::routing::Chan
     Ok(change)
 }
 
+/// The control plane's way into this node (a weak reference: the node owns the control plane).
+#[cfg(feature = "cluster")]
+fn hooks(s: &Arc<Shared>) -> crate::cluster::NodeHooks {
+    let (a, b) = (Arc::downgrade(s), Arc::downgrade(s));
+    crate::cluster::NodeHooks {
+        apply: Box::new(move |cfg| {
+            let s = a.upgrade();
+            Box::pin(async move {
+                match s {
+                    Some(s) => apply(&s, cfg).await,
+                    None => Err("the runtime is stopping".into()),
+                }
+            })
+        }),
+        instances: Box::new(move || {
+            let s = b.upgrade();
+            Box::pin(async move {
+                match s {
+                    Some(s) => ask(&s.broker, BrokerMsg::Status).await.unwrap_or_default(),
+                    None => Vec::new(),
+                }
+            })
+        }),
+    }
+}
+
+/// Starts the master's or the worker's control plane.
+#[cfg(feature = "cluster")]
+fn start_cluster(s: &Arc<Shared>, c: &ClusterOptions, data_dir: &std::path::Path) {
+    let Some(fed) = s.federation.clone() else { return };
+    match &c.role {
+        ClusterRole::Single => {}
+        ClusterRole::Master => {
+            let m = crate::cluster::Master::new(data_dir, fed.clone(), hooks(s), c.dead_after);
+            let _ = fed.master.set(m.clone());
+            let _ = s.master.set(m);
+        }
+        ClusterRole::Worker { join, master } => {
+            let (view, fut) = crate::cluster::run_worker(
+                data_dir.to_owned(),
+                fed,
+                hooks(s),
+                join.clone(),
+                master.clone(),
+                c.dead_after,
+            );
+            let _ = s.worker.set(view);
+            let _ = s.tasks.spawn("control connection to the master", async move {
+                let why = fut.await;
+                tracing::error!("control connection to the master ended for good: {why}");
+            });
+        }
+    }
+}
+
 fn change_json(c: &crate::routing::Change) -> serde_json::Value {
     serde_json::json!({"added": c.added, "changed": c.changed, "removed": c.removed, "devices": c.devices})
 }
@@ -253,7 +334,13 @@ fn federates(cfg: &ServicesFile, data_dir: &std::path::Path, c: &ClusterOptions)
     {
         let dir = crate::federation::tls::ClusterDir::new(data_dir);
         if dir.has_identity() {
-            return Ok(peers || c.listen.is_some());
+            return Ok(peers || c.listen.is_some() || c.role != ClusterRole::Single);
+        }
+        if c.role != ClusterRole::Single {
+            return Err(NodeError::Cluster(format!(
+                "{} has no cluster identity: a master starts from `aion cluster init`, a worker joins with a token",
+                dir.root.display()
+            )));
         }
         if c.listen.is_some() {
             return Err(NodeError::Cluster(format!(
@@ -570,7 +657,13 @@ impl Node {
             grace: opts.grace,
             inproc: inproc_names,
             applying: tokio::sync::Mutex::new(()),
+            #[cfg(feature = "cluster")]
+            master: std::sync::OnceLock::new(),
+            #[cfg(feature = "cluster")]
+            worker: std::sync::OnceLock::new(),
         });
+        #[cfg(feature = "cluster")]
+        start_cluster(&shared, &opts.cluster, &paths.root);
         let node_shared = shared.clone();
         let control = tasks.spawn("control accept loop", accept_control(shared, control_listener));
         tracing::info!(data_dir = %paths.root.display(), services = cfg.microservices.len(), "runtime started");
@@ -819,6 +912,16 @@ async fn handle_request(s: &Shared, line: &[u8]) -> Vec<u8> {
             s.stop.notify_one();
             ok_reply(&serde_json::json!({}))
         }
+        #[cfg(feature = "cluster")]
+        Request::ClusterRemove { name } => match s.master.get() {
+            Some(m) => match m.remove(&name).await {
+                Ok(()) => ok_reply(&serde_json::json!({"removed": name})),
+                Err(e) => err_reply(e),
+            },
+            None => err_reply("this runtime is not a cluster master (`aion master`)"),
+        },
+        #[cfg(not(feature = "cluster"))]
+        Request::ClusterRemove { .. } => err_reply("this aion was built without cluster mode"),
         Request::Apply { file, yaml } => {
             let loaded = aion_runtime::config::load_str(&file, &yaml);
             drop(guard);
@@ -829,14 +932,31 @@ async fn handle_request(s: &Shared, line: &[u8]) -> Vec<u8> {
                 .map(|d| d.to_string())
                 .collect();
             match loaded.config {
-                Some(cfg) if errors.is_empty() => match apply(s, cfg).await {
-                    Ok(c) => ok_reply(&change_json(&c)),
-                    Err(e) => err_reply(e),
-                },
+                Some(cfg) if errors.is_empty() => {
+                    #[cfg(feature = "cluster")]
+                    if let Some(m) = s.master.get() {
+                        return match m.apply(Some(cfg)).await {
+                            Ok(v) => ok_reply(&v),
+                            Err(e) => err_reply(e),
+                        };
+                    }
+                    match apply(s, cfg).await {
+                        Ok(c) => ok_reply(&change_json(&c)),
+                        Err(e) => err_reply(e),
+                    }
+                }
                 _ => err_reply(format!("not applied: {}", errors.join("; "))),
             }
         }
         Request::Delete => {
+            #[cfg(feature = "cluster")]
+            if let Some(m) = s.master.get() {
+                drop(guard);
+                return match m.apply(None).await {
+                    Ok(v) => ok_reply(&v),
+                    Err(e) => err_reply(e),
+                };
+            }
             let mut cfg = (*s.router.config()).clone();
             cfg.microservices.clear();
             drop(guard);
@@ -922,7 +1042,21 @@ async fn report(s: &Shared) -> StatusReport {
         },
         grpc: grpc_report(s),
         federation: federation_report(s),
+        cluster: cluster_report(s).await,
     }
+}
+
+#[cfg(feature = "cluster")]
+async fn cluster_report(s: &Shared) -> Option<crate::control::ClusterReport> {
+    if let Some(m) = s.master.get() {
+        return Some(m.report().await);
+    }
+    s.worker.get().map(|w| w.report())
+}
+
+#[cfg(not(feature = "cluster"))]
+async fn cluster_report(_: &Shared) -> Option<crate::control::ClusterReport> {
+    None
 }
 
 #[cfg(feature = "cluster")]

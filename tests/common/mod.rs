@@ -33,6 +33,8 @@ pub struct Runtime {
     pub args: Vec<String>,
     /// A command the runtime runs under (`ip netns exec NS`), reused by [`Runtime::crash_and_restart`].
     pub wrapper: Vec<String>,
+    /// The whole command after `--data-dir DIR`, when it is not `run services.yml` (`master …`, `worker …`).
+    pub cmd: Option<Vec<String>>,
 }
 
 impl Runtime {
@@ -73,6 +75,19 @@ impl Runtime {
             .replace("{work}", &work.path().display().to_string());
         let file = work.path().join("services.yml");
         std::fs::write(&file, yaml).expect("write yaml");
+        let mut argv: Vec<String> = vec!["run".into(), file.display().to_string()];
+        if !args.contains(&"--grace") {
+            argv.extend(["--grace".to_owned(), "5".to_owned()]);
+        }
+        argv.extend(args.iter().map(|a| a.to_string()));
+        let mut rt = Self::start_cmd(wrapper, data, work, &argv);
+        rt.cmd = None;
+        rt.args = args.iter().map(|a| a.to_string()).collect();
+        rt
+    }
+
+    /// Runs `aion --data-dir DATA argv…` (under `wrapper`) and waits for its readiness line.
+    pub fn start_cmd(wrapper: &[String], data: tempfile::TempDir, work: tempfile::TempDir, argv: &[String]) -> Runtime {
         let stderr_log = work.path().join("aion.stderr");
         let mut cmd = match wrapper.split_first() {
             Some((prog, rest)) => {
@@ -85,10 +100,7 @@ impl Runtime {
         let mut child = cmd
             .arg("--data-dir")
             .arg(data.path())
-            .arg("run")
-            .arg(&file)
-            .args(if args.contains(&"--grace") { &[][..] } else { &["--grace", "5"][..] })
-            .args(args)
+            .args(argv)
             .env("RUST_LOG", "info")
             .env_remove("AION_HOME")
             .stdin(Stdio::null())
@@ -117,8 +129,9 @@ impl Runtime {
             data,
             work,
             stderr_log,
-            args: args.iter().map(|a| a.to_string()).collect(),
+            args: Vec::new(),
             wrapper: wrapper.to_vec(),
+            cmd: Some(argv.to_vec()),
         };
         if rx.recv_timeout(Duration::from_secs(30)).is_err() {
             panic!("runtime did not become ready:\n{}", rt.stderr());
@@ -309,7 +322,10 @@ impl Runtime {
         self.kill9();
         let data = std::mem::replace(&mut self.data, tempfile::tempdir().expect("tmp"));
         let work = std::mem::replace(&mut self.work, tempfile::tempdir().expect("tmp"));
-        Runtime::start_wrapped(&self.wrapper.clone(), yaml, data, work, args)
+        match self.cmd.clone() {
+            Some(argv) => Runtime::start_cmd(&self.wrapper.clone(), data, work, &argv),
+            None => Runtime::start_wrapped(&self.wrapper.clone(), yaml, data, work, args),
+        }
     }
 }
 

@@ -99,6 +99,63 @@ pub enum Frame {
         /// One past the last committed sequence number.
         upto: u64,
     },
+    // Cluster mode's control between a master-aion and its worker-aions (after the link frames: their postcard
+    // indexes stay as they are).
+    /// Worker → master, first frame of a connection without a certificate: join the cluster with a token.
+    Join {
+        /// The token's id.
+        id: String,
+        /// The token's secret.
+        secret: String,
+        /// The name the worker asks for (its device name).
+        name: String,
+        /// The public key to certify (ECDSA P-256, uncompressed point).
+        public_key: Vec<u8>,
+    },
+    /// Master → worker: the worker's certificate (PEM), the cluster CA (PEM), the revocation list (PEM, may be
+    /// empty) and the master's name.
+    Joined {
+        /// Certificate.
+        cert: String,
+        /// CA certificate.
+        ca: String,
+        /// Revocation list.
+        crl: String,
+        /// The master's device name.
+        master: String,
+    },
+    /// Worker → master, first frame of its control connection (with its certificate).
+    Attach {
+        /// Oldest control version the worker speaks.
+        min: u16,
+        /// Newest control version the worker speaks.
+        max: u16,
+        /// Its name (its certificate must name it).
+        name: String,
+        /// Its aion version.
+        version: String,
+        /// Where it accepts links (`host:port`; an unspecified host means the address it connects from).
+        listen: String,
+        /// The assignment it runs.
+        generation: u64,
+    },
+    /// Master → worker: the configuration it runs (services.yml's model as JSON), numbered.
+    Assign {
+        /// Increases with every change.
+        generation: u64,
+        /// The configuration.
+        config: String,
+    },
+    /// Worker → master, every second (its heartbeat too): its instances (`aion status --json`'s `instances`).
+    Report {
+        /// JSON array.
+        instances: String,
+    },
+    /// Master → worker: the cluster's revocation list changed (PEM).
+    Crl {
+        /// The list.
+        pem: String,
+    },
 }
 
 /// Why a link ends.
@@ -116,6 +173,13 @@ pub enum LinkError {
     /// Nothing heard from the peer for too long (µs).
     #[error("peer silent for {} ms", .0 / 1000)]
     Silent(u64),
+}
+
+impl LinkError {
+    /// The frame that tells the peer why its link is refused.
+    pub fn refusal(&self) -> Frame {
+        Frame::Refuse { reason: self.to_string() }
+    }
 }
 
 /// Heartbeat timing.
@@ -325,15 +389,15 @@ impl Receiver {
     /// device the hello claims (`from`).
     ///
     /// # Errors
-    /// The refusal to send back, and why (the link then closes).
+    /// Why the link is refused ([`LinkError::refusal`] is the frame to send back; the link then closes).
     pub fn accept(
         me: &str,
         hello: Frame,
         window: u32,
         timing: Timing,
         now: u64,
-    ) -> Result<(Receiver, Frame), (Frame, LinkError)> {
-        let refuse = |e: LinkError| (Frame::Refuse { reason: e.to_string() }, e);
+    ) -> Result<(Receiver, Frame), LinkError> {
+        let refuse = |e: LinkError| e;
         let Frame::Hello { min, max, to, .. } = hello else {
             return Err(refuse(LinkError::Protocol(format!("expected a hello, got {}", frame_name(&hello)))));
         };
@@ -417,6 +481,12 @@ fn frame_name(f: &Frame) -> &'static str {
         Frame::Pong { .. } => "pong",
         Frame::Kanbans { .. } => "kanbans",
         Frame::Ack { .. } => "ack",
+        Frame::Join { .. } => "join",
+        Frame::Joined { .. } => "joined",
+        Frame::Attach { .. } => "attach",
+        Frame::Assign { .. } => "assign",
+        Frame::Report { .. } => "report",
+        Frame::Crl { .. } => "crl",
     }
 }
 

@@ -51,6 +51,11 @@ pub enum Request {
     },
     /// Remove every service (the project): their instances stop; durable queues stay in the store.
     Delete,
+    /// Cluster mode, on the master: revoke a node (`aion cluster remove`).
+    ClusterRemove {
+        /// The node.
+        name: String,
+    },
     /// Where an instance's output is (answered with a [`crate::backend::LogSource`]).
     Logs {
         /// Service.
@@ -181,6 +186,45 @@ pub struct StatusReport {
     /// Cluster mode: the links to other devices, when this device federates.
     #[serde(default)]
     pub federation: Option<FederationReport>,
+    /// Cluster mode: on a master, every node and its instances; on a worker, its master.
+    #[serde(default)]
+    pub cluster: Option<ClusterReport>,
+}
+
+/// The master's part of `aion status`: every node and its instances.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct ClusterReport {
+    /// `master` or `worker`.
+    pub role: String,
+    /// The master's name.
+    pub master: String,
+    /// Worker: whether its control connection to the master is up.
+    #[serde(default)]
+    pub master_connected: bool,
+    /// Master: the assignment generation; worker: the one it runs.
+    pub generation: u64,
+    /// Master: every node.
+    #[serde(default)]
+    pub nodes: Vec<NodeReport>,
+}
+
+/// One node in [`ClusterReport`].
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct NodeReport {
+    /// Its name.
+    pub name: String,
+    /// `master` or `worker`.
+    pub role: String,
+    /// Its control connection is up (the master is always connected to itself).
+    pub connected: bool,
+    /// Milliseconds since it was last heard.
+    pub last_seen_ms: Option<u64>,
+    /// Its aion version.
+    pub version: String,
+    /// Where it accepts links.
+    pub addr: String,
+    /// Its instances, as it last reported them.
+    pub instances: Vec<InstanceStatus>,
 }
 
 /// The federation's part of `aion status`.

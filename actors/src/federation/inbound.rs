@@ -69,6 +69,40 @@ async fn serve(f: Arc<Federation>, incoming: quinn::Incoming) {
     };
     let from = match &hello {
         Frame::Hello { from, .. } => from.clone(),
+        Frame::Join { .. } => {
+            let Some(m) = f.master.get().cloned() else {
+                return refuse(&f, "not-master", remote, "this device is not a cluster master".into(), Some(&mut cs))
+                    .await;
+            };
+            match m.join(hello, remote) {
+                Ok(reply) => {
+                    let _ = write_frame(&mut cs, &reply).await;
+                    let _ = cs.finish();
+                    let _ = tokio::time::timeout(Duration::from_secs(2), cs.stopped()).await;
+                }
+                Err((reason, why)) => refuse(&f, reason, remote, format!("join refused: {why}"), Some(&mut cs)).await,
+            }
+            return;
+        }
+        Frame::Attach { name, .. } => {
+            let name = name.clone();
+            let Some(m) = f.master.get().cloned() else {
+                return refuse(&f, "not-master", remote, "this device is not a cluster master".into(), Some(&mut cs))
+                    .await;
+            };
+            match cert.as_ref().map(|c| tls::names(c, &name)) {
+                Some(Ok(())) => {}
+                Some(Err(e)) => {
+                    let why = format!("a node attaches as `{name}`, but {e}");
+                    return refuse(&f, "wrong-name", remote, why, Some(&mut cs)).await;
+                }
+                None => return refuse(&f, "tls", remote, "no client certificate".into(), Some(&mut cs)).await,
+            }
+            let why = m.attach(hello, remote, cs, cr, cdec).await;
+            tracing::debug!(node = %name, "control connection ended: {why}");
+            conn.close(quinn::VarInt::from_u32(0), b"control connection ended");
+            return;
+        }
         other => {
             let why = format!("expected a hello, got {other:?}").chars().take(200).collect();
             return refuse(&f, "protocol", remote, why, Some(&mut cs)).await;
@@ -88,7 +122,8 @@ async fn serve(f: Arc<Federation>, incoming: quinn::Incoming) {
     }
     let (rx, welcome) = match Receiver::accept(&f.me, hello, f.opts.window, timing, mono_us()) {
         Ok(r) => r,
-        Err((reply, e)) => {
+        Err(e) => {
+            let reply = e.refusal();
             let reason = match e {
                 LinkError::Version(..) => "version",
                 LinkError::Refused(_) => "not-for-us",
@@ -183,6 +218,7 @@ async fn link(
     let r: Result<(), String> = tokio::select! {
         r = control => r,
         r = data => r,
+        _ = peer.kick.notified() => Err("revoked".to_owned()),
     };
     r.err().unwrap_or_default()
 }

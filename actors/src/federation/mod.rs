@@ -103,6 +103,8 @@ pub struct Peer {
     /// Kanbans taken from it recently (across its connections), and the lock that makes one of its links
     /// deliver at a time.
     dedup: tokio::sync::Mutex<Dedup>,
+    /// Ends its links from here (revoked).
+    kick: tokio::sync::Notify,
 }
 
 impl Peer {
@@ -122,6 +124,7 @@ impl Peer {
             duplicates: AtomicU64::new(0),
             undeliverable: AtomicU64::new(0),
             dedup: tokio::sync::Mutex::new(Dedup::new(2 * window as usize)),
+            kick: tokio::sync::Notify::new(),
         }
     }
 
@@ -180,6 +183,22 @@ pub struct Federation {
     tasks: Tasks,
     /// The actor that runs the links (once the subtree is built).
     links: std::sync::OnceLock<aion_runtime::actor::Addr<Links>>,
+    /// How this device dials (replaced when the revocation list changes).
+    client: Mutex<quinn::ClientConfig>,
+    /// Cluster mode: this device is the master (it takes joins and its workers' control connections).
+    pub(crate) master: std::sync::OnceLock<Arc<crate::cluster::Master>>,
+    data_dir: std::path::PathBuf,
+}
+
+/// Why a dial failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DialError {
+    /// The TLS handshake failed: a certificate one side refuses (revoked, another CA, another name).
+    #[error("{0}")]
+    Refused(String),
+    /// Unreachable, or no answer.
+    #[error("{0}")]
+    Down(String),
 }
 
 /// Errors starting the federation.
@@ -237,9 +256,8 @@ impl Federation {
         let listen = opts.listen.and_then(|_| socket.local_addr().ok());
         let server = opts.listen.map(|_| tls.server);
         let runtime = Arc::new(quinn::TokioRuntime);
-        let mut endpoint = quinn::Endpoint::new(quinn::EndpointConfig::default(), server, socket, runtime)
+        let endpoint = quinn::Endpoint::new(quinn::EndpointConfig::default(), server, socket, runtime)
             .map_err(|e| FederationError::Bind(bind.to_string(), e))?;
-        endpoint.set_default_client_config(tls.client);
         let f = Federation {
             me: cfg.device_name.clone(),
             peers: Default::default(),
@@ -250,6 +268,9 @@ impl Federation {
             router,
             tasks,
             links: std::sync::OnceLock::new(),
+            client: Mutex::new(tls.client),
+            master: std::sync::OnceLock::new(),
+            data_dir: data_dir.to_owned(),
         };
         f.update_peers();
         Ok(f)
@@ -272,6 +293,49 @@ impl Federation {
                     peers.insert(name.clone(), Arc::new(Peer::new(name, addr, self.opts.window)));
                 }
             }
+        }
+    }
+
+    /// Dials device `name` at `to` (mutual TLS: its certificate must name it).
+    ///
+    /// # Errors
+    /// Why no connection was made: [`DialError::Refused`] when the handshake failed (a certificate one side does
+    /// not take), [`DialError::Down`] otherwise.
+    pub async fn dial(&self, to: SocketAddr, name: &str) -> Result<quinn::Connection, DialError> {
+        let cfg = self.client.lock().map_err(|_| DialError::Down("client config poisoned".to_owned()))?.clone();
+        let connecting =
+            self.endpoint.connect_with(cfg, to, name).map_err(|e| DialError::Down(format!("cannot dial {to}: {e}")))?;
+        let dead = Duration::from_micros(self.opts.timing.dead_after);
+        match tokio::time::timeout(dead, connecting).await {
+            Ok(Ok(c)) => Ok(c),
+            Ok(Err(e @ (quinn::ConnectionError::TransportError(_) | quinn::ConnectionError::ConnectionClosed(_)))) => {
+                Err(DialError::Refused(format!("handshake with {name} at {to} failed: {e}")))
+            }
+            Ok(Err(e)) => Err(DialError::Down(format!("cannot connect to {name} at {to}: {e}"))),
+            Err(_) => Err(DialError::Down(format!("no answer from {to} within {}s", dead.as_secs()))),
+        }
+    }
+
+    /// Loads the certificates again (a new revocation list): new connections, both ways, use them.
+    ///
+    /// # Errors
+    /// The certificates cannot be loaded.
+    pub fn reload_tls(&self) -> Result<(), tls::TlsError> {
+        let t = tls::load(&tls::ClusterDir::new(&self.data_dir), &self.opts.timing)?;
+        if self.listen.is_some() {
+            self.endpoint.set_server_config(Some(t.server));
+        }
+        if let Ok(mut c) = self.client.lock() {
+            *c = t.client;
+        }
+        tracing::info!("cluster certificates and revocation list loaded");
+        Ok(())
+    }
+
+    /// Closes the links from device `name` (it was revoked).
+    pub fn disconnect(&self, name: &str) {
+        if let Some(p) = self.peer(name) {
+            p.kick.notify_waiters();
         }
     }
 
@@ -530,7 +594,7 @@ impl aion_runtime::actor::Actor for Runner {
 
 /// Reads the next frame from a QUIC stream (`None` when the peer finished it). Cancel safe: bytes read stay
 /// in `dec`.
-async fn read_frame(recv: &mut quinn::RecvStream, dec: &mut FrameDecoder) -> Result<Option<Frame>, String> {
+pub(crate) async fn read_frame(recv: &mut quinn::RecvStream, dec: &mut FrameDecoder) -> Result<Option<Frame>, String> {
     use tokio::io::AsyncReadExt as _;
     loop {
         if let Some(f) = dec.decode::<Frame>().map_err(|e| e.to_string())? {
@@ -546,7 +610,7 @@ async fn read_frame(recv: &mut quinn::RecvStream, dec: &mut FrameDecoder) -> Res
 }
 
 /// Writes one frame.
-async fn write_frame(send: &mut quinn::SendStream, f: &Frame) -> Result<(), String> {
+pub(crate) async fn write_frame(send: &mut quinn::SendStream, f: &Frame) -> Result<(), String> {
     let mut buf = Vec::new();
     aion_transport::codec::encode_into(f, &mut buf).map_err(|e| e.to_string())?;
     send.write_all(&buf).await.map_err(|e| e.to_string())

@@ -227,27 +227,15 @@ async fn resolve(addr: &str) -> Result<std::net::SocketAddr, String> {
 
 /// One connection: dial, hello, then the three loops until one ends.
 async fn connection(f: &Federation, peer: &Peer, pump: &Pump) -> End {
-    let timing = f.opts.timing;
-    let dead = Duration::from_micros(timing.dead_after);
     let Some(addr) = peer.addr() else { return End::Down("no address".into()) };
     let to = match resolve(&addr).await {
         Ok(a) => a,
         Err(e) => return End::Down(e),
     };
-    let connecting = match f.endpoint.connect(to, &peer.name) {
+    let conn = match f.dial(to, &peer.name).await {
         Ok(c) => c,
-        Err(e) => return End::Down(format!("cannot dial {to}: {e}")),
-    };
-    let conn = match tokio::time::timeout(dead, connecting).await {
-        Ok(Ok(c)) => c,
-        Ok(Err(quinn::ConnectionError::TransportError(e))) => {
-            return End::Refused(format!("TLS handshake with {to} failed: {e}"))
-        }
-        Ok(Err(quinn::ConnectionError::ConnectionClosed(c))) => {
-            return End::Refused(format!("{to} closed the handshake: {c}"))
-        }
-        Ok(Err(e)) => return End::Down(format!("cannot connect to {to}: {e}")),
-        Err(_) => return End::Down(format!("no answer from {to} within {}s", dead.as_secs())),
+        Err(super::DialError::Refused(e)) => return End::Refused(e),
+        Err(super::DialError::Down(e)) => return End::Down(e),
     };
     peer.connects.fetch_add(1, Ordering::Relaxed);
     let end = open_link(f, peer, pump, &conn).await;

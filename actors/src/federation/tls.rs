@@ -216,21 +216,28 @@ pub fn issue(dir: &ClusterDir, name: &str) -> Result<Identity, TlsError> {
     let ca = std::fs::read_to_string(dir.ca_cert()).map_err(io(&dir.ca_cert()))?;
     let issuer = Issuer::new(ca_params(), ca_key);
     let key = KeyPair::generate().map_err(bad("generating the node key"))?;
+    let p = node_params(name)?;
+    let cert = p.signed_by(&key, &issuer).map_err(bad("signing the node certificate"))?;
+    create_dir(&dir.issued())?;
+    if let Some(sn) = &p.serial_number {
+        write_public(&dir.issued().join(format!("{name}.serial")), &format!("{}\n", hex(sn.as_ref())))?;
+    }
+    Ok(Identity { name: name.to_owned(), cert: cert.pem(), key: key.serialize_pem(), ca })
+}
+
+/// The parameters of a node certificate for `name`: valid [`NODE_CERT_DAYS`], for both ends of a link.
+fn node_params(name: &str) -> Result<CertificateParams, TlsError> {
     let mut p = CertificateParams::new(vec![name.to_owned()]).map_err(bad(format!("device name `{name}`")))?;
     let mut dn = DistinguishedName::new();
     dn.push(DnType::CommonName, name);
     p.distinguished_name = dn;
-    let sn = serial()?;
-    p.serial_number = Some(sn.clone());
+    p.serial_number = Some(serial()?);
     p.not_before = now() - Duration::from_secs(300);
     p.not_after = now() + time::Duration::days(NODE_CERT_DAYS);
     p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
     p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
     p.use_authority_key_identifier_extension = true;
-    let cert = p.signed_by(&key, &issuer).map_err(bad("signing the node certificate"))?;
-    create_dir(&dir.issued())?;
-    write_public(&dir.issued().join(format!("{name}.serial")), &format!("{}\n", hex(sn.as_ref())))?;
-    Ok(Identity { name: name.to_owned(), cert: cert.pem(), key: key.serialize_pem(), ca })
+    Ok(p)
 }
 
 /// Installs `id` as the identity of the data dir whose cluster directory is `dir` (with the current revocation
@@ -301,6 +308,277 @@ fn unhex(s: &str) -> Option<Vec<u8>> {
         .flatten()
 }
 
+/// SHA-256, hex.
+fn sha256_hex(data: &[u8]) -> String {
+    hex(ring::digest::digest(&ring::digest::SHA256, data).as_ref())
+}
+
+fn random_hex(n: usize) -> Result<String, TlsError> {
+    let mut b = vec![0u8; n];
+    getrandom::getrandom(&mut b).map_err(|e| TlsError::Bad(format!("no randomness: {e}")))?;
+    Ok(hex(&b))
+}
+
+/// The pin of the cluster CA in `dir`: the first 16 bytes (hex) of the SHA-256 of its certificate (DER).
+///
+/// # Errors
+/// No readable CA certificate.
+pub fn ca_pin(dir: &ClusterDir) -> Result<String, TlsError> {
+    let der = CertificateDer::from_pem_file(dir.ca_cert())
+        .map_err(|e| TlsError::Bad(format!("{}: {e}", dir.ca_cert().display())))?;
+    Ok(sha256_hex(der.as_ref())[..32].to_owned())
+}
+
+/// A join token's parts: `aion1:<id>:<secret>:<CA pin>:<master name>`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Token {
+    /// Which token.
+    pub id: String,
+    /// Its secret.
+    pub secret: String,
+    /// The cluster CA's pin (the worker checks the master against it before trusting anything).
+    pub pin: String,
+    /// The master's device name (the name its certificate carries).
+    pub master: String,
+}
+
+impl Token {
+    /// Parses a token as `aion cluster token` printed it.
+    ///
+    /// # Errors
+    /// Not a token.
+    pub fn parse(s: &str) -> Result<Token, TlsError> {
+        let bad = || {
+            TlsError::Bad("not a join token (expected aion1:… as printed by `aion cluster token` on the master)".into())
+        };
+        let mut it = s.trim().splitn(5, ':');
+        if it.next() != Some("aion1") {
+            return Err(bad());
+        }
+        let mut part = || it.next().filter(|p| !p.is_empty()).map(str::to_owned).ok_or_else(bad);
+        Ok(Token { id: part()?, secret: part()?, pin: part()?, master: part()? })
+    }
+}
+
+impl std::fmt::Display for Token {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "aion1:{}:{}:{}:{}", self.id, self.secret, self.pin, self.master)
+    }
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct StoredToken {
+    id: String,
+    /// SHA-256 of the secret (the secret itself is not kept).
+    hash: String,
+    expires_ms: u64,
+    used: bool,
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Runs `f` on the stored tokens under an exclusive lock of the file (the CLI mints while the master consumes).
+fn with_tokens<R>(
+    dir: &ClusterDir,
+    f: impl FnOnce(&mut Vec<StoredToken>) -> Result<R, TlsError>,
+) -> Result<R, TlsError> {
+    use std::io::{Read, Seek, Write};
+    let path = dir.root.join("tokens.json");
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .map_err(io(&path))?;
+    let lock = nix::fcntl::Flock::lock(file.try_clone().map_err(io(&path))?, nix::fcntl::FlockArg::LockExclusive)
+        .map_err(|(_, e)| TlsError::Io(path.display().to_string(), e.into()))?;
+    let mut text = String::new();
+    file.read_to_string(&mut text).map_err(io(&path))?;
+    let mut tokens: Vec<StoredToken> = if text.trim().is_empty() {
+        Vec::new()
+    } else {
+        serde_json::from_str(&text).map_err(|e| TlsError::Bad(format!("{}: {e}", path.display())))?
+    };
+    let r = f(&mut tokens)?;
+    // Expired and used tokens are forgotten after a day.
+    let now = now_ms();
+    tokens.retain(|t| t.expires_ms + 86_400_000 > now);
+    let out = serde_json::to_string(&tokens).map_err(|e| TlsError::Bad(e.to_string()))?;
+    file.set_len(0).map_err(io(&path))?;
+    file.seek(std::io::SeekFrom::Start(0)).map_err(io(&path))?;
+    file.write_all(out.as_bytes()).map_err(io(&path))?;
+    file.sync_all().map_err(io(&path))?;
+    drop(lock);
+    Ok(r)
+}
+
+/// Mints a single-use join token valid for `ttl`, for the master `master` whose CA is in `dir`.
+///
+/// # Errors
+/// No CA here, or the token file cannot be written.
+pub fn mint_token(dir: &ClusterDir, master: &str, ttl: std::time::Duration) -> Result<Token, TlsError> {
+    if !dir.is_ca() {
+        return Err(TlsError::Bad(format!(
+            "{} holds no cluster CA: tokens are minted on the master (`aion cluster init`)",
+            dir.root.display()
+        )));
+    }
+    let t = Token { id: random_hex(4)?, secret: random_hex(16)?, pin: ca_pin(dir)?, master: master.to_owned() };
+    let stored = StoredToken {
+        id: t.id.clone(),
+        hash: sha256_hex(t.secret.as_bytes()),
+        expires_ms: now_ms() + ttl.as_millis() as u64,
+        used: false,
+    };
+    with_tokens(dir, |v| {
+        v.push(stored);
+        Ok(())
+    })?;
+    Ok(t)
+}
+
+/// Uses up token `id` if `secret` is its secret and it is neither expired nor used.
+///
+/// # Errors
+/// Why the token is refused (unknown, wrong secret, expired, used).
+pub fn consume_token(dir: &ClusterDir, id: &str, secret: &str) -> Result<(), TlsError> {
+    let hash = sha256_hex(secret.as_bytes());
+    with_tokens(dir, |v| {
+        let t = v.iter_mut().find(|t| t.id == id).ok_or_else(|| TlsError::Bad("unknown join token".into()))?;
+        // Digests of equal length compared in constant time.
+        let differ =
+            t.hash.len() != hash.len() || t.hash.bytes().zip(hash.bytes()).fold(0u8, |acc, (a, b)| acc | (a ^ b)) != 0;
+        if differ {
+            return Err(TlsError::Bad("wrong join token secret".into()));
+        }
+        if t.used {
+            return Err(TlsError::Bad("join token already used (tokens are single-use)".into()));
+        }
+        if t.expires_ms <= now_ms() {
+            return Err(TlsError::Bad("join token expired".into()));
+        }
+        t.used = true;
+        Ok(())
+    })
+}
+
+/// A public key sent by a joining worker (ECDSA P-256, uncompressed point).
+struct RawKey(Vec<u8>);
+
+impl rcgen::PublicKeyData for RawKey {
+    fn der_bytes(&self) -> &[u8] {
+        &self.0
+    }
+    fn algorithm(&self) -> &'static rcgen::SignatureAlgorithm {
+        &rcgen::PKCS_ECDSA_P256_SHA256
+    }
+}
+
+/// Issues a certificate for device `name` on a public key the CA never sees the private half of (a joining
+/// worker's): returns the certificate and the CA (PEM).
+///
+/// # Errors
+/// No CA key, an unusable name, or a key that is not an ECDSA P-256 point.
+pub fn issue_for_key(dir: &ClusterDir, name: &str, public_key: &[u8]) -> Result<(String, String), TlsError> {
+    check_name(name)?;
+    if public_key.len() != 65 || public_key[0] != 4 {
+        return Err(TlsError::Bad("the public key is not an ECDSA P-256 point".into()));
+    }
+    let ca_key_pem = std::fs::read_to_string(dir.ca_key()).map_err(io(&dir.ca_key()))?;
+    let ca_key = KeyPair::from_pem(&ca_key_pem).map_err(bad("reading the CA key"))?;
+    let ca = std::fs::read_to_string(dir.ca_cert()).map_err(io(&dir.ca_cert()))?;
+    let issuer = Issuer::new(ca_params(), ca_key);
+    let p = node_params(name)?;
+    let cert = p.signed_by(&RawKey(public_key.to_vec()), &issuer).map_err(bad("signing the node certificate"))?;
+    create_dir(&dir.issued())?;
+    if let Some(sn) = &p.serial_number {
+        write_public(&dir.issued().join(format!("{name}.serial")), &format!("{}\n", hex(sn.as_ref())))?;
+    }
+    Ok((cert.pem(), ca))
+}
+
+/// A new key pair for a joining worker: the private key (PEM) and the public point to send.
+///
+/// # Errors
+/// No randomness.
+pub fn new_key() -> Result<(String, Vec<u8>), TlsError> {
+    let key = KeyPair::generate().map_err(bad("generating a key"))?;
+    Ok((key.serialize_pem(), key.public_key_raw().to_vec()))
+}
+
+/// Checks the master's certificate during a join, before the worker has the CA: the chain the master sends must
+/// hold a CA whose pin is the token's, and the certificate must be that CA's and name the master.
+#[derive(Debug)]
+struct PinnedCa {
+    pin: String,
+    provider: Arc<rustls::crypto::CryptoProvider>,
+}
+
+impl rustls::client::danger::ServerCertVerifier for PinnedCa {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp: &[u8],
+        now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        let ca = intermediates
+            .iter()
+            .find(|c| sha256_hex(c.as_ref()).starts_with(&self.pin))
+            .ok_or_else(|| rustls::Error::General("the master's CA is not the one the join token pins".into()))?;
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(ca.clone().into_owned())?;
+        rustls::client::WebPkiServerVerifier::builder_with_provider(Arc::new(roots), self.provider.clone())
+            .build()
+            .map_err(|e| rustls::Error::General(e.to_string()))?
+            .verify_server_cert(end_entity, &[], server_name, ocsp, now)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.provider.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// The QUIC client configuration of a join: no client certificate (the token is the credential), the master
+/// checked against the token's CA pin.
+///
+/// # Errors
+/// A TLS configuration error.
+pub fn join_client(pin: &str) -> Result<quinn::ClientConfig, TlsError> {
+    let provider = provider();
+    let mut c = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| TlsError::Bad(e.to_string()))?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(PinnedCa { pin: pin.to_owned(), provider }))
+        .with_no_client_auth();
+    c.alpn_protocols = vec![aion_transport::federation::ALPN.to_vec()];
+    let q = quinn::crypto::rustls::QuicClientConfig::try_from(c).map_err(|e| TlsError::Bad(e.to_string()))?;
+    Ok(quinn::ClientConfig::new(Arc::new(q)))
+}
+
 /// This device's loaded identity and the TLS configurations of its links.
 pub struct Tls {
     /// The name in its certificate.
@@ -346,20 +624,27 @@ pub fn load(dir: &ClusterDir, timing: &aion_transport::federation::Timing) -> Re
         Vec::new()
     };
     let mut roots = rustls::RootCertStore::empty();
+    let ca_chain = ca.clone();
     for c in ca {
         roots.add(c).map_err(|e| TlsError::Bad(format!("{}: {e}", dir.ca_cert().display())))?;
     }
     let roots = Arc::new(roots);
     let tls_err = |what: &'static str| move |e: rustls::Error| TlsError::Bad(format!("{what}: {e}"));
-    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(roots.clone(), provider())
-        .with_crls(crls.clone())
-        .build()
-        .map_err(|e| TlsError::Bad(format!("client verifier: {e}")))?;
+    let mut verifier =
+        rustls::server::WebPkiClientVerifier::builder_with_provider(roots.clone(), provider()).with_crls(crls.clone());
+    if dir.is_ca() {
+        // The master takes joins: a connection without a certificate may only present a join token.
+        verifier = verifier.allow_unauthenticated();
+    }
+    let verifier = verifier.build().map_err(|e| TlsError::Bad(format!("client verifier: {e}")))?;
+    // The CA goes with this device's certificate: a joining worker checks it against its token's pin.
+    let mut server_chain = chain.clone();
+    server_chain.extend(ca_chain);
     let mut server = rustls::ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(tls_err("TLS versions"))?
         .with_client_cert_verifier(verifier)
-        .with_single_cert(chain.clone(), key.clone_key())
+        .with_single_cert(server_chain, key.clone_key())
         .map_err(tls_err("this device's certificate"))?;
     server.alpn_protocols = vec![aion_transport::federation::ALPN.to_vec()];
     let server_verifier = rustls::client::WebPkiServerVerifier::builder_with_provider(roots, provider())

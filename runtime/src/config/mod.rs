@@ -8,7 +8,7 @@ mod load;
 pub mod yaml;
 
 pub use load::{load_file, load_str};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::fmt;
 
@@ -89,7 +89,7 @@ impl Loaded {
 }
 
 /// The whole file (AION `AionSetting`).
-#[derive(Debug, Clone, PartialEq, Serialize, Default)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "camelCase")]
 pub struct ServicesFile {
     /// This device's name (`DEVICE_NAME` of every microservice).
@@ -103,7 +103,7 @@ pub struct ServicesFile {
 }
 
 /// A peer device (`devices.<name>`).
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Device {
     /// IP or host name.
@@ -131,7 +131,7 @@ impl Default for Device {
 }
 
 /// One `nextService` target.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NextService {
     /// Target microservice.
     pub name: String,
@@ -153,7 +153,7 @@ impl NextService {
 }
 
 /// A container/Service port.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Port {
     /// Port name (unique per service).
@@ -167,7 +167,7 @@ pub struct Port {
 }
 
 /// A `volumeMountPathList` entry: `<containerPath>:<hostPath>[:Bidirectional]` (container first, as AION).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct VolumeMount {
     /// Path inside the container.
@@ -179,7 +179,7 @@ pub struct VolumeMount {
 }
 
 /// `resources.requests` / `resources.limits`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
 pub struct ResourceConfig {
     /// Memory quantity, e.g. `512Mi`.
     pub memory: String,
@@ -188,7 +188,7 @@ pub struct ResourceConfig {
 }
 
 /// `resources`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
 pub struct Resources {
     /// Requests.
     pub requests: ResourceConfig,
@@ -197,7 +197,7 @@ pub struct Resources {
 }
 
 /// A microservice (`microservices.<name>`).
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Microservice {
     /// The map key: process/pod name and image name.
@@ -247,7 +247,7 @@ pub struct Microservice {
 }
 
 /// How kanbans queued for a service are kept.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum Delivery {
     /// In the embedded store until the service acknowledges them: they survive a crash of the runtime.

@@ -34,12 +34,12 @@ fn hellos_the_receiver_must_refuse() {
     let t = Timing::default();
     let hello = |min, max, to: &str| Frame::Hello { min, max, from: "a".into(), to: to.into() };
     let err = |f| Receiver::accept("b", f, 8, t, 0).expect_err("refused");
-    let (reply, e) = err(hello(VERSION_MAX + 1, VERSION_MAX + 5, "b"));
+    let e = err(hello(VERSION_MAX + 1, VERSION_MAX + 5, "b"));
     assert_eq!(e, LinkError::Version(VERSION_MAX + 1, VERSION_MAX + 5));
-    assert!(matches!(reply, Frame::Refuse { reason } if reason.contains("no protocol version in common")));
-    assert_eq!(err(hello(5, 1, "b")).1, LinkError::Version(5, 1), "an empty range");
-    assert!(matches!(err(hello(1, 1, "c")).1, LinkError::Refused(r) if r.contains("not `c`")), "wrong device");
-    assert!(matches!(err(Frame::Ping { nonce: 1 }).1, LinkError::Protocol(_)), "not a hello");
+    assert!(matches!(e.refusal(), Frame::Refuse { reason } if reason.contains("no protocol version in common")));
+    assert_eq!(err(hello(5, 1, "b")), LinkError::Version(5, 1), "an empty range");
+    assert!(matches!(err(hello(1, 1, "c")), LinkError::Refused(r) if r.contains("not `c`")), "wrong device");
+    assert!(matches!(err(Frame::Ping { nonce: 1 }), LinkError::Protocol(_)), "not a hello");
 }
 
 #[test]
