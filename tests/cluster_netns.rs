@@ -1,4 +1,5 @@
-//! Cluster mode across real network namespaces: each device is an `aion` process on its own host (a namespace
+//! Cluster mode across real network namespaces: a master-aion and two worker-aions, each an `aion` process on
+//! its own host (a namespace
 //! with a veth into a bridge, addresses in 10.231.0.0/24), so kanbans cross real UDP between hosts, and faults are
 //! real: a bridge port taken down, packets dropped by nftables.
 //!
@@ -148,16 +149,6 @@ fn aion(dir: &Path, args: &[&str]) {
     assert!(out.status.success(), "aion {args:?}: {}", String::from_utf8_lossy(&out.stderr));
 }
 
-/// Data dirs with identities for `names` (the CA in the first).
-fn identities(names: &[&str]) -> Vec<tempfile::TempDir> {
-    let dirs: Vec<tempfile::TempDir> = names.iter().map(|_| tempfile::tempdir().expect("tmp")).collect();
-    aion(dirs[0].path(), &["cluster", "init", "--name", names[0]]);
-    for (n, d) in names.iter().zip(&dirs).skip(1) {
-        aion(dirs[0].path(), &["cluster", "issue", n, "--out", &d.path().display().to_string()]);
-    }
-    dirs
-}
-
 fn device<'a>(status: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {
     status["federation"]["devices"]
         .as_array()
@@ -179,60 +170,76 @@ fn all_in_order(sink: &Runtime, n: u64, limit: Duration) -> usize {
     s.len() - firsts.len()
 }
 
-/// `a` (host 1): source > relay on `b` (host 2): relay > sink on `c` (host 3). Every device lists the others.
-fn three_devices(h: &Hosts, n: u64) -> (Runtime, Runtime, Runtime) {
-    let dirs = identities(&["a", "b", "c"]);
-    let devices = format!(
-        "devices:\n  a: {{ addr: \"{}\" }}\n  b: {{ addr: \"{}\" }}\n  c: {{ addr: \"{}\" }}\n",
-        h.addr(1),
-        h.addr(2),
-        h.addr(3)
-    );
-    let a = format!(
-        "deviceName: a\n{devices}microservices:\n  source:\n    command: [\"{{testkit}}\"]\n    startup: yes\n    env: {{ EMIT_COUNT: {n}, CHUNK: 500 }}\n    nextService: {{ default: [ {{ name: relay, device: b }} ] }}\n"
-    );
-    let b = format!(
-        "deviceName: b\n{devices}microservices:\n  relay:\n    command: [\"{{testkit}}\"]\n    always: yes\n    env: {{ FORWARD: 1 }}\n    nextService: {{ default: [ {{ name: sink, device: c }} ] }}\n"
-    );
-    let c = format!(
-        "deviceName: c\n{devices}microservices:\n  sink:\n    command: [\"{{testkit}}\"]\n    always: yes\n    env: {{ RECORD: \"{{work}}/sink.jsonl\" }}\n"
-    );
-    let mut dirs: Vec<Option<tempfile::TempDir>> = dirs.into_iter().map(Some).collect();
-    let mut start = |i: usize, yaml: &str| {
-        let listen = format!("{}:11030", h.addr(i));
-        let dir = dirs[i - 1].take().expect("dir");
-        Runtime::start_wrapped(&h.on(i), yaml, dir, tempfile::tempdir().expect("tmp"), &["--listen", &listen])
+/// A cluster on three hosts: worker `w1` (host 1) runs the source, worker `w2` (host 2) the relay, the master
+/// `m` (host 3) the sink: `source > relay > sink`, placed by `targetNode`.
+fn three_nodes(h: &Hosts, n: u64) -> (Runtime, Runtime, Runtime) {
+    let mdata = tempfile::tempdir().expect("tmp");
+    aion(mdata.path(), &["cluster", "init", "--name", "m"]);
+    let token = |dir: &Path| {
+        let out = Command::new(AION).arg("--data-dir").arg(dir).args(["cluster", "token"]).output().expect("token");
+        String::from_utf8_lossy(&out.stdout).lines().last().expect("token").trim().to_owned()
     };
-    let rc = start(3, &c);
-    let rb = start(2, &b);
-    let ra = start(1, &a);
-    (ra, rb, rc)
+    let (t1, t2) = (token(mdata.path()), token(mdata.path()));
+    let master_addr = format!("{}:11030", h.addr(3));
+    let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<String>>();
+    let tmp = || tempfile::tempdir().expect("tmp");
+    let m = Runtime::start_cmd(&h.on(3), mdata, tmp(), &s(&["master", "--name", "m", "--listen", &master_addr]));
+    let w = |i: usize, t: &str, name: &str| {
+        let listen = format!("{}:11030", h.addr(i));
+        Runtime::start_cmd(
+            &h.on(i),
+            tmp(),
+            tmp(),
+            &s(&["worker", "--join", &master_addr, "--token", t, "--name", name, "--listen", &listen]),
+        )
+    };
+    let (w1, w2) = (w(1, &t1, "w1"), w(2, &t2, "w2"));
+    m.wait_status("both workers attached", |st| {
+        st["cluster"]["nodes"].as_array().is_some_and(|a| a.iter().filter(|x| x["connected"] == true).count() == 3)
+    });
+    let project = format!(
+        "microservices:\n  source:\n    command: [\"{kit}\"]\n    startup: yes\n    targetNode: w1\n    env: {{ EMIT_COUNT: {n}, CHUNK: 500 }}\n    nextService: {{ default: [ {{ name: relay }} ] }}\n  relay:\n    command: [\"{kit}\"]\n    always: yes\n    targetNode: w2\n    env: {{ FORWARD: 1 }}\n    nextService: {{ default: [ {{ name: sink }} ] }}\n  sink:\n    command: [\"{kit}\"]\n    always: yes\n    env: {{ RECORD: \"{work}/sink.jsonl\" }}\n",
+        kit = common::example("testkit"),
+        work = m.work.path().display()
+    );
+    let f = m.path("project.yml");
+    std::fs::write(&f, project).expect("write");
+    let (ok, _, err) = m.cli(&["apply", &f.display().to_string()]);
+    assert!(ok, "{err}");
+    (w1, w2, m)
 }
 
 #[test]
 fn a_pipeline_across_three_hosts_survives_a_thirty_second_link_cut() {
     let Some(h) = Hosts::new('c', 3) else { return };
     let n = 100_000;
-    let (a, b, c) = three_devices(&h, n);
+    let (a, b, c) = three_nodes(&h, n);
     wait_until("the flow to start", Duration::from_secs(60), || {
         (common::line_count(&c.path("sink.jsonl")) >= 5_000).then_some(())
     });
     h.link(2, false);
     let cut = std::time::Instant::now();
-    // Both neighbours see b's link go down within the heartbeat bound; kanbans wait in a's outbox.
-    let st = a.wait_status("a to see b lost with kanbans waiting", |s| {
-        device(s, "b")["state"] != "up" && device(s, "b")["outbox"].as_u64().unwrap_or(0) > 0
+    // w1 sees w2's link go down within the heartbeat bound, kanbans wait in its outbox; the master shows w2 lost.
+    let st = a.wait_status("w1 to see w2 lost with kanbans waiting", |s| {
+        device(s, "w2")["state"] != "up" && device(s, "w2")["outbox"].as_u64().unwrap_or(0) > 0
     });
-    eprintln!("a saw b lost after {:?}: {}", cut.elapsed(), device(&st, "b"));
+    eprintln!("w1 saw w2 lost after {:?}: {}", cut.elapsed(), device(&st, "w2"));
     assert!(cut.elapsed() < Duration::from_secs(15), "lost within a few seconds");
+    c.wait_status("the master to show w2 lost", |s| {
+        s["cluster"]["nodes"].as_array().is_some_and(|a| a.iter().any(|x| x["name"] == "w2" && x["connected"] == false))
+    });
     let before = common::line_count(&c.path("sink.jsonl"));
     std::thread::sleep(Duration::from_secs(30).saturating_sub(cut.elapsed()));
     h.link(2, true);
     let dups = all_in_order(&c, n, Duration::from_secs(300));
     eprintln!("{before} at the sink when the link was cut; {dups} duplicates after healing");
     assert_eq!(dups, 0, "a cut link loses nothing and repeats nothing (the receivers recognise what comes again)");
-    let sa = a.wait_status("a's outbox to drain", |s| device(s, "b")["outbox"] == 0 && device(s, "b")["state"] == "up");
-    assert!(device(&sa, "b")["resent"].as_u64().is_some(), "{sa}");
+    let sa =
+        a.wait_status("w1's outbox to drain", |s| device(s, "w2")["outbox"] == 0 && device(s, "w2")["state"] == "up");
+    assert!(device(&sa, "w2")["resent"].as_u64().is_some(), "{sa}");
+    c.wait_status("the master to show w2 back", |s| {
+        s["cluster"]["nodes"].as_array().is_some_and(|a| a.iter().all(|x| x["connected"] == true))
+    });
     drop(b);
 }
 
@@ -241,26 +248,24 @@ fn ten_percent_packet_loss_loses_no_kanban() {
     let Some(h) = Hosts::new('l', 3) else { return };
     let n = 20_000;
     h.loss(2, 10);
-    let (_a, _b, c) = three_devices(&h, n);
+    let (_a, _b, c) = three_nodes(&h, n);
     let dups = all_in_order(&c, n, Duration::from_secs(300));
     assert_eq!(dups, 0);
 }
 
 #[test]
-fn a_device_killed_mid_flow_on_its_host_loses_nothing() {
+fn a_worker_killed_mid_flow_on_its_host_loses_nothing() {
     let Some(h) = Hosts::new('k', 3) else { return };
     let n = 50_000;
-    let (_a, mut b, c) = three_devices(&h, n);
+    let (_a, mut b, c) = three_nodes(&h, n);
     wait_until("the flow to start", Duration::from_secs(60), || {
         (common::line_count(&c.path("sink.jsonl")) >= 5_000).then_some(())
     });
-    let args: Vec<String> = b.args.clone();
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let yaml = std::fs::read_to_string(b.path("services.yml")).expect("yaml");
-    let b2 = b.crash_and_restart_with(&yaml, &args);
+    // The worker restarts with its certificate and last assignment (no token needed).
+    let b2 = b.crash_and_restart("");
     let dups = all_in_order(&c, n, Duration::from_secs(300));
-    eprintln!("{dups} duplicates after b was killed and restarted");
-    // b's relay had at most its window in flight, and b at most one credit window unacknowledged on each link.
+    eprintln!("{dups} duplicates after w2 was killed and restarted");
+    // w2's relay had at most its window in flight, and w2 at most one credit window unacknowledged on each link.
     assert!(dups <= 2 * 4096 + 1024, "{dups}");
     drop(b2);
 }
