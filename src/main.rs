@@ -558,8 +558,9 @@ fn master(data_dir: &Path, name: &str, mut flags: RunFlags) -> Result<(), String
         return Err("aion master needs --listen ADDR (UDP, where workers join and links arrive)".into());
     }
     let current = std::fs::read_to_string(dir.node_name()).unwrap_or_default();
-    if current.trim() != name {
-        // The master holds the CA: it gives itself an identity for the name it runs as.
+    let expiring = tls::expires_in(&dir).is_some_and(|s| s < tls::RENEW_BEFORE_SECS);
+    if current.trim() != name || expiring {
+        // The master holds the CA: it gives itself an identity for the name it runs as (and renews it).
         let id = tls::issue(&dir, name).map_err(|e| e.to_string())?;
         tls::install(&dir, &id).map_err(|e| e.to_string())?;
     }

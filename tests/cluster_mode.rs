@@ -254,3 +254,25 @@ fn bad_tokens_are_refused_and_a_removed_node_is_cut_off() {
     });
     w2.wait_status("w2 sees its master connection down", |s| s["cluster"]["master_connected"] == false);
 }
+
+#[test]
+fn a_certificate_close_to_its_expiry_is_renewed_when_the_worker_attaches() {
+    let c = cluster(&["w1"]);
+    c.master.wait_status("w1 attached", |s| all_connected(s, &["m", "w1"]));
+    let mut w1 = c.workers.into_iter().next().expect("w1");
+    let dir = w1.data.path().join("cluster");
+    let cert_before = std::fs::read_to_string(dir.join("node.pem")).expect("cert");
+    // Ten days left: the next attach renews it.
+    let soon = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() + 10 * 86_400;
+    std::fs::write(dir.join("node.expires"), format!("{soon}\n")).expect("write");
+    let w1b = w1.crash_and_restart("");
+    wait_until("the certificate renewed", Duration::from_secs(30), || {
+        let left: u64 = std::fs::read_to_string(dir.join("node.expires")).ok()?.trim().parse().ok()?;
+        (left > soon + 300 * 86_400).then_some(())
+    });
+    assert_ne!(std::fs::read_to_string(dir.join("node.pem")).expect("cert"), cert_before);
+    // The renewed certificate is used: w1 attaches again after a restart.
+    let mut w1b = w1b;
+    let w1c = w1b.crash_and_restart("");
+    w1c.wait_status("w1 attached with its renewed certificate", |s| s["cluster"]["master_connected"] == true);
+}

@@ -21,6 +21,9 @@
 //! - `STATICS=1`: put two static kanbans on topic `t`, delete the first, subscribe, and record what it sees.
 //! - `HANG_AT=s`: hang (sleep for ever, without acknowledging) on the kanban with `seq == s`.
 //! - `START_MS=n`: sleep n ms at the start, before anything else (a slow start: loading a model).
+//! - `RATE=r`: with `EMIT_COUNT`, emit at r kanbans per second (paced from the first), flushing each.
+//! - `STAMP=1`: outputs carry `metadata.t_us` (wall-clock µs at emission); a sink that records adds `lat_us`
+//!   (now − `t_us`) to each line: the hop latency, across processes and hosts of one machine.
 //! - `EMIT_FOREVER=1` with `TICK_MS=n`: on its first kanban (a seed), emit an output with `metadata.seq` 1, 2, …
 //!   every n ms, for ever (a source that holds its seed kanban for its whole life).
 use aion_sdk::{metadata_to_json, Ctx, Error, Kanban, Output, Service, Value};
@@ -42,6 +45,12 @@ struct Kit {
     start_ms: u64,
     forever_tick: Option<u64>,
     hang_at: Option<u64>,
+    rate: Option<f64>,
+    stamp: bool,
+}
+
+fn wall_us() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_micros() as u64)
 }
 
 impl Kit {
@@ -81,8 +90,16 @@ impl Service for Kit {
         } else {
             1
         };
+        let paced_from = tokio::time::Instant::now();
         for i in first..=self.emit {
+            if let Some(r) = self.rate {
+                let at = paced_from + std::time::Duration::from_secs_f64((i - first) as f64 / r);
+                tokio::time::sleep_until(at).await;
+            }
             let mut out = Output::new().meta("seq", i).meta("origin_instance", u64::from(ctx.process_number()));
+            if self.stamp {
+                out = out.meta("t_us", wall_us());
+            }
             if self.pad > 0 && self.pad_seq.is_none_or(|s| s == i) {
                 out = out.meta("pad", "p".repeat(self.pad));
             }
@@ -94,6 +111,9 @@ impl Service for Kit {
                     self.record(serde_json::json!({"emit_error": e.to_string(), "seq": i}))?
                 }
                 other => other?,
+            }
+            if self.rate.is_some() {
+                ctx.flush().await?;
             }
             if self.chunk > 0 && (i % self.chunk == 0 || i == self.emit) {
                 ctx.flush().await?;
@@ -133,7 +153,9 @@ impl Service for Kit {
             let n = p.len() as u64;
             shown.insert("pad".into(), Value::from(n));
         }
+        let lat_us = k.metadata.get("t_us").and_then(Value::as_f64).map(|t| wall_us() as f64 - t);
         let line = serde_json::json!({
+            "lat_us": lat_us,
             "svc": ctx.info().service, "instance": ctx.process_number(), "id": k.id.to_string(),
             "trace": k.trace_id.to_string(), "from": k.origin.service, "from_instance": k.origin.instance,
             "process_number": k.process_number, "key": k.connection_key, "metadata": metadata_to_json(&shown),
@@ -199,6 +221,8 @@ fn main() -> std::process::ExitCode {
             hang_at: var("HANG_AT").and_then(|v| v.parse().ok()),
             forever_tick: (var("EMIT_FOREVER").as_deref() == Some("1"))
                 .then(|| var("TICK_MS").and_then(|v| v.parse().ok()).unwrap_or(100)),
+            rate: var("RATE").and_then(|v| v.parse().ok()).filter(|r: &f64| *r > 0.0),
+            stamp: var("STAMP").as_deref() == Some("1"),
         },
         opts,
     )

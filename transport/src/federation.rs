@@ -156,6 +156,16 @@ pub enum Frame {
         /// The list.
         pem: String,
     },
+    /// Worker → master: its certificate expires soon; certify this new public key (ECDSA P-256).
+    Renew {
+        /// The new key's public point.
+        public_key: Vec<u8>,
+    },
+    /// Master → worker: the renewed certificate (PEM).
+    Renewed {
+        /// Certificate.
+        cert: String,
+    },
 }
 
 /// Why a link ends.
@@ -487,6 +497,8 @@ fn frame_name(f: &Frame) -> &'static str {
         Frame::Assign { .. } => "assign",
         Frame::Report { .. } => "report",
         Frame::Crl { .. } => "crl",
+        Frame::Renew { .. } => "renew",
+        Frame::Renewed { .. } => "renewed",
     }
 }
 

@@ -307,6 +307,17 @@ impl Master {
                         }
                     }
                     Ok(Some(Frame::Pong { .. })) => heard = tokio::time::Instant::now(),
+                    Ok(Some(Frame::Renew { public_key })) => {
+                        heard = tokio::time::Instant::now();
+                        let reply = match tls::issue_for_key(&self.dir, &name, &public_key) {
+                            Ok((cert, _)) => {
+                                tracing::info!(node = %name, "certificate renewed");
+                                Frame::Renewed { cert }
+                            }
+                            Err(e) => Frame::Refuse { reason: format!("renewal refused: {e}") },
+                        };
+                        if let Err(e) = write_frame(&mut cs, &reply).await { break e; }
+                    }
                     Ok(Some(other)) => break format!("unexpected frame on the control connection: {other:?}").chars().take(200).collect(),
                     Ok(None) => break "the worker closed its control connection".to_owned(),
                     Err(e) => break e,
@@ -562,6 +573,19 @@ async fn worker_session(
     let mut dec = FrameDecoder::default();
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     let mut heard = tokio::time::Instant::now();
+    let dir = ClusterDir::new(data_dir);
+    // A certificate close to its expiry is renewed on a new key (which never leaves this node).
+    let mut renewing: Option<String> = None;
+    if tls::expires_in(&dir).is_some_and(|s| s < tls::RENEW_BEFORE_SECS) {
+        match tls::new_key() {
+            Ok((key, public_key)) => {
+                if write_frame(&mut cs, &Frame::Renew { public_key }).await.is_ok() {
+                    renewing = Some(key);
+                }
+            }
+            Err(e) => tracing::error!("cannot make a key to renew the certificate: {e}"),
+        }
+    }
     let why = loop {
         tokio::select! {
             r = read_frame(&mut cr, &mut dec) => match r {
@@ -598,6 +622,22 @@ async fn worker_session(
                     }
                 }
                 Ok(Some(Frame::Ping { .. })) => heard = tokio::time::Instant::now(),
+                Ok(Some(Frame::Renewed { cert })) => {
+                    heard = tokio::time::Instant::now();
+                    if let Some(key) = renewing.take() {
+                        match tls::install_renewed(&dir, &cert, &key) {
+                            Ok(()) => {
+                                tracing::info!("certificate renewed");
+                                if let Err(e) = fed.reload_tls() { tracing::error!("renewed certificate not loaded: {e}") }
+                            }
+                            Err(e) => tracing::error!("renewed certificate not kept: {e}"),
+                        }
+                    }
+                }
+                Ok(Some(Frame::Refuse { reason })) if renewing.is_some() => {
+                    renewing = None;
+                    tracing::error!("{reason}");
+                }
                 Ok(Some(Frame::Refuse { reason })) => break format!("refused: {reason}"),
                 Ok(Some(other)) => break format!("unexpected frame from the master: {other:?}").chars().take(200).collect(),
                 Ok(None) => break "the master closed the control connection".to_owned(),

@@ -218,11 +218,19 @@ pub fn issue(dir: &ClusterDir, name: &str) -> Result<Identity, TlsError> {
     let key = KeyPair::generate().map_err(bad("generating the node key"))?;
     let p = node_params(name)?;
     let cert = p.signed_by(&key, &issuer).map_err(bad("signing the node certificate"))?;
-    create_dir(&dir.issued())?;
-    if let Some(sn) = &p.serial_number {
-        write_public(&dir.issued().join(format!("{name}.serial")), &format!("{}\n", hex(sn.as_ref())))?;
-    }
+    record_serial(dir, name, &p)?;
     Ok(Identity { name: name.to_owned(), cert: cert.pem(), key: key.serialize_pem(), ca })
+}
+
+/// Records the serial of a certificate issued for `name` (every one, renewals included: revoking a name revokes
+/// them all).
+fn record_serial(dir: &ClusterDir, name: &str, p: &CertificateParams) -> Result<(), TlsError> {
+    use std::io::Write;
+    create_dir(&dir.issued())?;
+    let Some(sn) = &p.serial_number else { return Ok(()) };
+    let path = dir.issued().join(format!("{name}.serial"));
+    let mut f = std::fs::OpenOptions::new().create(true).append(true).open(&path).map_err(io(&path))?;
+    f.write_all(format!("{}\n", hex(sn.as_ref())).as_bytes()).map_err(io(&path))
 }
 
 /// The parameters of a node certificate for `name`: valid [`NODE_CERT_DAYS`], for both ends of a link.
@@ -250,7 +258,29 @@ pub fn install(dir: &ClusterDir, id: &Identity) -> Result<(), TlsError> {
     write_public(&dir.ca_cert(), &id.ca)?;
     write_private(&dir.node_key(), &id.key)?;
     write_public(&dir.node_cert(), &id.cert)?;
-    write_public(&dir.node_name(), &format!("{}\n", id.name))
+    write_public(&dir.node_name(), &format!("{}\n", id.name))?;
+    // When it expires (Unix seconds), so that it is renewed in time (a certificate is issued for NODE_CERT_DAYS).
+    let expires = now() + time::Duration::days(NODE_CERT_DAYS);
+    write_public(&dir.root.join("node.expires"), &format!("{}\n", expires.unix_timestamp()))
+}
+
+/// Seconds until this device's certificate expires (`None`: unknown, an identity made before this was recorded).
+pub fn expires_in(dir: &ClusterDir) -> Option<i64> {
+    let t: i64 = std::fs::read_to_string(dir.root.join("node.expires")).ok()?.trim().parse().ok()?;
+    Some(t - now().unix_timestamp())
+}
+
+/// A certificate is renewed when it has less than this left (seconds): 30 days.
+pub const RENEW_BEFORE_SECS: i64 = 30 * 86_400;
+
+/// Installs a renewed certificate with its new key.
+///
+/// # Errors
+/// A file cannot be written.
+pub fn install_renewed(dir: &ClusterDir, cert: &str, key: &str) -> Result<(), TlsError> {
+    let name = std::fs::read_to_string(dir.node_name()).map_err(io(&dir.node_name()))?.trim().to_owned();
+    let ca = std::fs::read_to_string(dir.ca_cert()).map_err(io(&dir.ca_cert()))?;
+    install(dir, &Identity { name, cert: cert.to_owned(), key: key.to_owned(), ca })
 }
 
 /// Revokes the certificate issued for `name`: adds its serial to the CA's revocation list (`crl.pem`, re-signed).
@@ -266,9 +296,10 @@ pub fn revoke(dir: &ClusterDir, name: &str) -> Result<String, TlsError> {
     let revoked_file = dir.root.join("revoked");
     let mut serials: Vec<String> =
         std::fs::read_to_string(&revoked_file).unwrap_or_default().lines().map(str::to_owned).collect();
-    let s = text.trim().to_owned();
-    if !serials.contains(&s) {
-        serials.push(s);
+    for s in text.lines().map(str::trim).filter(|s| !s.is_empty()) {
+        if !serials.iter().any(|x| x == s) {
+            serials.push(s.to_owned());
+        }
     }
     let ca_key_pem = std::fs::read_to_string(dir.ca_key()).map_err(io(&dir.ca_key()))?;
     let ca_key = KeyPair::from_pem(&ca_key_pem).map_err(bad("reading the CA key"))?;
@@ -493,10 +524,7 @@ pub fn issue_for_key(dir: &ClusterDir, name: &str, public_key: &[u8]) -> Result<
     let issuer = Issuer::new(ca_params(), ca_key);
     let p = node_params(name)?;
     let cert = p.signed_by(&RawKey(public_key.to_vec()), &issuer).map_err(bad("signing the node certificate"))?;
-    create_dir(&dir.issued())?;
-    if let Some(sn) = &p.serial_number {
-        write_public(&dir.issued().join(format!("{name}.serial")), &format!("{}\n", hex(sn.as_ref())))?;
-    }
+    record_serial(dir, name, &p)?;
     Ok((cert.pem(), ca))
 }
 
