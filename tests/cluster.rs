@@ -306,3 +306,112 @@ fn cluster_commands_explain_what_is_missing() {
         String::from_utf8_lossy(&run.stderr)
     );
 }
+
+/// A raw QUIC client holding device `a`'s real identity (from its data dir): a peer that authenticates and
+/// then misbehaves.
+fn raw_client(a_data: &Path, rt: &tokio::runtime::Runtime) -> quinn::Endpoint {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let dir = a_data.join("cluster");
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(CertificateDer::from_pem_file(dir.join("ca.pem")).expect("ca")).expect("root");
+    let chain = vec![CertificateDer::from_pem_file(dir.join("node.pem")).expect("cert")];
+    let key = PrivateKeyDer::from_pem_file(dir.join("node.key")).expect("key");
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let mut c = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .expect("tls13")
+        .with_root_certificates(roots)
+        .with_client_auth_cert(chain, key)
+        .expect("client auth");
+    c.alpn_protocols = vec![aion::transport::federation::ALPN.to_vec()];
+    let q = quinn::crypto::rustls::QuicClientConfig::try_from(c).expect("quic");
+    let _g = rt.enter();
+    let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse().expect("addr")).expect("endpoint");
+    ep.set_default_client_config(quinn::ClientConfig::new(std::sync::Arc::new(q)));
+    ep
+}
+
+fn frame(f: &aion::transport::federation::Frame) -> Vec<u8> {
+    let mut v = Vec::new();
+    aion::transport::codec::encode_into(f, &mut v).expect("encode");
+    v
+}
+
+#[test]
+fn garbage_from_an_authenticated_peer_closes_its_link_and_loses_nothing_already_taken() {
+    use aion::transport::federation::{Crossing, Frame};
+    let mut dirs = identities(&["a", "b"]).into_iter();
+    let (da, db) = (dirs.next().expect("a"), dirs.next().expect("b"));
+    let port = free_udp_port();
+    let listen = format!("127.0.0.1:{port}");
+    let b = Runtime::start_full(RECEIVER_YAML, db, tempfile::tempdir().expect("tmp"), &["--listen", &listen]);
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().expect("tokio");
+    let ep = raw_client(da.path(), &rt);
+    let to: std::net::SocketAddr = listen.parse().expect("addr");
+    let refused = |b: &Runtime| b.status()["federation"]["refused"]["protocol"].as_u64().unwrap_or(0);
+
+    // Garbage instead of a hello.
+    rt.block_on(async {
+        let conn = ep.connect(to, "b").expect("connect").await.expect("handshake");
+        let (mut s, mut r) = conn.open_bi().await.expect("stream");
+        s.write_all(&[0xff; 64]).await.expect("write");
+        let mut buf = vec![0u8; 4096];
+        // b answers with a refusal (or closes): never a hang.
+        let got = tokio::time::timeout(Duration::from_secs(10), r.read(&mut buf)).await.expect("an answer");
+        let _ = got;
+    });
+    b.wait_status("the garbage hello counted", |s| s["federation"]["refused"]["protocol"].as_u64().unwrap_or(0) >= 1);
+
+    // A proper hello and one kanban, then garbage on the kanban stream.
+    let before = refused(&b);
+    rt.block_on(async {
+        let conn = ep.connect(to, "b").expect("connect").await.expect("handshake");
+        let (mut cs, mut cr) = conn.open_bi().await.expect("stream");
+        cs.write_all(&frame(&Frame::Hello { min: 1, max: 1, from: "a".into(), to: "b".into() })).await.expect("hello");
+        let mut dec = aion::transport::FrameDecoder::default();
+        let welcome = loop {
+            if let Some(f) = dec.decode::<Frame>().expect("frame") {
+                break f;
+            }
+            let mut buf = vec![0u8; 4096];
+            let n = cr.read(&mut buf).await.expect("read").expect("open");
+            dec.push(&buf[..n]);
+        };
+        assert!(matches!(welcome, Frame::Welcome { .. }), "{welcome:?}");
+        let (mut ds, mut dr) = conn.open_bi().await.expect("data stream");
+        let mut md = aion::model::Metadata::new();
+        md.insert("seq".into(), 1u64.into());
+        let k = aion::model::Kanban {
+            id: aion::model::KanbanId(42),
+            process_number: 1,
+            metadata: md,
+            ..Default::default()
+        };
+        let items = vec![Crossing { service: "sink".into(), hops: 1, kanban: k.into_wire() }];
+        ds.write_all(&frame(&Frame::Kanbans { first: 0, items })).await.expect("kanbans");
+        let mut dec = aion::transport::FrameDecoder::default();
+        let ack = loop {
+            if let Some(f) = dec.decode::<Frame>().expect("frame") {
+                break f;
+            }
+            let mut buf = vec![0u8; 4096];
+            let n = dr.read(&mut buf).await.expect("read").expect("open");
+            dec.push(&buf[..n]);
+        };
+        assert_eq!(ack, Frame::Ack { upto: 1 }, "the kanban is committed on b before its ack");
+        ds.write_all(&[0x05, 0, 0, 0, 0xde, 0xad, 0xbe, 0xef, 0x00]).await.expect("garbage");
+        let closed = tokio::time::timeout(Duration::from_secs(10), conn.closed()).await;
+        assert!(closed.is_ok(), "b closes the link of a peer that sends garbage");
+    });
+    b.wait_status("the broken link counted", |s| s["federation"]["refused"]["protocol"].as_u64().unwrap_or(0) > before);
+    // What was taken before the garbage is delivered; b goes on taking the real a.
+    let first = wait_until("the kanban sent before the garbage at the sink", Duration::from_secs(20), || {
+        let l = read_lines(&b.path("sink.jsonl"));
+        (!l.is_empty()).then_some(l)
+    });
+    assert_eq!(first[0]["metadata"]["seq"], 1);
+    let _a = Runtime::start_full(&sender_yaml(5, port), da, tempfile::tempdir().expect("tmp"), &[]);
+    wait_until("a's kanbans after the garbage", Duration::from_secs(60), || (seqs(&b).len() >= 6).then_some(()));
+    assert!(b.stderr().contains("malformed frame"), "the reason is logged");
+}

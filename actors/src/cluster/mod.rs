@@ -320,7 +320,7 @@ impl Master {
                     }
                     Ok(Some(other)) => break format!("unexpected frame on the control connection: {other:?}").chars().take(200).collect(),
                     Ok(None) => break "the worker closed its control connection".to_owned(),
-                    Err(e) => break e,
+                    Err(e) => break e.to_string(),
                 },
                 _ = tick.tick() => {
                     if heard.elapsed() > dead {
@@ -641,7 +641,7 @@ async fn worker_session(
                 Ok(Some(Frame::Refuse { reason })) => break format!("refused: {reason}"),
                 Ok(Some(other)) => break format!("unexpected frame from the master: {other:?}").chars().take(200).collect(),
                 Ok(None) => break "the master closed the control connection".to_owned(),
-                Err(e) => break e,
+                Err(e) => break e.to_string(),
             },
             _ = tick.tick() => {
                 if heard.elapsed() > dead_after {

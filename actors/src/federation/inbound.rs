@@ -144,9 +144,16 @@ async fn serve(f: Arc<Federation>, incoming: quinn::Incoming) {
     peer.inbound_open.fetch_add(1, Ordering::Relaxed);
     tracing::info!(device = %from, %remote, "federation link from {from} accepted");
     let rx = Mutex::new(rx);
-    let why = link(&f, &peer, &conn, &rx, cs, cr, cdec).await;
+    let end = link(&f, &peer, &conn, &rx, cs, cr, cdec).await;
     peer.inbound_open.fetch_sub(1, Ordering::Relaxed);
-    tracing::info!(device = %from, "federation link from {from} ended: {why}");
+    match end {
+        LinkEnd::Protocol(why) => {
+            // A broken or hostile peer: what it had sent before is committed; the link closes, and is counted.
+            f.refused.count("protocol");
+            tracing::warn!(device = %from, %remote, "federation link from {from} closed: {why}");
+        }
+        LinkEnd::Other(why) => tracing::info!(device = %from, "federation link from {from} ended: {why}"),
+    }
     conn.close(quinn::VarInt::from_u32(0), b"link ended");
 }
 
@@ -154,6 +161,40 @@ fn with<R>(rx: &Mutex<Receiver>, f: impl FnOnce(&mut Receiver) -> R) -> Result<R
     rx.lock().map(|mut g| f(&mut g)).map_err(|_| "link state poisoned".to_owned())
 }
 
+/// Why an accepted link ended: the peer broke the protocol (garbage, a gap, credit overdrawn: counted), or
+/// anything else (a lost connection, silence, a shutdown).
+enum LinkEnd {
+    Protocol(String),
+    Other(String),
+}
+
+impl From<String> for LinkEnd {
+    fn from(e: String) -> LinkEnd {
+        LinkEnd::Other(e)
+    }
+}
+
+impl From<&str> for LinkEnd {
+    fn from(e: &str) -> LinkEnd {
+        LinkEnd::Other(e.to_owned())
+    }
+}
+
+fn read_end(what: &str, e: super::ReadError) -> LinkEnd {
+    match e {
+        super::ReadError::Malformed(m) => LinkEnd::Protocol(format!("{what}: malformed frame: {m}")),
+        super::ReadError::Io(m) => LinkEnd::Other(format!("{what}: {m}")),
+    }
+}
+
+fn link_end(e: LinkError) -> LinkEnd {
+    match e {
+        LinkError::Silent(_) => LinkEnd::Other(e.to_string()),
+        _ => LinkEnd::Protocol(e.to_string()),
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
 async fn link(
     f: &Federation,
     peer: &Peer,
@@ -162,7 +203,7 @@ async fn link(
     mut cs: quinn::SendStream,
     mut cr: quinn::RecvStream,
     mut cdec: FrameDecoder,
-) -> String {
+) -> LinkEnd {
     let timing = f.opts.timing;
     let control = async {
         let mut tick =
@@ -171,21 +212,21 @@ async fn link(
         loop {
             tokio::select! {
                 r = read_frame(&mut cr, &mut cdec) => {
-                    let frame = r.map_err(|e| format!("control stream: {e}"))?.ok_or("the peer closed the control stream")?;
+                    let frame = r.map_err(|e| read_end("control stream", e))?.ok_or("the peer closed the control stream")?;
                     if matches!(frame, Frame::Kanbans { .. }) {
-                        return Err("kanbans on the control stream".to_owned());
+                        return Err(LinkEnd::Protocol("kanbans on the control stream".to_owned()));
                     }
                     let now = mono_us();
                     match with(rx, |r| r.on_frame(frame, now))? {
                         Ok(Incoming::Reply(p)) => write_frame(&mut cs, &p).await.map_err(|e| format!("pong: {e}"))?,
-                        Ok(Incoming::Deliver { .. }) => return Err("kanbans on the control stream".to_owned()),
-                        Err(e) => return Err(e.to_string()),
+                        Ok(Incoming::Deliver { .. }) => return Err(LinkEnd::Protocol("kanbans on the control stream".to_owned())),
+                        Err(e) => return Err(link_end(e)),
                     }
                     peer.heard();
                 }
                 _ = tick.tick() => {
                     let now = mono_us();
-                    with(rx, |r| r.tick(now))?.map_err(|e| e.to_string())?;
+                    with(rx, |r| r.tick(now))?.map_err(link_end)?;
                 }
             }
         }
@@ -196,7 +237,7 @@ async fn link(
         loop {
             let frame = read_frame(&mut dr, &mut dec)
                 .await
-                .map_err(|e| format!("kanban stream: {e}"))?
+                .map_err(|e| read_end("kanban stream", e))?
                 .ok_or("the peer closed the kanban stream")?;
             let now = mono_us();
             let (first, items) = match with(rx, |r| r.on_frame(frame, now))? {
@@ -205,7 +246,7 @@ async fn link(
                     write_frame(&mut ds, &p).await.map_err(|e| format!("kanban stream: {e}"))?;
                     continue;
                 }
-                Err(e) => return Err(e.to_string()),
+                Err(e) => return Err(link_end(e)),
             };
             peer.heard();
             let n = items.len() as u64;
@@ -215,12 +256,12 @@ async fn link(
             }
         }
     };
-    let r: Result<(), String> = tokio::select! {
+    let r: Result<(), LinkEnd> = tokio::select! {
         r = control => r,
         r = data => r,
-        _ = peer.kick.notified() => Err("revoked".to_owned()),
+        _ = peer.kick.notified() => Err(LinkEnd::Other("revoked".to_owned())),
     };
-    r.err().unwrap_or_default()
+    r.err().unwrap_or(LinkEnd::Other(String::new()))
 }
 
 /// Delivers kanbans from `peer` here, in order, each once (the peer's dedup window, held until they are

@@ -592,19 +592,39 @@ impl aion_runtime::actor::Actor for Runner {
     }
 }
 
+/// Why a frame could not be read.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum ReadError {
+    /// The peer sent bytes that are not a frame (a broken or hostile peer).
+    #[error("malformed: {0}")]
+    Malformed(String),
+    /// The stream failed (connection lost, reset).
+    #[error("{0}")]
+    Io(String),
+}
+
+impl From<ReadError> for String {
+    fn from(e: ReadError) -> String {
+        e.to_string()
+    }
+}
+
 /// Reads the next frame from a QUIC stream (`None` when the peer finished it). Cancel safe: bytes read stay
 /// in `dec`.
-pub(crate) async fn read_frame(recv: &mut quinn::RecvStream, dec: &mut FrameDecoder) -> Result<Option<Frame>, String> {
+pub(crate) async fn read_frame(
+    recv: &mut quinn::RecvStream,
+    dec: &mut FrameDecoder,
+) -> Result<Option<Frame>, ReadError> {
     use tokio::io::AsyncReadExt as _;
     loop {
-        if let Some(f) = dec.decode::<Frame>().map_err(|e| e.to_string())? {
+        if let Some(f) = dec.decode::<Frame>().map_err(|e| ReadError::Malformed(e.to_string()))? {
             return Ok(Some(f));
         }
         let buf = dec.read_buffer(64 << 10);
         match recv.read_buf(buf).await {
             Ok(0) => return Ok(None),
             Ok(_) => {}
-            Err(e) => return Err(e.to_string()),
+            Err(e) => return Err(ReadError::Io(e.to_string())),
         }
     }
 }

@@ -246,7 +246,7 @@ async fn connection(f: &Federation, peer: &Peer, pump: &Pump) -> End {
 async fn open_link(f: &Federation, peer: &Peer, pump: &Pump, conn: &quinn::Connection) -> End {
     let timing = f.opts.timing;
     let dead = Duration::from_micros(timing.dead_after);
-    fn down(what: &'static str) -> impl Fn(String) -> End {
+    fn down<E: std::fmt::Display>(what: &'static str) -> impl Fn(E) -> End {
         move |e| End::Down(format!("{what}: {e}"))
     }
     let (mut cs, mut cr) = match conn.open_bi().await {
