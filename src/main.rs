@@ -216,6 +216,10 @@ struct RunArgs {
     /// Cluster mode: kanbans each route to another device keeps in memory (the rest wait in the store).
     #[arg(long, default_value_t = 65_536)]
     outbox_capacity: usize,
+    /// Cluster mode: a device unreachable for longer than this (`90s`, `10m`, `2h`, `7d`; `0`: never) has the
+    /// kanbans waiting for it dead-lettered `expired`.
+    #[arg(long, default_value = "7d")]
+    outbox_max_age: String,
 }
 
 #[derive(Subcommand)]
@@ -445,6 +449,7 @@ fn run_flags(a: RunArgs) -> Result<RunFlags, String> {
         listen,
         peer_timeout,
         outbox_capacity,
+        outbox_max_age,
     } = a;
     let mut cluster = aion::actors::node::ClusterOptions { listen, ..Default::default() };
     if peer_timeout.is_finite() && peer_timeout > 0.0 {
@@ -452,6 +457,16 @@ fn run_flags(a: RunArgs) -> Result<RunFlags, String> {
         cluster.ping_every = (cluster.dead_after / 4).max(Duration::from_millis(50));
     }
     cluster.outbox_kanbans = outbox_capacity.max(1);
+    cluster.outbox_max_age = match outbox_max_age.trim() {
+        "0" | "never" => None,
+        age => match parse_age(age) {
+            Ok(d) => Some(d),
+            Err(e) => {
+                err!("aion: --outbox-max-age: {e}");
+                return Err(String::new());
+            }
+        },
+    };
     let grpc = match grpc.trim() {
         "off" | "" => None,
         addr => match addr.parse::<std::net::SocketAddr>() {
@@ -532,7 +547,6 @@ enum Source<'a> {
 }
 
 /// Parses an age: `90s`, `10m`, `2h`, `1d`.
-#[cfg(feature = "cluster")]
 fn parse_age(s: &str) -> Result<Duration, String> {
     let bad = || format!("`{s}` is not an age (90s, 10m, 2h, 1d)");
     let (i, unit) = s.char_indices().last().ok_or_else(bad)?;

@@ -415,3 +415,27 @@ fn garbage_from_an_authenticated_peer_closes_its_link_and_loses_nothing_already_
     wait_until("a's kanbans after the garbage", Duration::from_secs(60), || (seqs(&b).len() >= 6).then_some(()));
     assert!(b.stderr().contains("malformed frame"), "the reason is logged");
 }
+
+#[test]
+fn kanbans_for_a_device_unreachable_past_the_age_bound_become_dead_letters_and_leave_the_store() {
+    let mut dirs = identities(&["a", "b"]).into_iter();
+    let da = dirs.next().expect("a");
+    // Nobody listens there: b is unreachable for good.
+    let port = free_udp_port();
+    let yaml = sender_yaml(10, port);
+    let mut a = Runtime::start_full(
+        &yaml,
+        da,
+        tempfile::tempdir().expect("tmp"),
+        &["--outbox-max-age", "2s", "--peer-timeout", "1"],
+    );
+    let st = a.wait_status("the ten kanbans expired", |s| s["dead_letters"]["expired"] == 10);
+    assert_eq!(device(&st, "b")["expired"], 10);
+    a.wait_status("the outbox empty", |s| device(s, "b")["outbox"] == 0);
+    assert!(st["recent_dead_letters"].to_string().contains("unreachable for longer than the outbox age bound"), "{st}");
+    // They left the store too: after a restart nothing waits for b.
+    let args = ["--outbox-max-age", "2s", "--peer-timeout", "1"];
+    let a2 = a.crash_and_restart_with(&yaml, &args);
+    let st = a2.status();
+    assert_eq!(device(&st, "b")["outbox"], 0, "{st}");
+}

@@ -98,6 +98,10 @@ pub struct ClusterOptions {
     pub outbox_kanbans: usize,
     /// Per route: the bound of the memory its outbox holds. Default 64 MiB.
     pub outbox_bytes: usize,
+    /// A device unreachable for longer than this has its outboxes emptied into dead letters (`expired`), and
+    /// kanbans for it are dead-lettered while it stays unreachable. `None`: they wait for it for ever. Default 7
+    /// days.
+    pub outbox_max_age: Option<Duration>,
     /// A ping on each link this often. Default 1 s.
     pub ping_every: Duration,
     /// A link silent this long is declared lost. Default 4 s.
@@ -113,6 +117,7 @@ impl Default for ClusterOptions {
             listen: None,
             outbox_kanbans: 65_536,
             outbox_bytes: 64 << 20,
+            outbox_max_age: Some(Duration::from_secs(7 * 86_400)),
             ping_every: Duration::from_secs(1),
             dead_after: Duration::from_secs(4),
             window: 4096,
@@ -529,6 +534,7 @@ impl Node {
                     dead_after: c.dead_after.as_micros() as u64,
                 },
                 window: c.window,
+                max_age: c.outbox_max_age,
             };
             let f = crate::federation::Federation::new(&paths.root, router.clone(), fopts, tasks.clone())
                 .map_err(|e| NodeError::Cluster(e.to_string()))?;

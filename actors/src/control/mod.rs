@@ -273,6 +273,9 @@ pub struct DeviceReport {
     pub duplicates: u64,
     /// Received but not deliverable here (dead letters here).
     pub undeliverable: u64,
+    /// Dead-lettered `expired` (it was unreachable for longer than the outbox age bound).
+    #[serde(default)]
+    pub expired: u64,
 }
 
 /// AION's gRPC API in [`StatusReport`].

@@ -44,11 +44,13 @@ pub struct FederationOptions {
     pub timing: Timing,
     /// Credit window of the links this device accepts.
     pub window: u32,
+    /// Outboxes to a device unreachable for longer than this are emptied into dead letters (`expired`).
+    pub max_age: Option<Duration>,
 }
 
 impl Default for FederationOptions {
     fn default() -> Self {
-        FederationOptions { listen: None, timing: Timing::default(), window: DEFAULT_WINDOW }
+        FederationOptions { listen: None, timing: Timing::default(), window: DEFAULT_WINDOW, max_age: None }
     }
 }
 
@@ -105,6 +107,10 @@ pub struct Peer {
     dedup: tokio::sync::Mutex<Dedup>,
     /// Ends its links from here (revoked).
     kick: tokio::sync::Notify,
+    /// When the link to it was last up (wall ms; at first, when this runtime started).
+    pub last_up: AtomicU64,
+    /// Kanbans dead-lettered `expired` for it.
+    pub expired: AtomicU64,
 }
 
 impl Peer {
@@ -125,6 +131,8 @@ impl Peer {
             undeliverable: AtomicU64::new(0),
             dedup: tokio::sync::Mutex::new(Dedup::new(2 * window as usize)),
             kick: tokio::sync::Notify::new(),
+            last_up: AtomicU64::new(wall_ms()),
+            expired: AtomicU64::new(0),
         }
     }
 
@@ -416,6 +424,7 @@ impl Federation {
                     received: p.received.load(Ordering::Relaxed),
                     duplicates: p.duplicates.load(Ordering::Relaxed),
                     undeliverable: p.undeliverable.load(Ordering::Relaxed),
+                    expired: p.expired.load(Ordering::Relaxed),
                 }
             })
             .collect();

@@ -131,6 +131,50 @@ impl Pump {
         }
     }
 
+    /// The device has been unreachable for longer than `max`: every kanban waiting for it (to send again, and in
+    /// its outboxes) becomes a dead letter (`expired`) and leaves the store. Returns how many.
+    async fn expire(&self, device: &str, max: Duration) -> usize {
+        let held: Vec<Tag> = self.resend.lock().map(|mut r| r.drain(..).collect()).unwrap_or_default();
+        let mut per: Vec<Vec<Box<WireKanban>>> = vec![Vec::new(); self.routes.len()];
+        for t in held {
+            if let Ok(c) = postcard::from_bytes::<Crossing>(&t.bytes) {
+                let mut k = Box::new(c.kanban);
+                k.hops = c.hops;
+                per[t.route].push(k);
+            }
+        }
+        let mut n = 0;
+        for (r, mut ks) in per.into_iter().enumerate() {
+            let slot = &self.routes[r];
+            // Those in flight (to send again) are the session's: acknowledged to it, freeing their room.
+            let inflight = ks.len();
+            if inflight > 0 {
+                let bytes = ks.iter().map(|k| k.mem_size()).sum();
+                slot.acked(self.sessions[r], inflight, bytes);
+            }
+            ks.extend(slot.drain());
+            if ks.is_empty() {
+                continue;
+            }
+            n += ks.len();
+            let ids: Vec<KanbanId> = ks.iter().map(|k| k.id).collect();
+            for k in ks {
+                let detail = format!(
+                    "waited for {} on device `{device}`, unreachable for longer than the outbox age bound ({}s)",
+                    slot.service,
+                    max.as_secs()
+                );
+                self.router.dead_letter(crate::routing::dead::Reason::Expired, detail, k);
+            }
+            if let Some(store) = self.router.durable_store(slot) {
+                if let Err(e) = store.ack(&slot.queue_key(), ids).await {
+                    tracing::error!(queue = %slot.queue_key(), "expired kanbans not removed from the store: {e}");
+                }
+            }
+        }
+        n
+    }
+
     /// The connection is gone: what it had in flight goes first on the next one.
     fn lost(&self) -> usize {
         let Some(lost) = self.sender.lock().ok().and_then(|mut s| s.take()).map(Sender::lost) else { return 0 };
@@ -204,6 +248,16 @@ pub(super) async fn run(f: Arc<Federation>, peer: Arc<Peer>, routes: Vec<Arc<Slo
         };
         let refused = matches!(state, LinkState::Refused(_));
         peer.set_state(state);
+        if let Some(max) = f.opts.max_age {
+            let down_ms = super::wall_ms().saturating_sub(peer.last_up.load(Ordering::Relaxed));
+            if down_ms > max.as_millis() as u64 {
+                let n = pump.expire(&peer.name, max).await;
+                if n > 0 {
+                    peer.expired.fetch_add(n as u64, Ordering::Relaxed);
+                    tracing::error!(device = %peer.name, kanbans = n, "device unreachable for longer than the outbox age bound ({}s): its kanbans are dead letters (expired)", max.as_secs());
+                }
+            }
+        }
         if refused {
             tracing::error!(device = %peer.name, "federation link refused: {why}");
         } else {
@@ -280,6 +334,7 @@ async fn open_link(f: &Federation, peer: &Peer, pump: &Pump, conn: &quinn::Conne
     };
     peer.heard();
     peer.set_state(LinkState::Up);
+    peer.last_up.store(super::wall_ms(), Ordering::Relaxed);
     tracing::info!(device = %peer.name, "federation link up");
     let room = tokio::sync::Notify::new();
 

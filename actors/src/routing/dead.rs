@@ -24,6 +24,8 @@ pub enum Reason {
     TooLarge,
     /// Its chain has made as many hops as the hop limit allows (a routing cycle).
     HopLimit,
+    /// It waited in an outbox for a device unreachable for longer than the outbox's age bound.
+    Expired,
 }
 
 impl Reason {
@@ -38,6 +40,7 @@ impl Reason {
             Reason::BadTerminate => "bad-terminate",
             Reason::TooLarge => "too-large",
             Reason::HopLimit => "hop-limit",
+            Reason::Expired => "expired",
         }
     }
 }
