@@ -1203,9 +1203,13 @@ fn print_hops(rows: &[aion::actors::store::HopRow], json: bool) -> Result<(), St
         }
         return Ok(());
     }
+    let devices = rows.iter().any(|r| !r.device.is_empty());
     let mut table = vec![["ACCEPTED", "FROM", "TO", "KEY", "OUTCOME", "LATENCY", "KANBAN"].map(String::from).to_vec()];
+    if devices {
+        table[0].insert(0, "DEVICE".into());
+    }
     for r in rows {
-        table.push(vec![
+        let mut row = vec![
             r.accepted_at.clone(),
             r.from.clone(),
             r.to.clone().unwrap_or_else(|| "-".into()),
@@ -1213,7 +1217,11 @@ fn print_hops(rows: &[aion::actors::store::HopRow], json: bool) -> Result<(), St
             r.outcome.clone(),
             r.latency_ms.map_or_else(|| "-".into(), |l| format!("{l} ms")),
             r.kanban_id.clone(),
-        ]);
+        ];
+        if devices {
+            row.insert(0, r.device.clone());
+        }
+        table.push(row);
     }
     let widths: Vec<usize> = (0..table[0].len()).map(|c| table.iter().map(|r| r[c].len()).max().unwrap_or(0)).collect();
     for row in &table {
@@ -1238,7 +1246,16 @@ fn kanban_log(
 
 fn kanban_trace(data_dir: &Path, id: &str, json: bool) -> Result<(), String> {
     let kid = aion::runtime::KanbanId::parse(id).ok_or_else(|| format!("`{id}` is not a kanban id (32 hex digits)"))?;
-    let rows = aion::actors::store::query_trace(&store_path(data_dir)?, kid).map_err(|e| e.to_string())?;
+    // A running master gathers the chain from every node's archive.
+    let req = Request::Trace { id: id.to_owned() };
+    let cluster: Option<Vec<aion::actors::store::HopRow>> =
+        block(control::call(&Paths::new(data_dir).control(), &req, Duration::from_secs(10)))
+            .ok()
+            .and_then(|v| serde_json::from_value(v["rows"].clone()).ok());
+    let rows = match cluster {
+        Some(rows) => rows,
+        None => aion::actors::store::query_trace(&store_path(data_dir)?, kid).map_err(|e| e.to_string())?,
+    };
     if rows.is_empty() {
         return Err(format!("no archived hop for {id}"));
     }

@@ -37,20 +37,31 @@ fn argv(v: &[&str]) -> Vec<String> {
 }
 
 fn start_worker(master_addr: &str, token: &str, name: &str) -> Runtime {
+    start_worker_with(master_addr, token, name, &[])
+}
+
+fn start_worker_with(master_addr: &str, token: &str, name: &str, extra: &[&str]) -> Runtime {
     let listen = format!("127.0.0.1:{}", free_udp_port());
-    let cmd =
+    let mut cmd =
         argv(&["worker", "--join", master_addr, "--token", token, "--name", name, "--listen", &listen, "--grace", "5"]);
+    cmd.extend(argv(extra));
     Runtime::start_cmd(&[], tempfile::tempdir().expect("tmp"), tempfile::tempdir().expect("tmp"), &cmd)
 }
 
 fn cluster(workers: &[&str]) -> Cluster {
+    cluster_with(workers, &[])
+}
+
+fn cluster_with(workers: &[&str], extra: &[&str]) -> Cluster {
     let data = tempfile::tempdir().expect("tmp");
     let (ok, _, err) = aion(data.path(), &["cluster", "init", "--name", "m"]);
     assert!(ok, "{err}");
     let master_addr = format!("127.0.0.1:{}", free_udp_port());
-    let cmd = argv(&["master", "--name", "m", "--listen", &master_addr, "--grace", "5"]);
+    let mut cmd = argv(&["master", "--name", "m", "--listen", &master_addr, "--grace", "5"]);
+    cmd.extend(argv(extra));
     let master = Runtime::start_cmd(&[], data, tempfile::tempdir().expect("tmp"), &cmd);
-    let workers = workers.iter().map(|w| start_worker(&master_addr, &token(master.data.path()), w)).collect();
+    let workers =
+        workers.iter().map(|w| start_worker_with(&master_addr, &token(master.data.path()), w, extra)).collect();
     Cluster { master, workers, master_addr }
 }
 
@@ -275,4 +286,28 @@ fn a_certificate_close_to_its_expiry_is_renewed_when_the_worker_attaches() {
     let mut w1b = w1b;
     let w1c = w1b.crash_and_restart("");
     w1c.wait_status("w1 attached with its renewed certificate", |s| s["cluster"]["master_connected"] == true);
+}
+
+#[test]
+fn a_trace_on_the_master_shows_the_hops_on_every_node() {
+    let c = cluster_with(&["w1", "w2"], &["--archive"]);
+    c.master.wait_status("both workers attached", |s| all_connected(s, &["w1", "w2"]));
+    let sink_dir = tempfile::tempdir().expect("tmp");
+    apply(&c.master, &project(3, "", sink_dir.path()));
+    let lines = wait_until("three kanbans at the sink", Duration::from_secs(60), || {
+        let l = read_lines(&sink_dir.path().join("sink.jsonl"));
+        (l.len() >= 3).then_some(l)
+    });
+    let id = lines[0]["id"].as_str().expect("id").to_owned();
+    let rows = wait_until("every node's hops", Duration::from_secs(30), || {
+        let (ok, out, _) = c.master.cli(&["kanban", "trace", &id, "--json"]);
+        let rows: Vec<serde_json::Value> = if ok { common::json_lines(&out) } else { Vec::new() };
+        let devices: BTreeSet<String> = rows.iter().filter_map(|r| r["device"].as_str().map(str::to_owned)).collect();
+        (devices.len() == 3).then_some(rows)
+    });
+    let trace = rows[0]["trace_id"].clone();
+    assert!(rows.iter().all(|r| r["trace_id"] == trace), "one chain: {rows:?}");
+    let (ok, table, err) = c.master.cli(&["kanban", "trace", &id]);
+    assert!(ok, "{err}");
+    assert!(table.starts_with("DEVICE") && table.contains("\nw1 ") && table.contains("\nw2 "), "{table}");
 }

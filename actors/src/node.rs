@@ -928,6 +928,16 @@ async fn handle_request(s: &Shared, line: &[u8]) -> Vec<u8> {
         },
         #[cfg(not(feature = "cluster"))]
         Request::ClusterRemove { .. } => err_reply("this aion was built without cluster mode"),
+        #[cfg(feature = "cluster")]
+        Request::Trace { id } => match (s.master.get(), aion_runtime::KanbanId::parse(&id)) {
+            (Some(m), Some(kid)) => {
+                ok_reply(&serde_json::json!({"rows": m.trace(std::path::Path::new(&s.data_dir), kid).await}))
+            }
+            (None, _) => err_reply("this runtime is not a cluster master"),
+            (_, None) => err_reply(format!("`{id}` is not a kanban id (32 hex digits)")),
+        },
+        #[cfg(not(feature = "cluster"))]
+        Request::Trace { .. } => err_reply("this aion was built without cluster mode"),
         Request::Apply { file, yaml } => {
             let loaded = aion_runtime::config::load_str(&file, &yaml);
             drop(guard);

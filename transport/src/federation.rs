@@ -166,6 +166,16 @@ pub enum Frame {
         /// Certificate.
         cert: String,
     },
+    /// Master → worker: the archived hops of a kanban's chain (`aion kanban trace` on the master).
+    TraceQuery {
+        /// A kanban id or trace id (hex).
+        id: String,
+    },
+    /// Worker → master: those hops (JSON array of the archive's rows; empty without an archive).
+    TraceRows {
+        /// JSON.
+        rows: String,
+    },
 }
 
 /// Why a link ends.
@@ -499,6 +509,8 @@ fn frame_name(f: &Frame) -> &'static str {
         Frame::Crl { .. } => "crl",
         Frame::Renew { .. } => "renew",
         Frame::Renewed { .. } => "renewed",
+        Frame::TraceQuery { .. } => "trace query",
+        Frame::TraceRows { .. } => "trace rows",
     }
 }
 

@@ -17,7 +17,7 @@ use aion_transport::federation::Frame;
 use aion_transport::FrameDecoder;
 use futures::future::BoxFuture;
 use serde::{Deserialize, Serialize};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -78,6 +78,8 @@ struct NodeState {
     tx: Option<tokio::sync::mpsc::Sender<Frame>>,
     /// Which of its connections is current.
     conn: u64,
+    /// Trace queries waiting for its answer, oldest first.
+    traces: std::collections::VecDeque<tokio::sync::oneshot::Sender<String>>,
 }
 
 /// The master-aion's control plane.
@@ -307,6 +309,13 @@ impl Master {
                         }
                     }
                     Ok(Some(Frame::Pong { .. })) => heard = tokio::time::Instant::now(),
+                    Ok(Some(Frame::TraceRows { rows })) => {
+                        heard = tokio::time::Instant::now();
+                        let waiter = self.nodes.lock().ok().and_then(|mut n| n.get_mut(&name).and_then(|s| s.traces.pop_front()));
+                        if let Some(w) = waiter {
+                            let _ = w.send(rows);
+                        }
+                    }
                     Ok(Some(Frame::Renew { public_key })) => {
                         heard = tokio::time::Instant::now();
                         let reply = match tls::issue_for_key(&self.dir, &name, &public_key) {
@@ -367,6 +376,52 @@ impl Master {
         self.push_all().await.map(|_| ())
     }
 
+    /// The archived hops of the chain of kanban `id` on every node (those that answer within 3 s), each row
+    /// naming its node, in time order: a chain that crossed devices, whole.
+    pub async fn trace(&self, data_dir: &Path, id: aion_runtime::KanbanId) -> Vec<crate::store::HopRow> {
+        let mut rows = self.trace_round(data_dir, &id.to_string()).await;
+        // The id may be a kanban of another node's part of the chain: ask again by its trace id.
+        let traces: BTreeSet<String> = rows.iter().map(|r| r.trace_id.clone()).collect();
+        if let Some(t) = traces.iter().next().filter(|t| traces.len() == 1 && **t != id.to_string()) {
+            rows = self.trace_round(data_dir, t).await;
+        }
+        rows.sort_by(|a, b| a.accepted_at.cmp(&b.accepted_at));
+        rows
+    }
+
+    async fn trace_round(&self, data_dir: &Path, id: &str) -> Vec<crate::store::HopRow> {
+        let mut rows = local_trace(data_dir, id);
+        for r in &mut rows {
+            r.device.clone_from(&self.name);
+        }
+        let asks: Vec<(String, tokio::sync::oneshot::Receiver<String>)> = {
+            let Ok(mut nodes) = self.nodes.lock() else { return rows };
+            nodes
+                .iter_mut()
+                .filter_map(|(name, n)| {
+                    let tx = n.tx.clone()?;
+                    let (w, r) = tokio::sync::oneshot::channel();
+                    tx.try_send(Frame::TraceQuery { id: id.to_owned() }).ok()?;
+                    n.traces.push_back(w);
+                    Some((name.clone(), r))
+                })
+                .collect()
+        };
+        for (name, r) in asks {
+            match tokio::time::timeout(Duration::from_secs(3), r).await {
+                Ok(Ok(json)) => {
+                    let mut theirs: Vec<crate::store::HopRow> = serde_json::from_str(&json).unwrap_or_default();
+                    for r in &mut theirs {
+                        r.device.clone_from(&name);
+                    }
+                    rows.extend(theirs);
+                }
+                _ => tracing::warn!(node = %name, "no answer to a trace query within 3 s"),
+            }
+        }
+        rows
+    }
+
     /// The status of every node.
     pub async fn report(&self) -> ClusterReport {
         let local = (self.hooks.instances)().await;
@@ -396,6 +451,16 @@ impl Master {
         }
         ClusterReport { role: "master".into(), master: self.name.clone(), master_connected: true, generation, nodes }
     }
+}
+
+/// The hops of the chain of `id` in this node's archive (none without one).
+fn local_trace(data_dir: &Path, id: &str) -> Vec<crate::store::HopRow> {
+    let path = crate::paths::Paths::new(data_dir).archive();
+    let Some(kid) = aion_runtime::KanbanId::parse(id) else { return Vec::new() };
+    if !path.is_file() {
+        return Vec::new();
+    }
+    crate::store::query_trace(&path, kid).unwrap_or_default()
 }
 
 /// The assignment frame of `node`.
@@ -622,6 +687,11 @@ async fn worker_session(
                     }
                 }
                 Ok(Some(Frame::Ping { .. })) => heard = tokio::time::Instant::now(),
+                Ok(Some(Frame::TraceQuery { id })) => {
+                    heard = tokio::time::Instant::now();
+                    let rows = serde_json::to_string(&local_trace(data_dir, &id)).unwrap_or_else(|_| "[]".into());
+                    if let Err(e) = write_frame(&mut cs, &Frame::TraceRows { rows }).await { break e; }
+                }
                 Ok(Some(Frame::Renewed { cert })) => {
                     heard = tokio::time::Instant::now();
                     if let Some(key) = renewing.take() {

@@ -51,6 +51,11 @@ pub enum Request {
     },
     /// Remove every service (the project): their instances stop; durable queues stay in the store.
     Delete,
+    /// Cluster mode, on the master: the archived hops of a kanban's chain on every node.
+    Trace {
+        /// Kanban id or trace id (hex).
+        id: String,
+    },
     /// Cluster mode, on the master: revoke a node (`aion cluster remove`).
     ClusterRemove {
         /// The node.

@@ -76,8 +76,11 @@ impl Default for Retention {
 }
 
 /// One archive row, as `aion kanban log` and `aion kanban trace` show it.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct HopRow {
+    /// The device whose archive holds it (cluster mode; empty for this device's own archive read directly).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub device: String,
     /// Kanban id.
     pub kanban_id: String,
     /// Trace id.
@@ -129,6 +132,7 @@ pub(super) fn row_to_hop(r: &rusqlite::Row<'_>) -> rusqlite::Result<HopRow> {
         .map(|m| aion_runtime::kanban::metadata_to_json(&m))
         .unwrap_or(serde_json::Value::Null);
     Ok(HopRow {
+        device: String::new(),
         kanban_id: hex(r.get(0)?),
         trace_id: hex(r.get(1)?),
         from: format!("{}-{}", r.get::<_, String>(2)?, r.get::<_, u32>(3)?),
