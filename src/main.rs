@@ -895,6 +895,12 @@ async fn status(data_dir: &Path, json: bool, node: Option<&str>, timeout: Durati
             i.last_exit.clone().unwrap_or_else(|| "-".into()),
         ]);
     }
+    // The NODE column only on a master (a single runtime's rows are all its own).
+    if master_nodes.is_none() {
+        for row in &mut rows {
+            row.remove(0);
+        }
+    }
     let widths: Vec<usize> = (0..rows[0].len()).map(|c| rows.iter().map(|r| r[c].len()).max().unwrap_or(0)).collect();
     for row in &rows {
         let line: Vec<String> = row.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect();
