@@ -226,9 +226,9 @@ struct RunArgs {
 enum ClusterCmd {
     /// Create the cluster CA and this device's identity in the data dir.
     Init {
-        /// This device's name (its `deviceName`).
+        /// This device's name (its `deviceName`; the master's `--name`) [default: the host name].
         #[arg(long)]
-        name: String,
+        name: Option<String>,
     },
     /// Issue an identity for another device, signed by the CA in the data dir, into that device's data dir.
     Issue {
@@ -785,7 +785,13 @@ fn cluster(data_dir: &Path, cmd: ClusterCmd) -> Result<(), String> {
     let dir = tls::ClusterDir::new(data_dir);
     match cmd {
         ClusterCmd::Init { name } => {
-            tls::init(&dir, &name).map_err(|e| e.to_string())?;
+            let name = match name {
+                Some(n) => n,
+                None => std::fs::read_to_string("/proc/sys/kernel/hostname")
+                    .map(|h| h.trim().to_owned())
+                    .map_err(|e| format!("cannot read the host name ({e}): give --name NAME"))?,
+            };
+            tls::init(&dir, &name).map_err(|e| format!("{e} (--name NAME sets another)"))?;
             out!("cluster CA and the identity of `{name}` created in {}", dir.root.display());
             out!("issue other devices' identities here with `aion cluster issue NAME --out THEIR_DATA_DIR`");
         }

@@ -272,6 +272,15 @@ fn cluster_commands_explain_what_is_missing() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    // Without --name, the host name (when it can name a device).
+    let h = tempfile::tempdir().expect("tmp");
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default().trim().to_owned();
+    let out = Command::new(AION).arg("--data-dir").arg(h.path()).args(["cluster", "init"]).output().expect("run");
+    if out.status.success() {
+        assert_eq!(std::fs::read_to_string(h.path().join("cluster/node.name")).expect("name").trim(), host);
+    } else {
+        assert!(String::from_utf8_lossy(&out.stderr).contains("--name"), "{}", String::from_utf8_lossy(&out.stderr));
+    }
     aion(d.path(), &["cluster", "init", "--name", "m"]);
     let again = Command::new(AION)
         .arg("--data-dir")
