@@ -108,6 +108,22 @@ impl Hosts {
         sh(&["ip", "-n", &sw, "link", "set", &b, if up { "up" } else { "down" }]).expect("link");
     }
 
+    /// Drops every packet arriving at host `i` from host `from`: the two cannot talk (the others still can).
+    fn partition(&self, i: usize, from: usize) {
+        let rules = format!(
+            "table inet part {{\n  chain in {{\n    type filter hook input priority 0; policy accept;\n    ip saddr {} drop\n  }}\n}}\n",
+            self.addr(from)
+        );
+        let mut c = Command::new("ip")
+            .args(["netns", "exec", &self.ns(i), "nft", "-f", "-"])
+            .stdin(std::process::Stdio::piped())
+            .spawn()
+            .expect("nft (Debian package nftables)");
+        use std::io::Write;
+        c.stdin.take().expect("stdin").write_all(rules.as_bytes()).expect("rules");
+        assert!(c.wait().expect("nft").success(), "nft rules");
+    }
+
     /// Drops `pct` % of the UDP packets arriving at host `i` (nftables `numgen`).
     fn loss(&self, i: usize, pct: u32) {
         let rules = format!(
@@ -268,4 +284,18 @@ fn a_worker_killed_mid_flow_on_its_host_loses_nothing() {
     // w2's relay had at most its window in flight, and w2 at most one credit window unacknowledged on each link.
     assert!(dups <= 2 * 4096 + 1024, "{dups}");
     drop(b2);
+}
+
+#[test]
+fn workers_that_cannot_reach_each_other_are_relayed_through_the_master() {
+    let Some(h) = Hosts::new('r', 3) else { return };
+    // w1 (host 1) and w2 (host 2) cannot talk; both reach the master (host 3).
+    h.partition(2, 1);
+    let n = 5_000;
+    let (w1, _w2, m) = three_nodes(&h, n);
+    let dups = all_in_order(&m, n, Duration::from_secs(300));
+    assert_eq!(dups, 0);
+    let st = w1.status();
+    assert_eq!(device(&st, "w2")["via"], "m", "w1's link to w2 goes through the master: {}", device(&st, "w2"));
+    assert!(m.stderr().contains("relaying a link from w1 to w2"), "the master says it relays");
 }

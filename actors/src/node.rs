@@ -309,6 +309,7 @@ fn start_cluster(s: &Arc<Shared>, c: &ClusterOptions, data_dir: &std::path::Path
             let _ = s.master.set(m);
         }
         ClusterRole::Worker { join, master } => {
+            let _ = fed.relay.set(master.clone());
             let (view, fut) = crate::cluster::run_worker(
                 data_dir.to_owned(),
                 fed,

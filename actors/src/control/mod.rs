@@ -281,6 +281,9 @@ pub struct DeviceReport {
     /// Dead-lettered `expired` (it was unreachable for longer than the outbox age bound).
     #[serde(default)]
     pub expired: u64,
+    /// The master the link goes through (it is unreachable directly); empty when direct.
+    #[serde(default)]
+    pub via: String,
 }
 
 /// AION's gRPC API in [`StatusReport`].

@@ -120,7 +120,13 @@ async fn serve(f: Arc<Federation>, incoming: quinn::Incoming) {
         }
         None => return refuse(&f, "tls", remote, "no client certificate".into(), Some(&mut cs)).await,
     }
-    let (rx, welcome) = match Receiver::accept(&f.me, hello, f.opts.window, timing, mono_us()) {
+    // A master relays a link for a device the sender cannot reach (docs/cluster.md: Topology).
+    let relay_to: Option<String> = match &hello {
+        Frame::Hello { to, .. } if *to != f.me && f.master.get().is_some() && f.peer(to).is_some() => Some(to.clone()),
+        _ => None,
+    };
+    let me = relay_to.clone().unwrap_or_else(|| f.me.clone());
+    let (rx, welcome) = match Receiver::accept(&me, hello, f.opts.window, timing, mono_us()) {
         Ok(r) => r,
         Err(e) => {
             let reply = e.refusal();
@@ -144,7 +150,10 @@ async fn serve(f: Arc<Federation>, incoming: quinn::Incoming) {
     peer.inbound_open.fetch_add(1, Ordering::Relaxed);
     tracing::info!(device = %from, %remote, "federation link from {from} accepted");
     let rx = Mutex::new(rx);
-    let end = link(&f, &peer, &conn, &rx, cs, cr, cdec).await;
+    if let Some(to) = &relay_to {
+        tracing::warn!(device = %from, to = %to, "relaying a link from {from} to {to} (it cannot reach {to} directly)");
+    }
+    let end = link(&f, &peer, &conn, &rx, cs, cr, cdec, relay_to.as_deref()).await;
     peer.inbound_open.fetch_sub(1, Ordering::Relaxed);
     match end {
         LinkEnd::Protocol(why) => {
@@ -203,6 +212,7 @@ async fn link(
     mut cs: quinn::SendStream,
     mut cr: quinn::RecvStream,
     mut cdec: FrameDecoder,
+    relay_to: Option<&str>,
 ) -> LinkEnd {
     let timing = f.opts.timing;
     let control = async {
@@ -250,7 +260,7 @@ async fn link(
             };
             peer.heard();
             let n = items.len() as u64;
-            deliver(f, peer, items).await?;
+            deliver(f, peer, items, relay_to).await?;
             if let Some(ack) = with(rx, |r| r.committed(first + n))? {
                 write_frame(&mut ds, &ack).await.map_err(|e| format!("ack: {e}"))?;
             }
@@ -266,10 +276,16 @@ async fn link(
 
 /// Delivers kanbans from `peer` here, in order, each once (the peer's dedup window, held until they are
 /// committed); returns once they are committed.
-async fn deliver(f: &Federation, peer: &Peer, items: Vec<aion_transport::federation::Crossing>) -> Result<(), String> {
+async fn deliver(
+    f: &Federation,
+    peer: &Peer,
+    items: Vec<aion_transport::federation::Crossing>,
+    relay_to: Option<&str>,
+) -> Result<(), String> {
     let router = &f.router;
     let mut dedup = peer.dedup.lock().await;
     let mut persisted = false;
+    let mut new_route = false;
     for c in items {
         peer.received.fetch_add(1, Ordering::Relaxed);
         if !dedup.first_time(&c.service, c.kanban.id) {
@@ -280,6 +296,21 @@ async fn deliver(f: &Federation, peer: &Peer, items: Vec<aion_transport::federat
         let mut k = Box::new(c.kanban);
         k.hops = c.hops;
         let instance = k.process_number;
+        if let Some(to) = relay_to {
+            // Into this master's outbox to `to`: committed here before the sender's acknowledgement.
+            match router.relay(to, &c.service, k).await {
+                Ok((p, new)) => {
+                    persisted |= p;
+                    new_route |= new;
+                }
+                Err(k) => {
+                    peer.undeliverable.fetch_add(1, Ordering::Relaxed);
+                    let detail = format!("from device `{}` to relay to `{to}`, which is not a device here", peer.name);
+                    router.dead_letter(crate::routing::dead::Reason::UnknownService, detail, k);
+                }
+            }
+            continue;
+        }
         match router.deliver(&c.service, instance, k).await {
             Ok(p) => persisted |= p,
             Err((reason, k)) => {
@@ -296,6 +327,10 @@ async fn deliver(f: &Federation, peer: &Peer, items: Vec<aion_transport::federat
         if let Some(store) = router.store() {
             store.barrier().await.map_err(|e| format!("the store did not commit: {e}"))?;
         }
+    }
+    if new_route {
+        // A route relayed for the first time: the link to its device starts (or is replaced).
+        f.reconfigure();
     }
     Ok(())
 }

@@ -109,6 +109,8 @@ pub struct Peer {
     kick: tokio::sync::Notify,
     /// When the link to it was last up (wall ms; at first, when this runtime started).
     pub last_up: AtomicU64,
+    /// The master the link to it goes through, when it is unreachable directly.
+    pub via: Mutex<Option<String>>,
     /// Kanbans dead-lettered `expired` for it.
     pub expired: AtomicU64,
 }
@@ -132,6 +134,7 @@ impl Peer {
             dedup: tokio::sync::Mutex::new(Dedup::new(2 * window as usize)),
             kick: tokio::sync::Notify::new(),
             last_up: AtomicU64::new(wall_ms()),
+            via: Mutex::new(None),
             expired: AtomicU64::new(0),
         }
     }
@@ -195,6 +198,8 @@ pub struct Federation {
     client: Mutex<quinn::ClientConfig>,
     /// Cluster mode: this device is the master (it takes joins and its workers' control connections).
     pub(crate) master: std::sync::OnceLock<Arc<crate::cluster::Master>>,
+    /// Cluster mode, on a worker: the master, through which links to unreachable devices are relayed.
+    pub(crate) relay: std::sync::OnceLock<String>,
     data_dir: std::path::PathBuf,
 }
 
@@ -278,6 +283,7 @@ impl Federation {
             links: std::sync::OnceLock::new(),
             client: Mutex::new(tls.client),
             master: std::sync::OnceLock::new(),
+            relay: std::sync::OnceLock::new(),
             data_dir: data_dir.to_owned(),
         };
         f.update_peers();
@@ -425,6 +431,13 @@ impl Federation {
                     duplicates: p.duplicates.load(Ordering::Relaxed),
                     undeliverable: p.undeliverable.load(Ordering::Relaxed),
                     expired: p.expired.load(Ordering::Relaxed),
+                    via: p
+                        .via
+                        .lock()
+                        .ok()
+                        .and_then(|v| v.clone())
+                        .filter(|_| matches!(p.state(), LinkState::Up))
+                        .unwrap_or_default(),
                 }
             })
             .collect();

@@ -234,10 +234,21 @@ pub(super) async fn run(f: Arc<Federation>, peer: Arc<Peer>, routes: Vec<Arc<Slo
         }
     };
     let mut backoff = Duration::from_millis(50);
+    // Relaying through the master: when the device has been unreachable directly for two heartbeat bounds, every
+    // other attempt goes through the master (a worker's only); a direct attempt that works ends it.
+    let relay_after = Duration::from_micros(f.opts.timing.dead_after.saturating_mul(2));
+    let mut direct_down_since: Option<std::time::Instant> = None;
+    let mut via_master_next = false;
     loop {
         peer.set_state(LinkState::Connecting);
         let started = std::time::Instant::now();
-        let end = connection(&f, &peer, &pump).await;
+        let via = f.relay.get().filter(|m| via_master_next && **m != peer.name).cloned();
+        let end = connection(&f, &peer, &pump, via.as_deref()).await;
+        let direct_failed = via.is_none() && started.elapsed() < Duration::from_secs(10);
+        if via.is_none() {
+            direct_down_since = if direct_failed { direct_down_since.or(Some(started)) } else { None };
+        }
+        via_master_next = !via_master_next && direct_down_since.is_some_and(|t| t.elapsed() >= relay_after);
         let lost = pump.lost();
         if lost > 0 {
             peer.resent.fetch_add(lost as u64, Ordering::Relaxed);
@@ -280,18 +291,31 @@ async fn resolve(addr: &str) -> Result<std::net::SocketAddr, String> {
 }
 
 /// One connection: dial, hello, then the three loops until one ends.
-async fn connection(f: &Federation, peer: &Peer, pump: &Pump) -> End {
-    let Some(addr) = peer.addr() else { return End::Down("no address".into()) };
+/// One connection to `peer`, directly or (`via`) through the master, which relays.
+async fn connection(f: &Federation, peer: &Peer, pump: &Pump, via: Option<&str>) -> End {
+    let (dial_name, addr) = match via {
+        Some(m) => match f.peer(m).and_then(|p| p.addr()) {
+            Some(a) => (m.to_owned(), a),
+            None => return End::Down(format!("no address for the master `{m}` to relay through")),
+        },
+        None => match peer.addr() {
+            Some(a) => (peer.name.clone(), a),
+            None => return End::Down("no address".into()),
+        },
+    };
     let to = match resolve(&addr).await {
         Ok(a) => a,
         Err(e) => return End::Down(e),
     };
-    let conn = match f.dial(to, &peer.name).await {
+    let conn = match f.dial(to, &dial_name).await {
         Ok(c) => c,
         Err(super::DialError::Refused(e)) => return End::Refused(e),
         Err(super::DialError::Down(e)) => return End::Down(e),
     };
     peer.connects.fetch_add(1, Ordering::Relaxed);
+    if let Ok(mut v) = peer.via.lock() {
+        *v = via.map(str::to_owned);
+    }
     let end = open_link(f, peer, pump, &conn).await;
     conn.close(quinn::VarInt::from_u32(0), b"link ended");
     end
@@ -335,7 +359,12 @@ async fn open_link(f: &Federation, peer: &Peer, pump: &Pump, conn: &quinn::Conne
     peer.heard();
     peer.set_state(LinkState::Up);
     peer.last_up.store(super::wall_ms(), Ordering::Relaxed);
-    tracing::info!(device = %peer.name, "federation link up");
+    match peer.via.lock().ok().and_then(|v| v.clone()) {
+        Some(m) => {
+            tracing::warn!(device = %peer.name, via = %m, "federation link up through the master (the device is unreachable directly)")
+        }
+        None => tracing::info!(device = %peer.name, "federation link up"),
+    }
     let room = tokio::sync::Notify::new();
 
     let control = async {

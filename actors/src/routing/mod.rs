@@ -33,6 +33,8 @@ pub struct Router {
     limits: QueueLimits,
     /// Cluster mode: the bounds of each outbox (`None`: this router has no outboxes).
     outbox_limits: Option<QueueLimits>,
+    /// Cluster mode, on a master: routes it relays for workers that cannot reach each other, by (device, service).
+    relay_routes: std::sync::Mutex<std::collections::BTreeSet<(String, String)>>,
     /// Dead letters.
     pub dead: Arc<DeadLetters>,
     lifecycle: mpsc::Sender<Lifecycle>,
@@ -51,12 +53,14 @@ struct Table {
 }
 
 impl Table {
-    /// The table of `cfg`, keeping the slots (and their queues) of `old` wherever they still exist.
+    /// The table of `cfg`, keeping the slots (and their queues) of `old` wherever they still exist; `relayed`
+    /// adds outboxes for routes a master relays.
     fn build(
         cfg: Arc<ServicesFile>,
         limits: QueueLimits,
         outboxes: Option<(QueueLimits, bool)>,
         old: Option<&Table>,
+        relayed: &std::collections::BTreeSet<(String, String)>,
     ) -> Table {
         let slots = cfg
             .microservices
@@ -78,9 +82,16 @@ impl Table {
         if let Some((limits, durable)) = outboxes {
             let targets: std::collections::BTreeSet<&String> =
                 cfg.microservices.values().flat_map(|m| m.next_service.values().flatten().map(|t| &t.name)).collect();
-            for device in cfg.devices.keys().filter(|d| **d != cfg.device_name) {
-                for service in &targets {
-                    let key = (device.clone(), (*service).clone());
+            let relayed = relayed.iter().filter(|(d, _)| cfg.devices.contains_key(d)).map(|(d, s)| (d, s));
+            let routes = cfg
+                .devices
+                .keys()
+                .filter(|d| **d != cfg.device_name)
+                .flat_map(|d| targets.iter().map(move |s| (d, *s)))
+                .chain(relayed);
+            {
+                for (device, service) in routes {
+                    let key = (device.clone(), service.clone());
                     let slot = old
                         .and_then(|o| o.outboxes.get(&key))
                         .cloned()
@@ -173,9 +184,10 @@ impl Router {
     /// Builds slots (1..=scale per service, each within `limits`) for `cfg`; lifecycle requests go to `lifecycle`.
     pub fn new(cfg: Arc<ServicesFile>, limits: QueueLimits, lifecycle: mpsc::Sender<Lifecycle>) -> Router {
         Router {
-            table: arc_swap::ArcSwap::from_pointee(Table::build(cfg, limits, None, None)),
+            table: arc_swap::ArcSwap::from_pointee(Table::build(cfg, limits, None, None, &Default::default())),
             limits,
             outbox_limits: None,
+            relay_routes: Default::default(),
             dead: Arc::default(),
             lifecycle,
             store: None,
@@ -191,7 +203,7 @@ impl Router {
     pub fn with_outboxes(mut self, limits: QueueLimits) -> Router {
         self.outbox_limits = Some(limits);
         let cfg = self.table.load().cfg.clone();
-        let t = Table::build(cfg, self.limits, Some((limits, self.store.is_some())), None);
+        let t = Table::build(cfg, self.limits, Some((limits, self.store.is_some())), None, &Default::default());
         self.table = arc_swap::ArcSwap::from_pointee(t);
         self
     }
@@ -202,7 +214,8 @@ impl Router {
     pub fn reconfigure(&self, cfg: Arc<ServicesFile>) -> Change {
         let old = self.table.load_full();
         let outboxes = self.outbox_limits.map(|l| (l, self.store.is_some()));
-        let new = Table::build(cfg.clone(), self.limits, outboxes, Some(&old));
+        let relayed = self.relay_routes.lock().map(|r| r.clone()).unwrap_or_default();
+        let new = Table::build(cfg.clone(), self.limits, outboxes, Some(&old), &relayed);
         let mut ch = Change::default();
         for (name, ms) in &cfg.microservices {
             match old.cfg.microservices.get(name) {
@@ -256,6 +269,43 @@ impl Router {
         }
         ch
     }
+    /// Cluster mode, on a master: queues a kanban from one worker for `service` on `device` (another worker that
+    /// the first cannot reach), in the outbox of that route (made the first time). Returns true when it went to
+    /// the durable store, and whether the route is new (its link must be started).
+    ///
+    /// # Errors
+    /// `device` is not a device of this configuration; the kanban is given back.
+    pub async fn relay(
+        &self,
+        device: &str,
+        service: &str,
+        k: Box<WireKanban>,
+    ) -> Result<(bool, bool), Box<WireKanban>> {
+        let mut new = false;
+        if self.outbox(device, service).is_none() {
+            let Some(limits) = self.outbox_limits else { return Err(k) };
+            if let Ok(mut r) = self.relay_routes.lock() {
+                new = r.insert((device.to_owned(), service.to_owned()));
+            }
+            let old = self.table.load_full();
+            let relayed = self.relay_routes.lock().map(|r| r.clone()).unwrap_or_default();
+            let t =
+                Table::build(old.cfg.clone(), self.limits, Some((limits, self.store.is_some())), Some(&old), &relayed);
+            self.table.store(Arc::new(t));
+        }
+        let Some(slot) = self.outbox(device, service) else { return Err(k) };
+        let to = format!("{service}@{device}");
+        self.archive_hop(&k, Some((&to, k.process_number)), "relayed");
+        let store = self.durable_store(&slot);
+        if let Some(store) = store {
+            if let Err(e) = store.enqueue(&slot.queue_key(), &k).await {
+                tracing::error!(queue = %slot.queue_key(), kanban = %k.id, "not persisted: {e}");
+            }
+        }
+        slot.push(k, None).await;
+        Ok((store.is_some(), new))
+    }
+
     /// The outboxes to `device`, by service.
     pub fn outboxes_to(&self, device: &str) -> Vec<Arc<Slot>> {
         let t = self.table.load();
