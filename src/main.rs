@@ -303,21 +303,11 @@ fn main() -> ExitCode {
     let timeout = Duration::from_secs(cli.timeout.max(1));
     let result = match cli.cmd {
         Cmd::Validate { files, strict, json } => validate(&files, strict, json),
-        Cmd::Run { file, args } => match run_flags(args) {
-            Ok(flags) => run(&data_dir, Source::File(&file), flags),
-            Err(e) if e.is_empty() => return ExitCode::FAILURE,
-            Err(e) => Err(e),
-        },
-        Cmd::Master { name, args } => match run_flags(args) {
-            Ok(flags) => master(&data_dir, &name, flags),
-            Err(e) if e.is_empty() => return ExitCode::FAILURE,
-            Err(e) => Err(e),
-        },
-        Cmd::Worker { join, token, name, args } => match run_flags(args) {
-            Ok(flags) => worker(&data_dir, &join, token.as_deref(), &name, flags),
-            Err(e) if e.is_empty() => return ExitCode::FAILURE,
-            Err(e) => Err(e),
-        },
+        Cmd::Run { file, args } => run_flags(args).and_then(|f| run(&data_dir, Source::File(&file), f)),
+        Cmd::Master { name, args } => run_flags(args).and_then(|f| master(&data_dir, &name, f)),
+        Cmd::Worker { join, token, name, args } => {
+            run_flags(args).and_then(|f| worker(&data_dir, &join, token.as_deref(), &name, f))
+        }
         Cmd::Cluster { cmd } => cluster(&data_dir, cmd),
         Cmd::Status { json, node } => block(status(&data_dir, json, node.as_deref(), timeout)),
         Cmd::Logs { service, instance, follow, lines } => logs(&data_dir, &service, instance, follow, lines, timeout),
@@ -424,8 +414,10 @@ fn validate(files: &[PathBuf], strict: bool, json: bool) -> Result<(), String> {
     Ok(())
 }
 
-/// The runtime's options from the flags of `aion run`, `aion master` and `aion worker` (an invalid flag is
-/// reported on stderr; the error is then empty).
+/// The runtime's options from the flags of `aion run`, `aion master` and `aion worker`.
+///
+/// # Errors
+/// An invalid flag, named.
 fn run_flags(a: RunArgs) -> Result<RunFlags, String> {
     let RunArgs {
         strict,
@@ -462,8 +454,7 @@ fn run_flags(a: RunArgs) -> Result<RunFlags, String> {
         age => match parse_age(age) {
             Ok(d) => Some(d),
             Err(e) => {
-                err!("aion: --outbox-max-age: {e}");
-                return Err(String::new());
+                return Err(format!("--outbox-max-age: {e}"));
             }
         },
     };
@@ -472,8 +463,7 @@ fn run_flags(a: RunArgs) -> Result<RunFlags, String> {
         addr => match addr.parse::<std::net::SocketAddr>() {
             Ok(a) => Some(a),
             Err(e) => {
-                err!("aion: --grpc {addr:?}: expected host:port (an IP address and a port) or `off`: {e}");
-                return Err(String::new());
+                return Err(format!("--grpc {addr:?}: expected host:port (an IP address and a port) or `off`: {e}"));
             }
         },
     };
@@ -487,8 +477,7 @@ fn run_flags(a: RunArgs) -> Result<RunFlags, String> {
             })
         }
         other => {
-            err!("aion: --store {other:?}: expected `embedded` or a redis:// URL");
-            return Err(String::new());
+            return Err(format!("--store {other:?}: expected `embedded` or a redis:// URL"));
         }
     };
     let mongo = mongo.map(|uri| aion::actors::export::mongo::MongoConfig {
@@ -818,8 +807,7 @@ fn cluster(data_dir: &Path, cmd: ClusterCmd) -> Result<(), String> {
         ClusterCmd::Remove { name, to } => {
             // A running master revokes at once and tells every node.
             let req = Request::ClusterRemove { name: name.clone() };
-            if let Ok(v) = block(control::call(&Paths::new(data_dir).control(), &req, Duration::from_secs(10))) {
-                let _ = v;
+            if block(control::call(&Paths::new(data_dir).control(), &req, Duration::from_secs(10))).is_ok() {
                 out!("`{name}` revoked: the master refuses it from now on and has sent the new revocation list to its nodes");
                 return Ok(());
             }

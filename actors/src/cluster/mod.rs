@@ -10,7 +10,7 @@ pub mod placement;
 use crate::broker::InstanceStatus;
 pub use crate::control::{ClusterReport, NodeReport};
 use crate::federation::tls::{self, ClusterDir};
-use crate::federation::{read_frame, write_frame, Federation};
+use crate::federation::{read_frame, wall_ms, write_frame, Federation};
 use crate::routing::Change;
 use aion_runtime::config::ServicesFile;
 use aion_transport::federation::Frame;
@@ -33,10 +33,6 @@ pub struct NodeHooks {
     pub apply: Box<dyn Fn(ServicesFile) -> BoxFuture<'static, Result<Change, String>> + Send + Sync>,
     /// This node's instances.
     pub instances: Box<dyn Fn() -> BoxFuture<'static, Vec<InstanceStatus>> + Send + Sync>,
-}
-
-fn wall_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
 fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> Option<T> {
@@ -98,8 +94,7 @@ pub struct Master {
 }
 
 impl Master {
-    /// The master of `fed`'s device, with its state from `data_dir`; returns it and the configuration this node
-    /// itself runs (its slice of the last applied project).
+    /// The master of `fed`'s device, with its state (project, generation, nodes' addresses) from `data_dir`.
     pub fn new(data_dir: &Path, fed: Arc<Federation>, hooks: NodeHooks, dead_after: Duration) -> Arc<Master> {
         let dir = ClusterDir::new(data_dir);
         let state_file = dir.root.join("master.json");
@@ -154,15 +149,7 @@ impl Master {
         let _one = self.applying.lock().await;
         let old = self.stored.lock().ok().and_then(|s| s.project.clone()).unwrap_or_default();
         let new = project.clone().unwrap_or_default();
-        let mut diff = Change::default();
-        for (n, ms) in &new.microservices {
-            match old.microservices.get(n) {
-                None => diff.added.push(n.clone()),
-                Some(o) if o != ms => diff.changed.push(n.clone()),
-                _ => {}
-            }
-        }
-        diff.removed = old.microservices.keys().filter(|n| !new.microservices.contains_key(*n)).cloned().collect();
+        let diff = Change::services(&old, &new);
         let generation = {
             let Ok(mut s) = self.stored.lock() else { return Err("cluster state poisoned".into()) };
             s.generation += 1;

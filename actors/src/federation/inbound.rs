@@ -216,9 +216,7 @@ async fn link(
 ) -> LinkEnd {
     let timing = f.opts.timing;
     let control = async {
-        let mut tick =
-            tokio::time::interval(Duration::from_micros(timing.ping_every / 4).max(Duration::from_millis(10)));
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut tick = super::heartbeat_tick(&timing);
         loop {
             tokio::select! {
                 r = read_frame(&mut cr, &mut cdec) => {

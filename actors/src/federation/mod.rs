@@ -71,8 +71,8 @@ pub enum LinkState {
 }
 
 /// Wall-clock milliseconds (for "last seen").
-fn wall_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+pub(crate) fn wall_ms() -> u64 {
+    crate::store::now_ms().max(0) as u64
 }
 
 /// One peer device: the link to it, links from it, and their counters.
@@ -649,6 +649,13 @@ pub(crate) async fn read_frame(
             Err(e) => return Err(ReadError::Io(e.to_string())),
         }
     }
+}
+
+/// The timer both ends of a link check their heartbeats on: four times a ping period (at least every 10 ms).
+pub(crate) fn heartbeat_tick(timing: &Timing) -> tokio::time::Interval {
+    let mut tick = tokio::time::interval(Duration::from_micros(timing.ping_every / 4).max(Duration::from_millis(10)));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick
 }
 
 /// Writes one frame.

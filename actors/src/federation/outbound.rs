@@ -211,6 +211,9 @@ impl Drop for Pump {
     }
 }
 
+/// A connection that lasted this long was a working link (its end resets the backoff and the relay decision).
+const STABLE: Duration = Duration::from_secs(10);
+
 /// Why one connection ended.
 enum End {
     Down(String),
@@ -244,9 +247,9 @@ pub(super) async fn run(f: Arc<Federation>, peer: Arc<Peer>, routes: Vec<Arc<Slo
         let started = std::time::Instant::now();
         let via = f.relay.get().filter(|m| via_master_next && **m != peer.name).cloned();
         let end = connection(&f, &peer, &pump, via.as_deref()).await;
-        let direct_failed = via.is_none() && started.elapsed() < Duration::from_secs(10);
+        let stable = started.elapsed() >= STABLE;
         if via.is_none() {
-            direct_down_since = if direct_failed { direct_down_since.or(Some(started)) } else { None };
+            direct_down_since = if stable { None } else { direct_down_since.or(Some(started)) };
         }
         via_master_next = !via_master_next && direct_down_since.is_some_and(|t| t.elapsed() >= relay_after);
         let lost = pump.lost();
@@ -274,7 +277,7 @@ pub(super) async fn run(f: Arc<Federation>, peer: Arc<Peer>, routes: Vec<Arc<Slo
         } else {
             tracing::warn!(device = %peer.name, in_flight = lost, "federation link down: {why}");
         }
-        if started.elapsed() > Duration::from_secs(10) {
+        if stable {
             backoff = Duration::from_millis(50);
         }
         tokio::time::sleep(if refused { backoff.max(Duration::from_secs(2)) } else { backoff }).await;
@@ -290,7 +293,6 @@ async fn resolve(addr: &str) -> Result<std::net::SocketAddr, String> {
         .ok_or_else(|| format!("{addr} resolves to no address"))
 }
 
-/// One connection: dial, hello, then the three loops until one ends.
 /// One connection to `peer`, directly or (`via`) through the master, which relays.
 async fn connection(f: &Federation, peer: &Peer, pump: &Pump, via: Option<&str>) -> End {
     let (dial_name, addr) = match via {
@@ -368,9 +370,7 @@ async fn open_link(f: &Federation, peer: &Peer, pump: &Pump, conn: &quinn::Conne
     let room = tokio::sync::Notify::new();
 
     let control = async {
-        let mut tick =
-            tokio::time::interval(Duration::from_micros(timing.ping_every / 4).max(Duration::from_millis(10)));
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut tick = super::heartbeat_tick(&timing);
         loop {
             tokio::select! {
                 r = read_frame(&mut cr, &mut cdec) => {

@@ -406,10 +406,6 @@ struct StoredToken {
     used: bool,
 }
 
-fn now_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
-}
-
 /// Runs `f` on the stored tokens under an exclusive lock of the file (the CLI mints while the master consumes).
 fn with_tokens<R>(
     dir: &ClusterDir,
@@ -435,7 +431,7 @@ fn with_tokens<R>(
     };
     let r = f(&mut tokens)?;
     // Expired and used tokens are forgotten after a day.
-    let now = now_ms();
+    let now = super::wall_ms();
     tokens.retain(|t| t.expires_ms + 86_400_000 > now);
     let out = serde_json::to_string(&tokens).map_err(|e| TlsError::Bad(e.to_string()))?;
     file.set_len(0).map_err(io(&path))?;
@@ -461,7 +457,7 @@ pub fn mint_token(dir: &ClusterDir, master: &str, ttl: std::time::Duration) -> R
     let stored = StoredToken {
         id: t.id.clone(),
         hash: sha256_hex(t.secret.as_bytes()),
-        expires_ms: now_ms() + ttl.as_millis() as u64,
+        expires_ms: super::wall_ms() + ttl.as_millis() as u64,
         used: false,
     };
     with_tokens(dir, |v| {
@@ -488,7 +484,7 @@ pub fn consume_token(dir: &ClusterDir, id: &str, secret: &str) -> Result<(), Tls
         if t.used {
             return Err(TlsError::Bad("join token already used (tokens are single-use)".into()));
         }
-        if t.expires_ms <= now_ms() {
+        if t.expires_ms <= super::wall_ms() {
             return Err(TlsError::Bad("join token expired".into()));
         }
         t.used = true;

@@ -1,6 +1,7 @@
 //! Routing (reference §3.7, without the original's bugs): connection key with `default` fallback, fan-out,
-//! `pattern: n` instance affinity with the target instance stamped on the forwarded copy, remote devices
-//! dead-lettered as `no-federation`, terminate kanbans never forwarded.
+//! `pattern: n` instance affinity with the target instance stamped on the forwarded copy, remote devices queued
+//! in their route's outbox (cluster mode; dead-lettered `no-federation` when this runtime does not federate),
+//! terminate kanbans never forwarded.
 
 pub mod dead;
 pub mod slot;
@@ -132,6 +133,20 @@ pub struct Change {
 }
 
 impl Change {
+    /// The services added, changed and removed from `old` to `new` (devices not compared).
+    pub fn services(old: &ServicesFile, new: &ServicesFile) -> Change {
+        let mut ch = Change::default();
+        for (name, ms) in &new.microservices {
+            match old.microservices.get(name) {
+                None => ch.added.push(name.clone()),
+                Some(o) if o != ms => ch.changed.push(name.clone()),
+                Some(_) => {}
+            }
+        }
+        ch.removed = old.microservices.keys().filter(|n| !new.microservices.contains_key(*n)).cloned().collect();
+        ch
+    }
+
     /// True when nothing changed.
     pub fn is_empty(&self) -> bool {
         self.added.is_empty() && self.changed.is_empty() && self.removed.is_empty() && self.devices.is_empty()
@@ -216,15 +231,7 @@ impl Router {
         let outboxes = self.outbox_limits.map(|l| (l, self.store.is_some()));
         let relayed = self.relay_routes.lock().map(|r| r.clone()).unwrap_or_default();
         let new = Table::build(cfg.clone(), self.limits, outboxes, Some(&old), &relayed);
-        let mut ch = Change::default();
-        for (name, ms) in &cfg.microservices {
-            match old.cfg.microservices.get(name) {
-                None => ch.added.push(name.clone()),
-                Some(o) if o != ms => ch.changed.push(name.clone()),
-                Some(_) => {}
-            }
-        }
-        ch.removed = old.cfg.microservices.keys().filter(|n| !cfg.microservices.contains_key(*n)).cloned().collect();
+        let mut ch = Change::services(&old.cfg, &cfg);
         let devices: std::collections::BTreeSet<&String> = old.cfg.devices.keys().chain(cfg.devices.keys()).collect();
         for d in devices {
             let routes = |t: &Table| -> Vec<String> {
@@ -294,8 +301,7 @@ impl Router {
             self.table.store(Arc::new(t));
         }
         let Some(slot) = self.outbox(device, service) else { return Err(k) };
-        let to = format!("{service}@{device}");
-        self.archive_hop(&k, Some((&to, k.process_number)), "relayed");
+        self.archive_remote_hop(&k, service, device, "relayed");
         let store = self.durable_store(&slot);
         if let Some(store) = store {
             if let Err(e) = store.enqueue(&slot.queue_key(), &k).await {
@@ -364,6 +370,14 @@ impl Router {
             at: now_ms(),
             charge: crate::store::Charge::default(),
         });
+    }
+
+    /// Records a hop to `service` on another device (`service@device` in the archive), when hops are archived.
+    fn archive_remote_hop(&self, k: &WireKanban, service: &str, device: &str, outcome: &'static str) {
+        if self.archive.is_some() {
+            let to = format!("{service}@{device}");
+            self.archive_hop(k, Some((&to, k.process_number)), outcome);
+        }
     }
 
     /// Records a dead letter: log, counter, and archive.
@@ -475,8 +489,7 @@ impl Router {
     /// Queues `k` from `from` in an outbox (waiting for space unless `from` is stopping), persisting it first
     /// when the outbox is durable. Returns true when the kanban went to the durable store.
     async fn enqueue_outbox(&self, from: &Slot, slot: &Slot, k: Box<WireKanban>) -> bool {
-        let to = format!("{}@{}", slot.service, slot.device.as_deref().unwrap_or_default());
-        self.archive_hop(&k, Some((&to, k.process_number)), "outbox");
+        self.archive_remote_hop(&k, &slot.service, slot.device.as_deref().unwrap_or_default(), "outbox");
         let store = self.durable_store(slot);
         let persisted = store.is_some();
         if let Some(store) = store {
