@@ -492,6 +492,13 @@ impl Receiver {
     }
 }
 
+impl Frame {
+    /// The frame's kind, for messages about a frame out of place (never its content: it may be large).
+    pub fn name(&self) -> &'static str {
+        frame_name(self)
+    }
+}
+
 fn frame_name(f: &Frame) -> &'static str {
     match f {
         Frame::Hello { .. } => "hello",

@@ -314,7 +314,7 @@ impl Master {
                         };
                         if let Err(e) = write_frame(&mut cs, &reply).await { break e; }
                     }
-                    Ok(Some(other)) => break format!("unexpected frame on the control connection: {other:?}").chars().take(200).collect(),
+                    Ok(Some(other)) => break format!("unexpected {} frame on the control connection", other.name()),
                     Ok(None) => break "the worker closed its control connection".to_owned(),
                     Err(e) => break e.to_string(),
                 },
@@ -696,7 +696,7 @@ async fn worker_session(
                     tracing::error!("{reason}");
                 }
                 Ok(Some(Frame::Refuse { reason })) => break format!("refused: {reason}"),
-                Ok(Some(other)) => break format!("unexpected frame from the master: {other:?}").chars().take(200).collect(),
+                Ok(Some(other)) => break format!("unexpected {} frame from the master", other.name()),
                 Ok(None) => break "the master closed the control connection".to_owned(),
                 Err(e) => break e.to_string(),
             },

@@ -104,7 +104,7 @@ async fn serve(f: Arc<Federation>, incoming: quinn::Incoming) {
             return;
         }
         other => {
-            let why = format!("expected a hello, got {other:?}").chars().take(200).collect();
+            let why = format!("expected a hello, got a {} frame", other.name());
             return refuse(&f, "protocol", remote, why, Some(&mut cs)).await;
         }
     };
