@@ -41,6 +41,12 @@ struct Cli {
     /// Seconds the CLI waits for the runtime before giving up (a request it gave up on is not carried out later).
     #[arg(long, global = true, env = "AION_TIMEOUT", default_value_t = 30)]
     timeout: u64,
+    /// Send the command to the runtime at `[NAME@]ADDR` (its QUIC `--listen` address) instead of the one on
+    /// --data-dir, with the admin identity in --data-dir (`aion cluster issue NAME --admin --out DIR`): `status`,
+    /// `apply`, `delete`, `kanban send`, `kanban trace`, `cluster remove`. NAME (the device there) defaults to the
+    /// master the identity was issued by.
+    #[arg(long, global = true, env = "AION_REMOTE")]
+    remote: Option<String>,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -216,6 +222,9 @@ struct RunArgs {
     /// Cluster mode: kanbans each route to another device keeps in memory (the rest wait in the store).
     #[arg(long, default_value_t = 65_536)]
     outbox_capacity: usize,
+    /// Cluster mode: bytes each route to another device keeps in memory (`64MiB`, `512KiB`, a number).
+    #[arg(long, default_value = "64MiB")]
+    outbox_bytes: String,
     /// Cluster mode: a device unreachable for longer than this (`90s`, `10m`, `2h`, `7d`; `0`: never) has the
     /// kanbans waiting for it dead-lettered `expired`.
     #[arg(long, default_value = "7d")]
@@ -232,11 +241,15 @@ enum ClusterCmd {
     },
     /// Issue an identity for another device, signed by the CA in the data dir, into that device's data dir.
     Issue {
-        /// The device's name (its `deviceName`).
+        /// The device's name (its `deviceName`), or with --admin the admin's.
         name: String,
         /// The device's data dir (a directory `cluster/` is created there; copy it to the device).
         #[arg(long)]
         out: PathBuf,
+        /// An admin identity (`NAME.aion-admin`), for `aion --data-dir OUT --remote ADDR apply …` from elsewhere;
+        /// revoked with `aion cluster remove NAME.aion-admin`.
+        #[arg(long)]
+        admin: bool,
     },
     /// Mint a single-use join token for a worker (printed as the last line of stdout).
     Token {
@@ -301,7 +314,21 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let data_dir = cli.data_dir.clone().unwrap_or_else(default_data_dir);
     let timeout = Duration::from_secs(cli.timeout.max(1));
+    if let Some(r) = cli.remote.clone() {
+        let _ = REMOTE.set(r);
+    }
+    let local_only = matches!(
+        cli.cmd,
+        Cmd::Logs { .. }
+            | Cmd::Kanban { cmd: KanbanCmd::Log { .. } }
+            | Cmd::Run { .. }
+            | Cmd::Master { .. }
+            | Cmd::Worker { .. }
+    );
     let result = match cli.cmd {
+        _ if local_only && REMOTE.get().is_some() => {
+            Err("--remote: this command works on the device itself (ssh there); over the network: status, apply, delete, kanban send, kanban trace, cluster remove".to_owned())
+        }
         Cmd::Validate { files, strict, json } => validate(&files, strict, json),
         Cmd::Run { file, args } => run_flags(args).and_then(|f| run(&data_dir, Source::File(&file), f)),
         Cmd::Master { name, args } => run_flags(args).and_then(|f| master(&data_dir, &name, f)),
@@ -320,12 +347,12 @@ fn main() -> ExitCode {
         Cmd::Kanban { cmd: KanbanCmd::Trace { id, json } } => kanban_trace(&data_dir, &id, json),
         Cmd::Apply { file, strict } => block(apply(&data_dir, &file, strict, timeout)),
         Cmd::Delete => block(async {
-            let v = control::call(&Paths::new(&data_dir).control(), &Request::Delete, timeout).await?;
+            let v = ctl(&data_dir, &Request::Delete, timeout).await?;
             print_change(&v);
             Ok(())
         }),
         Cmd::Stop => block(async {
-            control::call(&Paths::new(&data_dir).control(), &Request::Stop, timeout).await?;
+            ctl(&data_dir, &Request::Stop, timeout).await?;
             out!("stop requested");
             Ok(())
         }),
@@ -339,6 +366,48 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// `--remote`: the runtime the commands go to over QUIC, `[NAME@]ADDR`.
+static REMOTE: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
+/// Sends a control request to the runtime on `data_dir`, or (`--remote`) over QUIC with the admin identity in
+/// `data_dir`; the reply object.
+async fn ctl(data_dir: &Path, req: &Request, timeout: Duration) -> Result<serde_json::Value, String> {
+    let Some(remote) = REMOTE.get() else {
+        return control::call(&Paths::new(data_dir).control(), req, timeout).await;
+    };
+    remote_call(data_dir, remote, req).await
+}
+
+#[cfg(feature = "cluster")]
+async fn remote_call(data_dir: &Path, remote: &str, req: &Request) -> Result<serde_json::Value, String> {
+    use aion::actors::federation::tls;
+    let dir = tls::ClusterDir::new(data_dir);
+    let (name, addr) = match remote.split_once('@') {
+        Some((n, a)) => (n.to_owned(), a.to_owned()),
+        None => {
+            let n = std::fs::read_to_string(dir.root.join("master")).map_err(|_| {
+                format!("--remote {remote}: name the device there (`NAME@{remote}`): {} has no master name (an admin identity from `aion cluster issue NAME --admin` has)", dir.root.display())
+            })?;
+            (n.trim().to_owned(), remote.to_owned())
+        }
+    };
+    let env = control::Envelope { request: req.clone(), deadline_ms: None };
+    let line = serde_json::to_vec(&env).map_err(|e| e.to_string())?;
+    let reply = aion::actors::federation::ask(data_dir, &addr, &name, line).await?;
+    let v: serde_json::Value =
+        serde_json::from_slice(&reply).map_err(|e| format!("malformed answer from {name}: {e}"))?;
+    if v["ok"] == serde_json::Value::Bool(true) {
+        Ok(v)
+    } else {
+        Err(v["error"].as_str().unwrap_or("the runtime reported an error").to_owned())
+    }
+}
+
+#[cfg(not(feature = "cluster"))]
+async fn remote_call(_: &Path, _: &str, _: &Request) -> Result<serde_json::Value, String> {
+    Err("--remote: this aion was built without cluster mode".into())
 }
 
 fn block<T, F: std::future::Future<Output = Result<T, String>>>(f: F) -> Result<T, String> {
@@ -441,6 +510,7 @@ fn run_flags(a: RunArgs) -> Result<RunFlags, String> {
         listen,
         peer_timeout,
         outbox_capacity,
+        outbox_bytes,
         outbox_max_age,
     } = a;
     let mut cluster = aion::actors::node::ClusterOptions { listen, ..Default::default() };
@@ -449,15 +519,10 @@ fn run_flags(a: RunArgs) -> Result<RunFlags, String> {
         cluster.ping_every = (cluster.dead_after / 4).max(Duration::from_millis(50));
     }
     cluster.outbox_kanbans = outbox_capacity.max(1);
-    cluster.outbox_max_age = match outbox_max_age.trim() {
-        "0" | "never" => None,
-        age => match parse_age(age) {
-            Ok(d) => Some(d),
-            Err(e) => {
-                return Err(format!("--outbox-max-age: {e}"));
-            }
-        },
-    };
+    cluster.outbox_bytes =
+        aion::runtime::config::parse_bytes(&outbox_bytes).map_err(|e| format!("--outbox-bytes: {e}"))?;
+    cluster.outbox_max_age =
+        aion::runtime::config::parse_age(&outbox_max_age).map_err(|e| format!("--outbox-max-age: {e}"))?;
     let grpc = match grpc.trim() {
         "off" | "" => None,
         addr => match addr.parse::<std::net::SocketAddr>() {
@@ -533,21 +598,6 @@ enum Source<'a> {
     File(&'a Path),
     #[cfg_attr(not(feature = "cluster"), allow(dead_code))]
     Config(aion::runtime::config::ServicesFile, String),
-}
-
-/// Parses an age: `90s`, `10m`, `2h`, `1d`.
-fn parse_age(s: &str) -> Result<Duration, String> {
-    let bad = || format!("`{s}` is not an age (90s, 10m, 2h, 1d)");
-    let (i, unit) = s.char_indices().last().ok_or_else(bad)?;
-    let n: u64 = s[..i].parse().map_err(|_| bad())?;
-    let secs = match unit {
-        's' => 1,
-        'm' => 60,
-        'h' => 3600,
-        'd' => 86_400,
-        _ => return Err(bad()),
-    };
-    Ok(Duration::from_secs(n.saturating_mul(secs)))
 }
 
 #[cfg(feature = "cluster")]
@@ -742,7 +792,7 @@ async fn apply(data_dir: &Path, file: &Path, strict: bool, timeout: Duration) ->
     }
     let yaml = std::fs::read_to_string(file).map_err(|e| format!("{}: {e}", file.display()))?;
     let req = Request::Apply { file: file.display().to_string(), yaml };
-    let v = control::call(&Paths::new(data_dir).control(), &req, timeout).await?;
+    let v = ctl(data_dir, &req, timeout).await?;
     print_change(&v);
     Ok(())
 }
@@ -784,17 +834,34 @@ fn cluster(data_dir: &Path, cmd: ClusterCmd) -> Result<(), String> {
             out!("cluster CA and the identity of `{name}` created in {}", dir.root.display());
             out!("issue other devices' identities here with `aion cluster issue NAME --out THEIR_DATA_DIR`");
         }
-        ClusterCmd::Issue { name, out } => {
-            let id = tls::issue(&dir, &name).map_err(|e| e.to_string())?;
+        ClusterCmd::Issue { name, out, admin } => {
+            let id = if admin { tls::issue_admin(&dir, &name) } else { tls::issue(&dir, &name) }
+                .map_err(|e| e.to_string())?;
             let target = tls::ClusterDir::new(&out);
             tls::install(&target, &id).map_err(|e| e.to_string())?;
             if dir.crl().exists() {
                 std::fs::copy(dir.crl(), target.crl()).map_err(|e| format!("{}: {e}", target.crl().display()))?;
             }
-            out!("identity of `{name}` written to {}", target.root.display());
+            if admin {
+                // The device that issued it: where `--remote ADDR` goes by default.
+                let master = std::fs::read_to_string(dir.node_name()).unwrap_or_default();
+                let path = target.root.join("master");
+                std::fs::write(&path, master.trim()).map_err(|e| format!("{}: {e}", path.display()))?;
+                out!(
+                    "admin identity `{}` written to {}: aion --data-dir {} --remote {}_ADDR apply FILE",
+                    id.name,
+                    target.root.display(),
+                    out.display(),
+                    master.trim().to_uppercase()
+                );
+            } else {
+                out!("identity of `{name}` written to {}", target.root.display());
+            }
         }
         ClusterCmd::Token { ttl } => {
-            let ttl = parse_age(&ttl).map_err(|e| format!("--ttl: {e}"))?;
+            let ttl = aion::runtime::config::parse_age(&ttl)
+                .map_err(|e| format!("--ttl: {e}"))?
+                .ok_or("--ttl: a token cannot live forever: give an age (10m, 1h)")?;
             let master = std::fs::read_to_string(dir.node_name())
                 .map_err(|_| "no cluster here: run `aion cluster init` first".to_owned())?;
             let t = tls::mint_token(&dir, master.trim(), ttl).map_err(|e| e.to_string())?;
@@ -807,7 +874,7 @@ fn cluster(data_dir: &Path, cmd: ClusterCmd) -> Result<(), String> {
         ClusterCmd::Remove { name, to } => {
             // A running master revokes at once and tells every node.
             let req = Request::ClusterRemove { name: name.clone() };
-            if block(control::call(&Paths::new(data_dir).control(), &req, Duration::from_secs(10))).is_ok() {
+            if block(ctl(data_dir, &req, Duration::from_secs(10))).is_ok() {
                 out!("`{name}` revoked: the master refuses it from now on and has sent the new revocation list to its nodes");
                 return Ok(());
             }
@@ -828,7 +895,7 @@ fn cluster(_: &Path, _: ClusterCmd) -> Result<(), String> {
 }
 
 async fn status(data_dir: &Path, json: bool, node: Option<&str>, timeout: Duration) -> Result<(), String> {
-    let mut v = control::call(&Paths::new(data_dir).control(), &Request::Status, timeout).await?;
+    let mut v = ctl(data_dir, &Request::Status, timeout).await?;
     if let Some(n) = node {
         let Some(nodes) = v["cluster"]["nodes"].as_array_mut() else {
             return Err("--node: this runtime is not a cluster master".into());
@@ -1027,9 +1094,7 @@ async fn send(
     if !metadata.is_object() {
         return Err("--metadata must be a JSON object".into());
     }
-    let v =
-        control::call(&Paths::new(data_dir).control(), &Request::Send { service, instance, key, metadata }, timeout)
-            .await?;
+    let v = ctl(data_dir, &Request::Send { service, instance, key, metadata }, timeout).await?;
     out!("{}", v["kanban_id"].as_str().unwrap_or("sent"));
     Ok(())
 }
@@ -1246,15 +1311,13 @@ fn kanban_log(
 
 fn kanban_trace(data_dir: &Path, id: &str, json: bool) -> Result<(), String> {
     let kid = aion::runtime::KanbanId::parse(id).ok_or_else(|| format!("`{id}` is not a kanban id (32 hex digits)"))?;
-    // A running master gathers the chain from every node's archive.
-    let req = Request::Trace { id: id.to_owned() };
-    let cluster: Option<Vec<aion::actors::store::HopRow>> =
-        block(control::call(&Paths::new(data_dir).control(), &req, Duration::from_secs(10)))
-            .ok()
-            .and_then(|v| serde_json::from_value(v["rows"].clone()).ok());
-    let rows = match cluster {
-        Some(rows) => rows,
-        None => aion::actors::store::query_trace(&store_path(data_dir)?, kid).map_err(|e| e.to_string())?,
+    // A running runtime gathers the chain: a master from every node's archive, a device with peer devices from
+    // theirs too. Without a running runtime, this data dir's archive is read directly.
+    let req = Request::Trace { id: id.to_owned(), local: false };
+    let rows = match block(ctl(data_dir, &req, Duration::from_secs(20))) {
+        Ok(v) => serde_json::from_value(v["rows"].clone()).map_err(|e| format!("unexpected answer: {e}"))?,
+        Err(e) if REMOTE.get().is_some() => return Err(e),
+        Err(_) => aion::actors::store::query_trace(&store_path(data_dir)?, kid).map_err(|e| e.to_string())?,
     };
     if rows.is_empty() {
         return Err(format!("no archived hop for {id}"));

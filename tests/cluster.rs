@@ -426,6 +426,34 @@ fn garbage_from_an_authenticated_peer_closes_its_link_and_loses_nothing_already_
 }
 
 #[test]
+fn each_device_can_have_its_own_outbox_age_bound() {
+    let mut dirs = identities(&["a", "b", "c"]).into_iter();
+    let da = dirs.next().expect("a");
+    // Nobody listens at either: b (bound 2 s in its `devices:` entry) and c (the runtime's 7 days) are unreachable.
+    let (pb, pc) = (free_udp_port(), free_udp_port());
+    let yaml = format!(
+        r#"
+deviceName: a
+devices:
+  b: {{ addr: "127.0.0.1:{pb}", outboxMaxAge: 2s, outboxKanbans: 4, outboxBytes: 1MiB }}
+  c: {{ addr: "127.0.0.1:{pc}" }}
+microservices:
+  source:
+    command: ["{{testkit}}"]
+    startup: yes
+    env: {{ EMIT_COUNT: 6, CHUNK: 200 }}
+    nextService: {{ default: [ {{ name: sink, device: b }}, {{ name: sink, device: c }} ] }}
+"#
+    );
+    let a = Runtime::start_full(&yaml, da, tempfile::tempdir().expect("tmp"), &["--peer-timeout", "1"]);
+    let st = a.wait_status("b's six kanbans expired", |s| device(s, "b")["expired"] == 6);
+    assert_eq!(st["dead_letters"]["expired"], 6, "only b's: {st}");
+    let st = a.wait_status("b's outbox empty", |s| device(s, "b")["outbox"] == 0);
+    assert_eq!(device(&st, "c")["outbox"], 6, "c's wait (the runtime's bound): {st}");
+    assert_eq!(device(&st, "c")["expired"], 0, "{st}");
+}
+
+#[test]
 fn kanbans_for_a_device_unreachable_past_the_age_bound_become_dead_letters_and_leave_the_store() {
     let mut dirs = identities(&["a", "b"]).into_iter();
     let da = dirs.next().expect("a");
@@ -447,4 +475,44 @@ fn kanbans_for_a_device_unreachable_past_the_age_bound_become_dead_letters_and_l
     let a2 = a.crash_and_restart_with(&yaml, &args);
     let st = a2.status();
     assert_eq!(device(&st, "b")["outbox"], 0, "{st}");
+}
+
+#[test]
+fn a_trace_on_a_peer_device_shows_the_hops_on_the_devices_it_reaches() {
+    let mut dirs = identities(&["a", "b"]).into_iter();
+    let (da, db) = (dirs.next().expect("a"), dirs.next().expect("b"));
+    let port = free_udp_port();
+    let b_listen = format!("127.0.0.1:{port}");
+    let b = Runtime::start_full(
+        RECEIVER_YAML,
+        db,
+        tempfile::tempdir().expect("tmp"),
+        &["--listen", &b_listen, "--archive"],
+    );
+    let a = Runtime::start_full(&sender_yaml(3, port), da, tempfile::tempdir().expect("tmp"), &["--archive"]);
+    wait_all(&b, 3, Duration::from_secs(60));
+    let id = read_lines(&b.path("sink.jsonl"))[0]["id"].as_str().expect("id").to_owned();
+    // No master: device a asks b (which it dials) for b's rows of the chain.
+    let rows = wait_until("both devices' hops", Duration::from_secs(30), || {
+        let (ok, out, _) = a.cli(&["kanban", "trace", &id, "--json"]);
+        let rows: Vec<serde_json::Value> = if ok { common::json_lines(&out) } else { Vec::new() };
+        let devices: std::collections::BTreeSet<String> =
+            rows.iter().filter_map(|r| r["device"].as_str().map(str::to_owned)).collect();
+        (devices.len() == 2).then_some(rows)
+    });
+    let trace = rows[0]["trace_id"].clone();
+    assert!(rows.iter().all(|r| r["trace_id"] == trace), "one chain: {rows:?}");
+    assert!(
+        rows.iter().any(|r| r["device"] == "b" && r["to"].as_str().is_some_and(|t| t.starts_with("sink"))),
+        "{rows:?}"
+    );
+    // b cannot dial a (no address): its own rows only, and no error.
+    let (ok, out, err) = b.cli(&["kanban", "trace", &id, "--json"]);
+    assert!(ok, "{err}");
+    assert!(common::json_lines(&out).iter().all(|r| r["device"] == "b"), "{out}");
+    // A peer device may ask for trace rows, nothing else.
+    let before = b.status()["federation"]["refused"]["not-admin"].as_u64().unwrap_or(0);
+    let (ok, _, err) = a.cli(&["--remote", &format!("b@{b_listen}"), "status"]);
+    assert!(!ok && err.contains("needs an admin identity"), "{err}");
+    b.wait_status("the refusal counted", |s| s["federation"]["refused"]["not-admin"].as_u64().unwrap_or(0) > before);
 }

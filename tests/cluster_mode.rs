@@ -310,3 +310,49 @@ fn a_trace_on_the_master_shows_the_hops_on_every_node() {
     assert!(ok, "{err}");
     assert!(table.starts_with("DEVICE") && table.contains("\nw1 ") && table.contains("\nw2 "), "{table}");
 }
+
+#[test]
+fn an_admin_identity_administers_the_master_from_elsewhere_and_nothing_else_does() {
+    let c = cluster(&["w1", "w2"]);
+    c.master.wait_status("both workers attached", |s| all_connected(s, &["w1", "w2"]));
+    let admin = tempfile::tempdir().expect("tmp");
+    let (ok, out, err) =
+        c.master.cli(&["cluster", "issue", "alice", "--admin", "--out", &admin.path().display().to_string()]);
+    assert!(ok && out.contains("alice.aion-admin"), "{out}{err}");
+    let remote = |dir: &Path, args: &[&str]| {
+        let mut a = vec!["--remote", c.master_addr.as_str()];
+        a.extend_from_slice(args);
+        aion(dir, &a)
+    };
+    // apply, status and delete from the admin's own data dir (no runtime there): over QUIC to the master.
+    let sink_dir = tempfile::tempdir().expect("tmp");
+    let f = admin.path().join("project.yml");
+    std::fs::write(&f, project(5, "", sink_dir.path())).expect("write");
+    let (ok, out, err) = remote(admin.path(), &["apply", &f.display().to_string()]);
+    assert!(ok, "remote apply: {out}{err}");
+    wait_sink(sink_dir.path(), 5, Duration::from_secs(60));
+    let (ok, out, err) = remote(admin.path(), &["status", "--json"]);
+    assert!(ok, "{err}");
+    let st: serde_json::Value = serde_json::from_str(&out).expect("json");
+    assert_eq!(node(&st, "w1")["connected"], true, "{st}");
+    // `stop` is not taken over the network; the runtime goes on.
+    let (ok, _, err) = remote(admin.path(), &["stop"]);
+    assert!(!ok && err.contains("not taken over the network"), "{err}");
+    // A device's identity is not an admin's: refused and counted.
+    let w1_dir = c.workers[0].data.path();
+    let (ok, _, err) = aion(w1_dir, &["--remote", &format!("m@{}", c.master_addr), "apply", &f.display().to_string()]);
+    assert!(!ok && err.contains("needs an admin identity"), "{err}");
+    // Both refusals counted: the stop and the device's request.
+    let st = c.master.wait_status("the refusals counted", |s| s["federation"]["refused"]["not-admin"] == 2);
+    assert!(c.master.stderr().contains("request from `w1` refused"), "{st}");
+    // Revoked: refused at the TLS handshake from then on.
+    let (ok, out, err) = c.master.cli(&["cluster", "remove", "alice.aion-admin"]);
+    assert!(ok, "{out}{err}");
+    let (ok, _, err) = remote(admin.path(), &["status"]);
+    assert!(!ok, "a revoked admin is refused: {err}");
+    let (ok, out, err) = remote(admin.path(), &["delete"]);
+    assert!(!ok, "{out}{err}");
+    // The local control socket still administers it.
+    let (ok, _, err) = c.master.cli(&["delete"]);
+    assert!(ok, "{err}");
+}

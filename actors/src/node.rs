@@ -301,6 +301,17 @@ fn hooks(s: &Arc<Shared>) -> crate::cluster::NodeHooks {
 #[cfg(feature = "cluster")]
 fn start_cluster(s: &Arc<Shared>, c: &ClusterOptions, data_dir: &std::path::Path) {
     let Some(fed) = s.federation.clone() else { return };
+    // Requests over the network (an admin identity's, a peer's trace query) go to the control handler.
+    let weak = Arc::downgrade(s);
+    fed.set_admin(Arc::new(move |line: Vec<u8>| {
+        let weak = weak.clone();
+        Box::pin(async move {
+            match weak.upgrade() {
+                Some(s) => handle_request(&s, &line).await,
+                None => err_reply("the runtime is shutting down"),
+            }
+        })
+    }));
     match &c.role {
         ClusterRole::Single => {}
         ClusterRole::Master => {
@@ -930,15 +941,34 @@ async fn handle_request(s: &Shared, line: &[u8]) -> Vec<u8> {
         #[cfg(not(feature = "cluster"))]
         Request::ClusterRemove { .. } => err_reply("this aion was built without cluster mode"),
         #[cfg(feature = "cluster")]
-        Request::Trace { id } => match (s.master.get(), aion_runtime::KanbanId::parse(&id)) {
-            (Some(m), Some(kid)) => {
-                ok_reply(&serde_json::json!({"rows": m.trace(std::path::Path::new(&s.data_dir), kid).await}))
+        Request::Trace { id, local } => {
+            let Some(kid) = aion_runtime::KanbanId::parse(&id) else {
+                return err_reply(format!("`{id}` is not a kanban id (32 hex digits)"));
+            };
+            drop(guard);
+            let dir = std::path::Path::new(&s.data_dir);
+            #[cfg(feature = "cluster")]
+            {
+                let me = s.federation.as_ref().map(|f| f.me.clone()).unwrap_or_default();
+                let rows = match (local, s.master.get(), &s.federation) {
+                    (false, Some(m), _) => m.trace(dir, kid).await,
+                    (false, None, Some(f)) => f.trace(dir, kid).await,
+                    _ => crate::cluster::local_rows(dir, &id, &me),
+                };
+                ok_reply(&serde_json::json!({ "rows": rows }))
             }
-            (None, _) => err_reply("this runtime is not a cluster master"),
-            (_, None) => err_reply(format!("`{id}` is not a kanban id (32 hex digits)")),
-        },
-        #[cfg(not(feature = "cluster"))]
-        Request::Trace { .. } => err_reply("this aion was built without cluster mode"),
+            #[cfg(not(feature = "cluster"))]
+            {
+                let _ = local;
+                let archive = crate::paths::Paths::new(dir).archive();
+                let rows = if archive.is_file() {
+                    crate::store::query_trace(&archive, kid).unwrap_or_default()
+                } else {
+                    Vec::new()
+                };
+                ok_reply(&serde_json::json!({ "rows": rows }))
+            }
+        }
         Request::Apply { file, yaml } => {
             let loaded = aion_runtime::config::load_str(&file, &yaml);
             drop(guard);

@@ -176,6 +176,20 @@ pub enum Frame {
         /// JSON.
         rows: String,
     },
+    /// A request over the network, the first frame of its own connection: a control request line (the Unix
+    /// control socket's JSON) from an admin identity (`<name>.aion-admin`), or a local trace query from a peer
+    /// device.
+    Ask {
+        /// The asking identity (its certificate must name it).
+        from: String,
+        /// The control request line.
+        request: Vec<u8>,
+    },
+    /// The answer to an [`Frame::Ask`]: the control reply line.
+    Answer {
+        /// The reply line.
+        reply: Vec<u8>,
+    },
 }
 
 /// Why a link ends.
@@ -518,6 +532,8 @@ fn frame_name(f: &Frame) -> &'static str {
         Frame::Renewed { .. } => "renewed",
         Frame::TraceQuery { .. } => "trace query",
         Frame::TraceRows { .. } => "trace rows",
+        Frame::Ask { .. } => "ask",
+        Frame::Answer { .. } => "answer",
     }
 }
 

@@ -366,21 +366,11 @@ impl Master {
     /// The archived hops of the chain of kanban `id` on every node (those that answer within 3 s), each row
     /// naming its node, in time order: a chain that crossed devices, whole.
     pub async fn trace(&self, data_dir: &Path, id: aion_runtime::KanbanId) -> Vec<crate::store::HopRow> {
-        let mut rows = self.trace_round(data_dir, &id.to_string()).await;
-        // The id may be a kanban of another node's part of the chain: ask again by its trace id.
-        let traces: BTreeSet<String> = rows.iter().map(|r| r.trace_id.clone()).collect();
-        if let Some(t) = traces.iter().next().filter(|t| traces.len() == 1 && **t != id.to_string()) {
-            rows = self.trace_round(data_dir, t).await;
-        }
-        rows.sort_by(|a, b| a.accepted_at.cmp(&b.accepted_at));
-        rows
+        trace_chain(id, |id| async move { self.trace_round(data_dir, &id).await }).await
     }
 
     async fn trace_round(&self, data_dir: &Path, id: &str) -> Vec<crate::store::HopRow> {
-        let mut rows = local_trace(data_dir, id);
-        for r in &mut rows {
-            r.device.clone_from(&self.name);
-        }
+        let mut rows = local_rows(data_dir, id, &self.name);
         let asks: Vec<(String, tokio::sync::oneshot::Receiver<String>)> = {
             let Ok(mut nodes) = self.nodes.lock() else { return rows };
             nodes
@@ -441,6 +431,33 @@ impl Master {
 }
 
 /// The hops of the chain of `id` in this node's archive (none without one).
+/// The chain of kanban `id`, each round gathering the rows of an id from every device that answers: when they
+/// all belong to one trace other than `id` (the id was a kanban of another device's part of the chain), gathered
+/// again by that trace id; in time order.
+pub(crate) async fn trace_chain<F, Fut>(id: aion_runtime::KanbanId, round: F) -> Vec<crate::store::HopRow>
+where
+    F: Fn(String) -> Fut,
+    Fut: std::future::Future<Output = Vec<crate::store::HopRow>>,
+{
+    let first = id.to_string();
+    let mut rows = round(first.clone()).await;
+    let traces: BTreeSet<String> = rows.iter().map(|r| r.trace_id.clone()).collect();
+    if let Some(t) = traces.iter().next().filter(|t| traces.len() == 1 && **t != first) {
+        rows = round(t.clone()).await;
+    }
+    rows.sort_by(|a, b| a.accepted_at.cmp(&b.accepted_at));
+    rows
+}
+
+/// The rows of trace (or kanban) `id` in this device's archive, naming `device`.
+pub(crate) fn local_rows(data_dir: &Path, id: &str, device: &str) -> Vec<crate::store::HopRow> {
+    let mut rows = local_trace(data_dir, id);
+    for r in &mut rows {
+        r.device = device.to_owned();
+    }
+    rows
+}
+
 fn local_trace(data_dir: &Path, id: &str) -> Vec<crate::store::HopRow> {
     let path = crate::paths::Paths::new(data_dir).archive();
     let Some(kid) = aion_runtime::KanbanId::parse(id) else { return Vec::new() };

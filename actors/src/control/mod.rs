@@ -51,10 +51,14 @@ pub enum Request {
     },
     /// Remove every service (the project): their instances stop; durable queues stay in the store.
     Delete,
-    /// Cluster mode, on the master: the archived hops of a kanban's chain on every node.
+    /// The archived hops of a kanban's chain: on a master, from every node; on a device with peer devices,
+    /// from every peer it can dial; elsewhere (or `local`), this device's.
     Trace {
         /// Kanban id or trace id (hex).
         id: String,
+        /// This device's rows only (what a peer device asks of another).
+        #[serde(default)]
+        local: bool,
     },
     /// Cluster mode, on the master: revoke a node (`aion cluster remove`).
     ClusterRemove {

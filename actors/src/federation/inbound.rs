@@ -103,6 +103,10 @@ async fn serve(f: Arc<Federation>, incoming: quinn::Incoming) {
             conn.close(quinn::VarInt::from_u32(0), b"control connection ended");
             return;
         }
+        Frame::Ask { from, request } => {
+            let (from, request) = (from.clone(), request.clone());
+            return answer(&f, remote, cert.as_ref(), &from, request, cs).await;
+        }
         other => {
             let why = format!("expected a hello, got a {} frame", other.name());
             return refuse(&f, "protocol", remote, why, Some(&mut cs)).await;
@@ -164,6 +168,55 @@ async fn serve(f: Arc<Federation>, incoming: quinn::Incoming) {
         LinkEnd::Other(why) => tracing::info!(device = %from, "federation link from {from} ended: {why}"),
     }
     conn.close(quinn::VarInt::from_u32(0), b"link ended");
+}
+
+/// A request over the network ([`Frame::Ask`]): from an admin identity, any control request but `stop`; from
+/// a peer device of this one, a local trace query only. Refused (and counted) otherwise.
+async fn answer(
+    f: &Federation,
+    remote: std::net::SocketAddr,
+    cert: Option<&CertificateDer<'static>>,
+    from: &str,
+    request: Vec<u8>,
+    mut cs: quinn::SendStream,
+) {
+    match cert.map(|c| tls::names(c, from)) {
+        Some(Ok(())) => {}
+        Some(Err(e)) => {
+            let why = format!("a request from `{from}`, but {e}");
+            return refuse(f, "wrong-name", remote, why, Some(&mut cs)).await;
+        }
+        None => return refuse(f, "tls", remote, "no client certificate".into(), Some(&mut cs)).await,
+    }
+    let admin = from.ends_with(tls::ADMIN_SUFFIX);
+    let req = crate::control::parse_request(&request).map(|e| e.request);
+    let allowed = match &req {
+        Ok(crate::control::Request::Stop) => {
+            Err("`stop` is not taken over the network (stop the runtime on its device)")
+        }
+        Ok(_) if admin => Ok(()),
+        Ok(crate::control::Request::Trace { local: true, .. }) if f.peer(from).is_some() => Ok(()),
+        Ok(_) if f.peer(from).is_some() => {
+            Err("a peer device may only ask for its trace rows; this needs an admin identity")
+        }
+        Ok(_) => Err("unknown identity: neither an admin (`aion cluster issue NAME --admin`) nor a device of this one"),
+        Err(_) => Err("unreadable request"),
+    };
+    if let Err(why) = allowed {
+        let reason = if req.is_err() { "protocol" } else { "not-admin" };
+        return refuse(f, reason, remote, format!("request from `{from}` refused: {why}"), Some(&mut cs)).await;
+    }
+    let Some(hook) = f.admin.get().cloned() else {
+        return refuse(f, "not-admin", remote, "this runtime takes no requests yet".into(), Some(&mut cs)).await;
+    };
+    if admin {
+        tracing::info!(%remote, admin = %from, request = ?req.as_ref().ok(), "control request over the network");
+    }
+    let reply = hook(request).await;
+    if write_frame(&mut cs, &Frame::Answer { reply }).await.is_ok() {
+        let _ = cs.finish();
+        let _ = tokio::time::timeout(Duration::from_secs(2), cs.stopped()).await;
+    }
 }
 
 fn with<R>(rx: &Mutex<Receiver>, f: impl FnOnce(&mut Receiver) -> R) -> Result<R, String> {

@@ -200,7 +200,71 @@ pub struct Federation {
     pub(crate) master: std::sync::OnceLock<Arc<crate::cluster::Master>>,
     /// Cluster mode, on a worker: the master, through which links to unreachable devices are relayed.
     pub(crate) relay: std::sync::OnceLock<String>,
+    /// Answers requests over the network ([`Frame::Ask`]): the node's control handler.
+    pub(crate) admin: std::sync::OnceLock<AdminHook>,
     data_dir: std::path::PathBuf,
+}
+
+/// The node's control handler, for requests over the network: a request line in, a reply line out.
+pub type AdminHook =
+    Arc<dyn Fn(Vec<u8>) -> std::pin::Pin<Box<dyn std::future::Future<Output = Vec<u8>> + Send>> + Send + Sync>;
+
+/// How long a request over the network may take (dial, ask, answer).
+pub const ASK_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Sends a control request to the runtime at `addr` over QUIC with the identity in `data_dir` (an admin
+/// identity, `aion cluster issue NAME --admin`), and returns its reply line. `name` is the device expected at
+/// `addr` (its certificate must name it).
+///
+/// # Errors
+/// No identity, unreachable, refused, or no answer in time.
+pub async fn ask(data_dir: &std::path::Path, addr: &str, name: &str, request: Vec<u8>) -> Result<Vec<u8>, String> {
+    let dir = tls::ClusterDir::new(data_dir);
+    let t = tls::load(&dir, &aion_transport::federation::Timing::default()).map_err(|e| e.to_string())?;
+    let to = resolve(&dial_addr(addr)).await?;
+    let bind = if to.is_ipv6() { "[::]:0" } else { "0.0.0.0:0" };
+    let mut ep = quinn::Endpoint::client(bind.parse().map_err(|e| format!("{e}"))?)
+        .map_err(|e| format!("cannot open a UDP socket: {e}"))?;
+    ep.set_default_client_config(t.client);
+    let exchange = async {
+        let conn = ep
+            .connect(to, name)
+            .map_err(|e| e.to_string())?
+            .await
+            .map_err(|e| format!("cannot connect to {name} at {to}: {e}"))?;
+        let reply = ask_on(&conn, &t.name, request).await;
+        conn.close(quinn::VarInt::from_u32(0), b"answered");
+        reply
+    };
+    let r = tokio::time::timeout(ASK_TIMEOUT, exchange)
+        .await
+        .map_err(|_| format!("no answer from {name} at {to} within {}s", ASK_TIMEOUT.as_secs()))?;
+    ep.wait_idle().await;
+    r
+}
+
+/// The first address `addr` resolves to.
+pub(crate) async fn resolve(addr: &str) -> Result<std::net::SocketAddr, String> {
+    tokio::net::lookup_host(addr)
+        .await
+        .map_err(|e| format!("cannot resolve {addr}: {e}"))?
+        .next()
+        .ok_or_else(|| format!("{addr} resolves to no address"))
+}
+
+/// One request on a connection: [`Frame::Ask`] out, [`Frame::Answer`] back.
+async fn ask_on(conn: &quinn::Connection, from: &str, request: Vec<u8>) -> Result<Vec<u8>, String> {
+    let (mut cs, mut cr) = conn.open_bi().await.map_err(|e| e.to_string())?;
+    write_frame(&mut cs, &Frame::Ask { from: from.to_owned(), request }).await?;
+    let _ = cs.finish();
+    let mut dec = FrameDecoder::default();
+    match read_frame(&mut cr, &mut dec).await {
+        Ok(Some(Frame::Answer { reply })) => Ok(reply),
+        Ok(Some(Frame::Refuse { reason })) => Err(format!("refused: {reason}")),
+        Ok(Some(other)) => Err(format!("answered with a {} frame", other.name())),
+        Ok(None) => Err("the connection closed without an answer".into()),
+        Err(e) => Err(e.to_string()),
+    }
 }
 
 /// Why a dial failed.
@@ -284,6 +348,7 @@ impl Federation {
             client: Mutex::new(tls.client),
             master: std::sync::OnceLock::new(),
             relay: std::sync::OnceLock::new(),
+            admin: std::sync::OnceLock::new(),
             data_dir: data_dir.to_owned(),
         };
         f.update_peers();
@@ -328,6 +393,65 @@ impl Federation {
             Ok(Err(e)) => Err(DialError::Down(format!("cannot connect to {name} at {to}: {e}"))),
             Err(_) => Err(DialError::Down(format!("no answer from {to} within {}s", dead.as_secs()))),
         }
+    }
+
+    /// Asks peer device `name` (dialled at its address) a control request; its reply line.
+    ///
+    /// # Errors
+    /// It has no address, cannot be reached, refuses, or does not answer in time.
+    pub async fn ask_peer(&self, name: &str, request: Vec<u8>) -> Result<Vec<u8>, String> {
+        let addr = self.peer(name).and_then(|p| p.addr()).ok_or_else(|| format!("{name} has no address to dial"))?;
+        let go = async {
+            let to = resolve(&addr).await?;
+            let conn = self.dial(to, name).await.map_err(|e| e.to_string())?;
+            let reply = ask_on(&conn, &self.me, request).await;
+            conn.close(quinn::VarInt::from_u32(0), b"answered");
+            reply
+        };
+        tokio::time::timeout(ASK_TIMEOUT, go).await.map_err(|_| format!("no answer from {name} within 10 s"))?
+    }
+
+    /// The archived hops of kanban `id`'s chain here and on every peer device this one can dial (those that
+    /// answer within [`ASK_TIMEOUT`]), each row naming its device, in time order: a chain across peer devices,
+    /// whole, without a master.
+    pub async fn trace(&self, data_dir: &std::path::Path, id: aion_runtime::KanbanId) -> Vec<crate::store::HopRow> {
+        crate::cluster::trace_chain(id, |id| async move {
+            let mut rows = crate::cluster::local_rows(data_dir, &id, &self.me);
+            let env = crate::control::Envelope {
+                request: crate::control::Request::Trace { id: id.clone(), local: true },
+                deadline_ms: None,
+            };
+            let Ok(line) = serde_json::to_vec(&env) else { return rows };
+            let peers: Vec<String> =
+                self.peers().iter().filter(|p| p.addr().is_some()).map(|p| p.name.clone()).collect();
+            let asks = peers.iter().map(|p| self.ask_peer(p, line.clone()));
+            for (name, reply) in peers.iter().zip(futures::future::join_all(asks).await) {
+                let theirs = reply.and_then(|r| {
+                    let v: serde_json::Value = serde_json::from_slice(&r).map_err(|e| e.to_string())?;
+                    match v["ok"].as_bool() {
+                        Some(true) => serde_json::from_value::<Vec<crate::store::HopRow>>(v["rows"].clone())
+                            .map_err(|e| e.to_string()),
+                        _ => Err(v["error"].as_str().unwrap_or("an error").to_owned()),
+                    }
+                });
+                match theirs {
+                    Ok(mut theirs) => {
+                        for r in &mut theirs {
+                            r.device.clone_from(name);
+                        }
+                        rows.extend(theirs);
+                    }
+                    Err(e) => tracing::warn!(device = %name, "no trace rows from {name}: {e}"),
+                }
+            }
+            rows
+        })
+        .await
+    }
+
+    /// Answers requests over the network with `hook` (the node's control handler).
+    pub fn set_admin(&self, hook: AdminHook) {
+        let _ = self.admin.set(hook);
     }
 
     /// Loads the certificates again (a new revocation list): new connections, both ways, use them.

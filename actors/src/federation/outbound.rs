@@ -6,7 +6,7 @@
 //! list, sent first on the next connection; if the link itself ends (its actor restarts, the runtime stops),
 //! they go back to the front of their outboxes, in order ([`Pump`]'s drop).
 
-use super::{read_frame, write_frame, Federation, LinkState, Peer};
+use super::{read_frame, resolve, write_frame, Federation, LinkState, Peer};
 use crate::routing::slot::Slot;
 use aion_runtime::{KanbanId, WireKanban};
 use aion_transport::federation::{kanbans_frame, Crossing, CrossingRef, LinkError, Sender, BATCH_BYTES};
@@ -262,7 +262,13 @@ pub(super) async fn run(f: Arc<Federation>, peer: Arc<Peer>, routes: Vec<Arc<Slo
         };
         let refused = matches!(state, LinkState::Refused(_));
         peer.set_state(state);
-        if let Some(max) = f.opts.max_age {
+        // The device's own bound (`devices.<name>.outboxMaxAge`, 0: none) over the runtime's.
+        let max_age = match f.router.config().devices.get(&peer.name).and_then(|d| d.outbox.max_age_secs) {
+            Some(0) => None,
+            Some(s) => Some(Duration::from_secs(s)),
+            None => f.opts.max_age,
+        };
+        if let Some(max) = max_age {
             let down_ms = super::wall_ms().saturating_sub(peer.last_up.load(Ordering::Relaxed));
             if down_ms > max.as_millis() as u64 {
                 let n = pump.expire(&peer.name, max).await;
@@ -283,14 +289,6 @@ pub(super) async fn run(f: Arc<Federation>, peer: Arc<Peer>, routes: Vec<Arc<Slo
         tokio::time::sleep(if refused { backoff.max(Duration::from_secs(2)) } else { backoff }).await;
         backoff = (backoff * 2).min(Duration::from_secs(2));
     }
-}
-
-async fn resolve(addr: &str) -> Result<std::net::SocketAddr, String> {
-    tokio::net::lookup_host(addr)
-        .await
-        .map_err(|e| format!("cannot resolve {addr}: {e}"))?
-        .next()
-        .ok_or_else(|| format!("{addr} resolves to no address"))
 }
 
 /// One connection to `peer`, directly or (`via`) through the master, which relays.

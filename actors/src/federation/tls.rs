@@ -100,6 +100,11 @@ impl ClusterDir {
 /// # Errors
 /// Why it cannot.
 pub fn check_name(name: &str) -> Result<(), TlsError> {
+    if name.ends_with(ADMIN_SUFFIX) {
+        return Err(TlsError::Bad(format!(
+            "`{name}`: names ending in `{ADMIN_SUFFIX}` are admin identities, not devices"
+        )));
+    }
     let ok = !name.is_empty()
         && name.len() <= 63
         && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
@@ -206,6 +211,31 @@ pub struct Identity {
 /// No CA key here, an unusable name, or a file that cannot be read or written.
 pub fn issue(dir: &ClusterDir, name: &str) -> Result<Identity, TlsError> {
     check_name(name)?;
+    issue_named(dir, name, false)
+}
+
+/// What admin identities' names end with (`aion cluster issue NAME --admin`): no device can be named so.
+pub const ADMIN_SUFFIX: &str = ".aion-admin";
+
+/// Issues an admin identity for `name` (a person or a tool administering the cluster from elsewhere: `aion
+/// --remote ADDR apply …`): its certificate names `<name>.aion-admin`, for client authentication only; revoked as
+/// that name (`aion cluster remove <name>.aion-admin`).
+///
+/// # Errors
+/// As [`issue`].
+pub fn issue_admin(dir: &ClusterDir, name: &str) -> Result<Identity, TlsError> {
+    check_name(name)?;
+    let full = format!("{name}{ADMIN_SUFFIX}");
+    if full.len() > 63 {
+        return Err(TlsError::Bad(format!(
+            "`{name}` is too long for an admin name (at most {} characters)",
+            63 - ADMIN_SUFFIX.len()
+        )));
+    }
+    issue_named(dir, &full, true)
+}
+
+fn issue_named(dir: &ClusterDir, name: &str, admin: bool) -> Result<Identity, TlsError> {
     let ca_key_pem = std::fs::read_to_string(dir.ca_key()).map_err(|e| {
         TlsError::Bad(format!(
             "{}: {e}: certificates are issued where the cluster CA is (`aion cluster init` made it)",
@@ -216,7 +246,10 @@ pub fn issue(dir: &ClusterDir, name: &str) -> Result<Identity, TlsError> {
     let ca = std::fs::read_to_string(dir.ca_cert()).map_err(io(&dir.ca_cert()))?;
     let issuer = Issuer::new(ca_params(), ca_key);
     let key = KeyPair::generate().map_err(bad("generating the node key"))?;
-    let p = node_params(name)?;
+    let mut p = node_params(name)?;
+    if admin {
+        p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    }
     let cert = p.signed_by(&key, &issuer).map_err(bad("signing the node certificate"))?;
     record_serial(dir, name, &p)?;
     Ok(Identity { name: name.to_owned(), cert: cert.pem(), key: key.serialize_pem(), ca })
@@ -742,7 +775,7 @@ mod tests {
         for ok in ["master", "worker-1", "edge_2", "a.b"] {
             assert!(check_name(ok).is_ok(), "{ok}");
         }
-        for bad in ["", "-x", "a b", "é", ".x", &"x".repeat(64)] {
+        for bad in ["", "-x", "a b", "é", ".x", &"x".repeat(64), "alice.aion-admin"] {
             assert!(check_name(bad).is_err(), "{bad:?}");
         }
     }

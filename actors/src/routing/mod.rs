@@ -93,10 +93,19 @@ impl Table {
             {
                 for (device, service) in routes {
                     let key = (device.clone(), service.clone());
-                    let slot = old
-                        .and_then(|o| o.outboxes.get(&key))
-                        .cloned()
-                        .unwrap_or_else(|| Arc::new(Slot::outbox(device, service, limits, durable)));
+                    // The device's own bounds (`devices.<name>.outbox…`) over the runtime's.
+                    let bounds = cfg.devices.get(device).map(|d| d.outbox).unwrap_or_default();
+                    let limits = QueueLimits {
+                        kanbans: bounds.kanbans.unwrap_or(limits.kanbans),
+                        bytes: bounds.bytes.unwrap_or(limits.bytes),
+                    };
+                    let slot = match old.and_then(|o| o.outboxes.get(&key)) {
+                        Some(s) => {
+                            s.set_limits(limits);
+                            s.clone()
+                        }
+                        None => Arc::new(Slot::outbox(device, service, limits, durable)),
+                    };
                     boxes.insert(key, slot);
                 }
             }

@@ -4,7 +4,7 @@
 use aion_runtime::{KanbanId, WireKanban};
 use std::collections::{HashSet, VecDeque};
 use std::hash::{BuildHasherDefault, Hasher};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Mutex;
 use tokio::sync::Notify;
 
@@ -116,8 +116,9 @@ pub struct Slot {
     pub service: String,
     /// Instance number.
     pub instance: u32,
-    capacity: usize,
-    max_bytes: usize,
+    /// Bounds in kanbans and bytes (an outbox's change with the device's `outbox…` settings).
+    capacity: AtomicUsize,
+    max_bytes: AtomicUsize,
     inner: Mutex<Inner>,
     items: Notify,
     space: Notify,
@@ -196,8 +197,8 @@ impl Slot {
         Slot {
             service: service.to_owned(),
             instance,
-            capacity: limits.kanbans.max(1),
-            max_bytes: limits.bytes.max(1),
+            capacity: AtomicUsize::new(limits.kanbans.max(1)),
+            max_bytes: AtomicUsize::new(limits.bytes.max(1)),
             inner: Mutex::new(Inner {
                 ready: VecDeque::new(),
                 inflight: 0,
@@ -281,7 +282,7 @@ impl Slot {
                     None => g.waiters.is_empty(),
                     Some(t) => g.waiters.front() == Some(&t),
                 };
-                if stopping || (first && !g.must_wait(self.capacity, self.max_bytes, size)) {
+                if stopping || (first && !g.must_wait(self.capacity(), self.max_bytes(), size)) {
                     if let Some(t) = place.ticket.take() {
                         g.waiters.retain(|w| *w != t);
                     }
@@ -316,7 +317,7 @@ impl Slot {
     pub fn try_push(&self, k: Box<WireKanban>) -> Result<(), Box<WireKanban>> {
         let size = k.mem_size();
         let mut g = self.lock();
-        if !g.waiters.is_empty() || g.must_wait(self.capacity, self.max_bytes, size) {
+        if !g.waiters.is_empty() || g.must_wait(self.capacity(), self.max_bytes(), size) {
             return Err(k);
         }
         g.ready.push_back(k);
@@ -354,8 +355,9 @@ impl Slot {
             notified.as_mut().enable();
             {
                 let g = self.lock();
-                if g.ready.len() < self.capacity && g.bytes < self.max_bytes {
-                    return (self.capacity - g.ready.len(), self.max_bytes - g.bytes);
+                let (cap, max) = (self.capacity(), self.max_bytes());
+                if g.ready.len() < cap && g.bytes < max {
+                    return (cap - g.ready.len(), max - g.bytes);
                 }
             }
             notified.await;
@@ -628,7 +630,18 @@ impl Slot {
 
     /// Its memory bound.
     pub fn max_bytes(&self) -> usize {
-        self.max_bytes
+        self.max_bytes.load(Ordering::Relaxed)
+    }
+
+    /// Changes its bounds (an outbox whose device's `outbox…` settings changed); producers waiting for room
+    /// look again.
+    pub fn set_limits(&self, limits: QueueLimits) {
+        let (k, b) = (limits.kanbans.max(1), limits.bytes.max(1));
+        let grew = self.capacity.swap(k, Ordering::Relaxed) < k;
+        let grew = self.max_bytes.swap(b, Ordering::Relaxed) < b || grew;
+        if grew {
+            self.space.notify_waiters();
+        }
     }
 
     /// Deliveries outstanding in the current session.
@@ -638,7 +651,7 @@ impl Slot {
 
     /// The queue's capacity.
     pub fn capacity(&self) -> usize {
-        self.capacity
+        self.capacity.load(Ordering::Relaxed)
     }
 }
 

@@ -16,7 +16,10 @@
 //! - `nats-core`: `nats-server`, plain subjects (at-most-once: a slow consumer loses messages, reported);
 //! - `nats-jetstream`: file-backed streams, acknowledged publishes (windowed), durable pull consumers, explicit
 //!   acks;
-//! - `zenoh`: the zenoh crate in peer mode over loopback TCP, reliable, `CongestionControl::Block`.
+//! - `zenoh`: the zenoh crate in peer mode over loopback TCP, reliable, `CongestionControl::Block`;
+//! - `x-aion-memory`, `x-aion-durable`, `x-zenoh`, `x-nats-core`, `x-nats-jetstream`: across devices, one hop
+//!   from a source on one host to a sink on another (two network namespaces as root, else loopback): aion's
+//!   cluster mode over QUIC, Zenoh peers, NATS with its server on the sink's host (`cross.rs`).
 //!
 //! Each system runs closed-loop (as fast as it accepts; sustained throughput) and open-loop (a fixed rate;
 //! latency measured from each message's intended send time, so queueing behind a stall is counted: coordinated
@@ -24,6 +27,8 @@
 //! hops; the hop figure is half of it.
 // A test (bench) fails by unwrapping, expecting and panicking: the workspace lints' deny does not apply here.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod cross;
 
 use aion::actors::{InProcessRegistry, Node, NodeOptions};
 use aion::runtime::config::load_str;
@@ -63,6 +68,12 @@ struct Job {
     result: PathBuf,
     /// Unique per run: queue, subject and stream names.
     key: String,
+    /// Hops from source to sink: 2 (source > transform > sink) or 1 (source > sink, the cross-device runs).
+    hops: u8,
+    /// The sink's host address (Zenoh's endpoints; loopback but in the cross-device runs).
+    sink_host: String,
+    /// A file whose appearance starts the aion source (the cross-device runs: once the link is up).
+    go: Option<PathBuf>,
 }
 
 impl Job {
@@ -76,6 +87,9 @@ impl Job {
             rate: v("PEER_RATE")?.parse().ok()?,
             result: v("PEER_RESULT")?.into(),
             key: v("PEER_KEY")?,
+            hops: v("PEER_HOPS").and_then(|h| h.parse().ok()).unwrap_or(2),
+            sink_host: v("PEER_SINK_HOST").unwrap_or_else(|| "127.0.0.1".into()),
+            go: v("PEER_GO").filter(|g| !g.is_empty()).map(PathBuf::from),
         })
     }
 
@@ -89,6 +103,9 @@ impl Job {
             ("PEER_RATE".into(), self.rate.to_string()),
             ("PEER_RESULT".into(), self.result.display().to_string()),
             ("PEER_KEY".into(), self.key.clone()),
+            ("PEER_HOPS".into(), self.hops.to_string()),
+            ("PEER_SINK_HOST".into(), self.sink_host.clone()),
+            ("PEER_GO".into(), self.go.as_ref().map(|g| g.display().to_string()).unwrap_or_default()),
         ]
     }
 }
@@ -237,6 +254,11 @@ struct AionSource(Job);
 impl Service for AionSource {
     async fn start(&mut self, ctx: &mut Ctx) -> Result<(), Error> {
         let pad = "x".repeat(self.0.size.saturating_sub(16));
+        if let Some(go) = &self.0.go {
+            while !go.exists() {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
         let pacer = Pacer::new(self.0.rate);
         for i in 0..self.0.n {
             let t = pacer.next(i).await;
@@ -574,13 +596,15 @@ async fn nats_role(role: &str, job: &Job, jetstream: bool) -> Res<()> {
     let client = async_nats::connect(&job.url).await?;
     let s1 = format!("{}.s1", job.key);
     let s2 = format!("{}.s2", job.key);
+    // One hop (cross-device runs): the source publishes straight to the sink's subject.
+    let first = if job.hops == 1 { s2.clone() } else { s1.clone() };
     if !jetstream {
         match role {
             "source" => {
                 let pacer = Pacer::new(job.rate);
                 for i in 0..job.n {
                     let t = pacer.next(i).await;
-                    client.publish(s1.clone(), encode(i, t, job.size).into()).await?;
+                    client.publish(first.clone(), encode(i, t, job.size).into()).await?;
                 }
                 client.flush().await?;
             }
@@ -652,7 +676,7 @@ async fn nats_role(role: &str, job: &Job, jetstream: bool) -> Res<()> {
             let mut window = Window::default();
             for i in 0..job.n {
                 let t = pacer.next(i).await;
-                window.push(js.publish(s1.clone(), encode(i, t, job.size).into()).await?).await?;
+                window.push(js.publish(first.clone(), encode(i, t, job.size).into()).await?).await?;
             }
             window.drain().await?;
         }
@@ -718,29 +742,32 @@ async fn nats_role(role: &str, job: &Job, jetstream: bool) -> Res<()> {
 // ---------------------------------------------------------------- Zenoh
 
 async fn zenoh_role(role: &str, job: &Job) -> Res<()> {
-    // Peer mode over loopback TCP: sink listens on port P+2, transform on P+1 (and connects to the sink), the
-    // source connects to the transform. No router, no multicast scouting.
+    // Peer mode over TCP: sink listens on port P+2 (on its host), transform on P+1 (and connects to the sink), the
+    // source connects to the transform (one hop: to the sink). No router, no multicast scouting.
     let base: u16 = job.url.parse()?;
     let (listen, connect): (Option<u16>, Vec<u16>) = match role {
         "sink" => (Some(base + 2), vec![]),
         "transform" => (Some(base + 1), vec![base + 2]),
+        _ if job.hops == 1 => (None, vec![base + 2]),
         _ => (None, vec![base + 1]),
     };
+    let host = |p: u16| if p == base + 2 { job.sink_host.clone() } else { "127.0.0.1".to_owned() };
     let mut config = zenoh::Config::default();
     config.insert_json5("mode", r#""peer""#)?;
     config.insert_json5("scouting/multicast/enabled", "false")?;
     if let Some(p) = listen {
-        config.insert_json5("listen/endpoints", &format!(r#"["tcp/127.0.0.1:{p}"]"#))?;
+        config.insert_json5("listen/endpoints", &format!(r#"["tcp/{}:{p}"]"#, host(p)))?;
     }
-    let eps: Vec<String> = connect.iter().map(|p| format!("\"tcp/127.0.0.1:{p}\"")).collect();
+    let eps: Vec<String> = connect.iter().map(|p| format!("\"tcp/{}:{p}\"", host(*p))).collect();
     config.insert_json5("connect/endpoints", &format!("[{}]", eps.join(",")))?;
     let session = zenoh::open(config).await?;
     let k1 = format!("aion/bench/{}/s1", job.key);
     let k2 = format!("aion/bench/{}/s2", job.key);
+    let first = if job.hops == 1 { k2.clone() } else { k1.clone() };
     match role {
         "source" => {
             let publisher =
-                session.declare_publisher(k1).congestion_control(zenoh::qos::CongestionControl::Block).await?;
+                session.declare_publisher(first).congestion_control(zenoh::qos::CongestionControl::Block).await?;
             // Wait until the transform's subscription is known, or the first puts go nowhere.
             tokio::time::sleep(Duration::from_millis(1500)).await;
             let pacer = Pacer::new(job.rate);
@@ -970,6 +997,9 @@ async fn run_once(sys: &str, server: &Server, size: usize, n: u64, rate: u64, ru
         rate,
         result: dir.path().join("result.json"),
         key: format!("b{}r{run}", std::process::id()),
+        hops: 2,
+        sink_host: "127.0.0.1".into(),
+        go: None,
     };
     let limit = Duration::from_secs(300);
     if sys.starts_with("aion") {
@@ -1015,6 +1045,7 @@ async fn run_once(sys: &str, server: &Server, size: usize, n: u64, rate: u64, ru
 
 fn row(sys: &str, size: usize, rate: u64, r: &SinkResult, note: &str) -> Row {
     let us = |ns: u64| ns as f64 / 1000.0;
+    let hops = if sys.starts_with("x-") { 1.0 } else { 2.0 };
     Row {
         system: sys.into(),
         size,
@@ -1026,8 +1057,8 @@ fn row(sys: &str, size: usize, rate: u64, r: &SinkResult, note: &str) -> Row {
         e2e_p50_us: us(r.p50_ns),
         e2e_p99_us: us(r.p99_ns),
         e2e_p999_us: us(r.p999_ns),
-        hop_p50_us: us(r.p50_ns) / 2.0,
-        hop_p99_us: us(r.p99_ns) / 2.0,
+        hop_p50_us: us(r.p50_ns) / hops,
+        hop_p99_us: us(r.p99_ns) / hops,
         note: note.into(),
     }
 }
@@ -1041,6 +1072,11 @@ const ALL: &[&str] = &[
     "nats-core",
     "nats-jetstream",
     "zenoh",
+    "x-aion-memory",
+    "x-aion-durable",
+    "x-zenoh",
+    "x-nats-core",
+    "x-nats-jetstream",
 ];
 
 fn main() -> std::process::ExitCode {
@@ -1056,9 +1092,15 @@ fn main() -> std::process::ExitCode {
     let systems: Vec<&str> = ALL.iter().copied().filter(|s| only.is_empty() || only.iter().any(|o| o == s)).collect();
     let mut rows: Vec<Row> = Vec::new();
     let mut footprint = serde_json::Value::Null;
+    // The two hosts of the cross-device systems, made only when one of them runs.
+    let hosts = systems.iter().any(|s| cross::SYSTEMS.contains(s)).then(cross::Hosts::new);
     actix::System::new().block_on(async {
         for sys in &systems {
-            let server = match start_server(sys) {
+            let started = match &hosts {
+                Some(h) if sys.starts_with("x-") => cross::start_server(sys, h),
+                _ => start_server(sys),
+            };
+            let server = match started {
                 Ok(s) => s,
                 Err(e) => {
                     eprintln!("{sys}: server did not start ({e}); skipped");
@@ -1080,13 +1122,27 @@ fn main() -> std::process::ExitCode {
                         "{sys}: {size} B, {} ...",
                         if rate == 0 { "closed loop".into() } else { format!("{rate}/s") }
                     );
-                    match run_once(sys, &server, size, n, rate, i + 10 * size).await {
+                    let r = match &hosts {
+                        Some(h) if sys.starts_with("x-") => {
+                            cross::run_once(sys, h, &server, size, n, rate, i + 10 * size).await
+                        }
+                        _ => run_once(sys, &server, size, n, rate, i + 10 * size).await,
+                    };
+                    match r {
                         Ok(r) => {
-                            let note = if r.received < r.expected {
+                            let mut note = if r.received < r.expected {
                                 format!("lost {} of {}", r.expected - r.received, r.expected)
                             } else {
                                 String::new()
                             };
+                            if let Some(h) = hosts.as_ref().filter(|_| sys.starts_with("x-")) {
+                                note = [h.kind(), &note]
+                                    .iter()
+                                    .filter(|s| !s.is_empty())
+                                    .copied()
+                                    .collect::<Vec<_>>()
+                                    .join("; ");
+                            }
                             rows.push(row(sys, size, rate, &r, &note));
                         }
                         Err(e) => {
@@ -1208,7 +1264,7 @@ fn svg(rows: &[Row]) -> String {
         for (i, (name, v)) in vals.iter().enumerate() {
             let y = 44.0 + i as f64 * 30.0;
             let w = (v.max(1.0).log10() / max * 300.0).max(1.0);
-            let color = if name.starts_with("aion") { "#d9534f" } else { "#5b7db1" };
+            let color = if name.contains("aion") { "#d9534f" } else { "#5b7db1" };
             s.push_str(&format!(
                 r#"<text x="{}" y="{}" font-size="12" text-anchor="end">{name}</text><rect x="{}" y="{}" width="{w:.1}" height="20" fill="{color}"/><text x="{}" y="{}" font-size="11">{}</text>"#,
                 x0 + 120.0, y + 14.0, x0 + 125.0, y, x0 + 130.0 + w, y + 14.0, fmt_num(*v)

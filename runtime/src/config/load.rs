@@ -300,6 +300,26 @@ fn device(cx: &mut Cx, name: &str, node: &Node) -> Option<Device> {
             "username" => d.username = string(cx, v, &p).unwrap_or_else(|| bad(&mut ok)),
             "password" => d.password = string(cx, v, &p).unwrap_or_else(|| bad(&mut ok)),
             "sshPort" => d.ssh_port = int(cx, v, &p, 0, 65535).unwrap_or_else(|| bad(&mut ok)) as i32,
+            "outboxKanbans" => match int(cx, v, &p, 1, 1 << 32) {
+                Some(n) => d.outbox.kanbans = (n > 0).then_some(n as usize),
+                None => ok = false,
+            },
+            "outboxBytes" => match string(cx, v, &p).map(|s| super::parse_bytes(&s)) {
+                Some(Ok(n)) => d.outbox.bytes = Some(n),
+                Some(Err(e)) => {
+                    cx.err(v.pos(), format!("{p}: {e}"));
+                    ok = false
+                }
+                None => ok = false,
+            },
+            "outboxMaxAge" => match string(cx, v, &p).map(|s| super::parse_age(&s)) {
+                Some(Ok(a)) => d.outbox.max_age_secs = Some(a.map_or(0, |a| a.as_secs())),
+                Some(Err(e)) => {
+                    cx.err(v.pos(), format!("{p}: {e}"));
+                    ok = false
+                }
+                None => ok = false,
+            },
             _ => unknown(cx, pos, &path, &k),
         }
     }
@@ -792,6 +812,45 @@ mod tests {
         assert_eq!(a.env["O"], "0o17");
         assert_eq!(a.next_service["default"][0].pattern, "0");
         assert_eq!(a.next_service["default"][0].target_instance(3), 1);
+    }
+
+    #[test]
+    fn device_outbox_bounds() {
+        let l = load_str(
+            "t.yml",
+            "devices:\n  b: { addr: \"10.0.0.2:11030\", outboxKanbans: 100, outboxBytes: 2MiB, outboxMaxAge: 12h }\n  c: { outboxMaxAge: never }\n  d: {}\n",
+        );
+        let cfg = l.config.expect("config");
+        let b = cfg.devices["b"].outbox;
+        assert_eq!((b.kanbans, b.bytes, b.max_age_secs), (Some(100), Some(2 << 20), Some(12 * 3600)));
+        assert_eq!(cfg.devices["c"].outbox.max_age_secs, Some(0), "never");
+        assert_eq!(cfg.devices["d"].outbox, crate::config::OutboxBounds::default());
+        let l =
+            load_str("t.yml", "devices:\n  b:\n    outboxBytes: 2 lots\n    outboxMaxAge: 5y\n    outboxKanbans: -1\n");
+        assert!(l.config.is_none());
+        let msgs: Vec<String> =
+            l.diagnostics.iter().map(|d| format!("{}:{} {}", d.line, d.column, d.message)).collect();
+        assert!(msgs.iter().any(|m| m.starts_with("3:18") && m.contains("`2 lots` is not a size")), "{msgs:?}");
+        assert!(msgs.iter().any(|m| m.starts_with("4:19") && m.contains("`5y` is not an age")), "{msgs:?}");
+        assert!(msgs.iter().any(|m| m.starts_with("5:20") && m.contains("out of range")), "{msgs:?}");
+    }
+
+    #[test]
+    fn ages_and_sizes() {
+        use crate::config::{parse_age, parse_bytes};
+        assert_eq!(parse_age("90s"), Ok(Some(std::time::Duration::from_secs(90))));
+        assert_eq!(parse_age("7d"), Ok(Some(std::time::Duration::from_secs(7 * 86_400))));
+        assert_eq!(parse_age("never"), Ok(None));
+        assert_eq!(parse_age("0"), Ok(None));
+        for bad in ["", "d", "0s", "-1m", "1w", "1.5h"] {
+            assert!(parse_age(bad).is_err(), "{bad}");
+        }
+        assert_eq!(parse_bytes("64MiB"), Ok(64 << 20));
+        assert_eq!(parse_bytes("1000"), Ok(1000));
+        assert_eq!(parse_bytes("3 KB"), Ok(3000));
+        for bad in ["", "0", "MiB", "1TiB", "99999999999999999999GiB", "-1"] {
+            assert!(parse_bytes(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -116,6 +116,70 @@ pub struct Device {
     pub username: String,
     /// Legacy, default `aion`.
     pub password: String,
+    /// Bounds of the outboxes to this device (`outboxKanbans`, `outboxBytes`, `outboxMaxAge`); what is unset
+    /// is the runtime's (`--outbox-capacity`, `--outbox-bytes`, `--outbox-max-age`).
+    #[serde(default)]
+    pub outbox: OutboxBounds,
+}
+
+/// Per-device outbox bounds (`devices.<name>.outbox…`); `None`: the runtime's option.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OutboxBounds {
+    /// Kanbans waiting per route to the device (in memory; durable ones are paged).
+    pub kanbans: Option<usize>,
+    /// Bytes waiting per route to the device.
+    pub bytes: Option<usize>,
+    /// How long kanbans wait for an unreachable device before they are dead letters (`expired`), in seconds;
+    /// `Some(0)`: forever.
+    pub max_age_secs: Option<u64>,
+}
+
+/// Parses an age: `90s`, `10m`, `2h`, `1d`; `0` or `never` is `None` (no bound).
+///
+/// # Errors
+/// What is wrong with it.
+pub fn parse_age(s: &str) -> Result<Option<std::time::Duration>, String> {
+    let s = s.trim();
+    if s == "0" || s == "never" {
+        return Ok(None);
+    }
+    let bad = || format!("`{s}` is not an age (90s, 10m, 2h, 1d, or never)");
+    let (i, unit) = s.char_indices().last().ok_or_else(bad)?;
+    let n: u64 = s[..i].parse().map_err(|_| bad())?;
+    let secs = match unit {
+        's' => 1,
+        'm' => 60,
+        'h' => 3600,
+        'd' => 86_400,
+        _ => return Err(bad()),
+    };
+    if n == 0 {
+        return Err(bad());
+    }
+    Ok(Some(std::time::Duration::from_secs(n.saturating_mul(secs))))
+}
+
+/// Parses a size in bytes: `1048576`, `512KiB`, `64MiB`, `2GiB` (also `KB`, `MB`, `GB` as powers of 1000).
+///
+/// # Errors
+/// What is wrong with it.
+pub fn parse_bytes(s: &str) -> Result<usize, String> {
+    let s = s.trim();
+    let bad = || format!("`{s}` is not a size (1048576, 512KiB, 64MiB, 2GiB)");
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let n: u64 = s[..split].parse().map_err(|_| bad())?;
+    let mul: u64 = match s[split..].trim() {
+        "" | "B" => 1,
+        "KiB" => 1 << 10,
+        "MiB" => 1 << 20,
+        "GiB" => 1 << 30,
+        "KB" | "kB" => 1_000,
+        "MB" => 1_000_000,
+        "GB" => 1_000_000_000,
+        _ => return Err(bad()),
+    };
+    let v = n.checked_mul(mul).filter(|v| *v > 0).ok_or_else(bad)?;
+    usize::try_from(v).map_err(|_| bad())
 }
 
 impl Default for Device {
@@ -126,6 +190,7 @@ impl Default for Device {
             ssh_port: 22,
             username: "aion".into(),
             password: "aion".into(),
+            outbox: OutboxBounds::default(),
         }
     }
 }
