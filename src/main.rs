@@ -225,6 +225,9 @@ struct RunArgs {
     /// Cluster mode: bytes each route to another device keeps in memory (`64MiB`, `512KiB`, a number).
     #[arg(long, default_value = "64MiB")]
     outbox_bytes: String,
+    /// Cluster mode: bytes of partial files (Send Anything) each device may have here at once.
+    #[arg(long, default_value = "16GiB")]
+    transfer_quota: String,
     /// Cluster mode: a device unreachable for longer than this (`90s`, `10m`, `2h`, `7d`; `0`: never) has the
     /// kanbans waiting for it dead-lettered `expired`.
     #[arg(long, default_value = "7d")]
@@ -511,6 +514,7 @@ fn run_flags(a: RunArgs) -> Result<RunFlags, String> {
         peer_timeout,
         outbox_capacity,
         outbox_bytes,
+        transfer_quota,
         outbox_max_age,
     } = a;
     let mut cluster = aion::actors::node::ClusterOptions { listen, ..Default::default() };
@@ -521,6 +525,8 @@ fn run_flags(a: RunArgs) -> Result<RunFlags, String> {
     cluster.outbox_kanbans = outbox_capacity.max(1);
     cluster.outbox_bytes =
         aion::runtime::config::parse_bytes(&outbox_bytes).map_err(|e| format!("--outbox-bytes: {e}"))?;
+    cluster.transfer_quota =
+        aion::runtime::config::parse_bytes(&transfer_quota).map_err(|e| format!("--transfer-quota: {e}"))? as u64;
     cluster.outbox_max_age =
         aion::runtime::config::parse_age(&outbox_max_age).map_err(|e| format!("--outbox-max-age: {e}"))?;
     let grpc = match grpc.trim() {

@@ -516,3 +516,217 @@ fn a_trace_on_a_peer_device_shows_the_hops_on_the_devices_it_reaches() {
     assert!(!ok && err.contains("needs an admin identity"), "{err}");
     b.wait_status("the refusal counted", |s| s["federation"]["refused"]["not-admin"].as_u64().unwrap_or(0) > before);
 }
+
+// ------------------------------------------------------------------------------------------------ Send Anything
+
+/// Every file under `dir` (relative name → bytes).
+fn tree(dir: &Path) -> BTreeMap<String, Vec<u8>> {
+    fn walk(p: &Path, name: &str, out: &mut BTreeMap<String, Vec<u8>>) {
+        if p.is_dir() {
+            for e in std::fs::read_dir(p).expect("read_dir").flatten() {
+                walk(&e.path(), &format!("{name}/{}", e.file_name().to_string_lossy()), out);
+            }
+        } else {
+            out.insert(name.to_owned(), std::fs::read(p).expect("read"));
+        }
+    }
+    let mut out = BTreeMap::new();
+    walk(dir, ".", &mut out);
+    out
+}
+
+/// a (a source writing a tree per kanban) > b (the sink), b listening.
+fn files_pair(env: &str, n: u64) -> (Runtime, Runtime, String) {
+    let mut dirs = identities(&["a", "b"]).into_iter();
+    let (da, db) = (dirs.next().expect("a"), dirs.next().expect("b"));
+    let port = free_udp_port();
+    let listen = format!("127.0.0.1:{port}");
+    let b = Runtime::start_full(RECEIVER_YAML, db, tempfile::tempdir().expect("tmp"), &["--listen", &listen]);
+    let yaml = format!(
+        r#"
+deviceName: a
+devices:
+  b: {{ addr: "127.0.0.1:{port}" }}
+microservices:
+  source:
+    command: ["{{testkit}}"]
+    startup: yes
+    env: {{ EMIT_COUNT: {n}, CHUNK: 1, {env} }}
+    nextService: {{ default: [ {{ name: sink, device: b }} ] }}
+"#
+    );
+    let a = Runtime::start_full(&yaml, da, tempfile::tempdir().expect("tmp"), &[]);
+    (a, b, listen)
+}
+
+#[test]
+fn files_travel_with_their_kanban_and_are_verified_in_place_before_it_is_delivered() {
+    let (a, b, _) = files_pair("FILES: 7, BIG_MB: 3", 3);
+    let lines = wait_until("three kanbans with their files at the sink", Duration::from_secs(120), || {
+        let l = read_lines(&b.path("sink.jsonl"));
+        (l.len() >= 3).then_some(l)
+    });
+    let b_data = b.data.path().canonicalize().expect("canon");
+    for l in &lines {
+        let seq = l["metadata"]["seq"].as_u64().expect("seq");
+        let id = l["id"].as_str().expect("id");
+        let dir = b_data.join("Data/sink_1").join(id);
+        // fileList and dataPath rewritten to b's paths.
+        assert_eq!(l["data_path"], dir.display().to_string(), "{l}");
+        let entry = dir.join(format!("files-{seq}"));
+        assert_eq!(l["file_list"], serde_json::json!([entry.display().to_string()]), "{l}");
+        // Every file was there, whole, when the sink handled the kanban...
+        let found = &l["files"][0];
+        assert!(found.is_array(), "the files were there before the kanban: {l}");
+        let source = a.data.path().join("Data/source_1").join(format!("files-{seq}"));
+        let want = tree(&source);
+        assert_eq!(found.as_array().map(Vec::len), Some(want.len()), "{l}");
+        // ...and byte-identical to the source's.
+        assert_eq!(tree(&entry), want, "kanban {seq}: the tree arrived byte-identical");
+    }
+    let st = a.status();
+    let files = &device(&st, "b")["files"];
+    assert_eq!(files["sent_files"], 3 * 8, "{st}");
+    assert_eq!(files["failed"], 0, "{st}");
+    let sb = b.status();
+    assert_eq!(device(&sb, "a")["files"]["received_files"], 3 * 8, "{sb}");
+    // Nothing half-written stays behind on b.
+    let staging = b_data.join("Data/.transfers");
+    let partials: Vec<_> = walk_names(&staging).into_iter().filter(|n| n.ends_with(".part")).collect();
+    assert!(partials.is_empty(), "{partials:?}");
+}
+
+fn walk_names(p: &Path) -> Vec<String> {
+    let mut out = Vec::new();
+    if let Ok(rd) = std::fs::read_dir(p) {
+        for e in rd.flatten() {
+            let path = e.path();
+            if path.is_dir() {
+                out.extend(walk_names(&path));
+            } else {
+                out.push(path.display().to_string());
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn a_kanban_whose_files_cannot_be_sent_is_a_dead_letter_with_the_reason() {
+    let (a, b, _) = files_pair("FILE_LIST: \"/etc/hostname\"", 1);
+    let st = a.wait_status("the kanban dead-lettered", |s| s["dead_letters"]["file-unreadable"] == 1);
+    assert!(st["recent_dead_letters"].to_string().contains("outside the roots"), "{st}");
+    assert_eq!(device(&st, "b")["files"]["failed"], 1, "{st}");
+    a.wait_status("it left the outbox", |s| device(s, "b")["outbox"] == 0);
+    let (a2, _b2, _) = files_pair("FILE_LIST: \"Data/nope\"", 1);
+    let st = a2.wait_status("the kanban dead-lettered", |s| s["dead_letters"]["file-unreadable"] == 1);
+    assert!(st["recent_dead_letters"].to_string().contains("No such file"), "{st}");
+    // Never a kanban whose files are missing at the sink.
+    assert!(read_lines(&b.path("sink.jsonl")).is_empty());
+}
+
+/// Reads one files-protocol message.
+async fn read_file_msg(r: &mut quinn::RecvStream) -> aion::transport::files::FileMsg {
+    let mut dec = aion::transport::FrameDecoder::default();
+    loop {
+        if let Some(m) = dec.decode::<aion::transport::files::FileMsg>().expect("message") {
+            return m;
+        }
+        let mut buf = vec![0u8; 4096];
+        let n = tokio::time::timeout(Duration::from_secs(20), r.read(&mut buf))
+            .await
+            .expect("an answer in time")
+            .expect("read")
+            .expect("open");
+        dec.push(&buf[..n]);
+    }
+}
+
+#[test]
+fn hostile_file_names_from_an_authenticated_peer_are_refused_and_a_done_file_is_not_written_twice() {
+    use aion::transport::federation::Frame;
+    use aion::transport::files::{chunk_header, end_marker, root, FileMsg};
+    let mut dirs = identities(&["a", "b"]).into_iter();
+    let (da, db) = (dirs.next().expect("a"), dirs.next().expect("b"));
+    let port = free_udp_port();
+    let listen = format!("127.0.0.1:{port}");
+    let b = Runtime::start_full(RECEIVER_YAML, db, tempfile::tempdir().expect("tmp"), &["--listen", &listen]);
+    let kid = "000000000000000000000000000000aa";
+    let target = b.data.path().join("Data/sink_1").join(kid);
+    // A symbolic link planted in the target directory, pointing outside.
+    let outside = tempfile::tempdir().expect("tmp");
+    std::fs::create_dir_all(&target).expect("dir");
+    std::os::unix::fs::symlink(outside.path(), target.join("esc")).expect("symlink");
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().expect("tokio");
+    let ep = raw_client(da.path(), &rt);
+    let to: std::net::SocketAddr = listen.parse().expect("addr");
+    let open = |path: &str, size: u64, service: &str| FileMsg::Open {
+        transfer: "0123456789abcdef0123456789abcdef".into(),
+        kanban: kid.into(),
+        service: service.into(),
+        instance: 1,
+        index: 0,
+        path: path.into(),
+        size,
+        mtime_ns: 1,
+    };
+    let encode = |m: &FileMsg| {
+        let mut v = Vec::new();
+        aion::transport::codec::encode_into(m, &mut v).expect("encode");
+        v
+    };
+    rt.block_on(async {
+        let conn = ep.connect(to, "b").expect("connect").await.expect("handshake");
+        let (mut cs, mut cr) = conn.open_bi().await.expect("stream");
+        cs.write_all(&frame(&Frame::Hello { min: 1, max: 1, from: "a".into(), to: "b".into() })).await.expect("hello");
+        let mut buf = vec![0u8; 4096];
+        let _ = cr.read(&mut buf).await.expect("welcome");
+        let (mut ds, _dr) = conn.open_bi().await.expect("kanban stream");
+        // The kanban stream exists once something is sent on it: an empty batch.
+        ds.write_all(&frame(&Frame::Kanbans { first: 0, items: vec![] })).await.expect("empty batch");
+        let refused = |m: FileMsg| matches!(m, FileMsg::Refused { retry: false, .. });
+        for name in ["../escape", "/etc/evil", "a/../../b", "x/./y", "x\0y", "esc/pwned", "", "a//b"] {
+            let (mut s, mut r) = conn.open_bi().await.expect("file stream");
+            s.write_all(&encode(&open(name, 5, "sink"))).await.expect("open");
+            let m = read_file_msg(&mut r).await;
+            assert!(refused(m.clone()), "{name:?}: {m:?}");
+        }
+        let (mut s, mut r) = conn.open_bi().await.expect("file stream");
+        s.write_all(&encode(&open("x", 5, "nosuch"))).await.expect("open");
+        assert!(refused(read_file_msg(&mut r).await), "a service b does not run");
+        // A good file, whole: placed.
+        let data = b"hello";
+        let send_file = |conn: quinn::Connection, corrupt: bool| async move {
+            let (mut s, mut r) = conn.open_bi().await.expect("file stream");
+            s.write_all(&encode(&open("out/good.txt", data.len() as u64, "sink"))).await.expect("open");
+            let at = read_file_msg(&mut r).await;
+            if matches!(at, FileMsg::At { path: Some(_), .. }) {
+                return at;
+            }
+            assert!(matches!(at, FileMsg::At { offset: 0, .. }), "{at:?}");
+            let (h, hash) = chunk_header(data);
+            s.write_all(&h).await.expect("header");
+            let body: &[u8] = if corrupt { b"HELLO" } else { data };
+            s.write_all(body).await.expect("chunk");
+            s.write_all(&end_marker(&root(&[hash]))).await.expect("end");
+            let _ = s.finish();
+            read_file_msg(&mut r).await
+        };
+        let bad = send_file(conn.clone(), true).await;
+        assert!(matches!(bad, FileMsg::Refused { .. }), "a chunk that does not match its hash: {bad:?}");
+        let placed = send_file(conn.clone(), false).await;
+        let FileMsg::Placed { path } = placed else { panic!("{placed:?}") };
+        assert_eq!(std::fs::read(&path).expect("placed"), data);
+        assert!(path.ends_with(&format!("Data/sink_1/{kid}/out/good.txt")), "{path}");
+        let before = std::fs::metadata(&path).expect("md").modified().expect("mtime");
+        // The same file again (the kanban resent): recognised, not written twice.
+        let again = send_file(conn.clone(), false).await;
+        assert!(matches!(&again, FileMsg::At { path: Some(p), .. } if *p == path), "{again:?}");
+        assert_eq!(std::fs::metadata(&path).expect("md").modified().expect("mtime"), before);
+    });
+    assert_eq!(std::fs::read_dir(outside.path()).expect("dir").count(), 0, "nothing written outside");
+    assert!(!b.data.path().join("Data/escape").exists() && !Path::new("/etc/evil").exists());
+    let st = b.status();
+    assert!(st["federation"]["refused"]["file-name"].as_u64().unwrap_or(0) >= 9, "{st}");
+    assert!(b.stderr().contains("file name refused"), "the reason is logged");
+}

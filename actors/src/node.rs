@@ -102,6 +102,9 @@ pub struct ClusterOptions {
     /// kanbans for it are dead-lettered while it stays unreachable. `None`: they wait for it for ever. Default 7
     /// days.
     pub outbox_max_age: Option<Duration>,
+    /// Bytes of partial files each device may have here at once (Send Anything; disk used by transfers in
+    /// progress).
+    pub transfer_quota: u64,
     /// A ping on each link this often. Default 1 s.
     pub ping_every: Duration,
     /// A link silent this long is declared lost. Default 4 s.
@@ -118,6 +121,7 @@ impl Default for ClusterOptions {
             outbox_kanbans: 65_536,
             outbox_bytes: 64 << 20,
             outbox_max_age: Some(Duration::from_secs(7 * 86_400)),
+            transfer_quota: 16 << 30,
             ping_every: Duration::from_secs(1),
             dead_after: Duration::from_secs(4),
             window: 4096,
@@ -547,6 +551,7 @@ impl Node {
                 },
                 window: c.window,
                 max_age: c.outbox_max_age,
+                transfer_quota: c.transfer_quota,
             };
             let f = crate::federation::Federation::new(&paths.root, router.clone(), fopts, tasks.clone())
                 .map_err(|e| NodeError::Cluster(e.to_string()))?;

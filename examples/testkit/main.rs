@@ -26,6 +26,12 @@
 //!   (now − `t_us`) to each line: the hop latency, across processes and hosts of one machine.
 //! - `EMIT_FOREVER=1` with `TICK_MS=n`: on its first kanban (a seed), emit an output with `metadata.seq` 1, 2, …
 //!   every n ms, for ever (a source that holds its seed kanban for its whole life).
+//! - `FILES=n`: with `EMIT_COUNT`, each output first writes a directory `files-<seq>` in the instance's data dir
+//!   (n small files in nested directories, content derived from seq and index) and names it in `fileList`;
+//!   `BIG_MB=m` adds a file `big.bin` of m MiB (pseudo-random) to it. `FILE_LIST=p,q`: each output names these
+//!   paths in `fileList` as they are (files that may not exist, or may not be sent).
+//! - A sink that records (`RECORD`) lists, for each kanban, every file under its `fileList` entries as it finds
+//!   them when it handles the kanban (`files`: relative name and size; `missing` for an entry not there).
 use aion_sdk::{metadata_to_json, Ctx, Error, Kanban, Output, Service, Value};
 use std::io::Write;
 
@@ -47,6 +53,58 @@ struct Kit {
     hang_at: Option<u64>,
     rate: Option<f64>,
     stamp: bool,
+    files: usize,
+    big_mb: usize,
+    file_list: Vec<String>,
+}
+
+/// Writes the tree `files-<seq>` of an output under `dir`; returns its path.
+fn write_tree(dir: &std::path::Path, seq: u64, n: usize, big_mb: usize) -> std::io::Result<String> {
+    let root = dir.join(format!("files-{seq}"));
+    for i in 0..n {
+        let sub = root.join(format!("d{}", i % 3)).join(format!("e{}", i % 2));
+        std::fs::create_dir_all(&sub)?;
+        let body: Vec<u8> = (0..(100 + i * 37)).map(|j| ((seq as usize * 7 + i * 13 + j) % 251) as u8).collect();
+        std::fs::write(sub.join(format!("f{i}.dat")), body)?;
+    }
+    std::fs::create_dir_all(&root)?;
+    if big_mb > 0 {
+        let mut f = std::io::BufWriter::new(std::fs::File::create(root.join("big.bin"))?);
+        let mut x: u64 = seq.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+        let mut block = vec![0u8; 1 << 20];
+        for _ in 0..big_mb {
+            for b in block.chunks_mut(8) {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                b.copy_from_slice(&x.to_le_bytes()[..b.len()]);
+            }
+            f.write_all(&block)?;
+        }
+        f.flush()?;
+    }
+    Ok(root.display().to_string())
+}
+
+/// Every file under `entry` (relative name, size), as found now.
+fn list_files(entry: &str) -> Option<Vec<serde_json::Value>> {
+    fn walk(p: &std::path::Path, name: String, out: &mut Vec<serde_json::Value>) -> Option<()> {
+        let md = std::fs::metadata(p).ok()?;
+        if md.is_dir() {
+            let mut es: Vec<_> = std::fs::read_dir(p).ok()?.filter_map(Result::ok).collect();
+            es.sort_by_key(std::fs::DirEntry::file_name);
+            for e in es {
+                walk(&e.path(), format!("{name}/{}", e.file_name().to_string_lossy()), out)?;
+            }
+        } else {
+            out.push(serde_json::json!({ "name": name, "size": md.len() }));
+        }
+        Some(())
+    }
+    let p = std::path::Path::new(entry);
+    let mut out = Vec::new();
+    walk(p, p.file_name()?.to_string_lossy().into_owned(), &mut out)?;
+    Some(out)
 }
 
 fn wall_us() -> u64 {
@@ -106,6 +164,13 @@ impl Service for Kit {
             if let Some(k) = &self.key {
                 out = out.key(k.clone());
             }
+            if self.files > 0 || self.big_mb > 0 {
+                let dir = std::path::Path::new(ctx.data_path()).to_owned();
+                out = out.file(write_tree(&dir, i, self.files, self.big_mb).map_err(Error::msg)?);
+            }
+            for p in &self.file_list {
+                out = out.file(p.clone());
+            }
             match ctx.emit(out).await {
                 Err(e @ Error::TooLarge { .. }) => {
                     self.record(serde_json::json!({"emit_error": e.to_string(), "seq": i}))?
@@ -160,6 +225,8 @@ impl Service for Kit {
             "trace": k.trace_id.to_string(), "from": k.origin.service, "from_instance": k.origin.instance,
             "process_number": k.process_number, "key": k.connection_key, "metadata": metadata_to_json(&shown),
             "data_path": k.data_path,
+            "file_list": k.file_list,
+            "files": k.file_list.iter().map(|e| list_files(e).map_or(serde_json::json!({"missing": e}), serde_json::Value::from)).collect::<Vec<_>>(),
         });
         self.record(line)?;
         if self.forward {
@@ -223,6 +290,9 @@ fn main() -> std::process::ExitCode {
                 .then(|| var("TICK_MS").and_then(|v| v.parse().ok()).unwrap_or(100)),
             rate: var("RATE").and_then(|v| v.parse().ok()).filter(|r: &f64| *r > 0.0),
             stamp: var("STAMP").as_deref() == Some("1"),
+            files: var("FILES").and_then(|v| v.parse().ok()).unwrap_or(0),
+            big_mb: var("BIG_MB").and_then(|v| v.parse().ok()).unwrap_or(0),
+            file_list: var("FILE_LIST").map(|v| v.split(',').map(str::to_owned).collect()).unwrap_or_default(),
         },
         opts,
     )

@@ -7,11 +7,15 @@
 //! - `grpc` (feature `grpc`): AION's gRPC kanban API, generated from `proto/status.proto`, and its conversions.
 //! - [`federation`]: the protocol between devices (cluster mode) as sans-IO state machines: handshake with a
 //!   version range, heartbeats, credit, numbered kanbans and acknowledgements, resume after a cut.
+//! - `files` (feature `files`): Send Anything's file streams: chunks with BLAKE3 hashes, resume from the last
+//!   verified chunk, a root hash per file, the confinement of the names a peer sends.
 //! - [`link`]: thin I/O drivers: a Unix-socket link and an in-memory link with the same API, so a service runs
 //!   as a separate process or in-process unchanged.
 
 pub mod codec;
 pub mod federation;
+#[cfg(feature = "files")]
+pub mod files;
 #[cfg(feature = "grpc")]
 pub mod grpc;
 pub mod link;

@@ -288,6 +288,47 @@ pub struct DeviceReport {
     /// The master the link goes through (it is unreachable directly); empty when direct.
     #[serde(default)]
     pub via: String,
+    /// Send Anything: files to and from it.
+    #[serde(default)]
+    pub files: FilesReport,
+}
+
+/// A transfer in progress, for `aion status`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct TransferReport {
+    /// `out` (to the device) or `in` (from it).
+    pub direction: String,
+    /// The kanban.
+    pub kanban: String,
+    /// The file (relative name).
+    pub file: String,
+    /// Its size.
+    pub size: u64,
+    /// Bytes done (verified prefix included).
+    pub done: u64,
+    /// Bytes per second since it started (this connection).
+    pub rate: u64,
+}
+
+/// One device's files in `aion status`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct FilesReport {
+    /// Files sent and placed there.
+    pub sent_files: u64,
+    /// Bytes sent.
+    pub sent_bytes: u64,
+    /// Bytes not sent again (the receiver had them).
+    pub resumed_bytes: u64,
+    /// Files received and placed here.
+    pub received_files: u64,
+    /// Bytes received.
+    pub received_bytes: u64,
+    /// Files refused (here or there).
+    pub refused: u64,
+    /// Kanbans dead-lettered for their files.
+    pub failed: u64,
+    /// Transfers in progress.
+    pub active: Vec<TransferReport>,
 }
 
 /// AION's gRPC API in [`StatusReport`].

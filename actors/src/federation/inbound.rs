@@ -292,8 +292,49 @@ async fn link(
             }
         }
     };
+    tokio::pin!(control);
+    // The kanban stream is the first the sender opens after the control stream; file streams come after it.
+    let first = tokio::select! {
+        s = conn.accept_bi() => s.map_err(|e| LinkEnd::Other(format!("no kanban stream: {e}"))),
+        r = &mut control => Err(r.err().unwrap_or(LinkEnd::Other(String::new()))),
+    };
+    let (mut ds, mut dr) = match first {
+        Ok(s) => s,
+        Err(e) => return e,
+    };
+    // Send Anything: each file on its own stream, a few at once.
+    let files = async {
+        let mut running = futures::stream::FuturesUnordered::new();
+        loop {
+            tokio::select! {
+                s = conn.accept_bi() => {
+                    let (mut send, recv) = s.map_err(|e| LinkEnd::Other(format!("connection: {e}")))?;
+                    if relay_to.is_some() {
+                        let refusal = aion_transport::files::FileMsg::Refused {
+                            reason: "files are not relayed: they wait for a direct link".into(),
+                            retry: true,
+                        };
+                        let mut buf = Vec::new();
+                        if aion_transport::codec::encode_into(&refusal, &mut buf).is_ok() {
+                            let _ = send.write_all(&buf).await;
+                        }
+                        let _ = send.finish();
+                    } else if running.len() >= super::files::STREAMS_PER_DEVICE {
+                        let refusal = aion_transport::files::FileMsg::Refused { reason: "busy".into(), retry: true };
+                        let mut buf = Vec::new();
+                        if aion_transport::codec::encode_into(&refusal, &mut buf).is_ok() {
+                            let _ = send.write_all(&buf).await;
+                        }
+                        let _ = send.finish();
+                    } else {
+                        running.push(super::files::receive(f, peer, send, recv));
+                    }
+                }
+                Some(()) = futures::StreamExt::next(&mut running), if !running.is_empty() => {}
+            }
+        }
+    };
     let data = async {
-        let (mut ds, mut dr) = conn.accept_bi().await.map_err(|e| format!("no kanban stream: {e}"))?;
         let mut dec = FrameDecoder::default();
         loop {
             let frame = read_frame(&mut dr, &mut dec)
@@ -318,8 +359,9 @@ async fn link(
         }
     };
     let r: Result<(), LinkEnd> = tokio::select! {
-        r = control => r,
+        r = &mut control => r,
         r = data => r,
+        r = files => r,
         _ = peer.kick.notified() => Err(LinkEnd::Other("revoked".to_owned())),
     };
     r.err().unwrap_or(LinkEnd::Other(String::new()))

@@ -15,6 +15,7 @@
 //! committed the kanbans. The protocol is the sans-IO machine of `aion_transport::federation`; this module only
 //! moves its frames over quinn.
 
+pub mod files;
 mod inbound;
 mod outbound;
 pub mod tls;
@@ -46,11 +47,22 @@ pub struct FederationOptions {
     pub window: u32,
     /// Outboxes to a device unreachable for longer than this are emptied into dead letters (`expired`).
     pub max_age: Option<Duration>,
+    /// Bytes of partial files each device may have here at once (Send Anything).
+    pub transfer_quota: u64,
 }
+
+/// Default [`FederationOptions::transfer_quota`]: 16 GiB.
+pub const DEFAULT_TRANSFER_QUOTA: u64 = 16 << 30;
 
 impl Default for FederationOptions {
     fn default() -> Self {
-        FederationOptions { listen: None, timing: Timing::default(), window: DEFAULT_WINDOW, max_age: None }
+        FederationOptions {
+            listen: None,
+            timing: Timing::default(),
+            window: DEFAULT_WINDOW,
+            max_age: None,
+            transfer_quota: DEFAULT_TRANSFER_QUOTA,
+        }
     }
 }
 
@@ -202,6 +214,8 @@ pub struct Federation {
     pub(crate) relay: std::sync::OnceLock<String>,
     /// Answers requests over the network ([`Frame::Ask`]): the node's control handler.
     pub(crate) admin: std::sync::OnceLock<AdminHook>,
+    /// Send Anything: file transfers, their counters and progress.
+    pub files: files::Files,
     data_dir: std::path::PathBuf,
 }
 
@@ -349,8 +363,10 @@ impl Federation {
             master: std::sync::OnceLock::new(),
             relay: std::sync::OnceLock::new(),
             admin: std::sync::OnceLock::new(),
+            files: files::Files::default(),
             data_dir: data_dir.to_owned(),
         };
+        f.files.partial_quota.store(f.opts.transfer_quota, Ordering::Relaxed);
         f.update_peers();
         Ok(f)
     }
@@ -511,6 +527,12 @@ impl Federation {
             });
             sup = sup.child(spec);
         }
+        // Send Anything's housekeeping: partial transfers nobody resumed, and old records of transfers done.
+        let (root, t) = (self.data_dir.clone(), tasks.clone());
+        let (spec, _) = ChildSpec::actor("send-anything", Restart::Permanent, 4, move || {
+            Runner::new(t.clone(), files::housekeeping(root.clone()))
+        });
+        sup = sup.child(spec);
         let f = self.clone();
         let (spec, addr) = ChildSpec::actor("federation-links", Restart::Permanent, 64, move || Links {
             f: f.clone(),
@@ -555,6 +577,7 @@ impl Federation {
                     duplicates: p.duplicates.load(Ordering::Relaxed),
                     undeliverable: p.undeliverable.load(Ordering::Relaxed),
                     expired: p.expired.load(Ordering::Relaxed),
+                    files: self.files.report(&p.name),
                     via: p
                         .via
                         .lock()

@@ -6,7 +6,7 @@
 //! list, sent first on the next connection; if the link itself ends (its actor restarts, the runtime stops),
 //! they go back to the front of their outboxes, in order ([`Pump`]'s drop).
 
-use super::{read_frame, resolve, write_frame, Federation, LinkState, Peer};
+use super::{files, read_frame, resolve, write_frame, Federation, LinkState, Peer};
 use crate::routing::slot::Slot;
 use aion_runtime::{KanbanId, WireKanban};
 use aion_transport::federation::{kanbans_frame, Crossing, CrossingRef, LinkError, Sender, BATCH_BYTES};
@@ -40,6 +40,12 @@ struct Pump {
     resend: Mutex<VecDeque<Tag>>,
     next_route: std::sync::atomic::AtomicUsize,
     router: Arc<crate::routing::Router>,
+    /// Kanbans whose files go first (Send Anything), in the order they were taken; the front one is being sent.
+    pending: Mutex<VecDeque<(files::Pending, usize)>>,
+    pending_added: tokio::sync::Notify,
+    /// Kanbans whose files are in place there, rewritten, to send next.
+    ready: Mutex<VecDeque<Tag>>,
+    ready_added: tokio::sync::Notify,
 }
 
 impl Pump {
@@ -64,6 +70,10 @@ impl Pump {
             resend: Mutex::new(VecDeque::new()),
             next_route: Default::default(),
             router,
+            pending: Mutex::new(VecDeque::new()),
+            pending_added: tokio::sync::Notify::new(),
+            ready: Mutex::new(VecDeque::new()),
+            ready_added: tokio::sync::Notify::new(),
         })
     }
 
@@ -71,41 +81,112 @@ impl Pump {
         self.sender.lock().ok()?.as_mut().map(f)
     }
 
-    /// Takes up to `room` kanbans: first those to send again, else from the outboxes (waiting for one,
-    /// round-robin over them so that a busy route does not starve the others). Cancel safe.
+    /// Takes up to `room` kanbans: first those to send again, then those whose files are in place there, else
+    /// from the outboxes (waiting for one, round-robin over them so that a busy route does not starve the others).
+    /// A kanban with files is not returned but set aside for the transfer loop. Cancel safe.
     async fn take(&self, room: usize) -> Result<Vec<Tag>, String> {
-        {
-            let mut resend = self.resend.lock().map_err(|_| "resend list poisoned".to_owned())?;
-            if !resend.is_empty() {
-                let n = room.min(resend.len());
-                return Ok(resend.drain(..n).collect());
+        loop {
+            {
+                let mut resend = self.resend.lock().map_err(|_| "resend list poisoned".to_owned())?;
+                if !resend.is_empty() {
+                    let n = room.min(resend.len());
+                    return Ok(resend.drain(..n).collect());
+                }
+            }
+            {
+                let mut ready = self.ready.lock().map_err(|_| "ready list poisoned".to_owned())?;
+                if !ready.is_empty() {
+                    let n = room.min(ready.len());
+                    return Ok(ready.drain(..n).collect());
+                }
+            }
+            let n = self.routes.len();
+            let start = self.next_route.fetch_add(1, Ordering::Relaxed) % n.max(1);
+            let futs = (0..n).map(|i| {
+                let r = (start + i) % n;
+                let (slot, sess) = (&self.routes[r], self.sessions[r]);
+                Box::pin(async move {
+                    let mut out = Vec::new();
+                    slot.take(sess, slot.inflight() + room, &mut out).await;
+                    (r, out)
+                })
+            });
+            let (r, out) = tokio::select! {
+                ((r, out), _, _) = futures::future::select_all(futs) => (r, out),
+                _ = self.ready_added.notified() => continue,
+            };
+            if out.is_empty() {
+                return Err(format!("the outbox to {} was taken by another link", self.routes[r].service));
+            }
+            let service = &self.routes[r].service;
+            let mut tags = Vec::with_capacity(out.len());
+            for k in out {
+                let mem = k.mem_size();
+                if k.file_list.is_empty() {
+                    let bytes = CrossingRef { service, hops: k.hops, kanban: &k }.encode();
+                    tags.push(Tag { route: r, id: k.id, mem, bytes });
+                } else if let Ok(mut p) = self.pending.lock() {
+                    p.push_back((files::Pending { route: r, kanban: k, service: service.clone() }, mem));
+                    self.pending_added.notify_one();
+                }
+            }
+            if !tags.is_empty() {
+                return Ok(tags);
             }
         }
-        let n = self.routes.len();
-        let start = self.next_route.fetch_add(1, Ordering::Relaxed) % n.max(1);
-        let futs = (0..n).map(|i| {
-            let r = (start + i) % n;
-            let (slot, sess) = (&self.routes[r], self.sessions[r]);
-            Box::pin(async move {
-                let mut out = Vec::new();
-                slot.take(sess, slot.inflight() + room, &mut out).await;
-                (r, out)
-            })
-        });
-        let ((r, out), _, _) = futures::future::select_all(futs).await;
-        if out.is_empty() {
-            return Err(format!("the outbox to {} was taken by another link", self.routes[r].service));
+    }
+
+    /// The kanban whose files are to go next (it stays set aside until [`Pump::files_done`]); waits for one.
+    async fn next_pending(&self) -> files::Pending {
+        loop {
+            let front = self.pending.lock().ok().and_then(|p| {
+                p.front().map(|(x, _)| files::Pending {
+                    route: x.route,
+                    kanban: x.kanban.clone(),
+                    service: x.service.clone(),
+                })
+            });
+            if let Some(p) = front {
+                return p;
+            }
+            self.pending_added.notified().await;
         }
-        let service = &self.routes[r].service;
-        Ok(out
-            .into_iter()
-            .map(|k| Tag {
-                route: r,
-                id: k.id,
-                mem: k.mem_size(),
-                bytes: CrossingRef { service, hops: k.hops, kanban: &k }.encode(),
-            })
-            .collect())
+    }
+
+    /// The front kanban's files are in place there: `k` (rewritten) is sent next.
+    fn files_done(&self, k: &WireKanban) {
+        let Some((p, mem)) = self.pending.lock().ok().and_then(|mut p| p.pop_front()) else { return };
+        let bytes = CrossingRef { service: &p.service, hops: k.hops, kanban: k }.encode();
+        if let Ok(mut r) = self.ready.lock() {
+            r.push_back(Tag { route: p.route, id: k.id, mem, bytes });
+        }
+        self.ready_added.notify_one();
+    }
+
+    /// The front kanban cannot go with its files: a dead letter, and gone from its outbox.
+    async fn files_failed(&self, reason: crate::routing::dead::Reason, detail: String) {
+        let Some((p, mem)) = self.pending.lock().ok().and_then(|mut p| p.pop_front()) else { return };
+        let tag = Tag { route: p.route, id: p.kanban.id, mem, bytes: Vec::new() };
+        self.router.dead_letter(reason, detail, p.kanban);
+        self.acked(vec![tag]).await;
+    }
+
+    /// Kanbans set aside (files to send, or rewritten and ready), by route, in order.
+    fn set_aside(&self) -> Vec<(usize, Box<WireKanban>, usize)> {
+        let mut out: Vec<(usize, Box<WireKanban>, usize)> = Vec::new();
+        if let Ok(mut p) = self.pending.lock() {
+            out.extend(p.drain(..).map(|(x, mem)| (x.route, x.kanban, mem)));
+        }
+        if let Ok(mut r) = self.ready.lock() {
+            for t in r.drain(..) {
+                if let Ok(c) = postcard::from_bytes::<Crossing>(&t.bytes) {
+                    let mut k = Box::new(c.kanban);
+                    k.hops = c.hops;
+                    out.push((t.route, k, t.mem));
+                }
+            }
+        }
+        out
     }
 
     /// The receiver committed these: their outboxes forget them (in the store too).
@@ -136,6 +217,9 @@ impl Pump {
     async fn expire(&self, device: &str, max: Duration) -> usize {
         let held: Vec<Tag> = self.resend.lock().map(|mut r| r.drain(..).collect()).unwrap_or_default();
         let mut per: Vec<Vec<Box<WireKanban>>> = vec![Vec::new(); self.routes.len()];
+        for (route, k, _) in self.set_aside() {
+            per[route].push(k);
+        }
         for t in held {
             if let Ok(c) = postcard::from_bytes::<Crossing>(&t.bytes) {
                 let mut k = Box::new(c.kanban);
@@ -194,6 +278,9 @@ impl Drop for Pump {
         self.lost();
         let held: Vec<Tag> = self.resend.lock().map(|mut r| r.drain(..).collect()).unwrap_or_default();
         let mut back: Vec<Vec<Box<WireKanban>>> = vec![Vec::new(); self.routes.len()];
+        for (route, k, _) in self.set_aside() {
+            back[route].push(k);
+        }
         for t in held {
             match postcard::from_bytes::<Crossing>(&t.bytes) {
                 Ok(c) => {
@@ -316,12 +403,12 @@ async fn connection(f: &Federation, peer: &Peer, pump: &Pump, via: Option<&str>)
     if let Ok(mut v) = peer.via.lock() {
         *v = via.map(str::to_owned);
     }
-    let end = open_link(f, peer, pump, &conn).await;
+    let end = open_link(f, peer, pump, &conn, via.is_none()).await;
     conn.close(quinn::VarInt::from_u32(0), b"link ended");
     end
 }
 
-async fn open_link(f: &Federation, peer: &Peer, pump: &Pump, conn: &quinn::Connection) -> End {
+async fn open_link(f: &Federation, peer: &Peer, pump: &Pump, conn: &quinn::Connection, direct: bool) -> End {
     let timing = f.opts.timing;
     let dead = Duration::from_micros(timing.dead_after);
     fn down<E: std::fmt::Display>(what: &'static str) -> impl Fn(E) -> End {
@@ -449,10 +536,53 @@ async fn open_link(f: &Federation, peer: &Peer, pump: &Pump, conn: &quinn::Conne
             ds.write_all(&buf).await.map_err(|e| End::Down(format!("kanban stream: {e}")))?;
         }
     };
+    // Files go on direct links only (a master does not relay them): through the master they wait.
+    let transfers = async {
+        if direct {
+            transfer_loop(f, peer, pump, conn).await
+        } else {
+            std::future::pending().await
+        }
+    };
     let r: Result<(), End> = tokio::select! {
         r = control => r,
         r = acks => r,
         r = data => r,
+        r = transfers => r,
     };
     r.err().unwrap_or_else(|| End::Down("link ended".into()))
+}
+
+/// Sends the files of the kanbans set aside, one kanban at a time, in order; each, once its files are in place
+/// there, goes to the kanban stream rewritten. A receiver that cannot take a file now (disk full, quota, busy) is
+/// asked again later (backoff up to 30 s): the kanban waits, nothing is lost.
+async fn transfer_loop(f: &Federation, peer: &Peer, pump: &Pump, conn: &quinn::Connection) -> Result<(), End> {
+    let mut backoff = Duration::from_secs(1);
+    loop {
+        let p = pump.next_pending().await;
+        match files::transfer(f, peer, conn, &p).await {
+            Ok(k) => {
+                pump.files_done(&k);
+                backoff = Duration::from_secs(1);
+            }
+            Err(files::Failure::Dead(reason, detail)) => {
+                f.files.device(&peer.name).failed.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(device = %peer.name, kanban = %p.kanban.id, "kanban not sent: {detail}");
+                pump.files_failed(reason, detail).await;
+            }
+            Err(files::Failure::Later(why)) => {
+                tracing::warn!(device = %peer.name, kanban = %p.kanban.id, "files not sent yet ({why}); trying again in {}s", backoff.as_secs());
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(30));
+            }
+            Err(files::Failure::Connection(e)) => {
+                if conn.close_reason().is_some() {
+                    return Err(End::Down(format!("file stream: {e}")));
+                }
+                tracing::warn!(device = %peer.name, kanban = %p.kanban.id, "file stream broken ({e}); trying again in {}s", backoff.as_secs());
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(30));
+            }
+        }
+    }
 }

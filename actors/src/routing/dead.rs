@@ -26,6 +26,12 @@ pub enum Reason {
     HopLimit,
     /// It waited in an outbox for a device unreachable for longer than the outbox's age bound.
     Expired,
+    /// A file of its `fileList` cannot be sent: gone, unreadable, not a regular file or directory, or outside
+    /// the roots files may be sent from (Send Anything).
+    FileUnreadable,
+    /// The receiving device refuses a file of its `fileList` for good (a name it will not write, a service it
+    /// does not run, larger than it takes).
+    FileRefused,
 }
 
 impl Reason {
@@ -41,6 +47,8 @@ impl Reason {
             Reason::TooLarge => "too-large",
             Reason::HopLimit => "hop-limit",
             Reason::Expired => "expired",
+            Reason::FileUnreadable => "file-unreadable",
+            Reason::FileRefused => "file-refused",
         }
     }
 }

@@ -382,7 +382,7 @@ impl Router {
     }
 
     /// Records a hop to `service` on another device (`service@device` in the archive), when hops are archived.
-    fn archive_remote_hop(&self, k: &WireKanban, service: &str, device: &str, outcome: &'static str) {
+    pub(crate) fn archive_remote_hop(&self, k: &WireKanban, service: &str, device: &str, outcome: &'static str) {
         if self.archive.is_some() {
             let to = format!("{service}@{device}");
             self.archive_hop(k, Some((&to, k.process_number)), outcome);

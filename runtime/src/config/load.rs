@@ -244,6 +244,19 @@ fn top(cx: &mut Cx, root: &Node) -> Option<ServicesFile> {
         match k.as_str() {
             "deviceName" => cfg.device_name = string(cx, v, k).unwrap_or_else(|| bad(&mut ok)),
             "debug" => cfg.debug = string(cx, v, k).unwrap_or_else(|| bad(&mut ok)),
+            "fileRoots" => match string_list(cx, v, k) {
+                Some(list) => {
+                    for (r, pos) in list {
+                        if r.starts_with('/') {
+                            cfg.file_roots.push(r);
+                        } else {
+                            cx.err(pos, format!("fileRoots: `{r}` is not an absolute path"));
+                            ok = false;
+                        }
+                    }
+                }
+                None => ok = false,
+            },
             "devices" => match entries(cx, v, "devices") {
                 Some(devs) => {
                     for (name, _, d) in devs {

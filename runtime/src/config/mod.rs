@@ -98,6 +98,10 @@ pub struct ServicesFile {
     pub debug: String,
     /// Peer devices by name.
     pub devices: BTreeMap<String, Device>,
+    /// Directories (absolute) besides the data directory that files named in `fileList` may be sent from to
+    /// other devices (Send Anything).
+    #[serde(default)]
+    pub file_roots: Vec<String>,
     /// Microservices by name.
     pub microservices: BTreeMap<String, Microservice>,
 }
