@@ -296,3 +296,149 @@ fn workers_that_cannot_reach_each_other_are_relayed_through_the_master() {
     assert_eq!(device(&st, "w2")["via"], "m", "w1's link to w2 goes through the master: {}", device(&st, "w2"));
     assert!(m.stderr().contains("relaying a link from w1 to w2"), "the master says it relays");
 }
+
+// ------------------------------------------------------------------------------------------------ Send Anything
+
+/// Peer devices across two hosts: `a` (host 1) runs a source writing a tree per kanban (`source_env`), `b`
+/// (host 2, listening) the sink. `b_data` is b's data dir (a tmpfs, for the disk-full test).
+fn file_hosts(h: &Hosts, source_env: &str, b_data: tempfile::TempDir) -> (Runtime, Runtime, String) {
+    let da = tempfile::tempdir().expect("tmp");
+    aion(da.path(), &["cluster", "init", "--name", "a"]);
+    aion(da.path(), &["cluster", "issue", "b", "--out", &b_data.path().display().to_string()]);
+    let b_listen = format!("{}:11030", h.addr(2));
+    let b_yaml = "deviceName: b\ndevices:\n  a: {}\nmicroservices:\n  sink:\n    command: [\"{testkit}\"]\n    always: yes\n    env: { RECORD: \"{work}/sink.jsonl\" }\n";
+    let b =
+        Runtime::start_wrapped(&h.on(2), b_yaml, b_data, tempfile::tempdir().expect("tmp"), &["--listen", &b_listen]);
+    let a_yaml = format!(
+        "deviceName: a\ndevices:\n  b: {{ addr: \"{b_listen}\" }}\nmicroservices:\n  source:\n    command: [\"{{testkit}}\"]\n    startup: yes\n    env: {{ EMIT_COUNT: 1, CHUNK: 1, {source_env} }}\n    nextService: {{ default: [ {{ name: sink, device: b }} ] }}\n"
+    );
+    let a = Runtime::start_wrapped(&h.on(1), &a_yaml, da, tempfile::tempdir().expect("tmp"), &[]);
+    (a, b, b_yaml.to_owned())
+}
+
+/// Waits for the sink's first kanban; checks every file of its tree is byte-identical to the source's.
+fn arrived_identical(a: &Runtime, b: &Runtime, limit: Duration) -> u64 {
+    let line = wait_until("the kanban and its files at the sink", limit, || {
+        read_lines(&b.path("sink.jsonl")).into_iter().next()
+    });
+    let entry = line["file_list"][0].as_str().expect("fileList rewritten").to_owned();
+    assert!(line["files"][0].is_array(), "every file was in place when the sink got the kanban: {line}");
+    let source = a.data.path().join("Data/source_1/files-1");
+    let mut total = 0;
+    let mut stack = vec![(source.clone(), Path::new(&entry).to_owned())];
+    while let Some((s, r)) = stack.pop() {
+        if s.is_dir() {
+            for e in std::fs::read_dir(&s).expect("dir").flatten() {
+                stack.push((e.path(), r.join(e.file_name())));
+            }
+            continue;
+        }
+        let (mut fs, mut fr) = (std::fs::File::open(&s).expect("source"), std::fs::File::open(&r).expect("received"));
+        let (mut bs, mut br) = (vec![0u8; 1 << 20], vec![0u8; 1 << 20]);
+        use std::io::Read;
+        loop {
+            let n = fs.read(&mut bs).expect("read");
+            fr.read_exact(&mut br[..n]).expect("as long");
+            assert!(bs[..n] == br[..n], "{} differs from {}", r.display(), s.display());
+            total += n as u64;
+            if n == 0 {
+                assert_eq!(fr.read(&mut br).expect("read"), 0, "{} is longer", r.display());
+                break;
+            }
+        }
+    }
+    total
+}
+
+fn inbound_done(b: &Runtime) -> u64 {
+    let st = b.status();
+    st["federation"]["devices"]
+        .as_array()
+        .and_then(|d| d.iter().find(|d| d["name"] == "a"))
+        .and_then(|d| d["files"]["active"].as_array().cloned())
+        .and_then(|a| a.iter().filter_map(|t| t["done"].as_u64()).max())
+        .unwrap_or(0)
+}
+
+#[test]
+fn a_gigabyte_file_crosses_hosts_through_a_ten_second_cut_and_resumes_from_its_verified_prefix() {
+    let Some(h) = Hosts::new('f', 2) else { return };
+    let (a, b, _) = file_hosts(&h, "FILES: 20, BIG_MB: 1024", tempfile::tempdir().expect("tmp"));
+    wait_until("a quarter of the big file across", Duration::from_secs(300), || {
+        (inbound_done(&b) > 256 << 20).then_some(())
+    });
+    h.link(2, false);
+    std::thread::sleep(Duration::from_secs(10));
+    h.link(2, true);
+    let total = arrived_identical(&a, &b, Duration::from_secs(600));
+    let st = a.status();
+    let files = &device(&st, "b")["files"];
+    let sent = files["sent_bytes"].as_u64().expect("sent");
+    let resumed = files["resumed_bytes"].as_u64().expect("resumed");
+    eprintln!("{total} bytes; {sent} sent, {resumed} not sent again (resumed)");
+    assert!(resumed > 0, "resumed from a verified prefix, not from zero: {files}");
+    assert!(sent < total + total / 10, "bytes sent again are a small fraction: {sent} for {total}");
+}
+
+#[test]
+fn the_receiving_runtime_killed_mid_transfer_resumes_after_its_restart() {
+    let Some(h) = Hosts::new('g', 2) else { return };
+    let (a, mut b, b_yaml) = file_hosts(&h, "FILES: 5, BIG_MB: 512", tempfile::tempdir().expect("tmp"));
+    wait_until("a third of the big file across", Duration::from_secs(300), || {
+        (inbound_done(&b) > 170 << 20).then_some(())
+    });
+    let b2 = b.crash_and_restart(&b_yaml);
+    let total = arrived_identical(&a, &b2, Duration::from_secs(600));
+    let files = device(&a.status(), "b")["files"].clone();
+    eprintln!("{total} bytes after a kill -9 of the receiver: {files}");
+    assert!(files["resumed_bytes"].as_u64().unwrap_or(0) > 0, "resumed, not from zero: {files}");
+}
+
+#[test]
+fn files_cross_ten_percent_packet_loss_whole() {
+    let Some(h) = Hosts::new('p', 2) else { return };
+    h.loss(2, 10);
+    let (a, b, _) = file_hosts(&h, "FILES: 30, BIG_MB: 64", tempfile::tempdir().expect("tmp"));
+    let total = arrived_identical(&a, &b, Duration::from_secs(600));
+    assert!(total > 64 << 20);
+}
+
+/// A tmpfs mounted on a directory for as long as it lives.
+struct Tmpfs(std::path::PathBuf);
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = sh(&["umount", "-l", &self.0.display().to_string()]);
+    }
+}
+
+#[test]
+fn a_full_disk_at_the_receiver_is_a_clear_error_and_the_transfer_completes_once_there_is_room() {
+    let Some(h) = Hosts::new('d', 2) else { return };
+    let b_data = tempfile::tempdir().expect("tmp");
+    let path = b_data.path().display().to_string();
+    sh(&["mount", "-t", "tmpfs", "-o", "size=40m", "tmpfs", &path]).expect("tmpfs");
+    let mnt = Tmpfs(b_data.path().to_owned());
+    let (a, b, _) = file_hosts(&h, "FILES: 3, BIG_MB: 64", b_data);
+    let st = wait_until("b to refuse for a full disk", Duration::from_secs(120), || {
+        b.stderr().contains("receiver disk full").then(|| a.status())
+    });
+    assert!(read_lines(&b.path("sink.jsonl")).is_empty(), "no kanban without its files");
+    // Partial files are removed, not left to fill the disk; the kanban waits at the sender.
+    let parts = Command::new("find").args([&path, "-name", "*.part"]).output().expect("find").stdout;
+    assert!(
+        parts.is_empty() || String::from_utf8_lossy(&parts).trim().is_empty(),
+        "{}",
+        String::from_utf8_lossy(&parts)
+    );
+    assert_eq!(device(&st, "b")["files"]["failed"], 0, "{st}");
+    wait_until("the sender to say it waits", Duration::from_secs(60), || {
+        a.stderr().contains("files not sent yet").then_some(())
+    });
+    sh(&["mount", "-o", "remount,size=512m", &path]).expect("remount");
+    let total = arrived_identical(&a, &b, Duration::from_secs(300));
+    assert!(total > 64 << 20);
+    drop(a);
+    drop(b);
+    drop(mnt);
+}

@@ -420,8 +420,25 @@ async fn send_file(
         })?;
         let (h, hash) = proto::chunk_header(&buf[..n]);
         hashes.push(hash);
-        send.write_all(&h).await.map_err(|e| Failure::Connection(e.to_string()))?;
-        send.write_all(&buf[..n]).await.map_err(|e| Failure::Connection(e.to_string()))?;
+        let wrote = async {
+            send.write_all(&h).await?;
+            send.write_all(&buf[..n]).await
+        };
+        if let Err(e) = wrote.await {
+            // The receiver stopped reading: it says why (a full disk, a broken chunk) before it lets go.
+            return Err(match tokio::time::timeout(Duration::from_secs(5), read_msg(&mut recv, &mut dec)).await {
+                Ok(Ok(FileMsg::Refused { reason, retry })) => {
+                    counters.refused.fetch_add(1, Ordering::Relaxed);
+                    let why = format!("{} refuses `{}`: {reason}", peer.name, s.name);
+                    if retry {
+                        Failure::Later(why)
+                    } else {
+                        Failure::Dead(Reason::FileRefused, why)
+                    }
+                }
+                _ => Failure::Connection(e.to_string()),
+            });
+        }
         pos += n as u64;
         sent += n as u64;
         tracked.done.store(pos, Ordering::Relaxed);
