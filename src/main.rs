@@ -144,6 +144,12 @@ enum Cmd {
     Delete,
     /// Stop the running runtime gracefully.
     Stop,
+    /// Files crossing to and from other devices now (Send Anything): file, progress, rate, time left.
+    Transfers {
+        /// Redraw every second until no transfer is left.
+        #[arg(long, short)]
+        follow: bool,
+    },
 }
 
 /// The flags of `aion run`, `aion master` and `aion worker`.
@@ -354,6 +360,7 @@ fn main() -> ExitCode {
             print_change(&v);
             Ok(())
         }),
+        Cmd::Transfers { follow } => block(transfers(&data_dir, follow, timeout)),
         Cmd::Stop => block(async {
             ctl(&data_dir, &Request::Stop, timeout).await?;
             out!("stop requested");
@@ -368,6 +375,69 @@ fn main() -> ExitCode {
             err!("aion: {e}");
             ExitCode::FAILURE
         }
+    }
+}
+
+fn human_bytes(b: u64) -> String {
+    let b = b as f64;
+    match b {
+        b if b >= 1e9 => format!("{:.2} GB", b / 1e9),
+        b if b >= 1e6 => format!("{:.1} MB", b / 1e6),
+        b if b >= 1e3 => format!("{:.1} kB", b / 1e3),
+        b => format!("{b} B"),
+    }
+}
+
+/// One transfer in progress: direction, file, percentage, bytes, rate, time left.
+fn transfer_line(device: &str, t: &aion::actors::control::TransferReport) -> String {
+    let pct = if t.size == 0 { 100.0 } else { t.done as f64 * 100.0 / t.size as f64 };
+    let left = if t.rate > 0 {
+        format!("{:.0}s left", t.size.saturating_sub(t.done) as f64 / t.rate as f64)
+    } else {
+        "-".into()
+    };
+    let (arrow, who) = if t.direction == "out" { ("->", device) } else { ("<-", device) };
+    format!(
+        "{arrow} {who}  {}  {pct:5.1}%  {} of {}  {}/s  {left}  (kanban {})",
+        t.file,
+        human_bytes(t.done),
+        human_bytes(t.size),
+        human_bytes(t.rate),
+        t.kanban
+    )
+}
+
+/// `aion transfers`: the files crossing to and from other devices now; `--follow` redraws every second until
+/// none are left (progress for a person watching a long transfer).
+async fn transfers(data_dir: &Path, follow: bool, timeout: Duration) -> Result<(), String> {
+    let tty = std::io::IsTerminal::is_terminal(&std::io::stdout());
+    loop {
+        let v = ctl(data_dir, &Request::Status, timeout).await?;
+        let r: aion::actors::control::StatusReport =
+            serde_json::from_value(v).map_err(|e| format!("unexpected answer: {e}"))?;
+        let lines: Vec<String> = r
+            .federation
+            .map(|f| {
+                f.devices
+                    .iter()
+                    .flat_map(|d| d.files.active.iter().map(|t| transfer_line(&d.name, t)).collect::<Vec<_>>())
+                    .collect()
+            })
+            .unwrap_or_default();
+        if follow && tty {
+            // Redraw in place (clear the screen, home).
+            print!("\x1b[H\x1b[2J");
+        }
+        if lines.is_empty() {
+            out!("no transfers in progress");
+        }
+        for l in &lines {
+            out!("{l}");
+        }
+        if !follow || lines.is_empty() {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
     }
 }
 
@@ -1052,6 +1122,34 @@ async fn status(data_dir: &Path, json: bool, node: Option<&str>, timeout: Durati
         for row in &rows {
             let line: Vec<String> = row.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect();
             out!("{}", line.join("  ").trim_end());
+        }
+        // Send Anything: totals per device, and what is crossing now.
+        let busy = |d: &&aion::actors::control::DeviceReport| {
+            let x = &d.files;
+            x.sent_files + x.received_files + x.refused + x.failed > 0 || !x.active.is_empty()
+        };
+        if f.devices.iter().any(|d| busy(&d)) {
+            out!(
+                "
+files:"
+            );
+            for d in f.devices.iter().filter(busy) {
+                let x = &d.files;
+                out!(
+                    "  {}: sent {} files ({}), received {} files ({}), {} not sent again (resumed), {} refused, {} kanbans failed",
+                    d.name,
+                    x.sent_files,
+                    human_bytes(x.sent_bytes),
+                    x.received_files,
+                    human_bytes(x.received_bytes),
+                    human_bytes(x.resumed_bytes),
+                    x.refused,
+                    x.failed
+                );
+                for t in &x.active {
+                    out!("    {}", transfer_line(&d.name, t));
+                }
+            }
         }
     }
     // Trouble that would otherwise only show in --json.

@@ -555,7 +555,7 @@ microservices:
     nextService: {{ default: [ {{ name: sink, device: b }} ] }}
 "#
     );
-    let a = Runtime::start_full(&yaml, da, tempfile::tempdir().expect("tmp"), &[]);
+    let a = Runtime::start_full(&yaml, da, tempfile::tempdir().expect("tmp"), &["--archive"]);
     (a, b, listen)
 }
 
@@ -590,6 +590,17 @@ fn files_travel_with_their_kanban_and_are_verified_in_place_before_it_is_deliver
     assert_eq!(files["failed"], 0, "{st}");
     let sb = b.status();
     assert_eq!(device(&sb, "a")["files"]["received_files"], 3 * 8, "{sb}");
+    // Visible: totals in the status table, the transfer in the kanban's trace, nothing left in progress.
+    let (ok, table, _) = a.cli(&["status"]);
+    assert!(ok && table.contains("b: sent 24 files"), "{table}");
+    let id = lines[0]["id"].as_str().expect("id");
+    let trace = wait_until("the transfer in the trace", Duration::from_secs(30), || {
+        let (ok, out, _) = a.cli(&["kanban", "trace", id]);
+        (ok && out.contains("files-sent")).then_some(out)
+    });
+    assert!(trace.contains("sink@b"), "{trace}");
+    let (ok, now, _) = a.cli(&["transfers"]);
+    assert!(ok && now.contains("no transfers in progress"), "{now}");
     // Nothing half-written stays behind on b.
     let staging = b_data.join("Data/.transfers");
     let partials: Vec<_> = walk_names(&staging).into_iter().filter(|n| n.ends_with(".part")).collect();
