@@ -738,6 +738,7 @@ fn hostile_file_names_from_an_authenticated_peer_are_refused_and_a_done_file_is_
     assert_eq!(std::fs::read_dir(outside.path()).expect("dir").count(), 0, "nothing written outside");
     assert!(!b.data.path().join("Data/escape").exists() && !Path::new("/etc/evil").exists());
     let st = b.status();
-    assert!(st["federation"]["refused"]["file-name"].as_u64().unwrap_or(0) >= 9, "{st}");
+    assert_eq!(st["federation"]["refused"]["file-name"], 8, "{st}");
+    assert_eq!(st["federation"]["refused"]["file-protocol"], 1, "the corrupt chunk: {st}");
     assert!(b.stderr().contains("file name refused"), "the reason is logged");
 }

@@ -945,7 +945,6 @@ async fn handle_request(s: &Shared, line: &[u8]) -> Vec<u8> {
         },
         #[cfg(not(feature = "cluster"))]
         Request::ClusterRemove { .. } => err_reply("this aion was built without cluster mode"),
-        #[cfg(feature = "cluster")]
         Request::Trace { id, local } => {
             let Some(kid) = aion_runtime::KanbanId::parse(&id) else {
                 return err_reply(format!("`{id}` is not a kanban id (32 hex digits)"));

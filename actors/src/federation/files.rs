@@ -487,10 +487,17 @@ fn unhex(s: &str) -> Option<Hash> {
 }
 
 /// Refuses a file on its stream: counted, logged, told.
-async fn refuse(f: &Federation, peer: &Peer, send: &mut quinn::SendStream, reason: String, retry: bool, hostile: bool) {
+async fn refuse(
+    f: &Federation,
+    peer: &Peer,
+    send: &mut quinn::SendStream,
+    reason: String,
+    retry: bool,
+    hostile: Option<&'static str>,
+) {
     f.files.device(&peer.name).refused.fetch_add(1, Ordering::Relaxed);
-    if hostile {
-        f.refused.count("file-name");
+    if let Some(counter) = hostile {
+        f.refused.count(counter);
         tracing::warn!(device = %peer.name, "file refused: {reason}");
     } else if retry {
         tracing::warn!(device = %peer.name, "file not taken now: {reason}");
@@ -536,26 +543,32 @@ pub(super) async fn receive(f: &Federation, peer: &Peer, mut send: quinn::SendSt
         Ok(FileMsg::Open { transfer, kanban, service, instance, index, path, size, mtime_ns }) => {
             (transfer, kanban, service, instance, index, path, size, mtime_ns)
         }
-        Ok(other) => return refuse(f, peer, &mut send, format!("expected a file, got {other:?}"), false, true).await,
-        Err(e) => return refuse(f, peer, &mut send, format!("no file header: {e}"), false, true).await,
+        Ok(other) => {
+            return refuse(f, peer, &mut send, format!("expected a file, got {other:?}"), false, Some("file-protocol"))
+                .await
+        }
+        Err(e) => {
+            return refuse(f, peer, &mut send, format!("no file header: {e}"), false, Some("file-protocol")).await
+        }
     };
     if !is_hex(&transfer, 32) || KanbanId::parse(&kanban).is_none() {
-        return refuse(f, peer, &mut send, "malformed transfer or kanban id".into(), false, true).await;
+        return refuse(f, peer, &mut send, "malformed transfer or kanban id".into(), false, Some("file-protocol"))
+            .await;
     }
     let rel = match proto::confine(&name) {
         Ok(r) => r,
-        Err(e) => return refuse(f, peer, &mut send, format!("file name refused: {e}"), false, true).await,
+        Err(e) => return refuse(f, peer, &mut send, format!("file name refused: {e}"), false, Some("file-name")).await,
     };
     let cfg = f.router.config();
     let scale = cfg.microservices.get(&service).map(|m| m.scale.max(1));
     if !scale.is_some_and(|s| instance >= 1 && instance <= s) {
         let why = format!("{service} instance {instance} is not a service of this device");
-        return refuse(f, peer, &mut send, why, false, false).await;
+        return refuse(f, peer, &mut send, why, false, None).await;
     }
     let quota = f.files.partial_quota.load(Ordering::Relaxed);
     if size > quota {
         let why = format!("{size} bytes is more than a device may have in partial files here ({quota})");
-        return refuse(f, peer, &mut send, why, false, false).await;
+        return refuse(f, peer, &mut send, why, false, None).await;
     }
     let data = f.data_dir.join("Data");
     let dir = data.join(format!("{service}_{instance}")).join(&kanban);
@@ -577,8 +590,10 @@ pub(super) async fn receive(f: &Federation, peer: &Peer, mut send: quinn::SendSt
     };
     let target = match target {
         Ok(Ok(t)) => t,
-        Ok(Err(e)) => return refuse(f, peer, &mut send, format!("file `{name}` refused: {e}"), false, true).await,
-        Err(e) => return refuse(f, peer, &mut send, e.to_string(), true, false).await,
+        Ok(Err(e)) => {
+            return refuse(f, peer, &mut send, format!("file `{name}` refused: {e}"), false, Some("file-name")).await
+        }
+        Err(e) => return refuse(f, peer, &mut send, e.to_string(), true, None).await,
     };
     let dir_s = dir.display().to_string();
     // Done before (the kanban sent again): recognised, not written twice.
@@ -603,7 +618,7 @@ pub(super) async fn receive(f: &Federation, peer: &Peer, mut send: quinn::SendSt
     if counters.partial.fetch_add(reserve, Ordering::Relaxed) + reserve > quota {
         counters.partial.fetch_sub(reserve, Ordering::Relaxed);
         let why = format!("partial files from {} would pass the quota ({quota} bytes)", peer.name);
-        return refuse(f, peer, &mut send, why, true, false).await;
+        return refuse(f, peer, &mut send, why, true, None).await;
     }
     struct Release<'a>(&'a AtomicU64, u64);
     impl Drop for Release<'_> {
@@ -622,7 +637,7 @@ pub(super) async fn receive(f: &Federation, peer: &Peer, mut send: quinn::SendSt
     let mut file = match opened.await {
         Ok(fl) => fl,
         Err(e) => {
-            return refuse(f, peer, &mut send, format!("cannot write `{}`: {e}", part.display()), true, false).await
+            return refuse(f, peer, &mut send, format!("cannot write `{}`: {e}", part.display()), true, None).await
         }
     };
     if write_msg(&mut send, &FileMsg::At { offset: rx.offset(), dir: dir_s, path: None }).await.is_err() {
@@ -688,7 +703,7 @@ pub(super) async fn receive(f: &Federation, peer: &Peer, mut send: quinn::SendSt
                 Err(e) => {
                     let why = io_why(&e, &target);
                     remove_partial(&part, &state_file).await;
-                    refuse(f, peer, &mut send, why, true, false).await
+                    refuse(f, peer, &mut send, why, true, None).await
                 }
             }
         }
@@ -697,7 +712,7 @@ pub(super) async fn receive(f: &Federation, peer: &Peer, mut send: quinn::SendSt
                 // Nothing half-written stays behind; the sender tries again later (its kanban waits).
                 remove_partial(&part, &state_file).await;
                 tracing::error!(device = %peer.name, "{why}: the partial file is removed; the sender tries again later");
-                refuse(f, peer, &mut send, why, true, false).await
+                refuse(f, peer, &mut send, why, true, None).await
             } else if io {
                 // A cut, or a write that failed: the verified prefix is kept for the next attempt.
                 let _ = write_atomic(&state_file, &save(&rx)).await;
@@ -705,7 +720,7 @@ pub(super) async fn receive(f: &Federation, peer: &Peer, mut send: quinn::SendSt
             } else {
                 // A broken or hostile stream: its verified prefix is kept; the stream is refused and counted.
                 let _ = write_atomic(&state_file, &save(&rx)).await;
-                refuse(f, peer, &mut send, format!("broken file stream: {why}"), true, true).await
+                refuse(f, peer, &mut send, format!("broken file stream: {why}"), true, Some("file-protocol")).await
             }
         }
     }
