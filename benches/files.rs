@@ -87,6 +87,15 @@ fn rss_kib(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
+/// CPU seconds (user + system) of a process so far.
+fn cpu_secs(pid: u32) -> f64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let rest = s.rsplit_once(')').map(|r| r.1).unwrap_or_default();
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let t = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    (t(11) + t(12)) / 100.0
+}
+
 fn pct(v: &mut [f64], p: f64) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     v.get(((v.len() as f64 * p) as usize).min(v.len().saturating_sub(1))).copied().unwrap_or(f64::NAN)
@@ -214,6 +223,8 @@ fn raw_quinn(hosts: &[(Vec<String>, String)], a: &Path, b: &Path, bytes: u64) ->
 /// config); `None` when sshd is not installed.
 fn scp(hosts: &[(Vec<String>, String)], file: &Path, dest: &Path) -> Option<f64> {
     let sshd = ["/usr/sbin/sshd", "/usr/bin/sshd"].into_iter().find(|p| Path::new(p).exists())?;
+    // sshd's privilege separation directory.
+    let _ = std::fs::create_dir_all("/run/sshd");
     if hosts[1].1 == "127.0.0.1" {
         return None;
     }
@@ -313,22 +324,34 @@ fn main() {
     let mut began: Option<(Instant, Instant)> = None; // (first seen, last seen while idle)
     let mut last_idle = Instant::now();
     let t0 = Instant::now();
-    let done = loop {
+    let wall = || std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_micros() as f64;
+    let mut last_idle_us = wall();
+    let mut began_us: Option<(f64, f64)> = None;
+    let mut cpu0 = (0.0, 0.0);
+    let (done, done_us) = loop {
         assert!(t0.elapsed() < Duration::from_secs(900), "the transfer did not complete");
         peak_a = peak_a.max(rss_kib(ra.child.id()));
         peak_b = peak_b.max(rss_kib(rb.child.id()));
         if let Ok(s) = std::fs::read_to_string(rec.path().join("files.jsonl")) {
             if !s.trim().is_empty() {
-                break Instant::now();
+                break (Instant::now(), wall());
             }
         }
         match status(&db).as_ref().and_then(active) {
-            Some(_) if began.is_none() => began = Some((Instant::now(), last_idle)),
-            None if began.is_none() => last_idle = Instant::now(),
+            Some(_) if began.is_none() => {
+                cpu0 = (cpu_secs(ra.child.id()), cpu_secs(rb.child.id()));
+                began = Some((Instant::now(), last_idle));
+                began_us = Some((wall(), last_idle_us));
+            }
+            None if began.is_none() => {
+                last_idle = Instant::now();
+                last_idle_us = wall();
+            }
             _ => {}
         }
         std::thread::sleep(Duration::from_millis(20));
     };
+    let cpu1 = (cpu_secs(ra.child.id()), cpu_secs(rb.child.id()));
     let (first, idle) = began.expect("the transfer was seen in progress");
     // The transfer started between the last poll that saw none and the first that saw it.
     let start_t = idle + (first - idle) / 2;
@@ -339,6 +362,12 @@ fn main() {
         rate / 1e6,
         rate * 100.0 / raw
     );
+    let span = done.duration_since(first).as_secs_f64();
+    println!(
+        "  CPU of the runtimes during the transfer: a {:.0} %, b {:.0} % (of one core)",
+        (cpu1.0 - cpu0.0) * 100.0 / span,
+        (cpu1.1 - cpu0.1) * 100.0 / span
+    );
     println!(
         "  RSS during the transfer: a {:.1} MB (+{:.1} above idle), b {:.1} MB (+{:.1})",
         peak_a as f64 / 1024.0,
@@ -347,7 +376,6 @@ fn main() {
         peak_b.saturating_sub(idle_b) as f64 / 1024.0
     );
     // Tick latency while the file crossed, and after it.
-    let t_done = std::time::SystemTime::now();
     std::thread::sleep(Duration::from_secs(5));
     let ticks: Vec<(f64, f64)> = std::fs::read_to_string(rec.path().join("ticks.jsonl"))
         .unwrap_or_default()
@@ -355,9 +383,7 @@ fn main() {
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
         .filter_map(|v| Some((v["metadata"]["t_us"].as_f64()?, v["lat_us"].as_f64()?)))
         .collect();
-    let done_us =
-        t_done.duration_since(std::time::UNIX_EPOCH).unwrap().as_micros() as f64 - done.elapsed().as_micros() as f64;
-    let start_us = done_us - done.duration_since(start_t).as_micros() as f64;
+    let start_us = began_us.map_or(done_us, |(f, i)| i + (f - i) / 2.0);
     let (mut during, mut after): (Vec<f64>, Vec<f64>) = (Vec::new(), Vec::new());
     for (t, lat) in ticks {
         if t >= start_us && t <= done_us {

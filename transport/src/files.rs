@@ -228,6 +228,13 @@ pub fn parse_header(h: &[u8; HEADER]) -> Header {
     }
 }
 
+/// Whether a chunk of `len` bytes may come at `offset` in a file of `size` bytes: at most [`CHUNK`], within the
+/// file, and whole unless it is the last.
+pub fn fits(size: u64, offset: u64, len: usize) -> bool {
+    let left = size.saturating_sub(offset);
+    len > 0 && len <= CHUNK && (len as u64) <= left && (len == CHUNK || len as u64 == left)
+}
+
 /// The receiving side of one file: the verified prefix (offset and chunk hashes) and what the next bytes must be.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Receiving {
@@ -264,9 +271,7 @@ impl Receiving {
     /// # Errors
     /// A length that does not fit.
     pub fn expect(&self, len: usize) -> Result<usize, StreamError> {
-        let left = self.size - self.offset;
-        let fits = len <= CHUNK && (len as u64) <= left && (len == CHUNK || len as u64 == left);
-        if fits {
+        if fits(self.size, self.offset, len) {
             Ok(len)
         } else {
             Err(StreamError::BadLength { len, offset: self.offset, size: self.size })

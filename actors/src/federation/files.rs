@@ -8,7 +8,8 @@
 //! (`aion_transport::files`); this module reads and writes.
 //!
 //! On the receiver ([`receive`]) each file is written to `Data/.transfers/<transfer>/<n>.part`, verified chunk
-//! by chunk (BLAKE3), its verified prefix recorded every [`SYNC_EVERY`] chunks (fsynced: it survives a restart),
+//! by chunk (BLAKE3), the hashes of its verified prefix recorded every [`SYNC_EVERY`] chunks (a resume checks the
+//! `.part` against them, so what a crash lost before it reached the disk is sent again, never trusted),
 //! and renamed to `Data/<service>_<instance>/<kanban id>/<name>` only when the root hash of the whole file
 //! matches. A transfer done is remembered (`<n>.done`) so that the same kanban sent again (its acknowledgement
 //! lost) is recognised and its files not written twice.
@@ -24,14 +25,17 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
+use tokio::io::AsyncSeekExt;
 
-/// The verified prefix of a partial file is fsynced and recorded every this many chunks.
+/// The hashes of a partial file's verified prefix are recorded every this many chunks.
 pub const SYNC_EVERY: u64 = 16;
 /// Files received at once from one device (more wait: the sender is told to try again).
 pub const STREAMS_PER_DEVICE: usize = 4;
 /// Most files in one kanban's `fileList` (directories walked).
 pub const MAX_FILES: usize = 100_000;
+/// Chunks queued between a stream and its disk thread (at each end): the memory of a transfer is about this many
+/// chunks.
+const PIPELINE: usize = 4;
 /// How long a stream may stay silent before it is given up.
 const IDLE: Duration = Duration::from_secs(60);
 /// Partial transfers nobody resumed are removed after this long; records of transfers done after [`DONE_KEEP`].
@@ -215,6 +219,14 @@ pub(super) enum Failure {
     Connection(String),
 }
 
+/// The header of a chunk of `len` bytes whose hash is known.
+fn header_for(len: usize, hash: &Hash) -> ([u8; HEADER], Hash) {
+    let mut h = [0u8; HEADER];
+    h[..4].copy_from_slice(&(len as u32).to_le_bytes());
+    h[4..].copy_from_slice(hash);
+    (h, *hash)
+}
+
 /// One file to send: where it is here, its name under the target directory there.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Source {
@@ -363,7 +375,7 @@ async fn send_file(
         }
         _ => Failure::Later(format!("`{}`: {e}", s.path.display())),
     };
-    let mut file = tokio::fs::File::open(&s.path).await.map_err(gone)?;
+    let file = tokio::fs::File::open(&s.path).await.map_err(gone)?;
     let md = file.metadata().await.map_err(gone)?;
     let size = md.len();
     let conn_err = |e: String| Failure::Connection(e);
@@ -398,33 +410,76 @@ async fn send_file(
     };
     counters.resumed_bytes.fetch_add(offset, Ordering::Relaxed);
     let tracked = f.files.track(&peer.name, true, kanban, &s.name, size, offset);
-    // The chunk hashes of the prefix the receiver has (for the root hash): read here, not sent again.
-    let mut hashes: Vec<Hash> = Vec::with_capacity(size.div_ceil(CHUNK as u64) as usize);
-    let mut buf = vec![0u8; CHUNK];
-    let mut pos = 0u64;
-    while pos < offset {
-        let n = (size - pos).min(CHUNK as u64) as usize;
-        file.read_exact(&mut buf[..n]).await.map_err(gone)?;
-        hashes.push(proto::chunk_header(&buf[..n]).1);
-        pos += n as u64;
+    // The disk side on its own thread: it hashes the prefix the receiver has (for the root), then reads and hashes
+    // the rest chunk by chunk, a few ahead of the stream.
+    enum Read {
+        Prefix(Vec<Hash>),
+        Chunk(Hash, Vec<u8>),
     }
-    file.seek(std::io::SeekFrom::Start(offset)).await.map_err(gone)?;
+    let (tx, mut chunks) = tokio::sync::mpsc::channel::<std::io::Result<Read>>(PIPELINE);
+    let reader = {
+        let std_file = file.into_std().await;
+        tokio::task::spawn_blocking(move || {
+            use std::io::{Read as _, Seek};
+            let mut file = std_file;
+            let mut go = || -> std::io::Result<()> {
+                file.seek(std::io::SeekFrom::Start(0))?;
+                let mut prefix = Vec::new();
+                let mut pos = 0u64;
+                let mut buf = vec![0u8; CHUNK];
+                while pos < offset {
+                    let n = (size - pos).min(CHUNK as u64) as usize;
+                    file.read_exact(&mut buf[..n])?;
+                    prefix.push(proto::chunk_header(&buf[..n]).1);
+                    pos += n as u64;
+                }
+                if tx.blocking_send(Ok(Read::Prefix(prefix))).is_err() {
+                    return Ok(());
+                }
+                while pos < size {
+                    let n = (size - pos).min(CHUNK as u64) as usize;
+                    let mut data = vec![0u8; n];
+                    file.read_exact(&mut data)?;
+                    let hash = proto::chunk_header(&data).1;
+                    pos += n as u64;
+                    if tx.blocking_send(Ok(Read::Chunk(hash, data))).is_err() {
+                        return Ok(());
+                    }
+                }
+                Ok(())
+            };
+            if let Err(e) = go() {
+                let _ = tx.blocking_send(Err(e));
+            }
+        })
+    };
+    let read_err = |e: std::io::Error| match e.kind() {
+        std::io::ErrorKind::UnexpectedEof => Failure::Later(format!("`{}` shrank while it was sent", s.path.display())),
+        _ => gone(e),
+    };
+    let mut hashes: Vec<Hash> = match chunks.recv().await {
+        Some(Ok(Read::Prefix(p))) => p,
+        Some(Err(e)) => return Err(read_err(e)),
+        _ => return Err(Failure::Later("the file reader stopped".into())),
+    };
+    let mut pos = offset;
     let mut sent = 0u64;
     while pos < size {
-        let n = (size - pos).min(CHUNK as u64) as usize;
-        file.read_exact(&mut buf[..n]).await.map_err(|e| match e.kind() {
-            std::io::ErrorKind::UnexpectedEof => {
-                Failure::Later(format!("`{}` shrank while it was sent", s.path.display()))
-            }
-            _ => gone(e),
-        })?;
-        let (h, hash) = proto::chunk_header(&buf[..n]);
+        let (hash, data) = match chunks.recv().await {
+            Some(Ok(Read::Chunk(h, d))) => (h, d),
+            Some(Err(e)) => return Err(read_err(e)),
+            _ => return Err(Failure::Later("the file reader stopped".into())),
+        };
+        let n = data.len();
         hashes.push(hash);
+        let (h, _) = header_for(n, &hash);
         let wrote = async {
             send.write_all(&h).await?;
-            send.write_all(&buf[..n]).await
+            send.write_all(&data).await
         };
         if let Err(e) = wrote.await {
+            drop(chunks);
+            let _ = reader.await;
             // The receiver stopped reading: it says why (a full disk, a broken chunk) before it lets go.
             return Err(match tokio::time::timeout(Duration::from_secs(5), read_msg(&mut recv, &mut dec)).await {
                 Ok(Ok(FileMsg::Refused { reason, retry })) => {
@@ -444,6 +499,8 @@ async fn send_file(
         tracked.done.store(pos, Ordering::Relaxed);
         counters.sent_bytes.fetch_add(n as u64, Ordering::Relaxed);
     }
+    drop(chunks);
+    let _ = reader.await;
     send.write_all(&proto::end_marker(&proto::root(&hashes))).await.map_err(|e| Failure::Connection(e.to_string()))?;
     let _ = send.finish();
     match read_msg(&mut recv, &mut dec).await.map_err(conn_err)? {
@@ -612,7 +669,13 @@ pub(super) async fn receive(f: &Federation, peer: &Peer, mut send: quinn::SendSt
             }
             _ => Vec::new(),
         };
-    let mut rx = Receiving::new(size, kept);
+    // The recorded prefix is trusted only as far as the `.part` on disk still matches it (a crash may have lost
+    // what was not yet written back).
+    let kept = {
+        let part = part.clone();
+        tokio::task::spawn_blocking(move || on_disk_prefix(&part, kept)).await.unwrap_or_default()
+    };
+    let rx = Receiving::new(size, kept);
     let counters = f.files.device(&peer.name);
     let reserve = size - rx.offset();
     if counters.partial.fetch_add(reserve, Ordering::Relaxed) + reserve > quota {
@@ -634,7 +697,7 @@ pub(super) async fn receive(f: &Federation, peer: &Peer, mut send: quinn::SendSt
         file.seek(std::io::SeekFrom::Start(rx.offset())).await?;
         Ok::<_, std::io::Error>(file)
     };
-    let mut file = match opened.await {
+    let file = match opened.await {
         Ok(fl) => fl,
         Err(e) => {
             return refuse(f, peer, &mut send, format!("cannot write `{}`: {e}", part.display()), true, None).await
@@ -644,47 +707,96 @@ pub(super) async fn receive(f: &Federation, peer: &Peer, mut send: quinn::SendSt
         return;
     }
     let tracked = f.files.track(&peer.name, false, &kanban, &name, size, rx.offset());
-    let save = |rx: &Receiving| {
-        let st = PartState { size, mtime_ns, name: name.clone(), hashes: rx.hashes().iter().map(hex).collect() };
-        serde_json::to_vec(&st).unwrap_or_default()
+    let rx_offset = rx.offset();
+    let save = {
+        let name = name.clone();
+        move |rx: &Receiving| {
+            let st = PartState { size, mtime_ns, name: name.clone(), hashes: rx.hashes().iter().map(hex).collect() };
+            serde_json::to_vec(&st).unwrap_or_default()
+        }
     };
-    let mut buf = vec![0u8; CHUNK];
-    let mut since_sync = 0u64;
-    let outcome: Result<(), (String, bool)> = async {
+    // The disk side runs on its own thread (verify, write, record), fed through a short queue: the stream is read
+    // while the previous chunks are written.
+    let file = file.into_std().await;
+    let (tx, mut queue) = tokio::sync::mpsc::channel::<(Header, Vec<u8>)>(PIPELINE);
+    let writer = {
+        let (done, counters, state_file, part) =
+            (tracked.done.clone(), counters.clone(), state_file.clone(), part.clone());
+        let mut rx = rx;
+        let save = save.clone();
+        tokio::task::spawn_blocking(move || {
+            use std::io::Write;
+            let mut file = file;
+            let mut since = 0u64;
+            let r: Result<(), (String, bool)> = (|| {
+                while let Some((h, data)) = queue.blocking_recv() {
+                    match h {
+                        Header::Chunk { hash, .. } => {
+                            rx.chunk(&hash, &data).map_err(|e| (e.to_string(), false))?;
+                            file.write_all(&data).map_err(|e| (io_why(&e, &part), true))?;
+                            done.store(rx.offset(), Ordering::Relaxed);
+                            counters.received_bytes.fetch_add(data.len() as u64, Ordering::Relaxed);
+                            since += 1;
+                            if since >= SYNC_EVERY {
+                                since = 0;
+                                write_atomic_sync(&state_file, &save(&rx))
+                                    .map_err(|e| (io_why(&e, &state_file), true))?;
+                            }
+                        }
+                        Header::End { root } => {
+                            rx.end(&root).map_err(|e| (e.to_string(), false))?;
+                            file.sync_all().map_err(|e| (io_why(&e, &part), true))?;
+                            return Ok(());
+                        }
+                    }
+                }
+                Err(("the stream ended".to_owned(), true))
+            })();
+            (r, rx)
+        })
+    };
+    let mut offset = rx_offset;
+    let read: Result<(), (String, bool)> = async {
         loop {
             let mut h = [0u8; HEADER];
             tokio::time::timeout(IDLE, recv.read_exact(&mut h))
                 .await
                 .map_err(|_| ("the sender went silent".to_owned(), true))?
                 .map_err(|e| (format!("stream: {e}"), true))?;
-            match proto::parse_header(&h) {
-                Header::Chunk { len, hash } => {
-                    let len = rx.expect(len).map_err(|e| (e.to_string(), false))?;
-                    tokio::time::timeout(IDLE, recv.read_exact(&mut buf[..len]))
+            let header = proto::parse_header(&h);
+            let data = match header {
+                Header::Chunk { len, .. } => {
+                    if !proto::fits(size, offset, len) {
+                        let e = proto::StreamError::BadLength { len, offset, size };
+                        return Err((e.to_string(), false));
+                    }
+                    let mut data = vec![0u8; len];
+                    tokio::time::timeout(IDLE, recv.read_exact(&mut data))
                         .await
                         .map_err(|_| ("the sender went silent".to_owned(), true))?
                         .map_err(|e| (format!("stream: {e}"), true))?;
-                    rx.chunk(&hash, &buf[..len]).map_err(|e| (e.to_string(), false))?;
-                    file.write_all(&buf[..len]).await.map_err(|e| (io_why(&e, &part), true))?;
-                    tracked.done.store(rx.offset(), Ordering::Relaxed);
-                    counters.received_bytes.fetch_add(len as u64, Ordering::Relaxed);
-                    since_sync += 1;
-                    if since_sync >= SYNC_EVERY {
-                        since_sync = 0;
-                        file.sync_data().await.map_err(|e| (io_why(&e, &part), true))?;
-                        write_atomic(&state_file, &save(&rx)).await.map_err(|e| (io_why(&e, &state_file), true))?;
-                    }
+                    offset += len as u64;
+                    data
                 }
-                Header::End { root } => {
-                    rx.end(&root).map_err(|e| (e.to_string(), false))?;
-                    file.sync_all().await.map_err(|e| (io_why(&e, &part), true))?;
-                    return Ok(());
-                }
+                Header::End { .. } => Vec::new(),
+            };
+            let end = matches!(header, Header::End { .. });
+            if tx.send((header, data)).await.is_err() || end {
+                // The writer stopped (it says why) or has the end.
+                return Ok(());
             }
         }
     }
     .await;
-    drop(file);
+    drop(tx);
+    let (written, rx) = match writer.await {
+        Ok(r) => r,
+        Err(e) => return refuse(f, peer, &mut send, format!("file writer: {e}"), true, None).await,
+    };
+    let outcome = match (read, written) {
+        (Err(e), _) => Err(e),
+        (Ok(()), w) => w,
+    };
     match outcome {
         Ok(()) => {
             let placed = async {
@@ -726,6 +838,31 @@ pub(super) async fn receive(f: &Federation, peer: &Peer, mut send: quinn::SendSt
     }
 }
 
+/// The longest prefix of `hashes` whose chunks the file at `part` holds (read back and hashed).
+fn on_disk_prefix(part: &Path, hashes: Vec<Hash>) -> Vec<Hash> {
+    use std::io::Read;
+    let Ok(mut f) = std::fs::File::open(part) else { return Vec::new() };
+    let mut buf = vec![0u8; CHUNK];
+    let mut good = 0;
+    for h in &hashes {
+        let mut n = 0;
+        while n < CHUNK {
+            match f.read(&mut buf[n..]) {
+                Ok(0) => break,
+                Ok(k) => n += k,
+                Err(_) => break,
+            }
+        }
+        if n == 0 || proto::chunk_header(&buf[..n]).1 != *h {
+            break;
+        }
+        good += 1;
+    }
+    let mut hashes = hashes;
+    hashes.truncate(good);
+    hashes
+}
+
 fn io_why(e: &std::io::Error, p: &Path) -> String {
     if e.raw_os_error() == Some(28) || e.kind() == std::io::ErrorKind::StorageFull {
         format!("receiver disk full writing `{}`", p.display())
@@ -737,6 +874,12 @@ fn io_why(e: &std::io::Error, p: &Path) -> String {
 async fn remove_partial(part: &Path, state: &Path) {
     let _ = tokio::fs::remove_file(part).await;
     let _ = tokio::fs::remove_file(state).await;
+}
+
+fn write_atomic_sync(p: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let tmp = p.with_extension("tmp");
+    std::fs::write(&tmp, bytes)?;
+    std::fs::rename(&tmp, p)
 }
 
 async fn write_atomic(p: &Path, bytes: &[u8]) -> std::io::Result<()> {
