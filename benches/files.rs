@@ -65,10 +65,10 @@ fn start(wrapper: &[String], data: &Path, yaml: &str, listen: &str) -> Rt {
         .arg("run")
         .arg(&file)
         .args(["--listen", listen, "--grpc", "off"])
-        .env("RUST_LOG", "warn")
+        .env("RUST_LOG", "warn,aion_actors::federation::files=info")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(std::fs::File::create(data.join("aion.log")).expect("log"))
         .spawn()
         .expect("spawn aion");
     let rt = Rt { child, data: data.to_owned() };
@@ -396,6 +396,11 @@ fn main() {
     let (d50, d99, a50, a99) =
         (pct(&mut during, 0.5), pct(&mut during, 0.99), pct(&mut after, 0.5), pct(&mut after, 0.99));
     println!("  small kanbans on the same link at 200/s: during the transfer p50 {d50:.0} µs p99 {d99:.0} µs ({nd}); after p50 {a50:.0} µs p99 {a99:.0} µs ({na})");
+    // The sender's own account of the transfer (from the first file's stream to the last file placed).
+    let log = std::fs::read_to_string(da.join("aion.log")).unwrap_or_default();
+    if let Some(l) = log.lines().find(|l| l.contains("files sent and verified")) {
+        println!("  sender's log: {}", l.split("files sent and verified in place").nth(1).unwrap_or(l).trim());
+    }
     drop(ra);
     drop(rb);
     let big = da.join("Data/source_1/files-1/big.bin");

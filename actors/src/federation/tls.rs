@@ -717,9 +717,11 @@ pub fn load(dir: &ClusterDir, timing: &aion_transport::federation::Timing) -> Re
     client.alpn_protocols = vec![aion_transport::federation::ALPN.to_vec()];
     let mut transport = quinn::TransportConfig::default();
     // Our heartbeats find a lost peer first; QUIC's idle timeout is the backstop.
-    let idle = Duration::from_millis(timing.dead_after.saturating_mul(2).max(2000));
+    // (The timing is in microseconds.)
+    let idle = Duration::from_micros(timing.dead_after.saturating_mul(2).max(2_000_000));
     transport.max_idle_timeout(quinn::IdleTimeout::try_from(idle).ok());
-    transport.keep_alive_interval(Some(Duration::from_millis(timing.ping_every.max(100))));
+    transport.keep_alive_interval(Some(Duration::from_micros(timing.ping_every.max(100_000))));
+
     let transport = Arc::new(transport);
     let server_crypto = quinn::crypto::rustls::QuicServerConfig::try_from(server)
         .map_err(|e| TlsError::Bad(format!("QUIC server config: {e}")))?;
