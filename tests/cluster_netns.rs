@@ -395,6 +395,20 @@ fn the_receiving_runtime_killed_mid_transfer_resumes_after_its_restart() {
 }
 
 #[test]
+fn the_sending_runtime_killed_mid_transfer_resumes_from_the_receivers_prefix_after_its_restart() {
+    let Some(h) = Hosts::new('s', 2) else { return };
+    let (mut a, b, _) = file_hosts(&h, "FILES: 5, BIG_MB: 512", tempfile::tempdir().expect("tmp"));
+    let a_yaml = std::fs::read_to_string(a.work.path().join("services.yml")).unwrap_or_default();
+    wait_until("a third of the big file across", Duration::from_secs(300), || (inbound_done(&b) > 170 << 20).then_some(()));
+    // The kanban is in a's durable outbox; the restarted a takes it again and the receiver says what it has.
+    let a2 = a.crash_and_restart(&a_yaml);
+    let total = arrived_identical(&a2, &b, Duration::from_secs(600));
+    let files = device(&a2.status(), "b")["files"].clone();
+    eprintln!("{total} bytes after a kill -9 of the sender: {files}");
+    assert!(files["resumed_bytes"].as_u64().unwrap_or(0) > 0, "resumed, not from zero: {files}");
+}
+
+#[test]
 fn files_cross_ten_percent_packet_loss_whole() {
     let Some(h) = Hosts::new('p', 2) else { return };
     h.loss(2, 10);
