@@ -5,7 +5,9 @@
 # target/bench-results/compare.{json,csv,svg}. Extra arguments go to the suite:
 #   --quick            10x fewer messages, 10 s idle-CPU window (a smoke run, ~3 minutes)
 #   --only a,b         systems: aion-inprocess aion-memory aion-durable redis-aion rabbitmq nats-core
-#                      nats-jetstream zenoh footprint
+#                      nats-jetstream zenoh footprint, and across two hosts (network namespaces as root, else
+#                      loopback): x-aion-memory x-aion-durable x-zenoh x-nats-core x-nats-jetstream
+#   --small-only       the 100-byte rows only
 #   --idle-secs N      idle-CPU window of the footprint (default 60)
 set -euo pipefail
 cd "$(dirname "$0")/.."

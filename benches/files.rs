@@ -239,7 +239,7 @@ fn scp(hosts: &[(Vec<String>, String)], file: &Path, dest: &Path) -> Option<f64>
     std::fs::write(
         &cfg,
         format!(
-            "Port 2222\nListenAddress {}\nHostKey {}\nAuthorizedKeysFile {}\nPermitRootLogin yes\nStrictModes no\nUsePAM no\nPidFile {}\n",
+            "Port 2222\nListenAddress {}\nHostKey {}\nAuthorizedKeysFile {}\nPermitRootLogin yes\nStrictModes no\nUsePAM no\nPidFile {}\nSubsystem sftp internal-sftp\n",
             hosts[1].1,
             host_key.display(),
             d.path().join("authorized_keys").display(),

@@ -135,9 +135,15 @@ pub async fn run_once(
 ) -> Res<SinkResult> {
     let me = std::env::current_exe()?;
     let dir = tempfile::tempdir()?;
+    // Zenoh's peers listen on fixed ports in the namespaces: a port per run (a closed listener's connections
+    // linger in TIME_WAIT, and Zenoh does not reuse the address).
+    let url = match (sys, server.url.parse::<u16>()) {
+        ("x-zenoh", Ok(p)) if hosts.guard.namespaces() => (p + (run % 1000) as u16 * 3).to_string(),
+        _ => server.url.clone(),
+    };
     let job = Job {
         sys: base(sys).into(),
-        url: server.url.clone(),
+        url,
         n,
         size,
         rate,
