@@ -399,7 +399,9 @@ fn the_sending_runtime_killed_mid_transfer_resumes_from_the_receivers_prefix_aft
     let Some(h) = Hosts::new('s', 2) else { return };
     let (mut a, b, _) = file_hosts(&h, "FILES: 5, BIG_MB: 512", tempfile::tempdir().expect("tmp"));
     let a_yaml = std::fs::read_to_string(a.work.path().join("services.yml")).unwrap_or_default();
-    wait_until("a third of the big file across", Duration::from_secs(300), || (inbound_done(&b) > 170 << 20).then_some(()));
+    wait_until("a third of the big file across", Duration::from_secs(300), || {
+        (inbound_done(&b) > 170 << 20).then_some(())
+    });
     // The kanban is in a's durable outbox; the restarted a takes it again and the receiver says what it has.
     let a2 = a.crash_and_restart(&a_yaml);
     let total = arrived_identical(&a2, &b, Duration::from_secs(600));

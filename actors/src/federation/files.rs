@@ -1,13 +1,13 @@
 //! Send Anything: the files a kanban names (`fileList`) travel with it to another device.
 //!
 //! A kanban with files taken from an outbox does not go on the kanban stream at once: the link's transfer loop
-//! ([`send_loop`]) sends its files first, one QUIC stream per file at a lower priority than the kanban stream
-//! (so a large file never delays small kanbans), from where the receiver's verified prefix ends; then the
+//! (`transfer_loop`, outbound side) sends its files first, one QUIC stream per file at a lower priority than the
+//! kanban stream (so a large file never delays small kanbans), from where the receiver's verified prefix ends; then the
 //! kanban, its `fileList` and `dataPath` rewritten to the receiver's paths, is sent like any other. So the next
 //! service never sees a kanban whose files are not verified in place. The protocol and its checks are sans-IO
 //! (`aion_transport::files`); this module reads and writes.
 //!
-//! On the receiver ([`receive`]) each file is written to `Data/.transfers/<transfer>/<n>.part`, verified chunk
+//! On the receiver (`receive`) each file is written to `Data/.transfers/<transfer>/<n>.part`, verified chunk
 //! by chunk (BLAKE3), the hashes of its verified prefix recorded every [`SYNC_EVERY`] chunks (a resume checks the
 //! `.part` against them, so what a crash lost before it reached the disk is sent again, never trusted),
 //! and renamed to `Data/<service>_<instance>/<kanban id>/<name>` only when the root hash of the whole file
