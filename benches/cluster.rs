@@ -9,69 +9,23 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 const AION: &str = env!("CARGO_BIN_EXE_aion");
 
 #[path = "support/netns.rs"]
 mod netns;
-use netns::Hosts;
-
-struct Rt {
-    child: Child,
-    data: PathBuf,
-}
-
-impl Drop for Rt {
-    fn drop(&mut self) {
-        let _ = Command::new(AION).arg("--data-dir").arg(&self.data).arg("stop").output();
-        let deadline = Instant::now() + Duration::from_secs(15);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+use netns::{Hosts, Runtime};
 
 fn status(data: &Path) -> Option<serde_json::Value> {
-    let out = Command::new(AION).arg("--data-dir").arg(data).args(["status", "--json"]).output().ok()?;
-    serde_json::from_slice(&out.stdout).ok()
+    netns::status(Path::new(AION), data)
 }
 
-fn start(wrapper: &[String], data: &Path, yaml: &str, listen: &str) -> Rt {
-    let file = data.join("services.yml");
-    std::fs::write(&file, yaml).expect("yaml");
-    let mut cmd = match wrapper.split_first() {
-        Some((p, rest)) => {
-            let mut c = Command::new(p);
-            c.args(rest).arg(AION);
-            c
-        }
-        None => Command::new(AION),
-    };
-    let child = cmd
-        .arg("--data-dir")
-        .arg(data)
-        .arg("run")
-        .arg(&file)
-        .args(["--listen", listen, "--grpc", "off", "--outbox-capacity", "65536"])
-        .env("RUST_LOG", "warn")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn aion");
-    let rt = Rt { child, data: data.to_owned() };
-    let t = Instant::now();
-    while status(data).is_none() {
-        assert!(t.elapsed() < Duration::from_secs(30), "runtime did not start");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+fn start(wrapper: &[String], data: &Path, yaml: &str, listen: &str) -> Runtime {
+    let args = ["--listen", listen, "--grpc", "off", "--outbox-capacity", "65536"];
+    let rt = Runtime::start(Path::new(AION), wrapper, data, yaml, &args).expect("spawn aion");
+    assert!(rt.ready(Duration::from_secs(30)), "runtime did not start");
     rt
 }
 

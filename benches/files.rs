@@ -15,68 +15,23 @@
 mod netns;
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 const AION: &str = env!("CARGO_BIN_EXE_aion");
 
-struct Rt {
-    child: Child,
-    data: PathBuf,
-}
-
-impl Drop for Rt {
-    fn drop(&mut self) {
-        let _ = Command::new(AION).arg("--data-dir").arg(&self.data).arg("stop").output();
-        let deadline = Instant::now() + Duration::from_secs(15);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+fn status(data: &Path) -> Option<serde_json::Value> {
+    netns::status(Path::new(AION), data)
 }
 
 fn cmd(wrapper: &[String], program: &str) -> Command {
-    match wrapper.split_first() {
-        Some((p, rest)) => {
-            let mut c = Command::new(p);
-            c.args(rest).arg(program);
-            c
-        }
-        None => Command::new(program),
-    }
+    netns::command(wrapper, Path::new(program))
 }
 
-fn status(data: &Path) -> Option<serde_json::Value> {
-    let out = Command::new(AION).arg("--data-dir").arg(data).args(["status", "--json"]).output().ok()?;
-    serde_json::from_slice(&out.stdout).ok()
-}
-
-fn start(wrapper: &[String], data: &Path, yaml: &str, listen: &str) -> Rt {
-    let file = data.join("services.yml");
-    std::fs::write(&file, yaml).expect("yaml");
-    let child = cmd(wrapper, AION)
-        .arg("--data-dir")
-        .arg(data)
-        .arg("run")
-        .arg(&file)
-        .args(["--listen", listen, "--grpc", "off"])
-        .env("RUST_LOG", "warn,aion_actors::federation::files=info")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(data.join("aion.log")).expect("log"))
-        .spawn()
+fn start(wrapper: &[String], data: &Path, yaml: &str, listen: &str) -> netns::Runtime {
+    let rt = netns::Runtime::start(Path::new(AION), wrapper, data, yaml, &["--listen", listen, "--grpc", "off"])
         .expect("spawn aion");
-    let rt = Rt { child, data: data.to_owned() };
-    let t = Instant::now();
-    while status(data).is_none() {
-        assert!(t.elapsed() < Duration::from_secs(30), "runtime did not start");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    assert!(rt.ready(Duration::from_secs(30)), "runtime did not start");
     rt
 }
 

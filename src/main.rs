@@ -469,13 +469,7 @@ async fn remote_call(data_dir: &Path, remote: &str, req: &Request) -> Result<ser
     let env = control::Envelope { request: req.clone(), deadline_ms: None };
     let line = serde_json::to_vec(&env).map_err(|e| e.to_string())?;
     let reply = aion::actors::federation::ask(data_dir, &addr, &name, line).await?;
-    let v: serde_json::Value =
-        serde_json::from_slice(&reply).map_err(|e| format!("malformed answer from {name}: {e}"))?;
-    if v["ok"] == serde_json::Value::Bool(true) {
-        Ok(v)
-    } else {
-        Err(v["error"].as_str().unwrap_or("the runtime reported an error").to_owned())
-    }
+    control::parse_reply(&reply, &name)
 }
 
 #[cfg(not(feature = "cluster"))]

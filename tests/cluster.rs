@@ -378,15 +378,7 @@ fn garbage_from_an_authenticated_peer_closes_its_link_and_loses_nothing_already_
         let conn = ep.connect(to, "b").expect("connect").await.expect("handshake");
         let (mut cs, mut cr) = conn.open_bi().await.expect("stream");
         cs.write_all(&frame(&Frame::Hello { min: 1, max: 1, from: "a".into(), to: "b".into() })).await.expect("hello");
-        let mut dec = aion::transport::FrameDecoder::default();
-        let welcome = loop {
-            if let Some(f) = dec.decode::<Frame>().expect("frame") {
-                break f;
-            }
-            let mut buf = vec![0u8; 4096];
-            let n = cr.read(&mut buf).await.expect("read").expect("open");
-            dec.push(&buf[..n]);
-        };
+        let welcome: Frame = read_msg(&mut cr).await;
         assert!(matches!(welcome, Frame::Welcome { .. }), "{welcome:?}");
         let (mut ds, mut dr) = conn.open_bi().await.expect("data stream");
         let mut md = aion::model::Metadata::new();
@@ -399,15 +391,7 @@ fn garbage_from_an_authenticated_peer_closes_its_link_and_loses_nothing_already_
         };
         let items = vec![Crossing { service: "sink".into(), hops: 1, kanban: k.into_wire() }];
         ds.write_all(&frame(&Frame::Kanbans { first: 0, items })).await.expect("kanbans");
-        let mut dec = aion::transport::FrameDecoder::default();
-        let ack = loop {
-            if let Some(f) = dec.decode::<Frame>().expect("frame") {
-                break f;
-            }
-            let mut buf = vec![0u8; 4096];
-            let n = dr.read(&mut buf).await.expect("read").expect("open");
-            dec.push(&buf[..n]);
-        };
+        let ack: Frame = read_msg(&mut dr).await;
         assert_eq!(ack, Frame::Ack { upto: 1 }, "the kanban is committed on b before its ack");
         ds.write_all(&[0x05, 0, 0, 0, 0xde, 0xad, 0xbe, 0xef, 0x00]).await.expect("garbage");
         let closed = tokio::time::timeout(Duration::from_secs(10), conn.closed()).await;
@@ -636,11 +620,11 @@ fn a_kanban_whose_files_cannot_be_sent_is_a_dead_letter_with_the_reason() {
     assert!(read_lines(&b.path("sink.jsonl")).is_empty());
 }
 
-/// Reads one files-protocol message.
-async fn read_file_msg(r: &mut quinn::RecvStream) -> aion::transport::files::FileMsg {
+/// Reads one message (a federation frame, a files-protocol message) from a raw client's stream.
+async fn read_msg<T: serde::de::DeserializeOwned>(r: &mut quinn::RecvStream) -> T {
     let mut dec = aion::transport::FrameDecoder::default();
     loop {
-        if let Some(m) = dec.decode::<aion::transport::files::FileMsg>().expect("message") {
+        if let Some(m) = dec.decode::<T>().expect("message") {
             return m;
         }
         let mut buf = vec![0u8; 4096];
@@ -690,8 +674,8 @@ fn hostile_file_names_from_an_authenticated_peer_are_refused_and_a_done_file_is_
         let conn = ep.connect(to, "b").expect("connect").await.expect("handshake");
         let (mut cs, mut cr) = conn.open_bi().await.expect("stream");
         cs.write_all(&frame(&Frame::Hello { min: 1, max: 1, from: "a".into(), to: "b".into() })).await.expect("hello");
-        let mut buf = vec![0u8; 4096];
-        let _ = cr.read(&mut buf).await.expect("welcome");
+        let welcome: Frame = read_msg(&mut cr).await;
+        assert!(matches!(welcome, Frame::Welcome { .. }), "{welcome:?}");
         let (mut ds, _dr) = conn.open_bi().await.expect("kanban stream");
         // The kanban stream exists once something is sent on it: an empty batch.
         ds.write_all(&frame(&Frame::Kanbans { first: 0, items: vec![] })).await.expect("empty batch");
@@ -699,18 +683,18 @@ fn hostile_file_names_from_an_authenticated_peer_are_refused_and_a_done_file_is_
         for name in ["../escape", "/etc/evil", "a/../../b", "x/./y", "x\0y", "esc/pwned", "", "a//b"] {
             let (mut s, mut r) = conn.open_bi().await.expect("file stream");
             s.write_all(&encode(&open(name, 5, "sink"))).await.expect("open");
-            let m = read_file_msg(&mut r).await;
+            let m = read_msg::<FileMsg>(&mut r).await;
             assert!(refused(m.clone()), "{name:?}: {m:?}");
         }
         let (mut s, mut r) = conn.open_bi().await.expect("file stream");
         s.write_all(&encode(&open("x", 5, "nosuch"))).await.expect("open");
-        assert!(refused(read_file_msg(&mut r).await), "a service b does not run");
+        assert!(refused(read_msg::<FileMsg>(&mut r).await), "a service b does not run");
         // A good file, whole: placed.
         let data = b"hello";
         let send_file = |conn: quinn::Connection, corrupt: bool| async move {
             let (mut s, mut r) = conn.open_bi().await.expect("file stream");
             s.write_all(&encode(&open("out/good.txt", data.len() as u64, "sink"))).await.expect("open");
-            let at = read_file_msg(&mut r).await;
+            let at = read_msg::<FileMsg>(&mut r).await;
             if matches!(at, FileMsg::At { path: Some(_), .. }) {
                 return at;
             }
@@ -721,7 +705,7 @@ fn hostile_file_names_from_an_authenticated_peer_are_refused_and_a_done_file_is_
             s.write_all(body).await.expect("chunk");
             s.write_all(&end_marker(&root(&[hash]))).await.expect("end");
             let _ = s.finish();
-            read_file_msg(&mut r).await
+            read_msg::<FileMsg>(&mut r).await
         };
         let bad = send_file(conn.clone(), true).await;
         assert!(matches!(bad, FileMsg::Refused { .. }), "a chunk that does not match its hash: {bad:?}");

@@ -301,7 +301,7 @@ fn workers_that_cannot_reach_each_other_are_relayed_through_the_master() {
 
 /// Peer devices across two hosts: `a` (host 1) runs a source writing a tree per kanban (`source_env`), `b`
 /// (host 2, listening) the sink. `b_data` is b's data dir (a tmpfs, for the disk-full test).
-fn file_hosts(h: &Hosts, source_env: &str, b_data: tempfile::TempDir) -> (Runtime, Runtime, String) {
+fn file_hosts(h: &Hosts, source_env: &str, b_data: tempfile::TempDir) -> (Runtime, Runtime) {
     let da = tempfile::tempdir().expect("tmp");
     aion(da.path(), &["cluster", "init", "--name", "a"]);
     aion(da.path(), &["cluster", "issue", "b", "--out", &b_data.path().display().to_string()]);
@@ -313,7 +313,7 @@ fn file_hosts(h: &Hosts, source_env: &str, b_data: tempfile::TempDir) -> (Runtim
         "deviceName: a\ndevices:\n  b: {{ addr: \"{b_listen}\" }}\nmicroservices:\n  source:\n    command: [\"{{testkit}}\"]\n    startup: yes\n    env: {{ EMIT_COUNT: 1, CHUNK: 1, {source_env} }}\n    nextService: {{ default: [ {{ name: sink, device: b }} ] }}\n"
     );
     let a = Runtime::start_wrapped(&h.on(1), &a_yaml, da, tempfile::tempdir().expect("tmp"), &[]);
-    (a, b, b_yaml.to_owned())
+    (a, b)
 }
 
 /// Waits for the sink's first kanban; checks every file of its tree is byte-identical to the source's.
@@ -363,7 +363,7 @@ fn inbound_done(b: &Runtime) -> u64 {
 #[test]
 fn a_gigabyte_file_crosses_hosts_through_a_ten_second_cut_and_resumes_from_its_verified_prefix() {
     let Some(h) = Hosts::new('f', 2) else { return };
-    let (a, b, _) = file_hosts(&h, "FILES: 20, BIG_MB: 1024", tempfile::tempdir().expect("tmp"));
+    let (a, b) = file_hosts(&h, "FILES: 20, BIG_MB: 1024", tempfile::tempdir().expect("tmp"));
     wait_until("a quarter of the big file across", Duration::from_secs(300), || {
         (inbound_done(&b) > 256 << 20).then_some(())
     });
@@ -380,41 +380,42 @@ fn a_gigabyte_file_crosses_hosts_through_a_ten_second_cut_and_resumes_from_its_v
     assert!(sent < total + total / 10, "bytes sent again are a small fraction: {sent} for {total}");
 }
 
-#[test]
-fn the_receiving_runtime_killed_mid_transfer_resumes_after_its_restart() {
-    let Some(h) = Hosts::new('g', 2) else { return };
-    let (a, mut b, b_yaml) = file_hosts(&h, "FILES: 5, BIG_MB: 512", tempfile::tempdir().expect("tmp"));
+/// Kills the receiving (or the sending) runtime with a third of a 512 MB file across, restarts it: the tree
+/// arrives whole, resumed from the receiver's verified prefix, not from zero.
+fn killed_mid_transfer(tag: char, kill_sender: bool) {
+    let Some(h) = Hosts::new(tag, 2) else { return };
+    let (mut a, mut b) = file_hosts(&h, "FILES: 5, BIG_MB: 512", tempfile::tempdir().expect("tmp"));
     wait_until("a third of the big file across", Duration::from_secs(300), || {
         (inbound_done(&b) > 170 << 20).then_some(())
     });
-    let b2 = b.crash_and_restart(&b_yaml);
-    let total = arrived_identical(&a, &b2, Duration::from_secs(600));
+    let restart = |rt: &mut Runtime| {
+        let yaml = std::fs::read_to_string(rt.work.path().join("services.yml")).expect("services.yml");
+        rt.crash_and_restart(&yaml)
+    };
+    // The sender's kanban is in its durable outbox: the restarted sender takes it again, the receiver says what it
+    // has; a restarted receiver finds its partial file and its recorded prefix.
+    let (a, b) = if kill_sender { (restart(&mut a), b) } else { (a, restart(&mut b)) };
+    let total = arrived_identical(&a, &b, Duration::from_secs(600));
     let files = device(&a.status(), "b")["files"].clone();
-    eprintln!("{total} bytes after a kill -9 of the receiver: {files}");
+    eprintln!("{total} bytes after a kill -9 of the {}: {files}", if kill_sender { "sender" } else { "receiver" });
     assert!(files["resumed_bytes"].as_u64().unwrap_or(0) > 0, "resumed, not from zero: {files}");
 }
 
 #[test]
+fn the_receiving_runtime_killed_mid_transfer_resumes_after_its_restart() {
+    killed_mid_transfer('g', false);
+}
+
+#[test]
 fn the_sending_runtime_killed_mid_transfer_resumes_from_the_receivers_prefix_after_its_restart() {
-    let Some(h) = Hosts::new('s', 2) else { return };
-    let (mut a, b, _) = file_hosts(&h, "FILES: 5, BIG_MB: 512", tempfile::tempdir().expect("tmp"));
-    let a_yaml = std::fs::read_to_string(a.work.path().join("services.yml")).unwrap_or_default();
-    wait_until("a third of the big file across", Duration::from_secs(300), || {
-        (inbound_done(&b) > 170 << 20).then_some(())
-    });
-    // The kanban is in a's durable outbox; the restarted a takes it again and the receiver says what it has.
-    let a2 = a.crash_and_restart(&a_yaml);
-    let total = arrived_identical(&a2, &b, Duration::from_secs(600));
-    let files = device(&a2.status(), "b")["files"].clone();
-    eprintln!("{total} bytes after a kill -9 of the sender: {files}");
-    assert!(files["resumed_bytes"].as_u64().unwrap_or(0) > 0, "resumed, not from zero: {files}");
+    killed_mid_transfer('s', true);
 }
 
 #[test]
 fn files_cross_ten_percent_packet_loss_whole() {
     let Some(h) = Hosts::new('p', 2) else { return };
     h.loss(2, 10);
-    let (a, b, _) = file_hosts(&h, "FILES: 30, BIG_MB: 64", tempfile::tempdir().expect("tmp"));
+    let (a, b) = file_hosts(&h, "FILES: 30, BIG_MB: 64", tempfile::tempdir().expect("tmp"));
     let total = arrived_identical(&a, &b, Duration::from_secs(600));
     assert!(total > 64 << 20);
 }
@@ -435,7 +436,7 @@ fn a_full_disk_at_the_receiver_is_a_clear_error_and_the_transfer_completes_once_
     let path = b_data.path().display().to_string();
     sh(&["mount", "-t", "tmpfs", "-o", "size=40m", "tmpfs", &path]).expect("tmpfs");
     let mnt = Tmpfs(b_data.path().to_owned());
-    let (a, b, _) = file_hosts(&h, "FILES: 3, BIG_MB: 64", b_data);
+    let (a, b) = file_hosts(&h, "FILES: 3, BIG_MB: 64", b_data);
     let st = wait_until("b to refuse for a full disk", Duration::from_secs(120), || {
         b.stderr().contains("receiver disk full").then(|| a.status())
     });

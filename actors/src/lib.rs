@@ -20,7 +20,8 @@
 //! - [`export`]: the kanban replicator and the MongoDB sink (`mongo` feature);
 //! - [`control`]: the control socket's protocol (the CLI's side) and server;
 //! - `federation` (`cluster` feature): links to other devices over QUIC with mutual TLS, the cluster's
-//!   certificates (`federation::tls`);
+//!   certificates (`federation::tls`), the files that travel with kanbans (Send Anything, `federation::files`),
+//!   requests over the network (admin identities, peers' trace queries);
 //! - `cluster` (`cluster` feature): the master's placement and node status, a worker's join and assignment;
 //! - [`paths`]: the data directory's layout.
 //!

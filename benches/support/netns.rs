@@ -1,8 +1,11 @@
 //! Two test hosts for the cross-device benches (`benches/cluster.rs`, the comparison suite's `x-` systems):
 //! network namespaces joined by veth and a bridge when run as root (10.231.0.1 and .2), else loopback.
-//! Shared by `#[path]` (not a bench target of its own).
+//! Also what runs on them: an `aion run` per host, stopped on drop. Shared by `#[path]` (not a bench target of its
+//! own).
 
-use std::process::{Command, Stdio};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
 
 /// Runs a command quietly; true when it succeeded.
 pub fn sh(args: &[&str]) -> bool {
@@ -76,5 +79,80 @@ impl Drop for Hosts {
                 sh(&["ip", "netns", "del", &format!("{p}-{n}")]);
             }
         }
+    }
+}
+
+/// `program` to run on a host under its `wrapper` (`ip netns exec NS`, or nothing on loopback).
+pub fn command(wrapper: &[String], program: &Path) -> Command {
+    match wrapper.split_first() {
+        Some((p, rest)) => {
+            let mut c = Command::new(p);
+            c.args(rest).arg(program);
+            c
+        }
+        None => Command::new(program),
+    }
+}
+
+/// `aion status --json` of the runtime on `data`.
+pub fn status(aion: &Path, data: &Path) -> Option<serde_json::Value> {
+    let out = Command::new(aion).arg("--data-dir").arg(data).args(["status", "--json"]).output().ok()?;
+    serde_json::from_slice(&out.stdout).ok()
+}
+
+/// An `aion run` on one host, its stderr in `<data>/aion.log`; stopped on drop (`aion stop`, then SIGKILL).
+pub struct Runtime {
+    /// The process.
+    pub child: Child,
+    /// Its data dir.
+    pub data: PathBuf,
+    aion: PathBuf,
+}
+
+impl Runtime {
+    /// Writes `yaml` to `<data>/services.yml` and runs it with `args` under `wrapper`, logging the Send
+    /// Anything module at info (its transfer lines).
+    pub fn start(aion: &Path, wrapper: &[String], data: &Path, yaml: &str, args: &[&str]) -> std::io::Result<Runtime> {
+        let file = data.join("services.yml");
+        std::fs::write(&file, yaml)?;
+        let child = command(wrapper, aion)
+            .arg("--data-dir")
+            .arg(data)
+            .arg("run")
+            .arg(&file)
+            .args(args)
+            .env("RUST_LOG", "warn,aion_actors::federation::files=info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(data.join("aion.log"))?)
+            .spawn()?;
+        Ok(Runtime { child, data: data.to_owned(), aion: aion.to_owned() })
+    }
+
+    /// Waits until it answers `aion status` (at most `limit`).
+    pub fn ready(&self, limit: Duration) -> bool {
+        let t = Instant::now();
+        while status(&self.aion, &self.data).is_none() {
+            if t.elapsed() > limit {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        true
+    }
+}
+
+impl Drop for Runtime {
+    fn drop(&mut self) {
+        let _ = Command::new(&self.aion).arg("--data-dir").arg(&self.data).arg("stop").output();
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }

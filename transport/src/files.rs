@@ -145,20 +145,28 @@ pub fn confine(name: &str) -> Result<PathBuf, PathError> {
     }
 }
 
+/// The hash of a chunk.
+pub fn chunk_hash(data: &[u8]) -> Hash {
+    *blake3::hash(data).as_bytes()
+}
+
+/// The header announcing a chunk of `len` bytes whose hash is `hash` (`len` 0: the end marker, `hash` the root).
+pub fn header(len: usize, hash: &Hash) -> [u8; HEADER] {
+    let mut h = [0u8; HEADER];
+    h[..4].copy_from_slice(&(len as u32).to_le_bytes());
+    h[4..].copy_from_slice(hash);
+    h
+}
+
 /// The header of a chunk of `data`: its length and hash.
 pub fn chunk_header(data: &[u8]) -> ([u8; HEADER], Hash) {
-    let hash = *blake3::hash(data).as_bytes();
-    let mut h = [0u8; HEADER];
-    h[..4].copy_from_slice(&(data.len() as u32).to_le_bytes());
-    h[4..].copy_from_slice(&hash);
-    (h, hash)
+    let hash = chunk_hash(data);
+    (header(data.len(), &hash), hash)
 }
 
 /// The end marker, carrying the root hash.
 pub fn end_marker(root: &Hash) -> [u8; HEADER] {
-    let mut h = [0u8; HEADER];
-    h[4..].copy_from_slice(root);
-    h
+    header(0, root)
 }
 
 /// The root hash of a file: BLAKE3 of its chunk hashes, in order.
@@ -284,7 +292,7 @@ impl Receiving {
     /// A length that does not fit, or bytes that do not match the hash.
     pub fn chunk(&mut self, hash: &Hash, data: &[u8]) -> Result<u64, StreamError> {
         self.expect(data.len())?;
-        if blake3::hash(data).as_bytes() != hash {
+        if chunk_hash(data) != *hash {
             return Err(StreamError::ChunkHash(self.offset));
         }
         let at = self.offset;

@@ -483,8 +483,15 @@ pub async fn call(socket: &Path, req: &Request, timeout: std::time::Duration) ->
     if resp.is_empty() {
         return Err("the runtime closed the connection without an answer".into());
     }
-    let v: serde_json::Value =
-        serde_json::from_str(&resp).map_err(|e| format!("malformed answer from the runtime: {e}"))?;
+    parse_reply(resp.as_bytes(), "the runtime")
+}
+
+/// A reply line of the control protocol from `who`: the reply object, or the error it reports.
+///
+/// # Errors
+/// The runtime's error, or a malformed reply.
+pub fn parse_reply(line: &[u8], who: &str) -> Result<serde_json::Value, String> {
+    let v: serde_json::Value = serde_json::from_slice(line).map_err(|e| format!("malformed answer from {who}: {e}"))?;
     if v["ok"] == serde_json::Value::Bool(true) {
         Ok(v)
     } else {

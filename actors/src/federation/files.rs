@@ -8,16 +8,16 @@
 //! (`aion_transport::files`); this module reads and writes.
 //!
 //! On the receiver (`receive`) each file is written to `Data/.transfers/<transfer>/<n>.part`, verified chunk
-//! by chunk (BLAKE3), the hashes of its verified prefix recorded every [`SYNC_EVERY`] chunks (a resume checks the
+//! by chunk (BLAKE3), the hashes of its verified prefix recorded every 16 chunks (a resume checks the
 //! `.part` against them, so what a crash lost before it reached the disk is sent again, never trusted),
 //! and renamed to `Data/<service>_<instance>/<kanban id>/<name>` only when the root hash of the whole file
 //! matches. A transfer done is remembered (`<n>.done`) so that the same kanban sent again (its acknowledgement
 //! lost) is recognised and its files not written twice.
 
-use super::{Federation, Peer};
+use super::{read_frame, tls, write_frame, Federation, Peer};
 use crate::control::{FilesReport, TransferReport};
 use aion_runtime::{KanbanId, WireKanban};
-use aion_transport::codec::{encode_into, FrameDecoder};
+use aion_transport::codec::FrameDecoder;
 use aion_transport::files::{self as proto, FileMsg, Hash, Header, Receiving, CHUNK, HEADER};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -28,7 +28,7 @@ use std::time::{Duration, Instant};
 use tokio::io::AsyncSeekExt;
 
 /// The hashes of a partial file's verified prefix are recorded every this many chunks.
-pub const SYNC_EVERY: u64 = 16;
+const RECORD_EVERY: u64 = 16;
 /// Files received at once from one device (more wait: the sender is told to try again).
 pub const STREAMS_PER_DEVICE: usize = 4;
 /// Most files in one kanban's `fileList` (directories walked).
@@ -81,6 +81,8 @@ struct Active {
     file: String,
     size: u64,
     done: Arc<AtomicU64>,
+    /// What was done before this stream (a resumed prefix): not counted in the rate.
+    from: u64,
     started: Instant,
 }
 
@@ -106,9 +108,17 @@ impl Files {
         d.entry(name.to_owned()).or_default().clone()
     }
 
-    fn track(&self, device: &str, outbound: bool, kanban: &str, file: &str, size: u64, done: u64) -> Tracked<'_> {
+    fn track(
+        &self,
+        device: &str,
+        outbound: bool,
+        kanban: &str,
+        file: &str,
+        size: u64,
+        done_before: u64,
+    ) -> Tracked<'_> {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
-        let done = Arc::new(AtomicU64::new(done));
+        let done = Arc::new(AtomicU64::new(done_before));
         let a = Active {
             device: device.to_owned(),
             outbound,
@@ -116,6 +126,7 @@ impl Files {
             file: file.to_owned(),
             size,
             done: done.clone(),
+            from: done_before,
             started: Instant::now(),
         };
         if let Ok(mut m) = self.active.lock() {
@@ -142,7 +153,7 @@ impl Files {
                             file: a.file.clone(),
                             size: a.size,
                             done,
-                            rate: (done as f64 / secs) as u64,
+                            rate: (done.saturating_sub(a.from) as f64 / secs) as u64,
                         }
                     })
                     .collect()
@@ -164,42 +175,20 @@ impl Files {
 
 // ------------------------------------------------------------------------------------------------ messages
 
-async fn write_msg(send: &mut quinn::SendStream, m: &FileMsg) -> Result<(), String> {
-    let mut buf = Vec::new();
-    encode_into(m, &mut buf).map_err(|e| e.to_string())?;
-    send.write_all(&buf).await.map_err(|e| e.to_string())
-}
-
+/// The next message on a file stream, within [`IDLE`].
 async fn read_msg(recv: &mut quinn::RecvStream, dec: &mut FrameDecoder) -> Result<FileMsg, String> {
-    let read = async {
-        loop {
-            match dec.decode::<FileMsg>() {
-                Ok(Some(m)) => return Ok(m),
-                Ok(None) => {}
-                Err(e) => return Err(format!("malformed: {e}")),
-            }
-            let buf = dec.read_buffer(4096);
-            let start = buf.len();
-            buf.resize(start + 4096, 0);
-            match recv.read(&mut buf[start..]).await {
-                Ok(Some(n)) => buf.truncate(start + n),
-                Ok(None) => {
-                    buf.truncate(start);
-                    return Err("the stream ended".to_owned());
-                }
-                Err(e) => {
-                    buf.truncate(start);
-                    return Err(e.to_string());
-                }
-            }
-        }
-    };
-    tokio::time::timeout(IDLE, read).await.map_err(|_| format!("nothing for {}s", IDLE.as_secs()))?
+    match tokio::time::timeout(IDLE, read_frame::<FileMsg>(recv, dec)).await {
+        Ok(Ok(Some(m))) => Ok(m),
+        Ok(Ok(None)) => Err("the stream ended".to_owned()),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err(format!("nothing for {}s", IDLE.as_secs())),
+    }
 }
 
 // ------------------------------------------------------------------------------------------------ sending
 
 /// A kanban whose files are to be sent before it.
+#[derive(Clone)]
 pub(super) struct Pending {
     /// Its route (outbox) in the link.
     pub route: usize,
@@ -207,6 +196,8 @@ pub(super) struct Pending {
     pub kanban: Box<WireKanban>,
     /// The target service there.
     pub service: String,
+    /// What it counts in its outbox's byte bound.
+    pub mem: usize,
 }
 
 /// Why a transfer did not complete.
@@ -217,14 +208,6 @@ pub(super) enum Failure {
     Later(String),
     /// The connection is gone.
     Connection(String),
-}
-
-/// The header of a chunk of `len` bytes whose hash is known.
-fn header_for(len: usize, hash: &Hash) -> ([u8; HEADER], Hash) {
-    let mut h = [0u8; HEADER];
-    h[..4].copy_from_slice(&(len as u32).to_le_bytes());
-    h[4..].copy_from_slice(hash);
-    (h, *hash)
 }
 
 /// One file to send: where it is here, its name under the target directory there.
@@ -356,6 +339,17 @@ pub(super) async fn transfer(
     Ok(out)
 }
 
+/// The receiver refused a file: later (`retry`), or for good (the kanban is a dead letter `file-refused`).
+fn refused_by(peer: &Peer, s: &Source, counters: &DeviceFiles, reason: String, retry: bool) -> Failure {
+    counters.refused.fetch_add(1, Ordering::Relaxed);
+    let why = format!("{} refuses `{}`: {reason}", peer.name, s.name);
+    if retry {
+        Failure::Later(why)
+    } else {
+        Failure::Dead(crate::routing::dead::Reason::FileRefused, why)
+    }
+}
+
 #[allow(clippy::too_many_arguments)]
 async fn send_file(
     f: &Federation,
@@ -392,7 +386,7 @@ async fn send_file(
         size,
         mtime_ns: mtime_ns(&md),
     };
-    write_msg(&mut send, &open).await.map_err(conn_err)?;
+    write_frame(&mut send, &open).await.map_err(conn_err)?;
     let mut dec = FrameDecoder::default();
     let (offset, dir) = match read_msg(&mut recv, &mut dec).await.map_err(conn_err)? {
         FileMsg::At { offset, dir, path: Some(_) } if offset == size => {
@@ -401,11 +395,7 @@ async fn send_file(
             return Ok((dir, 0));
         }
         FileMsg::At { offset, dir, .. } if offset <= size && offset % CHUNK as u64 == 0 => (offset, dir),
-        FileMsg::Refused { reason, retry } => {
-            counters.refused.fetch_add(1, Ordering::Relaxed);
-            let why = format!("{} refuses `{}`: {reason}", peer.name, s.name);
-            return Err(if retry { Failure::Later(why) } else { Failure::Dead(Reason::FileRefused, why) });
-        }
+        FileMsg::Refused { reason, retry } => return Err(refused_by(peer, s, counters, reason, retry)),
         other => return Err(Failure::Connection(format!("unexpected answer to a file: {other:?}"))),
     };
     counters.resumed_bytes.fetch_add(offset, Ordering::Relaxed);
@@ -430,7 +420,7 @@ async fn send_file(
                 while pos < offset {
                     let n = (size - pos).min(CHUNK as u64) as usize;
                     file.read_exact(&mut buf[..n])?;
-                    prefix.push(proto::chunk_header(&buf[..n]).1);
+                    prefix.push(proto::chunk_hash(&buf[..n]));
                     pos += n as u64;
                 }
                 if tx.blocking_send(Ok(Read::Prefix(prefix))).is_err() {
@@ -440,7 +430,7 @@ async fn send_file(
                     let n = (size - pos).min(CHUNK as u64) as usize;
                     let mut data = vec![0u8; n];
                     file.read_exact(&mut data)?;
-                    let hash = proto::chunk_header(&data).1;
+                    let hash = proto::chunk_hash(&data);
                     pos += n as u64;
                     if tx.blocking_send(Ok(Read::Chunk(hash, data))).is_err() {
                         return Ok(());
@@ -472,7 +462,7 @@ async fn send_file(
         };
         let n = data.len();
         hashes.push(hash);
-        let (h, _) = header_for(n, &hash);
+        let h = proto::header(n, &hash);
         let wrote = async {
             send.write_all(&h).await?;
             send.write_all(&data).await
@@ -482,15 +472,7 @@ async fn send_file(
             let _ = reader.await;
             // The receiver stopped reading: it says why (a full disk, a broken chunk) before it lets go.
             return Err(match tokio::time::timeout(Duration::from_secs(5), read_msg(&mut recv, &mut dec)).await {
-                Ok(Ok(FileMsg::Refused { reason, retry })) => {
-                    counters.refused.fetch_add(1, Ordering::Relaxed);
-                    let why = format!("{} refuses `{}`: {reason}", peer.name, s.name);
-                    if retry {
-                        Failure::Later(why)
-                    } else {
-                        Failure::Dead(Reason::FileRefused, why)
-                    }
-                }
+                Ok(Ok(FileMsg::Refused { reason, retry })) => refused_by(peer, s, counters, reason, retry),
                 _ => Failure::Connection(e.to_string()),
             });
         }
@@ -508,11 +490,7 @@ async fn send_file(
             counters.sent_files.fetch_add(1, Ordering::Relaxed);
             Ok((dir, sent))
         }
-        FileMsg::Refused { reason, retry } => {
-            counters.refused.fetch_add(1, Ordering::Relaxed);
-            let why = format!("{} refuses `{}`: {reason}", peer.name, s.name);
-            Err(if retry { Failure::Later(why) } else { Failure::Dead(Reason::FileRefused, why) })
-        }
+        FileMsg::Refused { reason, retry } => Err(refused_by(peer, s, counters, reason, retry)),
         other => Err(Failure::Connection(format!("unexpected answer to a file: {other:?}"))),
     }
 }
@@ -528,19 +506,10 @@ struct PartState {
     hashes: Vec<String>,
 }
 
-fn hex(h: &Hash) -> String {
-    h.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-fn unhex(s: &str) -> Option<Hash> {
-    if s.len() != 64 {
-        return None;
-    }
-    let mut h = [0u8; 32];
-    for (i, b) in h.iter_mut().enumerate() {
-        *b = u8::from_str_radix(s.get(2 * i..2 * i + 2)?, 16).ok()?;
-    }
-    Some(h)
+/// Turns a file stream away for now (busy, or a relayed link): the sender tries again later.
+pub(super) async fn turn_away(mut send: quinn::SendStream, reason: &str) {
+    let _ = write_frame(&mut send, &FileMsg::Refused { reason: reason.to_owned(), retry: true }).await;
+    let _ = send.finish();
 }
 
 /// Refuses a file on its stream: counted, logged, told.
@@ -561,7 +530,7 @@ async fn refuse(
     } else {
         tracing::warn!(device = %peer.name, "file refused: {reason}");
     }
-    let _ = write_msg(send, &FileMsg::Refused { reason, retry }).await;
+    let _ = write_frame(send, &FileMsg::Refused { reason, retry }).await;
     let _ = send.finish();
     let _ = tokio::time::timeout(Duration::from_secs(2), send.stopped()).await;
 }
@@ -628,7 +597,9 @@ pub(super) async fn receive(f: &Federation, peer: &Peer, mut send: quinn::SendSt
         return refuse(f, peer, &mut send, why, false, None).await;
     }
     let data = f.data_dir.join("Data");
-    let dir = data.join(format!("{service}_{instance}")).join(&kanban);
+    // A service of this device (checked above) and a kanban id (hex): safe names.
+    let inner = PathBuf::from(format!("{service}_{instance}")).join(&kanban);
+    let dir = data.join(&inner);
     let staging = data.join(".transfers").join(&transfer);
     let (part, state_file, done_file) = (
         staging.join(format!("{index}.part")),
@@ -636,10 +607,9 @@ pub(super) async fn receive(f: &Federation, peer: &Peer, mut send: quinn::SendSt
         staging.join(format!("{index}.done")),
     );
     let target = {
-        let (data, dir, rel, staging) = (data.clone(), dir.clone(), rel.clone(), staging.clone());
+        let (data, rel, staging) = (data.clone(), rel.clone(), staging.clone());
         tokio::task::spawn_blocking(move || -> Result<PathBuf, String> {
             std::fs::create_dir_all(&staging).map_err(|e| format!("`{}`: {e}", staging.display()))?;
-            let inner = dir.strip_prefix(&data).map_err(|e| e.to_string())?.to_owned();
             let d = prepare(&data, &inner, false)?;
             prepare(&d, &rel, true)
         })
@@ -656,19 +626,22 @@ pub(super) async fn receive(f: &Federation, peer: &Peer, mut send: quinn::SendSt
     // Done before (the kanban sent again): recognised, not written twice.
     if let Ok(p) = tokio::fs::read_to_string(&done_file).await {
         if tokio::fs::metadata(&p).await.is_ok_and(|m| m.len() == size) {
-            let _ = write_msg(&mut send, &FileMsg::At { offset: size, dir: dir_s, path: Some(p) }).await;
+            let _ = write_frame(&mut send, &FileMsg::At { offset: size, dir: dir_s, path: Some(p) }).await;
             let _ = send.finish();
             return;
         }
     }
     // A partial of the same file (size, time and name): resumed from its verified prefix.
-    let kept: Vec<Hash> =
-        match tokio::fs::read(&state_file).await.ok().and_then(|b| serde_json::from_slice::<PartState>(&b).ok()) {
-            Some(s) if s.size == size && s.mtime_ns == mtime_ns && s.name == name => {
-                s.hashes.iter().map(|h| unhex(h)).collect::<Option<Vec<_>>>().unwrap_or_default()
-            }
-            _ => Vec::new(),
-        };
+    let kept: Vec<Hash> = match tokio::fs::read(&state_file)
+        .await
+        .ok()
+        .and_then(|b| serde_json::from_slice::<PartState>(&b).ok())
+    {
+        Some(s) if s.size == size && s.mtime_ns == mtime_ns && s.name == name => {
+            s.hashes.iter().map(|h| tls::unhex(h)?.try_into().ok()).collect::<Option<Vec<Hash>>>().unwrap_or_default()
+        }
+        _ => Vec::new(),
+    };
     // The recorded prefix is trusted only as far as the `.part` on disk still matches it (a crash may have lost
     // what was not yet written back).
     let kept = {
@@ -703,7 +676,7 @@ pub(super) async fn receive(f: &Federation, peer: &Peer, mut send: quinn::SendSt
             return refuse(f, peer, &mut send, format!("cannot write `{}`: {e}", part.display()), true, None).await
         }
     };
-    if write_msg(&mut send, &FileMsg::At { offset: rx.offset(), dir: dir_s, path: None }).await.is_err() {
+    if write_frame(&mut send, &FileMsg::At { offset: rx.offset(), dir: dir_s, path: None }).await.is_err() {
         return;
     }
     let tracked = f.files.track(&peer.name, false, &kanban, &name, size, rx.offset());
@@ -711,7 +684,12 @@ pub(super) async fn receive(f: &Federation, peer: &Peer, mut send: quinn::SendSt
     let save = {
         let name = name.clone();
         move |rx: &Receiving| {
-            let st = PartState { size, mtime_ns, name: name.clone(), hashes: rx.hashes().iter().map(hex).collect() };
+            let st = PartState {
+                size,
+                mtime_ns,
+                name: name.clone(),
+                hashes: rx.hashes().iter().map(|h| tls::hex(h)).collect(),
+            };
             serde_json::to_vec(&st).unwrap_or_default()
         }
     };
@@ -728,53 +706,52 @@ pub(super) async fn receive(f: &Federation, peer: &Peer, mut send: quinn::SendSt
             use std::io::Write;
             let mut file = file;
             let mut since = 0u64;
-            let r: Result<(), (String, bool)> = (|| {
+            let r: Result<(), Stop> = (|| {
                 while let Some((h, data)) = queue.blocking_recv() {
                     match h {
                         Header::Chunk { hash, .. } => {
-                            rx.chunk(&hash, &data).map_err(|e| (e.to_string(), false))?;
-                            file.write_all(&data).map_err(|e| (io_why(&e, &part), true))?;
+                            rx.chunk(&hash, &data).map_err(|e| Stop::Broken(e.to_string()))?;
+                            file.write_all(&data).map_err(|e| io_stop(&e, &part))?;
                             done.store(rx.offset(), Ordering::Relaxed);
                             counters.received_bytes.fetch_add(data.len() as u64, Ordering::Relaxed);
                             since += 1;
-                            if since >= SYNC_EVERY {
+                            if since >= RECORD_EVERY {
                                 since = 0;
-                                write_atomic_sync(&state_file, &save(&rx))
-                                    .map_err(|e| (io_why(&e, &state_file), true))?;
+                                write_atomic_sync(&state_file, &save(&rx)).map_err(|e| io_stop(&e, &state_file))?;
                             }
                         }
                         Header::End { root } => {
-                            rx.end(&root).map_err(|e| (e.to_string(), false))?;
-                            file.sync_all().map_err(|e| (io_why(&e, &part), true))?;
+                            rx.end(&root).map_err(|e| Stop::Broken(e.to_string()))?;
+                            file.sync_all().map_err(|e| io_stop(&e, &part))?;
                             return Ok(());
                         }
                     }
                 }
-                Err(("the stream ended".to_owned(), true))
+                Err(Stop::Cut("the stream ended".to_owned()))
             })();
             (r, rx)
         })
     };
     let mut offset = rx_offset;
-    let read: Result<(), (String, bool)> = async {
+    let read: Result<(), Stop> = async {
         loop {
             let mut h = [0u8; HEADER];
             tokio::time::timeout(IDLE, recv.read_exact(&mut h))
                 .await
-                .map_err(|_| ("the sender went silent".to_owned(), true))?
-                .map_err(|e| (format!("stream: {e}"), true))?;
+                .map_err(|_| Stop::Cut("the sender went silent".to_owned()))?
+                .map_err(|e| Stop::Cut(format!("stream: {e}")))?;
             let header = proto::parse_header(&h);
             let data = match header {
                 Header::Chunk { len, .. } => {
                     if !proto::fits(size, offset, len) {
                         let e = proto::StreamError::BadLength { len, offset, size };
-                        return Err((e.to_string(), false));
+                        return Err(Stop::Broken(e.to_string()));
                     }
                     let mut data = vec![0u8; len];
                     tokio::time::timeout(IDLE, recv.read_exact(&mut data))
                         .await
-                        .map_err(|_| ("the sender went silent".to_owned(), true))?
-                        .map_err(|e| (format!("stream: {e}"), true))?;
+                        .map_err(|_| Stop::Cut("the sender went silent".to_owned()))?
+                        .map_err(|e| Stop::Cut(format!("stream: {e}")))?;
                     offset += len as u64;
                     data
                 }
@@ -808,32 +785,31 @@ pub(super) async fn receive(f: &Federation, peer: &Peer, mut send: quinn::SendSt
             match placed.await {
                 Ok(()) => {
                     counters.received_files.fetch_add(1, Ordering::Relaxed);
-                    let _ = write_msg(&mut send, &FileMsg::Placed { path: target.display().to_string() }).await;
+                    let _ = write_frame(&mut send, &FileMsg::Placed { path: target.display().to_string() }).await;
                     let _ = send.finish();
                     let _ = tokio::time::timeout(Duration::from_secs(2), send.stopped()).await;
                 }
                 Err(e) => {
-                    let why = io_why(&e, &target);
                     remove_partial(&part, &state_file).await;
-                    refuse(f, peer, &mut send, why, true, None).await
+                    refuse(f, peer, &mut send, io_stop(&e, &target).to_string(), true, None).await
                 }
             }
         }
-        Err((why, io)) => {
-            if why.contains("disk full") {
-                // Nothing half-written stays behind; the sender tries again later (its kanban waits).
-                remove_partial(&part, &state_file).await;
-                tracing::error!(device = %peer.name, "{why}: the partial file is removed; the sender tries again later");
-                refuse(f, peer, &mut send, why, true, None).await
-            } else if io {
-                // A cut, or a write that failed: the verified prefix is kept for the next attempt.
-                let _ = write_atomic(&state_file, &save(&rx)).await;
-                tracing::info!(device = %peer.name, file = %name, at = rx.offset(), "file transfer interrupted: {why}");
-            } else {
-                // A broken or hostile stream: its verified prefix is kept; the stream is refused and counted.
-                let _ = write_atomic(&state_file, &save(&rx)).await;
-                refuse(f, peer, &mut send, format!("broken file stream: {why}"), true, Some("file-protocol")).await
-            }
+        Err(Stop::DiskFull(why)) => {
+            // Nothing half-written stays behind; the sender tries again later (its kanban waits).
+            remove_partial(&part, &state_file).await;
+            tracing::error!(device = %peer.name, "{why}: the partial file is removed; the sender tries again later");
+            refuse(f, peer, &mut send, why, true, None).await
+        }
+        Err(Stop::Cut(why)) => {
+            // A cut, or a write that failed: the verified prefix is kept for the next attempt.
+            let _ = write_atomic(&state_file, &save(&rx)).await;
+            tracing::info!(device = %peer.name, file = %name, at = rx.offset(), "file transfer interrupted: {why}");
+        }
+        Err(Stop::Broken(why)) => {
+            // A broken or hostile stream: its verified prefix is kept; the stream is refused and counted.
+            let _ = write_atomic(&state_file, &save(&rx)).await;
+            refuse(f, peer, &mut send, format!("broken file stream: {why}"), true, Some("file-protocol")).await
         }
     }
 }
@@ -853,7 +829,7 @@ fn on_disk_prefix(part: &Path, hashes: Vec<Hash>) -> Vec<Hash> {
                 Err(_) => break,
             }
         }
-        if n == 0 || proto::chunk_header(&buf[..n]).1 != *h {
+        if n == 0 || proto::chunk_hash(&buf[..n]) != *h {
             break;
         }
         good += 1;
@@ -863,11 +839,30 @@ fn on_disk_prefix(part: &Path, hashes: Vec<Hash>) -> Vec<Hash> {
     hashes
 }
 
-fn io_why(e: &std::io::Error, p: &Path) -> String {
+/// Why receiving a file stopped before it was placed.
+enum Stop {
+    /// The stream or a write failed (a cut link, silence): the verified prefix is kept for a resume.
+    Cut(String),
+    /// The disk is full: the partial file goes, the sender tries again later.
+    DiskFull(String),
+    /// The sender broke the protocol (a chunk that does not match its hash, a bad length): refused, counted.
+    Broken(String),
+}
+
+impl std::fmt::Display for Stop {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Stop::Cut(w) | Stop::DiskFull(w) | Stop::Broken(w) => f.write_str(w),
+        }
+    }
+}
+
+/// A failed write of `p`: a full disk (ENOSPC) is told apart.
+fn io_stop(e: &std::io::Error, p: &Path) -> Stop {
     if e.raw_os_error() == Some(28) || e.kind() == std::io::ErrorKind::StorageFull {
-        format!("receiver disk full writing `{}`", p.display())
+        Stop::DiskFull(format!("receiver disk full writing `{}`", p.display()))
     } else {
-        format!("`{}`: {e}", p.display())
+        Stop::Cut(format!("`{}`: {e}", p.display()))
     }
 }
 
@@ -883,9 +878,8 @@ fn write_atomic_sync(p: &Path, bytes: &[u8]) -> std::io::Result<()> {
 }
 
 async fn write_atomic(p: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let tmp = p.with_extension("tmp");
-    tokio::fs::write(&tmp, bytes).await?;
-    tokio::fs::rename(&tmp, p).await
+    let (p, bytes) = (p.to_owned(), bytes.to_vec());
+    tokio::task::spawn_blocking(move || write_atomic_sync(&p, &bytes)).await.map_err(std::io::Error::other)?
 }
 
 /// Send Anything's housekeeping, hourly: [`collect_garbage`].
@@ -972,12 +966,5 @@ mod tests {
         let ok = prepare(base.path(), Path::new("new/dir/file"), true).expect("prepare");
         assert_eq!(ok, base.path().join("new/dir/file"));
         assert!(base.path().join("new/dir").is_dir());
-    }
-
-    #[test]
-    fn hashes_round_trip_through_hex() {
-        let h = [0xabu8; 32];
-        assert_eq!(unhex(&hex(&h)), Some(h));
-        assert_eq!(unhex("zz"), None);
     }
 }

@@ -308,24 +308,11 @@ async fn link(
         loop {
             tokio::select! {
                 s = conn.accept_bi() => {
-                    let (mut send, recv) = s.map_err(|e| LinkEnd::Other(format!("connection: {e}")))?;
+                    let (send, recv) = s.map_err(|e| LinkEnd::Other(format!("connection: {e}")))?;
                     if relay_to.is_some() {
-                        let refusal = aion_transport::files::FileMsg::Refused {
-                            reason: "files are not relayed: they wait for a direct link".into(),
-                            retry: true,
-                        };
-                        let mut buf = Vec::new();
-                        if aion_transport::codec::encode_into(&refusal, &mut buf).is_ok() {
-                            let _ = send.write_all(&buf).await;
-                        }
-                        let _ = send.finish();
+                        super::files::turn_away(send, "files are not relayed: they wait for a direct link").await;
                     } else if running.len() >= super::files::STREAMS_PER_DEVICE {
-                        let refusal = aion_transport::files::FileMsg::Refused { reason: "busy".into(), retry: true };
-                        let mut buf = Vec::new();
-                        if aion_transport::codec::encode_into(&refusal, &mut buf).is_ok() {
-                            let _ = send.write_all(&buf).await;
-                        }
-                        let _ = send.finish();
+                        super::files::turn_away(send, "busy").await;
                     } else {
                         running.push(super::files::receive(f, peer, send, recv));
                     }

@@ -4,8 +4,10 @@
 //!   root supervisor
 //!   └── federation (one-for-one)
 //!       ├── federation-listener   accepts links from peers (receiving side), when this device listens
-//!       └── federation-links      one link per peer device with routes to it (dials it, sends its outboxes),
-//!                                 restarted when it fails, replaced when its routes or address change
+//!       ├── send-anything         housekeeping of file transfers (`files`)
+//!       └── federation-links      one link per peer device with routes to it (dials it, sends its outboxes
+//!                                 and the files their kanbans name), restarted when it fails, replaced when
+//!                                 its routes or address change
 //! ```
 //!
 //! A kanban for a service on another device goes to the outbox of that route (a slot like an instance's queue,
@@ -13,7 +15,8 @@
 //! is unreachable: bounded, back-pressure, kept across restarts. The link to the device takes from its outboxes
 //! like a session takes from an instance's queue, and acknowledges to them only when the receiving device has
 //! committed the kanbans. The protocol is the sans-IO machine of `aion_transport::federation`; this module only
-//! moves its frames over quinn.
+//! moves its frames over quinn. A connection's first frame may also be a request ([`Frame::Ask`]): an admin
+//! identity's control request, or a peer's trace query, answered by the node's control handler.
 
 pub mod files;
 mod inbound;
@@ -240,19 +243,13 @@ pub async fn ask(data_dir: &std::path::Path, addr: &str, name: &str, request: Ve
     let mut ep = quinn::Endpoint::client(bind.parse().map_err(|e| format!("{e}"))?)
         .map_err(|e| format!("cannot open a UDP socket: {e}"))?;
     ep.set_default_client_config(t.client);
-    let exchange = async {
-        let conn = ep
-            .connect(to, name)
+    let connect = async {
+        ep.connect(to, name)
             .map_err(|e| e.to_string())?
             .await
-            .map_err(|e| format!("cannot connect to {name} at {to}: {e}"))?;
-        let reply = ask_on(&conn, &t.name, request).await;
-        conn.close(quinn::VarInt::from_u32(0), b"answered");
-        reply
+            .map_err(|e| format!("cannot connect to {name} at {to}: {e}"))
     };
-    let r = tokio::time::timeout(ASK_TIMEOUT, exchange)
-        .await
-        .map_err(|_| format!("no answer from {name} at {to} within {}s", ASK_TIMEOUT.as_secs()))?;
+    let r = ask_on(connect, &t.name, name, request).await;
     ep.wait_idle().await;
     r
 }
@@ -266,19 +263,35 @@ pub(crate) async fn resolve(addr: &str) -> Result<std::net::SocketAddr, String> 
         .ok_or_else(|| format!("{addr} resolves to no address"))
 }
 
-/// One request on a connection: [`Frame::Ask`] out, [`Frame::Answer`] back.
-async fn ask_on(conn: &quinn::Connection, from: &str, request: Vec<u8>) -> Result<Vec<u8>, String> {
-    let (mut cs, mut cr) = conn.open_bi().await.map_err(|e| e.to_string())?;
-    write_frame(&mut cs, &Frame::Ask { from: from.to_owned(), request }).await?;
-    let _ = cs.finish();
-    let mut dec = FrameDecoder::default();
-    match read_frame(&mut cr, &mut dec).await {
-        Ok(Some(Frame::Answer { reply })) => Ok(reply),
-        Ok(Some(Frame::Refuse { reason })) => Err(format!("refused: {reason}")),
-        Ok(Some(other)) => Err(format!("answered with a {} frame", other.name())),
-        Ok(None) => Err("the connection closed without an answer".into()),
-        Err(e) => Err(e.to_string()),
-    }
+/// One request on the connection `connect` makes, within [`ASK_TIMEOUT`]: [`Frame::Ask`] (as `from`) out,
+/// [`Frame::Answer`] back from `to`; the connection is closed after.
+async fn ask_on(
+    connect: impl std::future::Future<Output = Result<quinn::Connection, String>>,
+    from: &str,
+    to: &str,
+    request: Vec<u8>,
+) -> Result<Vec<u8>, String> {
+    let exchange = async {
+        let conn = connect.await?;
+        let answer = async {
+            let (mut cs, mut cr) = conn.open_bi().await.map_err(|e| e.to_string())?;
+            write_frame(&mut cs, &Frame::Ask { from: from.to_owned(), request }).await?;
+            let _ = cs.finish();
+            match read_frame(&mut cr, &mut FrameDecoder::default()).await {
+                Ok(Some(Frame::Answer { reply })) => Ok(reply),
+                Ok(Some(Frame::Refuse { reason })) => Err(format!("refused: {reason}")),
+                Ok(Some(other)) => Err(format!("answered with a {} frame", other.name())),
+                Ok(None) => Err("the connection closed without an answer".into()),
+                Err(e) => Err(e.to_string()),
+            }
+        }
+        .await;
+        conn.close(quinn::VarInt::from_u32(0), b"answered");
+        answer
+    };
+    tokio::time::timeout(ASK_TIMEOUT, exchange)
+        .await
+        .map_err(|_| format!("no answer from {to} within {}s", ASK_TIMEOUT.as_secs()))?
 }
 
 /// Why a dial failed.
@@ -417,14 +430,8 @@ impl Federation {
     /// It has no address, cannot be reached, refuses, or does not answer in time.
     pub async fn ask_peer(&self, name: &str, request: Vec<u8>) -> Result<Vec<u8>, String> {
         let addr = self.peer(name).and_then(|p| p.addr()).ok_or_else(|| format!("{name} has no address to dial"))?;
-        let go = async {
-            let to = resolve(&addr).await?;
-            let conn = self.dial(to, name).await.map_err(|e| e.to_string())?;
-            let reply = ask_on(&conn, &self.me, request).await;
-            conn.close(quinn::VarInt::from_u32(0), b"answered");
-            reply
-        };
-        tokio::time::timeout(ASK_TIMEOUT, go).await.map_err(|_| format!("no answer from {name} within 10 s"))?
+        let connect = async { self.dial(resolve(&addr).await?, name).await.map_err(|e| e.to_string()) };
+        ask_on(connect, &self.me, name, request).await
     }
 
     /// The archived hops of kanban `id`'s chain here and on every peer device this one can dial (those that
@@ -442,13 +449,8 @@ impl Federation {
                 self.peers().iter().filter(|p| p.addr().is_some()).map(|p| p.name.clone()).collect();
             let asks = peers.iter().map(|p| self.ask_peer(p, line.clone()));
             for (name, reply) in peers.iter().zip(futures::future::join_all(asks).await) {
-                let theirs = reply.and_then(|r| {
-                    let v: serde_json::Value = serde_json::from_slice(&r).map_err(|e| e.to_string())?;
-                    match v["ok"].as_bool() {
-                        Some(true) => serde_json::from_value::<Vec<crate::store::HopRow>>(v["rows"].clone())
-                            .map_err(|e| e.to_string()),
-                        _ => Err(v["error"].as_str().unwrap_or("an error").to_owned()),
-                    }
+                let theirs = reply.and_then(|r| crate::control::parse_reply(&r, name)).and_then(|v| {
+                    serde_json::from_value::<Vec<crate::store::HopRow>>(v["rows"].clone()).map_err(|e| e.to_string())
                 });
                 match theirs {
                     Ok(mut theirs) => {
@@ -780,13 +782,13 @@ impl From<ReadError> for String {
 
 /// Reads the next frame from a QUIC stream (`None` when the peer finished it). Cancel safe: bytes read stay
 /// in `dec`.
-pub(crate) async fn read_frame(
+pub(crate) async fn read_frame<T: serde::de::DeserializeOwned>(
     recv: &mut quinn::RecvStream,
     dec: &mut FrameDecoder,
-) -> Result<Option<Frame>, ReadError> {
+) -> Result<Option<T>, ReadError> {
     use tokio::io::AsyncReadExt as _;
     loop {
-        if let Some(f) = dec.decode::<Frame>().map_err(|e| ReadError::Malformed(e.to_string()))? {
+        if let Some(f) = dec.decode::<T>().map_err(|e| ReadError::Malformed(e.to_string()))? {
             return Ok(Some(f));
         }
         let buf = dec.read_buffer(64 << 10);
@@ -805,8 +807,8 @@ pub(crate) fn heartbeat_tick(timing: &Timing) -> tokio::time::Interval {
     tick
 }
 
-/// Writes one frame.
-pub(crate) async fn write_frame(send: &mut quinn::SendStream, f: &Frame) -> Result<(), String> {
+/// Writes one frame (a link's [`Frame`], or a file stream's message).
+pub(crate) async fn write_frame<T: Serialize>(send: &mut quinn::SendStream, f: &T) -> Result<(), String> {
     let mut buf = Vec::new();
     aion_transport::codec::encode_into(f, &mut buf).map_err(|e| e.to_string())?;
     send.write_all(&buf).await.map_err(|e| e.to_string())

@@ -41,7 +41,7 @@ struct Pump {
     next_route: std::sync::atomic::AtomicUsize,
     router: Arc<crate::routing::Router>,
     /// Kanbans whose files go first (Send Anything), in the order they were taken; the front one is being sent.
-    pending: Mutex<VecDeque<(files::Pending, usize)>>,
+    pending: Mutex<VecDeque<files::Pending>>,
     pending_added: tokio::sync::Notify,
     /// Kanbans whose files are in place there, rewritten, to send next.
     ready: Mutex<VecDeque<Tag>>,
@@ -126,7 +126,7 @@ impl Pump {
                     let bytes = CrossingRef { service, hops: k.hops, kanban: &k }.encode();
                     tags.push(Tag { route: r, id: k.id, mem, bytes });
                 } else if let Ok(mut p) = self.pending.lock() {
-                    p.push_back((files::Pending { route: r, kanban: k, service: service.clone() }, mem));
+                    p.push_back(files::Pending { route: r, kanban: k, service: service.clone(), mem });
                     self.pending_added.notify_one();
                 }
             }
@@ -139,13 +139,7 @@ impl Pump {
     /// The kanban whose files are to go next (it stays set aside until [`Pump::files_done`]); waits for one.
     async fn next_pending(&self) -> files::Pending {
         loop {
-            let front = self.pending.lock().ok().and_then(|p| {
-                p.front().map(|(x, _)| files::Pending {
-                    route: x.route,
-                    kanban: x.kanban.clone(),
-                    service: x.service.clone(),
-                })
-            });
+            let front = self.pending.lock().ok().and_then(|p| p.front().cloned());
             if let Some(p) = front {
                 return p;
             }
@@ -155,38 +149,46 @@ impl Pump {
 
     /// The front kanban's files are in place there: `k` (rewritten) is sent next.
     fn files_done(&self, k: &WireKanban) {
-        let Some((p, mem)) = self.pending.lock().ok().and_then(|mut p| p.pop_front()) else { return };
+        let Some(p) = self.pending.lock().ok().and_then(|mut p| p.pop_front()) else { return };
         let bytes = CrossingRef { service: &p.service, hops: k.hops, kanban: k }.encode();
         if let Ok(mut r) = self.ready.lock() {
-            r.push_back(Tag { route: p.route, id: k.id, mem, bytes });
+            r.push_back(Tag { route: p.route, id: k.id, mem: p.mem, bytes });
         }
         self.ready_added.notify_one();
     }
 
     /// The front kanban cannot go with its files: a dead letter, and gone from its outbox.
     async fn files_failed(&self, reason: crate::routing::dead::Reason, detail: String) {
-        let Some((p, mem)) = self.pending.lock().ok().and_then(|mut p| p.pop_front()) else { return };
-        let tag = Tag { route: p.route, id: p.kanban.id, mem, bytes: Vec::new() };
+        let Some(p) = self.pending.lock().ok().and_then(|mut p| p.pop_front()) else { return };
+        let tag = Tag { route: p.route, id: p.kanban.id, mem: p.mem, bytes: Vec::new() };
         self.router.dead_letter(reason, detail, p.kanban);
         self.acked(vec![tag]).await;
     }
 
-    /// Kanbans set aside (files to send, or rewritten and ready), by route, in order.
-    fn set_aside(&self) -> Vec<(usize, Box<WireKanban>, usize)> {
-        let mut out: Vec<(usize, Box<WireKanban>, usize)> = Vec::new();
+    /// Every kanban the link holds, taken out, by route, in order: set aside for their files, rewritten and
+    /// ready, and to send again.
+    #[allow(clippy::vec_box)] // boxed as the outboxes hold them (`Slot::close_session` takes them back so)
+    fn held(&self) -> Vec<Vec<Box<WireKanban>>> {
+        let mut per: Vec<Vec<Box<WireKanban>>> = vec![Vec::new(); self.routes.len()];
         if let Ok(mut p) = self.pending.lock() {
-            out.extend(p.drain(..).map(|(x, mem)| (x.route, x.kanban, mem)));
-        }
-        if let Ok(mut r) = self.ready.lock() {
-            for t in r.drain(..) {
-                if let Ok(c) = postcard::from_bytes::<Crossing>(&t.bytes) {
-                    let mut k = Box::new(c.kanban);
-                    k.hops = c.hops;
-                    out.push((t.route, k, t.mem));
-                }
+            for x in p.drain(..) {
+                per[x.route].push(x.kanban);
             }
         }
-        out
+        let mut tags: Vec<Tag> = self.ready.lock().map(|mut r| r.drain(..).collect()).unwrap_or_default();
+        tags.extend(self.resend.lock().map(|mut r| r.drain(..).collect::<Vec<Tag>>()).unwrap_or_default());
+        for t in tags {
+            match postcard::from_bytes::<Crossing>(&t.bytes) {
+                Ok(c) => {
+                    let mut k = Box::new(c.kanban);
+                    k.hops = c.hops;
+                    per[t.route].push(k);
+                }
+                // Cannot happen (we encoded it); the kanban stays in the store for the next run.
+                Err(e) => tracing::error!(kanban = %t.id, "cannot take back a held kanban: {e}"),
+            }
+        }
+        per
     }
 
     /// The receiver committed these: their outboxes forget them (in the store too).
@@ -215,18 +217,7 @@ impl Pump {
     /// The device has been unreachable for longer than `max`: every kanban waiting for it (to send again, and in
     /// its outboxes) becomes a dead letter (`expired`) and leaves the store. Returns how many.
     async fn expire(&self, device: &str, max: Duration) -> usize {
-        let held: Vec<Tag> = self.resend.lock().map(|mut r| r.drain(..).collect()).unwrap_or_default();
-        let mut per: Vec<Vec<Box<WireKanban>>> = vec![Vec::new(); self.routes.len()];
-        for (route, k, _) in self.set_aside() {
-            per[route].push(k);
-        }
-        for t in held {
-            if let Ok(c) = postcard::from_bytes::<Crossing>(&t.bytes) {
-                let mut k = Box::new(c.kanban);
-                k.hops = c.hops;
-                per[t.route].push(k);
-            }
-        }
+        let per = self.held();
         let mut n = 0;
         for (r, mut ks) in per.into_iter().enumerate() {
             let slot = &self.routes[r];
@@ -276,22 +267,7 @@ impl Drop for Pump {
     /// The link ends: every kanban it held goes back to the front of its outbox, in order.
     fn drop(&mut self) {
         self.lost();
-        let held: Vec<Tag> = self.resend.lock().map(|mut r| r.drain(..).collect()).unwrap_or_default();
-        let mut back: Vec<Vec<Box<WireKanban>>> = vec![Vec::new(); self.routes.len()];
-        for (route, k, _) in self.set_aside() {
-            back[route].push(k);
-        }
-        for t in held {
-            match postcard::from_bytes::<Crossing>(&t.bytes) {
-                Ok(c) => {
-                    let mut k = Box::new(c.kanban);
-                    k.hops = c.hops;
-                    back[t.route].push(k);
-                }
-                // Cannot happen (we encoded it); the kanban stays in the store for the next run.
-                Err(e) => tracing::error!(kanban = %t.id, "cannot requeue an in-flight kanban: {e}"),
-            }
-        }
+        let back = self.held();
         for ((slot, sess), ks) in self.routes.iter().zip(&self.sessions).zip(back) {
             slot.close_session(*sess, ks);
         }

@@ -362,11 +362,13 @@ pub fn revoke(dir: &ClusterDir, name: &str) -> Result<String, TlsError> {
     Ok(pem)
 }
 
-fn hex(b: &[u8]) -> String {
+/// Lower-case hex of `b`.
+pub(crate) fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
-fn unhex(s: &str) -> Option<Vec<u8>> {
+/// The bytes of hex `s` (`None`: not hex).
+pub(crate) fn unhex(s: &str) -> Option<Vec<u8>> {
     (s.len() % 2 == 0)
         .then(|| (0..s.len()).step_by(2).map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok()).collect())
         .flatten()

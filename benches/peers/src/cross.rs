@@ -51,14 +51,7 @@ impl Hosts {
 
     /// `program` to run on host `i`.
     fn cmd(&self, i: usize, program: &Path) -> Command {
-        match self.hosts[i].0.split_first() {
-            Some((p, rest)) => {
-                let mut c = Command::new(p);
-                c.args(rest).arg(program);
-                c
-            }
-            None => Command::new(program),
-        }
+        netns::command(&self.hosts[i].0, program)
     }
 
     /// Waits until something accepts TCP on `addr:port` as seen from host `i`.
@@ -170,28 +163,6 @@ pub async fn run_once(
     r
 }
 
-/// An `aion run` on one host, stopped on drop.
-struct Runtime {
-    aion: PathBuf,
-    data: PathBuf,
-    child: Child,
-}
-
-impl Drop for Runtime {
-    fn drop(&mut self) {
-        let _ = Command::new(&self.aion).arg("--data-dir").arg(&self.data).arg("stop").output();
-        let deadline = Instant::now() + Duration::from_secs(15);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 fn aion_bin() -> Res<PathBuf> {
     let p = match std::env::var("AION_BIN") {
         Ok(p) => PathBuf::from(p),
@@ -202,11 +173,6 @@ fn aion_bin() -> Res<PathBuf> {
     } else {
         Err(format!("{} not found (set AION_BIN)", p.display()).into())
     }
-}
-
-fn status(aion: &Path, data: &Path) -> Option<serde_json::Value> {
-    let out = Command::new(aion).arg("--data-dir").arg(data).args(["status", "--json"]).output().ok()?;
-    serde_json::from_slice(&out.stdout).ok()
 }
 
 fn aion_ok(aion: &Path, data: &Path, args: &[&str]) -> Res<()> {
@@ -245,30 +211,20 @@ async fn aion_pair(hosts: &Hosts, me: &Path, job: &Job, delivery: &str, limit: D
         "deviceName: a\ndevices:\n  b: {{ addr: \"{b_addr}:{pb}\" }}\nmicroservices:\n  source:\n    command: {cmd}\n    startup: yes\n    env: {{ {} }}\n    nextService: {{ default: [ {{ name: sink, device: b }} ] }}\n",
         env("source")
     );
-    let start = |i: usize, data: &Path, yaml: &str, listen: String| -> Res<Runtime> {
-        let file = data.join("services.yml");
-        std::fs::write(&file, yaml)?;
-        let log = std::fs::File::create(data.join("aion.log"))?;
-        let child = hosts
-            .cmd(i, &aion)
-            .arg("--data-dir")
-            .arg(data)
-            .arg("run")
-            .arg(&file)
-            .args(["--listen", &listen, "--grpc", "off", "--outbox-capacity", "65536"])
-            .env("RUST_LOG", "warn")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()?;
-        Ok(Runtime { aion: aion.clone(), data: data.to_owned(), child })
+    let start = |i: usize, data: &Path, yaml: &str, listen: String| -> Res<netns::Runtime> {
+        let args = ["--listen", listen.as_str(), "--grpc", "off", "--outbox-capacity", "65536"];
+        Ok(netns::Runtime::start(&aion, &hosts.hosts[i].0, data, yaml, &args)?)
     };
     let mut rb = start(1, &db, &b_yaml, format!("{b_addr}:{pb}"))?;
     let mut ra = start(0, &da, &a_yaml, format!("{a_addr}:{pa}"))?;
+    if !(rb.ready(Duration::from_secs(30)) && ra.ready(Duration::from_secs(30))) {
+        let log = |d: &Path| std::fs::read_to_string(d.join("aion.log")).unwrap_or_default();
+        return Err(format!("a runtime did not start: {}{}", log(&da).trim(), log(&db).trim()).into());
+    }
     let t = Instant::now();
     loop {
-        let a = status(&aion, &da);
-        let b = status(&aion, &db);
+        let a = netns::status(&aion, &da);
+        let b = netns::status(&aion, &db);
         let link_up = a.as_ref().is_some_and(|s| {
             s["federation"]["devices"]
                 .as_array()
