@@ -32,6 +32,12 @@ pub(super) fn mono_us() -> u64 {
     START.get_or_init(std::time::Instant::now).elapsed().as_micros() as u64
 }
 
+/// A list of kanbans the link holds, locked; a panic elsewhere while it was locked does not lose them (the guard
+/// is taken back from the poison).
+fn held<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 /// The link's hold on its outboxes: a session on each, the kanbans in flight, and those to send again.
 struct Pump {
     routes: Vec<Arc<Slot>>,
@@ -87,14 +93,14 @@ impl Pump {
     async fn take(&self, room: usize) -> Result<Vec<Tag>, String> {
         loop {
             {
-                let mut resend = self.resend.lock().map_err(|_| "resend list poisoned".to_owned())?;
+                let mut resend = held(&self.resend);
                 if !resend.is_empty() {
                     let n = room.min(resend.len());
                     return Ok(resend.drain(..n).collect());
                 }
             }
             {
-                let mut ready = self.ready.lock().map_err(|_| "ready list poisoned".to_owned())?;
+                let mut ready = held(&self.ready);
                 if !ready.is_empty() {
                     let n = room.min(ready.len());
                     return Ok(ready.drain(..n).collect());
@@ -125,8 +131,13 @@ impl Pump {
                 if k.file_list.is_empty() {
                     let bytes = CrossingRef { service, hops: k.hops, kanban: &k }.encode();
                     tags.push(Tag { route: r, id: k.id, mem, bytes });
-                } else if let Ok(mut p) = self.pending.lock() {
-                    p.push_back(files::Pending { route: r, kanban: k, service: service.clone(), mem });
+                } else {
+                    held(&self.pending).push_back(files::Pending {
+                        route: r,
+                        kanban: k,
+                        service: service.clone(),
+                        mem,
+                    });
                     self.pending_added.notify_one();
                 }
             }
@@ -139,7 +150,7 @@ impl Pump {
     /// The kanban whose files are to go next (it stays set aside until [`Pump::files_done`]); waits for one.
     async fn next_pending(&self) -> files::Pending {
         loop {
-            let front = self.pending.lock().ok().and_then(|p| p.front().cloned());
+            let front = held(&self.pending).front().cloned();
             if let Some(p) = front {
                 return p;
             }
@@ -149,17 +160,15 @@ impl Pump {
 
     /// The front kanban's files are in place there: `k` (rewritten) is sent next.
     fn files_done(&self, k: &WireKanban) {
-        let Some(p) = self.pending.lock().ok().and_then(|mut p| p.pop_front()) else { return };
+        let Some(p) = held(&self.pending).pop_front() else { return };
         let bytes = CrossingRef { service: &p.service, hops: k.hops, kanban: k }.encode();
-        if let Ok(mut r) = self.ready.lock() {
-            r.push_back(Tag { route: p.route, id: k.id, mem: p.mem, bytes });
-        }
+        held(&self.ready).push_back(Tag { route: p.route, id: k.id, mem: p.mem, bytes });
         self.ready_added.notify_one();
     }
 
     /// The front kanban cannot go with its files: a dead letter, and gone from its outbox.
     async fn files_failed(&self, reason: crate::routing::dead::Reason, detail: String) {
-        let Some(p) = self.pending.lock().ok().and_then(|mut p| p.pop_front()) else { return };
+        let Some(p) = held(&self.pending).pop_front() else { return };
         let tag = Tag { route: p.route, id: p.kanban.id, mem: p.mem, bytes: Vec::new() };
         self.router.dead_letter(reason, detail, p.kanban);
         self.acked(vec![tag]).await;
@@ -170,13 +179,11 @@ impl Pump {
     #[allow(clippy::vec_box)] // boxed as the outboxes hold them (`Slot::close_session` takes them back so)
     fn held(&self) -> Vec<Vec<Box<WireKanban>>> {
         let mut per: Vec<Vec<Box<WireKanban>>> = vec![Vec::new(); self.routes.len()];
-        if let Ok(mut p) = self.pending.lock() {
-            for x in p.drain(..) {
-                per[x.route].push(x.kanban);
-            }
+        for x in held(&self.pending).drain(..) {
+            per[x.route].push(x.kanban);
         }
-        let mut tags: Vec<Tag> = self.ready.lock().map(|mut r| r.drain(..).collect()).unwrap_or_default();
-        tags.extend(self.resend.lock().map(|mut r| r.drain(..).collect::<Vec<Tag>>()).unwrap_or_default());
+        let mut tags: Vec<Tag> = held(&self.ready).drain(..).collect();
+        tags.extend(held(&self.resend).drain(..));
         for t in tags {
             match postcard::from_bytes::<Crossing>(&t.bytes) {
                 Ok(c) => {
@@ -252,13 +259,12 @@ impl Pump {
 
     /// The connection is gone: what it had in flight goes first on the next one.
     fn lost(&self) -> usize {
-        let Some(lost) = self.sender.lock().ok().and_then(|mut s| s.take()).map(Sender::lost) else { return 0 };
+        let Some(lost) = held(&self.sender).take().map(Sender::lost) else { return 0 };
         let n = lost.len();
-        if let Ok(mut resend) = self.resend.lock() {
-            let later: Vec<Tag> = resend.drain(..).collect();
-            resend.extend(lost);
-            resend.extend(later);
-        }
+        let mut resend = held(&self.resend);
+        let later: Vec<Tag> = resend.drain(..).collect();
+        resend.extend(lost);
+        resend.extend(later);
         n
     }
 }
