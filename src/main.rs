@@ -238,6 +238,33 @@ struct RunArgs {
     /// kanbans waiting for it dead-lettered `expired`.
     #[arg(long, default_value = "7d")]
     outbox_max_age: String,
+    /// Where instances run: `process` (local processes) or `kubernetes` (a Deployment for `always: yes`, a Job
+    /// otherwise, written to the API server of the in-cluster configuration or KUBECONFIG; docs/kubernetes.md).
+    #[arg(long, env = "AION_BACKEND", default_value = "process")]
+    backend: String,
+    /// Kubernetes: the namespace [default: the client configuration's].
+    #[arg(long, env = "AION_NAMESPACE")]
+    namespace: Option<String>,
+    /// Kubernetes: the project's name (a label on every object; deleting the ConfigMap `aion-project-NAME`
+    /// deletes them all) [default: deviceName, else `aion`].
+    #[arg(long, env = "AION_PROJECT")]
+    project: Option<String>,
+    /// Kubernetes: images are `PREFIX/<service>:<tag>` (AION's REPOSITORY_PREFIX; empty: `<service>:<tag>`).
+    #[arg(long, env = "REPOSITORY_PREFIX", default_value = "latonaio")]
+    image_prefix: String,
+    /// Kubernetes: the kanban endpoint as pods reach it (their KANBAN_ADDR)
+    /// [default: aion-endpoint.<namespace>.svc:<the --grpc port>].
+    #[arg(long, env = "AION_POD_ENDPOINT")]
+    pod_endpoint: Option<String>,
+    /// Kubernetes: the host directory mounted as $AION_HOME/Data in pods [default: /var/lib/aion/<namespace>/Data].
+    #[arg(long, env = "AION_POD_DATA")]
+    pod_data: Option<String>,
+    /// Kubernetes: the image pull secret of every pod (AION's REGISTRY_SECRET).
+    #[arg(long, env = "REGISTRY_SECRET", default_value = "")]
+    pull_secret: String,
+    /// Kubernetes: seconds between full reconciles (drift is also repaired as the API server reports it).
+    #[arg(long, default_value_t = 30)]
+    kube_resync: u64,
 }
 
 #[derive(Subcommand)]
@@ -580,7 +607,28 @@ fn run_flags(a: RunArgs) -> Result<RunFlags, String> {
         outbox_bytes,
         transfer_quota,
         outbox_max_age,
+        backend,
+        namespace,
+        project,
+        image_prefix,
+        pod_endpoint,
+        pod_data,
+        pull_secret,
+        kube_resync,
     } = a;
+    let kubernetes = match backend.as_str() {
+        "process" | "local" => None,
+        "kubernetes" | "k8s" | "kube" => Some(KubeFlags {
+            namespace,
+            project,
+            image_prefix,
+            pod_endpoint,
+            pod_data,
+            pull_secret,
+            resync: Duration::from_secs(kube_resync.max(1)),
+        }),
+        other => return Err(format!("--backend {other:?}: expected `process` or `kubernetes`")),
+    };
     let mut cluster = aion::actors::node::ClusterOptions { listen, ..Default::default() };
     if peer_timeout.is_finite() && peer_timeout > 0.0 {
         cluster.dead_after = Duration::from_secs_f64(peer_timeout.clamp(0.2, 3600.0));
@@ -643,6 +691,7 @@ fn run_flags(a: RunArgs) -> Result<RunFlags, String> {
         grpc,
         grpc_reconnect: Duration::from_secs(grpc_reconnect),
         cluster,
+        kubernetes,
     })
 }
 
@@ -661,6 +710,19 @@ struct RunFlags {
     grpc: Option<std::net::SocketAddr>,
     grpc_reconnect: Duration,
     cluster: aion::actors::node::ClusterOptions,
+    kubernetes: Option<KubeFlags>,
+}
+
+/// `--backend kubernetes` and its flags.
+#[cfg_attr(not(feature = "kube"), allow(dead_code))]
+struct KubeFlags {
+    namespace: Option<String>,
+    project: Option<String>,
+    image_prefix: String,
+    pod_endpoint: Option<String>,
+    pod_data: Option<String>,
+    pull_secret: String,
+    resync: Duration,
 }
 
 /// What a runtime runs: a services.yml, or (master, worker) the configuration cluster mode gives it.
@@ -742,6 +804,7 @@ fn run(data_dir: &Path, source: Source<'_>, flags: RunFlags) -> Result<(), Strin
         grpc,
         grpc_reconnect,
         cluster,
+        kubernetes,
     } = flags;
     // Logging never panics nor blocks the runtime, whatever happens to stderr (see aion_runtime::log).
     aion::runtime::log::init();
@@ -753,7 +816,8 @@ fn run(data_dir: &Path, source: Source<'_>, flags: RunFlags) -> Result<(), Strin
     }
     let (config, label, file) = match source {
         Source::File(file) => {
-            let loaded = load_checked(file);
+            // Commands of services run in pods are the images' business, not this host's.
+            let loaded = if kubernetes.is_some() { load_file(file) } else { load_checked(file) };
             for d in &loaded.diagnostics {
                 aion::runtime::log::say(d);
             }
@@ -784,6 +848,34 @@ fn run(data_dir: &Path, source: Source<'_>, flags: RunFlags) -> Result<(), Strin
     opts.grpc = grpc;
     opts.grpc_reconnect = grpc_reconnect;
     opts.cluster = cluster;
+    match kubernetes {
+        None => {}
+        #[cfg(feature = "kube")]
+        Some(k) => {
+            // Each runtime its own project by default (runtimes sharing a namespace never touch each other's
+            // objects): its deviceName made a label value.
+            let project = k
+                .project
+                .unwrap_or_else(|| aion::actors::backend::kube::objects::label_value(&opts.config.device_name));
+            opts.kubernetes = Some(aion::actors::backend::kube::KubeOptions {
+                namespace: k.namespace,
+                project,
+                image_prefix: k.image_prefix,
+                endpoint: k.pod_endpoint,
+                data_host_path: k.pod_data,
+                pull_secret: k.pull_secret,
+                resync: k.resync,
+                ..Default::default()
+            });
+        }
+        #[cfg(not(feature = "kube"))]
+        Some(_) => {
+            return Err(
+                "--backend kubernetes: this aion was built without the Kubernetes backend (cargo feature `kube`)"
+                    .into(),
+            )
+        }
+    }
     // The runtime runs inside an actix System: actors execute on its arbiter.
     actix::System::new().block_on(async move {
         // Signals are handled from before anything starts: SIGINT, SIGTERM and SIGHUP (a closed terminal or SSH
@@ -1004,6 +1096,7 @@ async fn status(data_dir: &Path, json: bool, node: Option<&str>, timeout: Durati
         "QUEUE",
         "INFLIGHT",
         "LAST EXIT",
+        "POD",
     ]
     .map(String::from)
     .to_vec()];
@@ -1024,7 +1117,26 @@ async fn status(data_dir: &Path, json: bool, node: Option<&str>, timeout: Durati
             i.queue_depth.to_string(),
             i.inflight.to_string(),
             i.last_exit.clone().unwrap_or_else(|| "-".into()),
+            i.pod.as_ref().map_or_else(
+                || "-".to_owned(),
+                |p| {
+                    let mut t = format!("{} {}", p.pod, p.state);
+                    if p.restarts > 0 {
+                        t.push_str(&format!(" restarts={}", p.restarts));
+                    }
+                    if let Some(r) = &p.reason {
+                        t.push_str(&format!(" ({r})"));
+                    }
+                    t
+                },
+            ),
         ]);
+    }
+    // The POD column only when instances run on Kubernetes.
+    if rows_of.iter().all(|(_, i)| i.pod.is_none()) {
+        for row in &mut rows {
+            row.pop();
+        }
     }
     // The NODE column only on a master (a single runtime's rows are all its own).
     if master_nodes.is_none() {
@@ -1197,6 +1309,18 @@ async fn send(
     Ok(())
 }
 
+/// A pod's log through the Kubernetes API (the runtime's backend runs the instance there).
+#[cfg(feature = "kube")]
+fn pod_logs(namespace: &str, pod: &str, follow: bool, lines: Option<usize>) -> Result<(), String> {
+    let mut out = std::io::stdout();
+    block(aion::actors::backend::kube::pod_logs(namespace, pod, follow, lines, &mut out))
+}
+
+#[cfg(not(feature = "kube"))]
+fn pod_logs(namespace: &str, pod: &str, _: bool, _: Option<usize>) -> Result<(), String> {
+    Err(format!("the instance runs in pod {namespace}/{pod}: this aion was built without the Kubernetes backend"))
+}
+
 fn logs(
     data_dir: &Path,
     service: &str,
@@ -1222,6 +1346,7 @@ fn logs(
         Ok(v) => match serde_json::from_value::<LogSource>(v) {
             Ok(LogSource::File { path }) => path,
             Ok(LogSource::Unavailable { reason }) => return Err(format!("no log for {name} instance {n}: {reason}")),
+            Ok(LogSource::Pod { namespace, pod }) => return pod_logs(&namespace, &pod, follow, lines),
             Err(e) => return Err(format!("unexpected answer from the runtime: {e}")),
         },
         Err(e) if e.contains("no instance") => return Err(e),

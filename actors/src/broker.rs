@@ -151,6 +151,9 @@ pub struct InstanceStatus {
     /// What runs it: the backend and the program (or image, or registered service).
     #[serde(default)]
     pub backend: Option<crate::backend::Description>,
+    /// Its pod, when it runs on Kubernetes (state from the API server, not from "we sent the request").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod: Option<crate::backend::PodState>,
 }
 
 struct Inst {
@@ -597,6 +600,7 @@ impl Broker {
                     last_exit: i.last_exit.clone(),
                     terminated: i.terminated,
                     backend: self.described.get(s).cloned(),
+                    pod: self.backend.observe(s, *n),
                 }
             })
             .collect()

@@ -40,6 +40,8 @@ pub mod federation;
 pub mod node;
 pub mod paths;
 pub(crate) mod routing;
+#[cfg(any(feature = "cluster", feature = "kube"))]
+pub(crate) mod runner;
 pub(crate) mod session;
 pub mod store;
 

@@ -67,6 +67,9 @@ pub struct NodeOptions {
     /// Cluster mode: links to the other devices of `devices:` (with the `cluster` feature and a cluster
     /// identity in the data dir).
     pub cluster: ClusterOptions,
+    /// Run instances on Kubernetes instead of as local processes (`aion run --backend kubernetes`).
+    #[cfg(feature = "kube")]
+    pub kubernetes: Option<crate::backend::kube::KubeOptions>,
 }
 
 /// What a runtime is in a cluster.
@@ -153,6 +156,8 @@ impl NodeOptions {
             grpc: None,
             grpc_reconnect: Duration::from_secs(30),
             cluster: ClusterOptions::default(),
+            #[cfg(feature = "kube")]
+            kubernetes: None,
         }
     }
 }
@@ -242,6 +247,9 @@ struct Shared {
     /// Cluster mode: this node is a worker.
     #[cfg(feature = "cluster")]
     worker: std::sync::OnceLock<Arc<crate::cluster::WorkerView>>,
+    /// The Kubernetes backend, when instances run there.
+    #[cfg(feature = "kube")]
+    kube: Option<crate::backend::kube::KubeBackend>,
 }
 
 /// Applies a new configuration to a running node (see [`Node::apply`]).
@@ -406,8 +414,25 @@ impl Node {
     /// # Errors
     /// [`NodeError`] when the data dir is taken, a socket cannot be bound, or a service has no `command`.
     pub async fn start(opts: NodeOptions) -> Result<Node, NodeError> {
+        #[cfg(feature = "kube")]
+        let on_kubernetes = opts.kubernetes.is_some();
+        #[cfg(not(feature = "kube"))]
+        let on_kubernetes = false;
+        #[cfg(feature = "kube")]
+        if on_kubernetes {
+            if opts.grpc.is_none() {
+                return Err(NodeError::NotRunnable(
+                    "the Kubernetes backend needs the kanban endpoint on the pod network (pods reach the runtime \
+                     through it): `--grpc 0.0.0.0:11010`, not `--grpc off`"
+                        .to_owned(),
+                ));
+            }
+            for ms in opts.config.microservices.values().filter(|m| !opts.inproc.contains(&m.name)) {
+                crate::backend::kube::objects::check(ms).map_err(NodeError::NotRunnable)?;
+            }
+        }
         for ms in opts.config.microservices.values() {
-            if ms.command.is_empty() && !opts.inproc.contains(&ms.name) {
+            if ms.command.is_empty() && !opts.inproc.contains(&ms.name) && !on_kubernetes {
                 return Err(NodeError::NotRunnable(format!(
                     "service `{}` has no `command`: the local-process backend needs one (an image-only service needs the Kubernetes backend)",
                     ms.name
@@ -580,10 +605,39 @@ impl Node {
         }
         let stats = Arc::new(EndpointStats::default());
 
+        let instances = Tasks::new("instances");
+        #[cfg(feature = "kube")]
+        let kube = match &opts.kubernetes {
+            Some(k) => {
+                let mut k = k.clone();
+                k.endpoint_port = kanban_addr
+                    .as_deref()
+                    .and_then(|a| a.rsplit_once(':'))
+                    .and_then(|(_, p)| p.parse().ok())
+                    .unwrap_or(k.endpoint_port);
+                let text = opts.config_path.as_ref().and_then(|p| std::fs::read_to_string(p).ok()).unwrap_or_default();
+                let kb = crate::backend::kube::KubeBackend::connect(
+                    k,
+                    &paths.root,
+                    &cfg.device_name,
+                    &cfg.debug,
+                    text,
+                    instances.clone(),
+                )
+                .await
+                .map_err(NodeError::NotRunnable)?;
+                Some(kb)
+            }
+            None => None,
+        };
         let (grpc_stop, grpc_stopping) = tokio::sync::watch::channel(false);
         let grpc_stats = Arc::new(GrpcStatsHandle::default());
         let statics_handle = statics.clone();
         let shared = crate::session::Shared::new(router.clone(), statics, paths.root.clone(), stats.clone());
+        #[cfg(feature = "kube")]
+        let grpc_gate = kube.as_ref().map(|k| k.gate() as Arc<dyn crate::session::grpc::Gate>);
+        #[cfg(all(feature = "grpc", not(feature = "kube")))]
+        let grpc_gate = None;
         #[cfg(feature = "grpc")]
         if let Some(listener) = grpc_listener {
             let _ = sessions.spawn(
@@ -594,6 +648,7 @@ impl Node {
                     listener,
                     grpc_stopping,
                     grpc_stats.clone(),
+                    grpc_gate,
                 ),
             );
         }
@@ -616,11 +671,14 @@ impl Node {
             kanban_addr: kanban_addr.clone(),
         };
         let inproc_names = opts.inproc.names();
-        let instances = Tasks::new("instances");
-        let backend: SharedBackend = Arc::new(Local::new(
-            ProcessBackend::new(env, instances.clone()),
-            InProcessBackend::new(opts.inproc, endpoint.clone(), instances.clone()),
-        ));
+        let inproc = InProcessBackend::new(opts.inproc, endpoint.clone(), instances.clone());
+        #[cfg(feature = "kube")]
+        let backend: SharedBackend = match &kube {
+            Some(k) => Arc::new(Local::new(k.clone(), inproc)),
+            None => Arc::new(Local::new(ProcessBackend::new(env, instances.clone()), inproc)),
+        };
+        #[cfg(not(feature = "kube"))]
+        let backend: SharedBackend = Arc::new(Local::new(ProcessBackend::new(env, instances.clone()), inproc));
         let (r, b, ack_timeout) = (router.clone(), backend.clone(), opts.ack_timeout);
         let grpc_reconnect = opts.grpc.map(|_| opts.grpc_reconnect);
         let (broker_spec, broker) = ChildSpec::actor("service-broker", Restart::Permanent, 4096, move || {
@@ -641,6 +699,11 @@ impl Node {
         #[cfg(feature = "cluster")]
         let sup = match &federation {
             Some(f) => sup.child(ChildSpec::supervisor("federation", Restart::Permanent, f.supervisor())),
+            None => sup,
+        };
+        #[cfg(feature = "kube")]
+        let sup = match &kube {
+            Some(k) => sup.child(ChildSpec::supervisor("kubernetes", Restart::Permanent, k.supervisor())),
             None => sup,
         };
         let sup = sup.start();
@@ -684,6 +747,8 @@ impl Node {
             master: std::sync::OnceLock::new(),
             #[cfg(feature = "cluster")]
             worker: std::sync::OnceLock::new(),
+            #[cfg(feature = "kube")]
+            kube,
         });
         #[cfg(feature = "cluster")]
         start_cluster(&shared, &opts.cluster, &paths.root);
@@ -1094,7 +1159,18 @@ async fn report(s: &Shared) -> StatusReport {
         grpc: grpc_report(s),
         federation: federation_report(s),
         cluster: cluster_report(s).await,
+        kubernetes: kube_report(s),
     }
+}
+
+#[cfg(feature = "kube")]
+fn kube_report(s: &Shared) -> Option<crate::control::KubernetesReport> {
+    s.kube.as_ref().map(|k| k.report())
+}
+
+#[cfg(not(feature = "kube"))]
+fn kube_report(_: &Shared) -> Option<crate::control::KubernetesReport> {
+    None
 }
 
 #[cfg(feature = "cluster")]

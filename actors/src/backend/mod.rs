@@ -10,6 +10,8 @@
 //! A Kubernetes backend (pods and jobs) implements the same trait.
 
 pub mod inprocess;
+#[cfg(feature = "kube")]
+pub mod kube;
 pub mod process;
 
 pub use inprocess::{InProcessBackend, InProcessRegistry};
@@ -81,6 +83,13 @@ pub enum LogSource {
         /// The file.
         path: PathBuf,
     },
+    /// A pod's log, read through the Kubernetes API server.
+    Pod {
+        /// Its namespace.
+        namespace: String,
+        /// The pod.
+        pod: String,
+    },
     /// No log of its own here, and why (an in-process service's output is the runtime's log).
     Unavailable {
         /// Why.
@@ -95,6 +104,25 @@ pub struct Description {
     pub backend: String,
     /// What runs (a program path, a registered service, an image).
     pub runs: String,
+}
+
+/// What a backend that runs instances elsewhere (Kubernetes) observes of one: its pod.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct PodState {
+    /// The pod's name.
+    pub pod: String,
+    /// `pending`, `running`, `ready`, `succeeded`, `failed`, `terminating` or `unknown`.
+    pub state: String,
+    /// Its Ready condition.
+    pub ready: bool,
+    /// Container restarts.
+    pub restarts: u32,
+    /// Why it waits or ended (`ImagePullBackOff`, `CrashLoopBackOff`, `Completed`…), when the kubelet says.
+    pub reason: Option<String>,
+    /// The node it runs on.
+    pub node: Option<String>,
+    /// Its IP.
+    pub ip: Option<String>,
 }
 
 /// Runs instances of microservices (see the module docs). Calls come from the broker's task, one at a time;
@@ -122,25 +150,31 @@ pub trait Backend: Send + Sync + 'static {
 
     /// What runs for `ms`.
     fn describe(&self, ms: &Microservice) -> Description;
+
+    /// What is observed of an instance running elsewhere (its pod), when the backend knows.
+    fn observe(&self, _service: &str, _instance: u32) -> Option<PodState> {
+        None
+    }
 }
 
-/// A node's backend: in-process services that are registered, local processes for the rest.
+/// A node's backend: in-process services that are registered, another backend (local processes, or
+/// Kubernetes) for the rest.
 pub struct Local {
-    process: ProcessBackend,
+    process: Box<dyn Backend>,
     inproc: InProcessBackend,
 }
 
 impl Local {
     /// Both backends.
-    pub fn new(process: ProcessBackend, inproc: InProcessBackend) -> Local {
-        Local { process, inproc }
+    pub fn new(process: impl Backend, inproc: InProcessBackend) -> Local {
+        Local { process: Box::new(process), inproc }
     }
 
     fn pick(&self, service: &str) -> &dyn Backend {
         if self.inproc.runs(service) {
             &self.inproc
         } else {
-            &self.process
+            self.process.as_ref()
         }
     }
 }
@@ -164,6 +198,9 @@ impl Backend for Local {
     }
     fn describe(&self, ms: &Microservice) -> Description {
         self.pick(&ms.name).describe(ms)
+    }
+    fn observe(&self, service: &str, instance: u32) -> Option<PodState> {
+        self.pick(service).observe(service, instance)
     }
 }
 

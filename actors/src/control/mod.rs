@@ -198,6 +198,34 @@ pub struct StatusReport {
     /// Cluster mode: on a master, every node and its instances; on a worker, its master.
     #[serde(default)]
     pub cluster: Option<ClusterReport>,
+    /// The Kubernetes backend, when instances run there.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kubernetes: Option<KubernetesReport>,
+}
+
+/// The Kubernetes backend's part of `aion status`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct KubernetesReport {
+    /// The namespace.
+    pub namespace: String,
+    /// The project (label `aion.latona.io/project`).
+    pub project: String,
+    /// Objects written (server-side apply).
+    pub applied: u64,
+    /// Objects deleted.
+    pub deleted: u64,
+    /// Wanted objects deleted or edited by someone else, restored.
+    pub drift_repaired: u64,
+    /// API calls that failed (retried).
+    pub api_errors: u64,
+    /// Watches (re)started with a full list (start, `410 Gone`, a lost connection).
+    pub relists: u64,
+    /// Endpoint calls admitted by an instance credential.
+    pub admitted_by_token: u64,
+    /// Endpoint calls admitted by the caller's pod IP.
+    pub admitted_by_pod_ip: u64,
+    /// Endpoint calls refused (wrong or missing credential, another instance's pod).
+    pub refused: u64,
 }
 
 /// The master's part of `aion status`: every node and its instances.

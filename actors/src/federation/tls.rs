@@ -369,7 +369,8 @@ pub(crate) fn hex(b: &[u8]) -> String {
 
 /// The bytes of hex `s` (`None`: not hex).
 pub(crate) fn unhex(s: &str) -> Option<Vec<u8>> {
-    (s.len() % 2 == 0)
+    s.len()
+        .is_multiple_of(2)
         .then(|| (0..s.len()).step_by(2).map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok()).collect())
         .flatten()
 }

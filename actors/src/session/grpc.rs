@@ -71,9 +71,41 @@ pub struct GrpcStats {
     pub refused: AtomicU64,
 }
 
+/// Who may speak for an instance on the endpoint (the Kubernetes backend's pod-network gate,
+/// `backend::kube::auth`). Without one, whoever reaches the endpoint may (it listens on loopback by default).
+pub trait Gate: Send + Sync {
+    /// May a caller at `peer` with credential `token` act as `service`-`instance`?
+    ///
+    /// # Errors
+    /// Why not (sent to the caller with `PERMISSION_DENIED`).
+    fn admit(&self, service: &str, instance: u32, peer: Option<SocketAddr>, token: Option<&str>) -> Result<(), String>;
+
+    /// May a caller use instance-less calls (static kanbans)? It must be one of `instances` (the project's).
+    ///
+    /// # Errors
+    /// Why not.
+    fn admit_any(
+        &self,
+        peer: Option<SocketAddr>,
+        token: Option<&str>,
+        instances: &[(String, u32)],
+    ) -> Result<(), String>;
+}
+
+/// The credential a call carries: `authorization: Bearer <token>` or `aion-token: <token>`.
+fn credential<T>(req: &Request<T>) -> Option<String> {
+    let md = req.metadata();
+    if let Some(v) = md.get("aion-token").and_then(|v| v.to_str().ok()) {
+        return Some(v.trim().to_owned());
+    }
+    let auth = md.get("authorization").and_then(|v| v.to_str().ok())?;
+    auth.strip_prefix("Bearer ").or_else(|| auth.strip_prefix("bearer ")).map(|t| t.trim().to_owned())
+}
+
 /// The `kanbanpb.Kanban` service.
 #[derive(Clone)]
 pub struct GrpcKanban {
+    gate: Option<Arc<dyn Gate>>,
     shared: Shared,
     tasks: Tasks,
     live: Arc<Mutex<HashMap<(String, u32), Live>>>,
@@ -94,9 +126,17 @@ pub(crate) async fn serve(
     listener: tokio::net::TcpListener,
     mut stopping: watch::Receiver<bool>,
     stats: Arc<GrpcStats>,
+    gate: Option<Arc<dyn Gate>>,
 ) {
-    let svc =
-        GrpcKanban { shared, tasks, live: Arc::default(), next: Arc::default(), stopping: stopping.clone(), stats };
+    let svc = GrpcKanban {
+        gate,
+        shared,
+        tasks,
+        live: Arc::default(),
+        next: Arc::default(),
+        stopping: stopping.clone(),
+        stats,
+    };
     // Requests up to 16 MiB are decoded so that one over gRPC's 4 MiB gets `RESOURCE_EXHAUSTED` from us (as
     // AION's grpc-go server answered), not tonic's `OUT_OF_RANGE`; beyond 16 MiB tonic refuses it unread.
     let server = KanbanServer::new(svc)
@@ -146,6 +186,25 @@ impl GrpcKanban {
         s
     }
 
+    /// The gate's verdict on a call for `service`-`instance` (`None`: an instance-less call).
+    fn admit<T>(&self, req: &Request<T>, claim: Option<(&str, u32)>) -> Result<(), Status> {
+        let Some(gate) = &self.gate else { return Ok(()) };
+        let (peer, token) = (req.remote_addr(), credential(req));
+        let verdict = match claim {
+            Some((s, n)) => gate.admit(s, n, peer, token.as_deref()),
+            None => {
+                let cfg = self.shared.router.config();
+                let all: Vec<(String, u32)> = cfg
+                    .microservices
+                    .values()
+                    .flat_map(|m| (1..=m.scale.max(1)).map(move |n| (m.name.clone(), n)))
+                    .collect();
+                gate.admit_any(peer, token.as_deref(), &all)
+            }
+        };
+        verdict.map_err(|why| self.refuse(Status::permission_denied(why)))
+    }
+
     fn not_found(&self, service: &str) -> Status {
         let cfg = self.shared.router.config();
         let mut known: Vec<&str> = cfg.microservices.keys().map(String::as_str).collect();
@@ -183,9 +242,11 @@ impl KanbanApi for GrpcKanban {
 
     async fn receive_kanban(&self, req: Request<InitializeService>) -> Result<Response<KanbanStream>, Status> {
         let peer = req.remote_addr();
-        let init = req.into_inner();
+        let init = req.get_ref();
         let service = init.microservice_name.clone();
         let instance = u32::try_from(init.process_number.max(1)).unwrap_or(1);
+        self.admit(&req, Some((&service, instance)))?;
+        let init = req.into_inner();
         let cfg = self.shared.router.config();
         let Some(ms) = cfg.microservices.get(&service) else {
             return Err(self.not_found(&service));
@@ -241,6 +302,11 @@ impl KanbanApi for GrpcKanban {
     }
 
     async fn send_kanban(&self, req: Request<SendRequest>) -> Result<Response<SendResponse>, Status> {
+        // The producer is `microserviceName`-`processNumber` (AION's `kanban:after` key): that is the claim.
+        let claim = req.get_ref().message.as_ref().map(|m| (req.get_ref().microservice_name.clone(), m.process_number));
+        if let Some((s, n)) = &claim {
+            self.admit(&req, Some((s, u32::try_from((*n).max(1)).unwrap_or(1))))?;
+        }
         let req = req.into_inner();
         let service = req.microservice_name;
         let Some(message) = req.message else {
@@ -293,6 +359,7 @@ impl KanbanApi for GrpcKanban {
     }
 
     async fn send_static_kanban(&self, req: Request<StaticRequest>) -> Result<Response<SendResponse>, Status> {
+        self.admit(&req, None)?;
         let req = req.into_inner();
         let topic = req.topic.map(|t| t.name).unwrap_or_default();
         if topic.is_empty() {
@@ -321,6 +388,7 @@ impl KanbanApi for GrpcKanban {
     }
 
     async fn receive_static_kanban(&self, req: Request<Topic>) -> Result<Response<StaticStream>, Status> {
+        self.admit(&req, None)?;
         let topic = req.into_inner().name;
         if topic.is_empty() || topic.len() > aion_transport::proto::MAX_TOPIC_BYTES {
             return Err(self.refuse(Status::invalid_argument("a topic name of 1 to 1024 bytes is needed")));
@@ -366,6 +434,7 @@ impl KanbanApi for GrpcKanban {
     }
 
     async fn delete_static_kanban(&self, req: Request<DeleteStaticRequest>) -> Result<Response<SendResponse>, Status> {
+        self.admit(&req, None)?;
         let req = req.into_inner();
         let topic = req.topic.map(|t| t.name).unwrap_or_default();
         if topic.is_empty() {
