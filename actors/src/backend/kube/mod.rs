@@ -605,26 +605,35 @@ impl Inner {
     async fn stop(&self, key: Key, gen: u64, signal: i32) {
         let name = {
             let mut st = held(&self.state);
-            match st.wants.get_mut(&key).filter(|w| w.gen == gen && w.phase == Phase::Running) {
-                Some(w) => {
+            match st.wants.get_mut(&key).filter(|w| w.gen == gen) {
+                // A kill after a terminate hurries it: the pods go at once.
+                Some(w) if w.phase == Phase::Running || (signal == 9 && matches!(w.phase, Phase::Stopping(_))) => {
                     w.phase = Phase::Stopping(signal);
                     Some(w.objects.name.clone())
                 }
-                None => None,
+                _ => None,
             }
         };
-        let Some(name) = name else {
-            // Already stopping (a kill after a terminate): the kill still hurries the pods.
-            if signal == 9 {
-                self.kill_pods(&key).await;
-            }
-            return;
-        };
+        let Some(name) = name else { return };
         if signal == 9 {
             self.kill_pods(&key).await;
         }
         self.delete_instance(&name).await;
-        self.mark(key);
+        self.mark(key.clone());
+        if signal == 9 {
+            // A kill ends the wait: if the API server has not confirmed the deletion by then (it is away), the
+            // exit is reported anyway (the reconciler goes on deleting; a shutdown does not hang on it).
+            tokio::time::sleep(KILL_CONFIRM).await;
+            let mut st = held(&self.state);
+            if let Some(w) = st.wants.get_mut(&key).filter(|w| w.gen == gen && w.phase == Phase::Stopping(9)) {
+                tracing::warn!(name, "the API server did not confirm the deletion; reported as stopped");
+                w.finish(ExitInfo {
+                    code: None,
+                    signal: Some(9),
+                    error: Some(format!("deletion not confirmed by the API server within {KILL_CONFIRM:?}")),
+                });
+            }
+        }
     }
 
     async fn delete_instance(&self, name: &str) {
@@ -1014,6 +1023,9 @@ async fn watch_pods(w: Weak<Inner>) -> String {
     }
     "the pod watch ended".to_owned()
 }
+
+/// How long a killed instance waits for the API server to confirm its deletion before its exit is reported.
+const KILL_CONFIRM: Duration = Duration::from_secs(10);
 
 /// How long a failed reconcile waits before it is tried again.
 const RETRY_AFTER: Duration = Duration::from_secs(1);
