@@ -61,7 +61,7 @@ microservices:
     env:
       MODE: test
   job:
-    scale: 1
+    scale: 2
     nextService:
       default:
         - name: web
@@ -86,6 +86,37 @@ async fn claim(port: u16, service: &str, n: i32, token: Option<&str>) -> tonic::
         req.metadata_mut().insert("aion-token", t.parse().unwrap());
     }
     match c.receive_kanban(req).await {
+        Ok(_) => tonic::Code::Ok,
+        Err(s) => s.code(),
+    }
+}
+
+/// `SendKanban` as `service`-`n` from here: an output, or (`terminate`) the terminate kanban naming that number.
+async fn send(port: u16, service: &str, n: i32, terminate: Option<u32>) -> tonic::Code {
+    use prost_types::value::Kind;
+    let mut c = KanbanClient::connect(format!("http://127.0.0.1:{port}")).await.expect("connect");
+    let text = |s: &str| prost_types::Value { kind: Some(Kind::StringValue(s.to_owned())) };
+    let mut fields = std::collections::BTreeMap::new();
+    let key = match terminate {
+        Some(t) => {
+            fields.insert("type".to_owned(), text("terminate"));
+            fields.insert("number".to_owned(), prost_types::Value { kind: Some(Kind::NumberValue(f64::from(t))) });
+            "service-broker"
+        }
+        None => {
+            fields.insert("text".to_owned(), text("out"));
+            "default"
+        }
+    };
+    let message = aion::transport::grpc::kanbanpb::StatusKanban {
+        connection_key: key.to_owned(),
+        process_number: n,
+        metadata: Some(prost_types::Struct { fields }),
+        ..Default::default()
+    };
+    let req =
+        aion::transport::grpc::kanbanpb::Request { microservice_name: service.to_owned(), message: Some(message) };
+    match c.send_kanban(req).await {
         Ok(_) => tonic::Code::Ok,
         Err(s) => s.code(),
     }
@@ -202,6 +233,10 @@ fn the_reconcile_loop_converges_repairs_drift_runs_jobs_again_and_gates_the_endp
     assert_eq!(rt.block_on(claim(port, "web", 1, Some(&web_token))), tonic::Code::Ok, "web-001's own credential");
     assert_eq!(rt.block_on(claim(port, "job", 1, Some(&web_token))), tonic::Code::PermissionDenied, "not job-001's");
     assert_eq!(rt.block_on(claim(port, "job", 1, None)), tonic::Code::Ok, "job-001 from its pod's IP");
+    // Nor may job-001's pod act as job-002: neither an output as job-002 nor job-002's terminate kanban.
+    assert_eq!(rt.block_on(send(port, "job", 2, None)), tonic::Code::PermissionDenied, "an output as job-002");
+    assert_eq!(rt.block_on(send(port, "job", 1, Some(2))), tonic::Code::PermissionDenied, "job-002's terminate");
+    assert_eq!(rt.block_on(send(port, "job", 1, None)), tonic::Code::Ok, "its own output");
     let refused = aion.status()["kubernetes"]["refused"].as_u64().unwrap();
     assert!(refused >= 3, "refusals are counted: {refused}");
 
@@ -542,4 +577,43 @@ fn the_shipped_manifests_pass_a_server_side_dry_run_and_their_role_is_enough_and
     }
     let (ok, out, _) = plane.kubectl_as(&kc, &["auth", "can-i", "patch", "deployments", "-n", &ns]);
     assert!(ok && out.trim() == "yes", "{out}");
+}
+
+#[test]
+fn a_stop_waits_for_the_pods_and_another_projects_objects_are_never_taken_over() {
+    let Some(plane) = k8s::shared() else { return };
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let client = rt.block_on(plane.client());
+    let ns = rt.block_on(k8s::namespace(&client, "stop"));
+    let (_kubelet, _task) = k8s::kubelet(&rt, &plane.kubeconfig, &ns);
+    let mut a = start_aion(&plane.kubeconfig, &ns, YAML, &[]);
+    a.wait_status("web-001's pod ready", |s| {
+        s["instances"].as_array().unwrap().iter().any(|i| i["service"] == "web" && i["pod"]["state"] == "ready")
+    });
+    let deps: Api<Deployment> = Api::namespaced(client.clone(), &ns);
+    let uid = rt.block_on(deps.get("web-001")).unwrap().metadata.uid;
+    // A second runtime in the namespace with the same service names: refused, with the reason; the first one's
+    // objects untouched.
+    let wrapper = vec!["env".to_owned(), format!("KUBECONFIG={}", plane.kubeconfig.display())];
+    let args = ["--backend", "kubernetes", "--namespace", &ns, "--grpc", "127.0.0.1:0", "--project", "other"];
+    let b = Runtime::start_wrapped(&wrapper, YAML, tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap(), &args);
+    let s = b.wait_status("the second runtime's web refused", |s| {
+        s["instances"].as_array().unwrap().iter().any(|i| {
+            i["service"] == "web" && i["last_exit"].as_str().is_some_and(|e| e.contains("belongs to project `demo`"))
+        })
+    });
+    assert!(s["kubernetes"]["applied"].as_u64().unwrap() <= 1, "only its own anchor: {}", s["kubernetes"]);
+    drop(b);
+    assert_eq!(rt.block_on(deps.get("web-001")).unwrap().metadata.uid, uid, "the first project's Deployment untouched");
+    // `aion stop`: the runtime ends only once its instances' pods are gone (foreground deletion) and their
+    // Services and Secrets with them.
+    assert_eq!(a.stop(), 0, "{}", a.stderr());
+    let sel = ListParams::default().labels("aion.latona.io/project=demo,app.kubernetes.io/name=web");
+    let left = rt.block_on(async {
+        Api::<Pod>::namespaced(client.clone(), &ns).list(&sel).await.unwrap().items.len()
+            + Api::<Deployment>::namespaced(client.clone(), &ns).list(&sel).await.unwrap().items.len()
+            + Api::<Service>::namespaced(client.clone(), &ns).list(&sel).await.unwrap().items.len()
+            + Api::<Secret>::namespaced(client.clone(), &ns).list(&sel).await.unwrap().items.len()
+    });
+    assert_eq!(left, 0, "web-001's objects and pods are gone when the runtime has stopped");
 }

@@ -615,13 +615,12 @@ impl Node {
                     .and_then(|a| a.rsplit_once(':'))
                     .and_then(|(_, p)| p.parse().ok())
                     .unwrap_or(k.endpoint_port);
-                let text = opts.config_path.as_ref().and_then(|p| std::fs::read_to_string(p).ok()).unwrap_or_default();
                 let kb = crate::backend::kube::KubeBackend::connect(
                     k,
                     &paths.root,
                     &cfg.device_name,
                     &cfg.debug,
-                    text,
+                    cfg.microservices.keys().cloned().collect(),
                     instances.clone(),
                 )
                 .await

@@ -188,8 +188,17 @@ impl GrpcKanban {
 
     /// The gate's verdict on a call for `service`-`instance` (`None`: an instance-less call).
     fn admit<T>(&self, req: &Request<T>, claim: Option<(&str, u32)>) -> Result<(), Status> {
+        self.admit_as(req.remote_addr(), credential(req), claim)
+    }
+
+    /// [`GrpcKanban::admit`] for a caller at `peer` with credential `token`.
+    fn admit_as(
+        &self,
+        peer: Option<SocketAddr>,
+        token: Option<String>,
+        claim: Option<(&str, u32)>,
+    ) -> Result<(), Status> {
         let Some(gate) = &self.gate else { return Ok(()) };
-        let (peer, token) = (req.remote_addr(), credential(req));
         let verdict = match claim {
             Some((s, n)) => gate.admit(s, n, peer, token.as_deref()),
             None => {
@@ -302,11 +311,9 @@ impl KanbanApi for GrpcKanban {
     }
 
     async fn send_kanban(&self, req: Request<SendRequest>) -> Result<Response<SendResponse>, Status> {
-        // The producer is `microserviceName`-`processNumber` (AION's `kanban:after` key): that is the claim.
-        let claim = req.get_ref().message.as_ref().map(|m| (req.get_ref().microservice_name.clone(), m.process_number));
-        if let Some((s, n)) = &claim {
-            self.admit(&req, Some((s, u32::try_from((*n).max(1)).unwrap_or(1))))?;
-        }
+        // The caller acts as the producer `microserviceName`-`processNumber` (AION's `kanban:after` key), or as
+        // the instance its terminate kanban names: the gate admits it as exactly that instance (below).
+        let (peer, token) = (req.remote_addr(), credential(&req));
         let req = req.into_inner();
         let service = req.microservice_name;
         let Some(message) = req.message else {
@@ -321,6 +328,12 @@ impl KanbanApi for GrpcKanban {
         let k = kanban_from_status(message);
         if let Some((name, number)) = terminate_target(&k) {
             let n = number.unwrap_or(k.process_number).clamp(1, scale);
+            // Only the instance itself ends itself (a pod cannot terminate another instance).
+            self.admit_as(peer, token.clone(), Some((&service, n)))?;
+            let producer = k.process_number.clamp(1, scale);
+            if producer != n {
+                self.admit_as(peer, token, Some((&service, producer)))?;
+            }
             if name.as_deref().is_some_and(|nm| nm != service) {
                 let detail = format!("terminate kanban from {service} names service `{}`", name.unwrap_or_default());
                 self.shared.router.dead_letter(Reason::BadTerminate, detail, Box::new(k.into_wire()));
@@ -336,6 +349,7 @@ impl KanbanApi for GrpcKanban {
         }
         // AION routed an output from `kanban:after:<service>:<processNumber>`: that instance produced it.
         let producer = k.process_number.clamp(1, scale);
+        self.admit_as(peer, token, Some((&service, producer)))?;
         let Some(slot) = self.shared.router.slot(&service, producer) else {
             return Err(self.not_found(&service));
         };

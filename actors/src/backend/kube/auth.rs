@@ -9,6 +9,10 @@
 //!   no credential; the pod network does not let one pod use another's IP).
 //!
 //! Anything else is refused (`PERMISSION_DENIED`) and counted: a pod cannot claim another instance.
+//!
+//! The trust boundary is the namespace: whoever may create pods in it can mount any instance's Secret (and so
+//! its credential) or give a pod an instance's labels; the gate keeps the instances' pods apart, not the
+//! namespace's administrators out.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -125,7 +129,8 @@ impl PodGate {
     }
 
     fn ip_owner(&self, ip: IpAddr) -> Option<(String, u32)> {
-        self.ips.read().unwrap_or_else(|p| p.into_inner()).get(&ip).cloned()
+        // An IPv4 client of a dual-stack listener arrives as ::ffff:a.b.c.d.
+        self.ips.read().unwrap_or_else(|p| p.into_inner()).get(&ip.to_canonical()).cloned()
     }
 }
 
@@ -222,6 +227,8 @@ mod tests {
         assert!(g.admit("a", 2, Some(stranger), Some(&tok)).is_ok());
         assert!(g.admit("a", 1, Some(stranger), Some(&tok)).is_err(), "a-2's credential does not open a-1");
         assert!(g.admit("a", 1, Some(a1), Some("00")).is_err(), "a wrong credential is refused even from the pod");
+        let mapped: SocketAddr = "[::ffff:10.0.0.1]:5000".parse().unwrap();
+        assert!(g.admit("a", 1, Some(mapped), None).is_ok(), "an IPv4-mapped address is its IPv4 address");
         let all = [("a".to_owned(), 1), ("a".to_owned(), 2), ("b".to_owned(), 1)];
         assert!(g.admit_any(Some(b1), None, &all).is_ok());
         assert!(g.admit_any(Some(stranger), None, &all).is_err());

@@ -30,11 +30,10 @@ use futures::{FutureExt as _, StreamExt as _};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret, Service};
-use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PropagationPolicy};
+use kube::api::{Api, ApiResource, DeleteParams, DynamicObject, ListParams, Patch, PatchParams, PropagationPolicy};
 use kube::runtime::{watcher, WatchStreamExt as _};
 use kube::{Client, Resource, ResourceExt as _};
 use objects::{InstanceObjects, Target, Workload, FIELD_MANAGER, LABEL_INSTANCE, LABEL_SERVICE};
-use serde::de::DeserializeOwned;
 use std::collections::{BTreeSet, HashMap};
 use std::fmt::Debug;
 use std::net::IpAddr;
@@ -180,6 +179,8 @@ struct State {
     caches: HashMap<Kind, Cache>,
     pods: HashMap<String, PodSeen>,
     pods_pending: Option<HashMap<String, PodSeen>>,
+    /// Instances whose `start` is writing their objects (never taken for leftovers).
+    starting: std::collections::HashSet<Key>,
     /// Instances to reconcile.
     dirty: BTreeSet<Key>,
 }
@@ -194,7 +195,7 @@ struct Inner {
     client: Client,
     target: Target,
     gate: Arc<auth::PodGate>,
-    services_yml: String,
+    services: Vec<String>,
     state: Mutex<State>,
     wake: Notify,
     stats: KubeStats,
@@ -236,16 +237,18 @@ fn seen_of<K: Resource>(o: &K) -> Seen {
     }
 }
 
-fn job_finished(j: &Job) -> Option<Result<(), String>> {
-    let conds = j.status.as_ref()?.conditions.as_ref()?;
+/// A Job's end, from its `status.conditions` (`Complete` or `Failed` true).
+fn job_finished(j: &DynamicObject) -> Option<Result<(), String>> {
+    let conds = j.data.get("status")?.get("conditions")?.as_array()?;
     for c in conds {
-        if c.status != "True" {
+        let text = |k: &str| c.get(k).and_then(|v| v.as_str());
+        if text("status") != Some("True") {
             continue;
         }
-        match c.type_.as_str() {
-            "Complete" => return Some(Ok(())),
-            "Failed" => {
-                let why = [c.reason.as_deref(), c.message.as_deref()].into_iter().flatten().collect::<Vec<_>>();
+        match text("type") {
+            Some("Complete") => return Some(Ok(())),
+            Some("Failed") => {
+                let why: Vec<&str> = [text("reason"), text("message")].into_iter().flatten().collect();
                 return Some(Err(format!("Job failed: {}", why.join(": "))));
             }
             _ => {}
@@ -254,20 +257,27 @@ fn job_finished(j: &Job) -> Option<Result<(), String>> {
     None
 }
 
-fn pod_state(p: &Pod) -> PodState {
-    let status = p.status.as_ref();
-    let phase = status.and_then(|s| s.phase.clone()).unwrap_or_else(|| "Pending".to_owned());
-    let cs = status.and_then(|s| s.container_statuses.clone()).unwrap_or_default();
-    let ready = status
-        .and_then(|s| s.conditions.as_ref())
-        .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
-    let restarts = cs.iter().map(|c| u32::try_from(c.restart_count).unwrap_or(0)).sum();
+/// What `aion status` shows of a pod, from its status.
+fn pod_state(p: &DynamicObject) -> PodState {
+    let status = p.data.get("status");
+    let text = |v: Option<&serde_json::Value>| v.and_then(|v| v.as_str()).map(str::to_owned);
+    let phase = text(status.and_then(|s| s.get("phase"))).unwrap_or_else(|| "Pending".to_owned());
+    let empty = Vec::new();
+    let cs = status.and_then(|s| s.get("containerStatuses")).and_then(|c| c.as_array()).unwrap_or(&empty);
+    let ready = status.and_then(|s| s.get("conditions")).and_then(|c| c.as_array()).is_some_and(|c| {
+        c.iter().any(|c| {
+            c.get("type").and_then(|t| t.as_str()) == Some("Ready")
+                && c.get("status").and_then(|t| t.as_str()) == Some("True")
+        })
+    });
+    let restarts = cs
+        .iter()
+        .map(|c| c.get("restartCount").and_then(|n| n.as_u64()).map_or(0, |n| u32::try_from(n).unwrap_or(u32::MAX)))
+        .fold(0u32, u32::saturating_add);
     let reason = cs.iter().find_map(|c| {
-        let st = c.state.as_ref()?;
-        st.waiting
-            .as_ref()
-            .and_then(|w| w.reason.clone())
-            .or_else(|| st.terminated.as_ref().and_then(|t| t.reason.clone()))
+        let st = c.get("state")?;
+        text(st.get("waiting").and_then(|w| w.get("reason")))
+            .or_else(|| text(st.get("terminated").and_then(|t| t.get("reason"))))
     });
     let state = match phase.as_str() {
         "Running" if ready => "ready",
@@ -283,8 +293,8 @@ fn pod_state(p: &Pod) -> PodState {
         ready,
         restarts,
         reason,
-        node: p.spec.as_ref().and_then(|s| s.node_name.clone()),
-        ip: status.and_then(|s| s.pod_ip.clone()),
+        node: text(p.data.get("spec").and_then(|s| s.get("nodeName"))),
+        ip: text(status.and_then(|s| s.get("podIP"))),
     }
 }
 
@@ -296,6 +306,7 @@ pub struct KubeBackend {
 
 impl KubeBackend {
     /// Connects (in-cluster configuration, or `KUBECONFIG` / `~/.kube/config`), writes the project's anchor
+    /// (naming `services`)
     /// (checking the API server is there and lets us), and loads or creates the credentials' key in `data_dir`.
     /// The reconciler starts with [`KubeBackend::supervisor`].
     ///
@@ -306,11 +317,16 @@ impl KubeBackend {
         data_dir: &Path,
         device_name: &str,
         debug: &str,
-        services_yml: String,
+        services: Vec<String>,
         tasks: Tasks,
     ) -> Result<KubeBackend, String> {
-        let client = Client::try_default().await.map_err(|e| format!("Kubernetes: no client configuration: {e}"))?;
-        Self::with_client(client, opts, data_dir, device_name, debug, services_yml, tasks).await
+        let mut cfg = kube::Config::infer().await.map_err(|e| format!("Kubernetes: no client configuration: {e}"))?;
+        // An API server that stops answering must not hold a call (and the broker waiting on it) for ever; a
+        // watch idle that long is simply resumed from its resource version.
+        cfg.read_timeout = Some(READ_TIMEOUT);
+        cfg.reset_reader_on_write = true;
+        let client = Client::try_from(cfg).map_err(|e| format!("Kubernetes: {e}"))?;
+        Self::with_client(client, opts, data_dir, device_name, debug, services, tasks).await
     }
 
     /// [`KubeBackend::connect`] with a given client.
@@ -323,7 +339,7 @@ impl KubeBackend {
         data_dir: &Path,
         device_name: &str,
         debug: &str,
-        services_yml: String,
+        services: Vec<String>,
         tasks: Tasks,
     ) -> Result<KubeBackend, String> {
         let namespace = opts.namespace.clone().unwrap_or_else(|| client.default_namespace().to_owned());
@@ -351,7 +367,7 @@ impl KubeBackend {
             client,
             target,
             gate: Arc::new(auth::PodGate::new(tokens)),
-            services_yml,
+            services,
             state: Mutex::new(State::default()),
             wake: Notify::new(),
             stats: KubeStats::default(),
@@ -434,12 +450,13 @@ impl KubeBackend {
 }
 
 impl Inner {
-    fn api<K>(&self) -> Api<K>
+    /// The API of kind `K`, read back as untyped objects: only what the backend looks at is decoded (the typed
+    /// decoders of Deployment, Job and Pod would add megabytes to the binary).
+    fn api<K>(&self) -> Api<DynamicObject>
     where
-        K: Resource<Scope = k8s_openapi::NamespaceResourceScope>,
-        <K as Resource>::DynamicType: Default,
+        K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>,
     {
-        Api::namespaced(self.client.clone(), &self.target.namespace)
+        Api::namespaced_with(self.client.clone(), &self.target.namespace, &ApiResource::erase::<K>(&()))
     }
 
     fn mark(&self, key: Key) {
@@ -452,18 +469,18 @@ impl Inner {
         if let Some(uid) = held(&self.state).anchor_uid.clone() {
             return Ok(objects::owner(&self.target, &uid));
         }
-        let cm = objects::anchor(&self.target, &self.services_yml);
-        let written = self.apply(&cm).await?;
+        let names: Vec<&str> = self.services.iter().map(String::as_str).collect();
+        let cm = objects::anchor(&self.target, &names);
+        let written = self.apply(&cm).await.map_err(|e| e.to_string())?;
         let uid = written.metadata.uid.unwrap_or_default();
         held(&self.state).anchor_uid = Some(uid.clone());
         Ok(objects::owner(&self.target, &uid))
     }
 
     /// Server-side apply, forced (the fields in `obj` are ours).
-    async fn apply<K>(&self, obj: &K) -> Result<K, String>
+    async fn apply<K>(&self, obj: &K) -> Result<DynamicObject, ApiFail>
     where
-        K: Resource<Scope = k8s_openapi::NamespaceResourceScope> + Clone + DeserializeOwned + serde::Serialize + Debug,
-        <K as Resource>::DynamicType: Default,
+        K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()> + serde::Serialize + Debug,
     {
         let name = obj.meta().name.clone().unwrap_or_default();
         let pp = PatchParams::apply(FIELD_MANAGER).force();
@@ -474,7 +491,11 @@ impl Inner {
             }
             Err(e) => {
                 self.stats.api_errors.fetch_add(1, Ordering::Relaxed);
-                Err(format!("cannot apply {} {name}: {}", K::kind(&Default::default()), api_err(&e)))
+                let code = match &e {
+                    kube::Error::Api(s) => Some(s.code),
+                    _ => None,
+                };
+                Err(ApiFail { code, text: format!("cannot apply {} {name}: {}", K::kind(&()), api_err(&e)) })
             }
         }
     }
@@ -482,8 +503,7 @@ impl Inner {
     /// Deletes an object (absent is fine).
     async fn delete<K>(&self, name: &str, dp: &DeleteParams) -> Result<(), String>
     where
-        K: Resource<Scope = k8s_openapi::NamespaceResourceScope> + Clone + DeserializeOwned + Debug,
-        <K as Resource>::DynamicType: Default,
+        K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>,
     {
         match self.api::<K>().delete(name, dp).await {
             Ok(_) => {
@@ -493,7 +513,7 @@ impl Inner {
             Err(e) if is_code(&e, 404) => Ok(()),
             Err(e) => {
                 self.stats.api_errors.fetch_add(1, Ordering::Relaxed);
-                Err(format!("cannot delete {} {name}: {}", K::kind(&Default::default()), api_err(&e)))
+                Err(format!("cannot delete {} {name}: {}", K::kind(&()), api_err(&e)))
             }
         }
     }
@@ -501,8 +521,7 @@ impl Inner {
     /// Waits (at most `within`) until object `name` is gone from the API server.
     async fn gone<K>(&self, name: &str, within: Duration) -> Result<(), String>
     where
-        K: Resource<Scope = k8s_openapi::NamespaceResourceScope> + Clone + DeserializeOwned + Debug,
-        <K as Resource>::DynamicType: Default,
+        K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>,
     {
         let until = Instant::now() + within;
         let mut wait = Duration::from_millis(50);
@@ -510,7 +529,7 @@ impl Inner {
             match self.api::<K>().get_opt(name).await {
                 Ok(None) => return Ok(()),
                 Ok(Some(_)) if Instant::now() < until => {}
-                Ok(Some(_)) => return Err(format!("{} {name} is still being deleted", K::kind(&Default::default()))),
+                Ok(Some(_)) => return Err(format!("{} {name} is still being deleted", K::kind(&()))),
                 Err(e) => return Err(api_err(&e)),
             }
             tokio::time::sleep(wait).await;
@@ -518,65 +537,95 @@ impl Inner {
         }
     }
 
-    /// Writes an instance's Secret, Service and workload; returns what the API server answered.
-    async fn apply_instance(&self, o: &InstanceObjects) -> Result<Applied, String> {
-        let secret = self.apply(&o.secret).await?;
+    /// Writes an instance's Secret and Service (or deletes a Service it no longer has); their resource versions.
+    async fn apply_parts(&self, o: &InstanceObjects) -> Result<(Option<String>, String), String> {
+        let secret = self.apply(&o.secret).await.map_err(|e| e.to_string())?;
         let service = match &o.service {
-            Some(s) => Some(self.apply(s).await?.metadata.resource_version.unwrap_or_default()),
+            Some(s) => {
+                Some(self.apply(s).await.map_err(|e| e.to_string())?.metadata.resource_version.unwrap_or_default())
+            }
             None => {
                 self.delete::<Service>(&format!("{}-srv", o.name), &DeleteParams::default()).await?;
                 None
             }
         };
+        Ok((service, secret.metadata.resource_version.unwrap_or_default()))
+    }
+
+    /// Writes an instance's Secret, Service and workload; returns what the API server answered.
+    async fn apply_instance(&self, o: &InstanceObjects) -> Result<Applied, String> {
+        let (service, secret) = self.apply_parts(o).await?;
         let workload = match &o.workload {
-            Workload::Deployment(d) => seen_of(&self.apply(d.as_ref()).await?),
-            Workload::Job(j) => seen_of(&self.apply(j.as_ref()).await?),
-        };
-        Ok(Applied {
-            workload: Some(workload),
-            service,
-            secret: Some(secret.metadata.resource_version.unwrap_or_default()),
-        })
+            Workload::Deployment(d) => self.apply(d.as_ref()).await,
+            Workload::Job(j) => self.apply(j.as_ref()).await,
+        }
+        .map_err(|e| e.to_string())?;
+        Ok(Applied { workload: Some(seen_of(&workload)), service, secret: Some(secret) })
     }
 
     async fn start(self: &Arc<Self>, ms: &Microservice, instance: u32, gen: u64) -> Result<Running, String> {
+        let key = (ms.name.clone(), instance);
+        // Marked as starting before the first call: the reconciler never takes its objects for leftovers.
+        held(&self.state).starting.insert(key.clone());
+        let r = tokio::time::timeout(START_WITHIN, self.start_inner(ms, instance, gen)).await;
+        held(&self.state).starting.remove(&key);
+        match r {
+            Ok(r) => r,
+            Err(_) => Err(format!("the API server did not let {}-{instance} start within {START_WITHIN:?}", ms.name)),
+        }
+    }
+
+    async fn start_inner(self: &Arc<Self>, ms: &Microservice, instance: u32, gen: u64) -> Result<Running, String> {
         objects::check(ms)?;
         let owner = self.ensure_anchor().await?;
         let token = self.gate.tokens().token(&ms.name, instance);
         let objs = objects::instance_objects(&self.target, ms, instance, &token, Some(&owner))?;
         let name = objs.name.clone();
-        let bg = DeleteParams { propagation_policy: Some(PropagationPolicy::Background), ..DeleteParams::default() };
-        match &objs.workload {
-            Workload::Deployment(_) => {
-                // `always` changed from no to yes: the Job of that name goes first.
-                self.delete::<Job>(&name, &bg).await?;
-            }
-            Workload::Job(_) => {
-                self.delete::<Deployment>(&name, &bg).await?;
-                // A finished Job is run again as a new one; a running one (an earlier run of this runtime that
-                // was killed) is adopted, never started twice.
-                if let Some(j) = self.api::<Job>().get_opt(&name).await.map_err(|e| api_err(&e))? {
-                    let done = job_finished(&j).is_some() || j.metadata.deletion_timestamp.is_some();
-                    if done {
-                        self.delete::<Job>(&name, &bg).await?;
-                        self.gone::<Job>(&name, Duration::from_secs(60)).await?;
-                    } else {
-                        tracing::info!(job = name, "adopting the Job left running by an earlier run");
-                    }
-                }
+        let fg = DeleteParams { propagation_policy: Some(PropagationPolicy::Foreground), ..DeleteParams::default() };
+        // Another project's object of that name (two runtimes in one namespace with the same service names) is
+        // never taken over.
+        for existing in [self.api::<Deployment>().get_opt(&name).await, self.api::<Job>().get_opt(&name).await] {
+            let existing = existing.map_err(|e| format!("cannot read {name}: {}", api_err(&e)))?;
+            let project =
+                existing.as_ref().and_then(|o| o.metadata.labels.as_ref()?.get(objects::LABEL_PROJECT).cloned());
+            if let Some(p) = project.filter(|p| *p != self.target.project) {
+                return Err(format!(
+                    "{name} in namespace {} belongs to project `{p}` (another runtime): give each runtime its own \
+                     namespace or services of other names",
+                    self.target.namespace
+                ));
             }
         }
-        let applied = match self.apply_instance(&objs).await {
-            Ok(a) => a,
-            // A Job's pod template cannot change: an adopted Job of an older definition is replaced.
-            Err(e) if matches!(objs.workload, Workload::Job(_)) && e.contains("422") => {
-                tracing::warn!(job = name, "replacing a Job of an older definition: {e}");
-                self.delete::<Job>(&name, &bg).await?;
-                self.gone::<Job>(&name, Duration::from_secs(60)).await?;
-                self.apply_instance(&objs).await?
+        match &objs.workload {
+            Workload::Deployment(_) => {
+                // `always` changed from no to yes: the Job of that name goes first (and its pods).
+                self.replace_job(&name, false).await?;
             }
-            Err(e) => return Err(e),
+            Workload::Job(_) => {
+                self.delete::<Deployment>(&name, &fg).await?;
+                self.gone::<Deployment>(&name, Duration::from_secs(60)).await?;
+                // A finished Job is run again as a new one; a running one (an earlier run of this runtime that
+                // was killed) is adopted, never started twice.
+                self.replace_job(&name, true).await?;
+            }
+        }
+        let (service, secret) = self.apply_parts(&objs).await?;
+        let workload = match &objs.workload {
+            Workload::Deployment(d) => self.apply(d.as_ref()).await.map_err(|e| e.to_string())?,
+            Workload::Job(j) => match self.apply(j.as_ref()).await {
+                Ok(w) => w,
+                // A Job's pod template cannot change: an adopted Job of an older definition is replaced.
+                Err(e) if e.code == Some(422) => {
+                    tracing::warn!(job = name, "replacing a running Job of an older definition: {e}");
+                    self.delete::<Job>(&name, &fg).await?;
+                    self.gone::<Job>(&name, Duration::from_secs(60)).await?;
+                    self.pods_gone(&name, Duration::from_secs(60)).await?;
+                    self.apply(j.as_ref()).await.map_err(|e| e.to_string())?
+                }
+                Err(e) => return Err(e.to_string()),
+            },
         };
+        let applied = Applied { workload: Some(seen_of(&workload)), service, secret: Some(secret) };
         let (tx, rx) = oneshot::channel();
         let key = (ms.name.clone(), instance);
         {
@@ -600,9 +649,42 @@ impl Inner {
         })
     }
 
+    /// The Job `name`, if any, removed first — with its pods — unless it is still running and `adopt` (then it is
+    /// kept: never a second copy of a running one).
+    async fn replace_job(&self, name: &str, adopt: bool) -> Result<(), String> {
+        let Some(j) = self.api::<Job>().get_opt(name).await.map_err(|e| api_err(&e))? else { return Ok(()) };
+        let running = job_finished(&j).is_none() && j.metadata.deletion_timestamp.is_none();
+        if running && adopt {
+            tracing::info!(job = name, "adopting the Job left running by an earlier run");
+            return Ok(());
+        }
+        let fg = DeleteParams { propagation_policy: Some(PropagationPolicy::Foreground), ..DeleteParams::default() };
+        self.delete::<Job>(name, &fg).await?;
+        self.gone::<Job>(name, Duration::from_secs(60)).await?;
+        self.pods_gone(name, Duration::from_secs(60)).await
+    }
+
+    /// Waits (at most `within`) until no pod of instance `name` is left.
+    async fn pods_gone(&self, name: &str, within: Duration) -> Result<(), String> {
+        let sel = format!("{},{}={name}", self.target.selector(), objects::LABEL_RUN);
+        let until = Instant::now() + within;
+        let mut wait = Duration::from_millis(50);
+        loop {
+            let left = self.api::<Pod>().list(&ListParams::default().labels(&sel)).await.map_err(|e| api_err(&e))?;
+            if left.items.is_empty() {
+                return Ok(());
+            }
+            if Instant::now() >= until {
+                return Err(format!("the pods of {name} are still being deleted"));
+            }
+            tokio::time::sleep(wait).await;
+            wait = (wait * 2).min(Duration::from_secs(1));
+        }
+    }
+
     /// Stops an instance: its objects deleted (foreground: its pods first), the exit reported when its workload
     /// is gone.
-    async fn stop(&self, key: Key, gen: u64, signal: i32) {
+    async fn stop(self: &Arc<Self>, key: Key, gen: u64, signal: i32) {
         let name = {
             let mut st = held(&self.state);
             match st.wants.get_mut(&key).filter(|w| w.gen == gen) {
@@ -616,28 +698,36 @@ impl Inner {
         };
         let Some(name) = name else { return };
         if signal == 9 {
+            // A kill ends the wait: if the API server has not confirmed the deletion by then (it is away), the
+            // exit is reported anyway (the reconciler goes on deleting; a shutdown never hangs on it).
+            let (w, k2, n2) = (Arc::downgrade(self), key.clone(), name.clone());
+            self.tasks.spawn("kube kill bound", async move {
+                tokio::time::sleep(KILL_CONFIRM).await;
+                let Some(i) = w.upgrade() else { return };
+                let mut st = held(&i.state);
+                if let Some(w) = st.wants.get_mut(&k2).filter(|w| w.gen == gen && w.phase == Phase::Stopping(9)) {
+                    tracing::warn!(name = n2, "the API server did not confirm the deletion; reported as stopped");
+                    w.finish(ExitInfo {
+                        code: None,
+                        signal: Some(9),
+                        error: Some(format!("deletion not confirmed by the API server within {KILL_CONFIRM:?}")),
+                    });
+                }
+            });
+        }
+        // The workload first (foreground: no controller makes a new pod for it), then, for a kill, its pods at once.
+        if let Err(e) = self.delete_instance(&name).await {
+            tracing::warn!(name, "{e} (retried by the reconciler)");
+        }
+        if signal == 9 {
             self.kill_pods(&key).await;
         }
-        self.delete_instance(&name).await;
-        self.mark(key.clone());
-        if signal == 9 {
-            // A kill ends the wait: if the API server has not confirmed the deletion by then (it is away), the
-            // exit is reported anyway (the reconciler goes on deleting; a shutdown does not hang on it).
-            tokio::time::sleep(KILL_CONFIRM).await;
-            let mut st = held(&self.state);
-            if let Some(w) = st.wants.get_mut(&key).filter(|w| w.gen == gen && w.phase == Phase::Stopping(9)) {
-                tracing::warn!(name, "the API server did not confirm the deletion; reported as stopped");
-                w.finish(ExitInfo {
-                    code: None,
-                    signal: Some(9),
-                    error: Some(format!("deletion not confirmed by the API server within {KILL_CONFIRM:?}")),
-                });
-            }
-        }
+        self.mark(key);
     }
 
-    async fn delete_instance(&self, name: &str) {
+    async fn delete_instance(&self, name: &str) -> Result<(), String> {
         let fg = DeleteParams { propagation_policy: Some(PropagationPolicy::Foreground), ..DeleteParams::default() };
+        let mut failed = Vec::new();
         for r in [
             self.delete::<Deployment>(name, &fg).await,
             self.delete::<Job>(name, &fg).await,
@@ -645,8 +735,13 @@ impl Inner {
             self.delete::<Secret>(&format!("{name}-aion"), &DeleteParams::default()).await,
         ] {
             if let Err(e) = r {
-                tracing::warn!(name, "{e} (retried by the reconciler)");
+                failed.push(e);
             }
+        }
+        if failed.is_empty() {
+            Ok(())
+        } else {
+            Err(failed.join("; "))
         }
     }
 
@@ -665,8 +760,11 @@ impl Inner {
         let name = objects::instance_name(&key.0, key.1);
         enum Do {
             Nothing,
-            Apply(Box<InstanceObjects>, &'static str),
+            Apply(Box<InstanceObjects>, &'static str, u64),
             Delete(&'static str),
+            /// A stopped instance's workload is not in the cache: confirmed gone by the API server first (the
+            /// watch may never have seen it).
+            ConfirmGone(i32, u64),
         }
         let todo = {
             let mut st = held(&self.state);
@@ -676,19 +774,14 @@ impl Inner {
             let svc = st.seen(Kind::Service, &format!("{name}-srv")).cloned();
             let sec = st.seen(Kind::Secret, &format!("{name}-aion")).cloned();
             let any = dep.is_some() || job.is_some() || svc.is_some() || sec.is_some();
-            let grace_over = self.started.elapsed() >= self.opts.adopt_for;
+            let grace_over = self.started.elapsed() >= self.opts.adopt_for && !st.starting.contains(key);
             match st.wants.get_mut(key) {
                 Some(w) => match w.phase {
                     Phase::Done => Do::Nothing,
                     Phase::Stopping(sig) => {
                         let workload_left = dep.is_some() || job.is_some();
                         if !workload_left {
-                            w.finish(ExitInfo { code: None, signal: Some(sig), error: None });
-                            if svc.is_some() || sec.is_some() {
-                                Do::Delete("leftovers of a stopped instance")
-                            } else {
-                                Do::Nothing
-                            }
+                            Do::ConfirmGone(sig, w.gen)
                         } else if dep.as_ref().or(job.as_ref()).is_some_and(|s| s.deleting) {
                             Do::Nothing // being deleted: its Delete event comes
                         } else {
@@ -709,13 +802,13 @@ impl Inner {
                                 Do::Nothing
                             }
                             Some(a) if a.deleting => Do::Nothing,
-                            None => Do::Apply(Box::new(w.objects.clone()), "was deleted; created again"),
+                            None => Do::Apply(Box::new(w.objects.clone()), "was deleted; created again", w.gen),
                             Some(a) if !anchor_known => {
                                 let _ = a;
-                                Do::Apply(Box::new(w.objects.clone()), "lost its project anchor; owned again")
+                                Do::Apply(Box::new(w.objects.clone()), "lost its project anchor; owned again", w.gen)
                             }
                             Some(a) if a.uid != ours.uid || a.generation != ours.generation => {
-                                Do::Apply(Box::new(w.objects.clone()), "was changed by someone else; reverted")
+                                Do::Apply(Box::new(w.objects.clone()), "was changed by someone else; reverted", w.gen)
                             }
                             Some(_) => {
                                 let svc_drift = match (&w.objects.service, &svc) {
@@ -732,6 +825,7 @@ impl Inner {
                                     Do::Apply(
                                         Box::new(w.objects.clone()),
                                         "had its Service or Secret changed; restored",
+                                        w.gen,
                                     )
                                 } else {
                                     Do::Nothing
@@ -765,16 +859,30 @@ impl Inner {
             Do::Nothing => Ok(()),
             Do::Delete(why) => {
                 tracing::info!(name, "deleting {why}");
-                self.delete_instance(&name).await;
+                self.delete_instance(&name).await
+            }
+            Do::ConfirmGone(sig, gen) => {
+                let dep = self.api::<Deployment>().get_opt(&name).await.map_err(|e| api_err(&e))?;
+                let job = self.api::<Job>().get_opt(&name).await.map_err(|e| api_err(&e))?;
+                if dep.is_some() || job.is_some() {
+                    // Still there (the watch has not seen it yet): deleted again; its Delete event comes.
+                    return self.delete_instance(&name).await;
+                }
+                // Its Service and Secret go with it, before the exit is reported.
+                self.delete_instance(&name).await?;
+                if let Some(w) = held(&self.state).wants.get_mut(key).filter(|w| w.gen == gen) {
+                    w.finish(ExitInfo { code: None, signal: Some(sig), error: None });
+                }
                 Ok(())
             }
-            Do::Apply(objs, why) => {
+            Do::Apply(objs, why, gen) => {
                 let owner = self.ensure_anchor().await?;
                 let mut objs = *objs;
                 set_owner(&mut objs, &owner);
                 let applied = self.apply_instance(&objs).await?;
                 let mut st = held(&self.state);
-                if let Some(w) = st.wants.get_mut(key).filter(|w| w.phase == Phase::Running) {
+                // Only into the incarnation it was planned for (a newer start recorded its own).
+                if let Some(w) = st.wants.get_mut(key).filter(|w| w.phase == Phase::Running && w.gen == gen) {
                     let before = w.applied.clone();
                     let changed = before.workload.as_ref().map(|s| (&s.uid, s.generation))
                         != applied.workload.as_ref().map(|s| (&s.uid, s.generation))
@@ -810,8 +918,7 @@ fn set_owner(o: &mut InstanceObjects, owner: &k8s_openapi::apimachinery::pkg::ap
 /// lives (failures are retried with backoff and counted).
 async fn watch_kind<K>(w: Weak<Inner>, kind: Kind) -> String
 where
-    K: Resource<Scope = k8s_openapi::NamespaceResourceScope> + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
-    <K as Resource>::DynamicType: Default,
+    K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>,
 {
     let stream = {
         let Some(inner) = w.upgrade() else { return "the backend is gone".to_owned() };
@@ -822,7 +929,7 @@ where
     while let Some(ev) = stream.next().await {
         let Some(inner) = w.upgrade() else { return "the backend is gone".to_owned() };
         match ev {
-            Ok(ev) => inner.on_event(kind, ev.map_seen()),
+            Ok(ev) => inner.on_event(kind, ev.map_seen(kind == Kind::Job)),
             Err(e) => {
                 inner.stats.api_errors.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(?kind, "watch failed (retried with backoff): {e}");
@@ -842,17 +949,17 @@ enum Ev {
 }
 
 trait MapSeen {
-    fn map_seen(self) -> Ev;
+    fn map_seen(self, job: bool) -> Ev;
 }
 
-impl<K: Resource + 'static> MapSeen for watcher::Event<K> {
-    fn map_seen(self) -> Ev {
-        let conv = |o: &K| {
+impl MapSeen for watcher::Event<DynamicObject> {
+    fn map_seen(self, job: bool) -> Ev {
+        let conv = |o: &DynamicObject| {
             let mut s = seen_of(o);
-            if let Some(j) = (o as &dyn std::any::Any).downcast_ref::<Job>() {
-                s.finished = job_finished(j);
+            if job {
+                s.finished = job_finished(o);
             }
-            (o.meta().name.clone().unwrap_or_default(), s)
+            (o.metadata.name.clone().unwrap_or_default(), s)
         };
         match self {
             watcher::Event::Apply(o) => {
@@ -935,8 +1042,8 @@ impl Inner {
     }
 
     /// A pod event: the instance's status and the gate's pod IPs.
-    fn on_pod(&self, ev: watcher::Event<Pod>) {
-        let seen = |p: &Pod| -> Option<(String, PodSeen)> {
+    fn on_pod(&self, ev: watcher::Event<DynamicObject>) {
+        let seen = |p: &DynamicObject| -> Option<(String, PodSeen)> {
             let key = p.metadata.labels.as_ref().and_then(key_of)?;
             let st = pod_state(p);
             let ip = st.ip.as_deref().and_then(|i| i.parse().ok());
@@ -1023,6 +1130,25 @@ async fn watch_pods(w: Weak<Inner>) -> String {
     }
     "the pod watch ended".to_owned()
 }
+
+/// A failed API call: its HTTP code when the API server answered, and a one-line text.
+#[derive(Debug)]
+struct ApiFail {
+    code: Option<u16>,
+    text: String,
+}
+
+impl std::fmt::Display for ApiFail {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.text)
+    }
+}
+
+/// How long a call to the API server may wait for its answer.
+const READ_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// How long the objects of an instance may take to be written (the broker waits for it).
+const START_WITHIN: Duration = Duration::from_secs(90);
 
 /// How long a killed instance waits for the API server to confirm its deletion before its exit is reported.
 const KILL_CONFIRM: Duration = Duration::from_secs(10);

@@ -238,12 +238,16 @@ fn meta(t: &Target, name: String, labels: BTreeMap<String, String>, owner: Optio
     }
 }
 
-/// The project's anchor: a ConfigMap every object of the project is owned by (deleting it cascades), holding
-/// the applied services.yml for people to read.
-pub fn anchor(t: &Target, services_yml: &str) -> ConfigMap {
+/// The project's anchor: a ConfigMap every object of the project is owned by (deleting it cascades). It names
+/// the device and the services (not their definitions: `env` may hold credentials, and ConfigMaps are readable
+/// by more people than Secrets).
+pub fn anchor(t: &Target, services: &[&str]) -> ConfigMap {
     ConfigMap {
         metadata: meta(t, t.anchor_name(), t.project_labels(), None),
-        data: Some(BTreeMap::from([("services.yml".to_owned(), services_yml.to_owned())])),
+        data: Some(BTreeMap::from([
+            ("deviceName".to_owned(), t.device_name.clone()),
+            ("services".to_owned(), services.join("\n")),
+        ])),
         ..ConfigMap::default()
     }
 }
