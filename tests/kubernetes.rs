@@ -60,6 +60,11 @@ microservices:
         port: 8080
     env:
       MODE: test
+  sensor:
+    backend: process
+    startup: yes
+    always: yes
+    command: ["{testkit}"]
   job:
     scale: 2
     nextService:
@@ -152,6 +157,13 @@ fn the_reconcile_loop_converges_repairs_drift_runs_jobs_again_and_gates_the_endp
     assert!(rt.block_on(svcs.get_opt("web-001-srv")).unwrap().is_some());
     assert!(rt.block_on(secrets.get_opt("web-001-aion")).unwrap().is_some());
     assert!(rt.block_on(jobs.get_opt("job-001")).unwrap().is_none(), "a Job starts with its first kanban");
+    // A service that asks for a local process (`backend: process`) runs here, not in the cluster.
+    let s = aion.wait_status("sensor connected as a local process", |s| {
+        s["instances"].as_array().unwrap().iter().any(|i| i["service"] == "sensor" && i["connected"] == true)
+    });
+    let sensor = s["instances"].as_array().unwrap().iter().find(|i| i["service"] == "sensor").unwrap().clone();
+    assert!(sensor["pid"].as_u64().unwrap() > 0 && sensor["backend"]["backend"] == "process", "{sensor}");
+    assert!(rt.block_on(deps.get_opt("sensor-001")).unwrap().is_none());
 
     // Instance status comes from the pod: the kubelet marks it Running and Ready.
     let s = aion.wait_status("web-001's pod ready in aion status", |s| {
@@ -616,4 +628,24 @@ fn a_stop_waits_for_the_pods_and_another_projects_objects_are_never_taken_over()
             + Api::<Secret>::namespaced(client.clone(), &ns).list(&sel).await.unwrap().items.len()
     });
     assert_eq!(left, 0, "web-001's objects and pods are gone when the runtime has stopped");
+}
+
+#[test]
+fn a_service_that_asks_for_kubernetes_is_refused_by_a_local_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("services.yml");
+    std::fs::write(&file, "microservices:\n  cam:\n    backend: kubernetes\n    startup: yes\n").unwrap();
+    let out = std::process::Command::new(common::AION)
+        .arg("--data-dir")
+        .arg(dir.path().join("data"))
+        .arg("run")
+        .arg(&file)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("asks for `backend: kubernetes`"), "{err}");
+    std::fs::write(&file, "microservices:\n  cam:\n    backend: cloud\n").unwrap();
+    let out = std::process::Command::new(common::AION).arg("validate").arg(&file).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && text.contains("services.yml:3:") && text.contains("`cloud` is not"), "{text}");
 }

@@ -239,6 +239,8 @@ struct Shared {
     grace: Duration,
     /// Services registered to run in-process.
     inproc: std::collections::BTreeSet<String>,
+    /// Instances run on Kubernetes (`--backend kubernetes`).
+    on_kubernetes: bool,
     /// One new configuration at a time.
     applying: tokio::sync::Mutex<()>,
     /// Cluster mode: this node is the master.
@@ -250,6 +252,36 @@ struct Shared {
     /// The Kubernetes backend, when instances run there.
     #[cfg(feature = "kube")]
     kube: Option<crate::backend::kube::KubeBackend>,
+}
+
+/// Checks that every service of `cfg` can run where it will: in-process (`inproc`), on Kubernetes (with
+/// `on_kubernetes`, unless it asks for a local process), or as a local process (which needs a `command`).
+fn runnable(cfg: &ServicesFile, inproc: impl Fn(&str) -> bool, on_kubernetes: bool) -> Result<(), String> {
+    use aion_runtime::config::BackendChoice;
+    for ms in cfg.microservices.values().filter(|m| !inproc(&m.name)) {
+        match (ms.backend, on_kubernetes) {
+            (BackendChoice::Kubernetes, false) => {
+                return Err(format!(
+                    "service `{}` asks for `backend: kubernetes`: run with `--backend kubernetes`",
+                    ms.name
+                ));
+            }
+            (BackendChoice::Process, _) | (_, false) => {
+                if ms.command.is_empty() {
+                    return Err(format!(
+                        "service `{}` has no `command`: the local-process backend needs one (an image-only service \
+                         needs the Kubernetes backend)",
+                        ms.name
+                    ));
+                }
+            }
+            _ => {
+                #[cfg(feature = "kube")]
+                crate::backend::kube::objects::check(ms)?;
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Applies a new configuration to a running node (see [`Node::apply`]).
@@ -265,12 +297,7 @@ async fn apply(s: &Shared, mut cfg: ServicesFile) -> Result<crate::routing::Chan
             current.device_name, cfg.device_name
         ));
     }
-    if let Some(ms) = cfg.microservices.values().find(|ms| ms.command.is_empty() && !s.inproc.contains(&ms.name)) {
-        return Err(format!(
-            "service `{}` has no `command`: the local-process backend needs one (an image-only service needs the Kubernetes backend)",
-            ms.name
-        ));
-    }
+    runnable(&cfg, |n| s.inproc.contains(n), s.on_kubernetes)?;
     let change = s.router.reconfigure(Arc::new(cfg));
     let grace = s.grace;
     ask(&s.broker, |tx| BrokerMsg::Reconfigure(change.clone(), grace, tx))
@@ -418,27 +445,14 @@ impl Node {
         let on_kubernetes = opts.kubernetes.is_some();
         #[cfg(not(feature = "kube"))]
         let on_kubernetes = false;
-        #[cfg(feature = "kube")]
-        if on_kubernetes {
-            if opts.grpc.is_none() {
-                return Err(NodeError::NotRunnable(
-                    "the Kubernetes backend needs the kanban endpoint on the pod network (pods reach the runtime \
-                     through it): `--grpc 0.0.0.0:11010`, not `--grpc off`"
-                        .to_owned(),
-                ));
-            }
-            for ms in opts.config.microservices.values().filter(|m| !opts.inproc.contains(&m.name)) {
-                crate::backend::kube::objects::check(ms).map_err(NodeError::NotRunnable)?;
-            }
+        if on_kubernetes && opts.grpc.is_none() {
+            return Err(NodeError::NotRunnable(
+                "the Kubernetes backend needs the kanban endpoint on the pod network (pods reach the runtime \
+                 through it): `--grpc 0.0.0.0:11010`, not `--grpc off`"
+                    .to_owned(),
+            ));
         }
-        for ms in opts.config.microservices.values() {
-            if ms.command.is_empty() && !opts.inproc.contains(&ms.name) && !on_kubernetes {
-                return Err(NodeError::NotRunnable(format!(
-                    "service `{}` has no `command`: the local-process backend needs one (an image-only service needs the Kubernetes backend)",
-                    ms.name
-                )));
-            }
-        }
+        runnable(&opts.config, |s| opts.inproc.contains(s), on_kubernetes).map_err(NodeError::NotRunnable)?;
         let paths = Paths::new(&opts.data_dir);
         paths.create().map_err(|e| NodeError::Io(format!("cannot create {}: {e}", paths.root.display())))?;
         // Before anything touches the data dir (orphans, store, sockets): one runtime per data dir.
@@ -671,13 +685,13 @@ impl Node {
         };
         let inproc_names = opts.inproc.names();
         let inproc = InProcessBackend::new(opts.inproc, endpoint.clone(), instances.clone());
+        let local = Local::new(ProcessBackend::new(env, instances.clone()), inproc);
         #[cfg(feature = "kube")]
-        let backend: SharedBackend = match &kube {
-            Some(k) => Arc::new(Local::new(k.clone(), inproc)),
-            None => Arc::new(Local::new(ProcessBackend::new(env, instances.clone()), inproc)),
+        let local = match &kube {
+            Some(k) => local.with_cluster(k.clone()),
+            None => local,
         };
-        #[cfg(not(feature = "kube"))]
-        let backend: SharedBackend = Arc::new(Local::new(ProcessBackend::new(env, instances.clone()), inproc));
+        let backend: SharedBackend = Arc::new(local);
         let (r, b, ack_timeout) = (router.clone(), backend.clone(), opts.ack_timeout);
         let grpc_reconnect = opts.grpc.map(|_| opts.grpc_reconnect);
         let (broker_spec, broker) = ChildSpec::actor("service-broker", Restart::Permanent, 4096, move || {
@@ -741,6 +755,7 @@ impl Node {
             federation,
             grace: opts.grace,
             inproc: inproc_names,
+            on_kubernetes,
             applying: tokio::sync::Mutex::new(()),
             #[cfg(feature = "cluster")]
             master: std::sync::OnceLock::new(),

@@ -157,47 +157,74 @@ pub trait Backend: Send + Sync + 'static {
     }
 }
 
-/// A node's backend: in-process services that are registered, another backend (local processes, or
-/// Kubernetes) for the rest.
+/// A node's backend: in-process services that are registered; then, with a cluster backend (Kubernetes), every
+/// service there except those that ask for a local process (`backend: process`); local processes for the rest.
 pub struct Local {
     process: Box<dyn Backend>,
     inproc: InProcessBackend,
+    cluster: Option<Box<dyn Backend>>,
+    /// With a cluster backend: the services that run as local processes (learnt from their definitions, which
+    /// the broker describes before it starts any instance).
+    local: std::sync::RwLock<std::collections::HashSet<String>>,
 }
 
 impl Local {
-    /// Both backends.
+    /// In-process services and local processes.
     pub fn new(process: impl Backend, inproc: InProcessBackend) -> Local {
-        Local { process: Box::new(process), inproc }
+        Local { process: Box::new(process), inproc, cluster: None, local: Default::default() }
+    }
+
+    /// Also a cluster backend, which runs every service that does not ask for a local process.
+    pub fn with_cluster(mut self, cluster: impl Backend) -> Local {
+        self.cluster = Some(Box::new(cluster));
+        self
     }
 
     fn pick(&self, service: &str) -> &dyn Backend {
         if self.inproc.runs(service) {
-            &self.inproc
-        } else {
-            self.process.as_ref()
+            return &self.inproc;
         }
+        match &self.cluster {
+            Some(c) if !self.local.read().unwrap_or_else(|p| p.into_inner()).contains(service) => c.as_ref(),
+            _ => self.process.as_ref(),
+        }
+    }
+
+    fn choose(&self, ms: &Microservice) -> &dyn Backend {
+        if self.cluster.is_some() {
+            let mut local = self.local.write().unwrap_or_else(|p| p.into_inner());
+            if ms.backend == aion_runtime::config::BackendChoice::Process {
+                local.insert(ms.name.clone());
+            } else {
+                local.remove(&ms.name);
+            }
+        }
+        self.pick(&ms.name)
     }
 }
 
 impl Backend for Local {
     fn start<'a>(&'a self, ms: &'a Microservice, instance: u32, gen: u64) -> BoxFuture<'a, Result<Running, String>> {
-        self.pick(&ms.name).start(ms, instance, gen)
+        self.choose(ms).start(ms, instance, gen)
     }
     fn exited(&self, service: &str, instance: u32, gen: u64) {
         self.pick(service).exited(service, instance, gen);
     }
     fn recover(&self) -> usize {
-        self.process.recover() + self.inproc.recover()
+        self.process.recover() + self.inproc.recover() + self.cluster.as_ref().map_or(0, |c| c.recover())
     }
     fn all_stopped(&self) {
         self.process.all_stopped();
         self.inproc.all_stopped();
+        if let Some(c) = &self.cluster {
+            c.all_stopped();
+        }
     }
     fn logs(&self, service: &str, instance: u32) -> LogSource {
         self.pick(service).logs(service, instance)
     }
     fn describe(&self, ms: &Microservice) -> Description {
-        self.pick(&ms.name).describe(ms)
+        self.choose(ms).describe(ms)
     }
     fn observe(&self, service: &str, instance: u32) -> Option<PodState> {
         self.pick(service).observe(service, instance)

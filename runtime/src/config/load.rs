@@ -433,6 +433,16 @@ fn microservice(cx: &mut Cx, name: &str, name_pos: Pos, node: &Node, env: &Route
                 ms.interval = int(cx, v, &p, i32::MIN as i64, i32::MAX as i64).unwrap_or_else(|| bad(&mut ok)) as i32
             }
             "workingDir" => ms.working_dir = string(cx, v, &p).filter(|s| !s.is_empty()),
+            "backend" => match string(cx, v, &p).as_deref() {
+                Some("") => ms.backend = BackendChoice::Run,
+                Some("process") | Some("local") => ms.backend = BackendChoice::Process,
+                Some("kubernetes") => ms.backend = BackendChoice::Kubernetes,
+                Some(other) => {
+                    cx.err(v.pos(), format!("{p}: `{other}` is not `process` or `kubernetes`"));
+                    ok = false;
+                }
+                None => ok = false,
+            },
             "delivery" => match string(cx, v, &p).as_deref() {
                 Some("durable") | Some("") => ms.delivery = Delivery::Durable,
                 Some("memory") => ms.delivery = Delivery::Memory,

@@ -313,6 +313,22 @@ pub struct Microservice {
     pub working_dir: Option<String>,
     /// Our extension: how kanbans queued for this service are kept (`durable`, the default, or `memory`).
     pub delivery: Delivery,
+    /// Our extension: where its instances run when the run's backend is not what this service needs.
+    #[serde(default)]
+    pub backend: BackendChoice,
+}
+
+/// Where a service's instances run (`backend:`, our extension).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendChoice {
+    /// The run's backend (`aion run --backend`).
+    #[default]
+    Run,
+    /// A local process, also when the run's backend is Kubernetes (a service that needs the device's hardware).
+    Process,
+    /// Kubernetes: the run must use `--backend kubernetes`.
+    Kubernetes,
 }
 
 /// How kanbans queued for a service are kept.
@@ -352,6 +368,7 @@ impl Microservice {
             interval: 0,
             working_dir: None,
             delivery: Delivery::Durable,
+            backend: BackendChoice::Run,
         }
     }
 
