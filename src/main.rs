@@ -9,6 +9,9 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
+#[cfg(feature = "top")]
+mod top;
+
 /// Prints a line on stdout; a closed stdout (`aion status | head -1`) ends the output, it is not worth a panic.
 macro_rules! out {
     ($($t:tt)*) => {{
@@ -144,6 +147,19 @@ enum Cmd {
     Delete,
     /// Stop the running runtime gracefully.
     Stop,
+    /// The live view in the terminal: instances with state, rates and queues, dead letters, devices, cluster
+    /// nodes, every second (`q` quits).
+    Top {
+        /// Print one frame as text and exit (also what happens when stdout is not a terminal).
+        #[arg(long)]
+        once: bool,
+        /// `--once`: the frame's width in columns.
+        #[arg(long, default_value_t = 140)]
+        width: u16,
+        /// `--once`: the frame's height in lines.
+        #[arg(long, default_value_t = 30)]
+        height: u16,
+    },
     /// Files crossing to and from other devices now (Send Anything): file, progress, rate, time left.
     Transfers {
         /// Redraw every second until no transfer is left.
@@ -214,6 +230,11 @@ struct RunArgs {
     /// exposing it beyond the host lets anyone who reaches it inject kanbans.
     #[arg(long, env = "AION_GRPC_ADDR", default_value = "127.0.0.1:11010")]
     grpc: String,
+    /// Serve the HTTP endpoint on `host:port`: Prometheus metrics (`/metrics`), health (`/healthz`, `/readyz`)
+    /// and the live web view (`/`); `off` turns it off. Loopback by default: beyond the host it shows anyone who
+    /// reaches it the services, their counters and the dead letters' reasons (docs/observability.md).
+    #[arg(long, env = "AION_HTTP_ADDR", default_value = "127.0.0.1:9480")]
+    http: String,
     /// Restart an instance whose gRPC client lost its session without a terminate kanban and did not come
     /// back within this many seconds (AION's Python client can stay alive doing nothing). 0: never.
     #[arg(long, default_value_t = 30)]
@@ -388,6 +409,7 @@ fn main() -> ExitCode {
             Ok(())
         }),
         Cmd::Transfers { follow } => block(transfers(&data_dir, follow, timeout)),
+        Cmd::Top { once, width, height } => top(&data_dir, once, width, height, timeout),
         Cmd::Stop => block(async {
             ctl(&data_dir, &Request::Stop, timeout).await?;
             out!("stop requested");
@@ -436,6 +458,75 @@ fn transfer_line(device: &str, t: &aion::actors::control::TransferReport) -> Str
 
 /// `aion transfers`: the files crossing to and from other devices now; `--follow` redraws every second until
 /// none are left (progress for a person watching a long transfer).
+#[cfg(feature = "top")]
+fn top(data_dir: &Path, once: bool, width: u16, height: u16, timeout: Duration) -> Result<(), String> {
+    use ratatui::crossterm::event::{self, Event, KeyCode, KeyModifiers};
+    let fetch = || -> Result<StatusReport, String> {
+        let v = block(ctl(data_dir, &Request::Status, timeout))?;
+        serde_json::from_value(v).map_err(|e| format!("unexpected answer from the runtime: {e}"))
+    };
+    if once || !std::io::IsTerminal::is_terminal(&std::io::stdout()) {
+        let r = fetch()?;
+        out!("{}", top::render_text(&r, width.max(40), height.max(8))?.trim_end());
+        return Ok(());
+    }
+    let first = fetch()?;
+    let mut term = ratatui::init();
+    let mut view = top::View::default();
+    let mut next = Some(first);
+    let res = loop {
+        let r = match next.take().map_or_else(&fetch, Ok) {
+            Ok(r) => r,
+            Err(e) => break Err(e),
+        };
+        view.update(&r);
+        if let Err(e) = term.draw(|f| top::draw(f, &r, &view)) {
+            break Err(e.to_string());
+        }
+        let until = std::time::Instant::now() + Duration::from_secs(1);
+        let mut quit = false;
+        while let Some(left) = until.checked_duration_since(std::time::Instant::now()) {
+            match event::poll(left) {
+                Ok(true) => {}
+                Ok(false) => break,
+                Err(e) => {
+                    quit = true;
+                    tracing::error!("terminal: {e}");
+                    break;
+                }
+            }
+            if let Ok(Event::Key(k)) = event::read() {
+                match k.code {
+                    KeyCode::Char('q') | KeyCode::Esc => quit = true,
+                    KeyCode::Char('c') if k.modifiers.contains(KeyModifiers::CONTROL) => quit = true,
+                    KeyCode::Down => view.scroll = (view.scroll + 1).min(r.instances.len().saturating_sub(1)),
+                    KeyCode::Up => view.scroll = view.scroll.saturating_sub(1),
+                    KeyCode::PageDown => view.scroll = (view.scroll + 20).min(r.instances.len().saturating_sub(1)),
+                    KeyCode::PageUp => view.scroll = view.scroll.saturating_sub(20),
+                    _ => {}
+                }
+                if quit {
+                    break;
+                }
+                // Scrolled: drawn again at once with the same status.
+                if let Err(e) = term.draw(|f| top::draw(f, &r, &view)) {
+                    tracing::error!("terminal: {e}");
+                }
+            }
+        }
+        if quit {
+            break Ok(());
+        }
+    };
+    ratatui::restore();
+    res
+}
+
+#[cfg(not(feature = "top"))]
+fn top(_: &Path, _: bool, _: u16, _: u16, _: Duration) -> Result<(), String> {
+    Err("this aion was built without `aion top` (cargo feature `top`)".into())
+}
+
 async fn transfers(data_dir: &Path, follow: bool, timeout: Duration) -> Result<(), String> {
     let tty = std::io::IsTerminal::is_terminal(&std::io::stdout());
     loop {
@@ -600,6 +691,7 @@ fn run_flags(a: RunArgs) -> Result<RunFlags, String> {
         hop_limit,
         ack_timeout,
         grpc,
+        http,
         grpc_reconnect,
         listen,
         peer_timeout,
@@ -650,6 +742,15 @@ fn run_flags(a: RunArgs) -> Result<RunFlags, String> {
             }
         },
     };
+    let http = match http.trim() {
+        "off" | "" => None,
+        addr => match addr.parse::<std::net::SocketAddr>() {
+            Ok(a) => Some(a),
+            Err(e) => {
+                return Err(format!("--http {addr:?}: expected host:port (an IP address and a port) or `off`: {e}"));
+            }
+        },
+    };
     let redis = match store.as_str() {
         "embedded" | "sqlite" => None,
         url if url.starts_with("redis://") || url.starts_with("rediss://") || url.starts_with("unix://") => {
@@ -690,6 +791,7 @@ fn run_flags(a: RunArgs) -> Result<RunFlags, String> {
             .then(|| Duration::from_secs_f64(ack_timeout.min(1e9))),
         grpc,
         grpc_reconnect: Duration::from_secs(grpc_reconnect),
+        http,
         cluster,
         kubernetes,
     })
@@ -709,6 +811,7 @@ struct RunFlags {
     ack_timeout: Option<Duration>,
     grpc: Option<std::net::SocketAddr>,
     grpc_reconnect: Duration,
+    http: Option<std::net::SocketAddr>,
     cluster: aion::actors::node::ClusterOptions,
     kubernetes: Option<KubeFlags>,
 }
@@ -803,6 +906,7 @@ fn run(data_dir: &Path, source: Source<'_>, flags: RunFlags) -> Result<(), Strin
         ack_timeout,
         grpc,
         grpc_reconnect,
+        http,
         cluster,
         kubernetes,
     } = flags;
@@ -847,6 +951,7 @@ fn run(data_dir: &Path, source: Source<'_>, flags: RunFlags) -> Result<(), Strin
     opts.ack_timeout = ack_timeout;
     opts.grpc = grpc;
     opts.grpc_reconnect = grpc_reconnect;
+    opts.http = http;
     opts.cluster = cluster;
     match kubernetes {
         None => {}

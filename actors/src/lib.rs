@@ -37,6 +37,8 @@ pub mod control;
 pub mod export;
 #[cfg(feature = "cluster")]
 pub mod federation;
+#[cfg(feature = "http")]
+pub mod http;
 pub mod node;
 pub mod paths;
 pub(crate) mod routing;

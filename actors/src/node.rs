@@ -67,6 +67,8 @@ pub struct NodeOptions {
     /// Cluster mode: links to the other devices of `devices:` (with the `cluster` feature and a cluster
     /// identity in the data dir).
     pub cluster: ClusterOptions,
+    /// The HTTP endpoint's address (`aion run --http`; metrics, health, the web view); `None`: off.
+    pub http: Option<std::net::SocketAddr>,
     /// Run instances on Kubernetes instead of as local processes (`aion run --backend kubernetes`).
     #[cfg(feature = "kube")]
     pub kubernetes: Option<crate::backend::kube::KubeOptions>,
@@ -156,6 +158,7 @@ impl NodeOptions {
             grpc: None,
             grpc_reconnect: Duration::from_secs(30),
             cluster: ClusterOptions::default(),
+            http: None,
             #[cfg(feature = "kube")]
             kubernetes: None,
         }
@@ -241,6 +244,12 @@ struct Shared {
     inproc: std::collections::BTreeSet<String>,
     /// Instances run on Kubernetes (`--backend kubernetes`).
     on_kubernetes: bool,
+    /// The HTTP endpoint's address, when it is on.
+    http: Option<String>,
+    /// The endpoints are bound and the broker started (`/readyz`).
+    started_up: std::sync::atomic::AtomicBool,
+    /// A shutdown began (`/readyz`).
+    stopping: std::sync::atomic::AtomicBool,
     /// One new configuration at a time.
     applying: tokio::sync::Mutex<()>,
     /// Cluster mode: this node is the master.
@@ -480,6 +489,25 @@ impl Node {
                 "--grpc {addr}: this aion was built without AION's gRPC API (cargo feature `grpc`)"
             )));
         }
+        // The HTTP endpoint: bound now too (a clear error when the port is taken, before anything starts).
+        #[cfg(feature = "http")]
+        let http_listener = match opts.http {
+            Some(addr) => Some(crate::http::bind(addr).map_err(NodeError::Io)?),
+            None => None,
+        };
+        #[cfg(not(feature = "http"))]
+        if let Some(addr) = opts.http {
+            return Err(NodeError::Io(format!(
+                "--http {addr}: this aion was built without the HTTP endpoint (cargo feature `http`)"
+            )));
+        }
+        #[cfg(feature = "http")]
+        let http_addr = match &http_listener {
+            Some(l) => Some(l.local_addr().map_err(|e| NodeError::Io(format!("HTTP listener: {e}")))?.to_string()),
+            None => None,
+        };
+        #[cfg(not(feature = "http"))]
+        let http_addr: Option<String> = None;
         #[cfg(feature = "grpc")]
         let kanban_addr = match &grpc_listener {
             Some(l) => {
@@ -756,6 +784,9 @@ impl Node {
             grace: opts.grace,
             inproc: inproc_names,
             on_kubernetes,
+            http: http_addr,
+            started_up: std::sync::atomic::AtomicBool::new(false),
+            stopping: std::sync::atomic::AtomicBool::new(false),
             applying: tokio::sync::Mutex::new(()),
             #[cfg(feature = "cluster")]
             master: std::sync::OnceLock::new(),
@@ -767,6 +798,12 @@ impl Node {
         #[cfg(feature = "cluster")]
         start_cluster(&shared, &opts.cluster, &paths.root);
         let node_shared = shared.clone();
+        #[cfg(feature = "http")]
+        if let Some(listener) = http_listener {
+            let stopping = shared.grpc_stop.subscribe();
+            let _ = tasks.spawn("HTTP endpoint", crate::http::serve(listener, shared.clone(), stopping));
+        }
+        shared.started_up.store(true, std::sync::atomic::Ordering::SeqCst);
         let control = tasks.spawn("control accept loop", accept_control(shared, control_listener));
         tracing::info!(data_dir = %paths.root.display(), services = cfg.microservices.len(), "runtime started");
         Ok(Node { shared: node_shared, endpoint, paths, grace: opts.grace, control, forwarder, _lock: lock })
@@ -842,6 +879,7 @@ impl Node {
     /// what was not committed was never acknowledged to its producer — but the operator should know.
     pub async fn shutdown(self) -> Result<(), String> {
         tracing::info!("shutting down");
+        self.shared.stopping.store(true, std::sync::atomic::Ordering::SeqCst);
         let _ = ask(&self.endpoint, EndpointMsg::StopAccepting).await;
         let grace = self.grace;
         let _ = ask(&self.shared.broker, |tx| BrokerMsg::Shutdown(grace, tx)).await;
@@ -1162,6 +1200,7 @@ async fn report(s: &Shared) -> StatusReport {
             last_error: st.stats.last_error.lock().ok().and_then(|l| l.clone()),
             archived: st.stats.archived.load(Ordering::Relaxed),
             archive_dropped: s.router.archive().map_or(0, |a| a.dropped.load(Ordering::Relaxed)),
+            commit_latency: st.stats.commit_latency.report(),
         }),
         log: crate::control::LogReport::now(),
         tasks: crate::control::TasksReport {
@@ -1174,6 +1213,62 @@ async fn report(s: &Shared) -> StatusReport {
         federation: federation_report(s),
         cluster: cluster_report(s).await,
         kubernetes: kube_report(s),
+        http: s.http.clone(),
+    }
+}
+
+#[cfg(feature = "http")]
+impl crate::http::Source for Shared {
+    fn report(&self) -> futures::future::BoxFuture<'_, Option<StatusReport>> {
+        Box::pin(async move {
+            // The broker answers a status request, or the runtime is not healthy.
+            ask(&self.broker, BrokerMsg::Status).await?;
+            Some(report(self).await)
+        })
+    }
+
+    fn unready(&self) -> Vec<String> {
+        let mut why = Vec::new();
+        if self.stopping.load(Ordering::SeqCst) {
+            why.push("shutting down".to_owned());
+        }
+        if !self.started_up.load(Ordering::SeqCst) {
+            why.push("starting".to_owned());
+        }
+        if let Some(st) = self.router.store() {
+            if st.stats.failing.load(Ordering::Relaxed) {
+                let last = st.stats.last_error.lock().ok().and_then(|l| l.clone()).unwrap_or_default();
+                why.push(format!("store ({}): commits are failing: {last}", st.backend()));
+            }
+        }
+        why
+    }
+
+    fn graph(&self) -> serde_json::Value {
+        let cfg = self.router.config();
+        let services: Vec<serde_json::Value> = cfg
+            .microservices
+            .values()
+            .map(|ms| {
+                let next: Vec<serde_json::Value> = ms
+                    .next_service
+                    .iter()
+                    .flat_map(|(key, targets)| {
+                        targets.iter().map(move |t| serde_json::json!({"key": key, "name": t.name, "device": t.device}))
+                    })
+                    .collect();
+                serde_json::json!({
+                    "name": ms.name,
+                    "scale": ms.scale.max(1),
+                    "always": ms.always,
+                    "startup": ms.startup,
+                    "target_node": ms.target_node,
+                    "next": next,
+                })
+            })
+            .collect();
+        let devices: Vec<&String> = cfg.devices.keys().collect();
+        serde_json::json!({"device": cfg.device_name, "services": services, "devices": devices})
     }
 }
 

@@ -201,6 +201,22 @@ pub struct StatusReport {
     /// The Kubernetes backend, when instances run there.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kubernetes: Option<KubernetesReport>,
+    /// The HTTP endpoint's address (metrics, health, the web view), when it is on.
+    #[serde(default)]
+    pub http: Option<String>,
+}
+
+/// A latency histogram in [`StoreReport`].
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct LatencyReport {
+    /// Bucket upper bounds, seconds.
+    pub bounds: Vec<f64>,
+    /// Observations per bucket (not cumulative); one more than `bounds`: the last is above every bound.
+    pub counts: Vec<u64>,
+    /// Sum of all observations, seconds.
+    pub sum_seconds: f64,
+    /// Number of observations.
+    pub count: u64,
 }
 
 /// The Kubernetes backend's part of `aion status`.
@@ -454,6 +470,9 @@ pub struct StoreReport {
     /// Archive records dropped because the replicator was behind (kanbans are never affected).
     #[serde(default)]
     pub archive_dropped: u64,
+    /// Time to commit one batch.
+    #[serde(default)]
+    pub commit_latency: LatencyReport,
 }
 
 pub(crate) fn dead_json(d: &DeadLetter) -> serde_json::Value {

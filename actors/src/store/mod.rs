@@ -317,6 +317,44 @@ pub struct StoreStats {
     pub stray_entries: AtomicU64,
     /// The last error, if any.
     pub last_error: Mutex<Option<String>>,
+    /// Time to commit one batch (updated once per batch, never per kanban).
+    pub commit_latency: LatencyHistogram,
+    /// True while the last commit attempt failed (cleared by the next success): `/readyz` says why.
+    pub failing: std::sync::atomic::AtomicBool,
+}
+
+/// Upper bounds (seconds) of [`LatencyHistogram`]'s buckets.
+pub const LATENCY_BOUNDS: [f64; 12] = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5];
+
+/// A lock-free latency histogram with fixed buckets ([`LATENCY_BOUNDS`] and one above them).
+#[derive(Debug, Default)]
+pub struct LatencyHistogram {
+    counts: [AtomicU64; 13],
+    sum_us: AtomicU64,
+    count: AtomicU64,
+}
+
+impl LatencyHistogram {
+    /// Records one observation.
+    pub fn record(&self, d: std::time::Duration) {
+        let s = d.as_secs_f64();
+        let i = LATENCY_BOUNDS.iter().position(|b| s <= *b).unwrap_or(LATENCY_BOUNDS.len());
+        if let Some(c) = self.counts.get(i) {
+            c.fetch_add(1, Ordering::Relaxed);
+        }
+        self.sum_us.fetch_add(d.as_micros().min(u128::from(u64::MAX)) as u64, Ordering::Relaxed);
+        self.count.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// What it holds now.
+    pub fn report(&self) -> crate::control::LatencyReport {
+        crate::control::LatencyReport {
+            bounds: LATENCY_BOUNDS.to_vec(),
+            counts: self.counts.iter().map(|c| c.load(Ordering::Relaxed)).collect(),
+            sum_seconds: self.sum_us.load(Ordering::Relaxed) as f64 / 1e6,
+            count: self.count.load(Ordering::Relaxed),
+        }
+    }
 }
 
 /// A kanban recovered from the store at start-up.

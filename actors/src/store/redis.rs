@@ -601,7 +601,10 @@ impl Writer {
             }
             b.replies.push(Reply::Read);
         }
+        let began = std::time::Instant::now();
         let values: Vec<Value> = b.pipe.query_async(conn).await.map_err(rerr(&self.url))?;
+        self.stats.commit_latency.record(began.elapsed());
+        self.stats.failing.store(false, Ordering::Relaxed);
         self.stats.commits.fetch_add(1, Ordering::Relaxed);
         let (mut enq, mut acked) = (0u64, 0u64);
         let mut added: HashSet<String> = HashSet::new();
@@ -883,6 +886,7 @@ async fn writer(mut w: Writer, mut rx: mpsc::Receiver<Op>) {
         while let Err(e) = w.apply(&batch, retry).await {
             // Keep the batch: nothing is acknowledged to producers until Redis has it.
             w.stats.errors.fetch_add(1, Ordering::Relaxed);
+            w.stats.failing.store(true, Ordering::Relaxed);
             tracing::error!(url = %w.url, "Redis write failed, reconnecting in {delay:?}: {e}");
             if let Ok(mut l) = w.stats.last_error.lock() {
                 *l = Some(e.to_string());

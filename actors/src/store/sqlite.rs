@@ -423,8 +423,11 @@ pub(super) fn writer(
             // Reads need no space: pages that arrived during a retry are answered at once (a consumer paging its
             // backlog in is what frees space on a full store).
             serve_pages(&conn, &mut batch);
+            let began = std::time::Instant::now();
             match apply(&conn, &batch) {
                 Ok((enq, acked, archived)) => {
+                    stats.commit_latency.record(began.elapsed());
+                    stats.failing.store(false, Ordering::Relaxed);
                     stats.commits.fetch_add(1, Ordering::Relaxed);
                     stats.enqueued.fetch_add(enq, Ordering::Relaxed);
                     stats.acked.fetch_add(acked, Ordering::Relaxed);
@@ -459,6 +462,7 @@ pub(super) fn writer(
                         }
                     }
                     stats.errors.fetch_add(1, Ordering::Relaxed);
+                    stats.failing.store(true, Ordering::Relaxed);
                     tracing::error!(path = %path.display(), "store commit failed, retrying in {delay:?}: {e}");
                     if let Ok(mut l) = stats.last_error.lock() {
                         *l = Some(e.to_string());
