@@ -59,7 +59,7 @@ aion(md, 'cluster', 'init', '--name', 'm')
 tok = aion(md, 'cluster', 'token').strip().splitlines()[-1]
 ma = f'127.0.0.1:{port()}'
 t0 = time.monotonic()
-m = subprocess.Popen([AION, '--data-dir', md, 'master', '--name', 'm', '--listen', ma, '--grpc', 'off'],
+m = subprocess.Popen([AION, '--data-dir', md, 'master', '--name', 'm', '--listen', ma, '--grpc', 'off', '--http', '127.0.0.1:0'],
                      stderr=subprocess.PIPE, text=True)
 for line in m.stderr:
     if 'runtime started' in line:
@@ -69,7 +69,7 @@ for line in m.stderr:
 import threading
 threading.Thread(target=lambda: [None for _ in m.stderr], daemon=True).start()
 w = subprocess.Popen([AION, '--data-dir', wd, 'worker', '--join', ma, '--token', tok, '--name', 'w1',
-                      '--listen', f'127.0.0.1:{port()}', '--grpc', 'off'],
+                      '--listen', f'127.0.0.1:{port()}', '--grpc', 'off', '--http', '127.0.0.1:0'],
                      stderr=subprocess.DEVNULL)
 wait('the worker attached', lambda: (s := status(md)) and any(n['name'] == 'w1' and n['connected'] for n in s['cluster']['nodes']))
 proj = os.path.join(tmp, 'p.yml')
