@@ -312,6 +312,9 @@ pub struct DeviceReport {
     pub outbox: usize,
     /// Of which sent and not yet acknowledged.
     pub in_flight: usize,
+    /// How long the oldest kanban sent and not yet acknowledged has waited (milliseconds), if any.
+    #[serde(default)]
+    pub oldest_in_flight_ms: Option<u64>,
     /// Kanbans sent, acknowledged, sent again.
     pub sent: u64,
     /// Acknowledged by it.

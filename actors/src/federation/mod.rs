@@ -571,6 +571,11 @@ impl Federation {
                     rtt_us: (rtt > 0).then_some(rtt),
                     outbox: routes.iter().map(|s| s.depth() + s.inflight()).sum(),
                     in_flight: routes.iter().map(|s| s.inflight()).sum(),
+                    oldest_in_flight_ms: routes
+                        .iter()
+                        .filter_map(|s| s.oldest_inflight_age())
+                        .max()
+                        .map(|a| a.as_millis().min(u128::from(u64::MAX)) as u64),
                     sent: p.sent.load(Ordering::Relaxed),
                     acked: p.acked.load(Ordering::Relaxed),
                     resent: p.resent.load(Ordering::Relaxed),

@@ -167,6 +167,17 @@ impl Collector for Snapshot {
             gauge(&mut e, "aion_link_rtt_seconds", "Round-trip time of the link's last ping.", &rtt)?;
             let out: Vec<(Labels, f64)> = f.devices.iter().map(|d| (dev(&d.name), d.outbox as f64)).collect();
             gauge(&mut e, "aion_outbox_kanbans", "Kanbans waiting to be sent to the device.", &out)?;
+            let age: Vec<(Labels, f64)> = f
+                .devices
+                .iter()
+                .map(|d| (dev(&d.name), d.oldest_in_flight_ms.map_or(0.0, |ms| ms as f64 / 1e3)))
+                .collect();
+            gauge(
+                &mut e,
+                "aion_outbox_oldest_unacknowledged_age_seconds",
+                "How long the oldest kanban sent to the device has waited for its acknowledgement (0: none).",
+                &age,
+            )?;
             let sent: Vec<(Labels, u64)> = f.devices.iter().map(|d| (dev(&d.name), d.sent)).collect();
             counter(&mut e, "aion_link_kanbans_sent", "Kanbans sent to the device.", &sent)?;
             let bytes: Vec<(Labels, u64)> = f.devices.iter().map(|d| (dev(&d.name), d.files.sent_bytes)).collect();
