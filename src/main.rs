@@ -225,9 +225,10 @@ struct RunArgs {
     /// (0: no limit).
     #[arg(long, default_value_t = aion::actors::DEFAULT_HOP_LIMIT)]
     hop_limit: u32,
-    /// Serve AION's gRPC kanban API (`kanbanpb.Kanban`, plaintext HTTP/2, no authentication) on `host:port`
-    /// for unmodified AION microservices, which get `KANBAN_ADDR`; `off` turns it off. Loopback by default:
-    /// exposing it beyond the host lets anyone who reaches it inject kanbans.
+    /// Serve AION's gRPC kanban API (`kanbanpb.Kanban`, plaintext HTTP/2) on `host:port` for unmodified AION
+    /// microservices, which get `KANBAN_ADDR`; `off` turns it off. Loopback by default: exposing it beyond the
+    /// host lets anyone who reaches it inject kanbans (with `--backend kubernetes` it admits each pod only as its
+    /// own instance).
     #[arg(long, env = "AION_GRPC_ADDR", default_value = "127.0.0.1:11010")]
     grpc: String,
     /// Serve the HTTP endpoint on `host:port`: Prometheus metrics (`/metrics`), health (`/healthz`, `/readyz`)
@@ -733,24 +734,8 @@ fn run_flags(a: RunArgs) -> Result<RunFlags, String> {
         aion::runtime::config::parse_bytes(&transfer_quota).map_err(|e| format!("--transfer-quota: {e}"))? as u64;
     cluster.outbox_max_age =
         aion::runtime::config::parse_age(&outbox_max_age).map_err(|e| format!("--outbox-max-age: {e}"))?;
-    let grpc = match grpc.trim() {
-        "off" | "" => None,
-        addr => match addr.parse::<std::net::SocketAddr>() {
-            Ok(a) => Some(a),
-            Err(e) => {
-                return Err(format!("--grpc {addr:?}: expected host:port (an IP address and a port) or `off`: {e}"));
-            }
-        },
-    };
-    let http = match http.trim() {
-        "off" | "" => None,
-        addr => match addr.parse::<std::net::SocketAddr>() {
-            Ok(a) => Some(a),
-            Err(e) => {
-                return Err(format!("--http {addr:?}: expected host:port (an IP address and a port) or `off`: {e}"));
-            }
-        },
-    };
+    let grpc = listen_addr("--grpc", &grpc)?;
+    let http = listen_addr("--http", &http)?;
     let redis = match store.as_str() {
         "embedded" | "sqlite" => None,
         url if url.starts_with("redis://") || url.starts_with("rediss://") || url.starts_with("unix://") => {
@@ -795,6 +780,17 @@ fn run_flags(a: RunArgs) -> Result<RunFlags, String> {
         cluster,
         kubernetes,
     })
+}
+
+/// A listening address flag: `host:port`, or `off` (or empty) for none.
+fn listen_addr(flag: &str, value: &str) -> Result<Option<std::net::SocketAddr>, String> {
+    match value.trim() {
+        "off" | "" => Ok(None),
+        addr => addr
+            .parse()
+            .map(Some)
+            .map_err(|e| format!("{flag} {addr:?}: expected host:port (an IP address and a port) or `off`: {e}")),
+    }
 }
 
 struct RunFlags {

@@ -40,6 +40,19 @@ fn wait_api<T>(
     wait_until(what, LIMIT, || rt.block_on(f()))
 }
 
+/// Waits until `api` has the object `name` and `ok` holds for it; returns it.
+fn wait_object<K>(rt: &tokio::runtime::Runtime, api: &Api<K>, name: &str, what: &str, ok: impl Fn(&K) -> bool) -> K
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    wait_until(what, LIMIT, || rt.block_on(api.get_opt(name)).ok().flatten().filter(|o| ok(o)))
+}
+
+/// True once the status shows `service`'s pod ready.
+fn pod_ready(s: &serde_json::Value, service: &str) -> bool {
+    s["instances"].as_array().is_some_and(|a| a.iter().any(|i| i["service"] == service && i["pod"]["state"] == "ready"))
+}
+
 fn start_aion(kubeconfig: &Path, ns: &str, yaml: &str, extra: &[&str]) -> Runtime {
     let wrapper = vec!["env".to_owned(), format!("KUBECONFIG={}", kubeconfig.display())];
     let mut args = vec!["--backend", "kubernetes", "--namespace", ns, "--grpc", "127.0.0.1:0", "--project", "demo"];
@@ -143,10 +156,7 @@ fn the_reconcile_loop_converges_repairs_drift_runs_jobs_again_and_gates_the_endp
     let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns);
 
     // Converged: the startup service's Deployment, Service and Secret, owned by the project's anchor.
-    let d = wait_api(&rt, "Deployment web-001", || {
-        let deps = deps.clone();
-        Box::pin(async move { deps.get_opt("web-001").await.unwrap() })
-    });
+    let d = wait_object(&rt, &deps, "web-001", "Deployment web-001", |_| true);
     let anchor = rt.block_on(Api::<ConfigMap>::namespaced(client.clone(), &ns).get("aion-project-demo")).unwrap();
     assert_eq!(d.metadata.owner_references.as_ref().unwrap()[0].uid, anchor.metadata.uid.clone().unwrap());
     assert_eq!(d.metadata.managed_fields.as_ref().unwrap()[0].manager.as_deref(), Some("aion"));
@@ -166,9 +176,7 @@ fn the_reconcile_loop_converges_repairs_drift_runs_jobs_again_and_gates_the_endp
     assert!(rt.block_on(deps.get_opt("sensor-001")).unwrap().is_none());
 
     // Instance status comes from the pod: the kubelet marks it Running and Ready.
-    let s = aion.wait_status("web-001's pod ready in aion status", |s| {
-        s["instances"].as_array().unwrap().iter().any(|i| i["service"] == "web" && i["pod"]["state"] == "ready")
-    });
+    let s = aion.wait_status("web-001's pod ready in aion status", |s| pod_ready(s, "web"));
     let web = s["instances"].as_array().unwrap().iter().find(|i| i["service"] == "web").unwrap().clone();
     assert_eq!(web["pod"]["node"], k8s::NODE, "{web}");
     assert!(web["pod"]["pod"].as_str().unwrap().starts_with("web-001-"), "{web}");
@@ -178,51 +186,32 @@ fn the_reconcile_loop_converges_repairs_drift_runs_jobs_again_and_gates_the_endp
     // Drift 1: the Deployment deleted → created again (a new object).
     let uid = d.metadata.uid.clone().unwrap();
     rt.block_on(deps.delete("web-001", &DeleteParams::background())).unwrap();
-    wait_api(&rt, "web-001 created again", || {
-        let (deps, uid) = (deps.clone(), uid.clone());
-        Box::pin(
-            async move { deps.get_opt("web-001").await.unwrap().filter(|d| d.metadata.uid.as_deref() != Some(&uid)) },
-        )
-    });
+    wait_object(&rt, &deps, "web-001", "web-001 created again", |d| d.metadata.uid.as_deref() != Some(&uid));
     // Drift 2: scaled to 0 by someone else → back to 1.
     let other = PatchParams::apply("someone-else").force();
     let scale0 = serde_json::json!({"apiVersion": "apps/v1", "kind": "Deployment", "spec": {"replicas": 0}});
     rt.block_on(deps.patch("web-001", &other, &Patch::Apply(&scale0))).unwrap();
-    wait_api(&rt, "web-001 scaled back to 1", || {
-        let deps = deps.clone();
-        Box::pin(async move {
-            let d = deps.get("web-001").await.unwrap();
-            (d.spec.unwrap().replicas == Some(1) && d.metadata.generation.unwrap_or(0) > 1).then_some(())
-        })
+    wait_object(&rt, &deps, "web-001", "web-001 scaled back to 1", |d| {
+        d.spec.as_ref().and_then(|s| s.replicas) == Some(1) && d.metadata.generation.unwrap_or(0) > 1
     });
     // Drift 3: a foreign edit of a field we own (the image) → reverted.
     let edit =
         serde_json::json!({"spec": {"template": {"spec": {"containers": [{"name": "web-001", "image": "evil:1"}]}}}});
     rt.block_on(deps.patch("web-001", &PatchParams::default(), &Patch::Strategic(&edit))).unwrap();
-    wait_api(&rt, "the image edit reverted", || {
-        let deps = deps.clone();
-        Box::pin(async move {
-            let d = deps.get("web-001").await.unwrap();
-            let image = d.spec.unwrap().template.spec.unwrap().containers[0].image.clone();
-            (image.as_deref() == Some("latonaio/web:1.0")).then_some(())
-        })
+    wait_object(&rt, &deps, "web-001", "the image edit reverted", |d| {
+        let image = d.spec.as_ref().and_then(|s| s.template.spec.as_ref()).map(|p| p.containers[0].image.clone());
+        image == Some(Some("latonaio/web:1.0".to_owned()))
     });
     // Drift 4: the Service deleted → restored.
     rt.block_on(svcs.delete("web-001-srv", &DeleteParams::default())).unwrap();
-    wait_api(&rt, "web-001-srv restored", || {
-        let svcs = svcs.clone();
-        Box::pin(async move { svcs.get_opt("web-001-srv").await.unwrap() })
-    });
+    wait_object(&rt, &svcs, "web-001-srv", "web-001-srv restored", |_| true);
     // (Counted once the runtime has the API server's answer, which may come after the test sees the object.)
     aion.wait_status("four drifts repaired and counted", |s| s["kubernetes"]["drift_repaired"].as_u64() >= Some(4));
     assert!(aion.stderr().contains("drift"), "drift is logged");
 
     // A Job: started by a kanban, one copy.
     aion.send("job", &["--key", "default"]);
-    let j1 = wait_api(&rt, "Job job-001", || {
-        let jobs = jobs.clone();
-        Box::pin(async move { jobs.get_opt("job-001").await.unwrap() })
-    });
+    let j1 = wait_object(&rt, &jobs, "job-001", "Job job-001", |_| true);
     // The endpoint: the pod (by its IP, here) may be job-001, not web-001; a credential opens its own instance only.
     let port = grpc_port(&aion);
     wait_api(&rt, "job-001's pod running", || {
@@ -260,10 +249,7 @@ fn the_reconcile_loop_converges_repairs_drift_runs_jobs_again_and_gates_the_endp
     kubelet.lock().unwrap().complete.clear();
     // A later kanban runs it again: a new Job (the finished one replaced), never two.
     aion.send("job", &["--key", "default"]);
-    let j2 = wait_api(&rt, "job-001 run again", || {
-        let (jobs, uid) = (jobs.clone(), j1.metadata.uid.clone());
-        Box::pin(async move { jobs.get_opt("job-001").await.unwrap().filter(|j| j.metadata.uid != uid) })
-    });
+    let j2 = wait_object(&rt, &jobs, "job-001", "job-001 run again", |j| j.metadata.uid != j1.metadata.uid);
     assert!(j2.status.as_ref().and_then(|s| s.succeeded).unwrap_or(0) == 0, "the new Job has not run yet");
     let all = rt.block_on(jobs.list(&ListParams::default())).unwrap();
     assert_eq!(all.items.len(), 1, "one Job per instance");
@@ -349,16 +335,11 @@ fn a_watch_back_from_a_compacted_version_relists_and_misses_no_deletion() {
         .unwrap();
     let aion = start_aion(&kc, &ns, YAML, &["--kube-resync", "3600"]);
     let deps: Api<Deployment> = Api::namespaced(client.clone(), &ns);
-    let d = wait_api(&rt, "Deployment web-001", || {
-        let deps = deps.clone();
-        Box::pin(async move { deps.get_opt("web-001").await.unwrap() })
-    });
+    let d = wait_object(&rt, &deps, "web-001", "Deployment web-001", |_| true);
     // Settled first: every watch listed, the pod seen ready (a cut in the middle of the first writes would be
     // repaired by the reconciler's retry instead of by the relist this test is about).
-    let s = aion.wait_status("web-001's pod ready", |s| {
-        s["kubernetes"]["relists"].as_u64() >= Some(5)
-            && s["instances"].as_array().unwrap().iter().any(|i| i["service"] == "web" && i["pod"]["state"] == "ready")
-    });
+    let s = aion
+        .wait_status("web-001's pod ready", |s| s["kubernetes"]["relists"].as_u64() >= Some(5) && pod_ready(s, "web"));
     let before = s["kubernetes"]["relists"].as_u64().unwrap();
     // The network goes; meanwhile the Deployment is deleted (an event the runtime cannot see) and etcd is
     // compacted past the runtime's last resource version.
@@ -378,10 +359,7 @@ fn a_watch_back_from_a_compacted_version_relists_and_misses_no_deletion() {
     relay.cut(false);
     // Back: the watch from the old version gets 410, relists, finds the Deployment gone and creates it again
     // (the periodic resync is an hour away: only the relist can see it).
-    wait_api(&rt, "web-001 created again after the relist", || {
-        let (deps, uid) = (deps.clone(), d.metadata.uid.clone());
-        Box::pin(async move { deps.get_opt("web-001").await.unwrap().filter(|x| x.metadata.uid != uid) })
-    });
+    wait_object(&rt, &deps, "web-001", "web-001 created again after the relist", |x| x.metadata.uid != d.metadata.uid);
     let after = aion.status()["kubernetes"]["relists"].as_u64().unwrap();
     assert!(after > before, "the watches relisted ({before} → {after}):\n{}", aion.stderr());
 }
@@ -445,10 +423,7 @@ fn deleting_the_project_anchor_cascades_to_every_object() {
     let (_kubelet, _task) = k8s::kubelet(&rt, &plane.kubeconfig, &ns);
     let mut aion = start_aion(&plane.kubeconfig, &ns, YAML, &[]);
     let deps: Api<Deployment> = Api::namespaced(client.clone(), &ns);
-    wait_api(&rt, "Deployment web-001", || {
-        let deps = deps.clone();
-        Box::pin(async move { deps.get_opt("web-001").await.unwrap() })
-    });
+    wait_object(&rt, &deps, "web-001", "Deployment web-001", |_| true);
     // The runtime is gone without cleaning up (kill -9); the project is deleted by its anchor.
     aion.kill9();
     let cms: Api<ConfigMap> = Api::namespaced(client.clone(), &ns);
@@ -568,13 +543,8 @@ fn the_shipped_manifests_pass_a_server_side_dry_run_and_their_role_is_enough_and
     let (_kubelet, _task) = k8s::kubelet(&rt, &plane.kubeconfig, &ns);
     let aion = start_aion(&kc, &ns, YAML, &[]);
     let deps: Api<Deployment> = Api::namespaced(client.clone(), &ns);
-    wait_api(&rt, "Deployment web-001 written with the ServiceAccount's token", || {
-        let deps = deps.clone();
-        Box::pin(async move { deps.get_opt("web-001").await.unwrap() })
-    });
-    aion.wait_status("the pod seen through the ServiceAccount's watch", |s| {
-        s["instances"].as_array().unwrap().iter().any(|i| i["service"] == "web" && i["pod"]["state"] == "ready")
-    });
+    wait_object(&rt, &deps, "web-001", "Deployment web-001 written with the ServiceAccount's token", |_| true);
+    aion.wait_status("the pod seen through the ServiceAccount's watch", |s| pod_ready(s, "web"));
     assert_eq!(aion.status()["kubernetes"]["api_errors"], 0, "{}", aion.stderr());
     // Outside its scope: 403.
     for args in [
@@ -599,9 +569,7 @@ fn a_stop_waits_for_the_pods_and_another_projects_objects_are_never_taken_over()
     let ns = rt.block_on(k8s::namespace(&client, "stop"));
     let (_kubelet, _task) = k8s::kubelet(&rt, &plane.kubeconfig, &ns);
     let mut a = start_aion(&plane.kubeconfig, &ns, YAML, &[]);
-    a.wait_status("web-001's pod ready", |s| {
-        s["instances"].as_array().unwrap().iter().any(|i| i["service"] == "web" && i["pod"]["state"] == "ready")
-    });
+    a.wait_status("web-001's pod ready", |s| pod_ready(s, "web"));
     let deps: Api<Deployment> = Api::namespaced(client.clone(), &ns);
     let uid = rt.block_on(deps.get("web-001")).unwrap().metadata.uid;
     // A second runtime in the namespace with the same service names: refused, with the reason; the first one's

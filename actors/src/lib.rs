@@ -37,6 +37,8 @@ pub mod control;
 pub mod export;
 #[cfg(feature = "cluster")]
 pub mod federation;
+#[cfg(any(feature = "cluster", feature = "kube"))]
+pub(crate) mod hex;
 #[cfg(feature = "http")]
 pub mod http;
 pub mod node;

@@ -1167,6 +1167,11 @@ async fn handle_request(s: &Shared, line: &[u8]) -> Vec<u8> {
 
 async fn report(s: &Shared) -> StatusReport {
     let instances = ask(&s.broker, BrokerMsg::Status).await.unwrap_or_default();
+    report_with(s, instances).await
+}
+
+/// The status document around the broker's answer.
+async fn report_with(s: &Shared, instances: Vec<crate::InstanceStatus>) -> StatusReport {
     let recent = s.router.dead.recent();
     StatusReport {
         device_name: s.router.config().device_name.clone(),
@@ -1222,8 +1227,8 @@ impl crate::http::Source for Shared {
     fn report(&self) -> futures::future::BoxFuture<'_, Option<StatusReport>> {
         Box::pin(async move {
             // The broker answers a status request, or the runtime is not healthy.
-            ask(&self.broker, BrokerMsg::Status).await?;
-            Some(report(self).await)
+            let instances = ask(&self.broker, BrokerMsg::Status).await?;
+            Some(report_with(self, instances).await)
         })
     }
 

@@ -121,6 +121,21 @@ impl Paths {
     }
 }
 
+/// Writes a file only its owner may read (mode 0600; keys, identities), whole or not at all: written to a
+/// temporary name, synced, renamed into place.
+///
+/// # Errors
+/// The file cannot be written.
+pub fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp)?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)
+}
+
 /// The default data directory: `$AION_HOME` if set, else `/var/lib/aion` for root, else
 /// `$XDG_STATE_HOME/aion` or `~/.local/state/aion`.
 pub fn default_data_dir() -> PathBuf {

@@ -145,14 +145,7 @@ fn ca_params() -> CertificateParams {
 }
 
 fn write_private(path: &Path, data: &str) -> Result<(), TlsError> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let tmp = path.with_extension("tmp");
-    let mut f =
-        std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp).map_err(io(&tmp))?;
-    f.write_all(data.as_bytes()).map_err(io(&tmp))?;
-    f.sync_all().map_err(io(&tmp))?;
-    std::fs::rename(&tmp, path).map_err(io(path))
+    crate::paths::write_private(path, data.as_bytes()).map_err(io(path))
 }
 
 fn write_public(path: &Path, data: &str) -> Result<(), TlsError> {
@@ -362,18 +355,7 @@ pub fn revoke(dir: &ClusterDir, name: &str) -> Result<String, TlsError> {
     Ok(pem)
 }
 
-/// Lower-case hex of `b`.
-pub(crate) fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
-}
-
-/// The bytes of hex `s` (`None`: not hex).
-pub(crate) fn unhex(s: &str) -> Option<Vec<u8>> {
-    s.len()
-        .is_multiple_of(2)
-        .then(|| (0..s.len()).step_by(2).map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok()).collect())
-        .flatten()
-}
+pub(crate) use crate::hex::{hex, unhex};
 
 /// SHA-256, hex.
 fn sha256_hex(data: &[u8]) -> String {

@@ -158,32 +158,29 @@ impl Collector for Snapshot {
             d.encode_family(&b)?.encode_histogram::<Labels>(h.sum_seconds, h.count, &buckets, None)?;
         }
         if let Some(f) = &r.federation {
-            let dev = |n: &str| -> Labels { vec![("device", n.to_owned())] };
-            let up: Vec<(Labels, f64)> =
-                f.devices.iter().map(|d| (dev(&d.name), f64::from(u8::from(d.state == "up")))).collect();
+            // One series per device (a device without the value has none).
+            let per_dev = |v: &dyn Fn(&crate::control::DeviceReport) -> Option<f64>| -> Vec<(Labels, f64)> {
+                f.devices.iter().filter_map(|d| Some((vec![("device", d.name.clone())], v(d)?))).collect()
+            };
+            let up = per_dev(&|d| Some(f64::from(u8::from(d.state == "up"))));
             gauge(&mut e, "aion_link_up", "1 while the link to the device is up.", &up)?;
-            let rtt: Vec<(Labels, f64)> =
-                f.devices.iter().filter_map(|d| Some((dev(&d.name), d.rtt_us? as f64 / 1e6))).collect();
+            let rtt = per_dev(&|d| Some(d.rtt_us? as f64 / 1e6));
             gauge(&mut e, "aion_link_rtt_seconds", "Round-trip time of the link's last ping.", &rtt)?;
-            let out: Vec<(Labels, f64)> = f.devices.iter().map(|d| (dev(&d.name), d.outbox as f64)).collect();
+            let out = per_dev(&|d| Some(d.outbox as f64));
             gauge(&mut e, "aion_outbox_kanbans", "Kanbans waiting to be sent to the device.", &out)?;
-            let age: Vec<(Labels, f64)> = f
-                .devices
-                .iter()
-                .map(|d| (dev(&d.name), d.oldest_in_flight_ms.map_or(0.0, |ms| ms as f64 / 1e3)))
-                .collect();
+            let age = per_dev(&|d| Some(d.oldest_in_flight_ms.map_or(0.0, |ms| ms as f64 / 1e3)));
             gauge(
                 &mut e,
                 "aion_outbox_oldest_unacknowledged_age_seconds",
                 "How long the oldest kanban sent to the device has waited for its acknowledgement (0: none).",
                 &age,
             )?;
+            let dev = |n: &str| -> Labels { vec![("device", n.to_owned())] };
             let sent: Vec<(Labels, u64)> = f.devices.iter().map(|d| (dev(&d.name), d.sent)).collect();
             counter(&mut e, "aion_link_kanbans_sent", "Kanbans sent to the device.", &sent)?;
             let bytes: Vec<(Labels, u64)> = f.devices.iter().map(|d| (dev(&d.name), d.files.sent_bytes)).collect();
             counter(&mut e, "aion_link_file_bytes_sent", "File bytes sent to the device (Send Anything).", &bytes)?;
-            let seen: Vec<(Labels, f64)> =
-                f.devices.iter().filter_map(|d| Some((dev(&d.name), d.last_seen_ms? as f64 / 1e3))).collect();
+            let seen = per_dev(&|d| Some(d.last_seen_ms? as f64 / 1e3));
             gauge(&mut e, "aion_link_last_seen_age_seconds", "Time since the device was last heard.", &seen)?;
         }
         if let Some(c) = &r.cluster {
@@ -197,33 +194,24 @@ impl Collector for Snapshot {
             )?;
         }
         if let Some(k) = &r.kubernetes {
-            counter(
-                &mut e,
-                "aion_kube_applied",
-                "Objects written to the Kubernetes API server.",
-                &[(vec![], k.applied)],
-            )?;
-            counter(&mut e, "aion_kube_drift_repaired", "Drift repaired.", &[(vec![], k.drift_repaired)])?;
-            counter(
-                &mut e,
-                "aion_kube_api_errors",
-                "Failed Kubernetes API calls (retried).",
-                &[(vec![], k.api_errors)],
-            )?;
-            counter(&mut e, "aion_kube_relists", "Watches restarted with a full list.", &[(vec![], k.relists)])?;
-            counter(
-                &mut e,
-                "aion_kube_endpoint_refused",
-                "Endpoint calls refused by the pod gate.",
-                &[(vec![], k.refused)],
-            )?;
+            for (name, help, v) in [
+                ("aion_kube_applied", "Objects written to the Kubernetes API server.", k.applied),
+                ("aion_kube_drift_repaired", "Drift repaired.", k.drift_repaired),
+                ("aion_kube_api_errors", "Failed Kubernetes API calls (retried).", k.api_errors),
+                ("aion_kube_relists", "Watches restarted with a full list.", k.relists),
+                ("aion_kube_endpoint_refused", "Endpoint calls refused by the pod gate.", k.refused),
+            ] {
+                counter(&mut e, name, help, &[(vec![], v)])?;
+            }
         }
         gauge(&mut e, "aion_uptime_seconds", "Time since the runtime started.", &[(vec![], r.uptime_secs as f64)])?;
-        if let Some(v) = rss_bytes() {
-            gauge(&mut e, "process_resident_memory_bytes", "Resident memory.", &[(vec![], v)])?;
-        }
-        if let Some(v) = open_fds() {
-            gauge(&mut e, "process_open_fds", "Open file descriptors.", &[(vec![], v)])?;
+        for (name, help, v) in [
+            ("process_resident_memory_bytes", "Resident memory.", rss_bytes()),
+            ("process_open_fds", "Open file descriptors.", open_fds()),
+        ] {
+            if let Some(v) = v {
+                gauge(&mut e, name, help, &[(vec![], v)])?;
+            }
         }
         if let Some(v) = cpu_seconds() {
             let mut d =
@@ -235,9 +223,9 @@ impl Collector for Snapshot {
 }
 
 /// The text of `/metrics` for a status snapshot.
-pub fn encode(r: &StatusReport) -> String {
+pub fn encode(r: StatusReport) -> String {
     let mut reg = Registry::default();
-    reg.register_collector(Box::new(Snapshot(Box::new(r.clone()))));
+    reg.register_collector(Box::new(Snapshot(Box::new(r))));
     let mut out = String::new();
     if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &reg) {
         tracing::error!("metrics encoding failed: {e}");

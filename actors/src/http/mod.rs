@@ -73,16 +73,11 @@ impl Shared {
 /// # Errors
 /// A one-line reason (the address is taken…).
 pub(crate) fn bind(addr: SocketAddr) -> Result<tokio::net::TcpListener, String> {
-    let l = std::net::TcpListener::bind(addr).map_err(|e| {
-        let hint = if e.kind() == std::io::ErrorKind::AddrInUse {
-            " (another aion listens there: `--http ADDR` picks another address, `--http off` turns it off)"
-        } else {
-            ""
-        };
-        format!("cannot listen for HTTP on {addr}: {e}{hint}")
-    })?;
-    l.set_nonblocking(true).map_err(|e| format!("HTTP listener {addr}: {e}"))?;
-    tokio::net::TcpListener::from_std(l).map_err(|e| format!("HTTP listener {addr}: {e}"))
+    crate::session::bind_tcp(
+        addr,
+        "HTTP",
+        " (another aion listens there: `--http ADDR` picks another address, `--http off` turns it off)",
+    )
 }
 
 /// Serves until `stopping` turns true.
@@ -146,11 +141,10 @@ pub(crate) async fn serve(
 
 async fn metrics_page(State(s): State<Shared>) -> Response {
     match s.report().await {
-        Some(r) => (
-            [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
-            metrics::encode(&r),
-        )
-            .into_response(),
+        Some(r) => {
+            ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], metrics::encode(r))
+                .into_response()
+        }
         None => (StatusCode::SERVICE_UNAVAILABLE, "the runtime is not answering\n").into_response(),
     }
 }

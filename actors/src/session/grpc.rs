@@ -167,16 +167,11 @@ pub(crate) async fn serve(
 /// # Errors
 /// A one-line reason (the address is taken, not an address of this host…).
 pub(crate) fn bind(addr: SocketAddr) -> Result<tokio::net::TcpListener, String> {
-    let std_listener = std::net::TcpListener::bind(addr).map_err(|e| {
-        let hint = if e.kind() == std::io::ErrorKind::AddrInUse {
-            " (another aion, or AION's status-kanban, listens there; `aion run --grpc ADDR` picks another address, `--grpc off` turns the gRPC API off)"
-        } else {
-            ""
-        };
-        format!("cannot listen for AION's gRPC API on {addr}: {e}{hint}")
-    })?;
-    std_listener.set_nonblocking(true).map_err(|e| format!("gRPC listener {addr}: {e}"))?;
-    tokio::net::TcpListener::from_std(std_listener).map_err(|e| format!("gRPC listener {addr}: {e}"))
+    crate::session::bind_tcp(
+        addr,
+        "AION's gRPC API",
+        " (another aion, or AION's status-kanban, listens there; `aion run --grpc ADDR` picks another address, `--grpc off` turns the gRPC API off)",
+    )
 }
 
 impl GrpcKanban {

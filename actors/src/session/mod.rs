@@ -193,3 +193,22 @@ pub(crate) async fn requeue_start(router: &Router, slot: &Slot) {
         router.request_start(slot).await;
     }
 }
+
+/// Binds a TCP listener for one of the runtime's endpoints (`what`: "AION's gRPC API", "HTTP"), before anything
+/// starts; an address in use gets `in_use_hint` appended.
+///
+/// # Errors
+/// A one-line reason (the address is taken, not an address of this host…).
+#[cfg(any(feature = "grpc", feature = "http"))]
+pub(crate) fn bind_tcp(
+    addr: std::net::SocketAddr,
+    what: &str,
+    in_use_hint: &str,
+) -> Result<tokio::net::TcpListener, String> {
+    let l = std::net::TcpListener::bind(addr).map_err(|e| {
+        let hint = if e.kind() == std::io::ErrorKind::AddrInUse { in_use_hint } else { "" };
+        format!("cannot listen for {what} on {addr}: {e}{hint}")
+    })?;
+    l.set_nonblocking(true).map_err(|e| format!("{what} listener {addr}: {e}"))?;
+    tokio::net::TcpListener::from_std(l).map_err(|e| format!("{what} listener {addr}: {e}"))
+}

@@ -47,7 +47,7 @@ impl Tokens {
                 let mut b = vec![0u8; KEY_LEN];
                 ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut b)
                     .map_err(|_| "no randomness for the endpoint key".to_owned())?;
-                write_private(path, &b).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+                crate::paths::write_private(path, &b).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
                 b
             }
             Err(e) => return Err(format!("cannot read {}: {e}", path.display())),
@@ -64,32 +64,16 @@ impl Tokens {
 
     /// The credential of `service`-`instance`.
     pub fn token(&self, service: &str, instance: u32) -> String {
-        let tag = ring::hmac::sign(&self.key, &self.message(service, instance));
-        tag.as_ref().iter().map(|b| format!("{b:02x}")).collect()
+        crate::hex::hex(ring::hmac::sign(&self.key, &self.message(service, instance)).as_ref())
     }
 
     /// True if `token` is `service`-`instance`'s credential (constant time).
     pub fn verify(&self, service: &str, instance: u32, token: &str) -> bool {
-        let Some(tag) = unhex(token.trim()) else { return false };
+        let token = token.trim();
+        // (Only the length and the hex-ness are checked before the constant-time comparison: neither is secret.)
+        let Some(tag) = crate::hex::unhex(token).filter(|_| token.len() <= 128) else { return false };
         ring::hmac::verify(&self.key, &self.message(service, instance), &tag).is_ok()
     }
-}
-
-fn unhex(s: &str) -> Option<Vec<u8>> {
-    if !s.len().is_multiple_of(2) || s.len() > 128 {
-        return None;
-    }
-    (0..s.len()).step_by(2).map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok()).collect()
-}
-
-fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    use std::io::Write as _;
-    use std::os::unix::fs::OpenOptionsExt as _;
-    let tmp = path.with_extension("tmp");
-    let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp)?;
-    f.write_all(bytes)?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path)
 }
 
 /// Counters of the pod-network gate.

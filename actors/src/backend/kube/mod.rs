@@ -84,7 +84,7 @@ impl Default for KubeOptions {
 }
 
 /// Counters of the backend (`aion status --json`, `kubernetes`).
-#[derive(Debug, Default, serde::Serialize)]
+#[derive(Debug, Default)]
 pub struct KubeStats {
     /// Objects written (server-side apply).
     pub applied: AtomicU64,
@@ -128,6 +128,8 @@ enum Kind {
     Secret,
     /// The project's anchor ConfigMap.
     Anchor,
+    /// Pods (their status and IPs; no cache of their own kind).
+    Pod,
 }
 
 /// What our last apply left.
@@ -306,8 +308,8 @@ pub struct KubeBackend {
 
 impl KubeBackend {
     /// Connects (in-cluster configuration, or `KUBECONFIG` / `~/.kube/config`), writes the project's anchor
-    /// (naming `services`)
-    /// (checking the API server is there and lets us), and loads or creates the credentials' key in `data_dir`.
+    /// naming `services` (checking the API server is there and lets us), and loads or creates the credentials'
+    /// key in `data_dir`.
     /// The reconciler starts with [`KubeBackend::supervisor`].
     ///
     /// # Errors
@@ -386,16 +388,6 @@ impl KubeBackend {
         self.inner.gate.clone()
     }
 
-    /// The namespace.
-    pub fn namespace(&self) -> &str {
-        &self.inner.target.namespace
-    }
-
-    /// The counters.
-    pub fn stats(&self) -> &KubeStats {
-        &self.inner.stats
-    }
-
     /// The status section.
     pub fn report(&self) -> crate::control::KubernetesReport {
         let (s, g) = (&self.inner.stats, &self.inner.gate.stats);
@@ -436,11 +428,7 @@ impl KubeBackend {
         watch!("kube-watch-services", Service, Kind::Service);
         watch!("kube-watch-secrets", Secret, Kind::Secret);
         watch!("kube-watch-anchor", ConfigMap, Kind::Anchor);
-        let (w, t) = (Arc::downgrade(i), i.tasks.clone());
-        let (spec, _) = ChildSpec::actor("kube-watch-pods", Restart::Permanent, 4, move || {
-            crate::runner::Runner::new(t.clone(), watch_pods(w.clone()))
-        });
-        sup = sup.child(spec);
+        watch!("kube-watch-pods", Pod, Kind::Pod);
         let (w, t) = (Arc::downgrade(i), i.tasks.clone());
         let (spec, _) = ChildSpec::actor("kube-reconciler", Restart::Permanent, 4, move || {
             crate::runner::Runner::new(t.clone(), reconcile_loop(w.clone()))
@@ -929,6 +917,7 @@ where
     while let Some(ev) = stream.next().await {
         let Some(inner) = w.upgrade() else { return "the backend is gone".to_owned() };
         match ev {
+            Ok(ev) if kind == Kind::Pod => inner.on_pod(ev),
             Ok(ev) => inner.on_event(kind, ev.map_seen(kind == Kind::Job)),
             Err(e) => {
                 inner.stats.api_errors.fetch_add(1, Ordering::Relaxed);
@@ -1109,26 +1098,6 @@ impl Inner {
         drop(st);
         self.wake.notify_one();
     }
-}
-
-async fn watch_pods(w: Weak<Inner>) -> String {
-    let stream = {
-        let Some(inner) = w.upgrade() else { return "the backend is gone".to_owned() };
-        let cfg = watcher::Config::default().labels(&inner.target.selector());
-        watcher(inner.api::<Pod>(), cfg).default_backoff()
-    };
-    let mut stream = std::pin::pin!(stream);
-    while let Some(ev) = stream.next().await {
-        let Some(inner) = w.upgrade() else { return "the backend is gone".to_owned() };
-        match ev {
-            Ok(ev) => inner.on_pod(ev),
-            Err(e) => {
-                inner.stats.api_errors.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!("pod watch failed (retried with backoff): {e}");
-            }
-        }
-    }
-    "the pod watch ended".to_owned()
 }
 
 /// A failed API call: its HTTP code when the API server answered, and a one-line text.
