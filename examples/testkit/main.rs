@@ -182,7 +182,12 @@ impl Service for Kit {
             }
             if self.chunk > 0 && (i % self.chunk == 0 || i == self.emit) {
                 ctx.flush().await?;
-                std::fs::write(&progress, i.to_string()).map_err(Error::msg)?;
+                // Atomically (a temporary file renamed over it): a kill -9 between a truncation and the write
+                // would leave an empty checkpoint, and the source would start again from seq 1.
+                let tmp = progress.with_extension("tmp");
+                std::fs::write(&tmp, i.to_string())
+                    .and_then(|()| std::fs::rename(&tmp, &progress))
+                    .map_err(Error::msg)?;
             }
         }
         if self.terminate {
