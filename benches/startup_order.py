@@ -17,7 +17,7 @@ binary's `forward` role as the idle service; the testkit for the cluster's sourc
 scenario is idle, dumps what ran, stops the runtimes, and maps every executed address to its function's input
 section in the link map (`.text.<symbol>`), single mode first.
 """
-import bisect, json, os, re, signal, subprocess, sys, tempfile, time
+import bisect, json, os, re, signal, socket, subprocess, sys, tempfile, time
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..')
 AION = os.path.realpath(os.environ.get('AION_BIN', os.path.join(ROOT, 'target', 'release', 'aion')))
@@ -71,6 +71,12 @@ def executed(dump, binary):
         if ob == binary:
             addrs.append(last)
     return addrs
+
+
+def free_udp_port():
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
 
 
 def wait(what, f, limit=300):
@@ -131,7 +137,7 @@ def cluster(work):
     subprocess.run([AION, '--data-dir', md, 'cluster', 'init', '--name', 'm'], check=True, capture_output=True)
     tok = subprocess.run([AION, '--data-dir', md, 'cluster', 'token'], check=True, capture_output=True,
                          text=True).stdout.strip().splitlines()[-1]
-    ma, wa = '127.0.0.1:47701', '127.0.0.1:47702'
+    ma, wa = f'127.0.0.1:{free_udp_port()}', f'127.0.0.1:{free_udp_port()}'
     m = traced(work, 'master.cg', ['--data-dir', md, 'master', '--name', 'm', '--listen', ma, '--grpc', 'off',
                                    '--http', '127.0.0.1:0'])
     wait('the master', lambda: status(md))

@@ -457,8 +457,8 @@ fn transfer_line(device: &str, t: &aion::actors::control::TransferReport) -> Str
     )
 }
 
-/// `aion transfers`: the files crossing to and from other devices now; `--follow` redraws every second until
-/// none are left (progress for a person watching a long transfer).
+/// `aion top`: the live view in the terminal, one status a second (`--once`, or stdout not a terminal: one
+/// frame as text).
 #[cfg(feature = "top")]
 fn top(data_dir: &Path, once: bool, width: u16, height: u16, timeout: Duration) -> Result<(), String> {
     use ratatui::crossterm::event::{self, Event, KeyCode, KeyModifiers};
@@ -528,6 +528,8 @@ fn top(_: &Path, _: bool, _: u16, _: u16, _: Duration) -> Result<(), String> {
     Err("this aion was built without `aion top` (cargo feature `top`)".into())
 }
 
+/// `aion transfers`: the files crossing to and from other devices now; `--follow` redraws every second until
+/// none are left (progress for a person watching a long transfer).
 async fn transfers(data_dir: &Path, follow: bool, timeout: Duration) -> Result<(), String> {
     let tty = std::io::IsTerminal::is_terminal(&std::io::stdout());
     loop {
@@ -1206,11 +1208,8 @@ async fn status(data_dir: &Path, json: bool, node: Option<&str>, timeout: Durati
             if node.is_empty() { "-".to_owned() } else { node.clone() },
             i.service.clone(),
             i.instance.to_string(),
-            serde_json::to_value(i.state).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default(),
-            i.session
-                .and_then(|k| serde_json::to_value(k).ok())
-                .and_then(|v| v.as_str().map(str::to_owned))
-                .unwrap_or_else(|| "-".into()),
+            i.state.as_str().to_owned(),
+            i.session.map_or("-", |k| k.as_str()).to_owned(),
             if i.pid > 0 { i.pid.to_string() } else { "-".into() },
             i.restarts.to_string(),
             i.kanbans_in.to_string(),

@@ -95,10 +95,7 @@ pub fn draw(f: &mut Frame<'_>, r: &StatusReport, v: &View) {
         .iter()
         .skip(v.scroll)
         .map(|i| {
-            let state =
-                serde_json::to_value(i.state).ok().and_then(|s| s.as_str().map(str::to_owned)).unwrap_or_default();
-            let session =
-                i.session.and_then(|k| serde_json::to_value(k).ok()).and_then(|s| s.as_str().map(str::to_owned));
+            let state = i.state.as_str();
             let rate = v.rates.get(&(i.service.clone(), i.instance)).copied().unwrap_or(0.0);
             let extra = match (&i.pod, &i.last_exit) {
                 (Some(p), _) => format!("{} {}", p.pod, p.state),
@@ -108,8 +105,8 @@ pub fn draw(f: &mut Frame<'_>, r: &StatusReport, v: &View) {
             Row::new(vec![
                 Cell::from(i.service.clone()),
                 Cell::from(i.instance.to_string()),
-                Cell::from(state.clone()).style(Style::default().fg(state_color(&state))),
-                Cell::from(session.unwrap_or_else(|| "-".into())),
+                Cell::from(state).style(Style::default().fg(state_color(state))),
+                Cell::from(i.session.map_or("-", |k| k.as_str())),
                 Cell::from(i.kanbans_in.to_string()),
                 Cell::from(i.kanbans_out.to_string()),
                 Cell::from(format!("{rate:.1}")),

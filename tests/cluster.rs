@@ -100,16 +100,6 @@ fn in_order_with_duplicates(s: &[i64], n: u64) -> usize {
     s.len() - firsts.len()
 }
 
-/// A plain HTTP/1.1 GET of the runtime's HTTP endpoint; the body.
-fn http_get(addr: &str, path: &str) -> String {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(addr).expect("connect");
-    write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").expect("write");
-    let mut out = String::new();
-    let _ = s.read_to_string(&mut out);
-    out
-}
-
 fn device<'a>(status: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {
     status["federation"]["devices"]
         .as_array()
@@ -134,7 +124,7 @@ fn a_pipeline_crosses_two_devices_in_order_exactly_once() {
     assert_eq!(device(&sb, "a")["duplicates"], 0);
     assert_eq!(sb["federation"]["listen"], p.b_listen.as_str());
     // The link in /metrics: up, everything sent, nothing waiting.
-    let metrics = http_get(st["http"].as_str().expect("http address"), "/metrics");
+    let (_, metrics) = common::http_get(st["http"].as_str().expect("http address"), "/metrics");
     let value = |name: &str| -> f64 {
         let prefix = format!("{name}{{device=\"b\"}} ");
         let line = metrics.lines().find(|l| l.starts_with(&prefix)).unwrap_or_else(|| panic!("no {name}:\n{metrics}"));

@@ -102,6 +102,36 @@ pub enum State {
     Stopped,
 }
 
+impl State {
+    /// Every state, in the order of the lifecycle (the series of `aion_instance_state`).
+    pub const ALL: [State; 9] = [
+        State::Idle,
+        State::Running,
+        State::Stopping,
+        State::Backoff,
+        State::CrashLoop,
+        State::NotRunnable,
+        State::Completed,
+        State::Failed,
+        State::Stopped,
+    ];
+
+    /// Its name in `aion status` (as serialised: kebab-case).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            State::Idle => "idle",
+            State::Running => "running",
+            State::Backoff => "backoff",
+            State::CrashLoop => "crash-loop",
+            State::Completed => "completed",
+            State::Failed => "failed",
+            State::NotRunnable => "not-runnable",
+            State::Stopping => "stopping",
+            State::Stopped => "stopped",
+        }
+    }
+}
+
 /// One row of `aion status` (and of `instances` in `aion status --json`).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct InstanceStatus {
@@ -768,6 +798,13 @@ mod tests {
     use aion_runtime::kanban::Kanban;
     use futures::future::BoxFuture;
     use std::collections::HashMap;
+
+    #[test]
+    fn state_names_are_the_serialised_ones() {
+        for s in State::ALL {
+            assert_eq!(serde_json::to_value(s).unwrap(), s.as_str());
+        }
+    }
     use std::sync::atomic::AtomicU32;
     use std::sync::Mutex;
     use tokio::sync::mpsc;

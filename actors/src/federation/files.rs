@@ -14,7 +14,7 @@
 //! matches. A transfer done is remembered (`<n>.done`) so that the same kanban sent again (its acknowledgement
 //! lost) is recognised and its files not written twice.
 
-use super::{read_frame, tls, write_frame, Federation, Peer};
+use super::{read_frame, write_frame, Federation, Peer};
 use crate::control::{FilesReport, TransferReport};
 use aion_runtime::{KanbanId, WireKanban};
 use aion_transport::codec::FrameDecoder;
@@ -632,16 +632,16 @@ pub(super) async fn receive(f: &Federation, peer: &Peer, mut send: quinn::SendSt
         }
     }
     // A partial of the same file (size, time and name): resumed from its verified prefix.
-    let kept: Vec<Hash> = match tokio::fs::read(&state_file)
-        .await
-        .ok()
-        .and_then(|b| serde_json::from_slice::<PartState>(&b).ok())
-    {
-        Some(s) if s.size == size && s.mtime_ns == mtime_ns && s.name == name => {
-            s.hashes.iter().map(|h| tls::unhex(h)?.try_into().ok()).collect::<Option<Vec<Hash>>>().unwrap_or_default()
-        }
-        _ => Vec::new(),
-    };
+    let kept: Vec<Hash> =
+        match tokio::fs::read(&state_file).await.ok().and_then(|b| serde_json::from_slice::<PartState>(&b).ok()) {
+            Some(s) if s.size == size && s.mtime_ns == mtime_ns && s.name == name => s
+                .hashes
+                .iter()
+                .map(|h| crate::hex::unhex(h)?.try_into().ok())
+                .collect::<Option<Vec<Hash>>>()
+                .unwrap_or_default(),
+            _ => Vec::new(),
+        };
     // The recorded prefix is trusted only as far as the `.part` on disk still matches it (a crash may have lost
     // what was not yet written back).
     let kept = {
@@ -688,7 +688,7 @@ pub(super) async fn receive(f: &Federation, peer: &Peer, mut send: quinn::SendSt
                 size,
                 mtime_ns,
                 name: name.clone(),
-                hashes: rx.hashes().iter().map(|h| tls::hex(h)).collect(),
+                hashes: rx.hashes().iter().map(|h| crate::hex::hex(h)).collect(),
             };
             serde_json::to_vec(&st).unwrap_or_default()
         }

@@ -11,6 +11,7 @@
 //! - `crl.pem`: revoked certificates (optional; peers named there are refused);
 //! - `issued/<name>.serial`: the serial of each certificate issued (on the CA's device, to revoke it).
 
+use crate::hex::{hex, unhex};
 use rcgen::{
     BasicConstraints, CertificateParams, CertificateRevocationListParams, DistinguishedName, DnType,
     ExtendedKeyUsagePurpose, IsCa, Issuer, KeyIdMethod, KeyPair, KeyUsagePurpose, RevokedCertParams, SerialNumber,
@@ -354,8 +355,6 @@ pub fn revoke(dir: &ClusterDir, name: &str) -> Result<String, TlsError> {
     write_public(&dir.crl(), &pem)?;
     Ok(pem)
 }
-
-pub(crate) use crate::hex::{hex, unhex};
 
 /// SHA-256, hex.
 fn sha256_hex(data: &[u8]) -> String {

@@ -12,10 +12,6 @@ use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
 
-/// The states an instance can be in, each a series of `aion_instance_state` (1 for the current one).
-const STATES: &[&str] =
-    &["idle", "running", "stopping", "backoff", "crash-loop", "not-runnable", "completed", "failed", "stopped"];
-
 #[derive(Debug)]
 struct Snapshot(Box<StatusReport>);
 
@@ -37,10 +33,20 @@ fn gauge(e: &mut DescriptorEncoder, name: &str, help: &str, rows: &[(Labels, f64
     Ok(())
 }
 
+fn instance_labels(i: &crate::InstanceStatus) -> Labels {
+    vec![("service", i.service.clone()), ("instance", i.instance.to_string())]
+}
+
+/// One row per instance, of the value `f` reads.
+fn per_instance<T>(r: &StatusReport, f: impl Fn(&crate::InstanceStatus) -> T) -> Vec<(Labels, T)> {
+    r.instances.iter().map(|i| (instance_labels(i), f(i))).collect()
+}
+
 fn rss_bytes() -> Option<f64> {
-    let s = std::fs::read_to_string("/proc/self/statm").ok()?;
-    let pages: f64 = s.split_whitespace().nth(1)?.parse().ok()?;
-    Some(pages * 4096.0)
+    // VmRSS is in kB whatever the page size (arm64 devices may use 16 or 64 KB pages).
+    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+    let kb: f64 = s.lines().find_map(|l| l.strip_prefix("VmRSS:"))?.split_whitespace().next()?.parse().ok()?;
+    Some(kb * 1024.0)
 }
 
 fn open_fds() -> Option<f64> {
@@ -53,19 +59,15 @@ fn cpu_seconds() -> Option<f64> {
     let rest = s.rsplit_once(')')?.1;
     let f: Vec<&str> = rest.split_whitespace().collect();
     let ticks: f64 = f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
+    // /proc reports CPU time in USER_HZ, which Linux fixes at 100 for user space on every architecture.
     Some(ticks / 100.0)
 }
 
 impl Collector for Snapshot {
     fn encode(&self, mut e: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let r = &self.0;
-        let inst = |s: &str, n: u32| -> Labels { vec![("service", s.to_owned()), ("instance", n.to_string())] };
-        let per = |f: &dyn Fn(&crate::InstanceStatus) -> u64| -> Vec<(Labels, u64)> {
-            r.instances.iter().map(|i| (inst(&i.service, i.instance), f(i))).collect()
-        };
-        let perf = |f: &dyn Fn(&crate::InstanceStatus) -> f64| -> Vec<(Labels, f64)> {
-            r.instances.iter().map(|i| (inst(&i.service, i.instance), f(i))).collect()
-        };
+        let per = |f: &dyn Fn(&crate::InstanceStatus) -> u64| per_instance(r, f);
+        let perf = |f: &dyn Fn(&crate::InstanceStatus) -> f64| per_instance(r, f);
         counter(&mut e, "aion_instance_kanbans_in", "Kanbans delivered to the instance.", &per(&|i| i.kanbans_in))?;
         counter(&mut e, "aion_instance_kanbans_out", "Outputs the instance produced.", &per(&|i| i.kanbans_out))?;
         gauge(
@@ -112,12 +114,10 @@ impl Collector for Snapshot {
         )?;
         let mut states = Vec::new();
         for i in &r.instances {
-            let now =
-                serde_json::to_value(i.state).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default();
-            for s in STATES {
-                let mut l = inst(&i.service, i.instance);
-                l.push(("state", (*s).to_owned()));
-                states.push((l, f64::from(u8::from(now == *s))));
+            for s in crate::State::ALL {
+                let mut l = instance_labels(i);
+                l.push(("state", s.as_str().to_owned()));
+                states.push((l, f64::from(u8::from(i.state == s))));
             }
         }
         gauge(&mut e, "aion_instance_state", "1 for the state the instance is in.", &states)?;

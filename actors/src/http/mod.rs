@@ -42,29 +42,31 @@ pub(crate) trait Source: Send + Sync + 'static {
 struct Shared {
     source: Arc<dyn Source>,
     ticks: watch::Receiver<String>,
-    /// Open `/events` streams (the ticker works only while there is one).
-    viewers: Arc<std::sync::atomic::AtomicUsize>,
+    viewers: Arc<Viewers>,
+}
+
+/// Open `/events` streams: the ticker works only while there is one, and sleeps otherwise.
+#[derive(Default)]
+struct Viewers {
+    open: std::sync::atomic::AtomicUsize,
+    first: tokio::sync::Notify,
 }
 
 /// Counts an open `/events` stream while it lives.
-struct Viewer(Arc<std::sync::atomic::AtomicUsize>);
+struct Viewer(Arc<Viewers>);
 
 impl Viewer {
-    fn new(n: &Arc<std::sync::atomic::AtomicUsize>) -> Viewer {
-        n.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        Viewer(n.clone())
+    fn new(v: &Arc<Viewers>) -> Viewer {
+        if v.open.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 0 {
+            v.first.notify_one();
+        }
+        Viewer(v.clone())
     }
 }
 
 impl Drop for Viewer {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
-    }
-}
-
-impl Shared {
-    fn report(&self) -> BoxFuture<'_, Option<StatusReport>> {
-        self.source.report()
+        self.0.open.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
     }
 }
 
@@ -88,17 +90,18 @@ pub(crate) async fn serve(
 ) {
     let (tick_tx, ticks) = watch::channel(String::new());
     let ticker_source = source.clone();
-    let viewers = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let viewers = Arc::new(Viewers::default());
     let watching = viewers.clone();
     let ticker = async move {
         let mut every = tokio::time::interval(Duration::from_secs(1));
         every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            every.tick().await;
-            // Only while a view is open.
-            if watching.load(std::sync::atomic::Ordering::Relaxed) == 0 {
-                continue;
+            // Only while a view is open: asleep (no timer) until the first one opens.
+            if watching.open.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+                watching.first.notified().await;
+                every.reset_immediately();
             }
+            every.tick().await;
             if let Some(r) = ticker_source.report().await {
                 let body = tick(&r).to_string();
                 tick_tx.send_if_modified(|cur| {
@@ -140,7 +143,7 @@ pub(crate) async fn serve(
 }
 
 async fn metrics_page(State(s): State<Shared>) -> Response {
-    match s.report().await {
+    match s.source.report().await {
         Some(r) => {
             ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], metrics::encode(r))
                 .into_response()
@@ -151,7 +154,7 @@ async fn metrics_page(State(s): State<Shared>) -> Response {
 
 async fn healthz(State(s): State<Shared>) -> Response {
     // Alive: the broker answers a status request within a second.
-    match tokio::time::timeout(Duration::from_secs(1), s.report()).await {
+    match tokio::time::timeout(Duration::from_secs(1), s.source.report()).await {
         Ok(Some(_)) => (StatusCode::OK, "ok\n").into_response(),
         Ok(None) => (StatusCode::SERVICE_UNAVAILABLE, "the service broker is not answering\n").into_response(),
         Err(_) => (StatusCode::SERVICE_UNAVAILABLE, "the runtime did not answer within 1 s\n").into_response(),
@@ -176,7 +179,7 @@ async fn graph(State(s): State<Shared>) -> Response {
 }
 
 async fn status(State(s): State<Shared>) -> Response {
-    match s.report().await {
+    match s.source.report().await {
         Some(r) => axum::Json(r).into_response(),
         None => (StatusCode::SERVICE_UNAVAILABLE, "the runtime is not answering\n").into_response(),
     }
@@ -191,7 +194,7 @@ fn tick(r: &StatusReport) -> serde_json::Value {
             serde_json::json!([
                 i.service,
                 i.instance,
-                serde_json::to_value(i.state).unwrap_or_default(),
+                i.state.as_str(),
                 i.kanbans_in,
                 i.kanbans_out,
                 i.queue_depth,
@@ -229,7 +232,7 @@ async fn events(State(s): State<Shared>) -> Sse<impl futures::Stream<Item = Resu
     let viewer = Viewer::new(&s.viewers);
     let mut rx = s.ticks.clone();
     rx.borrow_and_update();
-    let first = s.report().await.map(|r| tick(&r).to_string());
+    let first = s.source.report().await.map(|r| tick(&r).to_string());
     let stream = futures::stream::unfold((rx, first, viewer), |(mut rx, first, viewer)| async move {
         if let Some(now) = first {
             return Some((Ok(Event::default().event("tick").data(now)), (rx, None, viewer)));

@@ -63,6 +63,17 @@ pub enum SessionKind {
     Grpc,
 }
 
+impl SessionKind {
+    /// Its name in `aion status` (as serialised: kebab-case).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SessionKind::Native => "native",
+            SessionKind::InProcess => "in-process",
+            SessionKind::Grpc => "grpc",
+        }
+    }
+}
+
 struct Inner {
     ready: VecDeque<Box<WireKanban>>,
     /// Deliveries outstanding in the current session.
@@ -658,6 +669,13 @@ impl Slot {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn session_kind_names_are_the_serialised_ones() {
+        for k in [SessionKind::Native, SessionKind::InProcess, SessionKind::Grpc] {
+            assert_eq!(serde_json::to_value(k).unwrap(), k.as_str());
+        }
+    }
     use std::sync::Arc;
 
     fn k(n: u64) -> Box<WireKanban> {

@@ -323,6 +323,24 @@ pub struct StoreStats {
     pub failing: std::sync::atomic::AtomicBool,
 }
 
+impl StoreStats {
+    /// A batch committed after `took`: its latency observed, the failing flag cleared, the commit counted.
+    pub fn committed(&self, took: std::time::Duration) {
+        self.commit_latency.record(took);
+        self.failing.store(false, Ordering::Relaxed);
+        self.commits.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A commit failed (it is retried): counted, the failing flag set, the error kept as the last one.
+    pub fn commit_failed(&self, error: String) {
+        self.errors.fetch_add(1, Ordering::Relaxed);
+        self.failing.store(true, Ordering::Relaxed);
+        if let Ok(mut l) = self.last_error.lock() {
+            *l = Some(error);
+        }
+    }
+}
+
 /// Upper bounds (seconds) of [`LatencyHistogram`]'s buckets.
 pub const LATENCY_BOUNDS: [f64; 12] = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5];
 

@@ -603,9 +603,7 @@ impl Writer {
         }
         let began = std::time::Instant::now();
         let values: Vec<Value> = b.pipe.query_async(conn).await.map_err(rerr(&self.url))?;
-        self.stats.commit_latency.record(began.elapsed());
-        self.stats.failing.store(false, Ordering::Relaxed);
-        self.stats.commits.fetch_add(1, Ordering::Relaxed);
+        self.stats.committed(began.elapsed());
         let (mut enq, mut acked) = (0u64, 0u64);
         let mut added: HashSet<String> = HashSet::new();
         let mut strays: Vec<(String, String)> = Vec::new();
@@ -885,12 +883,8 @@ async fn writer(mut w: Writer, mut rx: mpsc::Receiver<Op>) {
         let mut retry = false;
         while let Err(e) = w.apply(&batch, retry).await {
             // Keep the batch: nothing is acknowledged to producers until Redis has it.
-            w.stats.errors.fetch_add(1, Ordering::Relaxed);
-            w.stats.failing.store(true, Ordering::Relaxed);
             tracing::error!(url = %w.url, "Redis write failed, reconnecting in {delay:?}: {e}");
-            if let Ok(mut l) = w.stats.last_error.lock() {
-                *l = Some(e.to_string());
-            }
+            w.stats.commit_failed(e.to_string());
             w.conn = None;
             w.groups.clear();
             retry = true;

@@ -426,9 +426,7 @@ pub(super) fn writer(
             let began = std::time::Instant::now();
             match apply(&conn, &batch) {
                 Ok((enq, acked, archived)) => {
-                    stats.commit_latency.record(began.elapsed());
-                    stats.failing.store(false, Ordering::Relaxed);
-                    stats.commits.fetch_add(1, Ordering::Relaxed);
+                    stats.committed(began.elapsed());
                     stats.enqueued.fetch_add(enq, Ordering::Relaxed);
                     stats.acked.fetch_add(acked, Ordering::Relaxed);
                     stats.archived.fetch_add(archived, Ordering::Relaxed);
@@ -461,12 +459,8 @@ pub(super) fn writer(
                             }
                         }
                     }
-                    stats.errors.fetch_add(1, Ordering::Relaxed);
-                    stats.failing.store(true, Ordering::Relaxed);
                     tracing::error!(path = %path.display(), "store commit failed, retrying in {delay:?}: {e}");
-                    if let Ok(mut l) = stats.last_error.lock() {
-                        *l = Some(e.to_string());
-                    }
+                    stats.commit_failed(e.to_string());
                     std::thread::sleep(delay);
                     delay = (delay * 2).min(Duration::from_secs(2));
                 }

@@ -511,18 +511,8 @@ impl Inner {
     where
         K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>,
     {
-        let until = Instant::now() + within;
-        let mut wait = Duration::from_millis(50);
-        loop {
-            match self.api::<K>().get_opt(name).await {
-                Ok(None) => return Ok(()),
-                Ok(Some(_)) if Instant::now() < until => {}
-                Ok(Some(_)) => return Err(format!("{} {name} is still being deleted", K::kind(&()))),
-                Err(e) => return Err(api_err(&e)),
-            }
-            tokio::time::sleep(wait).await;
-            wait = (wait * 2).min(Duration::from_secs(1));
-        }
+        let left = || async { self.api::<K>().get_opt(name).await.map(|o| o.is_some()).map_err(|e| api_err(&e)) };
+        until_none_left(within, left, || format!("{} {name} is still being deleted", K::kind(&()))).await
     }
 
     /// Writes an instance's Secret and Service (or deletes a Service it no longer has); their resource versions.
@@ -543,12 +533,16 @@ impl Inner {
     /// Writes an instance's Secret, Service and workload; returns what the API server answered.
     async fn apply_instance(&self, o: &InstanceObjects) -> Result<Applied, String> {
         let (service, secret) = self.apply_parts(o).await?;
-        let workload = match &o.workload {
+        let workload = self.apply_workload(&o.workload).await.map_err(|e| e.to_string())?;
+        Ok(Applied { workload: Some(seen_of(&workload)), service, secret: Some(secret) })
+    }
+
+    /// Writes a Deployment or Job.
+    async fn apply_workload(&self, w: &Workload) -> Result<DynamicObject, ApiFail> {
+        match w {
             Workload::Deployment(d) => self.apply(d.as_ref()).await,
             Workload::Job(j) => self.apply(j.as_ref()).await,
         }
-        .map_err(|e| e.to_string())?;
-        Ok(Applied { workload: Some(seen_of(&workload)), service, secret: Some(secret) })
     }
 
     async fn start(self: &Arc<Self>, ms: &Microservice, instance: u32, gen: u64) -> Result<Running, String> {
@@ -569,7 +563,6 @@ impl Inner {
         let token = self.gate.tokens().token(&ms.name, instance);
         let objs = objects::instance_objects(&self.target, ms, instance, &token, Some(&owner))?;
         let name = objs.name.clone();
-        let fg = DeleteParams { propagation_policy: Some(PropagationPolicy::Foreground), ..DeleteParams::default() };
         // Another project's object of that name (two runtimes in one namespace with the same service names) is
         // never taken over.
         for existing in [self.api::<Deployment>().get_opt(&name).await, self.api::<Job>().get_opt(&name).await] {
@@ -590,7 +583,7 @@ impl Inner {
                 self.replace_job(&name, false).await?;
             }
             Workload::Job(_) => {
-                self.delete::<Deployment>(&name, &fg).await?;
+                self.delete::<Deployment>(&name, &foreground()).await?;
                 self.gone::<Deployment>(&name, Duration::from_secs(60)).await?;
                 // A finished Job is run again as a new one; a running one (an earlier run of this runtime that
                 // was killed) is adopted, never started twice.
@@ -598,20 +591,15 @@ impl Inner {
             }
         }
         let (service, secret) = self.apply_parts(&objs).await?;
-        let workload = match &objs.workload {
-            Workload::Deployment(d) => self.apply(d.as_ref()).await.map_err(|e| e.to_string())?,
-            Workload::Job(j) => match self.apply(j.as_ref()).await {
-                Ok(w) => w,
-                // A Job's pod template cannot change: an adopted Job of an older definition is replaced.
-                Err(e) if e.code == Some(422) => {
-                    tracing::warn!(job = name, "replacing a running Job of an older definition: {e}");
-                    self.delete::<Job>(&name, &fg).await?;
-                    self.gone::<Job>(&name, Duration::from_secs(60)).await?;
-                    self.pods_gone(&name, Duration::from_secs(60)).await?;
-                    self.apply(j.as_ref()).await.map_err(|e| e.to_string())?
-                }
-                Err(e) => return Err(e.to_string()),
-            },
+        let workload = match self.apply_workload(&objs.workload).await {
+            Ok(w) => w,
+            // A Job's pod template cannot change: an adopted Job of an older definition is replaced.
+            Err(e) if e.code == Some(422) && matches!(objs.workload, Workload::Job(_)) => {
+                tracing::warn!(job = name, "replacing a running Job of an older definition: {e}");
+                self.replace_job(&name, false).await?;
+                self.apply_workload(&objs.workload).await.map_err(|e| e.to_string())?
+            }
+            Err(e) => return Err(e.to_string()),
         };
         let applied = Applied { workload: Some(seen_of(&workload)), service, secret: Some(secret) };
         let (tx, rx) = oneshot::channel();
@@ -646,8 +634,7 @@ impl Inner {
             tracing::info!(job = name, "adopting the Job left running by an earlier run");
             return Ok(());
         }
-        let fg = DeleteParams { propagation_policy: Some(PropagationPolicy::Foreground), ..DeleteParams::default() };
-        self.delete::<Job>(name, &fg).await?;
+        self.delete::<Job>(name, &foreground()).await?;
         self.gone::<Job>(name, Duration::from_secs(60)).await?;
         self.pods_gone(name, Duration::from_secs(60)).await
     }
@@ -655,19 +642,11 @@ impl Inner {
     /// Waits (at most `within`) until no pod of instance `name` is left.
     async fn pods_gone(&self, name: &str, within: Duration) -> Result<(), String> {
         let sel = format!("{},{}={name}", self.target.selector(), objects::LABEL_RUN);
-        let until = Instant::now() + within;
-        let mut wait = Duration::from_millis(50);
-        loop {
-            let left = self.api::<Pod>().list(&ListParams::default().labels(&sel)).await.map_err(|e| api_err(&e))?;
-            if left.items.is_empty() {
-                return Ok(());
-            }
-            if Instant::now() >= until {
-                return Err(format!("the pods of {name} are still being deleted"));
-            }
-            tokio::time::sleep(wait).await;
-            wait = (wait * 2).min(Duration::from_secs(1));
-        }
+        let left = || async {
+            let pods = self.api::<Pod>().list(&ListParams::default().labels(&sel)).await.map_err(|e| api_err(&e))?;
+            Ok(!pods.items.is_empty())
+        };
+        until_none_left(within, left, || format!("the pods of {name} are still being deleted")).await
     }
 
     /// Stops an instance: its objects deleted (foreground: its pods first), the exit reported when its workload
@@ -714,7 +693,7 @@ impl Inner {
     }
 
     async fn delete_instance(&self, name: &str) -> Result<(), String> {
-        let fg = DeleteParams { propagation_policy: Some(PropagationPolicy::Foreground), ..DeleteParams::default() };
+        let fg = foreground();
         let mut failed = Vec::new();
         for r in [
             self.delete::<Deployment>(name, &fg).await,
@@ -791,8 +770,7 @@ impl Inner {
                             }
                             Some(a) if a.deleting => Do::Nothing,
                             None => Do::Apply(Box::new(w.objects.clone()), "was deleted; created again", w.gen),
-                            Some(a) if !anchor_known => {
-                                let _ = a;
+                            Some(_) if !anchor_known => {
                                 Do::Apply(Box::new(w.objects.clone()), "lost its project anchor; owned again", w.gen)
                             }
                             Some(a) if a.uid != ours.uid || a.generation != ours.generation => {
@@ -1100,6 +1078,27 @@ impl Inner {
     }
 }
 
+/// Asks `left` (is something still there?) with a growing pause (50 ms to 1 s) until it says no; after `within`,
+/// the error `still` makes; an error of `left` ends the wait.
+async fn until_none_left<F, Fut>(within: Duration, mut left: F, still: impl FnOnce() -> String) -> Result<(), String>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<bool, String>>,
+{
+    let until = Instant::now() + within;
+    let mut wait = Duration::from_millis(50);
+    loop {
+        if !left().await? {
+            return Ok(());
+        }
+        if Instant::now() >= until {
+            return Err(still());
+        }
+        tokio::time::sleep(wait).await;
+        wait = (wait * 2).min(Duration::from_secs(1));
+    }
+}
+
 /// A failed API call: its HTTP code when the API server answered, and a one-line text.
 #[derive(Debug)]
 struct ApiFail {
@@ -1111,6 +1110,11 @@ impl std::fmt::Display for ApiFail {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(&self.text)
     }
+}
+
+/// Delete options that remove the dependents (pods) before the object (no controller makes a new pod meanwhile).
+fn foreground() -> DeleteParams {
+    DeleteParams { propagation_policy: Some(PropagationPolicy::Foreground), ..DeleteParams::default() }
 }
 
 /// How long a call to the API server may wait for its answer.
