@@ -174,6 +174,9 @@ fn the_web_view_serves_its_page_the_graph_and_live_ticks() {
     let tick: serde_json::Value = serde_json::from_str(data).unwrap();
     let sink = tick["instances"].as_array().unwrap().iter().find(|i| i[0] == "sink").unwrap().clone();
     assert_eq!(sink[3], 50, "the sink's kanbans in: {sink}");
+    // The tick names the graph it goes with (an open view fetches the graph again when it changes).
+    assert_eq!(tick["graph"], g["version"], "tick {tick} and graph {g}");
+    assert!(g["version"].as_str().is_some_and(|v| !v.is_empty()), "{g}");
 }
 
 /// chromedriver on a free port, killed with the test.
@@ -294,6 +297,21 @@ microservices:
         // (docs/web-view.png is this picture.)
         let out = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/web-view.png");
         std::fs::write(&out, &png).unwrap();
+        // `aion apply` of a project with one more service: the open view draws it, no reload.
+        let next = yaml.replace(
+            "  sink:\n",
+            "  archive:\n    command: [\"{testkit}\"]\n  sink:\n    nextService: { default: [ { name: archive } ] }\n",
+        );
+        let next = next.replace("{testkit}", &common::example("testkit")).replace("{work}", &rt.work.path().display().to_string());
+        let file = rt.path("next.yml");
+        std::fs::write(&file, next).unwrap();
+        let (ok, out, err) = rt.cli(&["apply", &file.display().to_string()]);
+        assert!(ok && out.contains("added: archive"), "{out}{err}");
+        c.wait()
+            .at_most(Duration::from_secs(20))
+            .for_element(fantoccini::Locator::Css("g.node[data-service=archive]"))
+            .await
+            .unwrap_or_else(|e| panic!("the applied service is not drawn in the open view: {e}"));
         c.close().await.unwrap();
     });
 }

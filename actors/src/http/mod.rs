@@ -103,7 +103,7 @@ pub(crate) async fn serve(
             }
             every.tick().await;
             if let Some(r) = ticker_source.report().await {
-                let body = tick(&r).to_string();
+                let body = tick(&r, &graph_version(&ticker_source.graph())).to_string();
                 tick_tx.send_if_modified(|cur| {
                     if *cur == body {
                         false
@@ -175,7 +175,21 @@ async fn index() -> Response {
 }
 
 async fn graph(State(s): State<Shared>) -> Response {
-    axum::Json(s.source.graph()).into_response()
+    let mut g = s.source.graph();
+    let version = graph_version(&g);
+    if let Some(o) = g.as_object_mut() {
+        o.insert("version".into(), version.into());
+    }
+    axum::Json(g).into_response()
+}
+
+/// A fingerprint of the graph, in every tick and in `/api/graph`: an open view fetches the graph again when it
+/// changes (`aion apply`, `aion delete`). A string: a 64-bit number does not survive JavaScript.
+fn graph_version(g: &serde_json::Value) -> String {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    g.to_string().hash(&mut h);
+    format!("{:016x}", h.finish())
 }
 
 async fn status(State(s): State<Shared>) -> Response {
@@ -186,7 +200,7 @@ async fn status(State(s): State<Shared>) -> Response {
 }
 
 /// The compact, per-second view of what moves: one row per instance, dead letters, devices, cluster nodes.
-fn tick(r: &StatusReport) -> serde_json::Value {
+fn tick(r: &StatusReport, graph_version: &str) -> serde_json::Value {
     let instances: Vec<serde_json::Value> = r
         .instances
         .iter()
@@ -218,6 +232,7 @@ fn tick(r: &StatusReport) -> serde_json::Value {
         .collect();
     serde_json::json!({
         "device": r.device_name,
+        "graph": graph_version,
         "uptime_secs": r.uptime_secs,
         "instances": instances,
         "dead_letters": r.dead_letters,
@@ -232,7 +247,8 @@ async fn events(State(s): State<Shared>) -> Sse<impl futures::Stream<Item = Resu
     let viewer = Viewer::new(&s.viewers);
     let mut rx = s.ticks.clone();
     rx.borrow_and_update();
-    let first = s.source.report().await.map(|r| tick(&r).to_string());
+    let version = graph_version(&s.source.graph());
+    let first = s.source.report().await.map(|r| tick(&r, &version).to_string());
     let stream = futures::stream::unfold((rx, first, viewer), |(mut rx, first, viewer)| async move {
         if let Some(now) = first {
             return Some((Ok(Event::default().event("tick").data(now)), (rx, None, viewer)));
