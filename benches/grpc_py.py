@@ -3,7 +3,10 @@
 server that only answers (the ratio tells whether the runtime's gRPC edge limits a Python pipeline).
 
 Usage (after `cargo build --release --bin aion --example grpc-trivial`; needs grpcio and grpcio-tools):
-    python3 benches/grpc_py.py [N]
+    python3 benches/grpc_py.py [N] [--json]
+
+`--json` prints one JSON object instead of the lines (the comparison suite, `benches/compare.sh`, reads it for its
+`aion-grpc-py` rows).
 
 Rows: unary `SendKanban` calls per second from one client (as AION's library sends outputs: one call per output,
 no deadline) to (1) a trivial Python grpc server, (2) aion routing each output to a `delivery: memory` Python
@@ -23,7 +26,9 @@ from concurrent import futures
 import grpc
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-N = int(sys.argv[1]) if len(sys.argv) > 1 else 5000
+ARGS = [a for a in sys.argv[1:] if not a.startswith("--")]
+N = int(ARGS[0]) if ARGS else 5000
+JSON = "--json" in sys.argv[1:]
 
 
 def stubs():
@@ -32,7 +37,8 @@ def stubs():
 
     inc = os.path.join(os.path.dirname(grpc_tools.__file__), "_proto")
     subprocess.run([sys.executable, "-m", "grpc_tools.protoc", f"-I{REPO}/transport/proto", f"-I{inc}",
-                    f"--python_out={d}", f"--grpc_python_out={d}", "status.proto"], check=True)
+                    f"--python_out={d}", f"--grpc_python_out={d}", "status.proto"], check=True,
+                   stdout=sys.stderr)
     sys.path.insert(0, d)
     return d
 
@@ -152,7 +158,7 @@ def aion_rates():
             stub.SendKanban(status_pb2.Request(microserviceName="src", message=message(i)))
         time.sleep(1)
         lat = sorted((float(b) - float(a)) * 1e6 for a, b in (l.split() for l in open(out) if l.strip()))
-        return rate, lat[len(lat) // 2], lat[int(len(lat) * 0.99)], len(lat)
+        return rate, lat[len(lat) // 2], lat[int(len(lat) * 0.99)], len(lat), 2000
     finally:
         p.send_signal(signal.SIGTERM)
         p.wait(timeout=60)
@@ -161,10 +167,15 @@ def aion_rates():
 if __name__ == "__main__":
     trivial = trivial_rate()
     rust = trivial_rust_rate()
-    rate, p50, p99, n = aion_rates()
+    rate, p50, p99, n, sent = aion_rates()
+    ceiling = max(trivial, rust or 0)
+    if JSON:
+        print(json.dumps({"n": N, "trivial_python": trivial, "trivial_tonic": rust, "aion": rate,
+                          "ratio": rate / ceiling, "latency_rate": 500, "latency_sent": sent,
+                          "latency_received": n, "hop_p50_us": p50, "hop_p99_us": p99}))
+        sys.exit(0)
     print(f"Python client SendKanban to a trivial Python gRPC server: {trivial:,.0f}/s")
     if rust:
         print(f"Python client SendKanban to a trivial tonic server (examples/grpc_trivial.rs): {rust:,.0f}/s")
-    ceiling = max(trivial, rust or 0)
     print(f"Python client SendKanban to aion, routed to a Python sink: {rate:,.0f}/s (ratio to the best trivial server {rate / ceiling:.2f})")
     print(f"hop latency at 500/s, Python source -> aion -> Python sink: p50 {p50:,.0f} us, p99 {p99:,.0f} us ({n} kanbans)")

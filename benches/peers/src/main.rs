@@ -17,6 +17,10 @@
 //! - `nats-jetstream`: file-backed streams, acknowledged publishes (windowed), durable pull consumers, explicit
 //!   acks;
 //! - `zenoh`: the zenoh crate in peer mode over loopback TCP, reliable, `CongestionControl::Block`;
+//! - `aion-grpc-py`: AION's Python microservices on aion's gRPC API (`benches/grpc_py.py`): a Python client
+//!   sending `SendKanban` as AION's library does (one unary call per output) to `aion run`, each output routed to
+//!   a Python sink on `ReceiveKanban`; closed loop, and hop latency at 500/s; the note carries the ratio to the
+//!   same client against a trivial tonic server that only answers (the client's own ceiling);
 //! - `x-aion-memory`, `x-aion-durable`, `x-zenoh`, `x-nats-core`, `x-nats-jetstream`: across devices, one hop
 //!   from a source on one host to a sink on another (two network namespaces as root, else loopback): aion's
 //!   cluster mode over QUIC, Zenoh peers, NATS with its server on the sink's host (`cross.rs`).
@@ -1067,6 +1071,7 @@ const ALL: &[&str] = &[
     "aion-inprocess",
     "aion-memory",
     "aion-durable",
+    "aion-grpc-py",
     "redis-aion",
     "rabbitmq",
     "nats-core",
@@ -1098,6 +1103,10 @@ fn main() -> std::process::ExitCode {
     let hosts = systems.iter().any(|s| cross::SYSTEMS.contains(s)).then(cross::Hosts::new);
     actix::System::new().block_on(async {
         for sys in &systems {
+            if *sys == "aion-grpc-py" {
+                rows.extend(grpc_py_rows(quick));
+                continue;
+            }
             let started = match &hosts {
                 Some(h) if sys.starts_with("x-") => cross::start_server(sys, h),
                 _ => start_server(sys),
@@ -1187,6 +1196,69 @@ fn main() -> std::process::ExitCode {
         return std::process::ExitCode::FAILURE;
     }
     std::process::ExitCode::SUCCESS
+}
+
+/// The `aion-grpc-py` rows: `benches/grpc_py.py --json` (Python and grpcio on the machine; the runtime from
+/// `AION_BIN`, the trivial tonic server from `target/release/examples/grpc-trivial`, both built by compare.sh).
+fn grpc_py_rows(quick: bool) -> Vec<Row> {
+    let n: u64 = if quick { 1_000 } else { 10_000 };
+    eprintln!("aion-grpc-py: Python client, {n} SendKanban calls, then 500/s ...");
+    let out = Command::new("python3").arg("benches/grpc_py.py").arg(n.to_string()).arg("--json").output();
+    let failed = |why: String| {
+        eprintln!("aion-grpc-py: {why}; skipped");
+        Vec::new()
+    };
+    let out = match out {
+        Ok(o) if o.status.success() => o,
+        Ok(o) => {
+            return failed(format!("benches/grpc_py.py exited {}: {}", o.status, String::from_utf8_lossy(&o.stderr)))
+        }
+        Err(e) => return failed(format!("python3: {e}")),
+    };
+    let text = String::from_utf8_lossy(&out.stdout);
+    let Some(v) = text.lines().rev().find_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()) else {
+        return failed(format!("no JSON line in its output: {text}"));
+    };
+    let f = |k: &str| v[k].as_f64().unwrap_or(0.0);
+    let ratio = match v["trivial_tonic"].as_f64() {
+        Some(t) if t > 0.0 => format!("{:.2} of the same client to a trivial tonic server ({:.0}/s)", f("aion") / t, t),
+        _ => format!("{:.2} of the best trivial server", f("ratio")),
+    };
+    let base = Row {
+        system: "aion-grpc-py".into(),
+        size: 100,
+        mode: "closed-loop".into(),
+        rate: 0,
+        received: v["n"].as_u64().unwrap_or(0),
+        expected: v["n"].as_u64().unwrap_or(0),
+        throughput: f("aion"),
+        e2e_p50_us: 0.0,
+        e2e_p99_us: 0.0,
+        e2e_p999_us: 0.0,
+        hop_p50_us: 0.0,
+        hop_p99_us: 0.0,
+        note: format!("Python client > aion > Python sink, 1 hop; {ratio}"),
+    };
+    let received = v["latency_received"].as_u64().unwrap_or(0);
+    let sent = v["latency_sent"].as_u64().unwrap_or(0);
+    let open = Row {
+        mode: "open-loop".into(),
+        rate: v["latency_rate"].as_u64().unwrap_or(500),
+        received,
+        expected: sent,
+        throughput: 0.0,
+        e2e_p50_us: f("hop_p50_us"),
+        e2e_p99_us: f("hop_p99_us"),
+        hop_p50_us: f("hop_p50_us"),
+        hop_p99_us: f("hop_p99_us"),
+        note: if received < sent {
+            format!("lost {} of {sent}", sent - received)
+        } else {
+            "Python client > aion > Python sink, 1 hop".into()
+        },
+        ..base.clone()
+    };
+    vec![base, open]
 }
 
 fn row_from_json(v: &serde_json::Value) -> Option<Row> {
