@@ -2,7 +2,8 @@
 //! as root, else loopback); device `a` sends a tree with one large file to device `b`:
 //!
 //! - file throughput (the whole tree, verified in place) beside what raw quinn moves on the same link in the same
-//!   run (one stream, the same mutual TLS, nothing written);
+//!   run (one stream, the same mutual TLS, nothing written), and raw quinn whose receiver writes what it reads
+//!   to the receiving runtime's disk and fsyncs it (what the link and the disk carry together);
 //! - small-kanban hop latency on the same link while the large file crosses (and without it), p50/p99;
 //! - the RSS of both runtimes during the transfer, above their idle RSS;
 //! - `scp` between the same hosts, when `sshd` is installed (Debian `openssh-server`).
@@ -102,12 +103,33 @@ fn quinn_role(role: &str) {
             println!("ready");
             let conn = ep.accept().await.unwrap().await.unwrap();
             let mut r = conn.accept_uni().await.unwrap();
+            // QFILE: what is read is also written to that file on a thread of its own (behind a 4-buffer queue,
+            // as aion's receiver does) and fsynced before the time is taken: the link and the disk together.
+            let writer = std::env::var("QFILE").ok().filter(|p| !p.is_empty()).map(|path| {
+                let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(4);
+                let t = std::thread::spawn(move || {
+                    use std::io::Write;
+                    let mut f = std::fs::File::create(path).unwrap();
+                    for b in rx {
+                        f.write_all(&b).unwrap();
+                    }
+                    f.sync_all().unwrap();
+                });
+                (tx, t)
+            });
             let mut buf = vec![0u8; 1 << 20];
             let mut got = 0u64;
             let mut t0 = None;
             while let Some(n) = r.read(&mut buf).await.unwrap() {
                 t0.get_or_insert_with(Instant::now);
                 got += n as u64;
+                if let Some((tx, _)) = &writer {
+                    tx.send(buf[..n].to_vec()).unwrap();
+                }
+            }
+            if let Some((tx, t)) = writer {
+                drop(tx);
+                t.join().unwrap();
             }
             let secs = t0.map_or(0.0, |t| t.elapsed().as_secs_f64());
             println!("{got} {secs}");
@@ -140,8 +162,9 @@ fn quinn_role(role: &str) {
     });
 }
 
-/// Raw quinn from host 1 to host 2: bytes per second.
-fn raw_quinn(hosts: &[(Vec<String>, String)], a: &Path, b: &Path, bytes: u64) -> f64 {
+/// Raw quinn from host 1 to host 2: bytes per second; with `into`, the receiver also writes what it reads to
+/// that file and fsyncs it before the time is taken.
+fn raw_quinn(hosts: &[(Vec<String>, String)], a: &Path, b: &Path, bytes: u64, into: Option<&Path>) -> f64 {
     let me = std::env::current_exe().unwrap().display().to_string();
     let port = if hosts[1].1 == "127.0.0.1" { free_port() } else { 11_099 };
     let addr = format!("{}:{port}", hosts[1].1);
@@ -150,6 +173,7 @@ fn raw_quinn(hosts: &[(Vec<String>, String)], a: &Path, b: &Path, bytes: u64) ->
         .env("QDATA", b)
         .env("QADDR", &addr)
         .env("QBYTES", bytes.to_string())
+        .env("QFILE", into.map(|p| p.display().to_string()).unwrap_or_default())
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
@@ -251,8 +275,14 @@ fn main() {
         .unwrap()
         .success());
 
-    let raw = raw_quinn(&hosts, &da, &db, mb << 20);
+    let raw = raw_quinn(&hosts, &da, &db, mb << 20, None);
     println!("  raw quinn, one stream a > b:                 {:>8.1} MB/s", raw / 1e6);
+    // The same, the receiver writing to b's disk (where aion's receiver writes) and fsyncing before the clock
+    // stops, as aion does before the rename: what this link and this disk carry together.
+    let raw_disk_file = db.join("raw-quinn.bin");
+    let raw_disk = raw_quinn(&hosts, &da, &db, mb << 20, Some(&raw_disk_file));
+    let _ = std::fs::remove_file(&raw_disk_file);
+    println!("  raw quinn, written and fsynced on b:         {:>8.1} MB/s", raw_disk / 1e6);
 
     let (a_addr, b_addr) = (&hosts[0].1, &hosts[1].1);
     let (pa, pb) = if a_addr == b_addr { (free_port(), free_port()) } else { (11_030, 11_030) };
@@ -313,9 +343,10 @@ fn main() {
     let bytes = (mb << 20) as f64 + 20.0 * 500.0;
     let rate = bytes / done.duration_since(start_t).as_secs_f64();
     println!(
-        "  aion files a > b (verified, renamed in place): {:>8.1} MB/s ({:.0} % of raw quinn)",
+        "  aion files a > b (verified, renamed in place): {:>8.1} MB/s ({:.0} % of raw quinn, {:.0} % of raw quinn written and fsynced)",
         rate / 1e6,
-        rate * 100.0 / raw
+        rate * 100.0 / raw,
+        rate * 100.0 / raw_disk
     );
     let span = done.duration_since(first).as_secs_f64();
     println!(
@@ -367,6 +398,7 @@ fn main() {
     let out = serde_json::json!({
         "hosts": hosts_guard.kind(), "file_mb": mb,
         "raw_quinn_mbps": raw / 1e6, "files_mbps": rate / 1e6, "files_vs_raw": rate / raw,
+        "raw_quinn_fsynced_mbps": raw_disk / 1e6, "files_vs_raw_fsynced": rate / raw_disk,
         "rss_a_mb": peak_a as f64 / 1024.0, "rss_b_mb": peak_b as f64 / 1024.0,
         "rss_a_above_idle_mb": peak_a.saturating_sub(idle_a) as f64 / 1024.0,
         "rss_b_above_idle_mb": peak_b.saturating_sub(idle_b) as f64 / 1024.0,
