@@ -29,6 +29,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ARGS = [a for a in sys.argv[1:] if not a.startswith("--")]
 N = int(ARGS[0]) if ARGS else 5000
 JSON = "--json" in sys.argv[1:]
+# The latency run: LATENCY_N kanbans at LATENCY_RATE a second.
+LATENCY_RATE = 500
+LATENCY_N = 2000
 
 
 def stubs():
@@ -109,6 +112,16 @@ with open(os.environ["OUT"], "a") as f:
 '''
 
 
+def wait_lines(path, n, limit=30.0):
+    """Lines in `path` once it has `n` of them, or after `limit` seconds (then fewer: lost or late)."""
+    deadline = time.monotonic() + limit
+    while True:
+        count = sum(1 for line in open(path) if line.strip()) if os.path.exists(path) else 0
+        if count >= n or time.monotonic() > deadline:
+            return count
+        time.sleep(0.05)
+
+
 def aion_rates():
     work = tempfile.mkdtemp()
     sink = os.path.join(work, "sink.py")
@@ -137,8 +150,6 @@ def aion_rates():
                          stderr=subprocess.DEVNULL)
     try:
         for _ in range(200):
-            if os.path.exists(out) or os.path.exists(os.path.join(work, "data", "run")):
-                pass
             st = subprocess.run([aion, "--data-dir", os.path.join(work, "data"), "status", "--json"],
                                 capture_output=True, text=True)
             if st.returncode == 0 and any(i["service"] == "sink" and i["connected"]
@@ -146,19 +157,20 @@ def aion_rates():
                 break
             time.sleep(0.1)
         rate = push(f"127.0.0.1:{port}", "src", N)
-        # Latency at a fixed rate: 500 kanbans/s for 4 s.
+        # Every output of the closed loop at the sink before the file is emptied for the latency run.
+        got = wait_lines(out, N)
         open(out, "w").close()
         ch = grpc.insecure_channel(f"127.0.0.1:{port}")
         stub = status_pb2_grpc.KanbanStub(ch)
         start = time.perf_counter()
-        for i in range(2000):
-            due = start + i / 500
+        for i in range(LATENCY_N):
+            due = start + i / LATENCY_RATE
             while time.perf_counter() < due:
                 time.sleep(0.0002)
             stub.SendKanban(status_pb2.Request(microserviceName="src", message=message(i)))
-        time.sleep(1)
+        wait_lines(out, LATENCY_N)
         lat = sorted((float(b) - float(a)) * 1e6 for a, b in (l.split() for l in open(out) if l.strip()))
-        return rate, lat[len(lat) // 2], lat[int(len(lat) * 0.99)], len(lat), 2000
+        return rate, got, lat[len(lat) // 2], lat[int(len(lat) * 0.99)], len(lat)
     finally:
         p.send_signal(signal.SIGTERM)
         p.wait(timeout=60)
@@ -167,15 +179,16 @@ def aion_rates():
 if __name__ == "__main__":
     trivial = trivial_rate()
     rust = trivial_rust_rate()
-    rate, p50, p99, n, sent = aion_rates()
+    rate, got, p50, p99, n = aion_rates()
     ceiling = max(trivial, rust or 0)
     if JSON:
-        print(json.dumps({"n": N, "trivial_python": trivial, "trivial_tonic": rust, "aion": rate,
-                          "ratio": rate / ceiling, "latency_rate": 500, "latency_sent": sent,
+        print(json.dumps({"n": N, "received": got, "trivial_python": trivial, "trivial_tonic": rust, "aion": rate,
+                          "ratio": rate / ceiling, "latency_rate": LATENCY_RATE, "latency_sent": LATENCY_N,
                           "latency_received": n, "hop_p50_us": p50, "hop_p99_us": p99}))
         sys.exit(0)
     print(f"Python client SendKanban to a trivial Python gRPC server: {trivial:,.0f}/s")
     if rust:
         print(f"Python client SendKanban to a trivial tonic server (examples/grpc_trivial.rs): {rust:,.0f}/s")
     print(f"Python client SendKanban to aion, routed to a Python sink: {rate:,.0f}/s (ratio to the best trivial server {rate / ceiling:.2f})")
-    print(f"hop latency at 500/s, Python source -> aion -> Python sink: p50 {p50:,.0f} us, p99 {p99:,.0f} us ({n} kanbans)")
+    print(f"  received at the sink: {got} of {N}")
+    print(f"hop latency at {LATENCY_RATE}/s, Python source -> aion -> Python sink: p50 {p50:,.0f} us, p99 {p99:,.0f} us ({n} of {LATENCY_N} kanbans)")

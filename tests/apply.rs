@@ -2,11 +2,11 @@
 // A test fails by unwrapping, expecting and panicking: the workspace lints' deny does not apply here.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 mod common;
-use common::{example, read_lines, wait_until, Runtime};
+use common::{fill, read_lines, wait_until, Runtime};
 use std::time::Duration;
 
 fn yaml(services: &str) -> String {
-    format!("microservices:\n{services}").replace("{testkit}", &example("testkit"))
+    format!("microservices:\n{services}")
 }
 
 const KEEP: &str = r#"  keep:
@@ -34,7 +34,7 @@ fn pid(rt: &Runtime, service: &str) -> u64 {
 
 fn write(rt: &Runtime, name: &str, text: &str) -> String {
     let p = rt.path(name);
-    std::fs::write(&p, text.replace("{work}", &rt.work.path().display().to_string())).expect("write");
+    std::fs::write(&p, fill(text, rt.work.path())).expect("write");
     p.display().to_string()
 }
 

@@ -302,9 +302,8 @@ microservices:
             "  sink:\n",
             "  archive:\n    command: [\"{testkit}\"]\n  sink:\n    nextService: { default: [ { name: archive } ] }\n",
         );
-        let next = next.replace("{testkit}", &common::example("testkit")).replace("{work}", &rt.work.path().display().to_string());
         let file = rt.path("next.yml");
-        std::fs::write(&file, next).unwrap();
+        std::fs::write(&file, common::fill(&next, rt.work.path())).unwrap();
         let (ok, out, err) = rt.cli(&["apply", &file.display().to_string()]);
         assert!(ok && out.contains("added: archive"), "{out}{err}");
         c.wait()

@@ -18,6 +18,15 @@ pub fn examples_dir() -> PathBuf {
     Path::new(AION).parent().expect("bin dir").join("examples")
 }
 
+/// `yaml` with `{testkit}`, `{source}`, `{transform}`, `{sink}` (the example binaries) and `{work}` substituted.
+pub fn fill(yaml: &str, work: &Path) -> String {
+    yaml.replace("{testkit}", &example("testkit"))
+        .replace("{source}", &example("pipeline-source"))
+        .replace("{transform}", &example("pipeline-transform"))
+        .replace("{sink}", &example("pipeline-sink"))
+        .replace("{work}", &work.display().to_string())
+}
+
 pub fn example(name: &str) -> String {
     let p = examples_dir().join(name);
     assert!(p.is_file(), "{} is missing: `cargo test` builds the examples, `cargo test --test X` does not (run `cargo build --examples` first)", p.display());
@@ -67,12 +76,7 @@ impl Runtime {
         work: tempfile::TempDir,
         args: &[&str],
     ) -> Runtime {
-        let yaml = yaml
-            .replace("{testkit}", &example("testkit"))
-            .replace("{source}", &example("pipeline-source"))
-            .replace("{transform}", &example("pipeline-transform"))
-            .replace("{sink}", &example("pipeline-sink"))
-            .replace("{work}", &work.path().display().to_string());
+        let yaml = fill(yaml, work.path());
         let file = work.path().join("services.yml");
         std::fs::write(&file, yaml).expect("write yaml");
         let mut argv: Vec<String> = vec!["run".into(), file.display().to_string()];

@@ -102,8 +102,7 @@ pub(crate) async fn serve(
                 every.reset_immediately();
             }
             every.tick().await;
-            if let Some(r) = ticker_source.report().await {
-                let body = tick(&r, &graph_version(&ticker_source.graph())).to_string();
+            if let Some(body) = tick_now(ticker_source.as_ref()).await {
                 tick_tx.send_if_modified(|cur| {
                     if *cur == body {
                         false
@@ -199,6 +198,12 @@ async fn status(State(s): State<Shared>) -> Response {
     }
 }
 
+/// The tick of now, as sent on `/events` (`None` while the runtime does not answer).
+async fn tick_now(source: &dyn Source) -> Option<String> {
+    let r = source.report().await?;
+    Some(tick(&r, &graph_version(&source.graph())).to_string())
+}
+
 /// The compact, per-second view of what moves: one row per instance, dead letters, devices, cluster nodes.
 fn tick(r: &StatusReport, graph_version: &str) -> serde_json::Value {
     let instances: Vec<serde_json::Value> = r
@@ -247,8 +252,7 @@ async fn events(State(s): State<Shared>) -> Sse<impl futures::Stream<Item = Resu
     let viewer = Viewer::new(&s.viewers);
     let mut rx = s.ticks.clone();
     rx.borrow_and_update();
-    let version = graph_version(&s.source.graph());
-    let first = s.source.report().await.map(|r| tick(&r, &version).to_string());
+    let first = tick_now(s.source.as_ref()).await;
     let stream = futures::stream::unfold((rx, first, viewer), |(mut rx, first, viewer)| async move {
         if let Some(now) = first {
             return Some((Ok(Event::default().event("tick").data(now)), (rx, None, viewer)));

@@ -1224,23 +1224,25 @@ fn grpc_py_rows(quick: bool) -> Vec<Row> {
         Some(t) if t > 0.0 => format!("{:.2} of the same client to a trivial tonic server ({:.0}/s)", f("aion") / t, t),
         _ => format!("{:.2} of the best trivial server", f("ratio")),
     };
+    let (n, received) = (v["n"].as_u64().unwrap_or(0), v["received"].as_u64().unwrap_or(0));
+    let lost = |received: u64, sent: u64| (received < sent).then(|| format!("lost {} of {sent}; ", sent - received));
     let base = Row {
         system: "aion-grpc-py".into(),
+        // A StatusKanban with two metadata numbers (sequence, send time): a small kanban, shown with the 100 B rows.
         size: 100,
         mode: "closed-loop".into(),
         rate: 0,
-        received: v["n"].as_u64().unwrap_or(0),
-        expected: v["n"].as_u64().unwrap_or(0),
+        received,
+        expected: n,
         throughput: f("aion"),
         e2e_p50_us: 0.0,
         e2e_p99_us: 0.0,
         e2e_p999_us: 0.0,
         hop_p50_us: 0.0,
         hop_p99_us: 0.0,
-        note: format!("Python client > aion > Python sink, 1 hop; {ratio}"),
+        note: format!("{}Python client > aion > Python sink, 1 hop; {ratio}", lost(received, n).unwrap_or_default()),
     };
-    let received = v["latency_received"].as_u64().unwrap_or(0);
-    let sent = v["latency_sent"].as_u64().unwrap_or(0);
+    let (sent, received) = (v["latency_sent"].as_u64().unwrap_or(0), v["latency_received"].as_u64().unwrap_or(0));
     let open = Row {
         mode: "open-loop".into(),
         rate: v["latency_rate"].as_u64().unwrap_or(500),
@@ -1251,11 +1253,7 @@ fn grpc_py_rows(quick: bool) -> Vec<Row> {
         e2e_p99_us: f("hop_p99_us"),
         hop_p50_us: f("hop_p50_us"),
         hop_p99_us: f("hop_p99_us"),
-        note: if received < sent {
-            format!("lost {} of {sent}", sent - received)
-        } else {
-            "Python client > aion > Python sink, 1 hop".into()
-        },
+        note: format!("{}Python client > aion > Python sink, 1 hop", lost(received, sent).unwrap_or_default()),
         ..base.clone()
     };
     vec![base, open]
